@@ -1,0 +1,106 @@
+"""Image lists (from a folder, a Karpathy file, a caption map or JSONL pairs) and safe image loading."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from tipcap.data.captions import detect_format
+from tipcap.data.files import iter_jsonl, load_json
+from tipcap.data.karpathy import ImageId, is_karpathy, parse_karpathy
+from tipcap.errors import TipcapError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ImageError(TipcapError):
+    """An image file that is missing, unreadable or corrupt."""
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image to encode: its id (joins it with caption stores) and its file."""
+
+    image_id: ImageId
+    path: Path
+
+
+def list_images(
+    source: str | Path, image_root: str | Path | None = None, split: str | None = None
+) -> list[ImageRef]:
+    """List the images named by ``source``.
+
+    Args:
+        source: an image folder (searched recursively; ids are paths relative to it), a Karpathy split
+            file (ids as in its captions: ``cocoid`` or the numeric file stem), a ``{image: [captions]}``
+            JSON or a JSONL of pairs (ids are the image paths as written there).
+        image_root: folder the file's image paths are relative to (default: the file's folder).
+        split: Karpathy split to keep (Karpathy files only).
+    """
+    source = Path(source)
+    if source.is_dir():
+        if split is not None:
+            raise TipcapError("--split applies to Karpathy split files only, not to an image folder.")
+        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise TipcapError(f"{source}: no image files ({', '.join(IMAGE_SUFFIXES)}) found.")
+        return [ImageRef(p.relative_to(source).as_posix(), p) for p in files]
+    root = Path(image_root) if image_root is not None else source.parent
+    kind = detect_format(source)
+    if kind == "json":
+        document = load_json(source)
+        if is_karpathy(document):
+            entries = parse_karpathy(document, source, split)
+            return [ImageRef(e.image_id, root / e.relative_path) for e in entries]
+        if not isinstance(document, dict):
+            raise TipcapError(f"{source}: expected a Karpathy split file or an object keyed by image file.")
+        names = list(document)
+    elif kind == "jsonl":
+        names = []
+        for number, record in iter_jsonl(source):
+            if not isinstance(record, dict) or "image" not in record:
+                raise TipcapError(f"{source}: line {number} has no 'image' field.")
+            names.append(str(record["image"]))
+        names = list(dict.fromkeys(names))
+    else:
+        raise TipcapError(f"{source}: a text corpus names no images; pass an image folder or a JSON file.")
+    if split is not None:
+        raise TipcapError(f"--split applies to Karpathy split files only; {source} is not one.")
+    return [ImageRef(name, root / name) for name in names]
+
+
+def subsample(images: list[ImageRef], limit: str | None, seed: int = 0) -> list[ImageRef]:
+    """Keep a seeded random subset of ``limit`` images (``"500"``) or percent (``"1%"``), in list order."""
+    if limit is None:
+        return images
+    try:
+        count = round(len(images) * float(limit[:-1]) / 100) if limit.endswith("%") else int(limit)
+    except ValueError:
+        raise TipcapError(
+            f"--limit {limit!r}: expected a number of images (500) or a percentage (1%)."
+        ) from None
+    if count <= 0:
+        raise TipcapError(f"--limit {limit!r} keeps no images out of {len(images)}.")
+    if count >= len(images):
+        return images
+    keep = sorted(random.Random(seed).sample(range(len(images)), count))
+    return [images[i] for i in keep]
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image fully into RGB.
+
+    Raises:
+        ImageError: when the file is missing, not an image, or truncated/corrupt.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise ImageError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{path}: unreadable or corrupt image ({e})") from None

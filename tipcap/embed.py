@@ -1,0 +1,199 @@
+"""Building embedding stores from corpora and image sets with a CLIP encoder.
+
+Reusing a finished store costs only reading the inputs and hashing them: the CLIP is loaded only when
+some shard actually has to be encoded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap.data import ImageError, ImageRef, list_images, load_image, read_captions, subsample
+from tipcap.data.captions import PeriodPolicy
+from tipcap.errors import TipcapError
+from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint
+
+
+@dataclass
+class EmbedReport:
+    """What an embedding run produced."""
+
+    store: EmbeddingStore
+    reused: bool
+    seconds: float
+    empty_skipped: int = 0
+
+    def summary(self) -> str:
+        """One line for the user: rows, width, shards, skips, where, how long."""
+        meta = self.store.meta
+        kind = "caption" if meta["key"]["kind"] == "texts" else "image"
+        what = f"{meta['count']:,} {kind} embeddings (d={meta['dim']}, {len(meta['shards'])} shard(s))"
+        if self.reused:
+            return f"reused {self.store.path}: {what} built earlier from the same inputs and CLIP ({self.seconds:.1f} s)"
+        notes = []
+        if kind == "caption":
+            notes.append(f"{self.empty_skipped} empty captions skipped")
+            notes.append(f"{meta['counts'].get('truncated', 0)} truncated to the CLIP context")
+        else:
+            notes.append(f"{meta['skipped']} unreadable images skipped")
+            if meta["skipped"]:
+                notes.append(f"list in {self.store.path / 'skipped.json'}")
+        return f"wrote {what} to {self.store.path} in {self.seconds:.1f} s; " + "; ".join(notes)
+
+
+def _encoder_loader(spec: ClipSpec, device: str | None, precision: str) -> Callable[[], ClipEncoder]:
+    """A function that loads the encoder on first call only."""
+    return functools.cache(lambda: ClipEncoder.load(spec, device=device, precision=precision))
+
+
+def embed_texts(
+    corpus: str | Path,
+    clip: ClipSpec,
+    out: str | Path,
+    *,
+    split: str | None = None,
+    period: PeriodPolicy = "add",
+    strict: bool = False,
+    batch_size: int = 256,
+    shard_size: int = 100_000,
+    device: str | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+) -> EmbedReport:
+    """Embed the captions of a corpus file into a store at ``out`` (reused when already built).
+
+    Each row's id is the id of the image its caption describes; ``captions.json`` keeps the text.
+    """
+    start = time.perf_counter()
+    captions = read_captions(corpus, split=split, period=period, strict=strict)
+    rows = [[c.image_id, c.text] for c in captions.captions]
+    key = {"kind": "texts", "clip": clip.identity(), "inputs": fingerprint(rows)}
+    encoder = _encoder_loader(clip, device, precision)
+
+    def encode(indices: range, advance: Callable[[int], object]) -> Shard:
+        texts = [rows[i][1] for i in indices]
+        result = encoder().encode_texts(texts, batch_size=batch_size, on_batch=advance)
+        return Shard(result.embeddings, [rows[i][0] for i in indices], counts={"truncated": result.truncated})
+
+    info = {
+        "source": {
+            "corpus": str(Path(corpus).resolve()),
+            "format": captions.format,
+            "split": split,
+            "period": period,
+            "empty_skipped": captions.empty_skipped,
+        }
+    }
+    store, reused = build_store(
+        out,
+        key,
+        len(rows),
+        encode,
+        shard_size=shard_size,
+        extra_files={"captions.json": [text for _, text in rows]},
+        info=info,
+        progress=progress,
+    )
+    return EmbedReport(store, reused, time.perf_counter() - start, captions.empty_skipped)
+
+
+class _ImageFiles(Dataset):
+    """Decodes and preprocesses images; a failure becomes a reason string instead of an exception."""
+
+    def __init__(self, images: list[ImageRef], preprocess: Callable[[Any], torch.Tensor]):
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            return index, self.preprocess(load_image(self.images[index].path)), None
+        except ImageError as e:
+            return index, None, str(e)
+
+
+def _collate(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list, torch.Tensor | None, list]:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, x, reason in items if x is None]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, bad
+
+
+def embed_images(
+    source: str | Path,
+    clip: ClipSpec,
+    out: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    split: str | None = None,
+    limit: str | None = None,
+    seed: int = 0,
+    strict: bool = False,
+    batch_size: int = 64,
+    workers: int | None = None,
+    shard_size: int = 50_000,
+    device: str | None = None,
+    precision: str = "auto",
+    progress: bool = True,
+) -> EmbedReport:
+    """Embed the images named by ``source`` (folder, Karpathy file, caption map or JSONL) into ``out``.
+
+    Unreadable or corrupt images are skipped and listed in ``skipped.json`` (or, with ``strict``, stop
+    the run). ``limit`` keeps a seeded random subset (``"500"`` or ``"1%"``).
+    """
+    start = time.perf_counter()
+    images = subsample(list_images(source, image_root=image_root, split=split), limit, seed)
+    # Path and size identify the files without reading them; a changed file set rebuilds the store.
+    rows = [
+        [ref.image_id, str(ref.path.resolve()), ref.path.stat().st_size if ref.path.is_file() else -1]
+        for ref in images
+    ]
+    key = {"kind": "images", "clip": clip.identity(), "inputs": fingerprint(rows)}
+    encoder = _encoder_loader(clip, device, precision)
+    num_workers = min(8, os.cpu_count() or 1) if workers is None else workers
+
+    def encode(indices: range, advance: Callable[[int], object]) -> Shard:
+        clip_encoder = encoder()
+        subset = [images[i] for i in indices]
+        loader = DataLoader(
+            _ImageFiles(subset, clip_encoder.preprocess),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+        )
+        chunks, ids, skipped = [], [], []
+        for positions, pixels, failures in loader:
+            for position, reason in failures:
+                if strict:
+                    raise TipcapError(f"{reason} (drop --strict to skip unreadable images).")
+                skipped.append(
+                    {"id": subset[position].image_id, "path": str(subset[position].path), "reason": reason}
+                )
+            if pixels is not None:
+                chunks.append(clip_encoder.encode_images(pixels))
+                ids.extend(subset[p].image_id for p in positions)
+            advance(len(positions) + len(failures))
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0, clip_encoder.dim)
+        return Shard(embeddings, ids, skipped)
+
+    info = {"source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed}}
+    store, reused = build_store(
+        out, key, len(rows), encode, shard_size=shard_size, info=info, progress=progress
+    )
+    if len(store) == 0:
+        raise TipcapError(f"{source}: none of the {len(rows)} images could be read; see {out}/skipped.json.")
+    return EmbedReport(store, reused, time.perf_counter() - start)
