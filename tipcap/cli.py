@@ -18,37 +18,33 @@ from tipcap.errors import TipcapError
 
 
 class _Group(click.Group):
-    """A click group that reports user errors as one line, without a traceback."""
+    """The root group: sets up warnings and reports user errors as one line, without a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
+        log = logging.getLogger("tipcap")
+        if not log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("warning: %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.WARNING)
+            log.propagate = False
         try:
             # Warnings go through tqdm so that they do not break a progress bar's line.
-            with logging_redirect_tqdm(loggers=[logging.getLogger("tipcap")]):
+            with logging_redirect_tqdm(loggers=[log]):
                 return super().invoke(ctx)
         except TipcapError as e:
             raise click.ClickException(str(e)) from None
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
-    log = logging.getLogger("tipcap")
-    if not log.handlers:
-        log.addHandler(handler)
-    log.setLevel(logging.WARNING)
-    log.propagate = False
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tipcap")
 def main() -> None:
     """tipcap: image captioning from text data, across the CLIP modality gap."""
-    _configure_logging()
 
 
-@main.group(cls=_Group)
+@main.group()
 def embed() -> None:
     """Encode captions or images with CLIP into an embedding store."""
 

@@ -318,7 +318,8 @@ class ClipEncoder:
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=weights, precision=precision, device=torch_device, **kwargs
                 )
-            except (RuntimeError, KeyError, ValueError, OSError) as e:
+            # open_clip reports a checkpoint of another architecture with assertions or key errors.
+            except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise TipcapError(
                     f"--pretrained {spec.pretrained}: could not load weights into {name}: {first_line}"

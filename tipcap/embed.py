@@ -39,7 +39,10 @@ class EmbedReport:
         kind = "caption" if meta["key"]["kind"] == "texts" else "image"
         what = f"{meta['count']:,} {kind} embeddings (d={meta['dim']}, {len(meta['shards'])} shard(s))"
         if self.reused:
-            return f"reused {self.store.path}: {what} built earlier from the same inputs and CLIP ({self.seconds:.1f} s)"
+            return (
+                f"reused {self.store.path}: {what} built earlier from the same inputs and CLIP "
+                f"({self.seconds:.1f} s)"
+            )
         notes = []
         if kind == "caption":
             notes.append(f"{self.empty_skipped} empty captions skipped")
