@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tipcap.data.files import iter_jsonl, load_json, open_text
+from tipcap.data.files import iter_jsonl, load_json, read_lines
 from tipcap.data.karpathy import ImageId, is_karpathy, parse_karpathy
 from tipcap.errors import TipcapError
 
@@ -67,6 +67,10 @@ class CaptionCorpus:
 
 def detect_format(path: Path) -> str:
     """``karpathy``, ``json-map``, ``jsonl`` or ``text``, from the suffix (and content for JSON)."""
+    if path.is_dir():
+        raise TipcapError(f"{path}: is a directory, expected a corpus file.")
+    if not path.exists():
+        raise TipcapError(f"{path}: no such file or folder.")
     suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
     suffix = suffixes[-1] if suffixes else ""
     if suffix == ".jsonl":
@@ -100,8 +104,7 @@ def _raw_captions(path: Path, split: str | None) -> tuple[str, list[tuple[ImageI
         return kind, _map_captions(document, path)
     if kind == "jsonl":
         return kind, _jsonl_captions(path)
-    with open_text(path) as f:
-        return kind, [(None, line, f"{path}: line {n}") for n, line in enumerate(f, start=1)]
+    return kind, [(None, line, f"{path}: line {n}") for n, line in enumerate(read_lines(path), start=1)]
 
 
 def _map_captions(document: object, path: Path) -> list[tuple[ImageId | None, str, str]]:
@@ -125,7 +128,9 @@ def _jsonl_captions(path: Path) -> list[tuple[ImageId | None, str, str]]:
         for field in ("image", "caption"):
             if not isinstance(record, dict) or field not in record:
                 raise TipcapError(f"{path}: line {number} has no {field!r} field.")
-        rows.append((str(record["image"]), str(record["caption"]), f"{path}: line {number}"))
+        if not isinstance(record["caption"], str):
+            raise TipcapError(f"{path}: line {number}: 'caption' is not a string.")
+        rows.append((str(record["image"]), record["caption"], f"{path}: line {number}"))
     return rows
 
 

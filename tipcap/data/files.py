@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -12,33 +14,46 @@ from tipcap.errors import TipcapError
 
 
 def open_text(path: Path) -> IO[str]:
-    """Open a UTF-8 text file for reading; ``.gz`` files are decompressed on the fly."""
+    """Open a UTF-8 text file for reading (a byte-order mark is dropped); ``.gz`` is decompressed."""
     if not path.exists():
         raise TipcapError(f"{path}: no such file.")
     if path.is_dir():
         raise TipcapError(f"{path}: is a directory, expected a file.")
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return path.open("r", encoding="utf-8")
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return path.open("r", encoding="utf-8-sig")
+
+
+@contextlib.contextmanager
+def _readable(path: Path) -> Iterator[None]:
+    """Turn decoding failures (not UTF-8, broken gzip) into one message naming the file."""
+    try:
+        yield
+    except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise TipcapError(f"{path}: cannot be read as UTF-8 text ({e}).") from None
 
 
 def load_json(path: Path) -> Any:
     """Parse a whole JSON (or JSON.gz) file; a syntax error names the file, line and column."""
     try:
-        with open_text(path) as f:
+        with _readable(path), open_text(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise TipcapError(
             f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); "
             "the file may be truncated or not JSON at all."
         ) from None
-    except (EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
-        raise TipcapError(f"{path}: cannot be read as UTF-8 JSON ({e}).") from None
+
+
+def read_lines(path: Path) -> list[str]:
+    """All lines of a text file, without line ends."""
+    with _readable(path), open_text(path) as f:
+        return f.read().splitlines()
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """Yield ``(line_number, object)`` for each non-blank line of a JSONL file (1-based numbers)."""
-    with open_text(path) as f:
+    with _readable(path), open_text(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue

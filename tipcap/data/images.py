@@ -44,7 +44,10 @@ def list_images(
     if source.is_dir():
         if split is not None:
             raise TipcapError("--split applies to Karpathy split files only, not to an image folder.")
-        files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = sorted(
+            (p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+            key=lambda p: p.relative_to(source).as_posix(),
+        )
         if not files:
             raise TipcapError(f"{source}: no image files ({', '.join(IMAGE_SUFFIXES)}) found.")
         return [ImageRef(p.relative_to(source).as_posix(), p) for p in files]

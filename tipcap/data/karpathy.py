@@ -33,7 +33,7 @@ def image_id_of(entry: dict[str, Any]) -> ImageId:
     COCO-format result files accept.
     """
     if "cocoid" in entry:
-        return int(entry["cocoid"])
+        return entry["cocoid"]
     stem = Path(entry["filename"]).stem
     return int(stem) if stem.isdigit() else stem
 
@@ -46,7 +46,7 @@ def split_matches(split: str | None, wanted: str | None) -> bool:
 def check_split(wanted: str | None) -> None:
     """Refuse split names that are not Karpathy's."""
     if wanted is not None and wanted not in _SPLIT_MEMBERS:
-        raise TipcapError(f"--split {wanted!r} is not a Karpathy split; use one of {', '.join(SPLITS)}.")
+        raise TipcapError(f"split {wanted!r} is not a Karpathy split; use one of {', '.join(SPLITS)}.")
 
 
 def is_karpathy(document: Any) -> bool:
@@ -66,8 +66,10 @@ def parse_karpathy(document: dict[str, Any], path: Path, split: str | None = Non
         where = f"{path}: images[{index}]"
         if not isinstance(entry, dict):
             raise TipcapError(f"{where} is not a JSON object.")
-        if "filename" not in entry:
-            raise TipcapError(f"{where} has no 'filename' field.")
+        if not isinstance(entry.get("filename"), str):
+            raise TipcapError(f"{where} has no 'filename' string field.")
+        if "cocoid" in entry and not isinstance(entry["cocoid"], int):
+            raise TipcapError(f"{where}: 'cocoid' is not an integer.")
         where = f"{where} ({entry['filename']})"
         entry_split = entry.get("split")
         if split is not None and entry_split is None:
@@ -80,9 +82,9 @@ def parse_karpathy(document: dict[str, Any], path: Path, split: str | None = Non
             raise TipcapError(f"{where}: 'sentences' is not a list.")
         captions = []
         for number, sentence in enumerate(entry["sentences"]):
-            if not isinstance(sentence, dict) or "raw" not in sentence:
-                raise TipcapError(f"{where}: sentences[{number}] has no 'raw' field.")
-            captions.append(str(sentence["raw"]))
+            if not isinstance(sentence, dict) or not isinstance(sentence.get("raw"), str):
+                raise TipcapError(f"{where}: sentences[{number}] has no 'raw' string field.")
+            captions.append(sentence["raw"])
         relative_path = str(Path(entry.get("filepath", "")) / entry["filename"])
         images.append(KarpathyImage(image_id_of(entry), relative_path, entry_split, tuple(captions)))
     return images
