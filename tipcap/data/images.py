@@ -81,7 +81,7 @@ def subsample(images: list[ImageRef], limit: str | None, seed: int = 0) -> list[
         return images
     try:
         count = round(len(images) * float(limit[:-1]) / 100) if limit.endswith("%") else int(limit)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise TipcapError(
             f"--limit {limit!r}: expected a number of images (500) or a percentage (1%)."
         ) from None
