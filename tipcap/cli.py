@@ -106,13 +106,15 @@ def _clip_options(command: Any) -> Any:
     show_default=True,
     help="Trailing period: add one to every caption, strip them, or keep captions as written.",
 )
-@click.option("--batch-size", default=256, show_default=True, help="Captions per forward pass.")
+@click.option(
+    "--batch-size", default=None, type=int, help="Captions per pass [default: 64 on CPU, 1024 on GPU]."
+)
 @click.option(
     "--shard-size", default=100_000, show_default=True, help="Rows per store shard (the resume unit)."
 )
 @_clip_options
 def embed_texts_command(
-    corpus: str, split: str | None, period: str, batch_size: int, shard_size: int, **opts: Any
+    corpus: str, split: str | None, period: str, batch_size: int | None, shard_size: int, **opts: Any
 ) -> None:
     """Embed the captions of a corpus; each row keeps its caption's image id."""
     from tipcap.clip import ClipSpec

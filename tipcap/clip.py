@@ -387,7 +387,7 @@ class ClipEncoder:
     def encode_texts(
         self,
         texts: Sequence[str],
-        batch_size: int = 256,
+        batch_size: int | None = None,
         trim: bool = True,
         on_batch: Callable[[int], object] | None = None,
     ) -> TextEmbeddings:
@@ -395,7 +395,11 @@ class ClipEncoder:
 
         Captions are sorted by token length so that each batch holds captions of similar length and
         the trimmed transformer does little padded work. ``on_batch`` is called with each batch's size.
+        The default batch size is 64 on CPU (measured fastest there: shorter batches keep the matrices
+        in cache and pad less) and 1024 on a GPU.
         """
+        if batch_size is None:
+            batch_size = 64 if self.device.type == "cpu" else 1024
         if not texts:
             return TextEmbeddings(torch.empty(0, self.dim), 0)
         tokens, truncated = self.tokenize(texts)

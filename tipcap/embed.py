@@ -67,7 +67,7 @@ def embed_texts(
     split: str | None = None,
     period: PeriodPolicy = "add",
     strict: bool = False,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     shard_size: int = 100_000,
     device: str | None = None,
     precision: str = "auto",
