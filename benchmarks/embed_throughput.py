@@ -110,13 +110,9 @@ def main() -> None:
         cosine = torch.nn.functional.cosine_similarity(embeddings[precision], reference).min().item()
         print(f"  {precision} vs {precisions[0]}: min cosine {cosine:.6f}")
 
-    print(
-        f"speed-up over one at a time, batched+trimmed [{precisions[0]}]: {trimmed[precisions[0]] / single:6.1f}x"
-    )
-    for precision in precisions[1:]:
-        print(
-            f"speed-up over one at a time, batched+trimmed [{precision}]: {trimmed[precision] / single:6.1f}x"
-        )
+    for precision in precisions:
+        speed_up = trimmed[precision] / single
+        print(f"speed-up over one at a time, batched+trimmed [{precision}]: {speed_up:6.1f}x")
     print(f"  batching alone (77 tokens)                : {padded / single:6.1f}x")
     print(f"  trimming alone (batched, trimmed vs 77)   : {trimmed[precisions[0]] / padded:6.1f}x")
 
