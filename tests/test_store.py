@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tipcap.errors import TipcapError
-from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint
+from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint, open_matching
 
 DIM = 8
 
@@ -42,8 +42,7 @@ def build(out, rows, encoder, model="tiny", shard_size=10):
 
 def test_layout_and_contents(tmp_path):
     rows = rows_to_embed(25)
-    store, reused = build(tmp_path / "s", rows, FakeEncoder(rows))
-    assert not reused
+    store = build(tmp_path / "s", rows, FakeEncoder(rows))
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
         "embeddings-00000-of-00003.safetensors",
         "embeddings-00001-of-00003.safetensors",
@@ -62,22 +61,27 @@ def test_layout_and_contents(tmp_path):
 
 def test_single_shard_is_named_embeddings_safetensors(tmp_path):
     rows = rows_to_embed(5)
-    store, _ = build(tmp_path / "s", rows, FakeEncoder(rows))
+    store = build(tmp_path / "s", rows, FakeEncoder(rows))
     assert store.meta["shards"] == ["embeddings.safetensors"]
 
 
-def test_reused_only_when_key_matches(tmp_path):
+def test_matching_store_only_for_an_equal_key(tmp_path):
     rows = rows_to_embed(25)
-    first = FakeEncoder(rows)
-    build(tmp_path / "s", rows, first)
-    again = FakeEncoder(rows)
-    store, reused = build(tmp_path / "s", rows, again)
-    assert reused and again.calls == [] and len(store) == 25
+    assert open_matching(tmp_path / "s", key_for(rows)) is None
+    build(tmp_path / "s", rows, FakeEncoder(rows))
+    store = open_matching(tmp_path / "s", key_for(rows))
+    assert store is not None and len(store) == 25
+    assert open_matching(tmp_path / "s", key_for(rows, model="other")) is None
+    assert open_matching(tmp_path / "s", key_for(rows[:-1])) is None
 
+
+def test_rebuild_removes_the_earlier_store(tmp_path):
+    rows = rows_to_embed(25)
+    build(tmp_path / "s", rows, FakeEncoder(rows))
     fewer = rows_to_embed(7)
     other = FakeEncoder(fewer)
-    store, reused = build(tmp_path / "s", fewer, other, model="other")
-    assert not reused and len(other.calls) == 1
+    store = build(tmp_path / "s", fewer, other, model="other")
+    assert len(other.calls) == 1
     # The three old shards are gone: nothing of the earlier store is mixed in.
     assert sorted(p.name for p in (tmp_path / "s").glob("*.safetensors")) == ["embeddings.safetensors"]
     assert len(store) == 7 and store.key["clip"] == {"model": "other"}
@@ -85,7 +89,7 @@ def test_reused_only_when_key_matches(tmp_path):
 
 def test_interrupted_build_resumes_to_the_same_store(tmp_path):
     rows = rows_to_embed(45)
-    reference, _ = build(tmp_path / "reference", rows, FakeEncoder(rows))
+    reference = build(tmp_path / "reference", rows, FakeEncoder(rows))
 
     interrupted = FakeEncoder(rows, fail_on_call=3)
     with pytest.raises(KeyboardInterrupt):
@@ -94,8 +98,7 @@ def test_interrupted_build_resumes_to_the_same_store(tmp_path):
         EmbeddingStore.open(tmp_path / "s")
 
     resumed = FakeEncoder(rows)
-    store, reused = build(tmp_path / "s", rows, resumed)
-    assert not reused
+    store = build(tmp_path / "s", rows, resumed)
     assert [r.start for r in resumed.calls] == [20, 30, 40]  # shards 0 and 1 were kept
     assert torch.equal(store.embeddings(), reference.embeddings())
     assert store.ids == reference.ids
@@ -109,7 +112,7 @@ def test_partial_shard_is_never_read(tmp_path):
     (tmp_path / "s" / "embeddings-00001-of-00003.safetensors.tmp").write_bytes(b"half a shard")
     (tmp_path / "s" / "embeddings-00002-of-00003.safetensors").write_bytes(b"\x08garbage")
     resumed = FakeEncoder(rows)
-    store, _ = build(tmp_path / "s", rows, resumed)
+    store = build(tmp_path / "s", rows, resumed)
     assert [r.start for r in resumed.calls] == [10, 20]
     assert len(store) == 30 and not list((tmp_path / "s").glob("*.tmp"))
 
@@ -132,7 +135,7 @@ def test_skips_and_counts_are_collected(tmp_path):
             counts={"truncated": 1},
         )
 
-    store, _ = build_store(tmp_path / "s", {"kind": "images"}, 20, encode, shard_size=10, progress=False)
+    store = build_store(tmp_path / "s", {"kind": "images"}, 20, encode, shard_size=10, progress=False)
     assert len(store) == 18 and store.meta["skipped"] == 2 and store.meta["counts"] == {"truncated": 2}
     assert [s["id"] for s in json.loads((tmp_path / "s" / "skipped.json").read_text())] == [0, 10]
 

@@ -1,12 +1,12 @@
 """Building embedding stores from corpora and image sets with a CLIP encoder.
 
 Reusing a finished store costs only reading the inputs and hashing them: the CLIP is loaded only when
-some shard actually has to be encoded.
+the store has to be built, and before anything is written, so a CLIP that cannot be loaded leaves the
+output untouched.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Callable
@@ -21,7 +21,7 @@ from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import ImageError, ImageRef, list_images, load_image, read_captions, subsample
 from tipcap.data.captions import PeriodPolicy
 from tipcap.errors import TipcapError
-from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint
+from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint, open_matching
 
 
 @dataclass
@@ -54,11 +54,6 @@ class EmbedReport:
         return f"wrote {what} to {self.store.path} in {self.seconds:.1f} s; " + "; ".join(notes)
 
 
-def _encoder_loader(spec: ClipSpec, device: str | None, precision: str) -> Callable[[], ClipEncoder]:
-    """A function that loads the encoder on first call only."""
-    return functools.cache(lambda: ClipEncoder.load(spec, device=device, precision=precision))
-
-
 def embed_texts(
     corpus: str | Path,
     clip: ClipSpec,
@@ -81,11 +76,14 @@ def embed_texts(
     captions = read_captions(corpus, split=split, period=period, strict=strict)
     rows = [[c.image_id, c.text] for c in captions.captions]
     key = {"kind": "texts", "clip": clip.identity(), "inputs": fingerprint(rows)}
-    encoder = _encoder_loader(clip, device, precision)
+    existing = open_matching(out, key)
+    if existing is not None:
+        return EmbedReport(existing, True, time.perf_counter() - start, captions.empty_skipped)
+    encoder = ClipEncoder.load(clip, device=device, precision=precision)
 
     def encode(indices: range, advance: Callable[[int], object]) -> Shard:
         texts = [rows[i][1] for i in indices]
-        result = encoder().encode_texts(texts, batch_size=batch_size, on_batch=advance)
+        result = encoder.encode_texts(texts, batch_size=batch_size, on_batch=advance)
         return Shard(result.embeddings, [rows[i][0] for i in indices], counts={"truncated": result.truncated})
 
     info = {
@@ -97,7 +95,7 @@ def embed_texts(
             "empty_skipped": captions.empty_skipped,
         }
     }
-    store, reused = build_store(
+    store = build_store(
         out,
         key,
         len(rows),
@@ -107,7 +105,7 @@ def embed_texts(
         info=info,
         progress=progress,
     )
-    return EmbedReport(store, reused, time.perf_counter() - start, captions.empty_skipped)
+    return EmbedReport(store, False, time.perf_counter() - start, captions.empty_skipped)
 
 
 class _ImageFiles(Dataset):
@@ -166,14 +164,16 @@ def embed_images(
         for ref in images
     ]
     key = {"kind": "images", "clip": clip.identity(), "inputs": fingerprint(rows)}
-    encoder = _encoder_loader(clip, device, precision)
+    existing = open_matching(out, key)
+    if existing is not None:
+        return EmbedReport(existing, True, time.perf_counter() - start)
+    encoder = ClipEncoder.load(clip, device=device, precision=precision)
     num_workers = min(8, os.cpu_count() or 1) if workers is None else workers
 
     def encode(indices: range, advance: Callable[[int], object]) -> Shard:
-        clip_encoder = encoder()
         subset = [images[i] for i in indices]
         loader = DataLoader(
-            _ImageFiles(subset, clip_encoder.preprocess),
+            _ImageFiles(subset, encoder.preprocess),
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate,
@@ -187,16 +187,14 @@ def embed_images(
                     {"id": subset[position].image_id, "path": str(subset[position].path), "reason": reason}
                 )
             if pixels is not None:
-                chunks.append(clip_encoder.encode_images(pixels))
+                chunks.append(encoder.encode_images(pixels))
                 ids.extend(subset[p].image_id for p in positions)
             advance(len(positions) + len(failures))
-        embeddings = torch.cat(chunks) if chunks else torch.empty(0, clip_encoder.dim)
+        embeddings = torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
         return Shard(embeddings, ids, skipped)
 
     info = {"source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed}}
-    store, reused = build_store(
-        out, key, len(rows), encode, shard_size=shard_size, info=info, progress=progress
-    )
+    store = build_store(out, key, len(rows), encode, shard_size=shard_size, info=info, progress=progress)
     if len(store) == 0:
         raise TipcapError(f"{source}: none of the {len(rows)} images could be read; see {out}/skipped.json.")
-    return EmbedReport(store, reused, time.perf_counter() - start)
+    return EmbedReport(store, False, time.perf_counter() - start)

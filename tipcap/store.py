@@ -162,15 +162,16 @@ def _clear(out: Path) -> None:
             path.unlink()
 
 
-def reusable(out: Path, key: dict[str, Any]) -> bool:
-    """Whether ``out`` holds a finished store built with exactly this key."""
-    meta_path = out / META
+def open_matching(out: str | Path, key: dict[str, Any]) -> EmbeddingStore | None:
+    """The finished store in ``out`` if it was built with exactly this key, else ``None``."""
+    meta_path = Path(out) / META
     if not meta_path.is_file():
-        return False
+        return None
     try:
-        return json.loads(meta_path.read_text(encoding="utf-8")).get("key") == key
+        matches = json.loads(meta_path.read_text(encoding="utf-8")).get("key") == key
     except json.JSONDecodeError:
-        return False
+        return None
+    return EmbeddingStore.open(out) if matches else None
 
 
 def build_store(
@@ -182,12 +183,15 @@ def build_store(
     extra_files: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
     progress: bool = True,
-) -> tuple[EmbeddingStore, bool]:
-    """Build (or reuse, or resume) the store in ``out``.
+) -> EmbeddingStore:
+    """Build the store in ``out``, resuming an interrupted build of the same key and plan.
+
+    Whatever else ``out`` held as a store is removed first. Check :func:`open_matching` before
+    calling this to reuse a finished store.
 
     Args:
         out: store directory (created).
-        key: what identifies the store's content; a finished store with an equal key is reused.
+        key: what identifies the store's content.
         num_rows: number of input rows; shard ``i`` encodes rows ``[i*shard_size, (i+1)*shard_size)``.
         encode: encodes a range of input rows into a :class:`Shard` (rows may be skipped), calling
             its second argument with the number of rows done as it goes (for the progress bar).
@@ -196,11 +200,9 @@ def build_store(
         progress: show a progress bar over rows.
 
     Returns:
-        The store and whether it was reused unchanged.
+        The finished store.
     """
     out = Path(out)
-    if reusable(out, key):
-        return EmbeddingStore.open(out), True
     if out.exists() and not out.is_dir():
         raise TipcapError(f"--out {out}: exists and is not a directory.")
     out.mkdir(parents=True, exist_ok=True)
@@ -255,7 +257,7 @@ def build_store(
     }
     write_json_atomic(out / META, meta)
     building.unlink()
-    return EmbeddingStore.open(out), False
+    return EmbeddingStore.open(out)
 
 
 def _shard_digest(path: Path) -> str | None:
