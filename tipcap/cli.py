@@ -195,3 +195,106 @@ def embed_images_command(
         progress=not opts["no_progress"],
     )
     click.echo(report.summary())
+
+
+@main.command("fit-gap")
+@click.option(
+    "--setting",
+    type=click.Choice(["few-pairs", "web-pairs", "unpaired", "text-only"]),
+    required=True,
+    help="Which data besides the captions estimate the gap (DESIGN §2).",
+)
+@click.option("--texts", "texts_dir", required=True, type=click.Path(file_okay=False), help="Caption store.")
+@click.option(
+    "--images",
+    "images_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Image store (paired with --texts by image id, except for unpaired).",
+)
+@click.option(
+    "--out", required=True, type=click.Path(dir_okay=False), help="Gap file to write (.safetensors)."
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory"]),
+    default="gaussian",
+    show_default=True,
+    help="How the gap is bridged: the Gaussian, or a baseline.",
+)
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), default=None, help="Also draw PCA and spectrum to a PNG."
+)
+@click.option("--no-renorm", is_flag=True, help="Do not rescale mapped embeddings to unit length.")
+@click.option("--no-shrinkage", is_flag=True, help="Plain sample covariance instead of Ledoit-Wolf.")
+@click.option(
+    "--drop-quantile",
+    default=0.1,
+    show_default=True,
+    help="web-pairs: share of least similar pairs to discard.",
+)
+@click.option("--sigma2", default=0.016, show_default=True, help="Isotropic / text-only noise variance.")
+@click.option(
+    "--mu-from", type=click.Path(dir_okay=False), default=None, help="text-only: import mu from a gap file."
+)
+@click.option("--learnable", is_flag=True, help="Make mu and L trainable, with a KL term to this estimate.")
+@click.option("--tau", default=0.01, show_default=True, help="memory: softmax temperature.")
+@click.option(
+    "--memory-size", default=None, type=int, help="memory: keep a random subset of this many captions."
+)
+@click.option("--seed", default=0, show_default=True, help="Seed for subsets.")
+@click.option(
+    "--device", default="cpu", show_default=True, help="Device for the unpaired nearest-neighbour search."
+)
+def fit_gap_command(
+    setting: str,
+    texts_dir: str,
+    images_dir: str | None,
+    out: str,
+    kind: str,
+    plot: str | None,
+    no_renorm: bool,
+    no_shrinkage: bool,
+    drop_quantile: float,
+    sigma2: float,
+    mu_from: str | None,
+    learnable: bool,
+    tau: float,
+    memory_size: int | None,
+    seed: int,
+    device: str,
+) -> None:
+    """Fit the modality gap from embedding stores, write it, and report how much it closes."""
+    from tipcap.gap import Gap, fit_gap, format_report, gap_report, join_pairs, plot_gap
+    from tipcap.store import EmbeddingStore
+
+    texts = EmbeddingStore.open(texts_dir)
+    images = EmbeddingStore.open(images_dir) if images_dir else None
+    gap = fit_gap(
+        setting,
+        texts,
+        images,
+        kind=kind,
+        renorm=not no_renorm,
+        shrink=not no_shrinkage,
+        drop_quantile=drop_quantile,
+        sigma2=sigma2,
+        mu_from=Gap.load(mu_from) if mu_from else None,
+        learnable=learnable,
+        tau=tau,
+        memory_size=memory_size,
+        seed=seed,
+        device=device,
+    )
+    pairs = join_pairs(texts, images) if images is not None else None
+    pairs = pairs if pairs is not None and len(pairs) > 0 else None
+    report = gap_report(gap, pairs)
+    gap.info["report"] = report
+    gap.save(out)
+    click.echo(format_report(report))
+    if setting == "unpaired" and pairs is not None:
+        click.echo("  (cosines on the stores' true pairs, which the unpaired fit did not use)")
+    click.echo(f"wrote {out}")
+    if plot:
+        plot_gap(gap, pairs, plot)
+        click.echo(f"wrote {plot}")

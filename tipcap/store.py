@@ -143,6 +143,19 @@ class EmbeddingStore:
         for shard in self.shards:
             yield from shard.split(rows)
 
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """The fp16 rows ``[len(rows), d]`` at the given indices, read shard by shard."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if len(self.shards) == 1:
+            return self.shards[0][rows]
+        out = torch.empty(len(rows), self.dim, dtype=torch.float16)
+        start = 0
+        for shard in self.shards:
+            inside = (rows >= start) & (rows < start + len(shard))
+            out[inside] = shard[rows[inside] - start]
+            start += len(shard)
+        return out
+
     def captions(self) -> list[str]:
         """The caption of each row (caption stores only)."""
         path = self.path / "captions.json"

@@ -1,0 +1,112 @@
+"""`tipcap fit-gap` on stores made by `tipcap embed` (tiny CLIP, real COCO captions, generated images)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tipcap.cli import fit_gap_command, main
+from tipcap.gap import KINDS, SETTINGS, Gap
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tiny_clip, other_clip):
+    """Caption and image stores of the COCO slice (24 images, 120 captions); images of another CLIP."""
+    from conftest import COCO_SLICE
+
+    root = tmp_path_factory.mktemp("stores")
+    document = json.loads(COCO_SLICE.read_text())
+    for number, image in enumerate(document["images"]):
+        path = root / "coco" / image["filepath"] / image["filename"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), ((53 * number) % 256, (97 * number) % 256, (31 * number) % 256)).save(path)
+    common = ("--pretrained", "none", "--no-progress")
+    assert (
+        run(
+            "embed", "texts", "--corpus", COCO_SLICE, "--clip", tiny_clip, "--out", root / "texts", *common
+        ).exit_code
+        == 0
+    )
+    for clip, out in ((tiny_clip, "images"), (other_clip, "other-images")):
+        result = run("embed", "images", "--images", COCO_SLICE, "--image-root", root / "coco", "--clip", clip,
+                     "--out", root / out, "--workers", "0", *common)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.mark.parametrize("setting", ["few-pairs", "web-pairs", "unpaired"])
+def test_fit_gap_in_each_paired_setting(stores, tmp_path, setting):
+    out, plot = tmp_path / "gap.safetensors", tmp_path / "gap.png"
+    result = run("fit-gap", "--setting", setting, "--texts", stores / "texts", "--images", stores / "images",
+                 "--out", out, "--plot", plot)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    for line in (
+        "||mu||",
+        "trace Sigma",
+        "top eigenvalues",
+        "effective rank",
+        "pairs used",
+        "mean cos(v, t)",
+    ):
+        assert line in result.stdout
+    gap = Gap.load(out)
+    assert gap.kind == "gaussian" and gap.info["setting"] == setting and gap.dim == 32
+    assert gap.info["report"]["cosine_after"] > gap.info["report"]["cosine_before"]
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    if setting == "few-pairs":
+        assert gap.info["pairs_used"] == 120 and gap.info["pairs_discarded"] == 0
+
+
+def test_text_only_imports_mu(stores, tmp_path):
+    paired = tmp_path / "paired.safetensors"
+    assert run("fit-gap", "--setting", "few-pairs", "--texts", stores / "texts", "--images", stores / "images",
+               "--out", paired).exit_code == 0  # fmt: skip
+    out = tmp_path / "text-only.safetensors"
+    result = run(
+        "fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--mu-from", paired, "--out", out
+    )
+    assert result.exit_code == 0, result.output
+    gap, source = Gap.load(out), Gap.load(paired)
+    assert (gap.mu == source.mu).all()
+    assert (gap.covariance.diagonal() - 0.016).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["none", "isotropic", "mean-shift", "cov-noise", "memory"])
+def test_baseline_kinds(stores, tmp_path, kind):
+    out = tmp_path / "gap.safetensors"
+    result = run("fit-gap", "--setting", "few-pairs", "--kind", kind, "--texts", stores / "texts",
+                 "--images", stores / "images", "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gap = Gap.load(out)
+    assert gap.kind == kind
+    if kind == "memory":
+        assert gap.memory.shape == (120, 32)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--setting", "few-pairs", "--images", "{other}"), "different CLIPs"),
+        (("--setting", "unpaired"), "needs --images"),
+        (("--setting", "few-pairs", "--images", "{texts}"), "is not an image store"),
+        (("--setting", "web-pairs", "--images", "{images}", "--drop-quantile", "1.5"), "--drop-quantile"),
+        (("--setting", "text-only", "--kind", "none", "--learnable"), "--learnable"),
+    ],
+)
+def test_fit_gap_errors(stores, tmp_path, args, message):
+    paths = {"other": stores / "other-images", "texts": stores / "texts", "images": stores / "images"}
+    args = [a.format(**paths) for a in args]
+    result = run("fit-gap", "--texts", stores / "texts", "--out", tmp_path / "gap.safetensors", *args)
+    assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "gap.safetensors").exists()
+
+
+def test_cli_choices_match_the_library():
+    options = {p.name: p for p in fit_gap_command.params}
+    assert tuple(options["setting"].type.choices) == SETTINGS
+    assert tuple(options["kind"].type.choices) == KINDS

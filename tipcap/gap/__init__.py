@@ -1,0 +1,44 @@
+"""The modality gap: a Gaussian N(μ, Σ) estimated in four data settings, and the baseline kinds.
+
+``Gap`` (model.py) maps embeddings across the gap; estimate.py fits μ and Σ per setting by streaming
+over embedding chunks; fit.py does it from embedding stores; report.py summarises and draws a gap.
+"""
+
+from tipcap.gap.estimate import (
+    SETTINGS,
+    GapEstimate,
+    Pairs,
+    TensorRows,
+    estimate_few_pairs,
+    estimate_text_only,
+    estimate_unpaired,
+    estimate_web_pairs,
+    mutual_nearest_neighbours,
+)
+from tipcap.gap.fit import estimate, fit_gap, join_pairs
+from tipcap.gap.model import CAPDEC_SIGMA2, KINDS, Gap
+from tipcap.gap.moments import Moments, cholesky
+from tipcap.gap.report import format_report, gap_report, plot_gap
+
+__all__ = [
+    "CAPDEC_SIGMA2",
+    "KINDS",
+    "SETTINGS",
+    "Gap",
+    "GapEstimate",
+    "Moments",
+    "Pairs",
+    "TensorRows",
+    "cholesky",
+    "estimate",
+    "estimate_few_pairs",
+    "estimate_text_only",
+    "estimate_unpaired",
+    "estimate_web_pairs",
+    "fit_gap",
+    "format_report",
+    "gap_report",
+    "join_pairs",
+    "mutual_nearest_neighbours",
+    "plot_gap",
+]

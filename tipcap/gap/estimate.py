@@ -1,0 +1,266 @@
+"""Estimating the gap N(μ, Σ) in each data setting, streaming over chunks in float64.
+
+Rows come from anything with ``len``, ``iter_chunks(rows)`` and ``gather(indices)``: an
+:class:`~tipcap.store.EmbeddingStore` (memory-mapped) or a :class:`TensorRows`. Pairs are index arrays
+into an image and a text source, so a store of 5 captions per image pairs each caption with its image.
+
+=============  =====================================  ===========================================
+setting        μ                                      Σ
+=============  =====================================  ===========================================
+few-pairs      mean of δ = v − t over the pairs        covariance of δ, Ledoit–Wolf shrinkage
+web-pairs      same, over pairs whose cos(v, t) is     same, over the kept pairs
+               above the drop-quantile
+unpaired       mean(v) − mean(t)                       covariance of δ over mutual-nearest-neighbour
+                                                       pseudo-pairs (v − μ ↔ t), shrunk
+text-only      0, or imported                          σ₀²·I (σ₀² = 0.016)
+=============  =====================================  ===========================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from tipcap.errors import TipcapError
+from tipcap.gap.model import CAPDEC_SIGMA2
+from tipcap.gap.moments import Moments
+
+SETTINGS = ("few-pairs", "web-pairs", "unpaired", "text-only")
+_HISTOGRAM_BINS = 20_000
+
+
+class Rows(Protocol):
+    """Embedding rows that can be read in chunks and gathered by index."""
+
+    def __len__(self) -> int: ...
+
+    def iter_chunks(self, rows: int) -> Iterator[torch.Tensor]: ...
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor: ...
+
+
+class TensorRows:
+    """In-memory rows ``[N, d]`` with the :class:`Rows` interface."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+    def iter_chunks(self, rows: int) -> Iterator[torch.Tensor]:
+        yield from self.tensor.split(rows)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.tensor[rows]
+
+
+@dataclass
+class Pairs:
+    """Image–text pairs: ``images.gather(image_index[k])`` goes with ``texts.gather(text_index[k])``."""
+
+    images: Rows
+    texts: Rows
+    image_index: torch.Tensor
+    text_index: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.text_index)
+
+    def iter_chunks(self, rows: int = 16384) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(v, t)`` float64 chunks ``[n, d]`` of at most ``rows`` pairs."""
+        for start in range(0, len(self), rows):
+            stop = start + rows
+            v = self.images.gather(self.image_index[start:stop]).to(torch.float64)
+            t = self.texts.gather(self.text_index[start:stop]).to(torch.float64)
+            yield v, t
+
+    @classmethod
+    def of_tensors(cls, v: torch.Tensor, t: torch.Tensor) -> Pairs:
+        """Row k of ``v`` with row k of ``t``."""
+        index = torch.arange(len(t))
+        return cls(TensorRows(v), TensorRows(t), index, index)
+
+
+@dataclass
+class GapEstimate:
+    """μ ``[d]`` and Σ ``[d, d]`` (float64), with what went into them."""
+
+    setting: str
+    mu: torch.Tensor
+    covariance: torch.Tensor
+    shrinkage: float | None = None
+    pairs_used: int | None = None
+    pairs_discarded: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        """JSON-ready description, saved in the gap file."""
+        return {
+            "setting": self.setting,
+            "shrinkage": self.shrinkage,
+            "pairs_used": self.pairs_used,
+            "pairs_discarded": self.pairs_discarded,
+            **self.details,
+        }
+
+
+def _cosine(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(v, t, dim=-1)
+
+
+def estimate_few_pairs(pairs: Pairs, shrink: bool = True, chunk: int = 16384) -> GapEstimate:
+    """μ and Σ of δ = v − t over all pairs (Ledoit–Wolf-shrunk when ``shrink``)."""
+    if len(pairs) == 0:
+        raise TipcapError("few-pairs: no image–caption pairs (do the stores share image ids?).")
+    moments = None
+    for v, t in pairs.iter_chunks(chunk):
+        moments = (moments or Moments(v.shape[1])).update(v - t)
+    covariance = moments.covariance(shrink)
+    return GapEstimate("few-pairs", moments.mean, covariance.matrix, covariance.shrinkage, len(pairs), 0)
+
+
+def similarity_threshold(pairs: Pairs, drop_quantile: float, chunk: int = 16384) -> float:
+    """The cos(v, t) below which a fraction ``drop_quantile`` of the pairs lies (to 1e-4, O(1) memory)."""
+    histogram = torch.zeros(_HISTOGRAM_BINS, dtype=torch.float64)
+    for v, t in pairs.iter_chunks(chunk):
+        histogram += torch.histc(_cosine(v, t), bins=_HISTOGRAM_BINS, min=-1.0, max=1.0)
+    below = torch.cumsum(histogram, 0)
+    # The first bin edge at which the cumulative count reaches the quantile.
+    bin_index = int(torch.searchsorted(below, drop_quantile * float(below[-1]), right=True))
+    return -1.0 + 2.0 * bin_index / _HISTOGRAM_BINS
+
+
+def estimate_web_pairs(
+    pairs: Pairs, drop_quantile: float = 0.1, shrink: bool = True, chunk: int = 16384
+) -> GapEstimate:
+    """Like few-pairs, after discarding the pairs in the lowest ``drop_quantile`` of cos(v, t).
+
+    Mismatched web pairs have unusually low similarity and would inflate Σ; two streaming passes
+    (a similarity histogram, then the moments of the kept pairs) keep memory O(d²).
+    """
+    if not 0 <= drop_quantile < 1:
+        raise TipcapError(f"--drop-quantile {drop_quantile}: must be in [0, 1).")
+    if len(pairs) == 0:
+        raise TipcapError("web-pairs: no image–caption pairs (do the stores share image ids?).")
+    threshold = similarity_threshold(pairs, drop_quantile, chunk) if drop_quantile > 0 else -2.0
+    moments = None
+    for v, t in pairs.iter_chunks(chunk):
+        keep = _cosine(v, t) >= threshold
+        moments = (moments or Moments(v.shape[1])).update((v - t)[keep])
+    if moments.count == 0:
+        raise TipcapError("web-pairs: every pair was discarded; lower --drop-quantile.")
+    covariance = moments.covariance(shrink)
+    details = {"drop_quantile": drop_quantile, "similarity_threshold": threshold}
+    return GapEstimate(
+        "web-pairs",
+        moments.mean,
+        covariance.matrix,
+        covariance.shrinkage,
+        moments.count,
+        len(pairs) - moments.count,
+        details,
+    )
+
+
+def _mean(rows: Rows, chunk: int) -> torch.Tensor:
+    total, count = None, 0
+    for block in rows.iter_chunks(chunk):
+        block = block.to(torch.float64)
+        total = block.sum(0) if total is None else total + block.sum(0)
+        count += len(block)
+    return total / count
+
+
+def mutual_nearest_neighbours(
+    images: Rows,
+    texts: Rows,
+    mu: torch.Tensor,
+    image_chunk: int = 2048,
+    text_chunk: int = 32768,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-pairs of unpaired data: image i and text j that are each other's nearest neighbour.
+
+    Similarity is cos(v − μ, t). The score matrix is computed block by block (``image_chunk`` ×
+    ``text_chunk`` float32 at a time), keeping only each row's and column's best, so memory is
+    O(N_images + N_texts) beyond one block.
+
+    Returns:
+        ``(image_index, text_index)``, int64 ``[P]`` each.
+    """
+    best_text = torch.zeros(len(images), dtype=torch.long)
+    best_image = torch.zeros(len(texts), dtype=torch.long)
+    best_image_score = torch.full((len(texts),), -torch.inf, device=device)
+    shift = mu.to(device, torch.float32)
+    image_start = 0
+    for image_block in images.iter_chunks(image_chunk):
+        queries = torch.nn.functional.normalize(image_block.to(device, torch.float32) - shift, dim=-1)
+        row_best = torch.full((len(queries),), -torch.inf, device=device)
+        row_arg = torch.zeros(len(queries), dtype=torch.long, device=device)
+        text_start = 0
+        for text_block in texts.iter_chunks(text_chunk):
+            keys = torch.nn.functional.normalize(text_block.to(device, torch.float32), dim=-1)
+            scores = queries @ keys.T
+            value, arg = scores.max(dim=1)
+            better = value > row_best
+            row_best = torch.where(better, value, row_best)
+            row_arg = torch.where(better, arg + text_start, row_arg)
+            value, arg = scores.max(dim=0)
+            columns = slice(text_start, text_start + len(keys))
+            better = value > best_image_score[columns]
+            best_image_score[columns] = torch.where(better, value, best_image_score[columns])
+            best_image[columns] = torch.where(better.cpu(), arg.cpu() + image_start, best_image[columns])
+            text_start += len(keys)
+        best_text[image_start : image_start + len(queries)] = row_arg.cpu()
+        image_start += len(queries)
+    image_index = torch.arange(len(images))
+    mutual = best_image[best_text] == image_index
+    return image_index[mutual], best_text[mutual]
+
+
+def estimate_unpaired(
+    images: Rows,
+    texts: Rows,
+    shrink: bool = True,
+    chunk: int = 16384,
+    device: str | torch.device = "cpu",
+) -> GapEstimate:
+    """μ = mean(v) − mean(t); Σ from mutual-nearest-neighbour pseudo-pairs after removing μ."""
+    if len(images) == 0 or len(texts) == 0:
+        raise TipcapError("unpaired: needs both images and texts.")
+    mu = _mean(images, chunk) - _mean(texts, chunk)
+    image_index, text_index = mutual_nearest_neighbours(images, texts, mu, device=device)
+    if len(image_index) == 0:
+        raise TipcapError("unpaired: no mutual nearest neighbours between images and texts.")
+    pseudo = Pairs(images, texts, image_index, text_index)
+    moments = None
+    for v, t in pseudo.iter_chunks(chunk):
+        moments = (moments or Moments(v.shape[1])).update(v - t)
+    covariance = moments.covariance(shrink)
+    details = {"images": len(images), "texts": len(texts)}
+    return GapEstimate(
+        "unpaired",
+        mu,
+        covariance.matrix,
+        covariance.shrinkage,
+        len(image_index),
+        len(images) - len(image_index),
+        details,
+    )
+
+
+def estimate_text_only(
+    dim: int, sigma2: float = CAPDEC_SIGMA2, mu: torch.Tensor | None = None
+) -> GapEstimate:
+    """μ = 0 (or an imported μ, since the gap belongs to the CLIP model), Σ = σ₀²·I."""
+    if sigma2 <= 0:
+        raise TipcapError(f"--sigma2 {sigma2}: must be positive.")
+    mean = torch.zeros(dim, dtype=torch.float64) if mu is None else mu.to(torch.float64)
+    covariance = sigma2 * torch.eye(dim, dtype=torch.float64)
+    return GapEstimate(
+        "text-only", mean, covariance, details={"sigma2": sigma2, "mu_imported": mu is not None}
+    )

@@ -1,0 +1,267 @@
+"""The modality gap as a Gaussian, N(μ, LLᵀ), and the baseline kinds behind the same interface.
+
+How each kind moves embeddings (t: a caption's text embedding, v: an image embedding, z ~ N(0, I)):
+
+=============  ============================  ==============================  ==========================
+kind           training input (``sample``)   inference input (``to_text``)   reference
+=============  ============================  ==============================  ==========================
+``none``       t                             v                               no bridging
+``isotropic``  t + σ·z                       v                               CapDec (σ² = 0.016)
+``mean-shift`` t                             v − μ                           CapDec's modality offset
+``cov-noise``  t + μ + L·z                   v                               CLOSE-style, image space
+``gaussian``   t + L·z                       v − μ                           TIPCap, text space
+``memory``     t                             softmax(v·Tᵀ/τ)·T               DeCap (T: text memory)
+=============  ============================  ==============================  ==========================
+
+With ``renorm`` every output is scaled back to unit length, as CLIP embeddings are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from tipcap.errors import TipcapError
+
+KINDS = ("none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory")
+CAPDEC_SIGMA2 = 0.016
+GAP_FORMAT = "tipcap-gap"
+GAP_VERSION = 1
+
+TRAIN_NOISE_KINDS = frozenset({"isotropic", "cov-noise", "gaussian"})
+_TRAIN_SHIFT = {"cov-noise"}
+_INFER_SHIFT = {"mean-shift", "gaussian"}
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+class Gap(nn.Module):
+    """A modality-gap model: mean μ ``[d]`` and Cholesky factor L ``[d, d]`` of Σ = LLᵀ, plus its kind.
+
+    Args:
+        kind: one of :data:`KINDS` (see the module table).
+        mu: the mean gap μ = E[v − t], ``[d]``.
+        scale_tril: lower-triangular L with positive diagonal, ``[d, d]``.
+        renorm: rescale outputs to unit length.
+        clip: identity of the CLIP the gap was fitted on (as in embedding stores' keys).
+        memory: ``[M, d]`` text embeddings for the ``memory`` kind.
+        tau: softmax temperature of the ``memory`` kind.
+        learnable: make μ and L trainable parameters (L through its strictly lower part and the log of
+            its diagonal, so the diagonal stays positive); the values given become the prior of
+            :meth:`kl_to_prior`.
+        info: how the gap was fitted (setting, counts), saved with it.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        mu: torch.Tensor,
+        scale_tril: torch.Tensor,
+        *,
+        renorm: bool = True,
+        clip: dict[str, Any] | None = None,
+        memory: torch.Tensor | None = None,
+        tau: float = 0.01,
+        learnable: bool = False,
+        info: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise TipcapError(f"gap kind {kind!r}: use one of {', '.join(KINDS)}.")
+        dim = mu.shape[-1]
+        if scale_tril.shape != (dim, dim):
+            raise ValueError(f"scale_tril must be [{dim}, {dim}], got {tuple(scale_tril.shape)}")
+        if kind == "memory" and (memory is None or memory.shape[-1] != dim):
+            raise TipcapError(f"a memory gap needs a text memory of width {dim}.")
+        self.kind = kind
+        self.renorm = renorm
+        self.clip = clip
+        self.tau = tau
+        self.learnable = learnable
+        self.info = dict(info or {})
+        mu = mu.detach().to(torch.float32)
+        scale_tril = torch.tril(scale_tril.detach().to(torch.float32))
+        if learnable:
+            if not bool((torch.diagonal(scale_tril) > 0).all()):
+                raise TipcapError("a learnable gap needs a covariance factor with a positive diagonal.")
+            self.mu = nn.Parameter(mu.clone())
+            self.tril_offdiag = nn.Parameter(torch.tril(scale_tril, -1))
+            self.log_diag = nn.Parameter(torch.log(torch.diagonal(scale_tril)))
+            self.register_buffer("prior_mu", mu.clone())
+            self.register_buffer("prior_scale_tril", scale_tril.clone())
+        else:
+            self.register_buffer("mu", mu)
+            self.register_buffer("fixed_scale_tril", scale_tril)
+        self.register_buffer("memory", None if memory is None else memory.detach().to(torch.float16))
+
+    @property
+    def dim(self) -> int:
+        """Embedding width d."""
+        return int(self.mu.shape[-1])
+
+    @property
+    def scale_tril(self) -> torch.Tensor:
+        """L ``[d, d]``, lower triangular (differentiable when learnable)."""
+        if self.learnable:
+            return torch.tril(self.tril_offdiag, -1) + torch.diag(torch.exp(self.log_diag))
+        return self.fixed_scale_tril
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        """Σ = LLᵀ ``[d, d]``."""
+        scale_tril = self.scale_tril
+        return scale_tril @ scale_tril.T
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return _normalize(x) if self.renorm else x
+
+    def sample(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training input from text embeddings ``[B, d]``: fresh noise per row (see the kind table)."""
+        x = t.to(self.mu.dtype)
+        if self.kind in TRAIN_NOISE_KINDS:
+            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + z @ self.scale_tril.T
+        if self.kind in _TRAIN_SHIFT:
+            x = x + self.mu
+        return self._out(x)
+
+    def text_side(self, t: torch.Tensor) -> torch.Tensor:
+        """The noise-free training input for text embeddings ``[B, d]``: t, or t + μ in image space."""
+        x = t.to(self.mu.dtype)
+        if self.kind in _TRAIN_SHIFT:
+            x = x + self.mu
+        return self._out(x)
+
+    def to_text(self, v: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        """Inference input from image embeddings ``[B, d]`` (see the kind table)."""
+        x = v.to(self.mu.dtype)
+        if self.kind in _INFER_SHIFT:
+            x = x - self.mu
+        elif self.kind == "memory":
+            x = self._project_on_memory(x, chunk)
+        return self._out(x)
+
+    def _project_on_memory(self, v: torch.Tensor, chunk: int) -> torch.Tensor:
+        """softmax(v·Tᵀ/τ)·T over the memory T in chunks of ``chunk`` rows (an online softmax)."""
+        running_max = torch.full((v.shape[0], 1), -math.inf, device=v.device, dtype=v.dtype)
+        weight_sum = torch.zeros(v.shape[0], 1, device=v.device, dtype=v.dtype)
+        weighted = torch.zeros_like(v)
+        for block in self.memory.split(chunk):
+            block = block.to(v.device, v.dtype)
+            logits = v @ block.T / self.tau
+            new_max = torch.maximum(running_max, logits.max(dim=1, keepdim=True).values)
+            rescale = torch.exp(running_max - new_max)
+            weights = torch.exp(logits - new_max)
+            weight_sum = weight_sum * rescale + weights.sum(dim=1, keepdim=True)
+            weighted = weighted * rescale + weights @ block
+            running_max = new_max
+        return weighted / weight_sum
+
+    def kl_to(self, prior_mu: torch.Tensor, prior_scale_tril: torch.Tensor) -> torch.Tensor:
+        """KL(N(μ, LLᵀ) ‖ N(μ₀, L₀L₀ᵀ)) in closed form (a scalar, differentiable in μ and L)."""
+        scale_tril = self.scale_tril
+        prior_scale_tril = prior_scale_tril.to(scale_tril)
+        ratio = torch.linalg.solve_triangular(prior_scale_tril, scale_tril, upper=False)
+        offset = torch.linalg.solve_triangular(
+            prior_scale_tril, (self.mu - prior_mu.to(self.mu)).unsqueeze(-1), upper=False
+        )
+        log_det = torch.log(torch.diagonal(scale_tril)).sum()
+        prior_log_det = torch.log(torch.diagonal(prior_scale_tril)).sum()
+        return 0.5 * ((ratio**2).sum() + (offset**2).sum() - self.dim) + prior_log_det - log_det
+
+    def kl_to_prior(self) -> torch.Tensor:
+        """KL to the values the learnable gap started from (its fitted estimate)."""
+        if not self.learnable:
+            raise ValueError("only a learnable gap has a prior")
+        return self.kl_to(self.prior_mu, self.prior_scale_tril)
+
+    def check_clip(self, identity: dict[str, Any] | None, what: str) -> None:
+        """Refuse to combine this gap with embeddings of another CLIP.
+
+        Raises:
+            TipcapError: naming both CLIPs when ``identity`` differs from the gap's.
+        """
+        if self.clip is not None and identity is not None and identity != self.clip:
+            raise TipcapError(
+                f"the gap was fitted on CLIP {_describe(self.clip)}, but {what} was built with "
+                f"{_describe(identity)}; fit the gap on embeddings of the same CLIP."
+            )
+
+    def save(self, path: str | Path) -> None:
+        """Write a safetensors file (written to a temporary name, then renamed)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"mu": self.mu.detach(), "scale_tril": self.scale_tril.detach()}
+        if self.learnable:
+            tensors["prior_mu"] = self.prior_mu
+            tensors["prior_scale_tril"] = self.prior_scale_tril
+        if self.memory is not None:
+            tensors["memory"] = self.memory
+        metadata = {
+            "format": GAP_FORMAT,
+            "version": str(GAP_VERSION),
+            "kind": self.kind,
+            "renorm": json.dumps(self.renorm),
+            "tau": json.dumps(self.tau),
+            "learnable": json.dumps(self.learnable),
+            "clip": json.dumps(self.clip),
+            "info": json.dumps(self.info),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Gap:
+        """Read a gap file written by :meth:`save`.
+
+        Raises:
+            TipcapError: when the file is missing, not a gap file, or of an unknown version.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise TipcapError(f"{path}: no such gap file.")
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                names = list(f.keys())
+                tensors = {name: f.get_tensor(name) for name in names}
+        except Exception as e:  # safetensors raises its own error type for malformed files
+            raise TipcapError(f"{path}: not a safetensors gap file ({e}).") from None
+        if metadata.get("format") != GAP_FORMAT:
+            raise TipcapError(f"{path}: not a tipcap gap file (write one with 'tipcap fit-gap').")
+        if int(metadata.get("version", 0)) > GAP_VERSION:
+            raise TipcapError(
+                f"{path}: gap file version {metadata['version']} is newer than this tipcap reads."
+            )
+        gap = cls(
+            metadata["kind"],
+            tensors["prior_mu"] if "prior_mu" in tensors else tensors["mu"],
+            tensors["prior_scale_tril"] if "prior_scale_tril" in tensors else tensors["scale_tril"],
+            renorm=json.loads(metadata["renorm"]),
+            clip=json.loads(metadata["clip"]),
+            memory=tensors.get("memory"),
+            tau=json.loads(metadata["tau"]),
+            learnable=json.loads(metadata["learnable"]),
+            info=json.loads(metadata["info"]),
+        )
+        if gap.learnable:
+            with torch.no_grad():
+                gap.mu.copy_(tensors["mu"])
+                gap.tril_offdiag.copy_(torch.tril(tensors["scale_tril"], -1))
+                gap.log_diag.copy_(torch.log(torch.diagonal(tensors["scale_tril"])))
+        return gap
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    return f"{identity.get('model')} ({identity.get('pretrained')})"

@@ -1,0 +1,103 @@
+"""Streaming first and second moments in float64, with Ledoit–Wolf shrinkage.
+
+One pass over chunks of any size keeps O(d²) state: the count, Σx, Σxxᵀ, and the three sums that the
+Ledoit–Wolf shrinkage intensity needs (Σ‖x‖², Σ‖x‖⁴, Σ‖x‖²x). Chunks may be merged in any order, so the
+result does not depend on how the data were cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_JITTER = 1e-10
+
+
+@dataclass
+class Covariance:
+    """A covariance estimate ``[d, d]`` (float64) and how it was made."""
+
+    matrix: torch.Tensor
+    shrinkage: float | None  # None: not shrunk
+    count: int
+
+
+class Moments:
+    """Accumulates the moments of rows ``x`` ``[n, d]`` chunk by chunk (float64)."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.count = 0
+        self.total = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.sq_norms = 0.0  # Σ‖x‖²
+        self.quartic = 0.0  # Σ‖x‖⁴
+        self.sq_norm_weighted = torch.zeros(dim, dtype=torch.float64)  # Σ‖x‖² x
+
+    def update(self, rows: torch.Tensor) -> Moments:
+        """Add the rows ``[n, d]`` (any float dtype, any device) and return ``self``."""
+        x = rows.detach().to("cpu", torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected rows of width {self.dim}, got shape {tuple(x.shape)}")
+        sq = (x * x).sum(dim=1)
+        self.count += x.shape[0]
+        self.total += x.sum(dim=0)
+        self.outer += x.T @ x
+        self.sq_norms += float(sq.sum())
+        self.quartic += float((sq * sq).sum())
+        self.sq_norm_weighted += sq @ x
+        return self
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """The mean row ``[d]``."""
+        if self.count == 0:
+            raise ValueError("no rows were added")
+        return self.total / self.count
+
+    def covariance(self, shrink: bool = True) -> Covariance:
+        """The maximum-likelihood covariance (divided by n), Ledoit–Wolf-shrunk towards a scaled identity.
+
+        Shrinkage follows Ledoit & Wolf (2004) as scikit-learn implements it: with centred rows x̃ᵢ,
+        S = Σx̃x̃ᵀ/n, m = tr S/d, δ² = ‖S − mI‖²/d, β² = min(δ², Σ‖x̃x̃ᵀ − S‖²/(n²d)), and
+        Σ̂ = (1 − β²/δ²) S + (β²/δ²) m I. Any n ≥ 1, including n < d, gives a positive-definite result.
+        """
+        n, d = self.count, self.dim
+        mean = self.mean
+        sample = self.outer / n - torch.outer(mean, mean)
+        sample = (sample + sample.T) / 2
+        if not shrink:
+            return Covariance(sample, None, n)
+        scale = float(torch.trace(sample)) / d
+        distance = float(((sample - scale * torch.eye(d, dtype=torch.float64)) ** 2).sum()) / d
+        # Σᵢ‖x̃ᵢ‖⁴ from the raw sums: ‖x̃‖² = a − 2b + c with a = ‖x‖², b = x·mean, c = ‖mean‖².
+        c = float(mean @ mean)
+        sum_b = float(self.total @ mean)
+        sum_b2 = float(mean @ self.outer @ mean)
+        sum_ab = float(self.sq_norm_weighted @ mean)
+        quartic = self.quartic + 4 * sum_b2 + n * c * c - 4 * sum_ab + 2 * c * self.sq_norms - 4 * c * sum_b
+        spread = max(quartic - n * float((sample**2).sum()), 0.0) / (n * n * d)
+        shrinkage = 1.0 if distance <= 0 else min(spread, distance) / distance
+        matrix = (1 - shrinkage) * sample + shrinkage * scale * torch.eye(d, dtype=torch.float64)
+        return Covariance(matrix, shrinkage, n)
+
+
+def cholesky(covariance: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor of a symmetric PSD matrix ``[d, d]`` (float64), adding jitter if needed.
+
+    A matrix that is PSD only up to rounding (or exactly singular, e.g. zero noise) gets the smallest
+    diagonal jitter, growing tenfold from 1e-10 of its scale, that makes it factor.
+    """
+    covariance = (covariance + covariance.T) / 2
+    factor, info = torch.linalg.cholesky_ex(covariance)
+    if int(info) == 0:
+        return factor
+    scale = max(float(torch.diagonal(covariance).abs().mean()), 1e-12)
+    identity = torch.eye(covariance.shape[0], dtype=covariance.dtype)
+    jitter = _JITTER * scale
+    while True:
+        factor, info = torch.linalg.cholesky_ex(covariance + jitter * identity)
+        if int(info) == 0:
+            return factor
+        jitter *= 10

@@ -1,0 +1,138 @@
+"""What a fitted gap looks like: summary figures and a picture (PCA of the embeddings, spectrum of Σ)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tipcap.gap.estimate import Pairs
+from tipcap.gap.model import CAPDEC_SIGMA2, Gap
+
+
+def effective_rank(eigenvalues: torch.Tensor) -> float:
+    """exp of the entropy of the normalised eigenvalues (Roy & Vetterli, 2007): d for isotropic Σ."""
+    positive = eigenvalues.clamp(min=0)
+    total = float(positive.sum())
+    if total <= 0:
+        return 0.0
+    p = positive[positive > 0] / total
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def sample_pairs(pairs: Pairs, limit: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded random subset of at most ``limit`` pairs, as float32 ``(v, t)`` ``[n, d]``."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(pairs), generator=generator)[:limit].sort().values
+    v = pairs.images.gather(pairs.image_index[rows]).float()
+    t = pairs.texts.gather(pairs.text_index[rows]).float()
+    return v, t
+
+
+def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dict[str, Any]:
+    """Summary figures of a gap, and how far it closes the gap on matched pairs when given.
+
+    ``cosine_before`` is the mean cos(v, t) over matched pairs; ``cosine_after`` the mean cosine between
+    the two sides as the decoder sees them (``to_text(v)`` against ``text_side(t)``).
+    """
+    with torch.no_grad():
+        eigenvalues = torch.linalg.eigvalsh(gap.covariance.double()).flip(0)
+        report: dict[str, Any] = {
+            "kind": gap.kind,
+            "setting": gap.info.get("setting"),
+            "dim": gap.dim,
+            "mu_norm": float(gap.mu.norm()),
+            "sigma_trace": float(eigenvalues.sum()),
+            "top_eigenvalues": [float(x) for x in eigenvalues[:5]],
+            "effective_rank": effective_rank(eigenvalues),
+            "pairs_used": gap.info.get("pairs_used"),
+            "pairs_discarded": gap.info.get("pairs_discarded"),
+            "shrinkage": gap.info.get("shrinkage"),
+        }
+        if pairs is not None and len(pairs) > 0:
+            v, t = sample_pairs(pairs, limit)
+            cosine = torch.nn.functional.cosine_similarity
+            report["matched_pairs"] = len(v)
+            report["cosine_before"] = float(cosine(v, t).mean())
+            report["cosine_after"] = float(cosine(gap.to_text(v), gap.text_side(t)).mean())
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as aligned lines for a terminal."""
+    lines = [
+        f"gap kind {report['kind']}, setting {report['setting']}, d = {report['dim']}",
+        f"  ||mu||            {report['mu_norm']:.4f}",
+        f"  trace Sigma       {report['sigma_trace']:.4f}",
+        f"  top eigenvalues   {', '.join(f'{x:.3g}' for x in report['top_eigenvalues'])}",
+        f"  effective rank    {report['effective_rank']:.1f} of {report['dim']}",
+    ]
+    if report.get("pairs_used") is not None:
+        lines.append(
+            f"  pairs used        {report['pairs_used']:,} ({report['pairs_discarded'] or 0:,} discarded)"
+        )
+    if report.get("shrinkage") is not None:
+        lines.append(f"  shrinkage         {report['shrinkage']:.3f} (Ledoit-Wolf)")
+    if "cosine_before" in report:
+        lines.append(
+            f"  mean cos(v, t)    {report['cosine_before']:.4f} before -> {report['cosine_after']:.4f} after "
+            f"the mapping ({report['matched_pairs']:,} matched pairs)"
+        )
+    return "\n".join(lines)
+
+
+def plot_gap(gap: Gap, pairs: Pairs | None, path: str | Path, points: int = 1500) -> None:
+    """Save a PNG: a 2-D PCA of image, text and mapped image embeddings, and the spectrum of Σ.
+
+    The PCA panel needs matched pairs; without them only the spectrum is drawn.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with torch.no_grad():
+        eigenvalues = torch.linalg.eigvalsh(gap.covariance.double()).flip(0).clamp(min=1e-12)
+        figure, axes = plt.subplots(
+            1, 2 if pairs is not None else 1, figsize=(12 if pairs is not None else 6, 5)
+        )
+        axes = list(axes) if pairs is not None else [axes]
+        if pairs is not None:
+            v, t = sample_pairs(pairs, points)
+            mapped = gap.to_text(v)
+            text_side = gap.text_side(t)
+            data = torch.cat([v, t, mapped, text_side])
+            center = data.mean(0)
+            _, _, basis = torch.linalg.svd(data - center, full_matrices=False)
+            project = lambda x: ((x - center) @ basis[:2].T).numpy()  # noqa: E731
+            ax = axes[0]
+            for values, label, color in (
+                (v, "image v", "tab:blue"),
+                (t, "text t", "tab:orange"),
+                (mapped, "mapped image (decoder input)", "tab:green"),
+            ):
+                xy = project(values)
+                ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.4, label=label, color=color)
+            ax.set_title(f"PCA of {len(v)} matched pairs ({gap.kind}, {gap.info.get('setting')})")
+            ax.set_xlabel("PC 1")
+            ax.set_ylabel("PC 2")
+            ax.legend(markerscale=4)
+        ax = axes[-1]
+        ax.semilogy(range(1, len(eigenvalues) + 1), eigenvalues.numpy(), label="eigenvalues of Sigma")
+        ax.axhline(
+            CAPDEC_SIGMA2, color="tab:red", linestyle="--", label=f"isotropic sigma^2 = {CAPDEC_SIGMA2}"
+        )
+        ax.set_title(f"Spectrum of Sigma (trace {float(eigenvalues.sum()):.3g})")
+        ax.set_xlabel("component")
+        ax.set_ylabel("variance")
+        ax.legend()
+        figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    os.replace(tmp, path)
