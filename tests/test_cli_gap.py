@@ -64,8 +64,9 @@ def test_fit_gap_in_each_paired_setting(stores, tmp_path, setting):
 
 def test_text_only_imports_mu(stores, tmp_path):
     paired = tmp_path / "paired.safetensors"
-    assert run("fit-gap", "--setting", "few-pairs", "--texts", stores / "texts", "--images", stores / "images",
-               "--out", paired).exit_code == 0  # fmt: skip
+    result = run("fit-gap", "--setting", "few-pairs", "--texts", stores / "texts",
+                 "--images", stores / "images", "--out", paired)  # fmt: skip
+    assert result.exit_code == 0
     out = tmp_path / "text-only.safetensors"
     result = run(
         "fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--mu-from", paired, "--out", out
