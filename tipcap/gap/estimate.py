@@ -58,6 +58,14 @@ class TensorRows:
         return self.tensor[rows]
 
 
+class PairChunks(Protocol):
+    """Matched pairs that can be read in chunks of ``(v, t)`` rows, as often as needed."""
+
+    def __len__(self) -> int: ...
+
+    def iter_chunks(self, rows: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
 @dataclass
 class Pairs:
     """Image–text pairs: ``images.gather(image_index[k])`` goes with ``texts.gather(text_index[k])``."""
@@ -112,7 +120,7 @@ def _cosine(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(v, t, dim=-1)
 
 
-def estimate_few_pairs(pairs: Pairs, shrink: bool = True, chunk: int = 16384) -> GapEstimate:
+def estimate_few_pairs(pairs: PairChunks, shrink: bool = True, chunk: int = 16384) -> GapEstimate:
     """μ and Σ of δ = v − t over all pairs (Ledoit–Wolf-shrunk when ``shrink``)."""
     if len(pairs) == 0:
         raise TipcapError("few-pairs: no image–caption pairs (do the stores share image ids?).")
@@ -123,7 +131,7 @@ def estimate_few_pairs(pairs: Pairs, shrink: bool = True, chunk: int = 16384) ->
     return GapEstimate("few-pairs", moments.mean, covariance.matrix, covariance.shrinkage, len(pairs), 0)
 
 
-def similarity_threshold(pairs: Pairs, drop_quantile: float, chunk: int = 16384) -> float:
+def similarity_threshold(pairs: PairChunks, drop_quantile: float, chunk: int = 16384) -> float:
     """The cos(v, t) below which a fraction ``drop_quantile`` of the pairs lies (to 1e-4, O(1) memory)."""
     histogram = torch.zeros(_HISTOGRAM_BINS, dtype=torch.float64)
     for v, t in pairs.iter_chunks(chunk):
@@ -135,7 +143,7 @@ def similarity_threshold(pairs: Pairs, drop_quantile: float, chunk: int = 16384)
 
 
 def estimate_web_pairs(
-    pairs: Pairs, drop_quantile: float = 0.1, shrink: bool = True, chunk: int = 16384
+    pairs: PairChunks, drop_quantile: float = 0.1, shrink: bool = True, chunk: int = 16384
 ) -> GapEstimate:
     """Like few-pairs, after discarding the pairs in the lowest ``drop_quantile`` of cos(v, t).
 
