@@ -100,6 +100,15 @@ class ClipSpec:
             identity["pretrained"] = self.pretrained
         return identity
 
+    def to_dict(self) -> dict[str, Any]:
+        """How to load this CLIP again: absolute paths for files, as given otherwise."""
+        config, weights = self.config_path, self.weights_path
+        return {
+            "model": str(config.resolve()) if config is not None else self.model,
+            "pretrained": str(weights.resolve()) if weights is not None else self.pretrained,
+            "init_seed": self.init_seed,
+        }
+
     def describe(self) -> str:
         """A short human-readable name, e.g. ``ViT-B-32 (openai)``."""
         return f"{self.model} ({self.pretrained})"

@@ -87,13 +87,14 @@ def embed_texts(
         return Shard(result.embeddings, [rows[i][0] for i in indices], counts={"truncated": result.truncated})
 
     info = {
+        "clip_spec": clip.to_dict(),
         "source": {
             "corpus": str(Path(corpus).resolve()),
             "format": captions.format,
             "split": split,
             "period": period,
             "empty_skipped": captions.empty_skipped,
-        }
+        },
     }
     store = build_store(
         out,
@@ -193,7 +194,10 @@ def embed_images(
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
         return Shard(embeddings, ids, skipped)
 
-    info = {"source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed}}
+    info = {
+        "clip_spec": clip.to_dict(),
+        "source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed},
+    }
     store = build_store(out, key, len(rows), encode, shard_size=shard_size, info=info, progress=progress)
     if len(store) == 0:
         raise TipcapError(f"{source}: none of the {len(rows)} images could be read; see {out}/skipped.json.")
