@@ -109,6 +109,8 @@ def fit_gap(
     """
     if kind not in KINDS:
         raise TipcapError(f"--kind {kind!r}: use one of {', '.join(KINDS)}.")
+    if setting not in SETTINGS:
+        raise TipcapError(f"--setting {setting!r}: use one of {', '.join(SETTINGS)}.")
     _check_stores(texts, images)
     dim = texts.dim
     info: dict[str, Any] = {"kind": kind, "texts": str(Path(texts.path).resolve())}
@@ -138,8 +140,9 @@ def fit_gap(
             info.update({"memory_size": len(rows), "tau": tau})
     if learnable and kind not in TRAIN_NOISE_KINDS:
         raise TipcapError(f"--learnable applies to kinds with training noise, not {kind!r}.")
-    # Kinds without training noise keep the estimated factor too (mean-shift) or a zero one.
-    scale_tril = cholesky(covariance) if covariance.any() else covariance
+    # Kinds without training noise keep the estimated factor too (mean-shift) or a zero one; a
+    # degenerate estimate (one pair, identical pairs) is factored with jitter.
+    scale_tril = cholesky(covariance) if kind in TRAIN_NOISE_KINDS or covariance.any() else covariance
     return Gap(
         kind,
         mu,

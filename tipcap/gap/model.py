@@ -240,10 +240,17 @@ class Gap(nn.Module):
             raise TipcapError(f"{path}: not a safetensors gap file ({e}).") from None
         if metadata.get("format") != GAP_FORMAT:
             raise TipcapError(f"{path}: not a tipcap gap file (write one with 'tipcap fit-gap').")
-        if int(metadata.get("version", 0)) > GAP_VERSION:
-            raise TipcapError(
-                f"{path}: gap file version {metadata['version']} is newer than this tipcap reads."
-            )
+        version = metadata.get("version", "")
+        if not version.isdigit() or int(version) > GAP_VERSION:
+            raise TipcapError(f"{path}: gap file version {version!r}; this tipcap reads up to {GAP_VERSION}.")
+        try:
+            return cls._from_saved(metadata, tensors)
+        except (KeyError, ValueError) as e:
+            raise TipcapError(f"{path}: damaged gap file ({type(e).__name__}: {e}).") from None
+
+    @classmethod
+    def _from_saved(cls, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> Gap:
+        """Rebuild a gap from a file's metadata and tensors (KeyError/ValueError when incomplete)."""
         gap = cls(
             metadata["kind"],
             tensors["prior_mu"] if "prior_mu" in tensors else tensors["mu"],

@@ -61,7 +61,9 @@ class Moments:
 
         Shrinkage follows Ledoit & Wolf (2004) as scikit-learn implements it: with centred rows x̃ᵢ,
         S = Σx̃x̃ᵀ/n, m = tr S/d, δ² = ‖S − mI‖²/d, β² = min(δ², Σ‖x̃x̃ᵀ − S‖²/(n²d)), and
-        Σ̂ = (1 − β²/δ²) S + (β²/δ²) m I. Any n ≥ 1, including n < d, gives a positive-definite result.
+        Σ̂ = (1 − β²/δ²) S + (β²/δ²) m I. Any n ≥ 2 rows that are not all equal, including n < d, give a
+        positive-definite result; degenerate data (one row, identical rows) give zero, which
+        :func:`cholesky` factors with jitter.
         """
         n, d = self.count, self.dim
         mean = self.mean
