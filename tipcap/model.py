@@ -1,0 +1,389 @@
+"""The caption model: CLIP embedding → projector → K prefix vectors → prompt interaction → causal LM.
+
+``TIPCap`` wraps any ``transformers`` causal language model that accepts ``inputs_embeds`` (GPT-2 by
+default). The CLIP embedding it receives is already on the text side of the gap: at training
+``gap.sample(t)``, at inference ``gap.to_text(v)``; the gap travels with the model.
+
+A model directory holds ``config.json`` (every setting needed to rebuild it, the language model's own
+architecture config included, so loading needs no network), ``model.safetensors``, ``gap.safetensors``
+when a gap was used, and the tokenizer's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from tipcap import __version__
+from tipcap.config import ModelConfig, from_dict, to_dict
+from tipcap.errors import TipcapError
+from tipcap.gap import Gap
+from tipcap.prompts import PROMPT_TEMPLATES, PromptInteraction, entity_text_embeddings, hard_prompt
+
+MODEL_FORMAT = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+GAP_NAME = "gap.safetensors"
+
+
+class MLPProjector(nn.Module):
+    """ClipCap's MLP: ``[B, d]`` → ``[B, K, W]`` through one tanh hidden layer of (K·W)/2 units."""
+
+    def __init__(self, clip_dim: int, width: int, prefix_length: int):
+        super().__init__()
+        self.prefix_length, self.width = prefix_length, width
+        hidden = prefix_length * width // 2
+        self.net = nn.Sequential(
+            nn.Linear(clip_dim, hidden), nn.Tanh(), nn.Linear(hidden, prefix_length * width)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1, self.prefix_length, self.width)
+
+
+class TransformerProjector(nn.Module):
+    """ClipCap's transformer mapper: K tokens from a linear map plus K learned queries, through layers.
+
+    ``[B, d]`` → ``[B, K, W]`` (the outputs at the learned queries' positions).
+    """
+
+    def __init__(self, clip_dim: int, width: int, prefix_length: int, layers: int, heads: int = 8):
+        super().__init__()
+        self.prefix_length, self.width = prefix_length, width
+        self.linear = nn.Linear(clip_dim, prefix_length * width)
+        self.queries = nn.Parameter(torch.randn(prefix_length, width) * 0.02)
+        layer = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.linear(x).view(-1, self.prefix_length, self.width)
+        queries = self.queries.unsqueeze(0).expand(len(x), -1, -1)
+        return self.encoder(torch.cat([tokens, queries], dim=1))[:, self.prefix_length :]
+
+
+def _language_model_from(config: ModelConfig) -> nn.Module:
+    """The causal LM: a fresh one from ``language_model_config``, else pretrained weights by name or path."""
+    if config.language_model_config is not None:
+        settings = dict(config.language_model_config)
+        model_type = settings.pop("model_type", "gpt2")
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+    try:
+        return AutoModelForCausalLM.from_pretrained(config.language_model)
+    except OSError as e:
+        raise TipcapError(
+            f"language model {config.language_model!r} cannot be loaded ({str(e).splitlines()[0]}); "
+            "offline, pass a local directory holding its config and weights."
+        ) from None
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """A tokenizer by hub name or local directory, with a pad token (the end-of-text token if none)."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise TipcapError(
+            f"tokenizer {name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); "
+            "offline, pass a local directory holding the tokenizer files."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+class TIPCap(nn.Module):
+    """Prefix captioner with a prompt interaction module.
+
+    Args:
+        config: the model settings.
+        language_model: a causal LM accepting ``inputs_embeds``.
+        tokenizer: its tokenizer (needs an end-of-text token).
+        gap: the modality-gap model used to map embeddings (optional: ``none`` when absent).
+        entity_names: prompt vocabulary (``prompt: pim``), in the order of ``entity_embeddings``.
+        entity_embeddings: ``[V, clip_dim]`` CLIP text embeddings of ``entity_names``.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        language_model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        gap: Gap | None = None,
+        entity_names: Sequence[str] = (),
+        entity_embeddings: torch.Tensor | None = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        self.gap = gap
+        width = language_model.get_input_embeddings().embedding_dim
+        if config.projector == "mlp":
+            self.projector = MLPProjector(config.clip_dim, width, config.prefix_length)
+        else:
+            self.projector = TransformerProjector(
+                config.clip_dim, width, config.prefix_length, config.projector_layers
+            )
+        self.prompt_interaction = (
+            PromptInteraction(config.clip_dim, width, config.pim_layers, config.pim_heads)
+            if config.prompt == "pim"
+            else None
+        )
+        self.entity_names = list(entity_names)
+        self._entity_row = {name: row for row, name in enumerate(self.entity_names)}
+        if config.prompt == "pim" and (
+            entity_embeddings is None or len(entity_embeddings) != len(entity_names)
+        ):
+            raise TipcapError("a prompt-interaction model needs CLIP embeddings of its entity vocabulary.")
+        self.register_buffer("entity_embeddings", entity_embeddings)
+        if config.freeze_language_model:
+            language_model.requires_grad_(False)
+
+    @classmethod
+    def build(
+        cls,
+        config: ModelConfig,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        gap: Gap | None = None,
+        entity_names: Sequence[str] = (),
+        entity_embeddings: torch.Tensor | None = None,
+    ) -> TIPCap:
+        """A new model: the language model from ``config`` (pretrained or fresh), the rest initialised."""
+        if tokenizer is None:
+            tokenizer = load_tokenizer(config.tokenizer or config.language_model)
+        language_model = _language_model_from(config)
+        if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
+            raise TipcapError(
+                f"the tokenizer has {len(tokenizer)} tokens, more than the language model's vocabulary."
+            )
+        return cls(config, language_model, tokenizer, gap, entity_names, entity_embeddings)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.projector.parameters()).device
+
+    # -- inputs -------------------------------------------------------------------------------
+
+    def prompt_embeddings(
+        self,
+        prompts: Sequence[Sequence[str]],
+        encode_texts: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP embeddings of each row's prompt words, padded: ``[B, P, d]`` and a mask ``[B, P]``.
+
+        Words of the entity vocabulary are looked up; others are encoded with ``encode_texts`` (a CLIP
+        text encoder, prompt-ensembled like the vocabulary) or refused when none is given.
+        """
+        prompts = [list(words)[: self.config.max_prompt_words] for words in prompts]
+        unknown = sorted({w for words in prompts for w in words if w not in self._entity_row})
+        extra: dict[str, torch.Tensor] = {}
+        if unknown:
+            if encode_texts is None:
+                raise TipcapError(f"prompt words outside the entity vocabulary: {', '.join(unknown)}.")
+            vectors = entity_text_embeddings(encode_texts, unknown, PROMPT_TEMPLATES)
+            extra = dict(zip(unknown, vectors, strict=True))
+        width = max(1, max((len(words) for words in prompts), default=0))
+        embeddings = torch.zeros(len(prompts), width, self.config.clip_dim, device=self.device)
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)
+        for row, words in enumerate(prompts):
+            for column, word in enumerate(words):
+                vector = extra[word] if word in extra else self.entity_embeddings[self._entity_row[word]]
+                embeddings[row, column] = vector.to(self.device, torch.float32)
+                mask[row, column] = True
+        return embeddings, mask
+
+    def prefix(
+        self,
+        clip_embeddings: torch.Tensor,
+        prompt_embeddings: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prefix vectors ``[B, K, W]`` from (gap-mapped) CLIP embeddings ``[B, d]`` and optional prompts."""
+        prefix = self.projector(clip_embeddings.to(self.device, torch.float32))
+        if self.prompt_interaction is not None:
+            prefix = self.prompt_interaction(prefix, prompt_embeddings, prompt_mask)
+        return prefix
+
+    def _hard_prompt_ids(self, prompts: Sequence[Sequence[str]] | None, batch: int) -> list[list[int]]:
+        if self.config.prompt != "hard" or prompts is None:
+            return [[] for _ in range(batch)]
+        return [
+            self.tokenizer(hard_prompt(list(words)), add_special_tokens=False)["input_ids"]
+            for words in prompts
+        ]
+
+    def _context(
+        self,
+        clip_embeddings: torch.Tensor,
+        prompts: Sequence[Sequence[str]] | None,
+        encode_texts: Callable[[list[str]], torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything before the caption: prefix and (hard) prompt, ``[B, C, W]``, with a mask ``[B, C]``."""
+        prompt_embeddings = prompt_mask = None
+        if self.config.prompt == "pim" and prompts is not None:
+            prompt_embeddings, prompt_mask = self.prompt_embeddings(prompts, encode_texts)
+        prefix = self.prefix(clip_embeddings, prompt_embeddings, prompt_mask)
+        batch = len(prefix)
+        hard_ids = self._hard_prompt_ids(prompts, batch)
+        length = max((len(ids) for ids in hard_ids), default=0)
+        mask = torch.ones(batch, self.config.prefix_length + length, dtype=torch.long, device=self.device)
+        if length == 0:
+            return prefix, mask
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((batch, length), pad, dtype=torch.long, device=self.device)
+        for row, row_ids in enumerate(hard_ids):
+            # Right-aligned, so that the caption always follows the prompt directly.
+            if row_ids:
+                ids[row, length - len(row_ids) :] = torch.tensor(row_ids, device=self.device)
+            mask[row, self.config.prefix_length : self.config.prefix_length + length - len(row_ids)] = 0
+        embeds = self.language_model.get_input_embeddings()(ids)
+        return torch.cat([prefix, embeds.to(prefix.dtype)], dim=1), mask
+
+    # -- training -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        clip_embeddings: torch.Tensor,
+        caption_ids: torch.Tensor,
+        caption_mask: torch.Tensor,
+        prompts: Sequence[Sequence[str]] | None = None,
+    ) -> Any:
+        """Language-model outputs (``loss``, ``logits``) for captions given their conditioning.
+
+        Args:
+            clip_embeddings: ``[B, d]`` gap-mapped CLIP embeddings.
+            caption_ids: ``[B, T]`` caption tokens ending with the end-of-text token, right-padded.
+            caption_mask: ``[B, T]`` 1 for real tokens.
+            prompts: per row, the prompt words (or ``None``: no prompt).
+
+        The loss is the token cross-entropy over the caption (end-of-text included); prefix, prompt and
+        padding positions are labelled -100.
+        """
+        context, context_mask = self._context(clip_embeddings, prompts, None)
+        caption_ids = caption_ids.to(self.device)
+        caption_mask = caption_mask.to(self.device)
+        tokens = self.language_model.get_input_embeddings()(caption_ids).to(context.dtype)
+        inputs = torch.cat([context, tokens], dim=1)
+        mask = torch.cat([context_mask, caption_mask.long()], dim=1)
+        ignore = torch.full(context_mask.shape, -100, dtype=torch.long, device=self.device)
+        labels = torch.cat([ignore, caption_ids.masked_fill(caption_mask == 0, -100)], dim=1)
+        # Positions count real tokens only, as generate() counts them from the attention mask.
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        return self.language_model(
+            inputs_embeds=inputs, attention_mask=mask, position_ids=positions, labels=labels
+        )
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        clip_embeddings: torch.Tensor,
+        prompts: Sequence[Sequence[str]] | None = None,
+        num_beams: int = 1,
+        max_new_tokens: int | None = None,
+        encode_texts: Callable[[list[str]], torch.Tensor] | None = None,
+    ) -> list[str]:
+        """Captions for a batch of gap-mapped CLIP embeddings ``[B, d]`` (greedy or beam search)."""
+        context, mask = self._context(clip_embeddings, prompts, encode_texts)
+        output = self.language_model.generate(
+            inputs_embeds=context,
+            attention_mask=mask,
+            num_beams=num_beams,
+            do_sample=False,
+            max_new_tokens=max_new_tokens or self.config.max_caption_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config, weights, gap and tokenizer to ``directory`` (each file renamed into place)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {}
+        storages: set[int] = set()
+        for name, tensor in self.state_dict().items():
+            if name.startswith("gap."):
+                continue
+            # Tied weights (GPT-2's input embedding and output layer) are stored once; tie_weights
+            # restores the second name on loading.
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in storages:
+                continue
+            storages.add(pointer)
+            state[name] = tensor.detach().cpu().contiguous()
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, directory / WEIGHTS_NAME)
+        if self.gap is not None:
+            self.gap.save(directory / GAP_NAME)
+        self.tokenizer.save_pretrained(directory)
+        model_config = to_dict(self.config)
+        model_config["language_model_config"] = {
+            **self.language_model.config.to_diff_dict(),
+            "model_type": self.language_model.config.model_type,
+        }
+        document = {
+            "format": MODEL_FORMAT,
+            "tipcap_version": __version__,
+            "model": model_config,
+            "entity_names": self.entity_names,
+        }
+        tmp = directory / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
+        os.replace(tmp, directory / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TIPCap:
+        """Rebuild a model saved by :meth:`save_pretrained`, exactly, without network access.
+
+        Raises:
+            TipcapError: when the directory is not a tipcap model or was written by an incompatible version.
+        """
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise TipcapError(
+                f"{directory}: not a tipcap model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})."
+            )
+        document = json.loads(config_path.read_text(encoding="utf-8"))
+        if document.get("format") != MODEL_FORMAT or "model" not in document:
+            raise TipcapError(
+                f"{directory}: written by tipcap {document.get('tipcap_version', '?')} in model format "
+                f"{document.get('format')!r}; this tipcap {__version__} reads format {MODEL_FORMAT}. "
+                "Load it with the version that wrote it, or retrain."
+            )
+        config = from_dict(ModelConfig, document["model"], "model")
+        state = load_file(directory / WEIGHTS_NAME)
+        tokenizer = load_tokenizer(str(directory))
+        gap = Gap.load(directory / GAP_NAME) if (directory / GAP_NAME).is_file() else None
+        model = cls(
+            config,
+            _language_model_from(config),
+            tokenizer,
+            gap,
+            document.get("entity_names", []),
+            state.get("entity_embeddings"),
+        )
+        result = model.load_state_dict(state, strict=False)
+        tied = {n for n in result.missing_keys if n.startswith("language_model.") and "lm_head" in n}
+        missing = [n for n in result.missing_keys if n not in tied and not n.startswith("gap.")]
+        if missing or result.unexpected_keys:
+            raise TipcapError(
+                f"{directory}: weights do not fit the configured model "
+                f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})."
+            )
+        model.language_model.tie_weights()
+        return model.to(device).eval()

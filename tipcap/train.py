@@ -1,0 +1,549 @@
+"""Training the caption decoder on cached text embeddings, with the gap applied on the fly.
+
+One loop serves one CPU, one GPU and several GPUs or nodes (``torchrun``: DistributedDataParallel,
+each rank reading its DistributedSampler share; rank 0 writes). Randomness (gap noise, prompt
+sampling, dropout) is seeded from (seed, step, rank), so a run resumed from a checkpoint draws exactly
+what the uninterrupted run drew and ends with the same weights.
+
+Run directory::
+
+    config.yaml          the resolved experiment config
+    run.json             command, versions, data sizes
+    metrics.jsonl        training loss / lr / throughput every ``log_every`` steps, validation loss per epoch
+    checkpoints/step-N/  model.safetensors, trainer.pt (optimizer, scheduler), state.json; last k kept
+    model/               the final model (TIPCap.from_pretrained)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast, get_scheduler
+
+from tipcap import __version__
+from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap.config import ExperimentConfig, save_config, to_dict
+from tipcap.errors import TipcapError
+from tipcap.gap import Gap
+from tipcap.model import TIPCap, load_tokenizer
+from tipcap.prompts import EntityVocabulary, entity_text_embeddings, sample_training_prompt
+from tipcap.store import EmbeddingStore
+
+END_OF_TEXT = "<|endoftext|>"
+_MEGABATCH = 50  # length buckets are formed within groups of this many batches
+
+
+def word_level_tokenizer(captions: list[str]) -> PreTrainedTokenizerFast:
+    """A lower-cased word-level tokenizer over the training captions (for small decoders)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(captions, trainers.WordLevelTrainer(special_tokens=[END_OF_TEXT, "<unk>"]))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=END_OF_TEXT,
+        bos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=True,
+    )
+
+
+@dataclass
+class CaptionSet:
+    """Training rows: conditioning embeddings ``[N, d]`` (fp16, maybe memory-mapped) and token ids."""
+
+    embeddings: torch.Tensor
+    token_ids: list[list[int]]
+    entities: list[list[str]]
+    is_text: bool  # text embeddings (gap applied) or image embeddings (supervised)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+
+def _tokenize(tokenizer, captions: list[str], max_tokens: int) -> list[list[int]]:
+    """Caption token ids ending with the end-of-text token (truncated to ``max_tokens`` before it)."""
+    ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
+    return [[*row[: max_tokens - 1], tokenizer.eos_token_id] for row in ids]
+
+
+def load_caption_set(
+    texts: EmbeddingStore,
+    tokenizer,
+    max_tokens: int,
+    vocabulary: EntityVocabulary | None,
+    images: EmbeddingStore | None = None,
+) -> CaptionSet:
+    """Captions of a text store, conditioned on their text embeddings or (``images``) their image's."""
+    captions = texts.captions()
+    if images is None:
+        embeddings, is_text = texts.embeddings(), True
+    else:
+        row_of = {image_id: row for row, image_id in enumerate(images.ids)}
+        keep = [row for row, image_id in enumerate(texts.ids) if image_id in row_of]
+        if not keep:
+            raise TipcapError(f"{texts.path} and {images.path} share no image ids.")
+        embeddings = images.gather(torch.tensor([row_of[texts.ids[row]] for row in keep]))
+        captions, is_text = [captions[row] for row in keep], False
+    entities = [vocabulary.extract(c) for c in captions] if vocabulary is not None else [[] for _ in captions]
+    return CaptionSet(embeddings, _tokenize(tokenizer, captions, max_tokens), entities, is_text)
+
+
+def epoch_batches(
+    data: CaptionSet, batch_size: int, seed: int, epoch: int, rank: int, world: int
+) -> list[list[int]]:
+    """This rank's batches for one epoch, each of captions of similar length.
+
+    The DistributedSampler gives the rank its shuffled share; within groups of ``_MEGABATCH`` batches,
+    rows are sorted by caption length so that a batch pads little; batch order is then shuffled.
+    """
+    sampler = DistributedSampler(
+        range(len(data)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    batches = []
+    group = batch_size * _MEGABATCH
+    for start in range(0, len(indices), group):
+        chunk = sorted(indices[start : start + group], key=lambda i: len(data.token_ids[i]))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    return [batches[i] for i in order]
+
+
+def collate(data: CaptionSet, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings ``[B, d]`` (float32), token ids ``[B, T]`` (right-padded) and their mask ``[B, T]``."""
+    embeddings = data.embeddings[torch.tensor(rows)].float()
+    length = max(len(data.token_ids[r]) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(data.token_ids[r])] = torch.tensor(data.token_ids[r])
+        mask[i, : len(data.token_ids[r])] = 1
+    return embeddings, ids, mask
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step) * 131 + rank
+
+
+@dataclass
+class Distributed:
+    """Where this process stands under torchrun (rank 0 of 1 without it)."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def setup(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cuda = torch.cuda.is_available()
+        if world == 1:
+            return cls(0, 1, torch.device("cuda" if cuda else "cpu"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        return cls(dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+class Trainer:
+    """Trains a :class:`TIPCap` from an :class:`ExperimentConfig` into a run directory."""
+
+    def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True):
+        self.config = config
+        self.out = Path(out)
+        self.progress = progress
+        self.env = Distributed.setup()
+        self._setup()
+
+    # -- set-up -------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg, data_cfg = self.config, self.config.data
+        if not data_cfg.train_texts:
+            raise TipcapError("data.train_texts: give the caption store to train on.")
+        texts = EmbeddingStore.open(data_cfg.train_texts)
+        images = EmbeddingStore.open(data_cfg.train_images) if data_cfg.train_images else None
+        gap = Gap.load(data_cfg.gap) if data_cfg.gap else None
+        if gap is not None:
+            gap.check_clip(texts.key["clip"], f"data.train_texts {texts.path}")
+            if images is not None:
+                raise TipcapError(
+                    "data.train_images (supervised training on image embeddings) takes no data.gap."
+                )
+        if texts.dim != cfg.model.clip_dim:
+            raise TipcapError(f"model.clip_dim is {cfg.model.clip_dim} but {texts.path} holds d={texts.dim}.")
+
+        tokenizer = None
+        if cfg.model.tokenizer == "word-level":
+            tokenizer = word_level_tokenizer(texts.captions())
+        elif cfg.model.tokenizer is not None or cfg.model.language_model_config is None:
+            tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.language_model)
+        if tokenizer is None:
+            raise TipcapError(
+                "model.tokenizer: a fresh language model needs a tokenizer ('word-level' or a path)."
+            )
+        if cfg.model.language_model_config is not None:
+            # A fresh language model takes its vocabulary from the tokenizer.
+            lm_config = dict(cfg.model.language_model_config)
+            lm_config.setdefault("vocab_size", len(tokenizer))
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                lm_config.setdefault(key, tokenizer.eos_token_id)
+            cfg.model.language_model_config = lm_config
+
+        vocabulary = EntityVocabulary.load() if cfg.model.prompt != "none" else None
+        entity_names, entity_embeddings = [], None
+        if cfg.model.prompt == "pim":
+            entity_names = vocabulary.names
+            entity_embeddings = self._entity_embeddings(texts, entity_names)
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = TIPCap.build(cfg.model, tokenizer, gap, entity_names, entity_embeddings).to(
+            self.env.device
+        )
+        self.vocabulary = vocabulary
+        self.train_data = load_caption_set(texts, tokenizer, cfg.model.max_caption_tokens, vocabulary, images)
+        self.val_data = None
+        if data_cfg.val_texts:
+            val_texts = EmbeddingStore.open(data_cfg.val_texts)
+            self.val_data = load_caption_set(val_texts, tokenizer, cfg.model.max_caption_tokens, None)
+
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in parameters if p.ndim >= 2]
+        no_decay = [p for p in parameters if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": cfg.train.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.train.lr,
+        )
+        self.batches_per_epoch = len(len_batches := self._batches(0))
+        if not len_batches:
+            raise TipcapError(
+                f"{texts.path}: fewer captions than one batch per rank; lower train.batch_size."
+            )
+        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.accumulate)
+        self.total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+        self.scheduler = get_scheduler(
+            cfg.train.schedule,
+            self.optimizer,
+            num_warmup_steps=cfg.train.warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+        self.ddp_model = self.model
+        if self.env.world > 1:
+            self.ddp_model = DistributedDataParallel(
+                self.model,
+                device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
+                find_unused_parameters=cfg.model.prompt == "pim",
+            )
+
+    def _entity_embeddings(self, texts: EmbeddingStore, names: list[str]) -> torch.Tensor:
+        """CLIP embeddings of the prompt vocabulary, with the CLIP that embedded the captions."""
+        spec_dict = texts.meta.get("clip_spec")
+        if spec_dict is None:
+            raise TipcapError(
+                f"{texts.path}: the store does not say which CLIP made it; rebuild it with tipcap embed."
+            )
+        spec = ClipSpec(**spec_dict)
+        if spec.identity() != texts.key["clip"]:
+            raise TipcapError(
+                f"{texts.path}: its CLIP ({spec.describe()}) changed since the store was built."
+            )
+        encoder = ClipEncoder.load(spec, device=str(self.env.device))
+        return entity_text_embeddings(lambda xs: encoder.encode_texts(xs).embeddings, names)
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        return epoch_batches(
+            self.train_data,
+            self.config.train.batch_size,
+            self.config.train.seed,
+            epoch,
+            self.env.rank,
+            self.env.world,
+        )
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def _conditioning(self, embeddings: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        embeddings = embeddings.to(self.env.device)
+        gap = self.model.gap
+        if gap is None or not self.train_data.is_text:
+            return embeddings
+        return gap.sample(embeddings, generator=generator)
+
+    def _prompts(self, rows: list[int], rng: random.Random) -> list[list[str]] | None:
+        cfg = self.config.train
+        if self.vocabulary is None:
+            return None
+        return [
+            sample_training_prompt(
+                self.train_data.entities[r],
+                self.vocabulary.names,
+                rng,
+                drop_entity=cfg.prompt_drop_entity,
+                drop_all=cfg.prompt_drop_all,
+                distractor=cfg.prompt_distractor,
+                max_words=self.config.model.max_prompt_words,
+            )
+            for r in rows
+        ]
+
+    def _autocast(self):
+        precision = self.config.train.precision
+        use_bf16 = precision == "bf16" or (precision == "auto" and self.env.device.type == "cuda")
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def _loss(self, rows: list[int], step: int) -> tuple[torch.Tensor, int]:
+        seed = _step_seed(self.config.train.seed, step, self.env.rank)
+        torch.manual_seed(seed)  # dropout
+        generator = torch.Generator(device=self.env.device).manual_seed(seed)
+        embeddings, ids, mask = collate(self.train_data, rows)
+        conditioning = self._conditioning(embeddings, generator)
+        prompts = self._prompts(rows, random.Random(seed))
+        with self._autocast():
+            loss = self.ddp_model(conditioning, ids, mask, prompts).loss
+        if self.model.gap is not None and self.model.gap.learnable:
+            loss = loss + self.config.train.kl_weight * self.model.gap.kl_to_prior()
+        return loss, int(mask.sum())
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _save_checkpoint(self, step: int, epoch: int, position: int) -> None:
+        """Write ``checkpoints/step-N`` atomically (a temporary directory, then renamed); keep the last k."""
+        if not self.env.main:
+            return
+        final = self.checkpoint_dir / f"step-{step:08d}"
+        tmp = self.checkpoint_dir / f".step-{step:08d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+            tmp / "trainer.pt",
+        )
+        (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch, "position": position}))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        kept = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())
+        for old in kept[: -self.config.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self) -> tuple[int, int, int]:
+        """Load the newest complete checkpoint; return (step, epoch, position) to continue from."""
+        candidates = sorted((p for p in self.checkpoint_dir.glob("step-*") if p.is_dir()), reverse=True)
+        for path in candidates:
+            if all((path / name).is_file() for name in ("model.safetensors", "trainer.pt", "state.json")):
+                self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.env.device)))
+                trainer = torch.load(path / "trainer.pt", map_location=self.env.device, weights_only=True)
+                self.optimizer.load_state_dict(trainer["optimizer"])
+                self.scheduler.load_state_dict(trainer["scheduler"])
+                state = json.loads((path / "state.json").read_text())
+                return state["step"], state["epoch"], state["position"]
+        return 0, 0, 0
+
+    # -- logging ------------------------------------------------------------------------------
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.env.main:
+            return
+        with (self.out / "metrics.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, record.get("step", 0))
+
+    def _write_run_info(self, resumed_from: int) -> None:
+        if not self.env.main:
+            return
+        save_config(self.config, self.out / "config.yaml")
+        info = {
+            "command": sys.argv,
+            "tipcap": __version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "world_size": self.env.world,
+            "device": str(self.env.device),
+            "train_rows": len(self.train_data),
+            "total_steps": self.total_steps,
+            "resumed_from_step": resumed_from,
+        }
+        (self.out / "run.json").write_text(json.dumps(info, indent=2))
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Mean token loss on the validation captions (fixed noise seed, no prompts)."""
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        generator = torch.Generator(device=self.env.device).manual_seed(self.config.train.seed)
+        total, tokens = 0.0, 0
+        rows = list(range(self.env.rank, len(self.val_data), self.env.world))
+        order = sorted(rows, key=lambda r: len(self.val_data.token_ids[r]))
+        for start in range(0, len(order), self.config.train.batch_size):
+            batch = order[start : start + self.config.train.batch_size]
+            embeddings, ids, mask = collate(self.val_data, batch)
+            conditioning = embeddings.to(self.env.device)
+            if self.model.gap is not None:
+                conditioning = self.model.gap.sample(conditioning, generator=generator)
+            with self._autocast():
+                loss = self.model(conditioning, ids, mask).loss
+            count = int(mask.sum())
+            total += float(loss) * count
+            tokens += count
+        if self.env.world > 1:
+            sums = torch.tensor([total, float(tokens)], device=self.env.device)
+            dist.all_reduce(sums)
+            total, tokens = float(sums[0]), int(sums[1])
+        self.model.train()
+        return total / max(tokens, 1)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def train(self, resume: bool = False) -> Path:
+        """Run (or resume) training; return the final model directory."""
+        cfg = self.config.train
+        if self.env.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.env.barrier()
+        self._tensorboard = None
+        if self.env.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(self.out / "tensorboard")
+            except ImportError:
+                pass
+        if resume and (self.out / "config.yaml").is_file():
+            saved = yaml.safe_load((self.out / "config.yaml").read_text(encoding="utf-8"))
+            if saved != to_dict(self.config):
+                raise TipcapError(
+                    f"--resume: the config differs from the one {self.out} was started with "
+                    f"({self.out / 'config.yaml'}); resume with the same config and --set values."
+                )
+        step, epoch, position = self._resume() if resume else (0, 0, 0)
+        self._write_run_info(step)
+        self.model.train()
+        bar = tqdm(
+            total=self.total_steps, initial=step, disable=not (self.progress and self.env.main), unit="step"
+        )
+        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        while step < self.total_steps:
+            batches = self._batches(epoch)
+            groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
+            for group_index in range(position, len(groups)):
+                tokens_in_step = 0
+                for micro, rows in enumerate(groups[group_index]):
+                    loss, tokens = self._loss(rows, step * cfg.accumulate + micro)
+                    if not torch.isfinite(loss):
+                        raise TipcapError(
+                            f"non-finite training loss at step {step}; stopped. The last good checkpoint "
+                            f"is in {self.checkpoint_dir} (lower train.lr, or check the data)."
+                        )
+                    (loss / len(groups[group_index])).backward()
+                    window_loss += loss.item() * tokens
+                    tokens_in_step += tokens
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_tokens += tokens_in_step
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    record = {
+                        "step": step,
+                        "epoch": epoch,
+                        "train_loss": window_loss / max(window_tokens, 1),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "tokens_per_s": window_tokens * self.env.world / max(elapsed, 1e-9),
+                    }
+                    self._log(record)
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+                done_epoch = group_index + 1 == len(groups)
+                if step % cfg.checkpoint_every == 0 or done_epoch or step == self.total_steps:
+                    next_epoch, next_position = (epoch + 1, 0) if done_epoch else (epoch, group_index + 1)
+                    self._save_checkpoint(step, next_epoch, next_position)
+                if step >= self.total_steps:
+                    break
+            else:
+                val_loss = self.validate()
+                if val_loss is not None:
+                    self._log({"step": step, "epoch": epoch, "val_loss": val_loss})
+                epoch, position = epoch + 1, 0
+                continue
+            break
+        bar.close()
+        final = self.out / "model"
+        if self.env.main:
+            self.model.save_pretrained(final)
+        self._log_rank_agreement(step)
+        self.env.barrier()
+        return final
+
+    def _log_rank_agreement(self, step: int) -> None:
+        """Under torchrun, record each rank's parameter checksum: they must be equal."""
+        if self.env.world == 1:
+            return
+        checksum = torch.tensor(
+            [float(sum(p.detach().double().sum() for p in self.model.parameters()))], device=self.env.device
+        )
+        gathered = [torch.zeros_like(checksum) for _ in range(self.env.world)]
+        dist.all_gather(gathered, checksum)
+        self._log({"step": step, "rank_checksums": [float(c) for c in gathered]})
+
+
+def train(config: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
+    """Train a caption model as configured into ``out``; return the final model directory."""
+    trainer = Trainer(config, out, progress=progress)
+    try:
+        return trainer.train(resume=resume)
+    finally:
+        if trainer.env.world > 1:
+            dist.destroy_process_group()
+
+
+def iter_checkpoints(out: str | Path) -> Iterator[Path]:
+    """The complete checkpoints of a run directory, oldest first."""
+    yield from sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if p.is_dir())
