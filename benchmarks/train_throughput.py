@@ -73,12 +73,12 @@ def padded(trainer: Trainer, steps: int, length: int) -> float:
     model.train()
     tokens, elapsed = 0, 0.0
     for step in range(steps + 5):
+        synchronize()
+        start = time.perf_counter()
         rows = torch.randint(0, len(data), (batch,), generator=generator).tolist()
         embeddings, ids, mask = collate(data, rows)
         ids = torch.nn.functional.pad(ids[:, :length], (0, max(0, length - ids.shape[1])))
         mask = torch.nn.functional.pad(mask[:, :length], (0, max(0, length - mask.shape[1])))
-        synchronize()
-        start = time.perf_counter()
         with trainer._autocast():
             # Published code attends over the padding too: the mask only hides it from the loss.
             loss = model(embeddings, ids, torch.ones_like(mask)).loss

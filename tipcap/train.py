@@ -465,44 +465,51 @@ class Trainer:
         bar = tqdm(
             total=self.total_steps, initial=step, disable=not (self.progress and self.env.main), unit="step"
         )
-        window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        # Loss sums and the finiteness flag stay on the device: reading them every step would stall a GPU.
+        window_loss = torch.zeros((), device=self.env.device)
+        finite = torch.ones((), dtype=torch.bool, device=self.env.device)
+        window_tokens, window_first, window_start = 0, step, time.perf_counter()
         while step < self.total_steps:
             batches = self._batches(epoch)
             groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
             for group_index in range(position, len(groups)):
-                tokens_in_step = 0
                 for micro, rows in enumerate(groups[group_index]):
                     loss, tokens = self._loss(rows, step * cfg.accumulate + micro)
-                    if not torch.isfinite(loss):
-                        raise TipcapError(
-                            f"non-finite training loss at step {step}; stopped. The last good checkpoint "
-                            f"is in {self.checkpoint_dir} (lower train.lr, or check the data)."
-                        )
                     (loss / len(groups[group_index])).backward()
-                    window_loss += loss.item() * tokens
-                    tokens_in_step += tokens
+                    finite &= torch.isfinite(loss.detach())
+                    window_loss += loss.detach() * tokens
+                    window_tokens += tokens
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
-                window_tokens += tokens_in_step
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == self.total_steps:
+                done_epoch = group_index + 1 == len(groups)
+                log_now = step % cfg.log_every == 0 or step == self.total_steps
+                save_now = step % cfg.checkpoint_every == 0 or done_epoch or step == self.total_steps
+                # Checked before anything is logged or saved, so the last checkpoint stays good.
+                if (log_now or save_now) and not bool(finite):
+                    raise TipcapError(
+                        f"non-finite training loss between steps {window_first} and {step}; stopped. "
+                        f"The last good checkpoint is in {self.checkpoint_dir} (lower train.lr, or check "
+                        "the data)."
+                    )
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": step,
                         "epoch": epoch,
-                        "train_loss": window_loss / max(window_tokens, 1),
+                        "train_loss": float(window_loss) / max(window_tokens, 1),
                         "lr": self.scheduler.get_last_lr()[0],
                         "tokens_per_s": window_tokens * self.env.world / max(elapsed, 1e-9),
                     }
                     self._log(record)
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-                done_epoch = group_index + 1 == len(groups)
-                if step % cfg.checkpoint_every == 0 or done_epoch or step == self.total_steps:
+                    window_loss.zero_()
+                    window_tokens, window_first, window_start = 0, step, time.perf_counter()
+                if save_now:
                     next_epoch, next_position = (epoch + 1, 0) if done_epoch else (epoch, group_index + 1)
                     self._save_checkpoint(step, next_epoch, next_position)
                 if step >= self.total_steps:
