@@ -6,14 +6,21 @@ that reaches for the hub fails at once instead of retrying for minutes.
 
 import json
 import os
+import random
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
+from tipcap.cli import main
+from tipcap.config import load_config
+from tipcap.train import train
+
 DATA = Path(__file__).parent / "data"
+TINY_CONFIG = Path(__file__).parent.parent / "experiments" / "tiny.yaml"
 COCO_SLICE = DATA / "coco_karpathy_slice.json"
 
 
@@ -75,3 +82,40 @@ def image_folder(tmp_path) -> Path:
     """A folder of six valid JPEGs and one truncated JPEG."""
     write_images(tmp_path / "images", 6, corrupt=1)
     return tmp_path / "images"
+
+
+def run(*args):
+    """Invoke the command line in-process."""
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+ANIMALS = ["dog", "cat", "horse", "sheep", "cow", "bird", "elephant", "zebra"]
+PLACES = ["grass", "beach", "street", "field", "snow", "road"]
+LOOKS = ["black", "white", "brown", "small", "large"]
+
+
+@pytest.fixture(scope="session")
+def prompt_model(tmp_path_factory, tiny_clip):
+    """A tiny prompt-trained decoder: 200 template captions, a noisy isotropic gap so that prompts matter.
+
+    Returns the data folder, the 40 held-out (look, animal, place) combinations and the model directory.
+    """
+    root = tmp_path_factory.mktemp("prompts")
+    combos = [(look, animal, place) for look in LOOKS for animal in ANIMALS for place in PLACES]
+    random.Random(0).shuffle(combos)
+    held_out, training = combos[:40], combos[40:]
+    for name, rows in (("train", training), ("held_out", held_out)):
+        (root / f"{name}.txt").write_text(
+            "".join(f"a {look} {animal} on the {place}.\n" for look, animal, place in rows)
+        )
+        result = run("embed", "texts", "--corpus", root / f"{name}.txt", "--clip", tiny_clip,
+                     "--pretrained", "none", "--out", root / name, "--no-progress")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    result = run("fit-gap", "--setting", "text-only", "--kind", "isotropic", "--sigma2", "0.05",
+                 "--texts", root / "train", "--out", root / "gap.safetensors")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    overrides = [f"data.train_texts={root / 'train'}", f"data.gap={root / 'gap.safetensors'}",
+                 "model.prompt=pim", "train.max_steps=800", "train.batch_size=32",
+                 "train.lr=1e-3"]  # fmt: skip
+    model_dir = train(load_config(TINY_CONFIG, overrides), root / "run", progress=False)
+    return root, held_out, model_dir

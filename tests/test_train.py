@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import ANIMALS
 from safetensors.torch import load_file
 
 from tipcap.cli import main
@@ -156,33 +157,8 @@ def test_bad_config_key_is_named(coco_texts, tmp_path):
     assert result.exit_code == 1 and "config key 'train.lrr' is unknown" in result.stderr
 
 
-ANIMALS = ["dog", "cat", "horse", "sheep", "cow", "bird", "elephant", "zebra"]
-PLACES = ["grass", "beach", "street", "field", "snow", "road"]
-LOOKS = ["black", "white", "brown", "small", "large"]
-
-
-@pytest.fixture(scope="module")
-def prompt_world(tmp_path_factory, tiny_clip):
-    """240 template captions; 40 combinations held out; a noisy isotropic gap, so prompts matter."""
-    root = tmp_path_factory.mktemp("prompts")
-    combos = [(look, animal, place) for look in LOOKS for animal in ANIMALS for place in PLACES]
-    random.Random(0).shuffle(combos)
-    held_out, training = combos[:40], combos[40:]
-    for name, rows in (("train", training), ("held_out", held_out)):
-        (root / f"{name}.txt").write_text(
-            "".join(f"a {look} {animal} on the {place}.\n" for look, animal, place in rows)
-        )
-        result = run("embed", "texts", "--corpus", root / f"{name}.txt", "--clip", tiny_clip,
-                     "--pretrained", "none", "--out", root / name, "--no-progress")  # fmt: skip
-        assert result.exit_code == 0, result.output
-    result = run("fit-gap", "--setting", "text-only", "--kind", "isotropic", "--sigma2", "0.05",
-                 "--texts", root / "train", "--out", root / "gap.safetensors")  # fmt: skip
-    assert result.exit_code == 0, result.output
-    return root, held_out
-
-
-def test_prompt_interaction_is_inert_at_initialisation(prompt_world):
-    root, _ = prompt_world
+def test_prompt_interaction_is_inert_at_initialisation(prompt_model):
+    root, _, _ = prompt_model
     config = load_config(TINY, [f"data.train_texts={root / 'train'}", "model.prompt=pim"])
     from tipcap.train import Trainer
 
@@ -196,21 +172,16 @@ def test_prompt_interaction_is_inert_at_initialisation(prompt_world):
     assert torch.equal(plain, prompted)
 
 
-def test_trained_prompts_steer_held_out_captions(prompt_world, tmp_path):
-    root, held_out = prompt_world
-    overrides = [f"data.train_texts={root / 'train'}", f"data.gap={root / 'gap.safetensors'}",
-                 "model.prompt=pim", "train.max_steps=800", "train.batch_size=32",
-                 "train.lr=1e-3"]  # fmt: skip
-    config = load_config(TINY, overrides)
-    model = TIPCap.from_pretrained(train(config, tmp_path / "run", progress=False))
+def test_trained_prompts_steer_held_out_captions(prompt_model):
+    root, held_out, model_dir = prompt_model
+    model = TIPCap.from_pretrained(model_dir)
     embeddings = model.gap.to_text(EmbeddingStore.open(root / "held_out").embeddings().float())
     truth = [animal for _, animal, _ in held_out]
     wrong = [ANIMALS[(ANIMALS.index(a) + 3) % len(ANIMALS)] for a in truth]
 
     def share(captions: list[str], animals: list[str]) -> float:
-        return sum(
-            animal in caption.split() for caption, animal in zip(captions, animals, strict=True)
-        ) / len(animals)
+        hits = [animal in caption.split() for caption, animal in zip(captions, animals, strict=True)]
+        return sum(hits) / len(hits)
 
     unprompted = share(model.generate(embeddings), truth)
     prompted = share(model.generate(embeddings, [[a] for a in truth]), truth)

@@ -328,5 +328,73 @@ def train_command(
         click.echo(f"wrote {final} (metrics in {out}/metrics.jsonl)")
 
 
+def _split_words(text: str | None) -> list[str]:
+    """``"dog, frisbee"`` → ``["dog", "frisbee"]``."""
+    return [word.strip() for word in (text or "").split(",") if word.strip()]
+
+
+@main.command("caption")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model directory."
+)
+@click.option("--prompt", default=None, help='Prompt words, comma-separated: "dog, frisbee".')
+@click.option(
+    "--auto-prompt", is_flag=True, help="Add the entities CLIP finds in each image as prompt words."
+)
+@click.option("--beams", default=5, show_default=True, help="Beam width (1: greedy).")
+@click.option("--batch-size", default=64, show_default=True, help="Images per generate call.")
+@click.option(
+    "--out", default=None, type=click.Path(dir_okay=False), help="Write JSONL here instead of printing."
+)
+@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+def caption_command(
+    inputs: tuple[str, ...],
+    model_dir: str,
+    prompt: str | None,
+    auto_prompt: bool,
+    beams: int,
+    batch_size: int,
+    out: str | None,
+    device: str | None,
+) -> None:
+    """Caption images (files or folders); unreadable images are reported and the others captioned."""
+    import json
+    from pathlib import Path
+
+    from tipcap.data import list_images
+    from tipcap.generate import Captioner
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            paths.extend(ref.path for ref in list_images(path))
+        else:
+            paths.append(path)
+    captioner = Captioner.load(model_dir, device=device)
+    results = captioner.caption_images(
+        paths, prompt=_split_words(prompt), auto_prompt=auto_prompt, num_beams=beams, batch_size=batch_size
+    )
+    lines = []
+    for result in results:
+        if result.error is not None:
+            click.echo(f"skipped {result.error}", err=True)
+            continue
+        lines.append({"image": result.image, "caption": result.caption, "prompt": result.prompt})
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(out + ".tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        tmp.replace(out)
+        click.echo(f"wrote {len(lines)} captions to {out}")
+    else:
+        for line in lines:
+            words = f"  [prompt: {', '.join(line['prompt'])}]" if line["prompt"] else ""
+            click.echo(f"{line['image']}\t{line['caption']}{words}")
+    if not lines:
+        raise TipcapError("no image could be captioned.")
+
+
 if __name__ == "__main__":
     main()

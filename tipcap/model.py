@@ -110,6 +110,8 @@ class TIPCap(nn.Module):
         gap: the modality-gap model used to map embeddings (optional: ``none`` when absent).
         entity_names: prompt vocabulary (``prompt: pim``), in the order of ``entity_embeddings``.
         entity_embeddings: ``[V, clip_dim]`` CLIP text embeddings of ``entity_names``.
+        clip_spec: how to load the CLIP whose embedding space the model reads (``ClipSpec.to_dict()``),
+            so that captioning images needs no other flag.
     """
 
     def __init__(
@@ -120,9 +122,11 @@ class TIPCap(nn.Module):
         gap: Gap | None = None,
         entity_names: Sequence[str] = (),
         entity_embeddings: torch.Tensor | None = None,
+        clip_spec: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.config = config
+        self.clip_spec = clip_spec
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.gap = gap
@@ -156,6 +160,7 @@ class TIPCap(nn.Module):
         gap: Gap | None = None,
         entity_names: Sequence[str] = (),
         entity_embeddings: torch.Tensor | None = None,
+        clip_spec: dict[str, Any] | None = None,
     ) -> TIPCap:
         """A new model: the language model from ``config`` (pretrained or fresh), the rest initialised."""
         if tokenizer is None:
@@ -165,7 +170,7 @@ class TIPCap(nn.Module):
             raise TipcapError(
                 f"the tokenizer has {len(tokenizer)} tokens, more than the language model's vocabulary."
             )
-        return cls(config, language_model, tokenizer, gap, entity_names, entity_embeddings)
+        return cls(config, language_model, tokenizer, gap, entity_names, entity_embeddings, clip_spec)
 
     @property
     def device(self) -> torch.device:
@@ -340,6 +345,7 @@ class TIPCap(nn.Module):
             "tipcap_version": __version__,
             "model": model_config,
             "entity_names": self.entity_names,
+            "clip": self.clip_spec,
         }
         tmp = directory / (CONFIG_NAME + ".tmp")
         tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
@@ -376,6 +382,7 @@ class TIPCap(nn.Module):
             gap,
             document.get("entity_names", []),
             state.get("entity_embeddings"),
+            document.get("clip"),
         )
         result = model.load_state_dict(state, strict=False)
         tied = {n for n in result.missing_keys if n.startswith("language_model.") and "lm_head" in n}

@@ -229,9 +229,9 @@ class Trainer:
             entity_embeddings = self._entity_embeddings(texts, entity_names)
 
         torch.manual_seed(cfg.train.seed)
-        self.model = TIPCap.build(cfg.model, tokenizer, gap, entity_names, entity_embeddings).to(
-            self.env.device
-        )
+        clip_spec = texts.meta.get("clip_spec")
+        self.model = TIPCap.build(cfg.model, tokenizer, gap, entity_names, entity_embeddings, clip_spec)
+        self.model.to(self.env.device)
         self.vocabulary = vocabulary
         self.train_data = load_caption_set(texts, tokenizer, cfg.model.max_caption_tokens, vocabulary, images)
         self.val_data = None
