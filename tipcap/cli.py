@@ -396,5 +396,88 @@ def caption_command(
         raise TipcapError("no image could be captioned.")
 
 
+@main.command("score")
+@click.option(
+    "--predictions",
+    "predictions_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help='COCO results JSON: [{"image_id": ..., "caption": "..."}, ...].',
+)
+@click.option(
+    "--references",
+    "references_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="COCO caption annotation file ({images, annotations}) or Karpathy split JSON (.gz accepted).",
+)
+@click.option(
+    "--split",
+    type=click.Choice(SPLITS),
+    default=None,
+    help="Karpathy split of --references to score against (train includes restval).",
+)
+@click.option(
+    "--metrics",
+    "metric_names",
+    default="bleu,meteor,rouge,cider,spice",
+    show_default=True,
+    help="Comma-separated metrics; SPICE is skipped with a warning where its CoreNLP jars are missing.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Directory for metrics.json [default: <stem>.metrics.json next to --predictions].",
+)
+def score_command(
+    predictions_path: str, references_path: str, split: str | None, metric_names: str, out: str | None
+) -> None:
+    """Score predicted captions against references exactly as pycocoevalcap's COCOEvalCap does."""
+    import sys
+
+    from tipcap.evaluate import (
+        check_metrics,
+        format_report,
+        format_table,
+        load_predictions,
+        load_references,
+        match_predictions,
+        metrics_document,
+        metrics_path,
+        score_captions,
+        write_json_atomic,
+    )
+
+    try:
+        metrics = check_metrics(metric_names.split(","))
+    except TipcapError as e:
+        raise TipcapError(f"--metrics {metric_names!r}: {e}") from None
+    references = load_references(references_path, split)
+    predictions = load_predictions(predictions_path)
+    matched, report = match_predictions(predictions, references)
+    click.echo(format_report(report))
+    if not matched:
+        example = predictions[0]["image_id"]
+        raise TipcapError(
+            f"{predictions_path}: none of its {len(predictions)} predictions is for an image of "
+            f"{references_path} with reference captions (first prediction's image_id: {example!r}, "
+            f"first reference id: {next(iter(references))!r})."
+        )
+    result = score_captions(matched, references, metrics)
+    document = metrics_document(
+        result,
+        report,
+        predictions=predictions_path,
+        references=references_path,
+        split=split,
+        command=sys.argv,
+    )
+    path = metrics_path(predictions_path, out)
+    write_json_atomic(path, document)
+    click.echo(format_table(result["metrics"], result["skipped"]))
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,545 @@
+"""Caption metrics with pycocoevalcap, computed exactly as its ``COCOEvalCap`` does (DESIGN §4).
+
+Predictions are a COCO results file (``[{"image_id", "caption"}]``); references a COCO caption annotation
+file (``{"images", "annotations"}``) or a Karpathy split file. :func:`match_predictions` pairs the two and
+reports every prediction or reference it cannot score; :func:`score_captions` tokenises both sides with
+pycocoevalcap's PTBTokenizer (one call each) and runs BLEU-1..4, METEOR, ROUGE-L, CIDEr and, where its
+Stanford CoreNLP jars are installed, SPICE.
+
+pycocoevalcap (and the Java runtime it needs) is imported only when scoring, so reading and matching files
+stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import math
+import os
+import platform
+import shutil
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tipcap.data.files import load_json
+from tipcap.data.karpathy import ImageId, check_split, is_karpathy, parse_karpathy
+from tipcap.errors import TipcapError
+
+log = logging.getLogger("tipcap.evaluate")
+
+METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
+"""Metric names accepted by :func:`score_captions`, in the order their columns are reported."""
+
+COLUMNS = {
+    "bleu": ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"),
+    "meteor": ("METEOR",),
+    "rouge": ("ROUGE-L",),
+    "cider": ("CIDEr",),
+    "spice": ("SPICE",),
+}
+"""The result keys each metric name produces."""
+
+REPORT_IDS = 10
+"""How many image ids each problem of a matching report lists."""
+
+# Characters Java's PTBTokenizer treats as line ends. pycocoevalcap replaces only "\n" before tokenising
+# one caption per line, so any of these would shift every later caption onto the wrong image.
+_LINE_BREAKS = str.maketrans(dict.fromkeys("\r\n\v\f\x1c\x1d\x1e\x85\u2028\u2029", " "))
+
+
+def _is_image_id(value: Any) -> bool:
+    """Image ids are integers or strings (``True`` is not an id, although Python counts it as an int)."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading files
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_references(path: str | Path, split: str | None = None) -> dict[ImageId, list[str]]:
+    """Reference captions per image from a COCO caption annotation file or a Karpathy split file.
+
+    The format is recognised by content: a Karpathy file's ``images`` entries carry ``sentences``; a COCO
+    annotation file has an ``annotations`` list of ``{"image_id", "caption"}`` and an ``images`` list of
+    ``{"id"}``. Karpathy image ids are ``cocoid``, else the numeric file-name stem (see
+    :func:`tipcap.data.karpathy.image_id_of`). Images keep the order of the file; an image listed without
+    captions maps to an empty list (and cannot be scored; :func:`match_predictions` reports it).
+
+    Args:
+        path: the references file (``.json`` or ``.json.gz``).
+        split: a Karpathy split to keep (``train`` includes ``restval``); must be ``None`` for COCO files,
+            which have no splits.
+
+    Raises:
+        TipcapError: naming the file, when it is missing, not JSON, of neither format, has malformed or
+            missing fields, or holds no caption at all.
+    """
+    path = Path(path)
+    document = load_json(path)
+    if is_karpathy(document) and any(isinstance(e, dict) and "sentences" in e for e in document["images"]):
+        references = _karpathy_references(document, path, split)
+    elif isinstance(document, dict) and "annotations" in document:
+        if split is not None:
+            raise TipcapError(
+                f"{path} is a COCO annotation file, which has no splits: drop --split {split}, "
+                "or score against a Karpathy split file."
+            )
+        references = _coco_references(document, path)
+    else:
+        raise TipcapError(
+            f"{path}: neither a COCO caption annotation file (an object with 'images' and 'annotations') "
+            "nor a Karpathy split file (an object whose 'images' entries have 'sentences')."
+        )
+    if not any(references.values()):
+        where = f" in split {split!r}" if split is not None else ""
+        raise TipcapError(f"{path}: no reference captions{where}.")
+    return references
+
+
+def _karpathy_references(document: dict[str, Any], path: Path, split: str | None) -> dict[ImageId, list[str]]:
+    """Captions per image id of a parsed Karpathy file, keeping ``split``."""
+    check_split(split)
+    references: dict[ImageId, list[str]] = {}
+    for image in parse_karpathy(document, path, split):
+        if image.image_id in references:
+            raise TipcapError(
+                f"{path}: image id {image.image_id!r} ({image.relative_path}) appears more than once."
+            )
+        references[image.image_id] = list(image.captions)
+    return references
+
+
+def _coco_references(document: dict[str, Any], path: Path) -> dict[ImageId, list[str]]:
+    """Captions per image id of a parsed COCO caption annotation file."""
+    images = document.get("images")
+    if not isinstance(images, list):
+        raise TipcapError(f"{path}: COCO annotation file without an 'images' list.")
+    annotations = document["annotations"]
+    if not isinstance(annotations, list):
+        raise TipcapError(f"{path}: 'annotations' is not a list.")
+    references: dict[ImageId, list[str]] = {}
+    for index, image in enumerate(images):
+        if not isinstance(image, dict) or not _is_image_id(image.get("id")):
+            raise TipcapError(f"{path}: images[{index}] has no 'id' (an integer or string).")
+        references.setdefault(image["id"], [])
+    for index, annotation in enumerate(annotations):
+        where = f"{path}: annotations[{index}]"
+        if not isinstance(annotation, dict):
+            raise TipcapError(f"{where} is not a JSON object.")
+        image_id = annotation.get("image_id")
+        if not _is_image_id(image_id):
+            raise TipcapError(f"{where} has no 'image_id' (an integer or string).")
+        if not isinstance(annotation.get("caption"), str):
+            raise TipcapError(f"{where} has no 'caption' string field.")
+        if image_id not in references:
+            raise TipcapError(f"{where}: image_id {image_id!r} is not listed in 'images'.")
+        references[image_id].append(annotation["caption"])
+    return references
+
+
+def load_predictions(path: str | Path) -> list[dict[str, Any]]:
+    """Read a COCO results file, ``[{"image_id": ..., "caption": "..."}, ...]`` (extra keys are kept).
+
+    Raises:
+        TipcapError: naming the file (and the entry) when it is missing, not JSON, not a list, or an entry
+            lacks an integer/string ``image_id`` or a string ``caption``.
+    """
+    path = Path(path)
+    document = load_json(path)
+    if not isinstance(document, list):
+        raise TipcapError(
+            f'{path}: not a COCO results file (expected a JSON list of {{"image_id", "caption"}} objects, '
+            f"found a {type(document).__name__})."
+        )
+    for index, entry in enumerate(document):
+        where = f"{path}: entry [{index}]"
+        if not isinstance(entry, dict):
+            raise TipcapError(f"{where} is not a JSON object.")
+        if not _is_image_id(entry.get("image_id")):
+            raise TipcapError(f"{where} has no 'image_id' (an integer or string).")
+        if not isinstance(entry.get("caption"), str):
+            raise TipcapError(f"{where} (image {entry['image_id']!r}) has no 'caption' string field.")
+    if not document:
+        raise TipcapError(f"{path}: no predictions (the list is empty).")
+    return document
+
+
+# --------------------------------------------------------------------------------------------------------
+# Matching predictions to references
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Problem:
+    """Count of entries with one problem and the first distinct image ids concerned."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.ids: list[ImageId] = []
+
+    def add(self, image_id: ImageId) -> None:
+        self.count += 1
+        if len(self.ids) < REPORT_IDS and image_id not in self.ids:
+            self.ids.append(image_id)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "ids": self.ids}
+
+
+def match_predictions(
+    predictions: Sequence[Mapping[str, Any]], references: Mapping[ImageId, Sequence[str]]
+) -> tuple[dict[ImageId, str], dict[str, Any]]:
+    """Pair each prediction with its image's references, reporting all that cannot be scored.
+
+    Returns:
+        ``(matched, report)``: ``matched`` maps image id to the predicted caption, in the references'
+        order (the order ``COCOEvalCap`` scores in). ``report`` holds the totals ``predictions``,
+        ``reference_images`` and ``scored_images``, and for each problem a ``{"count", "ids"}`` (``ids``:
+        the first :data:`REPORT_IDS` distinct image ids):
+
+        - ``unknown_images``: predictions for images absent from the references (not scored);
+        - ``duplicates``: further predictions for an image already predicted (the first one is kept);
+        - ``no_reference_captions``: predictions for images listed without any caption (not scored);
+        - ``unpredicted``: reference images without a prediction (not scored).
+    """
+    unknown, duplicates, uncaptioned, unpredicted = _Problem(), _Problem(), _Problem(), _Problem()
+    found: dict[ImageId, str] = {}
+    seen: set[ImageId] = set()
+    for prediction in predictions:
+        image_id = prediction["image_id"]
+        if image_id not in references:
+            unknown.add(image_id)
+        elif image_id in seen:
+            duplicates.add(image_id)
+        else:
+            seen.add(image_id)
+            if references[image_id]:
+                found[image_id] = prediction["caption"]
+            else:
+                uncaptioned.add(image_id)
+    matched: dict[ImageId, str] = {}
+    for image_id in references:
+        if image_id in found:
+            matched[image_id] = found[image_id]
+        elif image_id not in seen:
+            unpredicted.add(image_id)
+    report = {
+        "predictions": len(predictions),
+        "reference_images": len(references),
+        "scored_images": len(matched),
+        "unknown_images": unknown.as_dict(),
+        "duplicates": duplicates.as_dict(),
+        "no_reference_captions": uncaptioned.as_dict(),
+        "unpredicted": unpredicted.as_dict(),
+    }
+    return matched, report
+
+
+# Per problem: how to name one entry, several entries, and what happens to them.
+_PROBLEM_TEXT = {
+    "unknown_images": (
+        "prediction for an image not in the references",
+        "predictions for images not in the references",
+        "not scored",
+    ),
+    "duplicates": ("duplicate prediction", "duplicate predictions", "only each image's first is scored"),
+    "no_reference_captions": (
+        "prediction for an image without reference captions",
+        "predictions for images without reference captions",
+        "not scored",
+    ),
+    "unpredicted": (
+        "reference image without a prediction",
+        "reference images without a prediction",
+        "not scored",
+    ),
+}
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """The matching report for the terminal: one summary line, then one line per non-zero problem."""
+    lines = [
+        f"scored {report['scored_images']} images: {report['predictions']} predictions, "
+        f"{report['reference_images']} reference images"
+    ]
+    for key, (singular, plural, consequence) in _PROBLEM_TEXT.items():
+        problem = report[key]
+        if problem["count"]:
+            ids = ", ".join(str(i) for i in problem["ids"])
+            more = ", ..." if problem["count"] > len(problem["ids"]) == REPORT_IDS else ""
+            what = singular if problem["count"] == 1 else plural
+            lines.append(f"  {problem['count']} {what}, {consequence} (ids: {ids}{more})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------
+
+
+def check_metrics(names: Iterable[str]) -> tuple[str, ...]:
+    """Validate metric names (case-insensitive) and return them, de-duplicated, in :data:`METRICS` order.
+
+    Raises:
+        TipcapError: for an unknown name or an empty selection.
+    """
+    wanted = {name.strip().lower() for name in names} - {""}
+    unknown = sorted(wanted - set(METRICS))
+    if unknown:
+        raise TipcapError(f"unknown metric {', '.join(map(repr, unknown))}; use any of {', '.join(METRICS)}.")
+    if not wanted:
+        raise TipcapError(f"no metric selected; use any of {', '.join(METRICS)}.")
+    return tuple(name for name in METRICS if name in wanted)
+
+
+def score_captions(
+    predictions: Mapping[ImageId, str],
+    references: Mapping[ImageId, Sequence[str]],
+    metrics: Iterable[str] = METRICS,
+) -> dict[str, Any]:
+    """Score one caption per image against its references, exactly as pycocoevalcap's ``COCOEvalCap``.
+
+    Both sides go through one PTBTokenizer call each (as ``{id: [{"caption": ...}]}``), then the requested
+    scorers run on the images of ``predictions``, in its order. Line breaks inside a caption become spaces
+    first (pycocoevalcap does this for ``\\n`` only; a ``\\r`` would misalign every later caption).
+
+    SPICE needs pycocoevalcap's Stanford CoreNLP jars, which it downloads on first use; when they are
+    missing or SPICE fails, one ``SPICE skipped: <reason>`` warning is logged and the other metrics are
+    still returned.
+
+    Args:
+        predictions: image id to predicted caption (e.g. ``match_predictions(...)[0]``).
+        references: image id to reference captions; must cover every predicted image with >= 1 caption.
+        metrics: any of :data:`METRICS`.
+
+    Returns:
+        ``{"metrics": {"BLEU-1": ..., "BLEU-4": ..., "METEOR": ..., "ROUGE-L": ..., "CIDEr": ...,
+        "SPICE": ...}, "per_image": {image_id: {"CIDEr": ...}}, "skipped": {"SPICE": reason}}``, with
+        the keys of the requested metrics only (``per_image`` is empty unless CIDEr is requested).
+
+    Raises:
+        TipcapError: for unknown metrics, no predictions, a predicted image without references, or no
+            Java runtime.
+    """
+    wanted = check_metrics(metrics)
+    if not predictions:
+        raise TipcapError("no predictions to score.")
+    for image_id in predictions:
+        if not references.get(image_id):
+            raise TipcapError(
+                f"image {image_id!r} has a prediction but no reference captions; "
+                "pair predictions with match_predictions first."
+            )
+    if shutil.which("java") is None:
+        raise TipcapError(
+            "java not found on PATH: pycocoevalcap's tokenizer and METEOR need a Java runtime (8 or newer)."
+        )
+
+    res = _tokenize({image_id: [caption] for image_id, caption in predictions.items()})
+    gts = _tokenize({image_id: list(references[image_id]) for image_id in predictions})
+
+    scores: dict[str, float] = {}
+    per_image: dict[ImageId, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    if "bleu" in wanted:
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        scores.update(zip(COLUMNS["bleu"], map(float, bleu), strict=True))
+    if "meteor" in wanted:
+        scores["METEOR"] = _meteor(gts, res)
+    if "rouge" in wanted:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+    if "cider" in wanted:
+        from pycocoevalcap.cider.cider import Cider
+
+        cider, cider_per_image = Cider().compute_score(gts, res)
+        scores["CIDEr"] = float(cider)
+        per_image = {i: {"CIDEr": float(x)} for i, x in zip(gts, cider_per_image, strict=True)}
+    if "spice" in wanted:
+        reason = spice_unavailable()
+        if reason is None:
+            try:
+                scores["SPICE"] = _run_spice(gts, res)
+            except Exception as e:  # any failure of the Java scorer only skips SPICE
+                reason = f"SPICE failed ({type(e).__name__}: {e})"
+        if reason is not None:
+            reason = " ".join(reason.split())
+            skipped["SPICE"] = reason
+            log.warning("SPICE skipped: %s", reason)
+    return {"metrics": scores, "per_image": per_image, "skipped": skipped}
+
+
+def _tokenize(captions: dict[ImageId, list[str]]) -> dict[ImageId, list[str]]:
+    """pycocoevalcap's PTBTokenizer on ``{id: [caption, ...]}``, checked to return every caption."""
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    document = {i: [{"caption": c.translate(_LINE_BREAKS)} for c in cs] for i, cs in captions.items()}
+    tokens = PTBTokenizer().tokenize(document)
+    expected = sum(len(cs) for cs in captions.values())
+    returned = sum(len(cs) for cs in tokens.values())
+    if tokens.keys() != captions.keys() or returned != expected:
+        raise TipcapError(
+            f"pycocoevalcap's PTBTokenizer returned {returned} of {expected} captions; "
+            "check that `java -version` works."
+        )
+    return tokens
+
+
+def _meteor(gts: dict[ImageId, list[str]], res: dict[ImageId, list[str]]) -> float:
+    """METEOR through pycocoevalcap's Java process, which is always shut down afterwards."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        score, _ = meteor.compute_score(gts, res)
+    except (ValueError, OSError) as e:  # the Java process died: empty lines or a broken pipe
+        raise TipcapError(f"METEOR's Java process failed ({e}); check that `java -version` works.") from None
+    finally:
+        # What Meteor.__del__ does, but now rather than whenever the object is collected; __del__ then
+        # finds the process already reaped. A failed compute_score leaves its lock held: release it, or
+        # __del__ would wait for it forever.
+        if meteor.lock.locked():
+            meteor.lock.release()
+        with meteor.lock:
+            process = meteor.meteor_p
+            with contextlib.suppress(OSError):  # a dead process's pipe may be broken
+                process.stdin.close()
+            process.kill()
+            process.wait()
+            process.stdout.close()
+            process.stderr.close()
+    return float(score)
+
+
+def _spice_dir() -> Path:
+    """pycocoevalcap's ``spice`` folder, where ``spice-1.0.jar`` and ``lib/`` live."""
+    import pycocoevalcap.spice.spice as spice_module
+
+    return Path(spice_module.__file__).parent
+
+
+def spice_unavailable() -> str | None:
+    """Why SPICE cannot run (its jar or Stanford CoreNLP missing, no Java), or ``None`` when it can.
+
+    pycocoevalcap's ``Spice()`` downloads Stanford CoreNLP when the jar is missing; checking first keeps an
+    offline run from trying.
+    """
+    from pycocoevalcap.spice.get_stanford_models import JAR, SPICELIB
+    from pycocoevalcap.spice.spice import SPICE_JAR
+
+    if shutil.which("java") is None:
+        return "java not found on PATH"
+    folder = _spice_dir()
+    needed = [folder / SPICE_JAR, folder / SPICELIB / f"{JAR}.jar", folder / SPICELIB / f"{JAR}-models.jar"]
+    missing = [p.relative_to(folder).as_posix() for p in needed if not p.exists()]
+    if missing:
+        return (
+            f"{', '.join(missing)} not found in {folder} (pycocoevalcap downloads Stanford CoreNLP on first "
+            "use; run `python -m pycocoevalcap.spice.get_stanford_models` once with network access)"
+        )
+    return None
+
+
+def _run_spice(gts: dict[ImageId, list[str]], res: dict[ImageId, list[str]]) -> float:
+    """The SPICE F-score through pycocoevalcap's Java scorer."""
+    from pycocoevalcap.spice.spice import Spice
+
+    score, _ = Spice().compute_score(gts, res)
+    score = float(score)
+    if not math.isfinite(score):
+        raise ValueError(f"SPICE returned {score}")
+    return score
+
+
+# --------------------------------------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------------------------------------
+
+
+def format_table(metrics: Mapping[str, float], skipped: Mapping[str, str] | None = None) -> str:
+    """Metrics as a two-column table (raw score and x100, as papers print them); skipped ones say so."""
+    rows = [(name, f"{value:.4f}", f"{100 * value:.1f}") for name, value in metrics.items()]
+    rows += [(name, "skipped", "") for name in (skipped or {}) if name not in metrics]
+    width = max([len("metric"), *(len(name) for name, _, _ in rows)])
+    lines = [f"{'metric':<{width}}  {'score':>7}  {'x100':>5}"]
+    lines += [f"{name:<{width}}  {score:>7}  {scaled:>5}".rstrip() for name, score, scaled in rows]
+    return "\n".join(lines)
+
+
+def versions() -> dict[str, str]:
+    """Versions of tipcap, pycocoevalcap and Python, for the record in ``metrics.json``."""
+    from tipcap import __version__
+
+    try:
+        pycocoevalcap = importlib.metadata.version("pycocoevalcap")
+    except importlib.metadata.PackageNotFoundError:
+        pycocoevalcap = "unknown"
+    return {"tipcap": __version__, "pycocoevalcap": pycocoevalcap, "python": platform.python_version()}
+
+
+def metrics_path(predictions_path: str | Path, out: str | Path | None = None) -> Path:
+    """Where ``metrics.json`` goes: ``OUT/metrics.json``, else ``<stem>.metrics.json`` by the predictions."""
+    if out is not None:
+        return Path(out) / "metrics.json"
+    path = Path(predictions_path)
+    name = path.name
+    for suffix in (".gz", ".json"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return path.with_name(f"{name}.metrics.json")
+
+
+def _finite(value: Any) -> Any:
+    """JSON-safe copy: NaN and infinities become ``None`` (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | Path, document: Any) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it into place (never a half-written file)."""
+    import json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(_finite(document), f, ensure_ascii=False, indent=1, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def metrics_document(
+    result: Mapping[str, Any],
+    report: Mapping[str, Any],
+    *,
+    predictions: str | Path,
+    references: str | Path,
+    split: str | None,
+    command: Sequence[str],
+) -> dict[str, Any]:
+    """What ``metrics.json`` holds: scores, skipped metrics, the matching report, per-image CIDEr (a list,
+    so that ids keep their JSON type), the inputs, the exact command and the software versions."""
+    return {
+        "metrics": dict(result["metrics"]),
+        "skipped": dict(result["skipped"]),
+        "matching": dict(report),
+        "predictions": str(predictions),
+        "references": str(references),
+        "split": split,
+        "command": list(command),
+        "versions": versions(),
+        "per_image": [{"image_id": image_id, **scores} for image_id, scores in result["per_image"].items()],
+    }
