@@ -479,5 +479,60 @@ def score_command(
     click.echo(f"wrote {path}")
 
 
+@main.command("evaluate")
+@click.option("--data", required=True, type=click.Path(dir_okay=False), help="Karpathy split file.")
+@click.option(
+    "--split", type=click.Choice(SPLITS), default="test", show_default=True, help="Split to evaluate."
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False), help="Caption model.")
+@click.option(
+    "--method",
+    type=click.Choice(["model", "retrieval", "template"]),
+    default="model",
+    show_default=True,
+    help="A caption model, or a non-neural baseline.",
+)
+@click.option("--images", default=None, type=click.Path(file_okay=False), help="Image root of --data.")
+@click.option(
+    "--image-store", default=None, type=click.Path(file_okay=False), help="Image store of the split."
+)
+@click.option("--texts", default=None, type=click.Path(file_okay=False), help="retrieval: caption store.")
+@click.option("--prompt", type=click.Choice(["none", "auto"]), default="none", show_default=True,
+              help="auto: CLIP zero-shot entities as prompt words.")  # fmt: skip
+@click.option("--beams", default=5, show_default=True, help="Beam width (1: greedy).")
+@click.option("--batch-size", default=64, show_default=True, help="Images per generate call.")
+@click.option("--metrics", "metric_names", default="bleu,meteor,rouge,cider,spice", show_default=True,
+              help="Comma-separated pycocoevalcap metrics (SPICE is skipped offline).")  # fmt: skip
+@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+def evaluate_command(
+    data: str,
+    split: str,
+    out: str,
+    model_dir: str | None,
+    method: str,
+    images: str | None,
+    image_store: str | None,
+    texts: str | None,
+    prompt: str,
+    beams: int,
+    batch_size: int,
+    metric_names: str,
+    device: str | None,
+) -> None:
+    """Caption a split's images, score them, write predictions.json, metrics.json and per_image.json."""
+    from tipcap.evaluate import format_report, format_table
+    from tipcap.protocol import evaluate_split
+
+    document = evaluate_split(
+        data, split, out, method=method, model_dir=model_dir, images=images, image_store=image_store,
+        texts=texts, prompt=prompt, beams=beams, batch_size=batch_size,
+        metrics=[m.strip() for m in metric_names.split(",") if m.strip()], device=device,
+    )  # fmt: skip
+    click.echo(format_report(document["matching"]))
+    click.echo(format_table(document["metrics"], document["skipped"]))
+    click.echo(f"wrote {out}/predictions.json, {out}/metrics.json and {out}/per_image.json")
+
+
 if __name__ == "__main__":
     main()

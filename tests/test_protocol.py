@@ -1,0 +1,73 @@
+"""`tipcap evaluate`: a tiny model and the two non-neural baselines through one protocol."""
+
+import json
+
+import pytest
+from conftest import COCO_SLICE, run
+from PIL import Image
+
+FAST_METRICS = ("--metrics", "bleu,rouge,cider")
+
+
+@pytest.fixture(scope="module")
+def coco_images(tmp_path_factory):
+    """Small generated images named like the slice's COCO files."""
+    root = tmp_path_factory.mktemp("coco")
+    for number, image in enumerate(json.loads(COCO_SLICE.read_text())["images"]):
+        path = root / image["filepath"] / image["filename"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), ((41 * number) % 256, (83 * number) % 256, 120)).save(path)
+    return root
+
+
+def test_evaluate_a_model_writes_the_three_files(prompt_model, coco_images, tmp_path):
+    _, _, model_dir = prompt_model
+    out = tmp_path / "eval"
+    result = run("evaluate", "--model", model_dir, "--data", COCO_SLICE, "--images", coco_images,
+                 "--split", "val", "--out", out, "--beams", "3", *FAST_METRICS)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    predictions = json.loads((out / "predictions.json").read_text())
+    val_ids = [i["cocoid"] for i in json.loads(COCO_SLICE.read_text())["images"] if i["split"] == "val"]
+    assert sorted(p["image_id"] for p in predictions) == sorted(val_ids)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"BLEU-4", "ROUGE-L", "CIDEr", "CLIPScore"} <= metrics["metrics"].keys()
+    assert metrics["method"] == "model" and metrics["model"]["config"]["prompt"] == "pim"
+    assert metrics["command"] and "tipcap" in metrics["versions"]
+    per_image = json.loads((out / "per_image.json").read_text())
+    assert len(per_image) == 12 and all(len(row["references"]) >= 5 for row in per_image)
+    assert abs(sum(row["CIDEr"] for row in per_image) / 12 - metrics["metrics"]["CIDEr"]) < 1e-9
+    assert "CIDEr" in result.stdout
+
+    again = tmp_path / "again"
+    result = run("evaluate", "--model", model_dir, "--data", COCO_SLICE, "--image-store", out / "image-store",
+                 "--split", "val", "--out", again, "--beams", "3", *FAST_METRICS)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((again / "predictions.json").read_text()) == predictions
+
+
+def test_retrieval_and_template_baselines(prompt_model, coco_images, tmp_path, tiny_clip):
+    store = tmp_path / "texts"
+    result = run("embed", "texts", "--corpus", COCO_SLICE, "--split", "train", "--clip", tiny_clip,
+                 "--pretrained", "none", "--out", store, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    train_captions = set(json.loads((store / "captions.json").read_text()))
+    out = tmp_path / "retrieval"
+    result = run("evaluate", "--method", "retrieval", "--texts", store, "--data", COCO_SLICE,
+                 "--images", coco_images, "--split", "val", "--out", out, *FAST_METRICS)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert len(predictions) == 12 and all(p["caption"] in train_captions for p in predictions)
+
+    out = tmp_path / "template"
+    result = run("evaluate", "--method", "template", "--texts", store, "--data", COCO_SLICE,
+                 "--images", coco_images, "--split", "val", "--out", out, *FAST_METRICS)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert all(p["caption"].startswith("a photo of a ") for p in predictions)
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["CIDEr"] >= 0
+
+
+def test_evaluate_needs_one_image_source(prompt_model, tmp_path):
+    _, _, model_dir = prompt_model
+    result = run("evaluate", "--model", model_dir, "--data", COCO_SLICE, "--out", tmp_path / "x")
+    assert result.exit_code == 1 and "exactly one of --images" in result.stderr

@@ -1,0 +1,201 @@
+"""The evaluation protocol: caption a split's images (a model or a baseline), score, write the files.
+
+Every method goes through the same path: the split's images are embedded once (or read from an image
+store), captioned, matched with the references and scored with pycocoevalcap, plus the reference-free
+CLIPScore (2.5 · max(cos(v, CLIP text of the caption), 0), Hessel et al. 2021). The output directory gets:
+
+- ``predictions.json``: COCO results format, ``[{"image_id", "caption"}]``;
+- ``metrics.json``: the scores, the matching report, the method and model config, the command, versions;
+- ``per_image.json``: each image's prediction, references, prompt words and CIDEr.
+
+Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
+store), ``template`` (the top CLIP zero-shot entities in a sentence template).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap.config import to_dict
+from tipcap.embed import embed_images
+from tipcap.errors import TipcapError
+from tipcap.evaluate import (
+    METRICS,
+    load_references,
+    match_predictions,
+    metrics_document,
+    score_captions,
+    write_json_atomic,
+)
+from tipcap.generate import Captioner
+from tipcap.model import TIPCap
+from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
+from tipcap.store import EmbeddingStore
+
+METHODS = ("model", "retrieval", "template")
+CLIPSCORE_WEIGHT = 2.5
+
+
+def retrieve_captions(image_embeddings: torch.Tensor, texts: EmbeddingStore, chunk: int = 4096) -> list[str]:
+    """The most CLIP-similar caption of ``texts`` for each image ``[N, d]``, reading the store in chunks."""
+    best_score = torch.full((len(image_embeddings),), -torch.inf)
+    best_row = torch.zeros(len(image_embeddings), dtype=torch.long)
+    queries = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
+    start = 0
+    for block in texts.iter_chunks(chunk * 16):
+        scores = queries @ block.float().T
+        value, index = scores.max(dim=1)
+        better = value > best_score
+        best_score = torch.where(better, value, best_score)
+        best_row = torch.where(better, index + start, best_row)
+        start += len(block)
+    captions = texts.captions()
+    return [captions[row] for row in best_row.tolist()]
+
+
+def template_caption(entities: Sequence[str]) -> str:
+    """``["dog", "frisbee"]`` → ``"a photo of a dog and a frisbee."``."""
+    if not entities:
+        return "a photo."
+    return "a photo of " + " and ".join(f"a {entity}" for entity in entities) + "."
+
+
+def clip_score(encoder: ClipEncoder, image_embeddings: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """Per-image CLIPScore ``[N]``: 2.5 · max(cos(v, CLIP text embedding of the caption), 0)."""
+    texts = encoder.encode_texts(captions).embeddings
+    cosine = torch.nn.functional.cosine_similarity(image_embeddings.float(), texts, dim=-1)
+    return CLIPSCORE_WEIGHT * cosine.clamp(min=0)
+
+
+def _resolve_clip(clip: ClipSpec | None, model: TIPCap | None, texts: EmbeddingStore | None) -> ClipSpec:
+    if clip is not None:
+        return clip
+    if model is not None and model.clip_spec is not None:
+        return ClipSpec(**model.clip_spec)
+    if texts is not None and "clip_spec" in texts.meta:
+        return ClipSpec(**texts.meta["clip_spec"])
+    raise TipcapError("no CLIP to embed images with: pass --clip and --pretrained.")
+
+
+def evaluate_split(
+    data: str | Path,
+    split: str | None,
+    out: str | Path,
+    *,
+    method: str = "model",
+    model_dir: str | Path | None = None,
+    images: str | Path | None = None,
+    image_store: str | Path | None = None,
+    texts: str | Path | None = None,
+    clip: ClipSpec | None = None,
+    prompt: str = "none",
+    beams: int = 5,
+    batch_size: int = 64,
+    metrics: Sequence[str] = METRICS,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Caption the images of a Karpathy split with ``method``, score them, and write the result files.
+
+    Args:
+        data: Karpathy split file (references, and the images' paths under ``images``).
+        split: the split to evaluate (``test`` for the published protocol).
+        out: output directory.
+        method: ``model``, ``retrieval`` or ``template``.
+        model_dir: the caption model (``model``).
+        images: image root of ``data``; the split's images are embedded into ``out/image-store``.
+        image_store: an existing image store of the split, instead of ``images``.
+        texts: caption store to retrieve from (``retrieval``).
+        clip: the CLIP to use; default: the model's, else the caption store's.
+        prompt: ``none`` or ``auto`` (CLIP zero-shot entities as prompt words).
+        beams: beam width of the model's decoding.
+
+    Returns:
+        The metrics document written to ``metrics.json``.
+    """
+    if method not in METHODS:
+        raise TipcapError(f"--method {method!r}: use one of {', '.join(METHODS)}.")
+    if (images is None) == (image_store is None):
+        raise TipcapError("give exactly one of --images (an image root) and --image-store.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    references = load_references(data, split)
+
+    model = None
+    if method == "model":
+        if model_dir is None:
+            raise TipcapError("--method model needs --model.")
+        model = TIPCap.from_pretrained(model_dir, device=device)
+    caption_store = EmbeddingStore.open(texts) if texts is not None else None
+    if method == "retrieval" and caption_store is None:
+        raise TipcapError("--method retrieval needs --texts (a caption store to retrieve from).")
+    spec = _resolve_clip(clip, model, caption_store)
+    if image_store is not None:
+        store = EmbeddingStore.open(image_store)
+        if store.key["clip"] != spec.identity():
+            raise TipcapError(
+                f"--image-store {image_store} was embedded with another CLIP than {spec.describe()}."
+            )
+    else:
+        store = embed_images(
+            data, spec, out / "image-store", image_root=images, split=split, device=device
+        ).store
+    if caption_store is not None and caption_store.key["clip"] != spec.identity():
+        raise TipcapError(f"--texts {texts} was embedded with another CLIP than {spec.describe()}.")
+    encoder = ClipEncoder.load(spec, device=device)
+
+    keep = [row for row, image_id in enumerate(store.ids) if image_id in references]
+    if not keep:
+        raise TipcapError(f"none of the embedded images is in the references of split {split!r} of {data}.")
+    image_ids = [store.ids[row] for row in keep]
+    embeddings = store.gather(torch.tensor(keep)).float()
+
+    prompts: list[list[str]] | None = None
+    if method == "model":
+        captioner = Captioner(model, encoder)
+        if prompt == "auto":
+            prompts = captioner.auto_prompts(embeddings)
+        captions = captioner.caption_embeddings(embeddings, prompts, num_beams=beams, batch_size=batch_size)
+    elif method == "retrieval":
+        captions = retrieve_captions(embeddings, caption_store)
+    else:
+        names = EntityVocabulary.load().names
+        entities = entity_text_embeddings(lambda xs: encoder.encode_texts(xs).embeddings, names)
+        prompts = zero_shot_entities(embeddings, entities, names, top_k=2)
+        captions = [template_caption(words) for words in prompts]
+
+    predictions = [{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]
+    write_json_atomic(out / "predictions.json", predictions)
+    matched, report = match_predictions(predictions, references)
+    result = score_captions(matched, references, metrics)
+    clip_scores = clip_score(encoder, embeddings, captions)
+    result["metrics"]["CLIPScore"] = float(clip_scores.mean())
+    document = metrics_document(
+        result, report, predictions=out / "predictions.json", references=data, split=split, command=sys.argv
+    )
+    document["method"] = method
+    document["prompt"] = prompt
+    document["clip"] = spec.to_dict()
+    if model is not None:
+        document["model"] = {"path": str(Path(model_dir).resolve()), "config": to_dict(model.config)}
+    write_json_atomic(out / "metrics.json", document)
+    per_image = [
+        {
+            "image_id": image_id,
+            "prediction": caption,
+            "references": references[image_id],
+            "prompt": prompts[i] if prompts else [],
+            "CIDEr": result["per_image"].get(image_id, {}).get("CIDEr"),
+            "CLIPScore": float(clip_scores[i]),
+        }
+        for i, (image_id, caption) in enumerate(zip(image_ids, captions, strict=True))
+    ]
+    write_json_atomic(out / "per_image.json", per_image)
+    return document
