@@ -203,7 +203,7 @@ def embed_images_command(
     "--setting",
     type=click.Choice(["few-pairs", "web-pairs", "unpaired", "text-only"]),
     required=True,
-    help="Which data besides the captions estimate the gap (DESIGN §2).",
+    help="Which data besides the captions estimate the gap.",
 )
 @click.option("--texts", "texts_dir", required=True, type=click.Path(file_okay=False), help="Caption store.")
 @click.option(
