@@ -1,4 +1,4 @@
-"""Caption metrics with pycocoevalcap, computed exactly as its ``COCOEvalCap`` does (DESIGN §4).
+"""Caption metrics with pycocoevalcap, computed exactly as its ``COCOEvalCap`` does.
 
 Predictions are a COCO results file (``[{"image_id", "caption"}]``); references a COCO caption annotation
 file (``{"images", "annotations"}``) or a Karpathy split file. :func:`match_predictions` pairs the two and
