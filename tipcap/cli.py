@@ -534,5 +534,37 @@ def evaluate_command(
     click.echo(f"wrote {out}/predictions.json, {out}/metrics.json and {out}/per_image.json")
 
 
+@main.command("toyworld")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the world to.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the world.")
+@click.option("--train", "train_images", default=20_000, show_default=True, help="Training images.")
+@click.option("--val", "val_images", default=500, show_default=True, help="Validation images.")
+@click.option("--test", "test_images", default=500, show_default=True, help="Test images.")
+@click.option("--image-size", default=32, show_default=True, help="Image side in pixels.")
+@click.option(
+    "--web-mismatch", default=0.2, show_default=True, help="Share of web pairs with another image's caption."
+)
+def toyworld_command(
+    out: str,
+    seed: int,
+    train_images: int,
+    val_images: int,
+    test_images: int,
+    image_size: int,
+    web_mismatch: float,
+) -> None:
+    """Write the toy world of coloured shapes: images, a Karpathy split file and web pairs."""
+    from tipcap.data.toyworld import write_toyworld
+
+    karpathy = write_toyworld(
+        out, seed=seed, train=train_images, val=val_images, test=test_images, image_size=image_size,
+        web_mismatch=web_mismatch,
+    )  # fmt: skip
+    total = train_images + val_images + test_images
+    click.echo(
+        f"wrote {total:,} images to {out}/images, captions in {karpathy}, web pairs in {out}/web_pairs.jsonl"
+    )
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,62 @@
+"""The toy world: deterministic generation, readable by every reader, object F1, web pairs."""
+
+import json
+
+from conftest import run
+
+from tipcap.data import list_images, load_image, read_captions
+from tipcap.data.toyworld import caption_objects, object_f1
+
+
+def make_world(path, seed=0):
+    result = run("toyworld", "--out", path, "--seed", seed, "--train", 60, "--val", 10, "--test", 10)
+    assert result.exit_code == 0, result.output
+    return path / "toyworld.json"
+
+
+def test_world_is_deterministic_and_readable(tmp_path):
+    first = make_world(tmp_path / "a")
+    assert first.read_bytes() == make_world(tmp_path / "b").read_bytes()
+    assert first.read_bytes() != make_world(tmp_path / "c", seed=1).read_bytes()
+    assert len(read_captions(first, split="train")) == 300 and len(read_captions(first, split="test")) == 50
+    images = list_images(first, split="val")
+    assert len(images) == 10 and load_image(images[0].path).size == (32, 32)
+    document = json.loads(first.read_text())
+    for entry in document["images"]:
+        assert len({s["raw"] for s in entry["sentences"]}) == 5 and 1 <= len(entry["objects"]) <= 3
+
+
+def test_object_f1_scores_captions_against_the_scene(tmp_path):
+    document = json.loads(make_world(tmp_path / "w").read_text())
+    entries = document["images"]
+    own = [object_f1(s["raw"], e["objects"]) for e in entries for s in e["sentences"]]
+    assert sum(own) / len(own) == 1.0
+    other = [
+        object_f1(entries[(i + 7) % len(entries)]["sentences"][0]["raw"], e["objects"])
+        for i, e in enumerate(entries)
+    ]
+    assert sum(other) / len(other) < 0.25
+    assert caption_objects("Two red crosses and a small blue circle.") == {
+        ("red", "cross"),
+        ("blue", "circle"),
+    }
+    assert (
+        object_f1(
+            "a green square.", [{"colour": "green", "shape": "square"}, {"colour": "red", "shape": "cross"}]
+        )
+        == 2 / 3
+    )
+
+
+def test_web_pairs_hold_a_share_of_mismatched_captions(tmp_path):
+    world = tmp_path / "w"
+    result = run("toyworld", "--out", world, "--train", 2000, "--val", 0, "--test", 0, "--web-mismatch", 0.2)
+    assert result.exit_code == 0, result.output
+    captions = {
+        e["filename"]: {s["raw"] for s in e["sentences"]}
+        for e in json.loads((world / "toyworld.json").read_text())["images"]
+    }
+    lines = [json.loads(line) for line in (world / "web_pairs.jsonl").read_text().splitlines()]
+    wrong = sum(line["caption"] not in captions[line["image"].split("/")[-1]] for line in lines) / len(lines)
+    assert len(lines) == 2000 and 0.15 < wrong < 0.25
+    assert len(read_captions(world / "web_pairs.jsonl")) == 2000

@@ -1,0 +1,202 @@
+"""The toy world: coloured shapes on a plain background, each image with five paraphrased captions.
+
+Every real command runs on it unchanged: it is written as an image folder, a Karpathy split file (with
+train/val/test splits, and each image's objects in an extra ``objects`` field) and a JSONL of web pairs in
+which a share of the captions belongs to another image, so all four data settings exist offline.
+
+Because the world knows every scene, captions can also be scored against the truth: :func:`object_f1`
+compares the (colour, shape) pairs a caption names with the scene's objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (140, 50, 170),
+    "orange": (245, 140, 30),
+    "pink": (245, 130, 190),
+    "brown": (130, 80, 40),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = ("small", "large")
+_PLURAL = {"cross": "crosses"}
+_BACKGROUND = (200, 200, 200)
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One object of a scene: what it is, and where (its centre, as a fraction of the image side)."""
+
+    colour: str
+    shape: str
+    size: str
+    x: float
+    y: float
+
+
+def _relation(first: ShapeObject, second: ShapeObject) -> str:
+    """How ``first`` stands to ``second``: the larger of the horizontal and vertical offsets decides."""
+    dx, dy = second.x - first.x, second.y - first.y
+    if abs(dx) >= abs(dy):
+        return "to the left of" if dx > 0 else "to the right of"
+    return "above" if dy > 0 else "below"
+
+
+def _name(obj: ShapeObject, with_size: bool) -> str:
+    return f"{obj.size} {obj.colour} {obj.shape}" if with_size else f"{obj.colour} {obj.shape}"
+
+
+def captions_for(objects: list[ShapeObject], rng: random.Random) -> list[str]:
+    """Five different captions of a scene, drawn from a small grammar of paraphrases."""
+    a = [_name(o, rng.random() < 0.5) for o in objects]
+    if len(objects) == 1:
+        templates = [
+            f"a {a[0]}.",
+            f"a {a[0]} on a gray background.",
+            f"there is a {a[0]} in the picture.",
+            f"a picture of a {a[0]}.",
+            f"a single {a[0]} in the middle of a gray image.",
+            f"an image showing a {a[0]}.",
+            f"one {a[0]} on a plain background.",
+        ]
+    elif len(objects) == 2:
+        relation = _relation(objects[0], objects[1])
+        templates = [
+            f"a {a[0]} {relation} a {a[1]}.",
+            f"a {a[0]} and a {a[1]}.",
+            f"two shapes: a {a[0]} and a {a[1]}.",
+            f"a {a[1]} next to a {a[0]}.",
+            f"there is a {a[0]} {relation} a {a[1]}.",
+            f"a picture of a {a[0]} and a {a[1]} on a gray background.",
+            f"a {a[0]} is {relation} a {a[1]}.",
+        ]
+    else:
+        templates = [
+            f"a {a[0]}, a {a[1]} and a {a[2]}.",
+            f"three shapes: a {a[0]}, a {a[1]} and a {a[2]}.",
+            f"a {a[0]} {_relation(objects[0], objects[1])} a {a[1]}, and a {a[2]}.",
+            f"a picture of a {a[2]}, a {a[0]} and a {a[1]}.",
+            f"there are three shapes, a {a[1]}, a {a[0]} and a {a[2]}.",
+            f"a {a[0]} and a {a[1]} with a {a[2]} nearby.",
+        ]
+    return rng.sample(templates, 5)
+
+
+def random_scene(rng: random.Random) -> list[ShapeObject]:
+    """1–3 objects at separated positions."""
+    count = rng.choice((1, 2, 2, 3))
+    cells = rng.sample([(x, y) for x in (0.25, 0.5, 0.75) for y in (0.25, 0.5, 0.75)], count)
+    objects = []
+    for x, y in cells:
+        colour, shape, size = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIZES)
+        objects.append(
+            ShapeObject(colour, shape, size, x + rng.uniform(-0.06, 0.06), y + rng.uniform(-0.06, 0.06))
+        )
+    return objects
+
+
+def render(objects: list[ShapeObject], size: int) -> Image.Image:
+    """Draw a scene as an RGB image of ``size`` × ``size`` pixels, with a little noise."""
+    image = Image.new("RGB", (size, size), _BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        radius = size * (0.16 if obj.size == "large" else 0.09)
+        cx, cy = obj.x * size, obj.y * size
+        colour = COLOURS[obj.colour]
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=colour)
+        elif obj.shape == "triangle":
+            draw.polygon(
+                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour
+            )
+        elif obj.shape == "diamond":
+            draw.polygon(
+                [(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=colour
+            )
+        else:
+            bar = radius / 3
+            draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=colour)
+            draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=colour)
+    noise = Image.effect_noise((size, size), 6).convert("RGB")
+    return Image.blend(image, noise, 0.04)
+
+
+_SHAPE_FORMS = {form: shape for shape in SHAPES for form in (shape, _PLURAL.get(shape, shape + "s"))}
+_PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(_SHAPE_FORMS) + r")\b")
+
+
+def caption_objects(caption: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names, e.g. ``{("red", "circle")}`` (plurals made singular)."""
+    return {(colour, _SHAPE_FORMS[form]) for colour, form in _PAIR.findall(caption.lower())}
+
+
+def object_f1(caption: str, objects: list[dict] | list[ShapeObject]) -> float:
+    """F1 between the (colour, shape) pairs named in a caption and those in the scene (0 when none match)."""
+    truth = {(o["colour"], o["shape"]) if isinstance(o, dict) else (o.colour, o.shape) for o in objects}
+    named = caption_objects(caption)
+    hits = len(named & truth)
+    if hits == 0:
+        return 0.0
+    precision, recall = hits / len(named), hits / len(truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def write_toyworld(
+    out: str | Path,
+    seed: int = 0,
+    train: int = 20_000,
+    val: int = 500,
+    test: int = 500,
+    image_size: int = 32,
+    web_mismatch: float = 0.2,
+) -> Path:
+    """Generate the world into ``out``: ``images/``, ``toyworld.json`` (Karpathy) and ``web_pairs.jsonl``.
+
+    ``web_pairs.jsonl`` pairs each training image with one of its captions, except for a share
+    ``web_mismatch`` of the lines whose caption belongs to another image (as in noisy web data).
+    Returns the Karpathy file.
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    entries, web_lines = [], []
+    splits = ["train"] * train + ["val"] * val + ["test"] * test
+    for index, split in enumerate(splits):
+        objects = random_scene(rng)
+        filename = f"toy_{index:06d}.png"
+        render(objects, image_size).save(out / "images" / filename)
+        captions = captions_for(objects, rng)
+        entries.append({
+            "filepath": "images",
+            "filename": filename,
+            "imgid": index,
+            "split": split,
+            "objects": [asdict(o) for o in objects],
+            "sentences": [{"raw": c, "tokens": re.findall(r"[a-z0-9]+", c)} for c in captions],
+        })  # fmt: skip
+    train_entries = [e for e in entries if e["split"] == "train"]
+    for entry in train_entries:
+        source = rng.choice(train_entries) if rng.random() < web_mismatch else entry
+        caption = rng.choice(source["sentences"])["raw"]
+        web_lines.append(json.dumps({"image": f"images/{entry['filename']}", "caption": caption}))
+    karpathy = out / "toyworld.json"
+    tmp = karpathy.with_name(karpathy.name + ".tmp")
+    tmp.write_text(json.dumps({"dataset": "toyworld", "seed": seed, "images": entries}), encoding="utf-8")
+    os.replace(tmp, karpathy)
+    (out / "web_pairs.jsonl").write_text("\n".join(web_lines) + "\n", encoding="utf-8")
+    return karpathy
