@@ -60,3 +60,25 @@ def test_web_pairs_hold_a_share_of_mismatched_captions(tmp_path):
     wrong = sum(line["caption"] not in captions[line["image"].split("/")[-1]] for line in lines) / len(lines)
     assert len(lines) == 2000 and 0.15 < wrong < 0.25
     assert len(read_captions(world / "web_pairs.jsonl")) == 2000
+
+
+def test_toy_clip_trains_saves_and_loads_like_any_clip(tmp_path, tiny_clip):
+    from tipcap.clip import ClipEncoder
+    from tipcap.toyclip import train_toyclip
+
+    karpathy = make_world(tmp_path / "w")
+    config = json.loads(tiny_clip.read_text())
+    spec, report = train_toyclip(
+        karpathy, tmp_path / "clip", steps=3, batch_size=16, config=config, progress=False
+    )
+    assert spec.model == str(tmp_path / "clip" / "toyclip.json") and spec.pretrained.endswith(
+        "toyclip.safetensors"
+    )
+    encoder = ClipEncoder.load(spec, device="cpu")
+    assert abs(float(encoder.model.logit_scale.exp()) - 100.0) < 1e-3
+    assert report.steps == 3 and 0.0 <= report.recall_at_1 <= 1.0 and report.mu_norm > 0
+    assert json.loads((tmp_path / "clip" / "toyclip_report.json").read_text())["steps"] == 3
+    result = run("embed", "images", "--images", karpathy, "--split", "test", "--clip", spec.model,
+                 "--pretrained", spec.pretrained, "--out", tmp_path / "store", "--workers", "0",
+                 "--no-progress")  # fmt: skip
+    assert result.exit_code == 0 and "wrote 10 image embeddings" in result.stdout
