@@ -3,15 +3,21 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tipcap.config import ExperimentConfig, load_config, save_config, to_dict
 from tipcap.errors import TipcapError
+from tipcap.experiments import load_ablation
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
+    if "cells" in yaml.safe_load(path.read_text()):
+        ablation = load_ablation(path, ["karpathy=world/toyworld.json", "clip_model=world/clip/toyclip.json"])
+        assert ablation.cells and all(cell.name for cell in ablation.cells)
+        return
     config = load_config(path)
     assert isinstance(config, ExperimentConfig)
     if path.parent.name == "coco":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import click
@@ -360,7 +361,6 @@ def caption_command(
 ) -> None:
     """Caption images (files or folders); unreadable images are reported and the others captioned."""
     import json
-    from pathlib import Path
 
     from tipcap.data import list_images
     from tipcap.generate import Captioner
@@ -564,6 +564,20 @@ def toyworld_command(
     click.echo(
         f"wrote {total:,} images to {out}/images, captions in {karpathy}, web pairs in {out}/web_pairs.jsonl"
     )
+
+
+@main.command("ablate")
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def ablate_command(config_path: str, out: str, overrides: tuple[str, ...], no_progress: bool) -> None:
+    """Run a grid of methods x settings x seeds; rerunning finishes only the missing cells."""
+    from tipcap.experiments import run_ablation
+
+    run_ablation(config_path, out, list(overrides), progress=not no_progress)
+    click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
+    click.echo(f"wrote {out}/results.csv, {out}/table.md and {out}/cider.png")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ class ModelConfig:
     pim_heads: int = 8
     max_prompt_words: int = 8
     max_caption_tokens: int = 40
+    vocabulary: str | None = None  # entity vocabulary JSON; None: the packaged COCO vocabulary
 
 
 @dataclass
@@ -126,6 +127,10 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
     elif origin is dict or hint is dict:
         if isinstance(value, dict):
             return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(hint)
+            return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     elif isinstance(value, hint):
         return value
     raise TipcapError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}.")

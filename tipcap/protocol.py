@@ -95,6 +95,7 @@ def evaluate_split(
     texts: str | Path | None = None,
     clip: ClipSpec | None = None,
     prompt: str = "none",
+    oracle_prompts: dict[Any, list[str]] | None = None,
     beams: int = 5,
     batch_size: int = 64,
     metrics: Sequence[str] = METRICS,
@@ -112,7 +113,8 @@ def evaluate_split(
         image_store: an existing image store of the split, instead of ``images``.
         texts: caption store to retrieve from (``retrieval``).
         clip: the CLIP to use; default: the model's, else the caption store's.
-        prompt: ``none`` or ``auto`` (CLIP zero-shot entities as prompt words).
+        prompt: ``none``, ``auto`` (CLIP zero-shot entities as prompt words) or ``oracle`` (the words
+            given per image id in ``oracle_prompts``, e.g. the ground-truth objects).
         beams: beam width of the model's decoding.
 
     Returns:
@@ -162,6 +164,10 @@ def evaluate_split(
         captioner = Captioner(model, encoder)
         if prompt == "auto":
             prompts = captioner.auto_prompts(embeddings)
+        elif prompt == "oracle":
+            if oracle_prompts is None:
+                raise TipcapError("oracle prompts need the ground-truth words of every image.")
+            prompts = [oracle_prompts.get(image_id, []) for image_id in image_ids]
         captions = captioner.caption_embeddings(embeddings, prompts, num_beams=beams, batch_size=batch_size)
     elif method == "retrieval":
         captions = retrieve_captions(embeddings, caption_store)

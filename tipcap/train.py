@@ -222,7 +222,7 @@ class Trainer:
                 lm_config.setdefault(key, tokenizer.eos_token_id)
             cfg.model.language_model_config = lm_config
 
-        vocabulary = EntityVocabulary.load() if cfg.model.prompt != "none" else None
+        vocabulary = EntityVocabulary.load(cfg.model.vocabulary) if cfg.model.prompt != "none" else None
         entity_names, entity_embeddings = [], None
         if cfg.model.prompt == "pim":
             entity_names = vocabulary.names

@@ -1,8 +1,9 @@
 """The toy world: coloured shapes on a plain background, each image with five paraphrased captions.
 
 Every real command runs on it unchanged: it is written as an image folder, a Karpathy split file (with
-train/val/test splits, and each image's objects in an extra ``objects`` field) and a JSONL of web pairs in
-which a share of the captions belongs to another image, so all four data settings exist offline.
+train/val/test splits, and each image's objects in an extra ``objects`` field), a JSONL of web pairs in
+which a share of the captions belongs to another image, so all four data settings exist offline, and an
+entity vocabulary of its (colour, shape) objects for prompts.
 
 Because the world knows every scene, captions can also be scored against the truth: :func:`object_f1`
 compares the (colour, shape) pairs a caption names with the scene's objects.
@@ -199,4 +200,18 @@ def write_toyworld(
     tmp.write_text(json.dumps({"dataset": "toyworld", "seed": seed, "images": entries}), encoding="utf-8")
     os.replace(tmp, karpathy)
     (out / "web_pairs.jsonl").write_text("\n".join(web_lines) + "\n", encoding="utf-8")
+    (out / "entities.json").write_text(json.dumps(entity_vocabulary(), indent=1), encoding="utf-8")
     return karpathy
+
+
+def entity_vocabulary() -> dict:
+    """The world's prompt vocabulary: one entity per (colour, shape), e.g. "red circle" (plural forms too)."""
+    entities = [
+        {
+            "name": f"{colour} {shape}",
+            "forms": [f"{colour} {form}" for form in _SHAPE_FORMS if _SHAPE_FORMS[form] == shape],
+        }
+        for colour in COLOURS
+        for shape in SHAPES
+    ]
+    return {"source": "tipcap toy world: coloured shapes", "entities": entities}
