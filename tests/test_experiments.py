@@ -107,3 +107,21 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
 def test_bad_ablation_config_names_the_key(grid, tmp_path):
     result = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "seedz=[1]")
     assert result.exit_code == 1 and "config key 'seedz' is unknown" in result.stderr
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    """The reduced demo from an empty cache: the world, its CLIP, five methods; bridging must pay."""
+    out = tmp_path / "demo"
+    result = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = {(r["cell"], r["eval_prompt"]): r for r in csv.DictReader((out / "results.csv").open())}
+    cider = {cell: float(row["CIDEr"]) for (cell, _), row in rows.items()}
+    assert cider["supervised"] > cider["none"] + 0.2
+    assert cider["gaussian-few-pairs"] > cider["none"] + 0.1 and cider["isotropic"] > cider["none"] + 0.1
+    assert ("gaussian-few-pairs-prompts", "oracle") in rows
+    assert "| supervised | none | 1 |" in result.stdout
+    for name in ("results.csv", "table.md", "cider.png", "gap.png"):
+        assert (out / name).is_file()
+    # A second run reuses the cached world and CLIP and every finished cell.
+    again = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
+    assert again.exit_code == 0 and again.stdout == result.stdout

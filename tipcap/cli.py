@@ -580,5 +580,28 @@ def ablate_command(config_path: str, out: str, overrides: tuple[str, ...], no_pr
     click.echo(f"wrote {out}/results.csv, {out}/table.md and {out}/cider.png")
 
 
+@main.command("demo")
+@click.option("--quick", is_flag=True, help="A reduced world and grid (a few minutes on a laptop CPU).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the world, its CLIP and the decoders.")
+@click.option(
+    "--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Output folder."
+)
+@click.option(
+    "--cache",
+    default=str(Path("~/.cache/tipcap").expanduser()),
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the toy world and its CLIP are kept for reruns.",
+)
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def demo_command(quick: bool, seed: int, out: str, cache: str, no_progress: bool) -> None:
+    """Run the whole pipeline offline on the toy world and print the table of methods."""
+    from tipcap.experiments import run_demo
+
+    run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress)
+    click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
+    click.echo(f"wrote {out}/results.csv, {out}/table.md, {out}/cider.png and {out}/gap.png")
+
+
 if __name__ == "__main__":
     main()
