@@ -189,3 +189,16 @@ def test_trained_prompts_steer_held_out_captions(prompt_model):
     # The noisy gap leaves the embedding weakly informative, so the prompt must carry the animal.
     assert prompted >= 0.85 and prompted >= unprompted + 0.3, (prompted, unprompted)
     assert steered >= 0.7, steered
+
+
+def test_validation_loss_is_logged_each_epoch(coco_texts, tmp_path):
+    config = load_config(TINY, [f"data.train_texts={coco_texts}", f"data.val_texts={coco_texts}",
+                                "train.max_steps=16", "train.log_every=4"])  # fmt: skip
+    train(config, tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    validation = [r for r in records if "val_loss" in r]
+    assert [r["epoch"] for r in validation] == [0, 1] and all(0 < r["val_loss"] < 20 for r in validation)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "step-00000014",
+        "step-00000016",
+    ]

@@ -509,15 +509,16 @@ class Trainer:
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                     window_loss.zero_()
                     window_tokens, window_first, window_start = 0, step, time.perf_counter()
+                if done_epoch:
+                    val_loss = self.validate()
+                    if val_loss is not None:
+                        self._log({"step": step, "epoch": epoch, "val_loss": val_loss})
                 if save_now:
                     next_epoch, next_position = (epoch + 1, 0) if done_epoch else (epoch, group_index + 1)
                     self._save_checkpoint(step, next_epoch, next_position)
                 if step >= self.total_steps:
                     break
             else:
-                val_loss = self.validate()
-                if val_loss is not None:
-                    self._log({"step": step, "epoch": epoch, "val_loss": val_loss})
                 epoch, position = epoch + 1, 0
                 continue
             break
