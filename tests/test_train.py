@@ -199,6 +199,6 @@ def test_validation_loss_is_logged_each_epoch(coco_texts, tmp_path):
     validation = [r for r in records if "val_loss" in r]
     assert [r["epoch"] for r in validation] == [0, 1] and all(0 < r["val_loss"] < 20 for r in validation)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
-        "step-00000014",
+        "step-00000008",
         "step-00000016",
     ]
