@@ -26,7 +26,13 @@ from tipcap import __version__
 from tipcap.config import ModelConfig, from_dict, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.prompts import PROMPT_TEMPLATES, PromptInteraction, entity_text_embeddings, hard_prompt
+from tipcap.prompts import (
+    PROMPT_TEMPLATES,
+    PromptInteraction,
+    entity_text_embeddings,
+    hard_prompt,
+    pad_prompt_embeddings,
+)
 
 MODEL_FORMAT = 1
 CONFIG_NAME = "config.json"
@@ -189,22 +195,14 @@ class TIPCap(nn.Module):
         text encoder, prompt-ensembled like the vocabulary) or refused when none is given.
         """
         prompts = [list(words)[: self.config.max_prompt_words] for words in prompts]
+        table, names = self.entity_embeddings.float(), self.entity_names
         unknown = sorted({w for words in prompts for w in words if w not in self._entity_row})
-        extra: dict[str, torch.Tensor] = {}
         if unknown:
             if encode_texts is None:
                 raise TipcapError(f"prompt words outside the entity vocabulary: {', '.join(unknown)}.")
             vectors = entity_text_embeddings(encode_texts, unknown, PROMPT_TEMPLATES)
-            extra = dict(zip(unknown, vectors, strict=True))
-        width = max(1, max((len(words) for words in prompts), default=0))
-        embeddings = torch.zeros(len(prompts), width, self.config.clip_dim, device=self.device)
-        mask = torch.zeros(len(prompts), width, dtype=torch.bool, device=self.device)
-        for row, words in enumerate(prompts):
-            for column, word in enumerate(words):
-                vector = extra[word] if word in extra else self.entity_embeddings[self._entity_row[word]]
-                embeddings[row, column] = vector.to(self.device, torch.float32)
-                mask[row, column] = True
-        return embeddings, mask
+            table, names = torch.cat([table, vectors.to(table)]), [*names, *unknown]
+        return pad_prompt_embeddings(prompts, table, names)
 
     def prefix(
         self,

@@ -24,7 +24,6 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -550,8 +549,3 @@ def train(config: ExperimentConfig, out: str | Path, resume: bool = False, progr
     finally:
         if trainer.env.world > 1:
             dist.destroy_process_group()
-
-
-def iter_checkpoints(out: str | Path) -> Iterator[Path]:
-    """The complete checkpoints of a run directory, oldest first."""
-    yield from sorted(p for p in (Path(out) / "checkpoints").glob("step-*") if p.is_dir())
