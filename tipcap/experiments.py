@@ -103,20 +103,26 @@ class Ablation:
         self.karpathy = Path(config.karpathy)
         self.root = Path(config.image_root) if config.image_root else self.karpathy.parent
         self.objects = _objects(self.karpathy)
+        self._checked: set[Path] = set()
 
     # -- cached steps ---------------------------------------------------------------------------
 
     def _texts(self, name: str, corpus: Path, split: str | None) -> Path:
         out = self.out / "stores" / name
-        embed_texts(corpus, self.clip, out, split=split, progress=self.progress)
+        # Checking a store re-reads and hashes its inputs: do it once per run, not once per cell.
+        if out not in self._checked:
+            embed_texts(corpus, self.clip, out, split=split, progress=self.progress)
+            self._checked.add(out)
         return out
 
     def _images(self, name: str, source: Path, split: str | None, limit: str | None = None) -> Path:
         out = self.out / "stores" / name
-        root = self.root if source == self.karpathy else source.parent
-        embed_images(
-            source, self.clip, out, image_root=root, split=split, limit=limit, progress=self.progress
-        )
+        if out not in self._checked:
+            root = self.root if source == self.karpathy else source.parent
+            embed_images(
+                source, self.clip, out, image_root=root, split=split, limit=limit, progress=self.progress
+            )
+            self._checked.add(out)
         return out
 
     def stores_for(self, setting: str) -> tuple[Path, Path | None]:

@@ -42,13 +42,13 @@ METHODS = ("model", "retrieval", "template")
 CLIPSCORE_WEIGHT = 2.5
 
 
-def retrieve_captions(image_embeddings: torch.Tensor, texts: EmbeddingStore, chunk: int = 4096) -> list[str]:
+def retrieve_captions(image_embeddings: torch.Tensor, texts: EmbeddingStore, chunk: int = 65536) -> list[str]:
     """The most CLIP-similar caption of ``texts`` for each image ``[N, d]``, reading the store in chunks."""
     best_score = torch.full((len(image_embeddings),), -torch.inf)
     best_row = torch.zeros(len(image_embeddings), dtype=torch.long)
     queries = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
     start = 0
-    for block in texts.iter_chunks(chunk * 16):
+    for block in texts.iter_chunks(chunk):
         scores = queries @ block.float().T
         value, index = scores.max(dim=1)
         better = value > best_score
