@@ -226,6 +226,9 @@ def _text_tower(model: torch.nn.Module) -> torch.nn.Module | None:
         return None
     if _pool_type(tower) not in ("argmax", "eos"):
         return None
+    transformer = tower.transformer
+    if not getattr(transformer, "batch_first", True):
+        return None
     return tower
 
 
@@ -235,6 +238,23 @@ def _pool_type(tower: torch.nn.Module) -> str | None:
 
 def _eos_id(tower: torch.nn.Module) -> int | None:
     return getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
+
+
+def _block_at(block: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """A residual attention block's output at one position per row: ``x [B, L, W]`` → ``[B, W]``.
+
+    Pooling keeps only the end-of-text position of the last block, which needs every earlier position
+    as a key but only its own query, attention output and MLP: the rest of that block is skipped.
+    """
+    rows = torch.arange(len(x), device=x.device)
+    query = x[rows, positions].unsqueeze(1)
+    keys = block.ln_1(x)
+    after = torch.arange(x.shape[1], device=x.device)[None, :] > positions[:, None]  # [B, L]
+    mask = torch.zeros(after.shape, dtype=x.dtype, device=x.device).masked_fill(after, float("-inf"))
+    mask = mask.repeat_interleave(block.attn.num_heads, dim=0).unsqueeze(1)  # [B * heads, 1, L]
+    query = query + block.ls_1(block.attention(block.ln_1(query), keys, keys, attn_mask=mask))
+    query = query + block.ls_2(block.mlp(block.ln_2(query)))
+    return query[:, 0]
 
 
 class ClipEncoder:
@@ -384,9 +404,10 @@ class ClipEncoder:
             cast_dtype = tower.transformer.get_cast_dtype()
             x = tower.token_embedding(tokens).to(cast_dtype)
             x = x + tower.positional_embedding[:length].to(cast_dtype)
-            x = tower.transformer(x, attn_mask=tower.attn_mask[:length, :length])
-            x = tower.ln_final(x)
-            x = x[torch.arange(len(x), device=x.device), lengths - 1]  # the end-of-text position
+            blocks = tower.transformer.resblocks
+            for block in blocks[:-1]:
+                x = block(x, attn_mask=tower.attn_mask[:length, :length])
+            x = tower.ln_final(_block_at(blocks[-1], x, lengths - 1))
             projection = tower.text_projection
             if projection is not None:
                 x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
