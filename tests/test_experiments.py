@@ -120,13 +120,18 @@ def test_quick_demo_end_to_end(tmp_path):
         ("gaussian-few-pairs-prompts", "none"), ("gaussian-few-pairs-prompts", "oracle"),
     ]  # fmt: skip
     for row in rows:
-        assert 0.0 <= float(row["CIDEr"]) < 10 and 0.0 <= float(row["object_f1"]) <= 1.0
-        assert 0.0 < float(row["BLEU-4"]) < 1 and 0.0 <= float(row["CLIPScore"]) <= 2.5
+        # Every decoder reads the image: it names the scene's objects far more often than a random
+        # caption of the world does (object F1 about 0.05), and its captions match the references.
+        assert 0.12 <= float(row["object_f1"]) <= 1.0, row
+        assert 0.5 <= float(row["CIDEr"]) < 10 and 0.1 < float(row["BLEU-4"]) < 1, row
+        assert 0.0 <= float(row["CLIPScore"]) <= 2.5
     assert "| supervised | none | 1 |" in result.stdout
     for name in ("results.csv", "table.md", "cider.png", "gap.png"):
         assert (out / name).is_file()
     report = json.loads(next((tmp_path / "cache").glob("toyworld-*/clip-*/toyclip_report.json")).read_text())
-    assert report["steps"] == 150 and report["mu_norm"] > 0
+    # The toy CLIP learned the world (images retrieve their captions) and kept a modality gap.
+    assert report["steps"] == 400 and report["recall_at_1"] >= 0.4
+    assert report["mu_norm"] >= 0.3 and report["matched_cosine"] <= 0.9
     # A second run reuses the cached world and CLIP and every finished cell: the same table, to the digit.
     again = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
     assert again.exit_code == 0 and again.stdout == result.stdout

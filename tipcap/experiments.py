@@ -293,13 +293,8 @@ def demo_scale(quick: bool) -> DemoScale:
     from tipcap.toyclip import TOYCLIP_CONFIG
 
     if not quick:
-        return DemoScale(20_000, 500, 500, 600, 256, TOYCLIP_CONFIG, "toyworld.yaml")
-    small = {
-        "embed_dim": 64,
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    }
-    return DemoScale(2_000, 100, 100, 150, 128, small, "toyworld_quick.yaml")
+        return DemoScale(20_000, 500, 500, 1_200, 64, TOYCLIP_CONFIG, "toyworld.yaml")
+    return DemoScale(2_000, 100, 100, 400, 64, TOYCLIP_CONFIG, "toyworld_quick.yaml")
 
 
 def run_demo(

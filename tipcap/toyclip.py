@@ -66,14 +66,19 @@ def measure(encoder: ClipEncoder, karpathy: Path, split: str = "val", limit: int
 def train_toyclip(
     karpathy: str | Path,
     out: str | Path,
-    steps: int = 600,
-    batch_size: int = 256,
+    steps: int = 1_200,
+    batch_size: int = 64,
     lr: float = 1e-3,
     seed: int = 0,
     config: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> tuple[ClipSpec, ToyClipReport]:
     """Train a tiny CLIP contrastively on the world's training images and captions.
+
+    The images are mostly background, so at initialisation every image embedding is nearly the same
+    (cosine 0.995) and training starts next to the collapsed solution (loss ln B). Small batches leave it
+    far sooner than large ones for the same compute: 400 steps of 64 reach image→text R@1 0.7 on a
+    2,000-image world where 150 steps of 256 stay collapsed.
 
     Writes ``out/toyclip.json`` (the open_clip model config) and ``out/toyclip.safetensors`` (weights, to
     a temporary name and renamed), and ``out/toyclip_report.json``. Returns the spec that loads it.
