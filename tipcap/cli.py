@@ -46,6 +46,39 @@ def main() -> None:
     """tipcap: image captioning from text data, across the CLIP modality gap."""
 
 
+@main.command("prepare")
+@click.argument("dataset", type=click.Choice(["coco", "flickr30k"]))
+@click.option(
+    "--karpathy",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Karpathy split file (dataset_coco.json, dataset_flickr30k.json; .gz accepted).",
+)
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Image root: COCO's train2014/ and val2014/ folders, or the folder of Flickr30k's images.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write to.")
+@click.option(
+    "--workers", default=None, type=int, help="Image decoding processes (default: CPU count, at most 8)."
+)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def prepare_command(
+    dataset: str, karpathy: str, images: str, out: str, workers: int | None, no_progress: bool
+) -> None:
+    """Check a Karpathy split file against its images; write corpora, image lists and references."""
+    from tipcap.data.prepare import prepare_dataset
+
+    report = prepare_dataset(dataset, karpathy, images, out, workers=workers, progress=not no_progress)
+    click.echo(report.summary())
+    written = [report.outputs["dataset"]]
+    for kind in ("corpus", "images", "references"):
+        written += report.outputs[kind].values()
+    click.echo(f"wrote {out}/report.json and, in {out}: {', '.join(written)}")
+
+
 @main.group()
 def embed() -> None:
     """Encode captions or images with CLIP into an embedding store."""
