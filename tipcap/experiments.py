@@ -597,7 +597,7 @@ def _save_figure(figure: Any, path: Path) -> None:
 
     figure.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=110)
+    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     os.replace(tmp, path)
 
@@ -629,13 +629,14 @@ def plot_cider(rows: list[dict[str, Any]], path: Path) -> None:
 
 def plot_cider_vs_pairs(rows: list[dict[str, Any]], path: Path) -> None:
     """CIDEr against the share of paired training images (log scale): a line per few-pairs method, a point
-    for supervised training on all pairs, and a dashed level for each method that uses no pairs."""
+    for supervised training on all pairs, and a horizontal level (labelled with its setting) for each method
+    that uses none of the paired training images."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.5, 4.8))
+    figure, axis = plt.subplots(figsize=(10, 5))
     lines: dict[tuple[str, str], dict[float, list[float]]] = {}
     for row in rows:
         if row["few_pairs"]:
@@ -646,22 +647,30 @@ def plot_cider_vs_pairs(rows: list[dict[str, Any]], path: Path) -> None:
         axis.errorbar(xs, [statistics.mean(points[x]) for x in xs], marker="o", capsize=3,
                       yerr=[statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs],
                       label=method if prompt == "none" else f"{method} [{prompt}]")  # fmt: skip
+    colours, styles, level = plt.get_cmap("Dark2").colors, ("--", ":", "-."), 0
+    shares = sorted({x for points in lines.values() for x in points})
     for (cell, prompt), group in _groups(rows).items():
         if group[0]["few_pairs"]:
             continue
         label = cell if prompt == "none" else f"{cell} [{prompt}]"
         cider = statistics.mean(_values(group, "CIDEr"))
         if group[0]["paired_fraction"] not in (None, ""):
-            axis.plot([100 * float(group[0]["paired_fraction"])], [cider], marker="*", markersize=12,
-                      linestyle="none", color="black", label=f"{label} (all pairs)")  # fmt: skip
+            share = 100 * float(group[0]["paired_fraction"])
+            shares.append(share)
+            axis.plot([share], [cider], marker="*", markersize=12, linestyle="none", color="black",
+                      label=f"{label} (all pairs)")  # fmt: skip
         else:
-            axis.axhline(cider, linestyle="--", linewidth=1, color=SETTING_COLOURS.get(group[0]["setting"]),
-                         label=f"{label} (no pairs)")  # fmt: skip
+            setting = group[0]["setting"]
+            axis.axhline(cider, linestyle=styles[level % len(styles)], linewidth=1.2,
+                         color=colours[level % len(colours)], label=f"{label} ({setting})")  # fmt: skip
+            level += 1
     axis.set_xscale("log")
+    axis.set_xticks(shares, [f"{share:.3g}%" for share in shares])
+    axis.minorticks_off()
     axis.set_xlabel("paired training images used (% of the training split, log scale)")
     axis.set_ylabel("CIDEr")
     axis.set_title("CIDEr against the amount of paired data")
-    axis.legend(fontsize=7, loc="best")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save_figure(figure, path)
 
 
