@@ -119,3 +119,50 @@ def prompt_model(tmp_path_factory, tiny_clip):
                  "train.lr=1e-3"]  # fmt: skip
     model_dir = train(load_config(TINY_CONFIG, overrides), root / "run", progress=False)
     return root, held_out, model_dir
+
+
+COCO_260 = DATA / "coco_karpathy_260.json.gz"
+
+
+def write_coco_tree(
+    karpathy: Path, root: Path, missing: list[int], corrupt: list[int]
+) -> dict[str, list[str]]:
+    """Small JPEGs named like the files a Karpathy file lists (``filepath/filename`` under ``root``).
+
+    The entries at positions ``missing`` get no file and those at ``corrupt`` a truncated one. Returns the
+    relative paths of both kinds.
+    """
+    from tipcap.data.files import load_json
+
+    entries = load_json(karpathy)["images"]
+    paths = {"missing": [], "corrupt": []}
+    for position, entry in enumerate(entries):
+        relative = Path(entry.get("filepath", "")) / entry["filename"]
+        if position in missing:
+            paths["missing"].append(relative.as_posix())
+            continue
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        colour = ((37 * position) % 256, (91 * position) % 256, (53 * position) % 256)
+        Image.new("RGB", (40, 30), colour).save(root / relative, quality=85)
+        if position in corrupt:
+            data = (root / relative).read_bytes()
+            (root / relative).write_bytes(data[: len(data) // 3])
+            paths["corrupt"].append(relative.as_posix())
+    return paths
+
+
+@pytest.fixture(scope="session")
+def coco_tree(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """The 260-image COCO slice as an image tree: 3 images missing (2 train, 1 val), 2 truncated (1 each)."""
+    root = tmp_path_factory.mktemp("coco") / "images"
+    return root, write_coco_tree(COCO_260, root, missing=[0, 120, 259], corrupt=[1, 258])
+
+
+@pytest.fixture(scope="session")
+def prepared_coco(tmp_path_factory, coco_tree) -> Path:
+    """``tipcap prepare coco`` output for :func:`coco_tree`."""
+    out = tmp_path_factory.mktemp("prepared") / "coco"
+    result = run("prepare", "coco", "--karpathy", COCO_260, "--images", coco_tree[0], "--out", out,
+                 "--workers", 0, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out

@@ -1,5 +1,6 @@
 """Experiment configs: every shipped file validates; mistakes name the key; values round-trip."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -7,22 +8,51 @@ import yaml
 
 from tipcap.config import ExperimentConfig, load_config, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.experiments import load_ablation
+from tipcap.experiments import CELL_KINDS, expand, load_ablation
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
+SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml"))
+GRIDS = [p for p in SHIPPED if "cells" in yaml.safe_load(p.read_text())]
 
 
-@pytest.mark.parametrize("path", sorted(EXPERIMENTS.rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_shipped_configs_validate(path):
-    if "cells" in yaml.safe_load(path.read_text()):
-        ablation = load_ablation(path, ["karpathy=world/toyworld.json", "clip_model=world/clip/toyclip.json"])
-        assert ablation.cells and all(cell.name for cell in ablation.cells)
+    """Ablation grids (files with cells) through load_ablation, experiment configs through load_config."""
+    if path in GRIDS:
+        ablation = load_ablation(path)
+        assert ablation.cells and all(job.name for job in expand(ablation))
+        if path.parent.name == "cross_domain":
+            source, target = path.stem.split("_to_")
+            assert source in ablation.karpathy and target in ablation.eval_karpathy
         return
     config = load_config(path)
     assert isinstance(config, ExperimentConfig)
-    if path.parent.name == "coco":
+    if path.parent.name in ("coco", "flickr30k"):
         assert config.model.clip_dim == 512 and config.model.prefix_length == 10
-        assert config.train.batch_size == 80 and config.train.lr == 2e-5 and config.data.gap
+        assert config.train.batch_size == 80 and config.train.lr == 2e-5
+        assert path.parent.name in config.data.train_texts
+        assert (
+            (config.data.gap is None) == (path.stem == "supervised") == (config.data.train_images is not None)
+        )
+
+
+def test_shipped_grids_cover_the_settings_baselines_and_sweep():
+    """Both data sets: four settings, every baseline, the upper bound, a 0.1/1/10% sweep; both directions."""
+    names = {str(p.relative_to(EXPERIMENTS)) for p in GRIDS}
+    assert names == {f"{d}/{g}.yaml" for d in ("coco", "flickr30k") for g in ("grid", "few_pairs_sweep")} | {
+        "cross_domain/coco_to_flickr30k.yaml", "cross_domain/flickr30k_to_coco.yaml"
+    }  # fmt: skip
+    for data in ("coco", "flickr30k"):
+        grid = load_ablation(EXPERIMENTS / data / "grid.yaml")
+        assert {c.kind for c in grid.cells} == set(CELL_KINDS) and grid.few_pairs == "1%"
+        gaussian = {(c.setting, c.prompt) for c in grid.cells if c.kind == "gaussian"}
+        assert gaussian == {
+            (s, p) for s in ("few-pairs", "web-pairs", "unpaired", "text-only") for p in ("none", "pim")
+        }
+        assert any(c.prompt == "hard" and c.eval_prompts == ["auto"] for c in grid.cells)
+        sweep = load_ablation(EXPERIMENTS / data / "few_pairs_sweep.yaml")
+        assert sweep.few_pairs == ["0.1%", "1%", "10%"]
+        assert {job.few_pairs for job in expand(sweep)} == {None, "0.1%", "1%", "10%"}
 
 
 @pytest.mark.parametrize(
@@ -39,6 +69,46 @@ def test_shipped_configs_validate(path):
 def test_mistakes_name_the_key(override, message):
     with pytest.raises(TipcapError, match=message.replace("|", r"\|").replace("(", r"\(")):
         load_config(EXPERIMENTS / "tiny.yaml", [override])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("seedz=[1]", "config key 'seedz' is unknown"),
+        ("beams=wide", "config key 'beams': expected int"),
+        ("seeds=[0, x]", "config key 'seeds[1]': expected int"),
+        ("decoder.train.lr=fast", "config key 'decoder.train.lr': expected float"),
+        ("few_pairs=lots", "config key 'few_pairs': expected a number of images"),
+        ("few_pairs=[1%, 0%]", "config key 'few_pairs': expected a number of images (200), a percentage"),
+        ("cells=[{name: a, colour: red}]", "config key 'cells[0].colour' is unknown"),
+        ("cells=[{name: a, kind: magic}]", "config key 'cells[0].kind': 'magic' is not one of"),
+        ("cells=[{name: a, setting: web}]", "config key 'cells[0].setting': 'web' is not one of"),
+        ("cells=[{name: a, prompt: soft}]", "config key 'cells[0].prompt': expected 'none' | 'pim' | 'hard'"),
+        ("cells=[{name: a, eval_prompts: [user]}]", "config key 'cells[0].eval_prompts[0]'"),
+        (
+            "cells=[{name: a, few_pairs: 5}]",
+            "config key 'cells[0].few_pairs': applies to few-pairs cells only",
+        ),
+        (
+            "cells=[{name: a, kind: retrieval, prompt: pim}]",
+            "config key 'cells[0]': retrieval takes no prompt",
+        ),
+        (
+            "cells=[{name: a, kind: supervised, setting: unpaired}]",
+            "config key 'cells[0].setting': supervised",
+        ),
+        ("cells=[{name: a/b}]", "config key 'cells[0].name': 'a/b' is not a plain name"),
+        ("cells=[{name: a}, {name: a}]", "cell name 'a' is used twice"),
+        ("cells=[]", "no cells to run"),
+        ("metrics=[bleu]", "config key 'metrics': ['bleu'] must name metrics among"),
+        ("metrics=[cider, wer]", "config key 'metrics'"),
+        ("web_pairs=null", "config key 'cells[10]': a web-pairs cell needs web_pairs"),
+    ],
+)
+def test_ablation_mistakes_name_the_key(override, message):
+    grid = EXPERIMENTS / "coco" / "grid.yaml"
+    with pytest.raises(TipcapError, match=re.escape(message)):
+        load_ablation(grid, [override])
 
 
 def test_overrides_parse_yaml_values_and_round_trip(tmp_path):

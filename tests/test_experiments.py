@@ -2,12 +2,16 @@
 
 import csv
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import run
 
 import tipcap.experiments
+from tipcap.config import load_config
+from tipcap.data.files import load_json
 from tipcap.toyclip import train_toyclip
 
 DECODER = {
@@ -135,3 +139,150 @@ def test_quick_demo_end_to_end(tmp_path):
     # A second run reuses the cached world and CLIP and every finished cell: the same table, to the digit.
     again = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
     assert again.exit_code == 0 and again.stdout == result.stdout
+
+
+COCO_GRID = Path(__file__).parent.parent / "experiments" / "coco" / "grid.yaml"
+COCO_DECODER = {
+    "model": {**DECODER["model"], "max_caption_tokens": 24},
+    "train": {**DECODER["train"], "max_steps": 6, "checkpoint_every": 6, "log_every": 6},
+}
+REDUCED = ["supervised", "isotropic", "retrieval", "template", "hard-prompt", "gaussian-few-pairs",
+           "gaussian-unpaired"]  # fmt: skip
+
+
+def coco_overrides(prepared, images, tiny_clip, cells):
+    """Turn the shipped COCO grid into a CPU-sized one: tiny CLIP and decoders, the val split, one seed."""
+    shipped = {cell["name"]: cell for cell in yaml.safe_load(COCO_GRID.read_text())["cells"]}
+    return [
+        f"karpathy={prepared / 'dataset.json'}", f"image_root={images}", f"clip_model={tiny_clip}",
+        "clip_pretrained=none", "eval_split=val", "seeds=[0]", "beams=1", "metrics=[bleu, rouge, cider]",
+        f"decoder={json.dumps(COCO_DECODER)}", f"cells={json.dumps([shipped[name] for name in cells])}",
+    ]  # fmt: skip
+
+
+def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_path):
+    """The shipped COCO grid, reduced, on prepared data: a few-pairs sweep, unpaired halves, the baselines."""
+    out = tmp_path / "grid"
+    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, REDUCED), "few_pairs=[10%, 50%]"]
+    result = run(
+        "ablate", COCO_GRID, "--out", out, "--no-progress", *(x for o in overrides for x in ("--set", o))
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["cell"], r["few_pairs"], r["seed"], r["eval_prompt"]) for r in rows] == [
+        ("supervised", "", "0", "none"), ("isotropic", "", "0", "none"), ("retrieval", "", "", "none"),
+        ("template", "", "", "none"), ("hard-prompt", "", "0", "auto"),
+        ("gaussian-few-pairs-10pct", "10%", "0", "none"), ("gaussian-few-pairs-50pct", "50%", "0", "none"),
+        ("gaussian-unpaired", "", "0", "none"),
+    ]  # fmt: skip
+    fraction = {r["cell"]: r["paired_fraction"] for r in rows}
+    assert float(fraction["supervised"]) == 1.0 and fraction["isotropic"] == ""
+    assert float(fraction["gaussian-few-pairs-10pct"]) == pytest.approx(20 / 197)  # 10% of the 197 usable
+    assert float(fraction["gaussian-few-pairs-50pct"]) == pytest.approx(98 / 197)
+    assert all(r["train_data"] == r["eval_data"] == "coco" and float(r["CIDEr"]) >= 0 for r in rows)
+    assert {r["setting"] for r in rows if r["kind"] == "supervised"} == {"all-pairs"}
+
+    texts = set(json.loads((out / "stores" / "train-text" / "captions.json").read_text()))
+    retrieved = json.loads((out / "eval" / "retrieval-none" / "predictions.json").read_text())
+    assert len(retrieved) == 58 and all(p["caption"] in texts for p in retrieved)  # the usable val images
+    template = json.loads((out / "eval" / "template-none" / "predictions.json").read_text())
+    assert all(p["caption"].startswith("a photo") for p in template)
+    prompts = json.loads((out / "eval" / "hard-prompt-seed0-auto" / "per_image.json").read_text())
+    assert all(p["prompt"] for p in prompts)  # CLIP's entities were given to the hard-prompt decoder
+    # Unpaired: the gap saw the captions of one half of the training images and the images of the other.
+    caption_ids = set(json.loads((out / "stores" / "unpaired-text" / "ids.json").read_text()))
+    image_ids = set(json.loads((out / "stores" / "unpaired-images" / "ids.json").read_text()))
+    assert caption_ids and image_ids and not caption_ids & image_ids
+    assert len(caption_ids | image_ids) >= 197
+
+    table = (out / "table.md").read_text()
+    assert "| gaussian-few-pairs-50pct | none | 1 |" in table and "| retrieval | none | 1 |" in table
+    assert "object F1" not in table  # COCO has no object annotations: no empty column
+    for plot in ("cider.png", "cider_vs_pairs.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    assert (
+        f"wrote {out}/results.csv, {out}/table.md, {out}/cider.png, {out}/cider_vs_pairs.png" in result.stdout
+    )
+
+
+def test_plan_for_torchrun_then_reuse_the_models(prepared_coco, coco_tree, tiny_clip, tmp_path, monkeypatch):
+    """--plan writes each cell's training command; a model trained by it outside the runner is reused."""
+    out = tmp_path / "grid"
+    overrides = [
+        *coco_overrides(
+            prepared_coco, coco_tree[0], tiny_clip, ["isotropic", "retrieval", "gaussian-few-pairs"]
+        ),
+        "few_pairs=10%",
+    ]
+    flags = [x for o in overrides for x in ("--set", o)]
+    result = run("ablate", COCO_GRID, "--out", out, "--plan", "--no-progress", *flags)
+    assert result.exit_code == 0 and "wrote 2 training commands" in result.stdout, result.output
+    commands = (out / "train_commands.sh").read_text().splitlines()[3:]
+    launch = 'torchrun --nproc_per_node "${NPROC:-1}" -m tipcap.cli train --config'
+    assert len(commands) == 2 and all(c.startswith(launch) for c in commands)
+    config_path = out / "runs" / "gaussian-few-pairs-seed0" / "train.yaml"
+    assert str(config_path) in commands[1]
+    config = load_config(config_path)
+    assert Path(config.data.gap).is_absolute() and Path(config.data.gap).is_file()
+    assert not (out / "runs" / "gaussian-few-pairs-seed0" / "model").exists()  # planned, not trained
+
+    # The command a torchrun launch runs on each rank, here on one process.
+    trained = run("train", "--config", config_path, "--out", config_path.parent, "--no-progress")
+    assert trained.exit_code == 0, trained.output
+    calls = []
+    real_train = tipcap.experiments.train
+    monkeypatch.setattr(
+        tipcap.experiments, "train", lambda *a, **k: calls.append(a[1]) or real_train(*a, **k)
+    )
+    result = run("ablate", COCO_GRID, "--out", out, "--no-progress", *flags)
+    assert result.exit_code == 0, result.output
+    assert [path.name for path in calls] == ["isotropic-seed0"]  # the planned model was reused
+    assert "gaussian-few-pairs-seed0-none: CIDEr" in result.stderr
+
+    # The folder remembers its grid: a changed decoder or cell would mix results, and is refused.
+    changed = run("ablate", COCO_GRID, "--out", out, *flags, "--set", "decoder.train.lr=0.1")
+    assert changed.exit_code == 1 and "holds results of a grid with other decoder" in changed.stderr
+    redefined = [f.replace('"kind": "isotropic"', '"kind": "mean-shift"') for f in flags]
+    assert redefined != flags
+    redefined = run("ablate", COCO_GRID, "--out", out, *redefined)
+    assert (
+        redefined.exit_code == 1
+        and "cell 'isotropic' was run there with another definition" in redefined.stderr
+    )
+
+
+def test_cross_domain_grid(prepared_coco, coco_tree, tiny_clip, tmp_path):
+    """Decoders trained on COCO captions, evaluated on images and references of another Karpathy file."""
+    flickr = tmp_path / "flickr"
+    flickr.mkdir()
+    entries = []
+    for entry in load_json(prepared_coco / "images" / "val.json")["images"][:12]:
+        name = f"{entry['cocoid'] + 1_000_000}.jpg"
+        shutil.copyfile(coco_tree[0] / entry["filepath"] / entry["filename"], flickr / name)
+        entries.append({"filename": name, "split": "test", "sentences": entry["sentences"]})
+    (flickr / "dataset_flickr30k.json").write_text(json.dumps({"dataset": "flickr30k", "images": entries}))
+    out = tmp_path / "cross"
+    overrides = [
+        *coco_overrides(prepared_coco, coco_tree[0], tiny_clip, ["isotropic", "retrieval"]),
+        f"eval_karpathy={flickr / 'dataset_flickr30k.json'}",
+        f"eval_image_root={flickr}",
+        "eval_split=test",
+    ]
+    result = run(
+        "ablate", COCO_GRID, "--out", out, "--no-progress", *(x for o in overrides for x in ("--set", o))
+    )
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["cell"], r["train_data"], r["eval_data"]) for r in rows] == [
+        ("isotropic", "coco", "flickr30k"), ("retrieval", "coco", "flickr30k"),
+    ]  # fmt: skip
+    predicted = {
+        p["image_id"] for p in json.loads((out / "eval" / "retrieval-none" / "predictions.json").read_text())
+    }
+    assert predicted == {int(e["filename"][:-4]) for e in entries}
+    assert (
+        (out / "table.md")
+        .read_text()
+        .startswith("Decoders trained on coco, evaluated on the test split of flickr30k.")
+    )
+    assert len(json.loads((out / "stores" / "eval-test-images" / "ids.json").read_text())) == 12

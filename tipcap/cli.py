@@ -46,6 +46,39 @@ def main() -> None:
     """tipcap: image captioning from text data, across the CLIP modality gap."""
 
 
+@main.command("prepare")
+@click.argument("dataset", type=click.Choice(["coco", "flickr30k"]))
+@click.option(
+    "--karpathy",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Karpathy split file (dataset_coco.json, dataset_flickr30k.json; .gz accepted).",
+)
+@click.option(
+    "--images",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Image root: COCO's train2014/ and val2014/ folders, or the folder of Flickr30k's images.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write to.")
+@click.option(
+    "--workers", default=None, type=int, help="Image decoding processes (default: CPU count, at most 8)."
+)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def prepare_command(
+    dataset: str, karpathy: str, images: str, out: str, workers: int | None, no_progress: bool
+) -> None:
+    """Check a Karpathy split file against its images; write corpora, image lists and references."""
+    from tipcap.data.prepare import prepare_dataset
+
+    report = prepare_dataset(dataset, karpathy, images, out, workers=workers, progress=not no_progress)
+    click.echo(report.summary())
+    written = [report.outputs["dataset"]]
+    for kind in ("corpus", "images", "references"):
+        written += report.outputs[kind].values()
+    click.echo(f"wrote {out}/report.json and, in {out}: {', '.join(written)}")
+
+
 @main.group()
 def embed() -> None:
     """Encode captions or images with CLIP into an embedding store."""
@@ -570,14 +603,34 @@ def toyworld_command(
 @click.argument("config_path", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config value.")
+@click.option(
+    "--plan",
+    is_flag=True,
+    help="Only build stores and gaps and write each untrained cell's training command (for torchrun) "
+    "to OUT/train_commands.sh; a later run without --plan reuses the models they train.",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def ablate_command(config_path: str, out: str, overrides: tuple[str, ...], no_progress: bool) -> None:
-    """Run a grid of methods x settings x seeds; rerunning finishes only the missing cells."""
-    from tipcap.experiments import run_ablation
+def ablate_command(
+    config_path: str, out: str, overrides: tuple[str, ...], plan: bool, no_progress: bool
+) -> None:
+    """Run a grid of settings x methods x prompts x seeds; rerunning finishes only the missing cells."""
+    from tipcap.experiments import Ablation, load_ablation
 
-    run_ablation(config_path, out, list(overrides), progress=not no_progress)
+    ablation = Ablation(
+        load_ablation(config_path, list(overrides)),
+        out,
+        progress=not no_progress,
+        echo=lambda message: click.echo(message, err=True),
+    )
+    if plan:
+        commands = ablation.plan()
+        click.echo(f"wrote {len(commands)} training commands to {out}/train_commands.sh")
+        return
+    ablation.run()
     click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
-    click.echo(f"wrote {out}/results.csv, {out}/table.md and {out}/cider.png")
+    written = [name for name in ("results.csv", "table.md", "cider.png", "cider_vs_pairs.png")
+               if (Path(out) / name).is_file()]  # fmt: skip
+    click.echo(f"wrote {', '.join(f'{out}/{name}' for name in written)}")
 
 
 @main.command("demo")

@@ -96,6 +96,7 @@ def evaluate_split(
     clip: ClipSpec | None = None,
     prompt: str = "none",
     oracle_prompts: dict[Any, list[str]] | None = None,
+    vocabulary: str | Path | None = None,
     beams: int = 5,
     batch_size: int = 64,
     metrics: Sequence[str] = METRICS,
@@ -115,6 +116,7 @@ def evaluate_split(
         clip: the CLIP to use; default: the model's, else the caption store's.
         prompt: ``none``, ``auto`` (CLIP zero-shot entities as prompt words) or ``oracle`` (the words
             given per image id in ``oracle_prompts``, e.g. the ground-truth objects).
+        vocabulary: entity vocabulary JSON of ``template`` (default: the packaged COCO vocabulary).
         beams: beam width of the model's decoding.
 
     Returns:
@@ -172,7 +174,7 @@ def evaluate_split(
     elif method == "retrieval":
         captions = retrieve_captions(embeddings, caption_store)
     else:
-        names = EntityVocabulary.load().names
+        names = EntityVocabulary.load(vocabulary).names
         entities = entity_text_embeddings(lambda xs: encoder.encode_texts(xs).embeddings, names)
         prompts = zero_shot_entities(embeddings, entities, names, top_k=2)
         captions = [template_caption(words) for words in prompts]

@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tipcap import __version__
+from tipcap.data.files import write_json_atomic
 from tipcap.errors import TipcapError
 
 STORE_FORMAT = 1
@@ -46,15 +47,6 @@ def fingerprint(rows: Sequence[Any]) -> str:
         digest.update(json.dumps(row, ensure_ascii=False, separators=(",", ":")).encode())
         digest.update(b"\n")
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        json.dump(document, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
 
 
 def shard_name(index: int, count: int) -> str:

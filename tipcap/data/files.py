@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,3 +64,16 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 raise TipcapError(
                     f"{path}: line {number} is not valid JSON at column {e.colno} ({e.msg})."
                 ) from None
+
+
+def write_json_atomic(path: Path, document: Any, indent: int | None = 1) -> None:
+    """Write JSON to a temporary name beside ``path`` and rename it into place (never a half-written file).
+
+    ``indent=None`` writes compact JSON, for large documents.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    separators = (",", ":") if indent is None else None
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(document, f, ensure_ascii=False, indent=indent, separators=separators)
+    os.replace(tmp, path)
