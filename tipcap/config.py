@@ -165,17 +165,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read an experiment config (YAML or JSON), apply ``--set`` overrides, and validate it."""
-    path = Path(path)
+def read_yaml_mapping(path: Path, missing: str, expected: str) -> dict[str, Any]:
+    """The mapping a YAML file holds; a missing file (``missing`` is the message), invalid YAML or another
+    type of document is a one-line :class:`TipcapError` naming the file."""
     if not path.is_file():
-        raise TipcapError(f"--config {path}: no such file.")
+        raise TipcapError(missing)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise TipcapError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from None
     if not isinstance(data, dict):
-        raise TipcapError(f"{path}: expected a mapping with model, data and train sections.")
+        raise TipcapError(f"{path}: expected {expected}.")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read an experiment config (YAML or JSON), apply ``--set`` overrides, and validate it."""
+    path = Path(path)
+    data = read_yaml_mapping(
+        path, f"--config {path}: no such file.", "a mapping with model, data and train sections"
+    )
     apply_overrides(data, overrides or [])
     return from_dict(ExperimentConfig, data)
 

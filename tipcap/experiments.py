@@ -42,10 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from tipcap.clip import ClipSpec
-from tipcap.config import ExperimentConfig, apply_overrides, from_dict, save_config, to_dict
+from tipcap.config import (
+    ExperimentConfig,
+    apply_overrides,
+    from_dict,
+    read_yaml_mapping,
+    save_config,
+    to_dict,
+)
 from tipcap.data import list_images
 from tipcap.data.files import load_json, write_json_atomic
 from tipcap.data.karpathy import split_matches
@@ -210,14 +215,9 @@ def _validate(config: AblationConfig, path: Path) -> None:
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
     """Read an ablation YAML, apply ``key=value`` overrides, and validate it like experiment configs."""
     path = Path(path)
-    if not path.is_file():
-        raise TipcapError(f"{path}: no such ablation config.")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise TipcapError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from None
-    if not isinstance(data, dict):
-        raise TipcapError(f"{path}: expected a mapping of ablation settings and cells.")
+    data = read_yaml_mapping(
+        path, f"{path}: no such ablation config.", "a mapping of ablation settings and cells"
+    )
     config = from_dict(AblationConfig, apply_overrides(data, overrides or []))
     from_dict(
         ExperimentConfig, {**config.decoder, "data": {}}, "decoder"
