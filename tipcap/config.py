@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 
 
@@ -204,6 +204,5 @@ def save_config(config: Any, path: str | Path) -> None:
         if path.suffix in (".yaml", ".yml")
         else json.dumps(data, indent=2)
     )
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

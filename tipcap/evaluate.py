@@ -16,13 +16,13 @@ import contextlib
 import importlib.metadata
 import logging
 import math
-import os
 import platform
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tipcap.data import files
 from tipcap.data.files import load_json
 from tipcap.data.karpathy import ImageId, check_split, is_karpathy, parse_karpathy
 from tipcap.errors import TipcapError
@@ -506,19 +506,8 @@ def _finite(value: Any) -> Any:
 
 
 def write_json_atomic(path: str | Path, document: Any) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place (never a half-written file)."""
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            json.dump(_finite(document), f, ensure_ascii=False, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write a result document atomically, non-finite numbers (a metric that could not run) as null."""
+    files.write_json_atomic(Path(path), _finite(document))
 
 
 def metrics_document(

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 import re
 import shlex
@@ -52,7 +51,7 @@ from tipcap.config import (
     to_dict,
 )
 from tipcap.data import list_images
-from tipcap.data.files import load_json, write_json_atomic
+from tipcap.data.files import atomic_path, load_json, write_json_atomic
 from tipcap.data.karpathy import split_matches
 from tipcap.embed import embed_images, embed_texts
 from tipcap.errors import TipcapError
@@ -527,24 +526,20 @@ class Ablation:
                     f"--config {shlex.quote(str((run / 'train.yaml').resolve()))} "
                     f"--out {shlex.quote(str(run.resolve()))} --resume --no-progress"
                 )
-        script = self.out / "train_commands.sh"
-        tmp = script.with_name(script.name + ".tmp")
         header = (
             "#!/bin/sh\n"
             "# Trains the grid's decoders (e.g. NPROC=8 sh train_commands.sh); then rerun tipcap ablate.\n"
             "set -e\n"
         )
-        tmp.write_text(header + "".join(c + "\n" for c in commands), encoding="utf-8")
-        os.replace(tmp, script)
+        with atomic_path(self.out / "train_commands.sh") as tmp:
+            tmp.write_text(header + "".join(c + "\n" for c in commands), encoding="utf-8")
         return commands
 
     def _write_csv(self, rows: list[dict[str, Any]]) -> None:
-        tmp = self.out / "results.csv.tmp"
-        with tmp.open("w", newline="", encoding="utf-8") as f:
+        with atomic_path(self.out / "results.csv") as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.out / "results.csv")
 
 
 def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -596,10 +591,9 @@ def _save_figure(figure: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
-    os.replace(tmp, path)
 
 
 def plot_cider(rows: list[dict[str, Any]], path: Path) -> None:

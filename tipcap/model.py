@@ -12,7 +12,6 @@ when a gap was used, and the tokenizer's files.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from tipcap import __version__
 from tipcap.config import ModelConfig, from_dict, to_dict
+from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.prompts import (
@@ -327,9 +327,8 @@ class TIPCap(nn.Module):
                 continue
             storages.add(pointer)
             state[name] = tensor.detach().cpu().contiguous()
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / WEIGHTS_NAME)
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, tmp, metadata={"format": "pt"})
         if self.gap is not None:
             self.gap.save(directory / GAP_NAME)
         self.tokenizer.save_pretrained(directory)
@@ -345,9 +344,8 @@ class TIPCap(nn.Module):
             "entity_names": self.entity_names,
             "clip": self.clip_spec,
         }
-        tmp = directory / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
-        os.replace(tmp, directory / CONFIG_NAME)
+        with atomic_path(directory / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TIPCap:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tipcap import __version__
-from tipcap.data.files import write_json_atomic
+from tipcap.data.files import atomic_path, write_json_atomic
 from tipcap.errors import TipcapError
 
 STORE_FORMAT = 1
@@ -285,6 +284,5 @@ def _write_shard(path: Path, shard: Shard, digest: str) -> None:
         "skipped": json.dumps(shard.skipped, ensure_ascii=False),
         "counts": json.dumps(shard.counts),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({_TENSOR: embeddings.contiguous()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({_TENSOR: embeddings.contiguous()}, tmp, metadata=metadata)

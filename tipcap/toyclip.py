@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
+from tipcap.data.files import atomic_path
 
 TOYCLIP_CONFIG = {
     "embed_dim": 128,
@@ -120,9 +120,8 @@ def train_toyclip(
     seconds = time.perf_counter() - start
     model.eval()
     weights = out / "toyclip.safetensors"
-    tmp = weights.with_name(weights.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
-    os.replace(tmp, weights)
+    with atomic_path(weights) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     spec = ClipSpec(str(config_path), str(weights))
     report = ToyClipReport(steps, seconds, **measure(ClipEncoder.load(spec, device="cpu"), karpathy))
     (out / "toyclip_report.json").write_text(json.dumps(asdict(report), indent=1))

@@ -66,14 +66,26 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 ) from None
 
 
-def write_json_atomic(path: Path, document: Any, indent: int | None = 1) -> None:
-    """Write JSON to a temporary name beside ``path`` and rename it into place (never a half-written file).
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to, renamed to ``path`` when the block succeeds.
 
-    ``indent=None`` writes compact JSON, for large documents.
+    Readers never see a half-written file; a failed write leaves no temporary file behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, document: Any, indent: int | None = 1) -> None:
+    """Write JSON through :func:`atomic_path` (never a half-written file).
+
+    ``indent=None`` writes compact JSON, for large documents.
+    """
     separators = (",", ":") if indent is None else None
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         json.dump(document, f, ensure_ascii=False, indent=indent, separators=separators)
-    os.replace(tmp, path)

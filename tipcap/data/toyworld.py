@@ -12,13 +12,14 @@ compares the (colour, shape) pairs a caption names with the scene's objects.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from tipcap.data.files import atomic_path
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -195,11 +196,12 @@ def write_toyworld(
         source = rng.choice(train_entries) if rng.random() < web_mismatch else entry
         caption = rng.choice(source["sentences"])["raw"]
         web_lines.append(json.dumps({"image": f"images/{entry['filename']}", "caption": caption}))
+    with atomic_path(out / "web_pairs.jsonl") as tmp:
+        tmp.write_text("\n".join(web_lines) + "\n", encoding="utf-8")
+    # Written last: its presence is what tells a cache that the whole world is there.
     karpathy = out / "toyworld.json"
-    tmp = karpathy.with_name(karpathy.name + ".tmp")
-    tmp.write_text(json.dumps({"dataset": "toyworld", "seed": seed, "images": entries}), encoding="utf-8")
-    os.replace(tmp, karpathy)
-    (out / "web_pairs.jsonl").write_text("\n".join(web_lines) + "\n", encoding="utf-8")
+    with atomic_path(karpathy) as tmp:
+        tmp.write_text(json.dumps({"dataset": "toyworld", "seed": seed, "images": entries}), encoding="utf-8")
     (out / "entities.json").write_text(json.dumps(entity_vocabulary(), indent=1), encoding="utf-8")
     return karpathy
 

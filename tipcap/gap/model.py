@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 
 KINDS = ("none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory")
@@ -217,9 +217,8 @@ class Gap(nn.Module):
             "clip": json.dumps(self.clip),
             "info": json.dumps(self.info),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> Gap:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tipcap.data.files import atomic_path
 from tipcap.gap.estimate import Pairs
 from tipcap.gap.model import CAPDEC_SIGMA2, Gap
 
@@ -131,8 +131,6 @@ def plot_gap(gap: Gap, pairs: Pairs | None, path: str | Path, points: int = 1500
         ax.set_ylabel("variance")
         ax.legend()
         figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=110)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
     plt.close(figure)
-    os.replace(tmp, path)
