@@ -399,19 +399,24 @@ def mixed_batch():
     return prefix, prompts, mask
 
 
-def test_pim_is_the_identity_at_initialisation(pim):
+def test_pim_with_a_closed_gate_is_the_identity():
+    torch.manual_seed(0)
+    closed = PromptInteraction(CLIP_DIM, WIDTH, layers=2, heads=4, gate_init=0.0).eval()
     prefix, prompts, mask = mixed_batch()
-    assert pim.gate.item() == 0.0
-    assert torch.equal(pim(prefix, prompts, mask), prefix)
-    assert torch.equal(pim(prefix, prompts), prefix)
-    assert torch.equal(pim(prefix, None), prefix)
+    assert torch.equal(closed(prefix, prompts, mask), prefix)
+    assert torch.equal(closed(prefix, prompts), prefix)
+    assert torch.equal(closed(prefix, None), prefix)
 
 
-def test_pim_gate_receives_gradient_at_initialisation(pim):
+def test_pim_trains_its_attention_from_the_first_step(pim):
+    # The gate starts open, so the cross-attention gets gradient at initialisation (at a closed gate
+    # it gets none and prompts are never learned).
+    assert pim.gate.item() > 0.1
     prefix, prompts, mask = mixed_batch()
     weights = torch.randn(prefix.shape, generator=torch.Generator().manual_seed(5))
     (pim(prefix, prompts, mask) * weights).sum().backward()
     assert pim.gate.grad is not None and pim.gate.grad.abs().item() > 1e-6
+    assert pim.project.weight.grad.abs().max().item() > 1e-6
     for name, parameter in pim.named_parameters():
         assert parameter.grad is None or torch.isfinite(parameter.grad).all(), name
 

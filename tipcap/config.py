@@ -32,6 +32,10 @@ class ModelConfig:
     prefix_length: int = 10
     projector: Literal["mlp", "transformer"] = "mlp"
     projector_layers: int = 8
+    # Centre the projector's input on its training mean and scale it to unit RMS per dimension: an
+    # affine map the first layer could learn, but CLIP embeddings share most of their length (cosine
+    # ~0.5 between any two), so without it the projector reads their differences only slowly.
+    standardize_input: bool = True
     freeze_language_model: bool = False
     prompt: Literal["none", "pim", "hard"] = "none"
     pim_layers: int = 2

@@ -701,16 +701,15 @@ def demo_scale(quick: bool) -> DemoScale:
     return DemoScale(2_000, 100, 100, 400, 64, TOYCLIP_CONFIG, "toyworld_quick.yaml")
 
 
-def run_demo(
-    out: str | Path, cache: str | Path, seed: int = 0, quick: bool = False, progress: bool = True
-) -> list[dict[str, Any]]:
-    """The whole pipeline offline: a toy world and its CLIP (cached by seed and size), then the core grid.
+def demo_world(
+    cache: str | Path, seed: int = 0, quick: bool = False, progress: bool = True
+) -> tuple[Path, Path]:
+    """The demo's toy world and its trained CLIP, generated into ``cache`` or reused from it.
 
-    Writes the grid's files into ``out`` plus ``gap.png`` (the few-pairs Gaussian gap) and returns its rows.
+    Both are keyed by what they are made from (seed, sizes, CLIP config and steps). Returns the world's
+    Karpathy file and the CLIP's directory (``toyclip.json``, ``toyclip.safetensors``).
     """
     import hashlib
-    import importlib.resources
-    import shutil
 
     from tipcap.data.toyworld import write_toyworld
     from tipcap.toyclip import train_toyclip
@@ -725,15 +724,29 @@ def run_demo(
         json.dumps([scale.clip_config, scale.clip_steps, scale.clip_batch, seed]).encode()
     )
     clip_dir = world / f"clip-{clip_key.hexdigest()[:10]}"
-    weights = clip_dir / "toyclip.safetensors"
-    if not weights.is_file():
+    if not (clip_dir / "toyclip.safetensors").is_file():
         train_toyclip(karpathy, clip_dir, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
                       config=scale.clip_config, progress=progress)  # fmt: skip
-    grid = importlib.resources.files("tipcap") / "resources" / scale.grid
+    return karpathy, clip_dir
+
+
+def run_demo(
+    out: str | Path, cache: str | Path, seed: int = 0, quick: bool = False, progress: bool = True
+) -> list[dict[str, Any]]:
+    """The whole pipeline offline: a toy world and its CLIP (cached by seed and size), then the core grid.
+
+    Writes the grid's files into ``out`` plus ``gap.png`` (the few-pairs Gaussian gap) and returns its rows.
+    """
+    import importlib.resources
+    import shutil
+
+    karpathy, clip_dir = demo_world(cache, seed, quick, progress)
+    world = karpathy.parent
+    grid = importlib.resources.files("tipcap") / "resources" / demo_scale(quick).grid
     overrides = [
         f"karpathy={karpathy}", f"web_pairs={world / 'web_pairs.jsonl'}",
         f"vocabulary={world / 'entities.json'}", f"clip_model={clip_dir / 'toyclip.json'}",
-        f"clip_pretrained={weights}", f"seeds=[{seed}]",
+        f"clip_pretrained={clip_dir / 'toyclip.safetensors'}", f"seeds=[{seed}]",
     ]  # fmt: skip
     rows = run_ablation(Path(str(grid)), out, overrides, progress=progress)
     gap_plot = Path(out) / "gaps" / "gaussian-few-pairs.png"

@@ -12,6 +12,7 @@ when a gap was used, and the tokenizer's files.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -155,6 +156,10 @@ class TIPCap(nn.Module):
         ):
             raise TipcapError("a prompt-interaction model needs CLIP embeddings of its entity vocabulary.")
         self.register_buffer("entity_embeddings", entity_embeddings)
+        if self.prompt_interaction is not None:
+            self.prompt_interaction.set_word_mean(entity_embeddings)
+        self.register_buffer("input_mean", torch.zeros(config.clip_dim))
+        self.register_buffer("input_scale", torch.ones(()))
         if config.freeze_language_model:
             language_model.requires_grad_(False)
 
@@ -181,6 +186,32 @@ class TIPCap(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.projector.parameters()).device
+
+    @torch.no_grad()
+    def fit_input_statistics(
+        self,
+        embeddings: torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        chunk: int = 65536,
+    ) -> None:
+        """Set the projector's input standardisation from the training inputs ``[N, d]``, read in chunks.
+
+        ``transform`` maps a chunk to what the projector receives (e.g. the gap's noise-free text side).
+        The mean ``[d]`` is subtracted and the result divided by the root mean square per dimension:
+        one scalar, so the geometry of the embeddings, and of any gap noise, is kept.
+        """
+        total = torch.zeros(self.config.clip_dim, dtype=torch.float64, device=self.device)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for block in embeddings.split(chunk):
+            block = block.to(self.device, torch.float32)
+            block = (transform(block) if transform is not None else block).double()
+            total += block.sum(0)
+            squares += (block**2).sum()
+        count = len(embeddings)
+        mean = total / count
+        variance = (squares / count - (mean**2).sum()) / self.config.clip_dim
+        self.input_mean.copy_(mean.float())
+        self.input_scale.fill_(math.sqrt(max(float(variance), 1e-12)))
 
     # -- inputs -------------------------------------------------------------------------------
 
@@ -211,7 +242,8 @@ class TIPCap(nn.Module):
         prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Prefix vectors ``[B, K, W]`` from (gap-mapped) CLIP embeddings ``[B, d]`` and optional prompts."""
-        prefix = self.projector(clip_embeddings.to(self.device, torch.float32))
+        inputs = (clip_embeddings.to(self.device, torch.float32) - self.input_mean) / self.input_scale
+        prefix = self.projector(inputs)
         if self.prompt_interaction is not None:
             prefix = self.prompt_interaction(prefix, prompt_embeddings, prompt_mask)
         return prefix

@@ -337,17 +337,28 @@ class _CrossAttentionBlock(nn.Module):
 
 
 class PromptInteraction(nn.Module):
-    """Prompt interaction module: the prefix attends to prompt-word embeddings through a zero-init gate.
+    """Prompt interaction module: the prefix attends to prompt-word embeddings through a residual gate.
 
-    Prompt words' CLIP embeddings ``[B, P, clip_dim]`` are projected to ``width`` (Linear, then LayerNorm),
-    then ``layers`` pre-norm cross-attention blocks refine the prefix ``[B, K, width]`` (queries) against them
-    (keys and values). The output is ``prefix + tanh(gate) * (refined - prefix)`` with a scalar ``gate``
-    initialised at 0, so at initialisation the module is exactly the identity while the gate still receives
-    gradient. Rows without prompt words (all-False mask) and ``prompts=None`` give exactly ``prefix``.
+    Prompt words' CLIP embeddings ``[B, P, clip_dim]`` are centred, projected to ``width`` (Linear, then
+    LayerNorm), then ``layers`` pre-norm cross-attention blocks refine the prefix ``[B, K, width]``
+    (queries) against them (keys and values). The output is ``prefix + tanh(gate) * (refined - prefix)``
+    with a scalar ``gate``. Rows without prompt words (all-False mask) and ``prompts=None`` give exactly
+    ``prefix`` whatever the gate, so "no prompt" is the prompt-free path.
+
+    The gate starts open (``gate_init`` 0.5, tanh 0.46): the cross-attention's gradient is proportional
+    to tanh(gate), so a gate starting at 0 leaves it untrained, and the gate then has nothing to open for
+    (on the toy world it stayed within 0.01 of 0 and prompts changed nothing). ``gate_init=0`` makes the
+    module the identity at initialisation, for adding it to a trained prompt-free decoder.
     """
 
     def __init__(
-        self, clip_dim: int, width: int, layers: int = 2, heads: int = 8, dropout: float = 0.0
+        self,
+        clip_dim: int,
+        width: int,
+        layers: int = 2,
+        heads: int = 8,
+        dropout: float = 0.0,
+        gate_init: float = 0.5,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -355,9 +366,17 @@ class PromptInteraction(nn.Module):
         self.clip_dim = clip_dim
         self.width = width
         self.project = nn.Linear(clip_dim, width)
+        # Words' CLIP embeddings share most of their length; centred (on the vocabulary's mean, see
+        # set_word_mean) their differences are what the projection and its LayerNorm see.
+        self.register_buffer("word_mean", torch.zeros(clip_dim))
         self.word_norm = nn.LayerNorm(width)
         self.blocks = nn.ModuleList(_CrossAttentionBlock(width, heads, dropout) for _ in range(layers))
-        self.gate = nn.Parameter(torch.zeros(()))
+        self.gate = nn.Parameter(torch.full((), float(gate_init)))
+
+    @torch.no_grad()
+    def set_word_mean(self, vocabulary_embeddings: torch.Tensor) -> None:
+        """Centre prompt words on the mean of the vocabulary's embeddings ``[V, clip_dim]``."""
+        self.word_mean.copy_(vocabulary_embeddings.float().mean(0))
 
     def forward(
         self,
@@ -397,9 +416,8 @@ class PromptInteraction(nn.Module):
         # then discard their result below.
         ignore = ~prompt_mask
         ignore[:, 0] &= has_words
-        words = self.word_norm(
-            self.project(prompts.to(device=prefix.device, dtype=self.project.weight.dtype))
-        )
+        prompts = prompts.to(device=prefix.device, dtype=self.project.weight.dtype)
+        words = self.word_norm(self.project(prompts - self.word_mean))
         refined = prefix
         for block in self.blocks:
             refined = block(refined, words, ignore)

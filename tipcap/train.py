@@ -233,6 +233,9 @@ class Trainer:
         self.model.to(self.env.device)
         self.vocabulary = vocabulary
         self.train_data = load_caption_set(texts, tokenizer, cfg.model.max_caption_tokens, vocabulary, images)
+        if cfg.model.standardize_input:
+            text_side = self.model.gap.text_side if gap is not None and self.train_data.is_text else None
+            self.model.fit_input_statistics(self.train_data.embeddings, text_side)
         self.val_data = None
         if data_cfg.val_texts:
             val_texts = EmbeddingStore.open(data_cfg.val_texts)

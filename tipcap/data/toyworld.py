@@ -33,8 +33,13 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SIZES = ("small", "large")
+BACKGROUNDS = {
+    "gray": (200, 200, 200),
+    "white": (245, 245, 240),
+    "black": (40, 40, 45),
+    "beige": (215, 195, 160),
+}
 _PLURAL = {"cross": "crosses"}
-_BACKGROUND = (200, 200, 200)
 
 
 @dataclass(frozen=True)
@@ -60,16 +65,20 @@ def _name(obj: ShapeObject, with_size: bool) -> str:
     return f"{obj.size} {obj.colour} {obj.shape}" if with_size else f"{obj.colour} {obj.shape}"
 
 
-def captions_for(objects: list[ShapeObject], rng: random.Random) -> list[str]:
-    """Five different captions of a scene, drawn from a small grammar of paraphrases."""
+def captions_for(objects: list[ShapeObject], background: str, rng: random.Random) -> list[str]:
+    """Five different captions of a scene, drawn from a small grammar of paraphrases.
+
+    Like real captions they leave things unsaid: sizes half of the time, the background in a few
+    templates only, the grain of the image never.
+    """
     a = [_name(o, rng.random() < 0.5) for o in objects]
     if len(objects) == 1:
         templates = [
             f"a {a[0]}.",
-            f"a {a[0]} on a gray background.",
+            f"a {a[0]} on a {background} background.",
             f"there is a {a[0]} in the picture.",
             f"a picture of a {a[0]}.",
-            f"a single {a[0]} in the middle of a gray image.",
+            f"a single {a[0]} in the middle of a {background} image.",
             f"an image showing a {a[0]}.",
             f"one {a[0]} on a plain background.",
         ]
@@ -81,7 +90,7 @@ def captions_for(objects: list[ShapeObject], rng: random.Random) -> list[str]:
             f"two shapes: a {a[0]} and a {a[1]}.",
             f"a {a[1]} next to a {a[0]}.",
             f"there is a {a[0]} {relation} a {a[1]}.",
-            f"a picture of a {a[0]} and a {a[1]} on a gray background.",
+            f"a picture of a {a[0]} and a {a[1]} on a {background} background.",
             f"a {a[0]} is {relation} a {a[1]}.",
         ]
     else:
@@ -92,6 +101,7 @@ def captions_for(objects: list[ShapeObject], rng: random.Random) -> list[str]:
             f"a picture of a {a[2]}, a {a[0]} and a {a[1]}.",
             f"there are three shapes, a {a[1]}, a {a[0]} and a {a[2]}.",
             f"a {a[0]} and a {a[1]} with a {a[2]} nearby.",
+            f"a {a[0]}, a {a[1]} and a {a[2]} on {background}.",
         ]
     return rng.sample(templates, 5)
 
@@ -109,9 +119,11 @@ def random_scene(rng: random.Random) -> list[ShapeObject]:
     return objects
 
 
-def render(objects: list[ShapeObject], size: int) -> Image.Image:
-    """Draw a scene as an RGB image of ``size`` × ``size`` pixels, with a little noise."""
-    image = Image.new("RGB", (size, size), _BACKGROUND)
+def render(
+    objects: list[ShapeObject], size: int, background: str = "gray", grain: float = 0.04
+) -> Image.Image:
+    """Draw a scene as an RGB image of ``size`` × ``size`` pixels on a background, with ``grain`` noise."""
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     for obj in objects:
         radius = size * (0.16 if obj.size == "large" else 0.09)
@@ -135,7 +147,7 @@ def render(objects: list[ShapeObject], size: int) -> Image.Image:
             draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=colour)
             draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=colour)
     noise = Image.effect_noise((size, size), 6).convert("RGB")
-    return Image.blend(image, noise, 0.04)
+    return Image.blend(image, noise, grain)
 
 
 _SHAPE_FORMS = {form: shape for shape in SHAPES for form in (shape, _PLURAL.get(shape, shape + "s"))}
@@ -180,15 +192,17 @@ def write_toyworld(
     splits = ["train"] * train + ["val"] * val + ["test"] * test
     for index, split in enumerate(splits):
         objects = random_scene(rng)
+        background, grain = rng.choice(list(BACKGROUNDS)), rng.uniform(0.02, 0.2)
         filename = f"toy_{index:06d}.png"
-        render(objects, image_size).save(out / "images" / filename)
-        captions = captions_for(objects, rng)
+        render(objects, image_size, background, grain).save(out / "images" / filename)
+        captions = captions_for(objects, background, rng)
         entries.append({
             "filepath": "images",
             "filename": filename,
             "imgid": index,
             "split": split,
             "objects": [asdict(o) for o in objects],
+            "background": background,
             "sentences": [{"raw": c, "tokens": re.findall(r"[a-z0-9]+", c)} for c in captions],
         })  # fmt: skip
     train_entries = [e for e in entries if e["split"] == "train"]
