@@ -124,18 +124,24 @@ def test_quick_demo_end_to_end(tmp_path):
         ("gaussian-few-pairs-prompts", "none"), ("gaussian-few-pairs-prompts", "oracle"),
     ]  # fmt: skip
     for row in rows:
-        # Every decoder reads the image: it names the scene's objects far more often than a random
-        # caption of the world does (object F1 about 0.05), and its captions match the references.
-        assert 0.12 <= float(row["object_f1"]) <= 1.0, row
-        assert 0.5 <= float(row["CIDEr"]) < 10 and 0.1 < float(row["BLEU-4"]) < 1, row
-        assert 0.0 <= float(row["CLIPScore"]) <= 2.5
+        assert 0.0 <= float(row["object_f1"]) <= 1.0 and 0.0 <= float(row["CLIPScore"]) <= 2.5, row
+        assert 0.2 <= float(row["CIDEr"]) < 10 and 0.05 < float(row["BLEU-4"]) < 1, row
+    cider = {r["cell"]: float(r["CIDEr"]) for r in rows if r["eval_prompt"] == "none"}
+    f1 = {r["cell"]: float(r["object_f1"]) for r in rows if r["eval_prompt"] == "none"}
+    # The gap matters: the text-only decoder fed raw image embeddings falls far below the decoder trained
+    # on images, in CIDEr and in the objects it names (a random caption of the world: F1 about 0.05) ...
+    assert cider["supervised"] - cider["none"] >= 0.3, cider
+    assert f1["supervised"] >= 0.12 and f1["supervised"] - f1["none"] >= 0.05, f1
+    # ... and the Gaussian gap fitted on 50 pairs recovers at least half of the difference.
+    assert cider["gaussian-few-pairs"] - cider["none"] >= 0.5 * (cider["supervised"] - cider["none"]), cider
     assert "| supervised | none | 1 |" in result.stdout
     for name in ("results.csv", "table.md", "cider.png", "gap.png"):
         assert (out / name).is_file()
     report = json.loads(next((tmp_path / "cache").glob("toyworld-*/clip-*/toyclip_report.json")).read_text())
-    # The toy CLIP learned the world (images retrieve their captions) and kept a modality gap.
-    assert report["steps"] == 400 and report["recall_at_1"] >= 0.4
-    assert report["mu_norm"] >= 0.3 and report["matched_cosine"] <= 0.9
+    # The toy CLIP learned the world (images retrieve their captions) with a gap like real CLIP's: an
+    # image is less similar to its own caption than to other images.
+    assert report["steps"] == 400 and report["recall_at_1"] >= 0.25
+    assert report["mu_norm"] >= 0.5 and report["matched_cosine"] < report["within_modality_cosine"]
     # A second run reuses the cached world and CLIP and every finished cell: the same table, to the digit.
     again = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
     assert again.exit_code == 0 and again.stdout == result.stdout

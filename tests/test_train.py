@@ -157,7 +157,7 @@ def test_bad_config_key_is_named(coco_texts, tmp_path):
     assert result.exit_code == 1 and "config key 'train.lrr' is unknown" in result.stderr
 
 
-def test_prompt_interaction_is_inert_at_initialisation(prompt_model):
+def test_rows_without_prompt_words_take_the_prompt_free_path(prompt_model):
     root, _, _ = prompt_model
     config = load_config(TINY, [f"data.train_texts={root / 'train'}", "model.prompt=pim"])
     from tipcap.train import Trainer
@@ -168,8 +168,22 @@ def test_prompt_interaction_is_inert_at_initialisation(prompt_model):
     mask = torch.ones_like(ids)
     with torch.no_grad():
         plain = model(embeddings, ids, mask).logits
-        prompted = model(embeddings, ids, mask, [["dog"], ["cat", "grass"], [], ["zebra"]]).logits
-    assert torch.equal(plain, prompted)
+        empty = model(embeddings, ids, mask, [[], [], [], []]).logits
+        mixed = model(embeddings, ids, mask, [["dog"], [], ["cat", "grass"], []]).logits
+    assert torch.equal(plain, empty)
+    assert torch.equal(mixed[[1, 3]], plain[[1, 3]])
+    # The gate starts open, so words change the prefix from the first step.
+    assert (mixed[[0, 2]] - plain[[0, 2]]).abs().max() > 1e-4
+
+
+def test_projector_input_is_standardised_on_the_training_embeddings(memorised, coco_texts):
+    model = TIPCap.from_pretrained(memorised / "model")
+    embeddings = EmbeddingStore.open(coco_texts).embeddings().float()
+    standardised = (embeddings - model.input_mean) / model.input_scale
+    assert standardised.mean(0).abs().max() < 1e-3
+    assert abs(standardised.pow(2).mean().item() - 1.0) < 1e-3
+    # Without the statistics the inputs would share most of their length.
+    assert (model.input_mean.norm() / embeddings.norm(dim=1).mean()).item() > 0.3
 
 
 def test_trained_prompts_steer_held_out_captions(prompt_model):
