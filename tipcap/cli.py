@@ -6,6 +6,7 @@ pays only for what it uses. A :class:`~tipcap.errors.TipcapError` becomes one ``
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -591,7 +592,7 @@ def toyworld_command(
 
     karpathy = write_toyworld(
         out, seed=seed, train=train_images, val=val_images, test=test_images, image_size=image_size,
-        web_mismatch=web_mismatch,
+        web_mismatch=web_mismatch, progress=True,
     )  # fmt: skip
     total = train_images + val_images + test_images
     click.echo(
@@ -651,7 +652,8 @@ def demo_command(quick: bool, seed: int, out: str, cache: str, no_progress: bool
     """Run the whole pipeline offline on the toy world and print the table of methods."""
     from tipcap.experiments import run_demo
 
-    run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress)
+    echo_stage = functools.partial(click.echo, err=True)
+    run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress, echo=echo_stage)
     click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {out}/results.csv, {out}/table.md, {out}/cider.png and {out}/gap.png")
 

@@ -702,13 +702,19 @@ def demo_scale(quick: bool) -> DemoScale:
 
 
 def demo_world(
-    cache: str | Path, seed: int = 0, quick: bool = False, progress: bool = True
+    cache: str | Path,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
 ) -> tuple[Path, Path]:
     """The demo's toy world and its trained CLIP, generated into ``cache`` or reused from it.
 
     Both are keyed by what they are made from (seed, sizes, CLIP config and steps). Returns the world's
-    Karpathy file and the CLIP's directory (``toyclip.json``, ``toyclip.safetensors``).
+    Karpathy file and the CLIP's directory (``toyclip.json``, ``toyclip.safetensors``). ``echo`` receives one
+    line per stage (generated or reused).
     """
+    echo = echo or (lambda message: None)
     import hashlib
 
     from tipcap.data.toyworld import write_toyworld
@@ -718,29 +724,41 @@ def demo_world(
     key = hashlib.sha256(json.dumps([seed, scale.train, scale.val, scale.test]).encode()).hexdigest()[:10]
     world = Path(cache) / f"toyworld-{key}"
     karpathy = world / "toyworld.json"
-    if not karpathy.is_file():
-        write_toyworld(world, seed=seed, train=scale.train, val=scale.val, test=scale.test)
+    if karpathy.is_file():
+        echo(f"toy world: reused {world}")
+    else:
+        echo(f"toy world: generating {scale.train + scale.val + scale.test} images into {world}")
+        write_toyworld(world, seed=seed, train=scale.train, val=scale.val, test=scale.test, progress=progress)
     clip_key = hashlib.sha256(
         json.dumps([scale.clip_config, scale.clip_steps, scale.clip_batch, seed]).encode()
     )
     clip_dir = world / f"clip-{clip_key.hexdigest()[:10]}"
-    if not (clip_dir / "toyclip.safetensors").is_file():
+    if (clip_dir / "toyclip.safetensors").is_file():
+        echo(f"toy CLIP: reused {clip_dir}")
+    else:
+        echo(f"toy CLIP: training {scale.clip_steps} steps at batch {scale.clip_batch} into {clip_dir}")
         train_toyclip(karpathy, clip_dir, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
                       config=scale.clip_config, progress=progress)  # fmt: skip
     return karpathy, clip_dir
 
 
 def run_demo(
-    out: str | Path, cache: str | Path, seed: int = 0, quick: bool = False, progress: bool = True
+    out: str | Path,
+    cache: str | Path,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """The whole pipeline offline: a toy world and its CLIP (cached by seed and size), then the core grid.
 
-    Writes the grid's files into ``out`` plus ``gap.png`` (the few-pairs Gaussian gap) and returns its rows.
+    Writes the grid's files into ``out`` plus ``gap.png`` (the few-pairs Gaussian gap) and returns its rows;
+    ``echo`` receives one line per stage and cell.
     """
     import importlib.resources
     import shutil
 
-    karpathy, clip_dir = demo_world(cache, seed, quick, progress)
+    karpathy, clip_dir = demo_world(cache, seed, quick, progress, echo)
     world = karpathy.parent
     grid = importlib.resources.files("tipcap") / "resources" / demo_scale(quick).grid
     overrides = [
@@ -748,7 +766,7 @@ def run_demo(
         f"vocabulary={world / 'entities.json'}", f"clip_model={clip_dir / 'toyclip.json'}",
         f"clip_pretrained={clip_dir / 'toyclip.safetensors'}", f"seeds=[{seed}]",
     ]  # fmt: skip
-    rows = run_ablation(Path(str(grid)), out, overrides, progress=progress)
+    rows = run_ablation(Path(str(grid)), out, overrides, progress=progress, echo=echo)
     gap_plot = Path(out) / "gaps" / "gaussian-few-pairs.png"
     if gap_plot.is_file():
         shutil.copyfile(gap_plot, Path(out) / "gap.png")

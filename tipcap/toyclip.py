@@ -77,8 +77,8 @@ def train_toyclip(
 
     The images are mostly background, so at initialisation every image embedding is nearly the same
     (cosine 0.995) and training starts next to the collapsed solution (loss ln B). Small batches leave it
-    far sooner than large ones for the same compute: 400 steps of 64 reach image→text R@1 0.7 on a
-    2,000-image world where 150 steps of 256 stay collapsed.
+    far sooner than large ones for the same compute, and the escape is abrupt: on the 2,000-image world,
+    300 steps of 64 stay collapsed (R@1 0.02) while 400 reach image→text R@1 0.38.
 
     Writes ``out/toyclip.json`` (the open_clip model config) and ``out/toyclip.safetensors`` (weights, to
     a temporary name and renamed), and ``out/toyclip_report.json``. Returns the spec that loads it.

@@ -465,7 +465,11 @@ class Trainer:
         self._write_run_info(step)
         self.model.train()
         bar = tqdm(
-            total=self.total_steps, initial=step, disable=not (self.progress and self.env.main), unit="step"
+            total=self.total_steps,
+            initial=step,
+            disable=not (self.progress and self.env.main),
+            unit="step",
+            desc=f"training {self.out.name}",
         )
         # Loss sums and the finiteness flag stay on the device: reading them every step would stall a GPU.
         window_loss = torch.zeros((), device=self.env.device)

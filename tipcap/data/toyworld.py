@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
 
 from tipcap.data.files import atomic_path
 
@@ -178,6 +179,7 @@ def write_toyworld(
     test: int = 500,
     image_size: int = 32,
     web_mismatch: float = 0.2,
+    progress: bool = False,
 ) -> Path:
     """Generate the world into ``out``: ``images/``, ``toyworld.json`` (Karpathy) and ``web_pairs.jsonl``.
 
@@ -190,7 +192,8 @@ def write_toyworld(
     rng = random.Random(seed)
     entries, web_lines = [], []
     splits = ["train"] * train + ["val"] * val + ["test"] * test
-    for index, split in enumerate(splits):
+    bar = tqdm(splits, disable=not progress, desc="rendering the toy world", unit="image")
+    for index, split in enumerate(bar):
         objects = random_scene(rng)
         background, grain = rng.choice(list(BACKGROUNDS)), rng.uniform(0.02, 0.2)
         filename = f"toy_{index:06d}.png"
