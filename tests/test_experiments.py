@@ -145,6 +145,8 @@ def test_quick_demo_end_to_end(tmp_path):
     # A second run reuses the cached world and CLIP and every finished cell: the same table, to the digit.
     again = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
     assert again.exit_code == 0 and again.stdout == result.stdout
+    assert "toy world: reused" in again.stderr and "toy CLIP: reused" in again.stderr
+    assert "training into" in result.stderr and "training into" not in again.stderr
 
 
 COCO_GRID = Path(__file__).parent.parent / "experiments" / "coco" / "grid.yaml"

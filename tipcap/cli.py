@@ -645,7 +645,7 @@ def ablate_command(
     default=str(Path("~/.cache/tipcap").expanduser()),
     show_default=True,
     type=click.Path(file_okay=False),
-    help="Where the toy world and its CLIP are kept for reruns.",
+    help="Where the toy world, its CLIP and their embedding stores are kept for reruns.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def demo_command(quick: bool, seed: int, out: str, cache: str, no_progress: bool) -> None:

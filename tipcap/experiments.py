@@ -93,6 +93,8 @@ class AblationConfig:
     ``few_pairs`` is a number of paired training images, a percentage of them (``"1%"``), or a list of
     such values to sweep (each few-pairs cell then runs once per value). ``data_seed`` draws the few-pairs
     subset and the unpaired halves. ``eval_karpathy``/``eval_image_root`` evaluate on another data set.
+    ``store_dir`` keeps the embedding stores elsewhere than ``OUT/stores``, so that grids over the same data
+    and CLIP share them (a store whose CLIP or inputs differ is rebuilt, never mixed).
     """
 
     karpathy: str = ""
@@ -112,6 +114,7 @@ class AblationConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     decoder: dict[str, Any] = field(default_factory=dict)
     cells: list[Cell] = field(default_factory=list)
+    store_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,7 @@ class Ablation:
         else:
             self.eval_root = self.eval_karpathy.parent if config.eval_karpathy else self.root
         self.jobs = expand(config)
+        self.stores = Path(config.store_dir) if config.store_dir else self.out / "stores"
         self._checked: set[Path] = set()
         self._train_images: int | None = None
         self._eval_objects: dict[Any, list[str]] | None = None
@@ -271,7 +275,7 @@ class Ablation:
     # -- cached steps ---------------------------------------------------------------------------
 
     def _texts(self, name: str, corpus: Path, split: str | None) -> Path:
-        out = self.out / "stores" / name
+        out = self.stores / name
         # Checking a store re-reads and hashes its inputs: do it once per run, not once per cell.
         if out not in self._checked:
             embed_texts(corpus, self.clip, out, split=split, progress=self.progress)
@@ -281,7 +285,7 @@ class Ablation:
     def _images(
         self, name: str, source: Path, split: str | None, root: Path, limit: str | None = None
     ) -> Path:
-        out = self.out / "stores" / name
+        out = self.stores / name
         if out not in self._checked:
             embed_images(
                 source, self.clip, out, image_root=root, split=split, limit=limit, seed=self.config.data_seed,
@@ -464,7 +468,8 @@ class Ablation:
         """Refuse to mix results of another grid into ``out``; remember this one in ``grid.json``."""
         path = self.out / "grid.json"
         current = to_dict(self.config)
-        fixed = {k: v for k, v in current.items() if k not in ("cells", "seeds")}
+        # Where the stores are kept changes no result.
+        fixed = {k: v for k, v in current.items() if k not in ("cells", "seeds", "store_dir")}
         cells = {c["name"]: {k: v for k, v in c.items() if k != "eval_prompts"} for c in current["cells"]}
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
@@ -750,7 +755,8 @@ def run_demo(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """The whole pipeline offline: a toy world and its CLIP (cached by seed and size), then the core grid.
+    """The whole pipeline offline: a toy world, its CLIP and their embedding stores (cached in ``cache`` by
+    seed and size), then the core grid.
 
     Writes the grid's files into ``out`` plus ``gap.png`` (the few-pairs Gaussian gap) and returns its rows;
     ``echo`` receives one line per stage and cell.
@@ -765,6 +771,7 @@ def run_demo(
         f"karpathy={karpathy}", f"web_pairs={world / 'web_pairs.jsonl'}",
         f"vocabulary={world / 'entities.json'}", f"clip_model={clip_dir / 'toyclip.json'}",
         f"clip_pretrained={clip_dir / 'toyclip.safetensors'}", f"seeds=[{seed}]",
+        f"store_dir={clip_dir / 'stores'}",
     ]  # fmt: skip
     rows = run_ablation(Path(str(grid)), out, overrides, progress=progress, echo=echo)
     gap_plot = Path(out) / "gaps" / "gaussian-few-pairs.png"
