@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import re
 import shlex
@@ -612,7 +613,8 @@ def plot_cider(rows: list[dict[str, Any]], path: Path) -> None:
     groups = _groups(rows)
     labels = [cell if prompt == "none" else f"{cell} [{prompt}]" for cell, prompt in groups]
     means = [statistics.mean(_values(g, "CIDEr")) for g in groups.values()]
-    spreads = [statistics.stdev(_values(g, "CIDEr")) if len(g) > 1 else 0.0 for g in groups.values()]
+    # NaN draws no error bar: one seed has no spread to show.
+    spreads = [statistics.stdev(_values(g, "CIDEr")) if len(g) > 1 else math.nan for g in groups.values()]
     settings = [g[0]["setting"] for g in groups.values()]
     figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.8))
     axis.bar(range(len(labels)), means, yerr=spreads, capsize=4,
@@ -622,7 +624,7 @@ def plot_cider(rows: list[dict[str, Any]], path: Path) -> None:
     axis.set_title("CIDEr per method and data setting (mean over seeds)")
     present = list(dict.fromkeys(settings))
     axis.legend(handles=[Patch(color=SETTING_COLOURS.get(s, "tab:purple"), label=s) for s in present],
-                title="setting", fontsize=8)  # fmt: skip
+                title="setting", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip
     _save_figure(figure, path)
 
 
