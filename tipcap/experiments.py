@@ -721,11 +721,12 @@ def demo_world(
     Karpathy file and the CLIP's directory (``toyclip.json``, ``toyclip.safetensors``). ``echo`` receives one
     line per stage (generated or reused).
     """
-    echo = echo or (lambda message: None)
     import hashlib
 
     from tipcap.data.toyworld import write_toyworld
     from tipcap.toyclip import train_toyclip
+
+    echo = echo or (lambda message: None)
 
     scale = demo_scale(quick)
     key = hashlib.sha256(json.dumps([seed, scale.train, scale.val, scale.test]).encode()).hexdigest()[:10]
