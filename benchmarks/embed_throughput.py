@@ -10,6 +10,11 @@ captions:
    precision asked for (on CPU: fp32, the default, and bf16 where the processor has bf16 instructions);
 4. a full ``embed_texts`` run into a store, then the same run again (reusing the store).
 
+On a CPU every path is bound by the text tower's matrix products, so the benchmark also counts their
+floating-point operations per caption, measures how fast this machine multiplies matrices of the trimmed
+batches' shape in each precision, and prints the resulting ceiling: the speed-up batched, trimmed
+encoding would reach if nothing but the matrix products took time.
+
 Usage: python benchmarks/embed_throughput.py [--device cpu|cuda] [--captions 2000] [--single 200]
 """
 
@@ -46,6 +51,51 @@ def timed(function) -> float:
 def report(label: str, count: int, seconds: float) -> float:
     print(f"{label:<36}: {count / seconds:9.1f} captions/s  ({count} in {seconds:.2f} s)")
     return count / seconds
+
+
+def matmul_flops(
+    tower: torch.nn.Module, lengths: torch.Tensor, batch_size: int, context: int
+) -> tuple[float, float]:
+    """FLOPs of the text tower's matrix products per caption: (one at a time at ``context`` tokens,
+    sorted batches of ``batch_size`` trimmed to their longest row, last block at the pooled row only).
+
+    ``lengths [N]`` are the captions' token counts up to the end-of-text token.
+    """
+    width = tower.transformer.width
+    hidden = tower.transformer.resblocks[0].mlp.c_fc.out_features
+    layers = tower.transformer.layers
+    projection = 2 * width * tower.text_projection.shape[-1]
+    per_position = 2 * (4 * width * width + 2 * width * hidden)  # q, k, v, out; MLP in and out
+    keys_values = 2 * 2 * width * width
+
+    def attention(length: int) -> int:
+        return 2 * 2 * length * length * width  # scores and weighted values
+
+    full = layers * (context * per_position + attention(context)) + projection
+    padded = torch.sort(lengths).values.split(batch_size)
+    trimmed = sum(
+        len(batch)
+        * (
+            (layers - 1) * (int(batch.max()) * per_position + attention(int(batch.max())))
+            + int(batch.max()) * keys_values
+            + per_position
+            + projection
+        )
+        for batch in padded
+    ) / len(lengths)
+    return float(full), float(trimmed)
+
+
+def matmul_speed(rows: int, width: int, hidden: int, precision: str, device: str) -> float:
+    """FLOP/s of one ``[rows, width] x [width, hidden]`` product in ``precision`` (best of 5 runs of 10)."""
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    inputs = torch.randn(rows, width, dtype=dtype, device=device)
+    weight = torch.randn(hidden, width, dtype=dtype, device=device)
+    torch.nn.functional.linear(inputs, weight)
+    seconds = min(
+        timed(lambda: [torch.nn.functional.linear(inputs, weight) for _ in range(10)]) for _ in range(5)
+    )
+    return 10 * 2 * rows * width * hidden / seconds
 
 
 def default_precisions(device: str) -> list[str]:
@@ -117,6 +167,27 @@ def main() -> None:
         print(f"speed-up over one at a time, batched+trimmed [{precision}]: {speed_up:6.1f}x")
     print(f"  batching alone (77 tokens)                : {padded / single:6.1f}x")
     print(f"  trimming alone (batched, trimmed vs 77)   : {trimmed[precisions[0]] / padded:6.1f}x")
+
+    batch_size = args.batch_size or (64 if args.device == "cpu" else 1024)
+    tower = getattr(baseline.model, "text", baseline.model)  # CustomTextCLIP keeps its text tower apart
+    full, cut = matmul_flops(tower, lengths, batch_size, baseline.context_length)
+    print(f"matrix products per caption: {full / 1e9:.2f} GFLOP at 77 tokens, {cut / 1e9:.2f} GFLOP batched "
+          f"and trimmed ({full / cut:.1f}x fewer)")  # fmt: skip
+    print(f"  one at a time [{precisions[0]}] ran at {single * full / 1e9:.0f} GFLOP/s")
+    rows = batch_size * round(float(lengths.mean()))
+    hidden = tower.transformer.resblocks[0].mlp.c_fc.out_features
+    width = tower.transformer.width
+    for precision in precisions:
+        peak = matmul_speed(rows, width, hidden, precision, args.device)
+        achieved = trimmed[precision] * cut
+        print(
+            f"  [{precision}] a [{rows}, {width}] x [{width}, {hidden}] product runs at {peak / 1e9:.0f} "
+            f"GFLOP/s; batched+trimmed ran at {achieved / 1e9:.0f} ({achieved / peak:.0%} of it)"
+        )
+        print(
+            f"  [{precision}] ceiling if nothing but the products took time: {peak / cut:.0f} captions/s, "
+            f"{peak / cut / single:.1f}x over one at a time"
+        )
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "captions.txt"
