@@ -113,6 +113,32 @@ def test_bad_ablation_config_names_the_key(grid, tmp_path):
     assert result.exit_code == 1 and "config key 'seedz' is unknown" in result.stderr
 
 
+def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
+    """A world or CLIP made by another version of the generator or the trainer is not reused."""
+    made = []
+
+    def fake_world(out, **kwargs):
+        made.append("world")
+        Path(out).mkdir(parents=True)
+        (Path(out) / "toyworld.json").write_text("{}")
+
+    def fake_clip(karpathy, out, **kwargs):
+        made.append("clip")
+        Path(out).mkdir(parents=True)
+        (Path(out) / "toyclip.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr("tipcap.data.toyworld.write_toyworld", fake_world)
+    monkeypatch.setattr("tipcap.toyclip.train_toyclip", fake_clip)
+    first = tipcap.experiments.demo_world(tmp_path, quick=True)
+    assert tipcap.experiments.demo_world(tmp_path, quick=True) == first and made == ["world", "clip"]
+    monkeypatch.setattr("tipcap.toyclip.TRAINING_VERSION", -1)
+    retrained = tipcap.experiments.demo_world(tmp_path, quick=True)
+    assert retrained[0] == first[0] and retrained[1] != first[1] and made[2:] == ["clip"]
+    monkeypatch.setattr("tipcap.data.toyworld.GENERATOR_VERSION", -1)
+    regenerated = tipcap.experiments.demo_world(tmp_path, quick=True)
+    assert regenerated[0] != first[0] and made[3:] == ["world", "clip"]
+
+
 def test_quick_demo_end_to_end(tmp_path):
     """The reduced demo from an empty cache: world, CLIP, five methods; a rerun reuses everything."""
     out = tmp_path / "demo"

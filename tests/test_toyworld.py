@@ -5,7 +5,7 @@ import json
 from conftest import run
 
 from tipcap.data import list_images, load_image, read_captions
-from tipcap.data.toyworld import caption_objects, object_f1
+from tipcap.data.toyworld import GENERATOR_VERSION, caption_objects, object_f1
 
 
 def make_world(path, seed=0):
@@ -22,6 +22,7 @@ def test_world_is_deterministic_and_readable(tmp_path):
     images = list_images(first, split="val")
     assert len(images) == 10 and load_image(images[0].path).size == (32, 32)
     document = json.loads(first.read_text())
+    assert document["generator"] == GENERATOR_VERSION and (first.parent / "entities.json").is_file()
     for entry in document["images"]:
         assert len({s["raw"] for s in entry["sentences"]}) == 5 and 1 <= len(entry["objects"]) <= 3
 

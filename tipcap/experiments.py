@@ -717,19 +717,21 @@ def demo_world(
 ) -> tuple[Path, Path]:
     """The demo's toy world and its trained CLIP, generated into ``cache`` or reused from it.
 
-    Both are keyed by what they are made from (seed, sizes, CLIP config and steps). Returns the world's
+    Both are keyed by what they are made from (seed, sizes, CLIP config and steps) and by the versions of
+    the code that makes them (``GENERATOR_VERSION``, ``TRAINING_VERSION``). Returns the world's
     Karpathy file and the CLIP's directory (``toyclip.json``, ``toyclip.safetensors``). ``echo`` receives one
     line per stage (generated or reused).
     """
     import hashlib
 
-    from tipcap.data.toyworld import write_toyworld
-    from tipcap.toyclip import train_toyclip
+    from tipcap.data.toyworld import GENERATOR_VERSION, write_toyworld
+    from tipcap.toyclip import TRAINING_VERSION, train_toyclip
 
     echo = echo or (lambda message: None)
 
     scale = demo_scale(quick)
-    key = hashlib.sha256(json.dumps([seed, scale.train, scale.val, scale.test]).encode()).hexdigest()[:10]
+    identity = [GENERATOR_VERSION, seed, scale.train, scale.val, scale.test]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
     world = Path(cache) / f"toyworld-{key}"
     karpathy = world / "toyworld.json"
     if karpathy.is_file():
@@ -738,7 +740,7 @@ def demo_world(
         echo(f"toy world: generating {scale.train + scale.val + scale.test} images into {world}")
         write_toyworld(world, seed=seed, train=scale.train, val=scale.val, test=scale.test, progress=progress)
     clip_key = hashlib.sha256(
-        json.dumps([scale.clip_config, scale.clip_steps, scale.clip_batch, seed]).encode()
+        json.dumps([TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed]).encode()
     )
     clip_dir = world / f"clip-{clip_key.hexdigest()[:10]}"
     if (clip_dir / "toyclip.safetensors").is_file():

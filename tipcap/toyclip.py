@@ -24,6 +24,9 @@ from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
 from tipcap.data.files import atomic_path
 
+# How train_toyclip trains: bump whenever a change makes the same arguments train another CLIP, so that
+# caches keyed by it (the demo's) are not reused across the change.
+TRAINING_VERSION = 1
 TOYCLIP_CONFIG = {
     "embed_dim": 128,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},

@@ -41,6 +41,9 @@ BACKGROUNDS = {
     "beige": (215, 195, 160),
 }
 _PLURAL = {"cross": "crosses"}
+# What a seed renders and captions: bump whenever a change makes a seed produce another world, so that
+# caches keyed by it (the demo's) are not reused across the change.
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -215,11 +218,13 @@ def write_toyworld(
         web_lines.append(json.dumps({"image": f"images/{entry['filename']}", "caption": caption}))
     with atomic_path(out / "web_pairs.jsonl") as tmp:
         tmp.write_text("\n".join(web_lines) + "\n", encoding="utf-8")
+    with atomic_path(out / "entities.json") as tmp:
+        tmp.write_text(json.dumps(entity_vocabulary(), indent=1), encoding="utf-8")
     # Written last: its presence is what tells a cache that the whole world is there.
     karpathy = out / "toyworld.json"
+    document = {"dataset": "toyworld", "generator": GENERATOR_VERSION, "seed": seed, "images": entries}
     with atomic_path(karpathy) as tmp:
-        tmp.write_text(json.dumps({"dataset": "toyworld", "seed": seed, "images": entries}), encoding="utf-8")
-    (out / "entities.json").write_text(json.dumps(entity_vocabulary(), indent=1), encoding="utf-8")
+        tmp.write_text(json.dumps(document), encoding="utf-8")
     return karpathy
 
 
