@@ -644,9 +644,9 @@ def plot_cider_vs_pairs(rows: list[dict[str, Any]], path: Path) -> None:
             points = lines.setdefault((row["method"], row["eval_prompt"]), {})
             points.setdefault(100 * float(row["paired_fraction"]), []).extend(_values([row], "CIDEr"))
     for (method, prompt), points in lines.items():
-        xs = sorted(points)
+        xs = sorted(points)  # a NaN spread (one seed) draws no error bar
         axis.errorbar(xs, [statistics.mean(points[x]) for x in xs], marker="o", capsize=3,
-                      yerr=[statistics.stdev(points[x]) if len(points[x]) > 1 else 0.0 for x in xs],
+                      yerr=[statistics.stdev(points[x]) if len(points[x]) > 1 else math.nan for x in xs],
                       label=method if prompt == "none" else f"{method} [{prompt}]")  # fmt: skip
     colours, styles, level = plt.get_cmap("Dark2").colors, ("--", ":", "-."), 0
     shares = sorted({x for points in lines.values() for x in points})
