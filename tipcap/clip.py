@@ -216,7 +216,8 @@ def _text_tower(model: torch.nn.Module) -> torch.nn.Module | None:
 
     ``open_clip.CLIP`` keeps the text modules on the model itself, ``CustomTextCLIP`` in ``.text``.
     Trimming is exact only for a causal mask with end-of-text (``argmax``/``eos``) pooling and no
-    appended class token; other towers (Hugging Face text models, CoCa) run at full length.
+    appended class token; other towers (Hugging Face text models, CoCa) and blocks with other attention
+    modules run at full length.
     """
     tower = getattr(model, "text", model)
     needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
@@ -229,6 +230,13 @@ def _text_tower(model: torch.nn.Module) -> torch.nn.Module | None:
     transformer = tower.transformer
     if not getattr(transformer, "batch_first", True):
         return None
+    # The trimmed path computes attention from packed in-projections (see _attention).
+    for block in transformer.resblocks:
+        attn = getattr(block, "attn", None)
+        if not isinstance(attn, torch.nn.MultiheadAttention) or hasattr(block, "ln_1_kv"):
+            return None
+        if attn.in_proj_weight is None or attn.in_proj_bias is None or not attn.batch_first:
+            return None
     return tower
 
 
@@ -240,6 +248,42 @@ def _eos_id(tower: torch.nn.Module) -> int | None:
     return getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
 
 
+def _attention(
+    block: torch.nn.Module, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """``block``'s multi-head attention of ``query [B, Q, W]`` over ``keys [B, L, W]`` (both after ``ln_1``)
+    with an additive ``mask`` broadcastable to ``[B, heads, Q, L]``; returns ``[B, Q, W]``.
+
+    The arithmetic of ``nn.MultiheadAttention``, written out: for rows of a dozen tokens torch's fused CPU
+    attention kernel costs twice as much as these two products and a softmax (measured in bf16).
+    """
+    attn = block.attn
+    width, heads = query.shape[-1], attn.num_heads
+    weight, bias = attn.in_proj_weight, attn.in_proj_bias
+    linear = torch.nn.functional.linear
+    if query is keys:
+        q, k, v = linear(query, weight, bias).chunk(3, dim=-1)
+    else:
+        q = linear(query, weight[:width], bias[:width])
+        k, v = linear(keys, weight[width:], bias[width:]).chunk(2, dim=-1)
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # [B, L, W] -> [B, heads, L, W / heads]
+        return t.unflatten(-1, (heads, width // heads)).transpose(1, 2)
+
+    # Scaling the queries before the product (as torch does) keeps fp16 scores in range.
+    q, k, v = split(q * (width // heads) ** -0.5), split(k), split(v)
+    scores = torch.matmul(q, k.transpose(-1, -2)).add_(mask)
+    out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).flatten(2)
+    return attn.out_proj(out)
+
+
+def _block(block: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A residual attention block on ``x [B, L, W]`` with an additive causal ``mask [L, L]``."""
+    hidden = block.ln_1(x)
+    x = x + block.ls_1(_attention(block, hidden, hidden, mask))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 def _block_at(block: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """A residual attention block's output at one position per row: ``x [B, L, W]`` → ``[B, W]``.
 
@@ -247,12 +291,11 @@ def _block_at(block: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) 
     as a key but only its own query, attention output and MLP: the rest of that block is skipped.
     """
     rows = torch.arange(len(x), device=x.device)
-    query = x[rows, positions].unsqueeze(1)
-    keys = block.ln_1(x)
+    query = x[rows, positions].unsqueeze(1)  # [B, 1, W]
     after = torch.arange(x.shape[1], device=x.device)[None, :] > positions[:, None]  # [B, L]
     mask = torch.zeros(after.shape, dtype=x.dtype, device=x.device).masked_fill(after, float("-inf"))
-    mask = mask.repeat_interleave(block.attn.num_heads, dim=0).unsqueeze(1)  # [B * heads, 1, L]
-    query = query + block.ls_1(block.attention(block.ln_1(query), keys, keys, attn_mask=mask))
+    attended = _attention(block, block.ln_1(query), block.ln_1(x), mask[:, None, None, :])
+    query = query + block.ls_1(attended)
     query = query + block.ls_2(block.mlp(block.ln_2(query)))
     return query[:, 0]
 
@@ -405,8 +448,9 @@ class ClipEncoder:
             x = tower.token_embedding(tokens).to(cast_dtype)
             x = x + tower.positional_embedding[:length].to(cast_dtype)
             blocks = tower.transformer.resblocks
+            mask = tower.attn_mask[:length, :length].to(x.dtype)
             for block in blocks[:-1]:
-                x = block(x, attn_mask=tower.attn_mask[:length, :length])
+                x = _block(block, x, mask)
             x = tower.ln_final(_block_at(blocks[-1], x, lengths - 1))
             projection = tower.text_projection
             if projection is not None:
