@@ -15,7 +15,7 @@ floating-point operations per caption, measures how fast this machine multiplies
 batches' shape in each precision, and prints the resulting ceiling: the speed-up batched, trimmed
 encoding would reach if nothing but the matrix products took time.
 
-Usage: python benchmarks/embed_throughput.py [--device cpu|cuda] [--captions 2000] [--single 100] [--repeats 3]
+Usage: python benchmarks/embed_throughput.py [--device cpu|cuda] [--captions N] [--single N] [--repeats N]
 """
 
 from __future__ import annotations
