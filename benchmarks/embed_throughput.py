@@ -54,6 +54,11 @@ def report(label: str, count: int, seconds: float) -> float:
     return count / seconds
 
 
+def tower_widths(tower: torch.nn.Module) -> tuple[int, int]:
+    """The text transformer's width and its MLP's hidden width."""
+    return tower.transformer.width, tower.transformer.resblocks[0].mlp.c_fc.out_features
+
+
 def matmul_flops(
     tower: torch.nn.Module, lengths: torch.Tensor, batch_size: int, context: int
 ) -> tuple[float, float]:
@@ -62,8 +67,7 @@ def matmul_flops(
 
     ``lengths [N]`` are the captions' token counts up to the end-of-text token.
     """
-    width = tower.transformer.width
-    hidden = tower.transformer.resblocks[0].mlp.c_fc.out_features
+    width, hidden = tower_widths(tower)
     layers = tower.transformer.layers
     projection = 2 * width * tower.text_projection.shape[-1]
     per_position = 2 * (4 * width * width + 2 * width * hidden)  # q, k, v, out; MLP in and out
@@ -183,15 +187,14 @@ def main() -> None:
     print(f"  batching alone (77 tokens)                : {padded / single:6.1f}x")
     print(f"  trimming alone (batched, trimmed vs 77)   : {trimmed[precisions[0]] / padded:6.1f}x")
 
-    batch_size = args.batch_size or (64 if args.device == "cpu" else 1024)
+    batch_size = args.batch_size or baseline.text_batch_size
     tower = getattr(baseline.model, "text", baseline.model)  # CustomTextCLIP keeps its text tower apart
     full, cut = matmul_flops(tower, lengths, batch_size, baseline.context_length)
     print(f"matrix products per caption: {full / 1e9:.2f} GFLOP at 77 tokens, {cut / 1e9:.2f} GFLOP batched "
           f"and trimmed ({full / cut:.1f}x fewer)")  # fmt: skip
     print(f"  one at a time [{precisions[0]}] ran at {single * full / 1e9:.0f} GFLOP/s")
     rows = batch_size * round(float(lengths.mean()))
-    hidden = tower.transformer.resblocks[0].mlp.c_fc.out_features
-    width = tower.transformer.width
+    width, hidden = tower_widths(tower)
     for precision in precisions:
         peak = matmul_speed(rows, width, hidden, precision, args.device)
         achieved = trimmed[precision] * cut

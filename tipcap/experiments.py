@@ -730,19 +730,19 @@ def demo_world(
     echo = echo or (lambda message: None)
 
     scale = demo_scale(quick)
-    identity = [GENERATOR_VERSION, seed, scale.train, scale.val, scale.test]
-    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
-    world = Path(cache) / f"toyworld-{key}"
+
+    def key(*identity: Any) -> str:
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
+
+    world = Path(cache) / f"toyworld-{key(GENERATOR_VERSION, seed, scale.train, scale.val, scale.test)}"
     karpathy = world / "toyworld.json"
     if karpathy.is_file():
         echo(f"toy world: reused {world}")
     else:
         echo(f"toy world: generating {scale.train + scale.val + scale.test} images into {world}")
         write_toyworld(world, seed=seed, train=scale.train, val=scale.val, test=scale.test, progress=progress)
-    clip_key = hashlib.sha256(
-        json.dumps([TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed]).encode()
-    )
-    clip_dir = world / f"clip-{clip_key.hexdigest()[:10]}"
+    clip_key = key(TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed)
+    clip_dir = world / f"clip-{clip_key}"
     if (clip_dir / "toyclip.safetensors").is_file():
         echo(f"toy CLIP: reused {clip_dir}")
     else:
