@@ -3,9 +3,8 @@
 ``ClipSpec`` names a CLIP without loading it (its :meth:`~ClipSpec.identity` is what embedding stores
 and gap files record); ``ClipEncoder`` is the loaded model with batched, L2-normalised encoders.
 
-Text encoding runs the text tower only as far as the longest caption of each batch: with a causal mask
-and pooling at the end-of-text token, positions after that token cannot influence the pooled feature,
-so trimming the padding changes nothing but the cost (COCO captions use ~15 of CLIP's 77 positions).
+Text encoding skips the work that cannot change CLIP's output (:mod:`tipcap.text_tower`): the padding
+after each caption's end-of-text token, and second copies of the prefixes captions of a batch share.
 
 open_clip is imported only where a model is loaded: it takes seconds to import, and checking whether a
 cached store or gap file matches a ``ClipSpec`` must stay cheap.
@@ -28,6 +27,7 @@ from urllib.parse import urlparse
 import torch
 from PIL import Image
 
+from tipcap import text_tower
 from tipcap.data.files import load_json
 from tipcap.errors import TipcapError
 
@@ -211,95 +211,6 @@ def _resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def _text_tower(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The module holding the text transformer, when its padding can be trimmed; else ``None``.
-
-    ``open_clip.CLIP`` keeps the text modules on the model itself, ``CustomTextCLIP`` in ``.text``.
-    Trimming is exact only for a causal mask with end-of-text (``argmax``/``eos``) pooling and no
-    appended class token; other towers (Hugging Face text models, CoCa) and blocks with other attention
-    modules run at full length.
-    """
-    tower = getattr(model, "text", model)
-    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
-    if not all(hasattr(tower, name) for name in needed):
-        return None
-    if getattr(tower, "attn_mask", None) is None or getattr(tower, "cls_emb", None) is not None:
-        return None
-    if _pool_type(tower) not in ("argmax", "eos"):
-        return None
-    transformer = tower.transformer
-    if not getattr(transformer, "batch_first", True):
-        return None
-    # The trimmed path computes attention from packed in-projections (see _attention).
-    for block in transformer.resblocks:
-        attn = getattr(block, "attn", None)
-        if not isinstance(attn, torch.nn.MultiheadAttention) or hasattr(block, "ln_1_kv"):
-            return None
-        if attn.in_proj_weight is None or attn.in_proj_bias is None or not attn.batch_first:
-            return None
-    return tower
-
-
-def _pool_type(tower: torch.nn.Module) -> str | None:
-    return getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
-
-
-def _eos_id(tower: torch.nn.Module) -> int | None:
-    return getattr(tower, "text_eos_id", getattr(tower, "eos_id", None))
-
-
-def _attention(
-    block: torch.nn.Module, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """``block``'s multi-head attention of ``query [B, Q, W]`` over ``keys [B, L, W]`` (both after ``ln_1``)
-    with an additive ``mask`` broadcastable to ``[B, heads, Q, L]``; returns ``[B, Q, W]``.
-
-    The arithmetic of ``nn.MultiheadAttention``, written out: for rows of a dozen tokens torch's fused CPU
-    attention kernel costs twice as much as these two products and a softmax (measured in bf16).
-    """
-    attn = block.attn
-    width, heads = query.shape[-1], attn.num_heads
-    weight, bias = attn.in_proj_weight, attn.in_proj_bias
-    linear = torch.nn.functional.linear
-    if query is keys:
-        q, k, v = linear(query, weight, bias).chunk(3, dim=-1)
-    else:
-        q = linear(query, weight[:width], bias[:width])
-        k, v = linear(keys, weight[width:], bias[width:]).chunk(2, dim=-1)
-
-    def split(t: torch.Tensor) -> torch.Tensor:  # [B, L, W] -> [B, heads, L, W / heads]
-        return t.unflatten(-1, (heads, width // heads)).transpose(1, 2)
-
-    # Scaling the queries before the product (as torch does) keeps fp16 scores in range.
-    q, k, v = split(q * (width // heads) ** -0.5), split(k), split(v)
-    scores = torch.matmul(q, k.transpose(-1, -2)).add_(mask)
-    out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).flatten(2)
-    return attn.out_proj(out)
-
-
-def _block(block: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A residual attention block on ``x [B, L, W]`` with an additive causal ``mask [L, L]``."""
-    hidden = block.ln_1(x)
-    x = x + block.ls_1(_attention(block, hidden, hidden, mask))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
-def _block_at(block: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """A residual attention block's output at one position per row: ``x [B, L, W]`` → ``[B, W]``.
-
-    Pooling keeps only the end-of-text position of the last block, which needs every earlier position
-    as a key but only its own query, attention output and MLP: the rest of that block is skipped.
-    """
-    rows = torch.arange(len(x), device=x.device)
-    query = x[rows, positions].unsqueeze(1)  # [B, 1, W]
-    after = torch.arange(x.shape[1], device=x.device)[None, :] > positions[:, None]  # [B, L]
-    mask = torch.zeros(after.shape, dtype=x.dtype, device=x.device).masked_fill(after, float("-inf"))
-    attended = _attention(block, block.ln_1(query), block.ln_1(x), mask[:, None, None, :])
-    query = query + block.ls_1(attended)
-    query = query + block.ls_2(block.mlp(block.ln_2(query)))
-    return query[:, 0]
-
-
 class ClipEncoder:
     """A loaded CLIP with batched, L2-normalised text and image encoders.
 
@@ -320,7 +231,8 @@ class ClipEncoder:
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.device = device
-        self._tower = _text_tower(model)
+        self._tower = text_tower.causal_text_tower(model)
+        self._prepared_tower: text_tower.CausalTextTower | None = None
 
     @classmethod
     def load(cls, spec: ClipSpec, device: str | None = None, precision: str = "auto") -> ClipEncoder:
@@ -428,40 +340,26 @@ class ClipEncoder:
 
     def token_lengths(self, tokens: torch.Tensor) -> torch.Tensor:
         """Number of positions up to and including the pooled end-of-text token, per row ``[N]``."""
-        tower = self._tower if self._tower is not None else self.model
-        if _pool_type(tower) == "eos":
-            position = (tokens == _eos_id(tower)).int().argmax(dim=-1)
-        else:
-            position = tokens.argmax(dim=-1)
-        return position + 1
+        return text_tower.token_lengths(self._tower if self._tower is not None else self.model, tokens)
 
     @torch.inference_mode()
-    def encode_tokens(self, tokens: torch.Tensor, trim: bool = True) -> torch.Tensor:
+    def encode_tokens(
+        self, tokens: torch.Tensor, trim: bool = True, share_prefixes: bool = True
+    ) -> torch.Tensor:
         """Encode a batch of token rows ``[B, context_length]`` to unit vectors ``[B, d]`` (float32).
 
-        With ``trim`` (and a tower that allows it) the transformer runs only over the batch's longest
-        row; the result equals open_clip's ``encode_text`` up to float rounding.
+        With ``trim`` (and a tower that allows it, see :mod:`tipcap.text_tower`) the transformer runs
+        only up to each row's end-of-text token, and with ``share_prefixes`` over each distinct prefix
+        of the batch once; the result equals open_clip's ``encode_text`` up to float rounding.
         """
         tokens = tokens.to(self.device)
-        tower = self._tower
-        if not trim or tower is None:
-            features = self.model.encode_text(tokens)
+        if trim and self._tower is not None:
+            # Prepared on first use: an encoder used for images only never pays for it.
+            if self._prepared_tower is None:
+                self._prepared_tower = text_tower.CausalTextTower(self._tower)
+            features = self._prepared_tower.encode(tokens, share_prefixes=share_prefixes)
         else:
-            lengths = self.token_lengths(tokens)
-            length = int(lengths.max())
-            tokens = tokens[:, :length]
-            cast_dtype = tower.transformer.get_cast_dtype()
-            x = tower.token_embedding(tokens).to(cast_dtype)
-            x = x + tower.positional_embedding[:length].to(cast_dtype)
-            blocks = tower.transformer.resblocks
-            mask = tower.attn_mask[:length, :length].to(x.dtype)
-            for block in blocks[:-1]:
-                x = _block(block, x, mask)
-            x = tower.ln_final(_block_at(blocks[-1], x, lengths - 1))
-            projection = tower.text_projection
-            if projection is not None:
-                x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
-            features = x
+            features = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
     def encode_texts(
@@ -469,23 +367,26 @@ class ClipEncoder:
         texts: Sequence[str],
         batch_size: int | None = None,
         trim: bool = True,
+        share_prefixes: bool = True,
         on_batch: Callable[[int], object] | None = None,
     ) -> TextEmbeddings:
         """Encode captions to unit vectors ``[N, d]`` (float32, CPU), in the order given.
 
-        Captions are sorted by token length so that each batch holds captions of similar length and
-        the trimmed transformer does little padded work. ``on_batch`` is called with each batch's size.
-        ``batch_size`` defaults to :attr:`text_batch_size`.
+        Captions are sorted by token length, then by their tokens, so that each batch holds captions of
+        similar length that share long prefixes (see :meth:`encode_tokens` for ``trim`` and
+        ``share_prefixes``). ``on_batch`` is called with each batch's size. ``batch_size`` defaults to
+        :attr:`text_batch_size`.
         """
         batch_size = batch_size or self.text_batch_size
         if not texts:
             return TextEmbeddings(torch.empty(0, self.dim), 0)
         tokens, truncated = self.tokenize(texts)
-        order = torch.argsort(self.token_lengths(tokens), stable=True)
+        lengths = self.token_lengths(tokens)
+        order = text_tower.token_order(tokens[:, : int(lengths.max())], lengths)
         out = torch.empty(len(texts), self.dim)
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
-            out[rows] = self.encode_tokens(tokens[rows], trim=trim).cpu()
+            out[rows] = self.encode_tokens(tokens[rows], trim=trim, share_prefixes=share_prefixes).cpu()
             if on_batch is not None:
                 on_batch(len(rows))
         return TextEmbeddings(out, truncated)
