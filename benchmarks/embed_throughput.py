@@ -1,4 +1,4 @@
-"""Caption-encoding throughput: batched, length-trimmed encoding against one caption at a time.
+"""Caption-encoding throughput: batched, trimmed, prefix-sharing encoding against one caption at a time.
 
 Published captioning code encodes each caption on its own, padded to CLIP's 77 tokens. This measures,
 with a ViT-B-32-sized text tower (random weights: speed does not depend on the values) on real COCO
@@ -6,14 +6,18 @@ captions:
 
 1. one caption at a time at 77 tokens, tokenisation included (the baseline);
 2. batched at 77 tokens (the gain from batching alone);
-3. batched, sorted by length and trimmed to each batch's longest caption (tipcap's path), in each
-   precision asked for (on CPU: fp32, the default, and bf16 where the processor has bf16 instructions);
-4. a full ``embed_texts`` run into a store, then the same run again (reusing the store).
+3. batched and trimmed: each caption computed only up to its end-of-text token (the gain from trimming
+   alone);
+4. batched, trimmed, with the prefixes the captions of a batch share computed once (tipcap's path), in
+   each precision asked for (on CPU: fp32, the default, and bf16 where the processor has bf16
+   instructions);
+5. a full ``embed_texts`` run into a store, then the same run again (reusing the store).
 
-On a CPU every path is bound by the text tower's matrix products, so the benchmark also counts their
-floating-point operations per caption, measures how fast this machine multiplies matrices of the trimmed
-batches' shape in each precision, and prints the resulting ceiling: the speed-up batched, trimmed
-encoding would reach if nothing but the matrix products took time.
+Batches hold captions sorted by length, then by token, as ``ClipEncoder.encode_texts`` forms them. On a
+CPU every path is bound by the text tower's matrix products, so the benchmark also counts their
+floating-point operations per caption, measures how fast this machine multiplies matrices of the
+batches' shape in each precision (with the prepacked weights the tower uses), and prints the resulting
+ceiling: the speed-up tipcap's path would reach if nothing but the matrix products took time.
 
 Usage: python benchmarks/embed_throughput.py [--device cpu|cuda] [--captions N] [--single N] [--repeats N]
 """
@@ -34,6 +38,8 @@ import torch
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import read_captions
 from tipcap.embed import embed_texts
+from tipcap.prepacked import linear_map
+from tipcap.text_tower import PrefixTrie, prefix_trie, token_order
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dataset_coco_sample.json.gz"
 
@@ -50,7 +56,7 @@ def timed(function) -> float:
 
 
 def report(label: str, count: int, seconds: float) -> float:
-    print(f"{label:<36}: {count / seconds:9.1f} captions/s  ({count} in {seconds:.2f} s)")
+    print(f"{label:<42}: {count / seconds:9.1f} captions/s  ({count} in {seconds:.2f} s)")
     return count / seconds
 
 
@@ -59,13 +65,13 @@ def tower_widths(tower: torch.nn.Module) -> tuple[int, int]:
     return tower.transformer.width, tower.transformer.resblocks[0].mlp.c_fc.out_features
 
 
-def matmul_flops(
-    tower: torch.nn.Module, lengths: torch.Tensor, batch_size: int, context: int
-) -> tuple[float, float]:
-    """FLOPs of the text tower's matrix products per caption: (one at a time at ``context`` tokens,
-    sorted batches of ``batch_size`` trimmed to their longest row, last block at the pooled row only).
+def matmul_flops(tower: torch.nn.Module, batches: list[PrefixTrie], context: int) -> dict[str, float]:
+    """FLOPs of the text tower's matrix products per caption, for one caption at a time at ``context``
+    tokens (``"77 tokens"``), and for ``batches`` run trimmed (``"trimmed"``: every position up to each
+    row's end) and with shared prefixes (``"shared"``: every node of the batches' tries).
 
-    ``lengths [N]`` are the captions' token counts up to the end-of-text token.
+    As :class:`~tipcap.text_tower.CausalTextTower` computes them: attention over each batch's longest
+    row, and the last block at the pooled rows only.
     """
     width, hidden = tower_widths(tower)
     layers = tower.transformer.layers
@@ -73,33 +79,29 @@ def matmul_flops(
     per_position = 2 * (4 * width * width + 2 * width * hidden)  # q, k, v, out; MLP in and out
     keys_values = 2 * 2 * width * width
 
-    def attention(length: int) -> int:
-        return 2 * 2 * length * length * width  # scores and weighted values
+    def attention(rows: int, queries: int, keys: int) -> int:
+        return rows * 2 * 2 * queries * keys * width  # scores and weighted values
 
-    full = layers * (context * per_position + attention(context)) + projection
-    padded = torch.sort(lengths).values.split(batch_size)
-    trimmed = sum(
-        len(batch)
-        * (
-            (layers - 1) * (int(batch.max()) * per_position + attention(int(batch.max())))
-            + int(batch.max()) * keys_values
-            + per_position
-            + projection
-        )
-        for batch in padded
-    ) / len(lengths)
-    return float(full), float(trimmed)
+    def batch(nodes: int, rows: int, length: int) -> int:
+        earlier = (layers - 1) * (nodes * per_position + attention(rows, length, length))
+        last = nodes * keys_values + rows * (per_position - keys_values) + attention(rows, 1, length)
+        return earlier + last + rows * projection
+
+    captions = sum(len(trie.lengths) for trie in batches)
+    full = layers * (context * per_position + attention(1, context, context)) + projection
+    trimmed = sum(batch(int(t.lengths.sum()), len(t.lengths), t.paths.shape[1]) for t in batches)
+    shared = sum(batch(len(t.tokens), len(t.lengths), t.paths.shape[1]) for t in batches)
+    return {"77 tokens": float(full), "trimmed": trimmed / captions, "shared": shared / captions}
 
 
 def matmul_speed(rows: int, width: int, hidden: int, precision: str, device: str) -> float:
-    """FLOP/s of one ``[rows, width] x [width, hidden]`` product in ``precision`` (best of 5 runs of 10)."""
+    """FLOP/s of one ``[rows, width] x [width, hidden]`` product in ``precision`` with a prepacked weight,
+    as the text tower runs it (best of 5 runs of 10)."""
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     inputs = torch.randn(rows, width, dtype=dtype, device=device)
-    weight = torch.randn(hidden, width, dtype=dtype, device=device)
-    torch.nn.functional.linear(inputs, weight)
-    seconds = min(
-        timed(lambda: [torch.nn.functional.linear(inputs, weight) for _ in range(10)]) for _ in range(5)
-    )
+    product = linear_map(torch.randn(hidden, width, dtype=dtype, device=device), rows=rows)
+    product(inputs)
+    seconds = min(timed(lambda: [product(inputs) for _ in range(10)]) for _ in range(5))
     return 10 * 2 * rows * width * hidden / seconds
 
 
@@ -136,11 +138,10 @@ def main() -> None:
     encoders = {p: ClipEncoder.load(spec, device=args.device, precision=p) for p in precisions}
     baseline = encoders[precisions[0]]
     tokens, _ = baseline.tokenize(texts)
-    lengths = baseline.token_lengths(tokens).float()
+    lengths = baseline.token_lengths(tokens)
     print(f"model {args.model} (random weights) on {args.device}, CPU threads {torch.get_num_threads()}")
-    print(
-        f"{len(texts)} COCO captions, tokens per caption: mean {lengths.mean():.1f}, max {lengths.max():.0f}"
-    )
+    mean = lengths.float().mean()
+    print(f"{len(texts)} COCO captions, tokens per caption: mean {mean:.1f}, max {lengths.max()}")
     # Tokenising first also fills the tokenizer's word cache, so no later run pays for a cold one.
     report("tokenisation alone", len(texts), timed(lambda: baseline.tokenize(texts)))
     for encoder in encoders.values():
@@ -153,17 +154,25 @@ def main() -> None:
     padded_texts = texts[: args.padded]
     embeddings = {}
 
-    def batched(encoder: ClipEncoder, precision: str) -> None:
+    def shared(encoder: ClipEncoder, precision: str) -> None:
         embeddings[precision] = encoder.encode_texts(texts, batch_size=args.batch_size).embeddings
 
+    first = precisions[0]
     runs = {
-        f"one at a time, 77 tokens [{precisions[0]}]": (args.single, one_at_a_time),
-        f"batched, 77 tokens [{precisions[0]}]": (
+        f"one at a time, 77 tokens [{first}]": (args.single, one_at_a_time),
+        f"batched, 77 tokens [{first}]": (
             len(padded_texts),
             lambda: baseline.encode_texts(padded_texts, batch_size=args.batch_size, trim=False),
         ),
+        f"batched, trimmed [{first}]": (
+            len(texts),
+            lambda: baseline.encode_texts(texts, batch_size=args.batch_size, share_prefixes=False),
+        ),
         **{
-            f"batched, sorted, trimmed [{precision}]": (len(texts), partial(batched, encoder, precision))
+            f"batched, trimmed, shared prefixes [{precision}]": (
+                len(texts),
+                partial(shared, encoder, precision),
+            )
             for precision, encoder in encoders.items()
         },
     }
@@ -174,33 +183,41 @@ def main() -> None:
         for label, (_, run) in runs.items():
             seconds[label] = min(seconds[label], timed(run))
     speeds = [report(label, count, seconds[label]) for label, (count, _) in runs.items()]
-    single, padded = speeds[:2]
-    trimmed = dict(zip(precisions, speeds[2:], strict=True))
-    reference = embeddings[precisions[0]]
+    single, padded, trimmed = speeds[:3]
+    fastest = dict(zip(precisions, speeds[3:], strict=True))
+    reference = embeddings[first]
     for precision in precisions[1:]:
         cosine = torch.nn.functional.cosine_similarity(embeddings[precision], reference).min().item()
-        print(f"  {precision} vs {precisions[0]}: min cosine {cosine:.6f}")
+        print(f"  {precision} vs {first}: min cosine {cosine:.6f}")
 
     for precision in precisions:
-        speed_up = trimmed[precision] / single
-        print(f"speed-up over one at a time, batched+trimmed [{precision}]: {speed_up:6.1f}x")
-    print(f"  batching alone (77 tokens)                : {padded / single:6.1f}x")
-    print(f"  trimming alone (batched, trimmed vs 77)   : {trimmed[precisions[0]] / padded:6.1f}x")
+        speed_up = fastest[precision] / single
+        print(f"speed-up over one at a time, batched, trimmed, shared [{precision}]: {speed_up:6.1f}x")
+    print(f"  batching alone (77 tokens)                    : {padded / single:6.1f}x")
+    print(f"  trimming alone (batched, trimmed vs 77)       : {trimmed / padded:6.1f}x")
+    print(f"  sharing prefixes alone (vs batched, trimmed)  : {fastest[first] / trimmed:6.1f}x")
 
     batch_size = args.batch_size or baseline.text_batch_size
+    order = token_order(tokens[:, : int(lengths.max())], lengths)
+    batches = [prefix_trie(tokens[rows], lengths[rows]) for rows in order.split(batch_size)]
     tower = getattr(baseline.model, "text", baseline.model)  # CustomTextCLIP keeps its text tower apart
-    full, cut = matmul_flops(tower, lengths, batch_size, baseline.context_length)
-    print(f"matrix products per caption: {full / 1e9:.2f} GFLOP at 77 tokens, {cut / 1e9:.2f} GFLOP batched "
-          f"and trimmed ({full / cut:.1f}x fewer)")  # fmt: skip
-    print(f"  one at a time [{precisions[0]}] ran at {single * full / 1e9:.0f} GFLOP/s")
-    rows = batch_size * round(float(lengths.mean()))
+    flops = matmul_flops(tower, batches, baseline.context_length)
+    full, cut = flops["77 tokens"], flops["shared"]
+    print(
+        f"matrix products per caption: {full / 1e9:.2f} GFLOP at 77 tokens, {flops['trimmed'] / 1e9:.2f} "
+        f"trimmed, {cut / 1e9:.2f} trimmed with shared prefixes ({full / cut:.1f}x fewer)"
+    )
+    print(f"  one at a time [{first}] ran at {single * full / 1e9:.0f} GFLOP/s")
+    nodes = sum(len(trie.tokens) for trie in batches)
+    print(f"  the batches' tries have {nodes} nodes for {int(lengths.sum())} positions")
+    rows = round(nodes / len(batches))
     width, hidden = tower_widths(tower)
     for precision in precisions:
         peak = matmul_speed(rows, width, hidden, precision, args.device)
-        achieved = trimmed[precision] * cut
+        achieved = fastest[precision] * cut
         print(
             f"  [{precision}] a [{rows}, {width}] x [{width}, {hidden}] product runs at {peak / 1e9:.0f} "
-            f"GFLOP/s; batched+trimmed ran at {achieved / 1e9:.0f} ({achieved / peak:.0%} of it)"
+            f"GFLOP/s; tipcap's path ran at {achieved / 1e9:.0f} ({achieved / peak:.0%} of it)"
         )
         print(
             f"  [{precision}] ceiling if nothing but the products took time: {peak / cut:.0f} captions/s, "
