@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--padded", type=int, default=320, help="Captions for the batched 77-token run.")
     parser.add_argument("--repeats", type=int, default=3, help="Rounds of every run; each keeps its best.")
     parser.add_argument("--single", type=int, default=100, help="Captions for the one-at-a-time run.")
-    parser.add_argument("--batch-size", type=int, default=None, help="Default: 64 on CPU, 1024 on GPU.")
+    parser.add_argument("--batch-size", type=int, default=None, help="Default: 128 on CPU, 1024 on GPU.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--precisions", default=None, help="Comma-separated; the first also runs the baseline."

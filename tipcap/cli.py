@@ -143,7 +143,7 @@ def _clip_options(command: Any) -> Any:
     help="Trailing period: add one to every caption, strip them, or keep captions as written.",
 )
 @click.option(
-    "--batch-size", default=None, type=int, help="Captions per pass [default: 64 on CPU, 1024 on GPU]."
+    "--batch-size", default=None, type=int, help="Captions per pass [default: 128 on CPU, 1024 on GPU]."
 )
 @click.option(
     "--shard-size", default=100_000, show_default=True, help="Rows per store shard (the resume unit)."
