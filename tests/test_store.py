@@ -73,6 +73,10 @@ def test_matching_store_only_for_an_equal_key(tmp_path):
     assert store is not None and len(store) == 25
     assert open_matching(tmp_path / "s", key_for(rows, model="other")) is None
     assert open_matching(tmp_path / "s", key_for(rows[:-1])) is None
+    # A store written by an older format is not opened (an error) but rebuilt, like a different key.
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    (tmp_path / "s" / "meta.json").write_text(json.dumps({**meta, "format": meta["format"] - 1}))
+    assert open_matching(tmp_path / "s", key_for(rows)) is None
 
 
 def test_rebuild_removes_the_earlier_store(tmp_path):

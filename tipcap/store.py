@@ -9,7 +9,8 @@ A store is a directory::
     skipped.json                   image stores only, when some images could not be read
 
 A store is identified by its *key* (store kind, CLIP identity, a fingerprint of the inputs, dtype). It is
-reused only when the key matches; otherwise it is rebuilt from scratch, never mixed. Shards are written
+reused only when the key and the store format match; otherwise it is rebuilt from scratch, never mixed.
+The same inputs give the same bytes, so stores can be compared by checksum. Shards are written
 to a temporary name and renamed, so a shard file that exists is complete; a build that is interrupted
 resumes from the first missing shard (``building.json`` records the key it was started with).
 """
@@ -32,11 +33,12 @@ from tipcap import __version__
 from tipcap.data.files import atomic_path, write_json_atomic
 from tipcap.errors import TipcapError
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 META = "meta.json"
 IDS = "ids.json"
 BUILDING = "building.json"
 _TENSOR = "embeddings"
+_SHARD_METADATA = "tipcap_shard"
 
 
 def fingerprint(rows: Sequence[Any]) -> str:
@@ -172,9 +174,11 @@ def open_matching(out: str | Path, key: dict[str, Any]) -> EmbeddingStore | None
     if not meta_path.is_file():
         return None
     try:
-        matches = json.loads(meta_path.read_text(encoding="utf-8")).get("key") == key
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None
+    # A store of an older format is rebuilt, like one of another key.
+    matches = meta.get("key") == key and meta.get("format") == STORE_FORMAT
     return EmbeddingStore.open(out) if matches else None
 
 
@@ -211,7 +215,7 @@ def build_store(
         raise TipcapError(f"--out {out}: exists and is not a directory.")
     out.mkdir(parents=True, exist_ok=True)
     num_shards = max(1, -(-num_rows // shard_size))
-    plan = {"key": key, "num_rows": num_rows, "shard_size": shard_size}
+    plan = {"format": STORE_FORMAT, "key": key, "num_rows": num_rows, "shard_size": shard_size}
     building = out / BUILDING
     resuming = building.is_file() and json.loads(building.read_text(encoding="utf-8")) == plan
     if not resuming:
@@ -235,11 +239,11 @@ def build_store(
     dim = None
     for index in range(num_shards):
         with safe_open(out / shard_name(index, num_shards), framework="pt") as f:
-            metadata = f.metadata()
+            metadata = json.loads(f.metadata()[_SHARD_METADATA])
             dim = f.get_slice(_TENSOR).get_shape()[1]
-        ids.extend(json.loads(metadata["ids"]))
-        skipped.extend(json.loads(metadata["skipped"]))
-        for name, count in json.loads(metadata["counts"]).items():
+        ids.extend(metadata["ids"])
+        skipped.extend(metadata["skipped"])
+        for name, count in metadata["counts"].items():
             counts[name] = counts.get(name, 0) + count
     for name, document in (extra_files or {}).items():
         write_json_atomic(out / name, document)
@@ -270,19 +274,17 @@ def _shard_digest(path: Path) -> str | None:
         return None
     try:
         with safe_open(path, framework="pt") as f:
-            return f.metadata().get("build")
-    except Exception:  # a damaged shard is simply re-encoded
+            return json.loads(f.metadata()[_SHARD_METADATA])["build"]
+    except Exception:  # a damaged shard, or one of an older format, is simply re-encoded
         return None
 
 
 def _write_shard(path: Path, shard: Shard, digest: str) -> None:
     """Write one shard as fp16, L2-normalised rows, atomically."""
     embeddings = torch.nn.functional.normalize(shard.embeddings.float(), dim=-1).to(torch.float16)
-    metadata = {
-        "build": digest,
-        "ids": json.dumps(shard.ids, ensure_ascii=False),
-        "skipped": json.dumps(shard.skipped, ensure_ascii=False),
-        "counts": json.dumps(shard.counts),
-    }
+    metadata = {"build": digest, "ids": shard.ids, "skipped": shard.skipped, "counts": shard.counts}
+    # One metadata entry holding sorted JSON: safetensors writes several entries in no fixed order, and
+    # the same rows must give the same bytes.
+    document = json.dumps(metadata, sort_keys=True, ensure_ascii=False)
     with atomic_path(path) as tmp:
-        save_file({_TENSOR: embeddings.contiguous()}, tmp, metadata=metadata)
+        save_file({_TENSOR: embeddings.contiguous()}, tmp, metadata={_SHARD_METADATA: document})
