@@ -8,8 +8,9 @@ on the tokens up to it. Two savings follow, and neither changes the result beyon
 - **Shared prefixes.** Captions of a batch that begin with the same tokens have the same states over
   that prefix, so each distinct prefix is computed once. The distinct prefixes are the nodes of the
   batch's token trie (:func:`prefix_trie`): the position-wise work (projections, MLP, layer norms),
-  nearly all of the cost, runs over the nodes; attention reads them back per caption. In batches of 64
-  COCO captions sorted by length and then by tokens, the nodes are 76-82% of the positions.
+  nearly all of the cost, runs over the nodes; attention reads them back per caption. In batches of 128
+  COCO captions sorted by length and then by token, the nodes are 76% of the positions on the 25,010
+  val captions and 82% on the benchmark's 2,000.
 
 The last block is needed at the pooled position only: its keys and values at every node, but its
 query, attention output and MLP at one node per caption.
