@@ -201,8 +201,8 @@ class _Block:
 class CausalTextTower:
     """A CLIP text tower (see :func:`causal_text_tower`) prepared for :meth:`encode`.
 
-    Preparing lays the blocks' weights out for the device's kernels once; the tower's weights must not
-    change afterwards.
+    Preparing lays the blocks' weights out for the device's kernels once (on a CPU, a second copy of
+    the blocks' linear weights in memory); the tower's weights must not change afterwards.
     """
 
     def __init__(self, tower: torch.nn.Module):
