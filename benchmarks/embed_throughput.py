@@ -39,7 +39,7 @@ from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import read_captions
 from tipcap.embed import embed_texts
 from tipcap.prepacked import linear_map
-from tipcap.text_tower import PrefixTrie, prefix_trie, token_order
+from tipcap.text_tower import PrefixTrie, causal_text_tower, prefix_trie, token_batches
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "dataset_coco_sample.json.gz"
 
@@ -198,9 +198,10 @@ def main() -> None:
     print(f"  sharing prefixes alone (vs batched, trimmed)  : {fastest[first] / trimmed:6.1f}x")
 
     batch_size = args.batch_size or baseline.text_batch_size
-    order = token_order(tokens[:, : int(lengths.max())], lengths)
-    batches = [prefix_trie(tokens[rows], lengths[rows]) for rows in order.split(batch_size)]
-    tower = getattr(baseline.model, "text", baseline.model)  # CustomTextCLIP keeps its text tower apart
+    batches = [
+        prefix_trie(tokens[rows], lengths[rows]) for rows in token_batches(tokens, lengths, batch_size)
+    ]
+    tower = causal_text_tower(baseline.model)
     flops = matmul_flops(tower, batches, baseline.context_length)
     full, cut = flops["77 tokens"], flops["shared"]
     print(

@@ -381,11 +381,8 @@ class ClipEncoder:
         if not texts:
             return TextEmbeddings(torch.empty(0, self.dim), 0)
         tokens, truncated = self.tokenize(texts)
-        lengths = self.token_lengths(tokens)
-        order = text_tower.token_order(tokens[:, : int(lengths.max())], lengths)
         out = torch.empty(len(texts), self.dim)
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
+        for rows in text_tower.token_batches(tokens, self.token_lengths(tokens), batch_size):
             out[rows] = self.encode_tokens(tokens[rows], trim=trim, share_prefixes=share_prefixes).cpu()
             if on_batch is not None:
                 on_batch(len(rows))

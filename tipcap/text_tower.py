@@ -80,6 +80,12 @@ def token_order(tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> to
     return torch.from_numpy(np.lexsort(keys)).to(torch.int64)  # lexsort sorts by its last key first
 
 
+def token_batches(tokens: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row indices of each batch of ``tokens [N, context]`` with ``lengths [N]``: rows ordered by
+    :func:`token_order` and cut into batches of ``batch_size`` (the last may be shorter)."""
+    return list(token_order(tokens[:, : int(lengths.max())], lengths).split(batch_size))
+
+
 class PrefixTrie(NamedTuple):
     """The distinct prefixes (nodes) of a batch of token rows and where each row's positions read them.
 
@@ -150,6 +156,8 @@ class _Block:
         self.block = block
         self.heads = attn.num_heads
         width = attn.embed_dim
+        # Scaling the queries before the product (as torch does) keeps fp16 scores in range.
+        self.query_scale = (width // self.heads) ** -0.5
         weight, bias = attn.in_proj_weight, attn.in_proj_bias
         if pooled_only:  # queries at the pooled rows, keys and values at every node
             self.query = linear_map(weight[:width], bias[:width])
@@ -174,8 +182,7 @@ class _Block:
         width = x.shape[-1]
         projected = self.queries_keys_values(self.block.ln_1(x))  # [N, 3W]
         queries, keys, values = _heads(projected, 3, self.heads, trie.paths)  # [B, heads, L, W / heads]
-        # Scaling the queries before the product (as torch does) keeps fp16 scores in range.
-        queries = queries.mul_((width // self.heads) ** -0.5)
+        queries = queries.mul_(self.query_scale)
         scores = torch.matmul(queries, keys.transpose(-1, -2)).add_(mask)  # [B, heads, L, L]
         attended = torch.matmul(scores.softmax(dim=-1), values)  # [B, heads, L, W / heads]
         at_nodes = attended.transpose(1, 2).reshape(-1, width).index_select(0, trie.firsts)  # [N, W]
@@ -183,12 +190,11 @@ class _Block:
 
     def pooled(self, x: torch.Tensor, trie: PrefixTrie) -> torch.Tensor:
         """The block's output at each row's pooled position, ``[B, W]``, from its input ``x [N, W]``."""
-        width = x.shape[-1]
         hidden = self.block.ln_1(x)
         keys, values = _heads(self.keys_values(hidden), 2, self.heads, trie.paths)  # [B, heads, L, W / heads]
         ends = x.index_select(0, trie.ends)  # [B, W]
         queries = self.query(hidden.index_select(0, trie.ends))  # [B, W]
-        queries = queries.view(len(queries), self.heads, 1, -1) * (width // self.heads) ** -0.5
+        queries = queries.view(len(queries), self.heads, 1, -1) * self.query_scale
         length = trie.paths.shape[1]
         after_end = torch.arange(length, device=x.device)[None, :] >= trie.lengths[:, None]  # [B, L]
         mask = torch.zeros(after_end.shape, dtype=x.dtype, device=x.device)
