@@ -125,6 +125,15 @@ def _clip_options(command: Any) -> Any:
     return command
 
 
+def _embed_config(opts: dict[str, Any], batch_size: int | None) -> Any:
+    """The embedding stage's config from the shared CLIP options."""
+    from tipcap.config import EmbedConfig, from_dict
+
+    settings = {"model": opts["clip_model"], "pretrained": opts["pretrained"], "init_seed": opts["seed"],
+                "precision": opts["precision"], "batch_size": batch_size}  # fmt: skip
+    return from_dict(EmbedConfig, settings, "embed")
+
+
 @embed.command("texts")
 @click.option(
     "--corpus",
@@ -153,20 +162,17 @@ def embed_texts_command(
     corpus: str, split: str | None, period: str, batch_size: int | None, shard_size: int, **opts: Any
 ) -> None:
     """Embed the captions of a corpus; each row keeps its caption's image id."""
-    from tipcap.clip import ClipSpec
     from tipcap.embed import embed_texts
 
     report = embed_texts(
         corpus,
-        ClipSpec(opts["clip_model"], opts["pretrained"], opts["seed"]),
+        _embed_config(opts, batch_size),
         opts["out"],
         split=split,
         period=period,
         strict=opts["strict"],
-        batch_size=batch_size,
         shard_size=shard_size,
         device=opts["device"],
-        precision=opts["precision"],
         progress=not opts["no_progress"],
     )
     click.echo(report.summary())
@@ -192,7 +198,7 @@ def embed_texts_command(
 @click.option(
     "--limit", default=None, help="Keep a seeded random subset: a count (500) or a percentage (1%)."
 )
-@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
+@click.option("--batch-size", default=None, type=int, help="Images per forward pass [default: 64].")
 @click.option(
     "--workers", default=None, type=int, help="Image decoding processes (default: CPU count, at most 8)."
 )
@@ -205,29 +211,26 @@ def embed_images_command(
     image_root: str | None,
     split: str | None,
     limit: str | None,
-    batch_size: int,
+    batch_size: int | None,
     workers: int | None,
     shard_size: int,
     **opts: Any,
 ) -> None:
     """Embed images; each row keeps its image id (unreadable images are listed in skipped.json)."""
-    from tipcap.clip import ClipSpec
     from tipcap.embed import embed_images
 
     report = embed_images(
         source,
-        ClipSpec(opts["clip_model"], opts["pretrained"], opts["seed"]),
+        _embed_config(opts, batch_size),
         opts["out"],
         image_root=image_root,
         split=split,
         limit=limit,
         seed=opts["seed"],
         strict=opts["strict"],
-        batch_size=batch_size,
         workers=workers,
         shard_size=shard_size,
         device=opts["device"],
-        precision=opts["precision"],
         progress=not opts["no_progress"],
     )
     click.echo(report.summary())
@@ -301,39 +304,21 @@ def fit_gap_command(
     device: str,
 ) -> None:
     """Fit the modality gap from embedding stores, write it, and report how much it closes."""
-    from tipcap.gap import Gap, fit_gap, format_report, gap_report, join_pairs, plot_gap
+    from tipcap.config import GapConfig, from_dict
+    from tipcap.gap import fit_gap_file, format_report
     from tipcap.store import EmbeddingStore
 
+    settings = {"kind": kind, "setting": setting, "renorm": not no_renorm, "shrinkage": not no_shrinkage,
+                "drop_quantile": drop_quantile, "sigma2": sigma2, "mu_from": mu_from, "learnable": learnable,
+                "tau": tau, "memory_size": memory_size, "seed": seed}  # fmt: skip
+    config = from_dict(GapConfig, settings, "gap")
     texts = EmbeddingStore.open(texts_dir)
     images = EmbeddingStore.open(images_dir) if images_dir else None
-    gap = fit_gap(
-        setting,
-        texts,
-        images,
-        kind=kind,
-        renorm=not no_renorm,
-        shrink=not no_shrinkage,
-        drop_quantile=drop_quantile,
-        sigma2=sigma2,
-        mu_from=Gap.load(mu_from) if mu_from else None,
-        learnable=learnable,
-        tau=tau,
-        memory_size=memory_size,
-        seed=seed,
-        device=device,
-    )
-    pairs = join_pairs(texts, images) if images is not None else None
-    pairs = pairs if pairs is not None and len(pairs) > 0 else None
-    report = gap_report(gap, pairs)
-    gap.info["report"] = report
-    gap.save(out)
-    click.echo(format_report(report))
-    if setting == "unpaired" and pairs is not None:
+    fit = fit_gap_file(config, texts, images, out, plot=plot, device=device)
+    click.echo(format_report(fit.report))
+    if setting == "unpaired" and fit.pairs is not None:
         click.echo("  (cosines on the stores' true pairs, which the unpaired fit did not use)")
-    click.echo(f"wrote {out}")
-    if plot:
-        plot_gap(gap, pairs, plot)
-        click.echo(f"wrote {plot}")
+    click.echo(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 
 @main.command("train")
@@ -394,10 +379,8 @@ def caption_command(
     device: str | None,
 ) -> None:
     """Caption images (files or folders); unreadable images are reported and the others captioned."""
-    import json
-
     from tipcap.data import list_images
-    from tipcap.generate import Captioner
+    from tipcap.model import TIPCap, write_captions_jsonl
 
     paths: list[Path] = []
     for item in inputs:
@@ -406,28 +389,24 @@ def caption_command(
             paths.extend(ref.path for ref in list_images(path))
         else:
             paths.append(path)
-    captioner = Captioner.load(model_dir, device=device)
-    results = captioner.caption_images(
-        paths, prompt=_split_words(prompt), auto_prompt=auto_prompt, num_beams=beams, batch_size=batch_size
+    model = TIPCap.from_pretrained(model_dir, device=device)
+    results = model.caption(
+        paths, prompts=_split_words(prompt), auto_prompt=auto_prompt, num_beams=beams, batch_size=batch_size
     )
-    lines = []
     for result in results:
         if result.error is not None:
             click.echo(f"skipped {result.error}", err=True)
-            continue
-        lines.append({"image": result.image, "caption": result.caption, "prompt": result.prompt})
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out + ".tmp")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-        tmp.replace(out)
-        click.echo(f"wrote {len(lines)} captions to {out}")
-    else:
-        for line in lines:
-            words = f"  [prompt: {', '.join(line['prompt'])}]" if line["prompt"] else ""
-            click.echo(f"{line['image']}\t{line['caption']}{words}")
-    if not lines:
+    captioned = [result for result in results if result.error is None]
+    # Checked before anything is written, so that a failed run leaves an earlier --out file as it was.
+    if not captioned:
         raise TipcapError("no image could be captioned.")
+    if out:
+        write_captions_jsonl(out, captioned)
+        click.echo(f"wrote {len(captioned)} captions to {out}")
+        return
+    for result in captioned:
+        words = f"  [prompt: {', '.join(result.prompt)}]" if result.prompt else ""
+        click.echo(f"{result.image}\t{result.caption}{words}")
 
 
 @main.command("score")
@@ -468,48 +447,15 @@ def score_command(
     predictions_path: str, references_path: str, split: str | None, metric_names: str, out: str | None
 ) -> None:
     """Score predicted captions against references exactly as pycocoevalcap's COCOEvalCap does."""
-    import sys
-
-    from tipcap.evaluate import (
-        check_metrics,
-        format_report,
-        format_table,
-        load_predictions,
-        load_references,
-        match_predictions,
-        metrics_document,
-        metrics_path,
-        score_captions,
-        write_json_atomic,
-    )
+    from tipcap.evaluate import check_metrics, format_report, format_table, score_file
 
     try:
         metrics = check_metrics(metric_names.split(","))
     except TipcapError as e:
         raise TipcapError(f"--metrics {metric_names!r}: {e}") from None
-    references = load_references(references_path, split)
-    predictions = load_predictions(predictions_path)
-    matched, report = match_predictions(predictions, references)
-    click.echo(format_report(report))
-    if not matched:
-        example = predictions[0]["image_id"]
-        raise TipcapError(
-            f"{predictions_path}: none of its {len(predictions)} predictions is for an image of "
-            f"{references_path} with reference captions (first prediction's image_id: {example!r}, "
-            f"first reference id: {next(iter(references))!r})."
-        )
-    result = score_captions(matched, references, metrics)
-    document = metrics_document(
-        result,
-        report,
-        predictions=predictions_path,
-        references=references_path,
-        split=split,
-        command=sys.argv,
-    )
-    path = metrics_path(predictions_path, out)
-    write_json_atomic(path, document)
-    click.echo(format_table(result["metrics"], result["skipped"]))
+    document, path = score_file(predictions_path, references_path, split, metrics, out)
+    click.echo(format_report(document["matching"]))
+    click.echo(format_table(document["metrics"], document["skipped"]))
     click.echo(f"wrote {path}")
 
 
@@ -555,17 +501,22 @@ def evaluate_command(
     device: str | None,
 ) -> None:
     """Caption a split's images, score them, write predictions.json, metrics.json and per_image.json."""
+    from tipcap.config import EvalConfig, from_dict
     from tipcap.evaluate import format_report, format_table
     from tipcap.protocol import evaluate_split
 
+    metrics = [m.strip() for m in metric_names.split(",") if m.strip()]
+    settings = {"beams": beams, "batch_size": batch_size, "prompt": prompt, "metrics": metrics}
+    config = from_dict(EvalConfig, settings, "eval")
     document = evaluate_split(
-        data, split, out, method=method, model_dir=model_dir, images=images, image_store=image_store,
-        texts=texts, prompt=prompt, beams=beams, batch_size=batch_size,
-        metrics=[m.strip() for m in metric_names.split(",") if m.strip()], device=device,
+        data, split, out, config, method=method, model=model_dir, images=images, image_store=image_store,
+        texts=texts, device=device,
     )  # fmt: skip
     click.echo(format_report(document["matching"]))
     click.echo(format_table(document["metrics"], document["skipped"]))
-    click.echo(f"wrote {out}/predictions.json, {out}/metrics.json and {out}/per_image.json")
+    click.echo(
+        f"wrote {out}/predictions.json, {out}/metrics.json, {out}/per_image.json and {out}/provenance.json"
+    )
 
 
 @main.command("toyworld")

@@ -13,9 +13,9 @@ cached store or gap file matches a ``ClipSpec`` must stay cheap.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
+import shutil
 import socket
 import threading
 from collections.abc import Callable, Sequence
@@ -30,20 +30,12 @@ from PIL import Image
 from tipcap import text_tower
 from tipcap.data.files import load_json
 from tipcap.errors import TipcapError
+from tipcap.provenance import sha256_file
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 _PROBE_TIMEOUT_S = 4.0
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 hex digest of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -109,9 +101,58 @@ class ClipSpec:
             "init_seed": self.init_seed,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Path | None = None) -> ClipSpec:
+        """A spec from :meth:`to_dict` or :meth:`save_into` output; relative file paths are under ``base``."""
+
+        def resolve(value: str, is_file: bool) -> str:
+            path = Path(value)
+            if base is None or not is_file or path.is_absolute():
+                return value
+            return str(base / path)
+
+        model, pretrained = str(data["model"]), str(data.get("pretrained", "none"))
+        return cls(
+            resolve(model, model.endswith(".json")),
+            resolve(pretrained, pretrained != "none" and Path(pretrained).suffix != ""),
+            int(data.get("init_seed", 0)),
+        )
+
+    def save_into(self, folder: Path) -> dict[str, Any]:
+        """Copy the model-config and local weights files into ``folder`` and say how to load them from
+        there: :meth:`to_dict` with those files' paths relative to ``folder``'s parent.
+
+        A folder that carries its CLIP this way can be moved, and the files it was made from deleted.
+        Files are hard-linked where the file system allows it, else copied; their names are kept, so
+        the CLIP's :meth:`identity` does not change.
+        """
+        data = self.to_dict()
+        for key, source in (("model", self.config_path), ("pretrained", self.weights_path)):
+            if source is None:
+                continue
+            if not source.is_file():
+                raise TipcapError(f"CLIP file {source} is missing; it cannot be stored with the model.")
+            target = folder / source.name
+            if not (target.exists() and target.samefile(source)):
+                folder.mkdir(parents=True, exist_ok=True)
+                _link_or_copy(source, target)
+            data[key] = f"{folder.name}/{source.name}"
+        return data
+
     def describe(self) -> str:
         """A short human-readable name, e.g. ``ViT-B-32 (openai)``."""
         return f"{self.model} ({self.pretrained})"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Place ``source``'s bytes at ``target`` (a hard link, else a copy), renamed into place."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
 
 
 class TextEmbeddings(NamedTuple):
@@ -205,10 +246,20 @@ def _quiet_open_clip():
         root.setLevel(level)
 
 
-def _resolve_device(device: str | None) -> torch.device:
+def resolve_device(device: str | None) -> torch.device:
+    """``device``, or CUDA when available and the CPU otherwise."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The encoder precision ``auto`` stands for on ``device``: fp16 on CUDA, fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise TipcapError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 class ClipEncoder:
@@ -249,11 +300,8 @@ class ClipEncoder:
         """
         import open_clip
 
-        if precision not in PRECISIONS:
-            raise TipcapError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
-        torch_device = _resolve_device(device)
-        if precision == "auto":
-            precision = "fp16" if torch_device.type == "cuda" else "fp32"
+        torch_device = resolve_device(device)
+        precision = resolve_precision(precision, torch_device)
 
         name = spec.model
         config = spec.config_path

@@ -1,47 +1,109 @@
-"""Experiment configuration: dataclasses, read from YAML/JSON, overridden from the command line, validated.
+"""The config tree: one dataclass per pipeline stage, read from YAML or JSON, validated, overridable by key.
 
-An experiment file has three sections, ``model``, ``data`` and ``train``; every key is checked against
-the dataclasses below, so a misspelt key or a value of the wrong type is an error naming the key.
-``--set train.lr=1e-4`` overrides one value (parsed as YAML: numbers, booleans, null, lists).
+Stages and where they are used:
+
+- :class:`EmbedConfig`: which CLIP encodes captions and images, in which precision (``tipcap embed``);
+- :class:`GapConfig`: how the modality gap is fitted (``tipcap fit-gap``);
+- :class:`ModelConfig`, :class:`DataConfig`, :class:`TrainConfig`: the caption decoder and its training
+  (``tipcap train``; together an :class:`ExperimentConfig`);
+- :class:`EvalConfig`: how captions are decoded and scored (``tipcap evaluate``).
+
+A grid cell (:mod:`tipcap.grid`) may override any field of any stage by a dotted key (``gap.renorm``,
+``eval.beams``), as ``--set train.lr=1e-4`` does for training. Validation is pydantic's, over these plain
+dataclasses: it checks types and ranges and refuses unknown keys, and each mistake becomes one
+:class:`TipcapError` naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
 from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+Positive = Annotated[int, Field(ge=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+GapKind = Literal["none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory"]
+Setting = Literal["few-pairs", "web-pairs", "unpaired", "text-only"]
+PromptMode = Literal["none", "pim", "hard"]
+EvalPrompt = Literal["none", "auto", "oracle"]
+Metric = Literal["bleu", "meteor", "rouge", "cider", "spice"]
+
+GAP_KINDS: tuple[str, ...] = typing.get_args(GapKind)
+SETTINGS: tuple[str, ...] = typing.get_args(Setting)
+METRICS: tuple[str, ...] = typing.get_args(Metric)
+CAPDEC_SIGMA2 = 0.016
+
+
+@dataclass
+class EmbedConfig:
+    """Which CLIP embeds captions and images, and how: part of every embedding store's key."""
+
+    __pydantic_config__ = _STRICT
+
+    model: str = ""  # open_clip model name, or the path of an open_clip model-config JSON
+    pretrained: str = "none"  # open_clip tag, local weights file, or none (random, seeded by init_seed)
+    init_seed: int = 0
+    precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
+    batch_size: Positive | None = None  # None: the encoder's default for the device
+
+
+@dataclass
+class GapConfig:
+    """How the modality gap is fitted from embedding stores (see :mod:`tipcap.gap`)."""
+
+    __pydantic_config__ = _STRICT
+
+    kind: GapKind = "gaussian"
+    setting: Setting = "text-only"
+    shrinkage: bool = True  # Ledoit–Wolf shrinkage of the covariance
+    renorm: bool = True  # rescale mapped embeddings to unit length
+    drop_quantile: Annotated[float, Field(ge=0, lt=1)] = 0.1  # web-pairs: least similar share trimmed
+    sigma2: PositiveFloat = CAPDEC_SIGMA2  # isotropic and text-only noise variance
+    learnable: bool = False  # train μ and L with a KL term to this estimate (train.kl_weight)
+    mu_from: str | None = None  # text-only: import μ from this gap file
+    tau: PositiveFloat = 0.01  # memory: softmax temperature
+    memory_size: Positive | None = None  # memory: keep a seeded subset of this many captions
+    seed: int = 0
+
 
 @dataclass
 class ModelConfig:
-    """Everything needed to rebuild a caption model (saved as the model directory's ``config.json``)."""
+    """Everything needed to rebuild a caption model (saved in the model directory's ``config.json``)."""
 
-    clip_dim: int = 512
+    __pydantic_config__ = _STRICT
+
+    clip_dim: Positive = 512
     language_model: str = "gpt2"
     language_model_config: dict[str, Any] | None = None
     tokenizer: str | None = None
-    prefix_length: int = 10
+    prefix_length: Positive = 10
     projector: Literal["mlp", "transformer"] = "mlp"
-    projector_layers: int = 8
+    projector_layers: Positive = 8
     # Centre the projector's input on its training mean and scale it to unit RMS per dimension: an
     # affine map the first layer could learn, but CLIP embeddings share most of their length (cosine
     # ~0.5 between any two), so without it the projector reads their differences only slowly.
     standardize_input: bool = True
     freeze_language_model: bool = False
-    prompt: Literal["none", "pim", "hard"] = "none"
-    pim_layers: int = 2
-    pim_heads: int = 8
-    max_prompt_words: int = 8
-    max_caption_tokens: int = 40
+    prompt: PromptMode = "none"
+    pim_layers: Positive = 2
+    pim_heads: Positive = 8
+    max_prompt_words: Positive = 8
+    max_caption_tokens: Positive = 40
     vocabulary: str | None = None  # entity vocabulary JSON; None: the packaged COCO vocabulary
 
 
@@ -49,124 +111,117 @@ class ModelConfig:
 class DataConfig:
     """Which stores and gap a training run reads."""
 
+    __pydantic_config__ = _STRICT
+
     train_texts: str = ""
     val_texts: str | None = None
     gap: str | None = None
-    train_images: str | None = None
+    train_images: str | None = None  # supervised: condition on these image embeddings instead
+    val_images: str | None = None  # supervised: the validation captions' image embeddings
 
 
 @dataclass
 class TrainConfig:
     """Optimisation, checkpointing and prompt sampling."""
 
-    epochs: int = 10
-    max_steps: int | None = None
-    batch_size: int = 80
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 500
+    __pydantic_config__ = _STRICT
+
+    epochs: Positive = 10
+    max_steps: Positive | None = None  # None: epochs × steps per epoch
+    batch_size: Positive = 80
+    lr: PositiveFloat = 2e-5
+    weight_decay: NonNegativeFloat = 0.01
+    warmup_steps: Annotated[int, Field(ge=0)] = 500
     schedule: Literal["linear", "cosine", "constant"] = "linear"
-    grad_clip: float = 1.0
-    accumulate: int = 1
+    grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
+    accumulate: Positive = 1
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 2
-    log_every: int = 50
-    kl_weight: float = 1.0
-    prompt_drop_entity: float = 0.4
-    prompt_drop_all: float = 0.5
-    prompt_distractor: float = 0.1
+    checkpoint_every: Positive = 1000
+    keep_checkpoints: Positive = 2
+    log_every: Positive = 50
+    kl_weight: NonNegativeFloat = 1.0  # weight of KL(gap ‖ its estimate) when the gap is learnable
+    prompt_drop_entity: Probability = 0.4
+    prompt_drop_all: Probability = 0.5
+    prompt_distractor: Probability = 0.1
+
+
+@dataclass
+class EvalConfig:
+    """How captions are decoded, prompted and scored."""
+
+    __pydantic_config__ = _STRICT
+
+    beams: Positive = 5
+    max_tokens: Positive | None = None  # None: the model's max_caption_tokens
+    prompt: EvalPrompt = "none"  # auto: CLIP zero-shot entities; oracle: the scene's true entities
+    top_k: Positive = 3  # auto prompts: at most this many entities
+    threshold: Probability | None = None  # auto prompts: keep entities at least this probable
+    metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
+    batch_size: Positive = 64
 
 
 @dataclass
 class ExperimentConfig:
     """A training run: the model, its data and its optimisation."""
 
+    __pydantic_config__ = _STRICT
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(hint))
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))
+def _message(error: dict[str, Any], prefix: str) -> str:
+    """One line for one pydantic error: the dotted key, what was expected, what was given."""
+    path = prefix
+    for part in error["loc"]:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith(("function-", "lax-", "tagged-union")):
+            path = f"{path}.{part}" if path else str(part)
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        return f"config key '{path}' is unknown."
+    return f"config key '{path}': {error['msg'][0].lower()}{error['msg'][1:]} (given: {error['input']!r})."
 
 
-def _convert(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the type ``hint`` (ints are accepted for floats)."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            try:
-                return _convert(value, option, key)
-            except TipcapError:
-                continue
-    elif origin is Literal:
-        if value in typing.get_args(hint):
-            return value
-    elif dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
-            return from_dict(hint, value, key)
-    elif hint is type(None):
-        if value is None:
-            return None
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads "1e-4" (no decimal point) as a string.
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif origin is dict or hint is dict:
-        if isinstance(value, dict):
-            return value
-    elif origin is list:
-        if isinstance(value, list):
-            (item,) = typing.get_args(hint)
-            return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif isinstance(value, hint):
-        return value
-    raise TipcapError(f"config key '{key}': expected {_type_name(hint)}, got {value!r}.")
+_ADAPTERS: dict[type, TypeAdapter] = {}
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys and mistyped values."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values = {}
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            raise TipcapError(f"config key '{path}' is unknown; known keys here: {', '.join(names)}.")
-        values[key] = _convert(value, hints[key], path)
-    return cls(**values)
+    """Build dataclass ``cls`` from a dict, refusing unknown keys, mistyped and out-of-range values."""
+    if not isinstance(data, dict):
+        raise TipcapError(f"config key '{prefix}': expected a mapping, got {data!r}.")
+    adapter = _ADAPTERS.setdefault(cls, TypeAdapter(cls))
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as e:
+        raise TipcapError(_message(e.errors()[0], prefix)) from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list[str], flag: str = "--set") -> dict[str, Any]:
     """Set ``section.key=value`` overrides (values parsed as YAML) in a nested dict, in place."""
     for override in overrides:
         if "=" not in override:
-            raise TipcapError(f"--set {override!r}: expected key=value, e.g. train.lr=1e-4.")
+            raise TipcapError(f"{flag} {override!r}: expected key=value, e.g. train.lr=1e-4.")
         path, raw = override.split("=", 1)
-        keys = path.strip().split(".")
-        target = data
-        for key in keys[:-1]:
-            target = target.setdefault(key, {})
-            if not isinstance(target, dict):
-                raise TipcapError(f"--set {override!r}: '{key}' is not a section.")
-        target[keys[-1]] = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise TipcapError(f"{flag} {override!r}: the value is not valid YAML.") from None
+        set_dotted(data, path.strip(), value, f"{flag} {override!r}")
     return data
+
+
+def set_dotted(data: dict[str, Any], path: str, value: Any, where: str) -> None:
+    """Set ``data[a][b][c] = value`` for ``path`` ``a.b.c``, creating sections as needed."""
+    keys = path.split(".")
+    target = data
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise TipcapError(f"{where}: '{key}' is not a section.")
+    target[keys[-1]] = value
 
 
 def read_yaml_mapping(path: Path, missing: str, expected: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ output untouched.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -17,11 +18,17 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap import provenance
+from tipcap.clip import ClipEncoder, ClipSpec, resolve_device, resolve_precision
+from tipcap.config import EmbedConfig
 from tipcap.data import ImageError, ImageRef, list_images, load_image, read_captions, subsample
 from tipcap.data.captions import PeriodPolicy
 from tipcap.errors import TipcapError
 from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint, open_matching
+
+logger = logging.getLogger(__name__)
+
+IMAGE_BATCH_SIZE = 64
 
 
 @dataclass
@@ -36,7 +43,7 @@ class EmbedReport:
     def summary(self) -> str:
         """One line for the user: rows, width, shards, skips, where, how long."""
         meta = self.store.meta
-        kind = "caption" if meta["key"]["kind"] == "texts" else "image"
+        kind = "caption" if self.store.kind == "texts" else "image"
         what = f"{meta['count']:,} {kind} embeddings (d={meta['dim']}, {len(meta['shards'])} shard(s))"
         if self.reused:
             return (
@@ -54,32 +61,61 @@ class EmbedReport:
         return f"wrote {what} to {self.store.path} in {self.seconds:.1f} s; " + "; ".join(notes)
 
 
+def _record(artifact: str, config: EmbedConfig, device: str | None, rows: list[list[Any]]) -> dict[str, Any]:
+    """The store's provenance record: its key holds the CLIP, the resolved precision and device type (a
+    GPU-fp16 store is not a CPU-fp32 one), the batch size, and a fingerprint of the rows encoded."""
+    torch_device = resolve_device(device)
+    settings = {
+        "clip": clip_spec(config).identity(),
+        "precision": resolve_precision(config.precision, torch_device),
+        "device": torch_device.type,
+        "batch_size": config.batch_size,
+    }
+    return provenance.record(artifact, settings, {"rows": fingerprint(rows)})
+
+
+def _reuse_or_rebuild(out: str | Path, record: dict[str, Any]) -> EmbeddingStore | None:
+    """The finished store in ``out`` when its key is ``record``'s; else ``None``, saying why it rebuilds."""
+    existing, previous = open_matching(out, provenance.key(record))
+    if existing is None and previous is not None:
+        changed = [k for k in record["config"] if previous.get("config", {}).get(k) != record["config"][k]]
+        if previous.get("inputs") != record["inputs"]:
+            changed.append("inputs")
+        logger.warning("%s was built with other %s; rebuilding it.", out, ", ".join(changed) or "settings")
+    return existing
+
+
+def clip_spec(config: EmbedConfig) -> ClipSpec:
+    """The CLIP an embedding config names."""
+    return ClipSpec(config.model, config.pretrained, config.init_seed)
+
+
 def embed_texts(
     corpus: str | Path,
-    clip: ClipSpec,
+    config: EmbedConfig,
     out: str | Path,
     *,
     split: str | None = None,
     period: PeriodPolicy = "add",
     strict: bool = False,
-    batch_size: int | None = None,
     shard_size: int = 100_000,
     device: str | None = None,
-    precision: str = "auto",
     progress: bool = True,
 ) -> EmbedReport:
-    """Embed the captions of a corpus file into a store at ``out`` (reused when already built).
+    """Embed the captions of a corpus file into a store at ``out`` (reused when already built alike).
 
     Each row's id is the id of the image its caption describes; ``captions.json`` keeps the text.
     """
     start = time.perf_counter()
     captions = read_captions(corpus, split=split, period=period, strict=strict)
     rows = [[c.image_id, c.text] for c in captions.captions]
-    key = {"kind": "texts", "clip": clip.identity(), "inputs": fingerprint(rows)}
-    existing = open_matching(out, key)
+    record = _record("text-store", config, device, rows)
+    existing = _reuse_or_rebuild(out, record)
     if existing is not None:
         return EmbedReport(existing, True, time.perf_counter() - start, captions.empty_skipped)
-    encoder = ClipEncoder.load(clip, device=device, precision=precision)
+    clip = clip_spec(config)
+    encoder = ClipEncoder.load(clip, device=device, precision=config.precision)
+    batch_size = config.batch_size
 
     def encode(indices: range, advance: Callable[[int], object]) -> Shard:
         texts = [rows[i][1] for i in indices]
@@ -98,7 +134,7 @@ def embed_texts(
     }
     store = build_store(
         out,
-        key,
+        record,
         len(rows),
         encode,
         shard_size=shard_size,
@@ -137,7 +173,7 @@ def _collate(
 
 def embed_images(
     source: str | Path,
-    clip: ClipSpec,
+    config: EmbedConfig,
     out: str | Path,
     *,
     image_root: str | Path | None = None,
@@ -145,11 +181,9 @@ def embed_images(
     limit: str | None = None,
     seed: int = 0,
     strict: bool = False,
-    batch_size: int = 64,
     workers: int | None = None,
     shard_size: int = 50_000,
     device: str | None = None,
-    precision: str = "auto",
     progress: bool = True,
 ) -> EmbedReport:
     """Embed the images named by ``source`` (folder, Karpathy file, caption map or JSONL) into ``out``.
@@ -164,11 +198,13 @@ def embed_images(
         [ref.image_id, str(ref.path.resolve()), ref.path.stat().st_size if ref.path.is_file() else -1]
         for ref in images
     ]
-    key = {"kind": "images", "clip": clip.identity(), "inputs": fingerprint(rows)}
-    existing = open_matching(out, key)
+    record = _record("image-store", config, device, rows)
+    existing = _reuse_or_rebuild(out, record)
     if existing is not None:
         return EmbedReport(existing, True, time.perf_counter() - start)
-    encoder = ClipEncoder.load(clip, device=device, precision=precision)
+    clip = clip_spec(config)
+    encoder = ClipEncoder.load(clip, device=device, precision=config.precision)
+    batch_size = config.batch_size or IMAGE_BATCH_SIZE
     num_workers = min(8, os.cpu_count() or 1) if workers is None else workers
 
     def encode(indices: range, advance: Callable[[int], object]) -> Shard:
@@ -198,7 +234,7 @@ def embed_images(
         "clip_spec": clip.to_dict(),
         "source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed},
     }
-    store = build_store(out, key, len(rows), encode, shard_size=shard_size, info=info, progress=progress)
+    store = build_store(out, record, len(rows), encode, shard_size=shard_size, info=info, progress=progress)
     if len(store) == 0:
         raise TipcapError(f"{source}: none of the {len(rows)} images could be read; see {out}/skipped.json.")
     return EmbedReport(store, False, time.perf_counter() - start)

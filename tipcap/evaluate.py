@@ -18,6 +18,7 @@ import logging
 import math
 import platform
 import shutil
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -532,3 +533,37 @@ def metrics_document(
         "versions": versions(),
         "per_image": [{"image_id": image_id, **scores} for image_id, scores in result["per_image"].items()],
     }
+
+
+def score_file(
+    predictions_path: str | Path,
+    references_path: str | Path,
+    split: str | None = None,
+    metrics: Sequence[str] = METRICS,
+    out: str | Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Score a COCO results file against references and write ``metrics.json`` (see :func:`metrics_path`).
+
+    Returns the metrics document and where it was written.
+
+    Raises:
+        TipcapError: when a metric is unknown or no prediction is for an image with references.
+    """
+    metrics = check_metrics(metrics)
+    references = load_references(references_path, split)
+    predictions = load_predictions(predictions_path)
+    matched, report = match_predictions(predictions, references)
+    if not matched:
+        raise TipcapError(
+            f"{predictions_path}: none of its {len(predictions)} predictions is for an image of "
+            f"{references_path} with reference captions (first prediction's image_id: "
+            f"{predictions[0]['image_id']!r}, first reference id: {next(iter(references))!r})."
+        )
+    result = score_captions(matched, references, metrics)
+    document = metrics_document(
+        result, report, predictions=predictions_path, references=references_path, split=split,
+        command=sys.argv,
+    )  # fmt: skip
+    path = metrics_path(predictions_path, out)
+    write_json_atomic(path, document)
+    return document, path

@@ -1,29 +1,40 @@
-"""The caption model: CLIP embedding → projector → K prefix vectors → prompt interaction → causal LM.
+"""The caption model: CLIP embedding → gap → projector → K prefix vectors → prompt interaction → causal LM.
 
 ``TIPCap`` wraps any ``transformers`` causal language model that accepts ``inputs_embeds`` (GPT-2 by
-default). The CLIP embedding it receives is already on the text side of the gap: at training
-``gap.sample(t)``, at inference ``gap.to_text(v)``; the gap travels with the model.
+default) and owns what captioning needs: its gap (the modality-gap model that carries image embeddings to
+the text side, :meth:`TIPCap.image_inputs`, and noises text embeddings at training,
+:meth:`TIPCap.training_inputs`), the CLIP whose embedding space it reads (loaded on first need), and its
+prompt vocabulary. So ``TIPCap.from_pretrained(d).caption(images=[...])`` is all it takes to caption.
+
+The decoder itself reads *text-side* inputs (``[B, d]`` after the gap): :meth:`TIPCap.forward` at training
+and :meth:`TIPCap.decode_text_side` at inference, which callers with image embeddings never need.
 
 A model directory holds ``config.json`` (every setting needed to rebuild it, the language model's own
 architecture config included, so loading needs no network), ``model.safetensors``, ``gap.safetensors``
-when a gap was used, and the tokenizer's files.
+when a gap was used, the tokenizer's files, and ``clip/`` with its CLIP's model config and local weights
+file when it was built from files, so that the folder can be moved or shared and still load its CLIP.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from tipcap import __version__
+from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import ModelConfig, from_dict, to_dict
+from tipcap.data import ImageError, load_image
 from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
@@ -33,12 +44,16 @@ from tipcap.prompts import (
     entity_text_embeddings,
     hard_prompt,
     pad_prompt_embeddings,
+    zero_shot_entities,
 )
+
+logger = logging.getLogger(__name__)
 
 MODEL_FORMAT = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 GAP_NAME = "gap.safetensors"
+CLIP_DIR = "clip"
 
 
 class MLPProjector(nn.Module):
@@ -107,18 +122,35 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+@dataclass
+class CaptionResult:
+    """One input's caption and the prompt words used, or why it could not be captioned.
+
+    ``image`` is the image's path (as given), or ``None`` for a row of embeddings.
+    """
+
+    image: str | None
+    caption: str | None
+    prompt: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+PromptWords = Sequence[str] | Sequence[Sequence[str]]
+"""Prompt words: one list for every input (``["dog", "frisbee"]``), or one list per input."""
+
+
 class TIPCap(nn.Module):
-    """Prefix captioner with a prompt interaction module.
+    """Prefix captioner with a prompt interaction module, its gap and (loaded on first need) its CLIP.
 
     Args:
         config: the model settings.
         language_model: a causal LM accepting ``inputs_embeds``.
         tokenizer: its tokenizer (needs an end-of-text token).
-        gap: the modality-gap model used to map embeddings (optional: ``none`` when absent).
-        entity_names: prompt vocabulary (``prompt: pim``), in the order of ``entity_embeddings``.
-        entity_embeddings: ``[V, clip_dim]`` CLIP text embeddings of ``entity_names``.
-        clip_spec: how to load the CLIP whose embedding space the model reads (``ClipSpec.to_dict()``),
-            so that captioning images needs no other flag.
+        gap: the modality-gap model (``None``: inputs are read as they are, as for supervised decoders).
+        entity_names: prompt vocabulary (``prompt: pim`` or ``hard``), in the order of ``entity_embeddings``.
+        entity_embeddings: ``[V, clip_dim]`` CLIP text embeddings of ``entity_names`` (``prompt: pim``).
+        clip_spec: the CLIP whose embedding space the model reads, so that captioning images needs no
+            other setting.
     """
 
     def __init__(
@@ -129,7 +161,7 @@ class TIPCap(nn.Module):
         gap: Gap | None = None,
         entity_names: Sequence[str] = (),
         entity_embeddings: torch.Tensor | None = None,
-        clip_spec: dict[str, Any] | None = None,
+        clip_spec: ClipSpec | None = None,
     ):
         super().__init__()
         self.config = config
@@ -162,6 +194,8 @@ class TIPCap(nn.Module):
         self.register_buffer("input_scale", torch.ones(()))
         if config.freeze_language_model:
             language_model.requires_grad_(False)
+        self._clip: ClipEncoder | None = None
+        self._vocabulary_embeddings: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -171,7 +205,7 @@ class TIPCap(nn.Module):
         gap: Gap | None = None,
         entity_names: Sequence[str] = (),
         entity_embeddings: torch.Tensor | None = None,
-        clip_spec: dict[str, Any] | None = None,
+        clip_spec: ClipSpec | None = None,
     ) -> TIPCap:
         """A new model: the language model from ``config`` (pretrained or fresh), the rest initialised."""
         if tokenizer is None:
@@ -187,24 +221,35 @@ class TIPCap(nn.Module):
     def device(self) -> torch.device:
         return next(self.projector.parameters()).device
 
-    @torch.no_grad()
-    def fit_input_statistics(
-        self,
-        embeddings: torch.Tensor,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        chunk: int = 65536,
-    ) -> None:
-        """Set the projector's input standardisation from the training inputs ``[N, d]``, read in chunks.
+    # -- the gap --------------------------------------------------------------------------------
 
-        ``transform`` maps a chunk to what the projector receives (e.g. the gap's noise-free text side).
-        The mean ``[d]`` is subtracted and the result divided by the root mean square per dimension:
-        one scalar, so the geometry of the embeddings, and of any gap noise, is kept.
+    def training_inputs(
+        self, embeddings: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """What the decoder reads at training, ``[B, d]`` → ``[B, d]``: caption embeddings with the gap's
+        noise, fresh per call (``gap.sample``), or, without a gap, the embeddings as they are."""
+        inputs = embeddings.to(self.device, torch.float32)
+        return self.gap.sample(inputs, generator=generator) if self.gap is not None else inputs
+
+    def image_inputs(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads for CLIP image embeddings, ``[B, d]`` → ``[B, d]``: carried to the text
+        side by the gap (``gap.to_text``), or as they are without a gap."""
+        inputs = image_embeddings.to(self.device, torch.float32)
+        return self.gap.to_text(inputs) if self.gap is not None else inputs
+
+    @torch.no_grad()
+    def fit_input_statistics(self, embeddings: torch.Tensor, chunk: int = 65536) -> None:
+        """Set the projector's input standardisation from the training embeddings ``[N, d]``, in chunks.
+
+        Each chunk is taken to what the decoder reads without noise (the gap's ``text_side``). The mean
+        ``[d]`` is subtracted and the result divided by the root mean square per dimension: one scalar, so
+        the geometry of the embeddings, and of any gap noise, is kept.
         """
         total = torch.zeros(self.config.clip_dim, dtype=torch.float64, device=self.device)
         squares = torch.zeros((), dtype=torch.float64, device=self.device)
         for block in embeddings.split(chunk):
             block = block.to(self.device, torch.float32)
-            block = (transform(block) if transform is not None else block).double()
+            block = (self.gap.text_side(block) if self.gap is not None else block).double()
             total += block.sum(0)
             squares += (block**2).sum()
         count = len(embeddings)
@@ -213,7 +258,71 @@ class TIPCap(nn.Module):
         self.input_mean.copy_(mean.float())
         self.input_scale.fill_(math.sqrt(max(float(variance), 1e-12)))
 
-    # -- inputs -------------------------------------------------------------------------------
+    # -- its CLIP -------------------------------------------------------------------------------
+
+    @property
+    def clip(self) -> ClipEncoder:
+        """The CLIP whose embedding space the model reads, loaded on first use onto the model's device."""
+        if self._clip is None:
+            if self.clip_spec is None:
+                raise TipcapError(
+                    "the model does not record its CLIP; load it with from_pretrained(clip=...)."
+                )
+            self.use_clip(ClipEncoder.load(self.clip_spec, device=str(self.device)))
+        return self._clip
+
+    def use_clip(self, encoder: ClipEncoder) -> None:
+        """Use an already loaded CLIP; it must be the one the gap was fitted on."""
+        if self.gap is not None:
+            self.gap.check_clip(encoder.spec.identity(), f"CLIP {encoder.spec.describe()}")
+        self._clip = encoder
+
+    def _encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.clip.encode_texts(texts).embeddings
+
+    def embed_images(
+        self, images: Sequence[str | Path | Image.Image], batch_size: int = 64
+    ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
+        """CLIP embeddings ``[M, d]`` of the readable images, their positions, and (position, reason) for
+        the others. Images are decoded ``batch_size`` at a time, so memory does not grow with their number."""
+        blocks, readable, failures = [], [], []
+        for start in range(0, len(images), batch_size):
+            pixels = []
+            for position in range(start, min(start + batch_size, len(images))):
+                image = images[position]
+                try:
+                    loaded = image if isinstance(image, Image.Image) else load_image(Path(image))
+                    pixels.append(self.clip.preprocess(loaded.convert("RGB")))
+                    readable.append(position)
+                except ImageError as e:
+                    failures.append((position, str(e)))
+            if pixels:
+                blocks.append(self.clip.encode_images(torch.stack(pixels)))
+        embeddings = torch.cat(blocks) if blocks else torch.empty(0, self.config.clip_dim)
+        return embeddings, readable, failures
+
+    # -- prompts --------------------------------------------------------------------------------
+
+    def entity_vocabulary(self) -> tuple[list[str], torch.Tensor]:
+        """The model's prompt vocabulary and its prompt-ensembled CLIP text embeddings ``[V, d]``: stored
+        with the model (``pim``) or encoded once with its CLIP (``hard``)."""
+        if self.entity_embeddings is not None:
+            return self.entity_names, self.entity_embeddings.float().cpu()
+        if not self.entity_names:
+            raise TipcapError("this model was trained without prompts, so it has no entity vocabulary.")
+        if self._vocabulary_embeddings is None:
+            self._vocabulary_embeddings = entity_text_embeddings(self._encode_texts, self.entity_names)
+        return self.entity_names, self._vocabulary_embeddings
+
+    def auto_prompts(
+        self, image_embeddings: torch.Tensor, top_k: int = 3, threshold: float | None = None
+    ) -> list[list[str]]:
+        """Entities of the model's vocabulary found in each image by CLIP zero-shot classification:
+        ``[B, d]`` → B word lists, most probable first."""
+        names, embeddings = self.entity_vocabulary()
+        return zero_shot_entities(
+            image_embeddings.float().cpu(), embeddings, names, top_k=top_k, threshold=threshold
+        )
 
     def prompt_embeddings(
         self,
@@ -235,14 +344,16 @@ class TIPCap(nn.Module):
             table, names = torch.cat([table, vectors.to(table)]), [*names, *unknown]
         return pad_prompt_embeddings(prompts, table, names)
 
+    # -- the decoder ------------------------------------------------------------------------------
+
     def prefix(
         self,
-        clip_embeddings: torch.Tensor,
+        text_side: torch.Tensor,
         prompt_embeddings: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Prefix vectors ``[B, K, W]`` from (gap-mapped) CLIP embeddings ``[B, d]`` and optional prompts."""
-        inputs = (clip_embeddings.to(self.device, torch.float32) - self.input_mean) / self.input_scale
+        """Prefix vectors ``[B, K, W]`` from text-side inputs ``[B, d]`` and optional prompts."""
+        inputs = (text_side.to(self.device, torch.float32) - self.input_mean) / self.input_scale
         prefix = self.projector(inputs)
         if self.prompt_interaction is not None:
             prefix = self.prompt_interaction(prefix, prompt_embeddings, prompt_mask)
@@ -258,7 +369,7 @@ class TIPCap(nn.Module):
 
     def _context(
         self,
-        clip_embeddings: torch.Tensor,
+        text_side: torch.Tensor,
         prompts: Sequence[Sequence[str]] | None,
         encode_texts: Callable[[list[str]], torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +377,7 @@ class TIPCap(nn.Module):
         prompt_embeddings = prompt_mask = None
         if self.config.prompt == "pim" and prompts is not None:
             prompt_embeddings, prompt_mask = self.prompt_embeddings(prompts, encode_texts)
-        prefix = self.prefix(clip_embeddings, prompt_embeddings, prompt_mask)
+        prefix = self.prefix(text_side, prompt_embeddings, prompt_mask)
         batch = len(prefix)
         hard_ids = self._hard_prompt_ids(prompts, batch)
         length = max((len(ids) for ids in hard_ids), default=0)
@@ -283,11 +394,9 @@ class TIPCap(nn.Module):
         embeds = self.language_model.get_input_embeddings()(ids)
         return torch.cat([prefix, embeds.to(prefix.dtype)], dim=1), mask
 
-    # -- training -----------------------------------------------------------------------------
-
     def forward(
         self,
-        clip_embeddings: torch.Tensor,
+        text_side: torch.Tensor,
         caption_ids: torch.Tensor,
         caption_mask: torch.Tensor,
         prompts: Sequence[Sequence[str]] | None = None,
@@ -295,7 +404,7 @@ class TIPCap(nn.Module):
         """Language-model outputs (``loss``, ``logits``) for captions given their conditioning.
 
         Args:
-            clip_embeddings: ``[B, d]`` gap-mapped CLIP embeddings.
+            text_side: ``[B, d]`` what the decoder reads (:meth:`training_inputs` of the embeddings).
             caption_ids: ``[B, T]`` caption tokens ending with the end-of-text token, right-padded.
             caption_mask: ``[B, T]`` 1 for real tokens.
             prompts: per row, the prompt words (or ``None``: no prompt).
@@ -303,7 +412,7 @@ class TIPCap(nn.Module):
         The loss is the token cross-entropy over the caption (end-of-text included); prefix, prompt and
         padding positions are labelled -100.
         """
-        context, context_mask = self._context(clip_embeddings, prompts, None)
+        context, context_mask = self._context(text_side, prompts, None)
         caption_ids = caption_ids.to(self.device)
         caption_mask = caption_mask.to(self.device)
         tokens = self.language_model.get_input_embeddings()(caption_ids).to(context.dtype)
@@ -317,19 +426,21 @@ class TIPCap(nn.Module):
             inputs_embeds=inputs, attention_mask=mask, position_ids=positions, labels=labels
         )
 
-    # -- decoding -----------------------------------------------------------------------------
-
     @torch.inference_mode()
-    def generate(
+    def decode_text_side(
         self,
-        clip_embeddings: torch.Tensor,
+        text_side: torch.Tensor,
         prompts: Sequence[Sequence[str]] | None = None,
         num_beams: int = 1,
         max_new_tokens: int | None = None,
         encode_texts: Callable[[list[str]], torch.Tensor] | None = None,
     ) -> list[str]:
-        """Captions for a batch of gap-mapped CLIP embeddings ``[B, d]`` (greedy or beam search)."""
-        context, mask = self._context(clip_embeddings, prompts, encode_texts)
+        """Captions for a batch of *text-side* inputs ``[B, d]`` (greedy or beam search).
+
+        This is the decoder alone: image embeddings must first cross the gap (:meth:`image_inputs`), which
+        :meth:`caption` does.
+        """
+        context, mask = self._context(text_side, prompts, encode_texts)
         output = self.language_model.generate(
             inputs_embeds=context,
             attention_mask=mask,
@@ -341,10 +452,94 @@ class TIPCap(nn.Module):
         )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
+    # -- captioning -------------------------------------------------------------------------------
+
+    def caption(
+        self,
+        images: Sequence[str | Path | Image.Image] | None = None,
+        *,
+        embeddings: torch.Tensor | None = None,
+        prompts: PromptWords | None = None,
+        auto_prompt: bool = False,
+        num_beams: int = 5,
+        max_new_tokens: int | None = None,
+        batch_size: int = 64,
+        top_k: int = 3,
+        threshold: float | None = None,
+    ) -> list[CaptionResult]:
+        """Caption images (paths or PIL images) or CLIP image embeddings ``[N, d]``.
+
+        The gap carries image embeddings to the text side; the CLIP is loaded on first need. Prompt words
+        are given (``prompts``) and/or found by CLIP zero-shot classification (``auto_prompt``, at most
+        ``top_k`` entities with probability at least ``threshold``); a model trained without prompts
+        ignores them, says so once, and reports no prompt words. An unreadable image gets an ``error``
+        instead of a caption, and the others are captioned.
+        """
+        if (images is None) == (embeddings is None):
+            raise TipcapError("caption: give images or embeddings (one of them).")
+        if images is not None:
+            count = len(images)
+            embeddings, readable, failures = self.embed_images(images, batch_size)
+        else:
+            count, readable, failures = len(embeddings), list(range(len(embeddings))), []
+        words = self._prompt_words(prompts, count, readable, embeddings, auto_prompt, top_k, threshold)
+        captions: list[str] = []
+        for start in range(0, len(embeddings), batch_size):
+            captions += self.decode_text_side(
+                self.image_inputs(embeddings[start : start + batch_size]),
+                None if words is None else words[start : start + batch_size],
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                encode_texts=self._encode_texts,
+            )
+
+        def name(position: int) -> str | None:
+            if images is None:
+                return None
+            image = images[position]
+            return f"image {position}" if isinstance(image, Image.Image) else str(image)
+
+        results: dict[int, CaptionResult] = {
+            position: CaptionResult(name(position), caption, words[row] if words else [])
+            for row, (position, caption) in enumerate(zip(readable, captions, strict=True))
+        }
+        for position, reason in failures:
+            results[position] = CaptionResult(name(position), None, error=reason)
+        return [results[i] for i in range(count)]
+
+    def _prompt_words(
+        self,
+        prompts: PromptWords | None,
+        count: int,
+        readable: list[int],
+        embeddings: torch.Tensor,
+        auto_prompt: bool,
+        top_k: int,
+        threshold: float | None,
+    ) -> list[list[str]] | None:
+        """Each readable input's prompt words (given ones first, then CLIP's), or ``None`` for none."""
+        if not prompts and not auto_prompt:
+            return None
+        if self.config.prompt == "none":
+            logger.warning("this model was trained without prompts; prompt words are ignored.")
+            return None
+        if not prompts:
+            given: list[list[str]] = [[] for _ in readable]
+        elif all(isinstance(word, str) for word in prompts):
+            given = [list(prompts) for _ in readable]
+        else:
+            if len(prompts) != count:
+                raise TipcapError(f"caption: {len(prompts)} prompt lists for {count} inputs.")
+            given = [list(prompts[position]) for position in readable]
+        if auto_prompt:
+            found = self.auto_prompts(embeddings, top_k=top_k, threshold=threshold)
+            given = [list(dict.fromkeys([*mine, *theirs])) for mine, theirs in zip(given, found, strict=True)]
+        return given
+
     # -- saving -------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write config, weights, gap and tokenizer to ``directory`` (each file renamed into place)."""
+        """Write config, weights, gap, tokenizer and CLIP files to ``directory`` (each renamed into place)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {}
@@ -374,19 +569,28 @@ class TIPCap(nn.Module):
             "tipcap_version": __version__,
             "model": model_config,
             "entity_names": self.entity_names,
-            "clip": self.clip_spec,
+            "clip": self.clip_spec.save_into(directory / CLIP_DIR) if self.clip_spec is not None else None,
         }
         with atomic_path(directory / CONFIG_NAME) as tmp:
             tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> TIPCap:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device | None = None, clip: ClipSpec | None = None
+    ) -> TIPCap:
         """Rebuild a model saved by :meth:`save_pretrained`, exactly, without network access.
+
+        Args:
+            directory: the model directory.
+            device: where to put it (default: CUDA when available, else the CPU).
+            clip: a CLIP to use instead of the one the model records.
 
         Raises:
             TipcapError: when the directory is not a tipcap model or was written by an incompatible version.
         """
         directory = Path(directory)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         config_path = directory / CONFIG_NAME
         if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise TipcapError(
@@ -403,6 +607,8 @@ class TIPCap(nn.Module):
         state = load_file(directory / WEIGHTS_NAME)
         tokenizer = load_tokenizer(str(directory))
         gap = Gap.load(directory / GAP_NAME) if (directory / GAP_NAME).is_file() else None
+        if clip is None and document.get("clip") is not None:
+            clip = ClipSpec.from_dict(document["clip"], base=directory)
         model = cls(
             config,
             _language_model_from(config),
@@ -410,7 +616,7 @@ class TIPCap(nn.Module):
             gap,
             document.get("entity_names", []),
             state.get("entity_embeddings"),
-            document.get("clip"),
+            clip,
         )
         result = model.load_state_dict(state, strict=False)
         tied = {n for n in result.missing_keys if n.startswith("language_model.") and "lm_head" in n}
@@ -422,3 +628,11 @@ class TIPCap(nn.Module):
             )
         model.language_model.tie_weights()
         return model.to(device).eval()
+
+
+def write_captions_jsonl(path: str | Path, results: Sequence[CaptionResult]) -> None:
+    """Write one JSON line per result, ``{"image", "caption", "prompt"}`` (what ``tipcap caption --out``
+    writes), to a temporary name renamed into place."""
+    lines = [{"image": r.image, "caption": r.caption, "prompt": r.prompt} for r in results]
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")

@@ -6,7 +6,8 @@ CLIPScore (2.5 · max(cos(v, CLIP text of the caption), 0), Hessel et al. 2021).
 
 - ``predictions.json``: COCO results format, ``[{"image_id", "caption"}]``;
 - ``metrics.json``: the scores, the matching report, the method and model config, the command, versions;
-- ``per_image.json``: each image's prediction, references, prompt words and CIDEr.
+- ``per_image.json``: each image's prediction, references, prompt words and CIDEr;
+- ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
 Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
 store), ``template`` (the top CLIP zero-shot entities in a sentence template).
@@ -21,21 +22,21 @@ from typing import Any
 
 import torch
 
-from tipcap.clip import ClipEncoder, ClipSpec
-from tipcap.config import to_dict
+from tipcap import provenance
+from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
+from tipcap.config import EmbedConfig, EvalConfig, to_dict
 from tipcap.embed import embed_images
 from tipcap.errors import TipcapError
 from tipcap.evaluate import (
-    METRICS,
     load_references,
     match_predictions,
     metrics_document,
     score_captions,
     write_json_atomic,
 )
-from tipcap.generate import Captioner
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
+from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
 
 METHODS = ("model", "retrieval", "template")
@@ -77,29 +78,54 @@ def _resolve_clip(clip: ClipSpec | None, model: TIPCap | None, texts: EmbeddingS
     if clip is not None:
         return clip
     if model is not None and model.clip_spec is not None:
-        return ClipSpec(**model.clip_spec)
+        return model.clip_spec
     if texts is not None and "clip_spec" in texts.meta:
-        return ClipSpec(**texts.meta["clip_spec"])
+        return ClipSpec.from_dict(texts.meta["clip_spec"])
     raise TipcapError("no CLIP to embed images with: pass --clip and --pretrained.")
+
+
+def _model_captions(
+    model: TIPCap, embeddings: torch.Tensor, image_ids: list[Any], config: EvalConfig, oracle: dict | None
+) -> tuple[list[str], list[list[str]] | None]:
+    """A caption model's captions ``[N]`` for image embeddings ``[N, d]``, and the prompt words used."""
+    prompts = None
+    if config.prompt == "oracle":
+        if oracle is None:
+            raise TipcapError("eval.prompt oracle needs the ground-truth entity words of every image.")
+        prompts = [oracle.get(image_id, []) for image_id in image_ids]
+    results = model.caption(
+        embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", num_beams=config.beams,
+        max_new_tokens=config.max_tokens, batch_size=config.batch_size, top_k=config.top_k,
+        threshold=config.threshold,
+    )  # fmt: skip
+    used = [result.prompt for result in results]
+    return [result.caption for result in results], used if any(used) else None
+
+
+def _template_captions(
+    encoder: ClipEncoder, embeddings: torch.Tensor, vocabulary: str | Path | None, config: EvalConfig
+) -> tuple[list[str], list[list[str]]]:
+    """Template captions from each image's CLIP zero-shot entities (at most two, as the template reads)."""
+    names = EntityVocabulary.load(vocabulary).names
+    entities = entity_text_embeddings(lambda xs: encoder.encode_texts(xs).embeddings, names)
+    prompts = zero_shot_entities(embeddings, entities, names, top_k=2, threshold=config.threshold)
+    return [template_caption(words) for words in prompts], prompts
 
 
 def evaluate_split(
     data: str | Path,
     split: str | None,
     out: str | Path,
+    config: EvalConfig | None = None,
     *,
     method: str = "model",
-    model_dir: str | Path | None = None,
+    model: TIPCap | str | Path | None = None,
     images: str | Path | None = None,
     image_store: str | Path | None = None,
     texts: str | Path | None = None,
     clip: ClipSpec | None = None,
-    prompt: str = "none",
     oracle_prompts: dict[Any, list[str]] | None = None,
     vocabulary: str | Path | None = None,
-    beams: int = 5,
-    batch_size: int = 64,
-    metrics: Sequence[str] = METRICS,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Caption the images of a Karpathy split with ``method``, score them, and write the result files.
@@ -108,34 +134,32 @@ def evaluate_split(
         data: Karpathy split file (references, and the images' paths under ``images``).
         split: the split to evaluate (``test`` for the published protocol).
         out: output directory.
+        config: decoding, prompting and metrics (:class:`~tipcap.config.EvalConfig`); ``oracle`` prompts
+            are the words given per image id in ``oracle_prompts`` (e.g. the ground-truth objects).
         method: ``model``, ``retrieval`` or ``template``.
-        model_dir: the caption model (``model``).
+        model: the caption model (``model``), or its directory.
         images: image root of ``data``; the split's images are embedded into ``out/image-store``.
         image_store: an existing image store of the split, instead of ``images``.
         texts: caption store to retrieve from (``retrieval``).
         clip: the CLIP to use; default: the model's, else the caption store's.
-        prompt: ``none``, ``auto`` (CLIP zero-shot entities as prompt words) or ``oracle`` (the words
-            given per image id in ``oracle_prompts``, e.g. the ground-truth objects).
         vocabulary: entity vocabulary JSON of ``template`` (default: the packaged COCO vocabulary).
-        beams: beam width of the model's decoding.
 
     Returns:
         The metrics document written to ``metrics.json``.
     """
+    config = config or EvalConfig()
     if method not in METHODS:
         raise TipcapError(f"--method {method!r}: use one of {', '.join(METHODS)}.")
     if (images is None) == (image_store is None):
         raise TipcapError("give exactly one of --images (an image root) and --image-store.")
+    if method == "model" and model is None:
+        raise TipcapError("--method model needs --model.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(device))
     references = load_references(data, split)
-
-    model = None
-    if method == "model":
-        if model_dir is None:
-            raise TipcapError("--method model needs --model.")
+    model_dir = model if isinstance(model, (str, Path)) else None
+    if model_dir is not None:
         model = TIPCap.from_pretrained(model_dir, device=device)
     caption_store = EmbeddingStore.open(texts) if texts is not None else None
     if method == "retrieval" and caption_store is None:
@@ -143,15 +167,16 @@ def evaluate_split(
     spec = _resolve_clip(clip, model, caption_store)
     if image_store is not None:
         store = EmbeddingStore.open(image_store)
-        if store.key["clip"] != spec.identity():
+        if store.clip != spec.identity():
             raise TipcapError(
                 f"--image-store {image_store} was embedded with another CLIP than {spec.describe()}."
             )
     else:
+        embed = EmbedConfig(spec.model, spec.pretrained, spec.init_seed)
         store = embed_images(
-            data, spec, out / "image-store", image_root=images, split=split, device=device
+            data, embed, out / "image-store", image_root=images, split=split, device=device
         ).store
-    if caption_store is not None and caption_store.key["clip"] != spec.identity():
+    if caption_store is not None and caption_store.clip != spec.identity():
         raise TipcapError(f"--texts {texts} was embedded with another CLIP than {spec.describe()}.")
     encoder = ClipEncoder.load(spec, device=device)
 
@@ -163,36 +188,29 @@ def evaluate_split(
 
     prompts: list[list[str]] | None = None
     if method == "model":
-        captioner = Captioner(model, encoder)
-        if prompt == "auto":
-            prompts = captioner.auto_prompts(embeddings)
-        elif prompt == "oracle":
-            if oracle_prompts is None:
-                raise TipcapError("oracle prompts need the ground-truth words of every image.")
-            prompts = [oracle_prompts.get(image_id, []) for image_id in image_ids]
-        captions = captioner.caption_embeddings(embeddings, prompts, num_beams=beams, batch_size=batch_size)
+        model.use_clip(encoder)
+        captions, prompts = _model_captions(model, embeddings, image_ids, config, oracle_prompts)
     elif method == "retrieval":
         captions = retrieve_captions(embeddings, caption_store)
     else:
-        names = EntityVocabulary.load(vocabulary).names
-        entities = entity_text_embeddings(lambda xs: encoder.encode_texts(xs).embeddings, names)
-        prompts = zero_shot_entities(embeddings, entities, names, top_k=2)
-        captions = [template_caption(words) for words in prompts]
+        captions, prompts = _template_captions(encoder, embeddings, vocabulary, config)
 
     predictions = [{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]
     write_json_atomic(out / "predictions.json", predictions)
     matched, report = match_predictions(predictions, references)
-    result = score_captions(matched, references, metrics)
+    result = score_captions(matched, references, config.metrics)
     clip_scores = clip_score(encoder, embeddings, captions)
     result["metrics"]["CLIPScore"] = float(clip_scores.mean())
     document = metrics_document(
         result, report, predictions=out / "predictions.json", references=data, split=split, command=sys.argv
     )
     document["method"] = method
-    document["prompt"] = prompt
+    document["prompt"] = config.prompt
     document["clip"] = spec.to_dict()
     if model is not None:
-        document["model"] = {"path": str(Path(model_dir).resolve()), "config": to_dict(model.config)}
+        document["model"] = {"config": to_dict(model.config)}
+        if model_dir is not None:
+            document["model"]["path"] = str(Path(model_dir).resolve())
     write_json_atomic(out / "metrics.json", document)
     per_image = [
         {
@@ -206,4 +224,11 @@ def evaluate_split(
         for i, (image_id, caption) in enumerate(zip(image_ids, captions, strict=True))
     ]
     write_json_atomic(out / "per_image.json", per_image)
+    inputs = {"references": sha256_file(Path(data)), "images": store.digest}
+    if model_dir is not None:
+        inputs["model"] = sha256_file(Path(model_dir) / "model.safetensors")
+    if caption_store is not None:
+        inputs["texts"] = caption_store.digest
+    settings = {"eval": to_dict(config), "method": method, "split": split, "clip": spec.identity()}
+    provenance.write(out, provenance.record("evaluation", settings, inputs))
     return document

@@ -29,11 +29,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tipcap import __version__
+from tipcap import __version__, provenance
 from tipcap.data.files import atomic_path, write_json_atomic
 from tipcap.errors import TipcapError
+from tipcap.provenance import sha256_json
 
-STORE_FORMAT = 2
+STORE_FORMAT = 3
 META = "meta.json"
 IDS = "ids.json"
 BUILDING = "building.json"
@@ -53,10 +54,6 @@ def fingerprint(rows: Sequence[Any]) -> str:
 def shard_name(index: int, count: int) -> str:
     """``embeddings.safetensors`` for a single shard, else ``embeddings-00003-of-00010.safetensors``."""
     return f"{_TENSOR}.safetensors" if count == 1 else f"{_TENSOR}-{index:05d}-of-{count:05d}.safetensors"
-
-
-def _key_digest(key: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -125,7 +122,23 @@ class EmbeddingStore:
 
     @property
     def key(self) -> dict[str, Any]:
+        """What determines the store's content: the key of its provenance record."""
         return self.meta["key"]
+
+    @property
+    def kind(self) -> str:
+        """``texts`` (a caption store) or ``images``."""
+        return "texts" if self.key["artifact"] == "text-store" else "images"
+
+    @property
+    def clip(self) -> dict[str, Any]:
+        """The identity of the CLIP that made the store (:meth:`tipcap.clip.ClipSpec.identity`)."""
+        return self.key["config"]["clip"]
+
+    @property
+    def digest(self) -> str:
+        """A content hash of the store: the digest of its key, which determines its content."""
+        return sha256_json(self.key)
 
     def embeddings(self) -> torch.Tensor:
         """All rows as one ``[N, d]`` fp16 tensor (a view for a single shard, a copy for several)."""
@@ -153,7 +166,7 @@ class EmbeddingStore:
         """The caption of each row (caption stores only)."""
         path = self.path / "captions.json"
         if not path.is_file():
-            raise TipcapError(f"{self.path}: a {self.meta['key']['kind']} store has no captions.")
+            raise TipcapError(f"{self.path}: a {self.kind} store has no captions.")
         return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -161,30 +174,34 @@ def _clear(out: Path) -> None:
     """Remove the files of any earlier store in ``out`` (and nothing else)."""
     for path in out.iterdir():
         name = path.name.removesuffix(".tmp")
-        owned = name in (META, IDS, BUILDING, "captions.json", "skipped.json") or (
+        owned = name in (META, IDS, BUILDING, "captions.json", "skipped.json", provenance.FILE_NAME) or (
             name.startswith(_TENSOR) and name.endswith(".safetensors")
         )
         if owned and path.is_file():
             path.unlink()
 
 
-def open_matching(out: str | Path, key: dict[str, Any]) -> EmbeddingStore | None:
-    """The finished store in ``out`` if it was built with exactly this key, else ``None``."""
+def open_matching(
+    out: str | Path, key: dict[str, Any]
+) -> tuple[EmbeddingStore | None, dict[str, Any] | None]:
+    """The finished store in ``out`` if it was built with exactly this key, else ``None``; and the key of
+    the finished store found there (``None`` when there is none), to say why it is rebuilt."""
     meta_path = Path(out) / META
     if not meta_path.is_file():
-        return None
+        return None, None
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
-        return None
+        return None, None
     # A store of an older format is rebuilt, like one of another key.
     matches = meta.get("key") == key and meta.get("format") == STORE_FORMAT
-    return EmbeddingStore.open(out) if matches else None
+    previous = meta.get("key") if isinstance(meta.get("key"), dict) else None
+    return (EmbeddingStore.open(out) if matches else None), previous
 
 
 def build_store(
     out: str | Path,
-    key: dict[str, Any],
+    record: dict[str, Any],
     num_rows: int,
     encode: Callable[[range, Callable[[int], object]], Shard],
     shard_size: int = 100_000,
@@ -199,7 +216,8 @@ def build_store(
 
     Args:
         out: store directory (created).
-        key: what identifies the store's content.
+        record: the store's provenance record (:mod:`tipcap.provenance`), written to
+            ``provenance.json``; its key identifies the store's content.
         num_rows: number of input rows; shard ``i`` encodes rows ``[i*shard_size, (i+1)*shard_size)``.
         encode: encodes a range of input rows into a :class:`Shard` (rows may be skipped), calling
             its second argument with the number of rows done as it goes (for the progress bar).
@@ -214,6 +232,7 @@ def build_store(
     if out.exists() and not out.is_dir():
         raise TipcapError(f"--out {out}: exists and is not a directory.")
     out.mkdir(parents=True, exist_ok=True)
+    key = provenance.key(record)
     num_shards = max(1, -(-num_rows // shard_size))
     plan = {"format": STORE_FORMAT, "key": key, "num_rows": num_rows, "shard_size": shard_size}
     building = out / BUILDING
@@ -221,9 +240,9 @@ def build_store(
     if not resuming:
         _clear(out)
         write_json_atomic(building, plan)
-    digest = _key_digest(plan)
+    digest = sha256_json(plan)
 
-    bar = tqdm(total=num_rows, unit="row", disable=not progress, desc=f"embedding {key['kind']}")
+    bar = tqdm(total=num_rows, unit="row", disable=not progress, desc=f"embedding {key['artifact']}")
     for index in range(num_shards):
         rows = range(index * shard_size, min(num_rows, (index + 1) * shard_size))
         path = out / shard_name(index, num_shards)
@@ -245,7 +264,7 @@ def build_store(
         skipped.extend(metadata["skipped"])
         for name, count in metadata["counts"].items():
             counts[name] = counts.get(name, 0) + count
-    for name, document in (extra_files or {}).items():
+    for name, document in {**(extra_files or {}), provenance.FILE_NAME: record}.items():
         write_json_atomic(out / name, document)
     if skipped:
         write_json_atomic(out / "skipped.json", skipped)

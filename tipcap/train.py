@@ -8,10 +8,13 @@ what the uninterrupted run drew and ends with the same weights.
 Run directory::
 
     config.yaml          the resolved experiment config
-    run.json             command, versions, data sizes
+    provenance.json      the run's provenance record: that config, its inputs' hashes, command, versions
+    run.json             world size, device, data sizes
     metrics.jsonl        training loss / lr / throughput every ``log_every`` steps, validation loss per epoch
     checkpoints/step-N/  model.safetensors, trainer.pt (optimizer, scheduler), state.json; last k kept
-    model/               the final model (TIPCap.from_pretrained)
+    model/               the final model (TIPCap.from_pretrained), with the run's provenance.json
+
+The model and its data are built by :mod:`tipcap.training_setup`; this module is the loop.
 """
 
 from __future__ import annotations
@@ -19,10 +22,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,114 +34,16 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerFast, get_scheduler
+from transformers import get_scheduler
 
-from tipcap import __version__
-from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap import provenance
 from tipcap.config import ExperimentConfig, save_config, to_dict
+from tipcap.data.files import write_json_atomic
 from tipcap.errors import TipcapError
-from tipcap.gap import Gap
-from tipcap.model import TIPCap, load_tokenizer
-from tipcap.prompts import EntityVocabulary, entity_text_embeddings, sample_training_prompt
-from tipcap.store import EmbeddingStore
-
-END_OF_TEXT = "<|endoftext|>"
-_MEGABATCH = 50  # length buckets are formed within groups of this many batches
-
-
-def word_level_tokenizer(captions: list[str]) -> PreTrainedTokenizerFast:
-    """A lower-cased word-level tokenizer over the training captions (for small decoders)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tokenizer.normalizer = normalizers.Lowercase()
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator(captions, trainers.WordLevelTrainer(special_tokens=[END_OF_TEXT, "<unk>"]))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=END_OF_TEXT,
-        bos_token=END_OF_TEXT,
-        pad_token=END_OF_TEXT,
-        unk_token="<unk>",
-        clean_up_tokenization_spaces=True,
-    )
-
-
-@dataclass
-class CaptionSet:
-    """Training rows: conditioning embeddings ``[N, d]`` (fp16, maybe memory-mapped) and token ids."""
-
-    embeddings: torch.Tensor
-    token_ids: list[list[int]]
-    entities: list[list[str]]
-    is_text: bool  # text embeddings (gap applied) or image embeddings (supervised)
-
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
-
-def _tokenize(tokenizer, captions: list[str], max_tokens: int) -> list[list[int]]:
-    """Caption token ids ending with the end-of-text token (truncated to ``max_tokens`` before it)."""
-    ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
-    return [[*row[: max_tokens - 1], tokenizer.eos_token_id] for row in ids]
-
-
-def load_caption_set(
-    texts: EmbeddingStore,
-    tokenizer,
-    max_tokens: int,
-    vocabulary: EntityVocabulary | None,
-    images: EmbeddingStore | None = None,
-) -> CaptionSet:
-    """Captions of a text store, conditioned on their text embeddings or (``images``) their image's."""
-    captions = texts.captions()
-    if images is None:
-        embeddings, is_text = texts.embeddings(), True
-    else:
-        row_of = {image_id: row for row, image_id in enumerate(images.ids)}
-        keep = [row for row, image_id in enumerate(texts.ids) if image_id in row_of]
-        if not keep:
-            raise TipcapError(f"{texts.path} and {images.path} share no image ids.")
-        embeddings = images.gather(torch.tensor([row_of[texts.ids[row]] for row in keep]))
-        captions, is_text = [captions[row] for row in keep], False
-    entities = [vocabulary.extract(c) for c in captions] if vocabulary is not None else [[] for _ in captions]
-    return CaptionSet(embeddings, _tokenize(tokenizer, captions, max_tokens), entities, is_text)
-
-
-def epoch_batches(
-    data: CaptionSet, batch_size: int, seed: int, epoch: int, rank: int, world: int
-) -> list[list[int]]:
-    """This rank's batches for one epoch, each of captions of similar length.
-
-    The DistributedSampler gives the rank its shuffled share; within groups of ``_MEGABATCH`` batches,
-    rows are sorted by caption length so that a batch pads little; batch order is then shuffled.
-    """
-    sampler = DistributedSampler(
-        range(len(data)), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
-    )
-    sampler.set_epoch(epoch)
-    indices = list(sampler)
-    batches = []
-    group = batch_size * _MEGABATCH
-    for start in range(0, len(indices), group):
-        chunk = sorted(indices[start : start + group], key=lambda i: len(data.token_ids[i]))
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed * 7919 + epoch))
-    return [batches[i] for i in order]
-
-
-def collate(data: CaptionSet, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embeddings ``[B, d]`` (float32), token ids ``[B, T]`` (right-padded) and their mask ``[B, T]``."""
-    embeddings = data.embeddings[torch.tensor(rows)].float()
-    length = max(len(data.token_ids[r]) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(data.token_ids[r])] = torch.tensor(data.token_ids[r])
-        mask[i, : len(data.token_ids[r])] = 1
-    return embeddings, ids, mask
+from tipcap.prompts import sample_training_prompt
+from tipcap.training_data import collate, epoch_batches
+from tipcap.training_setup import TrainingSetup, build_training
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -177,91 +80,52 @@ class Distributed:
 
 
 class Trainer:
-    """Trains a :class:`TIPCap` from an :class:`ExperimentConfig` into a run directory."""
+    """Trains a built :class:`TIPCap` on its data into a run directory (see :func:`train`).
 
-    def __init__(self, config: ExperimentConfig, out: str | Path, progress: bool = True):
+    Args:
+        config: the run's resolved config (written to ``config.yaml``; a resume must match it).
+        setup: the model and data built from it (:func:`tipcap.training_setup.build_training`).
+        out: the run directory.
+        env: where this process stands under torchrun.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        setup: TrainingSetup,
+        out: str | Path,
+        env: Distributed,
+        progress: bool = True,
+    ):
         self.config = config
         self.out = Path(out)
         self.progress = progress
-        self.env = Distributed.setup()
-        self._setup()
-
-    # -- set-up -------------------------------------------------------------------------------
-
-    def _setup(self) -> None:
-        cfg, data_cfg = self.config, self.config.data
-        if not data_cfg.train_texts:
-            raise TipcapError("data.train_texts: give the caption store to train on.")
-        texts = EmbeddingStore.open(data_cfg.train_texts)
-        images = EmbeddingStore.open(data_cfg.train_images) if data_cfg.train_images else None
-        gap = Gap.load(data_cfg.gap) if data_cfg.gap else None
-        if gap is not None:
-            gap.check_clip(texts.key["clip"], f"data.train_texts {texts.path}")
-            if images is not None:
-                raise TipcapError(
-                    "data.train_images (supervised training on image embeddings) takes no data.gap."
-                )
-        if texts.dim != cfg.model.clip_dim:
-            raise TipcapError(f"model.clip_dim is {cfg.model.clip_dim} but {texts.path} holds d={texts.dim}.")
-
-        tokenizer = None
-        if cfg.model.tokenizer == "word-level":
-            tokenizer = word_level_tokenizer(texts.captions())
-        elif cfg.model.tokenizer is not None or cfg.model.language_model_config is None:
-            tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.language_model)
-        if tokenizer is None:
-            raise TipcapError(
-                "model.tokenizer: a fresh language model needs a tokenizer ('word-level' or a path)."
-            )
-        if cfg.model.language_model_config is not None:
-            # A fresh language model takes its vocabulary from the tokenizer.
-            lm_config = dict(cfg.model.language_model_config)
-            lm_config.setdefault("vocab_size", len(tokenizer))
-            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-                lm_config.setdefault(key, tokenizer.eos_token_id)
-            cfg.model.language_model_config = lm_config
-
-        vocabulary = EntityVocabulary.load(cfg.model.vocabulary) if cfg.model.prompt != "none" else None
-        entity_names, entity_embeddings = [], None
-        if cfg.model.prompt == "pim":
-            entity_names = vocabulary.names
-            entity_embeddings = self._entity_embeddings(texts, entity_names)
-
-        torch.manual_seed(cfg.train.seed)
-        clip_spec = texts.meta.get("clip_spec")
-        self.model = TIPCap.build(cfg.model, tokenizer, gap, entity_names, entity_embeddings, clip_spec)
-        self.model.to(self.env.device)
-        self.vocabulary = vocabulary
-        self.train_data = load_caption_set(texts, tokenizer, cfg.model.max_caption_tokens, vocabulary, images)
-        if cfg.model.standardize_input:
-            text_side = self.model.gap.text_side if gap is not None and self.train_data.is_text else None
-            self.model.fit_input_statistics(self.train_data.embeddings, text_side)
-        self.val_data = None
-        if data_cfg.val_texts:
-            val_texts = EmbeddingStore.open(data_cfg.val_texts)
-            self.val_data = load_caption_set(val_texts, tokenizer, cfg.model.max_caption_tokens, None)
-
+        self.env = env
+        self.model = setup.model
+        self.train_data = setup.train_data
+        self.val_data = setup.val_data
+        self.vocabulary = setup.vocabulary
+        self.inputs = setup.inputs
+        cfg = config.train
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in parameters if p.ndim >= 2]
         no_decay = [p for p in parameters if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": cfg.train.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=cfg.train.lr,
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
         )
-        self.batches_per_epoch = len(len_batches := self._batches(0))
-        if not len_batches:
+        self.batches_per_epoch = len(self._batches(0))
+        if not self.batches_per_epoch:
             raise TipcapError(
-                f"{texts.path}: fewer captions than one batch per rank; lower train.batch_size."
+                f"{config.data.train_texts}: fewer captions than one batch per rank; lower train.batch_size."
             )
-        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.accumulate)
-        self.total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
+        self.total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
         self.scheduler = get_scheduler(
-            cfg.train.schedule,
+            cfg.schedule,
             self.optimizer,
-            num_warmup_steps=cfg.train.warmup_steps,
+            num_warmup_steps=cfg.warmup_steps,
             num_training_steps=self.total_steps,
         )
         self.ddp_model = self.model
@@ -269,23 +133,8 @@ class Trainer:
             self.ddp_model = DistributedDataParallel(
                 self.model,
                 device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
-                find_unused_parameters=cfg.model.prompt == "pim",
+                find_unused_parameters=config.model.prompt == "pim",
             )
-
-    def _entity_embeddings(self, texts: EmbeddingStore, names: list[str]) -> torch.Tensor:
-        """CLIP embeddings of the prompt vocabulary, with the CLIP that embedded the captions."""
-        spec_dict = texts.meta.get("clip_spec")
-        if spec_dict is None:
-            raise TipcapError(
-                f"{texts.path}: the store does not say which CLIP made it; rebuild it with tipcap embed."
-            )
-        spec = ClipSpec(**spec_dict)
-        if spec.identity() != texts.key["clip"]:
-            raise TipcapError(
-                f"{texts.path}: its CLIP ({spec.describe()}) changed since the store was built."
-            )
-        encoder = ClipEncoder.load(spec, device=str(self.env.device))
-        return entity_text_embeddings(lambda xs: encoder.encode_texts(xs).embeddings, names)
 
     def _batches(self, epoch: int) -> list[list[int]]:
         return epoch_batches(
@@ -298,13 +147,6 @@ class Trainer:
         )
 
     # -- one step -----------------------------------------------------------------------------
-
-    def _conditioning(self, embeddings: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        embeddings = embeddings.to(self.env.device)
-        gap = self.model.gap
-        if gap is None or not self.train_data.is_text:
-            return embeddings
-        return gap.sample(embeddings, generator=generator)
 
     def _prompts(self, rows: list[int], rng: random.Random) -> list[list[str]] | None:
         cfg = self.config.train
@@ -333,7 +175,7 @@ class Trainer:
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device=self.env.device).manual_seed(seed)
         embeddings, ids, mask = collate(self.train_data, rows)
-        conditioning = self._conditioning(embeddings, generator)
+        conditioning = self.model.training_inputs(embeddings, generator)
         prompts = self._prompts(rows, random.Random(seed))
         with self._autocast():
             loss = self.ddp_model(conditioning, ids, mask, prompts).loss
@@ -393,26 +235,28 @@ class Trainer:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(key, value, record.get("step", 0))
 
+    def provenance(self) -> dict[str, Any]:
+        """The run's provenance record: its resolved config and the content hashes of its inputs."""
+        return provenance.record("training-run", to_dict(self.config), self.inputs)
+
     def _write_run_info(self, resumed_from: int) -> None:
         if not self.env.main:
             return
         save_config(self.config, self.out / "config.yaml")
+        provenance.write(self.out, self.provenance())
         info = {
-            "command": sys.argv,
-            "tipcap": __version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
             "world_size": self.env.world,
             "device": str(self.env.device),
             "train_rows": len(self.train_data),
             "total_steps": self.total_steps,
             "resumed_from_step": resumed_from,
         }
-        (self.out / "run.json").write_text(json.dumps(info, indent=2))
+        write_json_atomic(self.out / "run.json", info)
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean token loss on the validation captions (fixed noise seed, no prompts)."""
+        """Mean token loss on the validation captions, conditioned as in training (the gap's noise with a
+        fixed seed; a supervised decoder reads the captions' image embeddings), without prompts."""
         if self.val_data is None:
             return None
         self.model.eval()
@@ -423,9 +267,7 @@ class Trainer:
         for start in range(0, len(order), self.config.train.batch_size):
             batch = order[start : start + self.config.train.batch_size]
             embeddings, ids, mask = collate(self.val_data, batch)
-            conditioning = embeddings.to(self.env.device)
-            if self.model.gap is not None:
-                conditioning = self.model.gap.sample(conditioning, generator=generator)
+            conditioning = self.model.training_inputs(embeddings, generator)
             with self._autocast():
                 loss = self.model(conditioning, ids, mask).loss
             count = int(mask.sum())
@@ -442,7 +284,6 @@ class Trainer:
 
     def train(self, resume: bool = False) -> Path:
         """Run (or resume) training; return the final model directory."""
-        cfg = self.config.train
         if self.env.main:
             self.out.mkdir(parents=True, exist_ok=True)
         self.env.barrier()
@@ -454,6 +295,14 @@ class Trainer:
                 self._tensorboard = SummaryWriter(self.out / "tensorboard")
             except ImportError:
                 pass
+        try:
+            return self._run(resume)
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+
+    def _run(self, resume: bool) -> Path:
+        cfg = self.config.train
         if resume and (self.out / "config.yaml").is_file():
             saved = yaml.safe_load((self.out / "config.yaml").read_text(encoding="utf-8"))
             if saved != to_dict(self.config):
@@ -532,6 +381,7 @@ class Trainer:
         final = self.out / "model"
         if self.env.main:
             self.model.save_pretrained(final)
+            provenance.write(final, self.provenance())
         self._log_rank_agreement(step)
         self.env.barrier()
         return final
@@ -549,10 +399,11 @@ class Trainer:
 
 
 def train(config: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train a caption model as configured into ``out``; return the final model directory."""
-    trainer = Trainer(config, out, progress=progress)
+    """Build the model and data a config names and train it into ``out``; return the final model directory."""
+    env = Distributed.setup()
     try:
+        trainer = Trainer(config, build_training(config, env.device), out, env, progress=progress)
         return trainer.train(resume=resume)
     finally:
-        if trainer.env.world > 1:
+        if env.world > 1:
             dist.destroy_process_group()

@@ -4,8 +4,8 @@
 over embedding chunks; fit.py does it from embedding stores; report.py summarises and draws a gap.
 """
 
+from tipcap.config import CAPDEC_SIGMA2, SETTINGS
 from tipcap.gap.estimate import (
-    SETTINGS,
     GapEstimate,
     Pairs,
     TensorRows,
@@ -15,8 +15,8 @@ from tipcap.gap.estimate import (
     estimate_web_pairs,
     mutual_nearest_neighbours,
 )
-from tipcap.gap.fit import estimate, fit_gap, join_pairs
-from tipcap.gap.model import CAPDEC_SIGMA2, KINDS, Gap
+from tipcap.gap.fit import GapFit, estimate, fit_gap, fit_gap_file, join_pairs
+from tipcap.gap.model import KINDS, Gap
 from tipcap.gap.moments import Moments, cholesky
 from tipcap.gap.report import format_report, gap_report, plot_gap
 
@@ -26,6 +26,7 @@ __all__ = [
     "SETTINGS",
     "Gap",
     "GapEstimate",
+    "GapFit",
     "Moments",
     "Pairs",
     "TensorRows",
@@ -36,6 +37,7 @@ __all__ = [
     "estimate_unpaired",
     "estimate_web_pairs",
     "fit_gap",
+    "fit_gap_file",
     "format_report",
     "gap_report",
     "join_pairs",

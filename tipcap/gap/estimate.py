@@ -24,11 +24,10 @@ from typing import Any, Protocol
 
 import torch
 
+from tipcap.config import CAPDEC_SIGMA2
 from tipcap.errors import TipcapError
-from tipcap.gap.model import CAPDEC_SIGMA2
 from tipcap.gap.moments import Moments
 
-SETTINGS = ("few-pairs", "web-pairs", "unpaired", "text-only")
 _HISTOGRAM_BINS = 20_000
 
 

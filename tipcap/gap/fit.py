@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tipcap import provenance
+from tipcap.config import CAPDEC_SIGMA2, SETTINGS, GapConfig, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap.estimate import (
-    SETTINGS,
     GapEstimate,
     Pairs,
     estimate_few_pairs,
@@ -17,8 +19,10 @@ from tipcap.gap.estimate import (
     estimate_unpaired,
     estimate_web_pairs,
 )
-from tipcap.gap.model import CAPDEC_SIGMA2, KINDS, TRAIN_NOISE_KINDS, Gap
+from tipcap.gap.model import TRAIN_NOISE_KINDS, Gap
 from tipcap.gap.moments import cholesky
+from tipcap.gap.report import gap_report, plot_gap
+from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
 
 _NEEDS_ESTIMATE = {"mean-shift", "cov-noise", "gaussian"}
@@ -38,13 +42,13 @@ def join_pairs(texts: EmbeddingStore, images: EmbeddingStore) -> Pairs:
 
 
 def _check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
-    if texts.key.get("kind") != "texts":
+    if texts.kind != "texts":
         raise TipcapError(f"--texts {texts.path}: is not a caption store (made by 'tipcap embed texts').")
     if images is None:
         return
-    if images.key.get("kind") != "images":
+    if images.kind != "images":
         raise TipcapError(f"--images {images.path}: is not an image store (made by 'tipcap embed images').")
-    if images.key["clip"] != texts.key["clip"]:
+    if images.clip != texts.clip:
         raise TipcapError(
             f"--texts {texts.path} and --images {images.path} were embedded with different CLIPs; "
             "embed both with the same --clip and --pretrained."
@@ -69,7 +73,7 @@ def estimate(
     if setting == "text-only":
         mu = None
         if mu_from is not None:
-            mu_from.check_clip(texts.key["clip"], f"--texts {texts.path}")
+            mu_from.check_clip(texts.clip, f"--texts {texts.path}")
             mu = mu_from.mu.detach()
         return estimate_text_only(texts.dim, sigma2, mu)
     if images is None:
@@ -85,32 +89,16 @@ def estimate(
 
 
 def fit_gap(
-    setting: str,
-    texts: EmbeddingStore,
-    images: EmbeddingStore | None = None,
-    *,
-    kind: str = "gaussian",
-    renorm: bool = True,
-    shrink: bool = True,
-    drop_quantile: float = 0.1,
-    sigma2: float = CAPDEC_SIGMA2,
-    mu_from: Gap | None = None,
-    learnable: bool = False,
-    tau: float = 0.01,
-    memory_size: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
+    config: GapConfig, texts: EmbeddingStore, images: EmbeddingStore | None = None, device: str = "cpu"
 ) -> Gap:
-    """Fit a gap of ``kind`` in ``setting``.
+    """Fit a gap of ``config.kind`` in ``config.setting`` from a caption store and (except text-only) an
+    image store.
 
     ``none`` and ``isotropic`` need no estimate (isotropic uses σ² = ``sigma2``); ``memory`` keeps the
     caption embeddings (a seeded random subset of ``memory_size`` rows when given) as its memory; the
     Gaussian kinds take μ and Σ from the setting's estimator.
     """
-    if kind not in KINDS:
-        raise TipcapError(f"--kind {kind!r}: use one of {', '.join(KINDS)}.")
-    if setting not in SETTINGS:
-        raise TipcapError(f"--setting {setting!r}: use one of {', '.join(SETTINGS)}.")
+    kind, setting = config.kind, config.setting
     _check_stores(texts, images)
     dim = texts.dim
     info: dict[str, Any] = {"kind": kind, "texts": str(Path(texts.path).resolve())}
@@ -121,25 +109,26 @@ def fit_gap(
     memory = None
     if kind in _NEEDS_ESTIMATE:
         fitted = estimate(
-            setting, texts, images, shrink=shrink, drop_quantile=drop_quantile, sigma2=sigma2,
-            mu_from=mu_from, device=device,
+            setting, texts, images, shrink=config.shrinkage, drop_quantile=config.drop_quantile,
+            sigma2=config.sigma2, mu_from=Gap.load(config.mu_from) if config.mu_from else None,
+            device=device,
         )  # fmt: skip
         mu, covariance = fitted.mu, fitted.covariance
         info.update(fitted.info())
     else:
         info["setting"] = setting
         if kind == "isotropic":
-            covariance = sigma2 * torch.eye(dim, dtype=torch.float64)
-            info["sigma2"] = sigma2
+            covariance = config.sigma2 * torch.eye(dim, dtype=torch.float64)
+            info["sigma2"] = config.sigma2
         elif kind == "memory":
             rows = torch.arange(len(texts))
-            if memory_size is not None and memory_size < len(texts):
-                generator = torch.Generator().manual_seed(seed)
-                rows = torch.randperm(len(texts), generator=generator)[:memory_size].sort().values
+            if config.memory_size is not None and config.memory_size < len(texts):
+                generator = torch.Generator().manual_seed(config.seed)
+                rows = torch.randperm(len(texts), generator=generator)[: config.memory_size].sort().values
             memory = texts.gather(rows)
-            info.update({"memory_size": len(rows), "tau": tau})
-    if learnable and kind not in TRAIN_NOISE_KINDS:
-        raise TipcapError(f"--learnable applies to kinds with training noise, not {kind!r}.")
+            info.update({"memory_size": len(rows), "tau": config.tau})
+    if config.learnable and kind not in TRAIN_NOISE_KINDS:
+        raise TipcapError(f"gap.learnable applies to kinds with training noise, not {kind!r}.")
     # Kinds without training noise keep the estimated factor too (mean-shift) or a zero one; a
     # degenerate estimate (one pair, identical pairs) is factored with jitter.
     scale_tril = cholesky(covariance) if kind in TRAIN_NOISE_KINDS or covariance.any() else covariance
@@ -147,10 +136,50 @@ def fit_gap(
         kind,
         mu,
         scale_tril,
-        renorm=renorm,
-        clip=texts.key["clip"],
+        renorm=config.renorm,
+        clip=texts.clip,
         memory=memory,
-        tau=tau,
-        learnable=learnable,
+        tau=config.tau,
+        learnable=config.learnable,
         info=info,
     )
+
+
+@dataclass
+class GapFit:
+    """A fitted gap, its report (:func:`gap_report`) and the matched pairs it was checked on."""
+
+    gap: Gap
+    report: dict[str, Any]
+    pairs: Pairs | None
+
+
+def fit_gap_file(
+    config: GapConfig,
+    texts: EmbeddingStore,
+    images: EmbeddingStore | None,
+    out: str | Path,
+    plot: str | Path | None = None,
+    device: str = "cpu",
+) -> GapFit:
+    """Fit a gap (:func:`fit_gap`), write it to ``out`` with its report and provenance record, and draw
+    it to ``plot`` when given.
+
+    The report's cosines are measured on the stores' matched pairs (for ``unpaired``, true pairs the
+    fit did not use) where the stores share image ids.
+    """
+    gap = fit_gap(config, texts, images, device=device)
+    pairs = join_pairs(texts, images) if images is not None else None
+    pairs = pairs if pairs is not None and len(pairs) > 0 else None
+    report = gap_report(gap, pairs)
+    gap.info["report"] = report
+    inputs = {"texts": texts.digest}
+    if images is not None:
+        inputs["images"] = images.digest
+    if config.mu_from:
+        inputs["mu_from"] = sha256_file(Path(config.mu_from))
+    gap.provenance = provenance.record("gap", to_dict(config), inputs)
+    gap.save(out)
+    if plot is not None:
+        plot_gap(gap, pairs, plot)
+    return GapFit(gap, report, pairs)

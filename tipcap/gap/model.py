@@ -28,11 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from tipcap.config import GAP_KINDS
 from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 
-KINDS = ("none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory")
-CAPDEC_SIGMA2 = 0.016
+KINDS = GAP_KINDS
 GAP_FORMAT = "tipcap-gap"
 GAP_VERSION = 1
 
@@ -60,6 +60,7 @@ class Gap(nn.Module):
             its diagonal, so the diagonal stays positive); the values given become the prior of
             :meth:`kl_to_prior`.
         info: how the gap was fitted (setting, counts), saved with it.
+        provenance: the record of its fit (:mod:`tipcap.provenance`), saved with it.
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class Gap(nn.Module):
         tau: float = 0.01,
         learnable: bool = False,
         info: dict[str, Any] | None = None,
+        provenance: dict[str, Any] | None = None,
     ):
         super().__init__()
         if kind not in KINDS:
@@ -89,6 +91,7 @@ class Gap(nn.Module):
         self.tau = tau
         self.learnable = learnable
         self.info = dict(info or {})
+        self.provenance = provenance
         mu = mu.detach().to(torch.float32)
         scale_tril = torch.tril(scale_tril.detach().to(torch.float32))
         if learnable:
@@ -198,7 +201,8 @@ class Gap(nn.Module):
             )
 
     def save(self, path: str | Path) -> None:
-        """Write a safetensors file (written to a temporary name, then renamed)."""
+        """Write a safetensors file (written to a temporary name, then renamed), with the provenance
+        record of its fit (:mod:`tipcap.provenance`) when it has one."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"mu": self.mu.detach(), "scale_tril": self.scale_tril.detach()}
@@ -217,6 +221,8 @@ class Gap(nn.Module):
             "clip": json.dumps(self.clip),
             "info": json.dumps(self.info),
         }
+        if self.provenance is not None:
+            metadata["provenance"] = json.dumps(self.provenance)
         with atomic_path(path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
 
@@ -260,6 +266,7 @@ class Gap(nn.Module):
             tau=json.loads(metadata["tau"]),
             learnable=json.loads(metadata["learnable"]),
             info=json.loads(metadata["info"]),
+            provenance=json.loads(metadata["provenance"]) if "provenance" in metadata else None,
         )
         if gap.learnable:
             with torch.no_grad():

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from tipcap.config import CAPDEC_SIGMA2
 from tipcap.data.files import atomic_path
 from tipcap.gap.estimate import Pairs
-from tipcap.gap.model import CAPDEC_SIGMA2, Gap
+from tipcap.gap.model import Gap
 
 
 def effective_rank(eigenvalues: torch.Tensor) -> float:

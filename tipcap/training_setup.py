@@ -1,0 +1,122 @@
+"""Building what a training run needs from its config: the model (with its gap, CLIP and vocabulary) and
+its data. :func:`tipcap.train.train` hands the result to the training loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap.config import ExperimentConfig
+from tipcap.errors import TipcapError
+from tipcap.gap import Gap
+from tipcap.model import TIPCap, load_tokenizer
+from tipcap.prompts import EntityVocabulary, entity_text_embeddings
+from tipcap.provenance import sha256_file
+from tipcap.store import EmbeddingStore
+from tipcap.training_data import CaptionSet, load_caption_set, word_level_tokenizer
+
+
+@dataclass
+class TrainingSetup:
+    """A built model, its training and validation data, its prompt vocabulary, and the content hashes of
+    the inputs they were made from (for the run's provenance record)."""
+
+    model: TIPCap
+    train_data: CaptionSet
+    val_data: CaptionSet | None
+    vocabulary: EntityVocabulary | None
+    inputs: dict[str, str]
+
+
+def _tokenizer(config: ExperimentConfig, texts: EmbeddingStore):
+    """The configured tokenizer; a fresh language model takes its vocabulary size from it."""
+    model_cfg = config.model
+    tokenizer = None
+    if model_cfg.tokenizer == "word-level":
+        tokenizer = word_level_tokenizer(texts.captions())
+    elif model_cfg.tokenizer is not None or model_cfg.language_model_config is None:
+        tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.language_model)
+    if tokenizer is None:
+        raise TipcapError(
+            "model.tokenizer: a fresh language model needs a tokenizer ('word-level' or a path)."
+        )
+    if model_cfg.language_model_config is not None:
+        lm_config = dict(model_cfg.language_model_config)
+        lm_config.setdefault("vocab_size", len(tokenizer))
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            lm_config.setdefault(key, tokenizer.eos_token_id)
+        model_cfg.language_model_config = lm_config
+    return tokenizer
+
+
+def _store_clip(texts: EmbeddingStore) -> ClipSpec:
+    """The CLIP that made a caption store, as recorded in it."""
+    spec_dict = texts.meta.get("clip_spec")
+    if spec_dict is None:
+        raise TipcapError(
+            f"{texts.path}: the store does not say which CLIP made it; rebuild it with tipcap embed."
+        )
+    spec = ClipSpec.from_dict(spec_dict)
+    if spec.identity() != texts.clip:
+        raise TipcapError(f"{texts.path}: its CLIP ({spec.describe()}) changed since the store was built.")
+    return spec
+
+
+def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSetup:
+    """Open the stores and gap a config names, check they fit together, and build the model on ``device``.
+
+    The model's random initialisation is seeded with ``train.seed``.
+    """
+    data_cfg = config.data
+    if not data_cfg.train_texts:
+        raise TipcapError("data.train_texts: give the caption store to train on.")
+    texts = EmbeddingStore.open(data_cfg.train_texts)
+    images = EmbeddingStore.open(data_cfg.train_images) if data_cfg.train_images else None
+    gap = Gap.load(data_cfg.gap) if data_cfg.gap else None
+    if gap is not None:
+        gap.check_clip(texts.clip, f"data.train_texts {texts.path}")
+        if images is not None:
+            raise TipcapError(
+                "data.train_images (supervised training on image embeddings) takes no data.gap."
+            )
+    if data_cfg.val_texts and (images is None) != (data_cfg.val_images is None):
+        raise TipcapError(
+            "data.val_images goes with data.train_images: a supervised decoder is validated on the image "
+            "embeddings of data.val_texts' captions, a text-only one on the captions' own."
+        )
+    if texts.dim != config.model.clip_dim:
+        raise TipcapError(f"model.clip_dim is {config.model.clip_dim} but {texts.path} holds d={texts.dim}.")
+
+    tokenizer = _tokenizer(config, texts)
+    clip = _store_clip(texts)
+    vocabulary = EntityVocabulary.load(config.model.vocabulary) if config.model.prompt != "none" else None
+    entity_names = vocabulary.names if vocabulary is not None else []
+    entity_embeddings = None
+    if config.model.prompt == "pim":
+        encoder = ClipEncoder.load(clip, device=str(device))
+        entity_embeddings = entity_text_embeddings(
+            lambda xs: encoder.encode_texts(xs).embeddings, entity_names
+        )
+
+    torch.manual_seed(config.train.seed)
+    model = TIPCap.build(config.model, tokenizer, gap, entity_names, entity_embeddings, clip).to(device)
+    max_tokens = config.model.max_caption_tokens
+    train_data = load_caption_set(texts, tokenizer, max_tokens, vocabulary, images)
+    if config.model.standardize_input:
+        model.fit_input_statistics(train_data.embeddings)
+    val_data = None
+    inputs = {"train_texts": texts.digest}
+    if images is not None:
+        inputs["train_images"] = images.digest
+    if data_cfg.gap:
+        inputs["gap"] = sha256_file(data_cfg.gap)
+    if data_cfg.val_texts:
+        val_texts = EmbeddingStore.open(data_cfg.val_texts)
+        val_images = EmbeddingStore.open(data_cfg.val_images) if data_cfg.val_images else None
+        val_data = load_caption_set(val_texts, tokenizer, max_tokens, None, val_images)
+        inputs["val_texts"] = val_texts.digest
+        if val_images is not None:
+            inputs["val_images"] = val_images.digest
+    return TrainingSetup(model, train_data, val_data, vocabulary, inputs)
