@@ -21,8 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from tipcap.clip import ClipSpec
-from tipcap.config import load_config
+from tipcap.config import EmbedConfig, load_config
 from tipcap.data import read_captions
 from tipcap.embed import embed_texts
 from tipcap.model import TIPCap
@@ -53,10 +52,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "clip.json").write_text(json.dumps(TINY_CLIP))
-        spec = ClipSpec(str(tmp / "clip.json"), "none")
+        embed = EmbedConfig(str(tmp / "clip.json"), "none")
         for name, rows in (("train", captions[: args.train_captions]), ("test", captions[-args.images :])):
             (tmp / f"{name}.txt").write_text("\n".join(rows) + "\n")
-            embed_texts(tmp / f"{name}.txt", spec, tmp / name, progress=False)
+            embed_texts(tmp / f"{name}.txt", embed, tmp / name, progress=False)
         config = load_config(ROOT / "experiments" / "tiny.yaml", [f"data.train_texts={tmp / 'train'}"])
         model = TIPCap.from_pretrained(train(config, tmp / "run", progress=False)).eval()
         embeddings = EmbeddingStore.open(tmp / "test").embeddings().float()
@@ -64,11 +63,11 @@ def main() -> None:
     def caption_batched() -> list[str]:
         out = []
         for start in range(0, len(embeddings), args.batch_size):
-            out += model.generate(embeddings[start : start + args.batch_size], num_beams=args.beams)
+            out += model.decode_text_side(embeddings[start : start + args.batch_size], num_beams=args.beams)
         return out
 
     def caption_one_at_a_time() -> list[str]:
-        return [model.generate(row[None], num_beams=args.beams)[0] for row in embeddings]
+        return [model.decode_text_side(row[None], num_beams=args.beams)[0] for row in embeddings]
 
     caption_batched()  # warm-up
     start = time.perf_counter()

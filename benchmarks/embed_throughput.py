@@ -36,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap.config import EmbedConfig
 from tipcap.data import read_captions
 from tipcap.embed import embed_texts
 from tipcap.prepacked import linear_map
@@ -228,14 +229,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "captions.txt"
         corpus.write_text("\n".join(texts) + "\n")
-        options = {
-            "batch_size": args.batch_size,
-            "device": args.device,
-            "precision": precisions[0],
-            "progress": False,
-        }
-        first = embed_texts(corpus, spec, Path(tmp) / "store", **options)
-        again = embed_texts(corpus, spec, Path(tmp) / "store", **options)
+        embed = EmbedConfig(args.model, "none", precision=precisions[0], batch_size=args.batch_size)
+        first = embed_texts(corpus, embed, Path(tmp) / "store", device=args.device, progress=False)
+        again = embed_texts(corpus, embed, Path(tmp) / "store", device=args.device, progress=False)
     print(f"embed_texts into a store: {first.seconds:.2f} s; the same run again, reusing the store: "
           f"{again.seconds:.3f} s ({first.seconds / again.seconds:.0f}x faster)")  # fmt: skip
 

@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from tipcap import provenance
 from tipcap.config import load_config
 from tipcap.data import read_captions
 from tipcap.store import Shard, build_store
@@ -45,9 +46,9 @@ def write_store(directory: Path, captions: list[str], dim: int) -> Path:
         advance(len(rows))
         return Shard(embeddings[rows.start : rows.stop], list(rows))
 
-    key = {"kind": "texts", "clip": {"model": "random"}, "inputs": "benchmark"}
+    record = provenance.record("text-store", {"clip": {"model": "random"}}, {"rows": "benchmark"})
     build_store(
-        directory, key, len(captions), encode, extra_files={"captions.json": captions}, progress=False
+        directory, record, len(captions), encode, extra_files={"captions.json": captions}, progress=False
     )
     return directory
 

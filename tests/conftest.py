@@ -121,6 +121,17 @@ def prompt_model(tmp_path_factory, tiny_clip):
     return root, held_out, model_dir
 
 
+@pytest.fixture(scope="session")
+def plain_model(tmp_path_factory, prompt_model):
+    """A tiny decoder trained without prompts (50 steps) on :func:`prompt_model`'s captions and gap."""
+    root = prompt_model[0]
+    overrides = [f"data.train_texts={root / 'train'}", f"data.gap={root / 'gap.safetensors'}",
+                 "train.max_steps=50", "train.batch_size=32"]  # fmt: skip
+    return train(
+        load_config(TINY_CONFIG, overrides), tmp_path_factory.mktemp("plain") / "run", progress=False
+    )
+
+
 COCO_260 = DATA / "coco_karpathy_260.json.gz"
 
 

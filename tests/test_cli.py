@@ -55,7 +55,7 @@ def test_second_run_reuses_and_other_clip_rebuilds(tmp_path, coco_slice, tiny_cl
     assert result.exit_code == 0 and result.stdout.startswith("reused")
     result = run(*embed_texts_args(coco_slice, other_clip, out))
     assert result.exit_code == 0 and result.stdout.startswith("wrote 120")
-    assert EmbeddingStore.open(out).key["clip"]["model"] == "other-clip"
+    assert EmbeddingStore.open(out).clip["model"] == "other-clip"
     result = run(*embed_texts_args(coco_slice, tiny_clip, out, "--period", "keep"))
     assert result.stdout.startswith("wrote 120"), "a different caption policy must rebuild"
 

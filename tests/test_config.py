@@ -59,10 +59,13 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     ("override", "message"),
     [
         ("train.lrr=1", "config key 'train.lrr' is unknown"),
-        ("model.prompt=soft", "config key 'model.prompt': expected 'none' | 'pim' | 'hard'"),
-        ("train.epochs=2.5", "config key 'train.epochs': expected int"),
-        ("train.lr=fast", "config key 'train.lr': expected float"),
-        ("data=3", "config key 'data': expected DataConfig"),
+        ("model.prompt=soft", "config key 'model.prompt': input should be 'none', 'pim' or 'hard'"),
+        ("train.epochs=2.5", "config key 'train.epochs': input should be a valid integer"),
+        ("train.lr=fast", "config key 'train.lr': input should be a valid number"),
+        ("data=3", "config key 'data': input should be a dictionary"),
+        ("train.batch_size=0", "config key 'train.batch_size': input should be greater than or equal to 1"),
+        ("train.lr=.nan", "config key 'train.lr': input should be a finite number"),
+        ("train.max_steps=0", "config key 'train.max_steps': input should be greater than or equal to 1"),
         ("train.lr", "expected key=value"),
     ],
 )

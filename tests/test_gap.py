@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import save_file
 from torch.distributions import MultivariateNormal, kl_divergence
 
+from tipcap import provenance
+from tipcap.config import GapConfig
 from tipcap.errors import TipcapError
 from tipcap.gap import (
     CAPDEC_SIGMA2,
@@ -604,9 +606,9 @@ def write_store(path, kind, clip, embeddings, ids, extra_files=None, shard_size=
         advance(len(rows))
         return Shard(embeddings[rows.start : rows.stop], [ids[i] for i in rows])
 
-    key = {"kind": kind, "clip": clip, "inputs": f"synthetic {kind}"}
+    record = provenance.record(f"{kind[:-1]}-store", {"clip": clip}, {"rows": f"synthetic {kind}"})
     return build_store(
-        path, key, len(ids), encode, shard_size=shard_size, extra_files=extra_files, progress=False
+        path, record, len(ids), encode, shard_size=shard_size, extra_files=extra_files, progress=False
     )
 
 
@@ -671,7 +673,7 @@ def test_few_pairs_mu_from_stores_is_the_known_offset(stores):
 @pytest.mark.parametrize("kind", ["gaussian", "mean-shift", "cov-noise", "isotropic", "none", "memory"])
 def test_fit_gap_every_setting_and_kind(stores, setting, kind):
     texts, images = stores["texts"], stores["images"]
-    gap = fit_gap(setting, texts, images, kind=kind)
+    gap = fit_gap(GapConfig(setting=setting, kind=kind), texts, images)
     assert gap.kind == kind and gap.dim == D and gap.clip == CLIP_A and gap.renorm
     assert gap.info["setting"] == setting and gap.info["kind"] == kind
     assert torch.isfinite(gap.mu).all() and torch.isfinite(gap.scale_tril).all()
@@ -705,7 +707,7 @@ def test_fit_gap_every_setting_and_kind(stores, setting, kind):
 
 def test_gaussian_few_pairs_gap_closes_the_gap(stores, tmp_path):
     texts, images = stores["texts"], stores["images"]
-    gap = fit_gap("few-pairs", texts, images, kind="gaussian")
+    gap = fit_gap(GapConfig(setting="few-pairs", kind="gaussian"), texts, images)
     pairs = join_pairs(texts, images)
     report = gap_report(gap, pairs)
     assert report["matched_pairs"] == len(pairs)
@@ -719,7 +721,7 @@ def test_gaussian_few_pairs_gap_closes_the_gap(stores, tmp_path):
     assert "cosine_before" not in no_pairs and "cosine_before" not in format_report(no_pairs)
 
     # The baseline without bridging changes nothing.
-    none = gap_report(fit_gap("few-pairs", texts, images, kind="none"), pairs)
+    none = gap_report(fit_gap(GapConfig(setting="few-pairs", kind="none"), texts, images), pairs)
     assert none["cosine_after"] == pytest.approx(none["cosine_before"], abs=1e-6)
 
     for name, plot_pairs in (("with-pairs.png", pairs), ("spectrum-only.png", None)):
@@ -733,51 +735,58 @@ def test_gaussian_few_pairs_gap_closes_the_gap(stores, tmp_path):
 def test_fit_gap_refuses_stores_of_different_clips(stores):
     for setting in ("few-pairs", "web-pairs", "unpaired"):
         with pytest.raises(TipcapError, match="different CLIPs"):
-            fit_gap(setting, stores["texts"], stores["other_clip"], kind="gaussian")
+            fit_gap(GapConfig(setting=setting, kind="gaussian"), stores["texts"], stores["other_clip"])
         with pytest.raises(TipcapError, match="different CLIPs"):
             estimate(setting, stores["texts"], stores["other_clip"])
 
 
-def test_text_only_gap_imports_mu_from_another_gap(stores):
+def test_text_only_gap_imports_mu_from_another_gap(stores, tmp_path):
     texts, images = stores["texts"], stores["images"]
-    paired = fit_gap("few-pairs", texts, images, kind="gaussian")
-    text_only = fit_gap("text-only", texts, kind="gaussian", mu_from=paired)
+    paired = fit_gap(GapConfig(setting="few-pairs", kind="gaussian"), texts, images)
+    paired.save(tmp_path / "paired.safetensors")
+    text_only = fit_gap(
+        GapConfig(setting="text-only", kind="gaussian", mu_from=str(tmp_path / "paired.safetensors")), texts
+    )
     assert torch.equal(text_only.mu, paired.mu)
     assert torch.allclose(text_only.covariance, CAPDEC_SIGMA2 * torch.eye(D), atol=1e-7)
     assert text_only.info["mu_imported"] is True
     foreign = Gap("gaussian", paired.mu, paired.scale_tril, clip=CLIP_B)
     with pytest.raises(TipcapError, match="ViT-L-14"):
-        fit_gap("text-only", texts, kind="gaussian", mu_from=foreign)
+        foreign.save(tmp_path / "foreign.safetensors")
+        fit_gap(
+            GapConfig(setting="text-only", kind="gaussian", mu_from=str(tmp_path / "foreign.safetensors")),
+            texts,
+        )
 
 
 def test_fit_gap_options_and_errors(stores):
     texts, images = stores["texts"], stores["images"]
-    subset = fit_gap("text-only", texts, kind="memory", memory_size=50, seed=3, tau=0.05)
-    again = fit_gap("text-only", texts, kind="memory", memory_size=50, seed=3, tau=0.05)
+    subset = fit_gap(GapConfig(setting="text-only", kind="memory", memory_size=50, seed=3, tau=0.05), texts)
+    again = fit_gap(GapConfig(setting="text-only", kind="memory", memory_size=50, seed=3, tau=0.05), texts)
     assert subset.memory.shape == (50, D) and subset.tau == 0.05 and subset.info["memory_size"] == 50
     assert torch.equal(subset.memory, again.memory)
     rows = {tuple(row.tolist()) for row in texts.embeddings()}
     assert all(tuple(row.tolist()) in rows for row in subset.memory)
 
-    learnable = fit_gap("few-pairs", texts, images, kind="gaussian", learnable=True)
+    learnable = fit_gap(GapConfig(setting="few-pairs", kind="gaussian", learnable=True), texts, images)
     assert learnable.learnable and float(learnable.kl_to_prior().detach()) == pytest.approx(0.0, abs=1e-4)
-    assert not fit_gap("few-pairs", texts, images, kind="cov-noise", renorm=False).renorm
+    assert not fit_gap(GapConfig(setting="few-pairs", kind="cov-noise", renorm=False), texts, images).renorm
     raw = estimate("few-pairs", texts, images, shrink=False)
     assert not raw.shrinkage  # not shrunk (None, or 0)
     with pytest.raises(TipcapError, match="learnable"):
-        fit_gap("few-pairs", texts, images, kind="mean-shift", learnable=True)
+        fit_gap(GapConfig(setting="few-pairs", kind="mean-shift", learnable=True), texts, images)
     with pytest.raises(TipcapError, match="kind"):
-        fit_gap("few-pairs", texts, images, kind="bogus")
+        fit_gap(GapConfig(setting="few-pairs", kind="bogus"), texts, images)
     with pytest.raises(TipcapError, match="setting"):
-        fit_gap("bogus", texts, images, kind="gaussian")
+        fit_gap(GapConfig(setting="bogus", kind="gaussian"), texts, images)
     with pytest.raises(TipcapError, match="needs --images"):
-        fit_gap("few-pairs", texts, kind="gaussian")
+        fit_gap(GapConfig(setting="few-pairs", kind="gaussian"), texts)
     with pytest.raises(TipcapError, match="not a caption store"):
-        fit_gap("few-pairs", images, images, kind="gaussian")
+        fit_gap(GapConfig(setting="few-pairs", kind="gaussian"), images, images)
     with pytest.raises(TipcapError, match="not an image store"):
-        fit_gap("few-pairs", texts, texts, kind="gaussian")
-    with pytest.raises(TipcapError, match="drop-quantile"):
-        fit_gap("web-pairs", texts, images, kind="gaussian", drop_quantile=1.0)
+        fit_gap(GapConfig(setting="few-pairs", kind="gaussian"), texts, texts)
+    with pytest.raises(TipcapError, match=r"gap\.drop_quantile"):
+        fit_gap(GapConfig(setting="web-pairs", kind="gaussian", drop_quantile=1.0), texts, images)
 
 
 # --- 12. many pairs in high dimension, streamed ------------------------------------------------------
@@ -848,15 +857,15 @@ def test_many_pairs_in_high_dimension_streamed():
 
 @pytest.mark.parametrize("kind", ["none", "isotropic", "memory"])
 def test_every_kind_refuses_an_unknown_setting(stores, kind):
-    with pytest.raises(TipcapError, match="--setting 'bogus'"):
-        fit_gap("bogus", stores["texts"], stores["images"], kind=kind)
+    with pytest.raises(TipcapError, match=r"gap\.setting"):
+        fit_gap(GapConfig(setting="bogus", kind=kind), stores["texts"], stores["images"])
 
 
 def test_degenerate_estimate_still_gives_a_learnable_gap(tmp_path):
     texts = write_store(tmp_path / "t", "texts", CLIP_A, torch.zeros(2, 4, dtype=F64) + 0.5, [7, 7],
                         extra_files={"captions.json": ["a", "b"]})  # fmt: skip
     images = write_store(tmp_path / "i", "images", CLIP_A, torch.ones(1, 4, dtype=F64), [7])
-    gap = fit_gap("few-pairs", texts, images, kind="gaussian", learnable=True)
+    gap = fit_gap(GapConfig(setting="few-pairs", kind="gaussian", learnable=True), texts, images)
     assert bool((torch.diagonal(gap.scale_tril) > 0).all()) and torch.isfinite(gap.kl_to_prior())
 
 

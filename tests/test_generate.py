@@ -1,11 +1,16 @@
-"""Captioning images with `tipcap caption` and the Captioner: corrupt files, prompts, batching."""
+"""Captioning through the model (`TIPCap.caption`) and `tipcap caption`: the gap inside the model, images or
+embeddings, prompts, corrupt files, batching, and model directories that travel."""
 
 import json
+import shutil
+import subprocess
+import sys
 
 import torch
 from conftest import run
 
-from tipcap.generate import Captioner
+from tipcap.clip import ClipSpec
+from tipcap.model import TIPCap
 from tipcap.store import EmbeddingStore
 
 
@@ -17,6 +22,36 @@ def test_caption_folder_with_a_corrupt_image(prompt_model, image_folder):
     assert len(lines) == 6 and all(line.split("\t")[1].strip() for line in lines)
     skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 1 and "broken_000.jpg" in skipped[0] and "Traceback" not in result.output
+
+
+def test_model_captions_images_and_embeddings_as_the_command_does(prompt_model, image_folder, tmp_path):
+    _, _, model_dir = prompt_model
+    out = tmp_path / "captions.jsonl"
+    assert run("caption", image_folder, "--model", model_dir, "--out", out).exit_code == 0
+    command = [json.loads(line) for line in out.read_text().splitlines()]
+
+    model = TIPCap.from_pretrained(model_dir, device="cpu")
+    paths = sorted(image_folder.glob("img_*.jpg"))
+    from_images = model.caption(images=paths)
+    assert [(r.image, r.caption) for r in from_images] == [(c["image"], c["caption"]) for c in command]
+
+    # The same images' CLIP embeddings: the model carries them across its gap itself.
+    embeddings, readable, failures = model.embed_images(paths)
+    assert readable == list(range(6)) and not failures and embeddings.shape == (6, model.config.clip_dim)
+    from_embeddings = model.caption(embeddings=embeddings)
+    assert [r.caption for r in from_embeddings] == [r.caption for r in from_images]
+    assert all(r.image is None for r in from_embeddings)
+    # Decoding the raw image embeddings without the gap is another computation, named apart.
+    raw = model.decode_text_side(embeddings, num_beams=5)
+    assert raw != [r.caption for r in from_images]
+
+
+def test_unreadable_images_become_per_image_errors(prompt_model, image_folder):
+    _, _, model_dir = prompt_model
+    model = TIPCap.from_pretrained(model_dir, device="cpu")
+    results = model.caption(images=sorted(image_folder.iterdir()), num_beams=1)
+    assert [r.error is not None for r in results] == [True] + [False] * 6  # broken_000.jpg sorts first
+    assert results[0].caption is None and "broken_000.jpg" in results[0].error
 
 
 def test_prompt_changes_the_caption(prompt_model, image_folder, tmp_path):
@@ -35,28 +70,78 @@ def test_prompt_changes_the_caption(prompt_model, image_folder, tmp_path):
     )
 
 
-def test_auto_prompt_records_the_entities_used(prompt_model, image_folder, tmp_path):
+def test_auto_prompts_are_the_top_entities_of_the_models_vocabulary(prompt_model, image_folder):
     _, _, model_dir = prompt_model
-    out = tmp_path / "auto.jsonl"
-    assert run("caption", image_folder, "--model", model_dir, "--auto-prompt", "--out", out).exit_code == 0
-    records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 6 and all(1 <= len(r["prompt"]) <= 3 for r in records)
+    model = TIPCap.from_pretrained(model_dir, device="cpu")
+    paths = sorted(image_folder.glob("img_*.jpg"))
+    results = model.caption(images=paths, auto_prompt=True, top_k=2, num_beams=1)
+    embeddings, _, _ = model.embed_images(paths)
+    names, table = model.entity_vocabulary()
+    assert names == model.entity_names and table.shape == (len(names), model.config.clip_dim)
+    scores = (
+        torch.nn.functional.normalize(embeddings, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
+    )
+    expected = [[names[i] for i in row] for row in scores.topk(2, dim=-1).indices.tolist()]
+    assert [r.prompt for r in results] == expected
+
+
+def test_a_model_without_prompts_reports_no_prompt_words(plain_model, image_folder, caplog):
+    model = TIPCap.from_pretrained(plain_model, device="cpu")
+    paths = sorted(image_folder.glob("img_*.jpg"))
+    plain = model.caption(images=paths, num_beams=1)
+    prompted = model.caption(images=paths, prompts=["zebra"], num_beams=1)
+    assert [r.prompt for r in prompted] == [[]] * 6
+    assert [r.caption for r in prompted] == [r.caption for r in plain]
+    assert "trained without prompts" in caplog.text
 
 
 def test_batched_captions_equal_one_at_a_time(prompt_model):
     root, _, model_dir = prompt_model
-    captioner = Captioner.load(model_dir, device="cpu")
+    model = TIPCap.from_pretrained(model_dir, device="cpu")
     embeddings = EmbeddingStore.open(root / "held_out").embeddings().float()[:12]
     for beams in (1, 4):
-        batched = captioner.caption_embeddings(embeddings, num_beams=beams, batch_size=12)
-        single = [captioner.caption_embeddings(row[None], num_beams=beams)[0] for row in embeddings]
+        batched = [r.caption for r in model.caption(embeddings=embeddings, num_beams=beams, batch_size=12)]
+        single = [model.caption(embeddings=row[None], num_beams=beams)[0].caption for row in embeddings]
         assert batched == single
 
 
 def test_unknown_prompt_words_are_encoded_with_clip(prompt_model):
     root, _, model_dir = prompt_model
-    captioner = Captioner.load(model_dir, device="cpu")
+    model = TIPCap.from_pretrained(model_dir, device="cpu")
     embeddings = EmbeddingStore.open(root / "held_out").embeddings().float()[:2]
-    captions = captioner.caption_embeddings(embeddings, [["unicorn"], []], num_beams=1)
-    assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
-    assert torch.isfinite(captioner.model.prompt_embeddings([["unicorn"]], captioner._encode_texts)[0]).all()
+    results = model.caption(embeddings=embeddings, prompts=[["unicorn"], []], num_beams=1)
+    assert [r.prompt for r in results] == [["unicorn"], []] and all(r.caption for r in results)
+    known = model.caption(embeddings=embeddings[:1], prompts=[["dog"]], num_beams=1)
+    assert torch.isfinite(model.prompt_embeddings([["unicorn"]], model._encode_texts)[0]).all()
+    assert known[0].prompt == ["dog"]
+
+
+def test_a_moved_model_directory_loads_its_clip_without_the_original_files(
+    prompt_model, image_folder, tiny_clip, tmp_path
+):
+    _, _, model_dir = prompt_model
+    model = TIPCap.from_pretrained(model_dir, device="cpu")
+    paths = sorted(image_folder.glob("img_*.jpg"))
+    expected = [r.caption for r in model.caption(images=paths, num_beams=2)]
+    # Train-time CLIP config in a folder of its own, which is deleted once the model is saved.
+    source = tmp_path / "clip-source"
+    source.mkdir()
+    shutil.copyfile(tiny_clip, source / tiny_clip.name)
+    model.clip_spec = ClipSpec(str(source / tiny_clip.name), "none", 0)
+    model.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(source)
+    shutil.move(tmp_path / "saved", tmp_path / "moved")
+    document = json.loads((tmp_path / "moved" / "config.json").read_text())
+    assert document["clip"]["model"] == f"clip/{tiny_clip.name}"
+    assert str(tmp_path) not in (tmp_path / "moved" / "config.json").read_text()
+    moved = TIPCap.from_pretrained(tmp_path / "moved", device="cpu")
+    assert [r.caption for r in moved.caption(images=paths, num_beams=2)] == expected
+
+
+def test_the_package_exports_the_model_without_importing_torch():
+    code = (
+        "import sys, tipcap; assert 'torch' not in sys.modules; "
+        "from tipcap import TIPCap; print(TIPCap.__name__)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert output.stdout.strip() == "TIPCap"

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tipcap import provenance
 from tipcap.errors import TipcapError
 from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint, open_matching
 
@@ -33,7 +34,9 @@ class FakeEncoder:
 
 
 def key_for(rows, model: str = "tiny") -> dict:
-    return {"kind": "texts", "clip": {"model": model}, "inputs": fingerprint(rows)}
+    return provenance.record(
+        "text-store", {"clip": {"model": model}}, {"rows": fingerprint(rows)}, command=[]
+    )
 
 
 def build(out, rows, encoder, model="tiny", shard_size=10):
@@ -67,16 +70,16 @@ def test_single_shard_is_named_embeddings_safetensors(tmp_path):
 
 def test_matching_store_only_for_an_equal_key(tmp_path):
     rows = rows_to_embed(25)
-    assert open_matching(tmp_path / "s", key_for(rows)) is None
+    assert open_matching(tmp_path / "s", provenance.key(key_for(rows)))[0] is None
     build(tmp_path / "s", rows, FakeEncoder(rows))
-    store = open_matching(tmp_path / "s", key_for(rows))
+    store, _ = open_matching(tmp_path / "s", provenance.key(key_for(rows)))
     assert store is not None and len(store) == 25
-    assert open_matching(tmp_path / "s", key_for(rows, model="other")) is None
-    assert open_matching(tmp_path / "s", key_for(rows[:-1])) is None
+    assert open_matching(tmp_path / "s", provenance.key(key_for(rows, model="other")))[0] is None
+    assert open_matching(tmp_path / "s", provenance.key(key_for(rows[:-1])))[0] is None
     # A store written by an older format is not opened (an error) but rebuilt, like a different key.
     meta = json.loads((tmp_path / "s" / "meta.json").read_text())
     (tmp_path / "s" / "meta.json").write_text(json.dumps({**meta, "format": meta["format"] - 1}))
-    assert open_matching(tmp_path / "s", key_for(rows)) is None
+    assert open_matching(tmp_path / "s", provenance.key(key_for(rows)))[0] is None
 
 
 def test_rebuild_removes_the_earlier_store(tmp_path):
@@ -88,7 +91,7 @@ def test_rebuild_removes_the_earlier_store(tmp_path):
     assert len(other.calls) == 1
     # The three old shards are gone: nothing of the earlier store is mixed in.
     assert sorted(p.name for p in (tmp_path / "s").glob("*.safetensors")) == ["embeddings.safetensors"]
-    assert len(store) == 7 and store.key["clip"] == {"model": "other"}
+    assert len(store) == 7 and store.clip == {"model": "other"}
 
 
 def test_interrupted_build_resumes_to_the_same_store(tmp_path):
@@ -139,7 +142,8 @@ def test_skips_and_counts_are_collected(tmp_path):
             counts={"truncated": 1},
         )
 
-    store = build_store(tmp_path / "s", {"kind": "images"}, 20, encode, shard_size=10, progress=False)
+    record = provenance.record("image-store", {"clip": {}}, {}, command=[])
+    store = build_store(tmp_path / "s", record, 20, encode, shard_size=10, progress=False)
     assert len(store) == 18 and store.meta["skipped"] == 2 and store.meta["counts"] == {"truncated": 2}
     assert [s["id"] for s in json.loads((tmp_path / "s" / "skipped.json").read_text())] == [0, 10]
 

@@ -61,7 +61,7 @@ def test_tiny_model_memorises_its_captions(memorised, coco_texts):
     model = TIPCap.from_pretrained(memorised / "model")
     store = EmbeddingStore.open(coco_texts)
     rows = random.Random(0).sample(range(len(store)), 12)
-    generated = model.generate(store.gather(torch.tensor(rows)).float())
+    generated = model.decode_text_side(store.gather(torch.tensor(rows)).float())
     captions = store.captions()
     assert [normalise(g) for g in generated] == [normalise(captions[r]) for r in rows]
 
@@ -189,7 +189,7 @@ def test_projector_input_is_standardised_on_the_training_embeddings(memorised, c
 def test_trained_prompts_steer_held_out_captions(prompt_model):
     root, held_out, model_dir = prompt_model
     model = TIPCap.from_pretrained(model_dir)
-    embeddings = model.gap.to_text(EmbeddingStore.open(root / "held_out").embeddings().float())
+    embeddings = EmbeddingStore.open(root / "held_out").embeddings().float()
     truth = [animal for _, animal, _ in held_out]
     wrong = [ANIMALS[(ANIMALS.index(a) + 3) % len(ANIMALS)] for a in truth]
 
@@ -197,9 +197,13 @@ def test_trained_prompts_steer_held_out_captions(prompt_model):
         hits = [animal in caption.split() for caption, animal in zip(captions, animals, strict=True)]
         return sum(hits) / len(hits)
 
-    unprompted = share(model.generate(embeddings), truth)
-    prompted = share(model.generate(embeddings, [[a] for a in truth]), truth)
-    steered = share(model.generate(embeddings, [[a] for a in wrong]), wrong)
+    def captions(prompts: list[list[str]] | None) -> list[str]:
+        results = model.caption(embeddings=embeddings, prompts=prompts, num_beams=1)
+        return [result.caption for result in results]
+
+    unprompted = share(captions(None), truth)
+    prompted = share(captions([[a] for a in truth]), truth)
+    steered = share(captions([[a] for a in wrong]), wrong)
     # The noisy gap leaves the embedding weakly informative, so the prompt must carry the animal.
     assert prompted >= 0.85 and prompted >= unprompted + 0.3, (prompted, unprompted)
     assert steered >= 0.7, steered

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tipcap import provenance
-from tipcap.config import CAPDEC_SIGMA2, SETTINGS, GapConfig, to_dict
+from tipcap.config import CAPDEC_SIGMA2, SETTINGS, GapConfig, from_dict, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap.estimate import (
     GapEstimate,
@@ -98,6 +98,7 @@ def fit_gap(
     caption embeddings (a seeded random subset of ``memory_size`` rows when given) as its memory; the
     Gaussian kinds take μ and Σ from the setting's estimator.
     """
+    config = from_dict(GapConfig, to_dict(config), "gap")  # a config built in code is checked too
     kind, setting = config.kind, config.setting
     _check_stores(texts, images)
     dim = texts.dim
