@@ -11,7 +11,7 @@ from conftest import run
 
 import tipcap.experiments
 from tipcap.config import load_config
-from tipcap.data.files import load_json
+from tipcap.io import load_json
 from tipcap.toyclip import train_toyclip
 
 DECODER = {

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
-from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
+from tipcap.io import atomic_path
 
 
 @dataclass

@@ -52,12 +52,12 @@ from tipcap.config import (
     to_dict,
 )
 from tipcap.data import list_images
-from tipcap.data.files import atomic_path, load_json, write_json_atomic
 from tipcap.data.karpathy import split_matches
 from tipcap.embed import embed_images, embed_texts
 from tipcap.errors import TipcapError
 from tipcap.evaluate import METRICS
 from tipcap.gap import KINDS, SETTINGS, fit_gap, join_pairs, plot_gap
+from tipcap.io import atomic_path, load_json, write_json_atomic
 from tipcap.protocol import evaluate_split
 from tipcap.store import EmbeddingStore
 from tipcap.train import train

@@ -24,9 +24,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from tipcap import __version__
 from tipcap.config import ModelConfig, from_dict, to_dict
-from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
+from tipcap.io import atomic_path
 from tipcap.prompts import (
     PROMPT_TEMPLATES,
     PromptInteraction,

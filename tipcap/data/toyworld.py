@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from tipcap.data.files import atomic_path
+from tipcap.io import atomic_path
 
 COLOURS = {
     "red": (220, 40, 40),

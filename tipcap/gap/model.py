@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
+from tipcap.io import atomic_path
 
 KINDS = ("none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory")
 CAPDEC_SIGMA2 = 0.016

@@ -8,9 +8,9 @@ from typing import Any
 
 import torch
 
-from tipcap.data.files import atomic_path
 from tipcap.gap.estimate import Pairs
 from tipcap.gap.model import CAPDEC_SIGMA2, Gap
+from tipcap.io import atomic_path
 
 
 def effective_rank(eigenvalues: torch.Tensor) -> float:
