@@ -12,7 +12,7 @@ from conftest import run
 import tipcap.experiments
 from tipcap.config import load_config
 from tipcap.io import load_json
-from tipcap.toyclip import train_toyclip
+from tipcap.toy.clip import train_toyclip
 
 DECODER = {
     "model": {
@@ -127,14 +127,14 @@ def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
         Path(out).mkdir(parents=True)
         (Path(out) / "toyclip.safetensors").write_bytes(b"")
 
-    monkeypatch.setattr("tipcap.data.toyworld.write_toyworld", fake_world)
-    monkeypatch.setattr("tipcap.toyclip.train_toyclip", fake_clip)
+    monkeypatch.setattr("tipcap.toy.world.write_toyworld", fake_world)
+    monkeypatch.setattr("tipcap.toy.clip.train_toyclip", fake_clip)
     first = tipcap.experiments.demo_world(tmp_path, quick=True)
     assert tipcap.experiments.demo_world(tmp_path, quick=True) == first and made == ["world", "clip"]
-    monkeypatch.setattr("tipcap.toyclip.TRAINING_VERSION", -1)
+    monkeypatch.setattr("tipcap.toy.clip.TRAINING_VERSION", -1)
     retrained = tipcap.experiments.demo_world(tmp_path, quick=True)
     assert retrained[0] == first[0] and retrained[1] != first[1] and made[2:] == ["clip"]
-    monkeypatch.setattr("tipcap.data.toyworld.GENERATOR_VERSION", -1)
+    monkeypatch.setattr("tipcap.toy.world.GENERATOR_VERSION", -1)
     regenerated = tipcap.experiments.demo_world(tmp_path, quick=True)
     assert regenerated[0] != first[0] and made[3:] == ["world", "clip"]
 

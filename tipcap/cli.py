@@ -588,7 +588,7 @@ def toyworld_command(
     web_mismatch: float,
 ) -> None:
     """Write the toy world of coloured shapes: images, a Karpathy split file and web pairs."""
-    from tipcap.data.toyworld import write_toyworld
+    from tipcap.toy.world import write_toyworld
 
     karpathy = write_toyworld(
         out, seed=seed, train=train_images, val=val_images, test=test_images, image_size=image_size,

@@ -60,6 +60,7 @@ from tipcap.gap import KINDS, SETTINGS, fit_gap, join_pairs, plot_gap
 from tipcap.io import atomic_path, load_json, write_json_atomic
 from tipcap.protocol import evaluate_split
 from tipcap.store import EmbeddingStore
+from tipcap.toy.scoring import object_f1, scene_objects
 from tipcap.train import train
 
 METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIPScore", "object_f1")
@@ -227,18 +228,6 @@ def load_ablation(path: str | Path, overrides: list[str] | None = None) -> Ablat
     )  # a bad decoder fails now, not later
     _validate(config, path)
     return config
-
-
-def _objects(karpathy: Path) -> dict[Any, list[str]]:
-    """Ground-truth (colour, shape) names per image id, where the file records its scenes' objects."""
-    from tipcap.data.karpathy import image_id_of
-
-    document = load_json(karpathy)
-    return {
-        image_id_of(entry): [f"{o['colour']} {o['shape']}" for o in entry["objects"]]
-        for entry in document["images"]
-        if "objects" in entry
-    }
 
 
 class Ablation:
@@ -439,12 +428,10 @@ class Ablation:
     def eval_objects(self) -> dict[Any, list[str]]:
         """Ground-truth object names per evaluation image id (toy-world files only; read once)."""
         if self._eval_objects is None:
-            self._eval_objects = _objects(self.eval_karpathy)
+            self._eval_objects = scene_objects(self.eval_karpathy)
         return self._eval_objects
 
     def _row(self, job: Job, seed: int | None, eval_prompt: str, out: Path) -> dict[str, Any]:
-        from tipcap.data.toyworld import object_f1
-
         cell = job.cell
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["metrics"]
         per_image = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
@@ -701,7 +688,7 @@ class DemoScale:
 
 def demo_scale(quick: bool) -> DemoScale:
     """The full demo, or the reduced one (``--quick``) that finishes in a few minutes on a laptop CPU."""
-    from tipcap.toyclip import TOYCLIP_CONFIG
+    from tipcap.toy.clip import TOYCLIP_CONFIG
 
     if not quick:
         return DemoScale(20_000, 500, 500, 1_200, 64, TOYCLIP_CONFIG, "toyworld.yaml")
@@ -724,8 +711,8 @@ def demo_world(
     """
     import hashlib
 
-    from tipcap.data.toyworld import GENERATOR_VERSION, write_toyworld
-    from tipcap.toyclip import TRAINING_VERSION, train_toyclip
+    from tipcap.toy.clip import TRAINING_VERSION, train_toyclip
+    from tipcap.toy.world import GENERATOR_VERSION, write_toyworld
 
     echo = echo or (lambda message: None)
 
