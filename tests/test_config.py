@@ -8,7 +8,7 @@ import yaml
 
 from tipcap.config import ExperimentConfig, load_config, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.experiments import CELL_KINDS, expand, load_ablation
+from tipcap.grid import CELL_KINDS, expand, load_ablation
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml"))

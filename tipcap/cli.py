@@ -615,7 +615,7 @@ def ablate_command(
     config_path: str, out: str, overrides: tuple[str, ...], plan: bool, no_progress: bool
 ) -> None:
     """Run a grid of settings x methods x prompts x seeds; rerunning finishes only the missing cells."""
-    from tipcap.experiments import Ablation, load_ablation
+    from tipcap.grid import Ablation, load_ablation
 
     ablation = Ablation(
         load_ablation(config_path, list(overrides)),
@@ -650,7 +650,7 @@ def ablate_command(
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def demo_command(quick: bool, seed: int, out: str, cache: str, no_progress: bool) -> None:
     """Run the whole pipeline offline on the toy world and print the table of methods."""
-    from tipcap.experiments import run_demo
+    from tipcap.demo import run_demo
 
     echo_stage = functools.partial(click.echo, err=True)
     run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress, echo=echo_stage)

@@ -1,0 +1,192 @@
+"""An ablation grid's config: its data, CLIP, decoder and cells, expanded into jobs and checked key by key.
+
+Cells:
+
+- a gap kind (``none``, ``isotropic``, ``mean-shift``, ``cov-noise``, ``gaussian``, ``memory``) fitted in a
+  data setting: ``few-pairs`` (a seeded subset of the paired training images: a count or a percentage, or a
+  list of them to sweep), ``web-pairs`` (a JSONL of web image-caption pairs), ``unpaired`` (the captions of
+  one seeded half of the training images and the images of the other half, so that no image meets its own
+  captions) or ``text-only``; a decoder is trained on the training captions with that gap, with
+  ``prompt: none | pim | hard``;
+- ``supervised``: a decoder trained on image embeddings, of all paired training images (the upper bound) or,
+  with ``setting: few-pairs``, of the few-pairs subset only;
+- ``retrieval`` and ``template``: the non-neural baselines (no training, evaluated once).
+
+Evaluation images and references come from ``karpathy`` (in-domain) or ``eval_karpathy`` (cross-domain, e.g.
+decoders trained on COCO captions and evaluated on Flickr30k images).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tipcap.config import ExperimentConfig, apply_overrides, from_dict, read_yaml_mapping
+from tipcap.errors import TipcapError
+from tipcap.evaluate import METRICS
+from tipcap.gap import KINDS, SETTINGS
+
+BASELINES = ("retrieval", "template")
+"""Cell kinds without a trained decoder."""
+CELL_KINDS = (*KINDS, "supervised", *BASELINES)
+_PERCENT = re.compile(r"\d+(\.\d+)?%")
+_NAME = re.compile(r"[\w.+-]+")
+
+
+@dataclass
+class Cell:
+    """One method: a gap kind fitted in a setting (or ``supervised``, or a baseline), with prompts or not.
+
+    ``few_pairs`` overrides the grid's value for this cell (``few-pairs`` cells only).
+    """
+
+    name: str
+    kind: str = "gaussian"
+    setting: str = "text-only"
+    prompt: Literal["none", "pim", "hard"] = "none"
+    eval_prompts: list[Literal["none", "auto", "oracle"]] = field(default_factory=lambda: ["none"])
+    few_pairs: int | str | list[int | str] | None = None
+
+
+@dataclass
+class AblationConfig:
+    """A grid: decoders trained on one data set (a Karpathy file whose images lie under ``image_root``).
+
+    ``few_pairs`` is a number of paired training images, a percentage of them (``"1%"``), or a list of
+    such values to sweep (each few-pairs cell then runs once per value). ``data_seed`` draws the few-pairs
+    subset and the unpaired halves. ``eval_karpathy``/``eval_image_root`` evaluate on another data set.
+    ``store_dir`` keeps the embedding stores elsewhere than ``OUT/stores``, so that grids over the same data
+    and CLIP share them (a store whose CLIP or inputs differ is rebuilt, never mixed).
+    """
+
+    karpathy: str = ""
+    image_root: str | None = None
+    web_pairs: str | None = None
+    web_image_root: str | None = None
+    eval_karpathy: str | None = None
+    eval_image_root: str | None = None
+    vocabulary: str | None = None
+    clip_model: str = ""
+    clip_pretrained: str = "none"
+    few_pairs: int | str | list[int | str] = 200
+    data_seed: int = 0
+    eval_split: str = "test"
+    beams: int = 1
+    metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge", "cider"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    decoder: dict[str, Any] = field(default_factory=dict)
+    cells: list[Cell] = field(default_factory=list)
+    store_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A cell at one few-pairs value: ``suffix`` (``""``, or ``"-1pct"`` in a sweep) tells its files apart."""
+
+    cell: Cell
+    few_pairs: str | None = None
+    suffix: str = ""
+
+    @property
+    def name(self) -> str:
+        """The cell's name in files and results (its configured name plus the sweep value)."""
+        return self.cell.name + self.suffix
+
+    @property
+    def trained(self) -> bool:
+        """Whether the cell trains a decoder (per seed)."""
+        return self.cell.kind not in BASELINES
+
+
+def _check_few_pairs(value: Any, key: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise TipcapError(f"config key '{key}': an empty list sweeps nothing.")
+    for item in values:
+        if isinstance(item, int) and item > 0:
+            continue
+        if isinstance(item, str) and _PERCENT.fullmatch(item) and 0 < float(item[:-1]) <= 100:
+            continue
+        raise TipcapError(
+            f"config key '{key}': expected a number of images (200), a percentage ('1%') or a list of them, "
+            f"got {item!r}."
+        )
+
+
+def expand(config: AblationConfig) -> list[Job]:
+    """The grid's jobs: few-pairs cells once per few-pairs value of a sweep, the others once."""
+    jobs = []
+    for cell in config.cells:
+        if cell.setting != "few-pairs":
+            jobs.append(Job(cell))
+            continue
+        values = cell.few_pairs if cell.few_pairs is not None else config.few_pairs
+        if isinstance(values, list):
+            jobs.extend(Job(cell, str(v), "-" + str(v).replace("%", "pct")) for v in values)
+        else:
+            jobs.append(Job(cell, str(values)))
+    return jobs
+
+
+def _validate(config: AblationConfig, path: Path) -> None:
+    """Checks that need more than types; each error names the key."""
+    if not config.cells:
+        raise TipcapError(f"{path}: no cells to run.")
+    if not config.karpathy or not config.clip_model:
+        raise TipcapError(f"{path}: set karpathy and clip_model (in the file or with --set).")
+    _check_few_pairs(config.few_pairs, "few_pairs")
+    unknown = [m for m in config.metrics if m not in METRICS]
+    if unknown or "cider" not in config.metrics:
+        raise TipcapError(
+            f"config key 'metrics': {config.metrics} must name metrics among {', '.join(METRICS)}, "
+            "cider included (the table and the plots rank by CIDEr)."
+        )
+    for index, cell in enumerate(config.cells):
+        key = f"cells[{index}]"
+        if not _NAME.fullmatch(cell.name):
+            raise TipcapError(
+                f"config key '{key}.name': {cell.name!r} is not a plain name (letters, digits, .+-_)."
+            )
+        if cell.kind not in CELL_KINDS:
+            raise TipcapError(
+                f"config key '{key}.kind': {cell.kind!r} is not one of {', '.join(CELL_KINDS)}."
+            )
+        if cell.setting not in SETTINGS:
+            raise TipcapError(
+                f"config key '{key}.setting': {cell.setting!r} is not one of {', '.join(SETTINGS)}."
+            )
+        if cell.kind == "supervised" and cell.setting not in ("text-only", "few-pairs"):
+            raise TipcapError(
+                f"config key '{key}.setting': supervised trains on all paired images (the default) "
+                "or on the few-pairs subset (few-pairs)."
+            )
+        if cell.kind in BASELINES and (cell.prompt != "none" or cell.eval_prompts != ["none"]):
+            raise TipcapError(f"config key '{key}': {cell.kind} takes no prompt or eval_prompts.")
+        if cell.few_pairs is not None:
+            if cell.setting != "few-pairs":
+                raise TipcapError(f"config key '{key}.few_pairs': applies to few-pairs cells only.")
+            _check_few_pairs(cell.few_pairs, f"{key}.few_pairs")
+        if cell.setting == "web-pairs" and not config.web_pairs:
+            raise TipcapError(f"config key '{key}': a web-pairs cell needs web_pairs (a JSONL of pairs).")
+    names = [job.name for job in expand(config)]
+    for name in names:
+        if names.count(name) > 1:
+            raise TipcapError(
+                f"{path}: cell name {name!r} is used twice; results would overwrite each other."
+            )
+
+
+def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
+    """Read an ablation YAML, apply ``key=value`` overrides, and validate it like experiment configs."""
+    path = Path(path)
+    data = read_yaml_mapping(
+        path, f"{path}: no such ablation config.", "a mapping of ablation settings and cells"
+    )
+    config = from_dict(AblationConfig, apply_overrides(data, overrides or []))
+    from_dict(
+        ExperimentConfig, {**config.decoder, "data": {}}, "decoder"
+    )  # a bad decoder fails now, not later
+    _validate(config, path)
+    return config
