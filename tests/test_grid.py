@@ -177,6 +177,26 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     )
 
 
+def test_oracle_prompts_need_the_objects_of_the_evaluation_images(
+    prepared_coco, coco_tree, tiny_clip, tmp_path
+):
+    """COCO records no scene objects, so oracle prompts would be silently empty: the grid is refused before
+    any store is built or decoder trained, naming the cell's key and the file."""
+    cells = [
+        {"name": "isotropic", "kind": "isotropic"},
+        {"name": "oracle", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["none", "oracle"]},
+    ]
+    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, []), f"cells={json.dumps(cells)}"]
+    flags = [x for o in overrides for x in ("--set", o)]
+    out = tmp_path / "grid"
+    for plan in ([], ["--plan"]):
+        result = run("ablate", COCO_GRID, "--out", out, "--no-progress", *plan, *flags)
+        assert result.exit_code == 1, result.output
+        assert "config key 'cells[1].eval_prompts'" in result.stderr
+        assert str(prepared_coco / "dataset.json") in result.stderr
+        assert not out.exists()
+
+
 def test_plan_for_torchrun_then_reuse_the_models(prepared_coco, coco_tree, tiny_clip, tmp_path, monkeypatch):
     """--plan writes each cell's training command; a model trained by it outside the runner is reused."""
     out = tmp_path / "grid"

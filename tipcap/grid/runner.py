@@ -23,7 +23,7 @@ from typing import Any
 from tipcap.clip import ClipSpec
 from tipcap.config import ExperimentConfig, from_dict, save_config, to_dict
 from tipcap.data import list_images
-from tipcap.data.karpathy import split_matches
+from tipcap.data.karpathy import read_karpathy, split_matches
 from tipcap.embed import embed_images, embed_texts
 from tipcap.errors import TipcapError
 from tipcap.gap import fit_gap, join_pairs, plot_gap
@@ -258,6 +258,26 @@ class Ablation:
 
     # -- the grid -------------------------------------------------------------------------------
 
+    def _check_oracle_prompts(self) -> None:
+        """Refuse ``oracle`` evaluation prompts where an evaluation image records no objects.
+
+        The oracle's words are the image's ground-truth objects; an image without them would be prompted
+        with nothing, silently. Checked before any store is built or decoder trained.
+        """
+        asking = [index for index, cell in enumerate(self.config.cells) if "oracle" in cell.eval_prompts]
+        if not asking:
+            return
+        split = self.config.eval_split
+        images = read_karpathy(self.eval_karpathy, split)
+        missing = [image.image_id for image in images if image.image_id not in self.eval_objects()]
+        if missing:
+            raise TipcapError(
+                f"config key 'cells[{asking[0]}].eval_prompts': oracle prompts are the ground-truth objects "
+                f"of each image, but {len(missing)} of the {len(images)} {split} images of "
+                f"{self.eval_karpathy} record no 'objects' (image {missing[0]!r} first); evaluate with "
+                "none or auto prompts, or on a file that records its scenes' objects (the toy world's)."
+            )
+
     def _check_grid(self) -> None:
         """Refuse to mix results of another grid into ``out``; remember this one in ``grid.json``."""
         path = self.out / "grid.json"
@@ -284,6 +304,7 @@ class Ablation:
 
     def run(self) -> list[dict[str, Any]]:
         """Run every job × seed × evaluation prompt mode; write the CSV, the table and the plots."""
+        self._check_oracle_prompts()
         self._check_grid()
         rows = []
         for job in self.jobs:
@@ -310,6 +331,7 @@ class Ablation:
         """Build stores and gaps, write each untrained decoder's ``train.yaml`` and the command that trains
         it (under ``torchrun``) to ``train_commands.sh``; return the commands. A later :meth:`run` reuses
         the models they write."""
+        self._check_oracle_prompts()
         self._check_grid()
         commands = []
         for job in self.jobs:
