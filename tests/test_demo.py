@@ -4,9 +4,11 @@ import csv
 import json
 from pathlib import Path
 
+from click.testing import CliRunner
 from conftest import run
 
 import tipcap.demo
+from tipcap.cli import main
 
 
 def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
@@ -33,6 +35,25 @@ def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
     monkeypatch.setattr("tipcap.toy.world.GENERATOR_VERSION", -1)
     regenerated = tipcap.demo.demo_world(tmp_path, quick=True)
     assert regenerated[0] != first[0] and made[3:] == ["world", "clip"]
+
+
+def test_cache_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
+    """--cache defaults to $XDG_CACHE_HOME/tipcap, else (unset, empty or relative, which the XDG spec says
+    to ignore) to ~/.cache/tipcap; read when the command runs, not when the module is imported."""
+    caches = []
+
+    def fake_demo(out, cache, **kwargs):
+        caches.append(Path(cache))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "table.md").write_text("")
+
+    monkeypatch.setattr("tipcap.demo.run_demo", fake_demo)
+    home = tmp_path / "home"
+    for xdg in (str(tmp_path / "xdg"), None, "", "relative"):
+        env = {"XDG_CACHE_HOME": xdg, "HOME": str(home)}
+        result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out")], env=env)
+        assert result.exit_code == 0, result.output
+    assert caches == [tmp_path / "xdg" / "tipcap", *[home / ".cache" / "tipcap"] * 3]
 
 
 def test_quick_demo_end_to_end(tmp_path):

@@ -17,6 +17,7 @@ import click
 from tipcap import __version__
 from tipcap.data.captions import PERIOD_POLICIES
 from tipcap.data.karpathy import SPLITS
+from tipcap.demo import default_cache_dir
 from tipcap.errors import TipcapError
 
 
@@ -642,8 +643,9 @@ def ablate_command(
 )
 @click.option(
     "--cache",
-    default=str(Path("~/.cache/tipcap").expanduser()),
-    show_default=True,
+    # A function, so that the environment of each run counts rather than that of the import.
+    default=lambda: str(default_cache_dir()),
+    show_default="$XDG_CACHE_HOME/tipcap, else ~/.cache/tipcap",
     type=click.Path(file_okay=False),
     help="Where the toy world, its CLIP and their embedding stores are kept for reruns.",
 )

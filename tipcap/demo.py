@@ -7,10 +7,20 @@ that use them: this module itself stays import-light (no torch).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+def default_cache_dir() -> Path:
+    """Where the demo keeps its world, CLIP and stores: ``$XDG_CACHE_HOME/tipcap``, else ``~/.cache/tipcap``.
+
+    An empty or relative ``XDG_CACHE_HOME`` is ignored, as the XDG base-directory spec asks.
+    """
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", ""))
+    return (xdg if xdg.is_absolute() else Path("~/.cache").expanduser()) / "tipcap"
 
 
 @dataclass(frozen=True)
