@@ -143,7 +143,7 @@ def write_coco_tree(
     The entries at positions ``missing`` get no file and those at ``corrupt`` a truncated one. Returns the
     relative paths of both kinds.
     """
-    from tipcap.data.files import load_json
+    from tipcap.io import load_json
 
     entries = load_json(karpathy)["images"]
     paths = {"missing": [], "corrupt": []}

@@ -8,7 +8,7 @@ import yaml
 
 from tipcap.config import ExperimentConfig, load_config, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.experiments import CELL_KINDS, expand, load_ablation
+from tipcap.grid import CELL_KINDS, expand, load_ablation
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml"))
@@ -78,7 +78,8 @@ def test_mistakes_name_the_key(override, message):
     ("override", "message"),
     [
         ("seedz=[1]", "config key 'seedz' is unknown"),
-        ("beams=wide", "config key 'beams': expected int"),
+        ("eval.beams=wide", "config key 'eval.beams': input should be a valid integer"),
+        ("eval.beams=0", "config key 'eval.beams': input should be greater than or equal to 1"),
         ("seeds=[0, x]", "config key 'seeds[1]': expected int"),
         ("decoder.train.lr=fast", "config key 'decoder.train.lr': expected float"),
         ("few_pairs=lots", "config key 'few_pairs': expected a number of images"),
@@ -103,8 +104,9 @@ def test_mistakes_name_the_key(override, message):
         ("cells=[{name: a/b}]", "config key 'cells[0].name': 'a/b' is not a plain name"),
         ("cells=[{name: a}, {name: a}]", "cell name 'a' is used twice"),
         ("cells=[]", "no cells to run"),
-        ("metrics=[bleu]", "config key 'metrics': ['bleu'] must name metrics among"),
-        ("metrics=[cider, wer]", "config key 'metrics'"),
+        ("eval.metrics=[bleu]", "config key 'eval.metrics': ['bleu'] must include cider"),
+        ("eval.metrics=[cider, wer]", "config key 'eval.metrics[1]'"),
+        ("cells=[{name: a, set: {gap.sigma2: -1}}]", "config key 'cells[0].set: gap.sigma2'"),
         ("web_pairs=null", "config key 'cells[10]': a web-pairs cell needs web_pairs"),
     ],
 )

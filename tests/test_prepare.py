@@ -6,10 +6,10 @@ import pytest
 from conftest import COCO_260, run, write_coco_tree
 from PIL import Image
 
-from tipcap.data.files import load_json
 from tipcap.data.prepare import prepare_dataset
 from tipcap.errors import TipcapError
 from tipcap.evaluate import load_references
+from tipcap.io import load_json
 
 
 def test_prepare_coco_reports_problems_and_writes_files(coco_tree, prepared_coco, tiny_clip, tmp_path):

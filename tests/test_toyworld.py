@@ -5,7 +5,8 @@ import json
 from conftest import run
 
 from tipcap.data import list_images, load_image, read_captions
-from tipcap.data.toyworld import GENERATOR_VERSION, caption_objects, object_f1
+from tipcap.toy.scoring import object_f1
+from tipcap.toy.world import GENERATOR_VERSION, caption_objects
 
 
 def make_world(path, seed=0):
@@ -65,7 +66,7 @@ def test_web_pairs_hold_a_share_of_mismatched_captions(tmp_path):
 
 def test_toy_clip_trains_saves_and_loads_like_any_clip(tmp_path, tiny_clip):
     from tipcap.clip import ClipEncoder
-    from tipcap.toyclip import train_toyclip
+    from tipcap.toy.clip import train_toyclip
 
     karpathy = make_world(tmp_path / "w")
     config = json.loads(tiny_clip.read_text())

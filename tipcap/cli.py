@@ -17,6 +17,7 @@ import click
 from tipcap import __version__
 from tipcap.data.captions import PERIOD_POLICIES
 from tipcap.data.karpathy import SPLITS
+from tipcap.demo import default_cache_dir
 from tipcap.errors import TipcapError
 
 
@@ -539,7 +540,7 @@ def toyworld_command(
     web_mismatch: float,
 ) -> None:
     """Write the toy world of coloured shapes: images, a Karpathy split file and web pairs."""
-    from tipcap.data.toyworld import write_toyworld
+    from tipcap.toy.world import write_toyworld
 
     karpathy = write_toyworld(
         out, seed=seed, train=train_images, val=val_images, test=test_images, image_size=image_size,
@@ -566,7 +567,7 @@ def ablate_command(
     config_path: str, out: str, overrides: tuple[str, ...], plan: bool, no_progress: bool
 ) -> None:
     """Run a grid of settings x methods x prompts x seeds; rerunning finishes only the missing cells."""
-    from tipcap.experiments import Ablation, load_ablation
+    from tipcap.grid import Ablation, load_ablation
 
     ablation = Ablation(
         load_ablation(config_path, list(overrides)),
@@ -593,15 +594,16 @@ def ablate_command(
 )
 @click.option(
     "--cache",
-    default=str(Path("~/.cache/tipcap").expanduser()),
-    show_default=True,
+    # A function, so that the environment of each run counts rather than that of the import.
+    default=lambda: str(default_cache_dir()),
+    show_default="$XDG_CACHE_HOME/tipcap, else ~/.cache/tipcap",
     type=click.Path(file_okay=False),
     help="Where the toy world, its CLIP and their embedding stores are kept for reruns.",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def demo_command(quick: bool, seed: int, out: str, cache: str, no_progress: bool) -> None:
     """Run the whole pipeline offline on the toy world and print the table of methods."""
-    from tipcap.experiments import run_demo
+    from tipcap.demo import run_demo
 
     echo_stage = functools.partial(click.echo, err=True)
     run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress, echo=echo_stage)

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from tipcap import text_tower
-from tipcap.data.files import load_json
 from tipcap.errors import TipcapError
+from tipcap.io import load_json
 from tipcap.provenance import sha256_file
 
 logger = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
-from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
+from tipcap.io import atomic_path
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 

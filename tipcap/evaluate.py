@@ -23,10 +23,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tipcap.data import files
-from tipcap.data.files import load_json
+import tipcap.io
 from tipcap.data.karpathy import ImageId, check_split, is_karpathy, parse_karpathy
 from tipcap.errors import TipcapError
+from tipcap.io import load_json
 
 log = logging.getLogger("tipcap.evaluate")
 
@@ -508,7 +508,7 @@ def _finite(value: Any) -> Any:
 
 def write_json_atomic(path: str | Path, document: Any) -> None:
     """Write a result document atomically, non-finite numbers (a metric that could not run) as null."""
-    files.write_json_atomic(Path(path), _finite(document))
+    tipcap.io.write_json_atomic(Path(path), _finite(document))
 
 
 def metrics_document(

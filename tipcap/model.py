@@ -35,9 +35,9 @@ from tipcap import __version__
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import ModelConfig, from_dict, to_dict
 from tipcap.data import ImageError, load_image
-from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
+from tipcap.io import atomic_path
 from tipcap.prompts import (
     PROMPT_TEMPLATES,
     PromptInteraction,

@@ -101,7 +101,7 @@ class EntityVocabulary:
         """
         path = default_vocabulary_path() if path is None else Path(path)
         # Imported here: the data package pulls in more than this module needs at import time.
-        from tipcap.data.files import load_json
+        from tipcap.io import load_json
 
         doc = load_json(path)
         entries = doc.get("entities") if isinstance(doc, dict) else None

@@ -126,6 +126,7 @@ def evaluate_split(
     clip: ClipSpec | None = None,
     oracle_prompts: dict[Any, list[str]] | None = None,
     vocabulary: str | Path | None = None,
+    context: dict[str, Any] | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Caption the images of a Karpathy split with ``method``, score them, and write the result files.
@@ -143,6 +144,8 @@ def evaluate_split(
         texts: caption store to retrieve from (``retrieval``).
         clip: the CLIP to use; default: the model's, else the caption store's.
         vocabulary: entity vocabulary JSON of ``template`` (default: the packaged COCO vocabulary).
+        context: what else determined the evaluation (a grid cell's resolved stages), recorded in
+            ``provenance.json``.
 
     Returns:
         The metrics document written to ``metrics.json``.
@@ -230,5 +233,7 @@ def evaluate_split(
     if caption_store is not None:
         inputs["texts"] = caption_store.digest
     settings = {"eval": to_dict(config), "method": method, "split": split, "clip": spec.identity()}
+    if context is not None:
+        settings["context"] = context
     provenance.write(out, provenance.record("evaluation", settings, inputs))
     return document

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tipcap import __version__
-from tipcap.data.files import write_json_atomic
+from tipcap.io import write_json_atomic
 
 FILE_NAME = "provenance.json"
 KEY_FIELDS = ("artifact", "config", "inputs")

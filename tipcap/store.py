@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from tipcap import __version__, provenance
-from tipcap.data.files import atomic_path, write_json_atomic
 from tipcap.errors import TipcapError
+from tipcap.io import atomic_path, write_json_atomic
 from tipcap.provenance import sha256_json
 
 STORE_FORMAT = 3

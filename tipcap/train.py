@@ -39,8 +39,8 @@ from transformers import get_scheduler
 
 from tipcap import provenance
 from tipcap.config import ExperimentConfig, save_config, to_dict
-from tipcap.data.files import write_json_atomic
 from tipcap.errors import TipcapError
+from tipcap.io import write_json_atomic
 from tipcap.prompts import sample_training_prompt
 from tipcap.training_data import collate, epoch_batches
 from tipcap.training_setup import TrainingSetup, build_training

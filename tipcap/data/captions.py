@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tipcap.data.files import iter_jsonl, load_json, read_lines
 from tipcap.data.karpathy import ImageId, is_karpathy, parse_karpathy
 from tipcap.errors import TipcapError
+from tipcap.io import iter_jsonl, load_json, read_lines
 
 PeriodPolicy = Literal["keep", "strip", "add"]
 PERIOD_POLICIES: tuple[str, ...] = ("keep", "strip", "add")

@@ -9,9 +9,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from tipcap.data.captions import detect_format
-from tipcap.data.files import iter_jsonl, load_json
 from tipcap.data.karpathy import ImageId, is_karpathy, parse_karpathy
 from tipcap.errors import TipcapError
+from tipcap.io import iter_jsonl, load_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

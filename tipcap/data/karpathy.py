@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tipcap.data.files import load_json
 from tipcap.errors import TipcapError
+from tipcap.io import load_json
 
 ImageId = int | str
 

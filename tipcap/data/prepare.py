@@ -31,10 +31,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tipcap import __version__
-from tipcap.data.files import load_json, write_json_atomic
 from tipcap.data.images import IMAGE_SUFFIXES, ImageError, load_image
 from tipcap.data.karpathy import ImageId, is_karpathy, parse_karpathy, split_matches
 from tipcap.errors import TipcapError
+from tipcap.io import load_json, write_json_atomic
 
 DATASETS = ("coco", "flickr30k")
 SPLIT_NAMES = ("train", "val", "test")

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tipcap.config import GAP_KINDS
-from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
+from tipcap.io import atomic_path
 
 KINDS = GAP_KINDS
 GAP_FORMAT = "tipcap-gap"

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from tipcap.config import CAPDEC_SIGMA2
-from tipcap.data.files import atomic_path
 from tipcap.gap.estimate import Pairs
 from tipcap.gap.model import Gap
+from tipcap.io import atomic_path
 
 
 def effective_rank(eigenvalues: torch.Tensor) -> float:

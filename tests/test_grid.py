@@ -1,4 +1,4 @@
-"""`tipcap ablate`: a small grid on a tiny toy world, its result files, and finishing only missing cells."""
+"""`tipcap ablate`: a small grid on a tiny toy world and reduced COCO grids, their result files, resuming."""
 
 import csv
 import json
@@ -9,10 +9,11 @@ import pytest
 import yaml
 from conftest import run
 
-import tipcap.experiments
+import tipcap.grid.runner
 from tipcap.config import load_config
-from tipcap.data.files import load_json
-from tipcap.toyclip import train_toyclip
+from tipcap.gap import Gap
+from tipcap.io import load_json
+from tipcap.toy.clip import train_toyclip
 
 DECODER = {
     "model": {
@@ -62,8 +63,8 @@ def grid(tmp_path_factory, tiny_clip):
     world = root / "world"
     config = {"few_pairs": 20, "seeds": [0], "decoder": DECODER, "cells": CELLS,
               "karpathy": str(world / "toyworld.json"), "web_pairs": str(world / "web_pairs.jsonl"),
-              "vocabulary": str(world / "entities.json"), "clip_model": spec.model,
-              "clip_pretrained": spec.pretrained}  # fmt: skip
+              "vocabulary": str(world / "entities.json"),
+              "embed": {"model": spec.model, "pretrained": spec.pretrained}}  # fmt: skip
     (root / "grid.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -71,7 +72,7 @@ def grid(tmp_path_factory, tiny_clip):
 def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     out = grid / "ablation"
     calls = {"train": 0, "evaluate": 0}
-    real_train, real_evaluate = tipcap.experiments.train, tipcap.experiments.evaluate_split
+    real_train, real_evaluate = tipcap.grid.runner.train, tipcap.grid.runner.evaluate_split
 
     def counting_train(*args, **kwargs):
         calls["train"] += 1
@@ -83,8 +84,8 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(tipcap.experiments, "train", counting_train)
-    monkeypatch.setattr(tipcap.experiments, "evaluate_split", dying_evaluate)
+    monkeypatch.setattr(tipcap.grid.runner, "train", counting_train)
+    monkeypatch.setattr(tipcap.grid.runner, "evaluate_split", dying_evaluate)
     result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress")
     assert (
         result.exit_code != 0 and calls["train"] == 3
@@ -92,7 +93,7 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 2
 
     calls.update(train=0, evaluate=0)
-    monkeypatch.setattr(tipcap.experiments, "evaluate_split", real_evaluate)
+    monkeypatch.setattr(tipcap.grid.runner, "evaluate_split", real_evaluate)
     result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     assert calls["train"] == 1  # only the prompt cell was still untrained
@@ -108,71 +109,46 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     assert (out / "gaps" / "gaussian-few-pairs.png").is_file()
 
 
+def test_cells_override_gap_and_evaluation_settings(grid, tmp_path):
+    overrides = {"gap.renorm": False, "gap.shrinkage": False, "eval.beams": 3}
+    cells = [{"name": "plain", "kind": "gaussian", "setting": "few-pairs"},
+             {"name": "tuned", "kind": "gaussian", "setting": "few-pairs", "set": overrides}]  # fmt: skip
+    result = run("ablate", grid / "grid.yaml", "--out", tmp_path / "out", "--no-progress",
+                 "--set", f"cells={json.dumps(cells)}")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    records = {
+        name: json.loads((tmp_path / "out" / "eval" / f"{name}-seed0-none" / "provenance.json").read_text())
+        for name in ("plain", "tuned")
+    }
+    plain, tuned = (records[name]["config"] for name in ("plain", "tuned"))
+    assert plain["eval"]["beams"] == 1 and tuned["eval"]["beams"] == 3
+    assert plain["context"]["gap"]["renorm"] and plain["context"]["gap"]["shrinkage"]
+    assert not tuned["context"]["gap"]["renorm"] and not tuned["context"]["gap"]["shrinkage"]
+    # The tuned cell fitted a gap of its own, with the values it asked for.
+    gaps = {path.name for path in (tmp_path / "out" / "gaps").glob("*.safetensors")}
+    assert gaps == {"gaussian-few-pairs.safetensors", "tuned.safetensors"}
+    tuned_gap = Gap.load(tmp_path / "out" / "gaps" / "tuned.safetensors")
+    assert not tuned_gap.renorm and tuned_gap.provenance["config"]["shrinkage"] is False
+    assert not tuned_gap.info.get("shrinkage")
+
+
+def test_a_cell_override_is_checked_before_anything_runs(grid, tmp_path):
+    cells = [{"name": "bad", "kind": "gaussian", "set": {"eval.beams": 0}}]
+    result = run(
+        "ablate", grid / "grid.yaml", "--out", tmp_path / "out", "--set", f"cells={json.dumps(cells)}"
+    )
+    assert result.exit_code == 1 and "cells[0].set: eval.beams" in result.stderr, result.output
+    assert not (tmp_path / "out").exists()
+    cells = [{"name": "bad", "kind": "gaussian", "set": {"embed.precision": "bf16"}}]
+    result = run(
+        "ablate", grid / "grid.yaml", "--out", tmp_path / "out", "--set", f"cells={json.dumps(cells)}"
+    )
+    assert result.exit_code == 1 and "config key 'cells[0].set.embed.precision'" in result.stderr
+
+
 def test_bad_ablation_config_names_the_key(grid, tmp_path):
     result = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "seedz=[1]")
     assert result.exit_code == 1 and "config key 'seedz' is unknown" in result.stderr
-
-
-def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
-    """A world or CLIP made by another version of the generator or the trainer is not reused."""
-    made = []
-
-    def fake_world(out, **kwargs):
-        made.append("world")
-        Path(out).mkdir(parents=True)
-        (Path(out) / "toyworld.json").write_text("{}")
-
-    def fake_clip(karpathy, out, **kwargs):
-        made.append("clip")
-        Path(out).mkdir(parents=True)
-        (Path(out) / "toyclip.safetensors").write_bytes(b"")
-
-    monkeypatch.setattr("tipcap.data.toyworld.write_toyworld", fake_world)
-    monkeypatch.setattr("tipcap.toyclip.train_toyclip", fake_clip)
-    first = tipcap.experiments.demo_world(tmp_path, quick=True)
-    assert tipcap.experiments.demo_world(tmp_path, quick=True) == first and made == ["world", "clip"]
-    monkeypatch.setattr("tipcap.toyclip.TRAINING_VERSION", -1)
-    retrained = tipcap.experiments.demo_world(tmp_path, quick=True)
-    assert retrained[0] == first[0] and retrained[1] != first[1] and made[2:] == ["clip"]
-    monkeypatch.setattr("tipcap.data.toyworld.GENERATOR_VERSION", -1)
-    regenerated = tipcap.experiments.demo_world(tmp_path, quick=True)
-    assert regenerated[0] != first[0] and made[3:] == ["world", "clip"]
-
-
-def test_quick_demo_end_to_end(tmp_path):
-    """The reduced demo from an empty cache: world, CLIP, five methods; a rerun reuses everything."""
-    out = tmp_path / "demo"
-    result = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
-    assert result.exit_code == 0, result.output
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
-        ("supervised", "none"), ("none", "none"), ("isotropic", "none"), ("gaussian-few-pairs", "none"),
-        ("gaussian-few-pairs-prompts", "none"), ("gaussian-few-pairs-prompts", "oracle"),
-    ]  # fmt: skip
-    for row in rows:
-        assert 0.0 <= float(row["object_f1"]) <= 1.0 and 0.0 <= float(row["CLIPScore"]) <= 2.5, row
-        assert 0.2 <= float(row["CIDEr"]) < 10 and 0.05 < float(row["BLEU-4"]) < 1, row
-    cider = {r["cell"]: float(r["CIDEr"]) for r in rows if r["eval_prompt"] == "none"}
-    f1 = {r["cell"]: float(r["object_f1"]) for r in rows if r["eval_prompt"] == "none"}
-    # The gap matters: the text-only decoder fed raw image embeddings falls far below the decoder trained
-    # on images, in CIDEr and in the objects it names (a random caption of the world: F1 about 0.05) ...
-    assert cider["supervised"] - cider["none"] >= 0.3, cider
-    assert f1["supervised"] >= 0.12 and f1["supervised"] - f1["none"] >= 0.05, f1
-    # ... and the Gaussian gap fitted on 50 pairs recovers at least half of the difference.
-    assert cider["gaussian-few-pairs"] - cider["none"] >= 0.5 * (cider["supervised"] - cider["none"]), cider
-    assert "| supervised | none | 1 |" in result.stdout
-    for name in ("results.csv", "table.md", "cider.png", "gap.png"):
-        assert (out / name).is_file()
-    report = json.loads(next((tmp_path / "cache").glob("toyworld-*/clip-*/toyclip_report.json")).read_text())
-    # The toy CLIP learned the world (images retrieve their captions) with a gap like real CLIP's: an
-    # image is less similar to its own caption than to other images.
-    assert report["steps"] == 400 and report["recall_at_1"] >= 0.25
-    assert report["mu_norm"] >= 0.5 and report["matched_cosine"] < report["within_modality_cosine"]
-    # A second run reuses the cached world and CLIP and every finished cell: the same table, to the digit.
-    again = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
-    assert again.exit_code == 0 and again.stdout == result.stdout
-    assert "toy world: reused" in again.stderr and "toy CLIP: reused" in again.stderr
-    assert "training into" in result.stderr and "training into" not in again.stderr
 
 
 COCO_GRID = Path(__file__).parent.parent / "experiments" / "coco" / "grid.yaml"
@@ -188,8 +164,9 @@ def coco_overrides(prepared, images, tiny_clip, cells):
     """Turn the shipped COCO grid into a CPU-sized one: tiny CLIP and decoders, the val split, one seed."""
     shipped = {cell["name"]: cell for cell in yaml.safe_load(COCO_GRID.read_text())["cells"]}
     return [
-        f"karpathy={prepared / 'dataset.json'}", f"image_root={images}", f"clip_model={tiny_clip}",
-        "clip_pretrained=none", "eval_split=val", "seeds=[0]", "beams=1", "metrics=[bleu, rouge, cider]",
+        f"karpathy={prepared / 'dataset.json'}", f"image_root={images}", f"embed.model={tiny_clip}",
+        "embed.pretrained=none", "eval_split=val", "seeds=[0]", "eval.beams=1",
+        "eval.metrics=[bleu, rouge, cider]",
         f"decoder={json.dumps(COCO_DECODER)}", f"cells={json.dumps([shipped[name] for name in cells])}",
     ]  # fmt: skip
 
@@ -239,6 +216,26 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     )
 
 
+def test_oracle_prompts_need_the_objects_of_the_evaluation_images(
+    prepared_coco, coco_tree, tiny_clip, tmp_path
+):
+    """COCO records no scene objects, so oracle prompts would be silently empty: the grid is refused before
+    any store is built or decoder trained, naming the cell's key and the file."""
+    cells = [
+        {"name": "isotropic", "kind": "isotropic"},
+        {"name": "oracle", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["none", "oracle"]},
+    ]
+    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, []), f"cells={json.dumps(cells)}"]
+    flags = [x for o in overrides for x in ("--set", o)]
+    out = tmp_path / "grid"
+    for plan in ([], ["--plan"]):
+        result = run("ablate", COCO_GRID, "--out", out, "--no-progress", *plan, *flags)
+        assert result.exit_code == 1, result.output
+        assert "config key 'cells[1].eval_prompts'" in result.stderr
+        assert str(prepared_coco / "dataset.json") in result.stderr
+        assert not out.exists()
+
+
 def test_plan_for_torchrun_then_reuse_the_models(prepared_coco, coco_tree, tiny_clip, tmp_path, monkeypatch):
     """--plan writes each cell's training command; a model trained by it outside the runner is reused."""
     out = tmp_path / "grid"
@@ -264,9 +261,9 @@ def test_plan_for_torchrun_then_reuse_the_models(prepared_coco, coco_tree, tiny_
     trained = run("train", "--config", config_path, "--out", config_path.parent, "--no-progress")
     assert trained.exit_code == 0, trained.output
     calls = []
-    real_train = tipcap.experiments.train
+    real_train = tipcap.grid.runner.train
     monkeypatch.setattr(
-        tipcap.experiments, "train", lambda *a, **k: calls.append(a[1]) or real_train(*a, **k)
+        tipcap.grid.runner, "train", lambda *a, **k: calls.append(a[1]) or real_train(*a, **k)
     )
     result = run("ablate", COCO_GRID, "--out", out, "--no-progress", *flags)
     assert result.exit_code == 0, result.output

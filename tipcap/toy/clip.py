@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
-from tipcap.data.files import atomic_path
+from tipcap.io import atomic_path
 
 # How train_toyclip trains: bump whenever a change makes the same arguments train another CLIP, so that
 # caches keyed by it (the demo's) are not reused across the change.

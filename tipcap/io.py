@@ -1,4 +1,8 @@
-"""Reading JSON, JSONL and text files (optionally gzip-compressed) with errors that name the place."""
+"""Reading JSON, JSONL and text files (optionally gzip-compressed) with errors that name the place.
+
+The ground floor of the package: it imports nothing of tipcap but its errors, so that every module,
+the lightest included, can read and write files through it without import cycles.
+"""
 
 from __future__ import annotations
 

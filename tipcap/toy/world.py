@@ -3,10 +3,8 @@
 Every real command runs on it unchanged: it is written as an image folder, a Karpathy split file (with
 train/val/test splits, and each image's objects in an extra ``objects`` field), a JSONL of web pairs in
 which a share of the captions belongs to another image, so all four data settings exist offline, and an
-entity vocabulary of its (colour, shape) objects for prompts.
-
-Because the world knows every scene, captions can also be scored against the truth: :func:`object_f1`
-compares the (colour, shape) pairs a caption names with the scene's objects.
+entity vocabulary of its (colour, shape) objects for prompts. :func:`caption_objects` reads the objects a
+caption names back out of the world's language; :mod:`tipcap.toy.scoring` scores captions with it.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from tipcap.data.files import atomic_path
+from tipcap.io import atomic_path
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -161,17 +159,6 @@ _PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(_SHAPE_FORMS
 def caption_objects(caption: str) -> set[tuple[str, str]]:
     """The (colour, shape) pairs a caption names, e.g. ``{("red", "circle")}`` (plurals made singular)."""
     return {(colour, _SHAPE_FORMS[form]) for colour, form in _PAIR.findall(caption.lower())}
-
-
-def object_f1(caption: str, objects: list[dict] | list[ShapeObject]) -> float:
-    """F1 between the (colour, shape) pairs named in a caption and those in the scene (0 when none match)."""
-    truth = {(o["colour"], o["shape"]) if isinstance(o, dict) else (o.colour, o.shape) for o in objects}
-    named = caption_objects(caption)
-    hits = len(named & truth)
-    if hits == 0:
-        return 0.0
-    precision, recall = hits / len(named), hits / len(truth)
-    return 2 * precision * recall / (precision + recall)
 
 
 def write_toyworld(

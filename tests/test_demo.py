@@ -1,0 +1,92 @@
+"""`tipcap demo`: the toy world and CLIP cached by the code that makes them, and the quick demo end to end."""
+
+import csv
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+from conftest import run
+
+import tipcap.demo
+from tipcap.cli import main
+
+
+def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
+    """A world or CLIP made by another version of the generator or the trainer is not reused."""
+    made = []
+
+    def fake_world(out, **kwargs):
+        made.append("world")
+        Path(out).mkdir(parents=True)
+        (Path(out) / "toyworld.json").write_text("{}")
+
+    def fake_clip(karpathy, out, **kwargs):
+        made.append("clip")
+        Path(out).mkdir(parents=True)
+        (Path(out) / "toyclip.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr("tipcap.toy.world.write_toyworld", fake_world)
+    monkeypatch.setattr("tipcap.toy.clip.train_toyclip", fake_clip)
+    first = tipcap.demo.demo_world(tmp_path, quick=True)
+    assert tipcap.demo.demo_world(tmp_path, quick=True) == first and made == ["world", "clip"]
+    monkeypatch.setattr("tipcap.toy.clip.TRAINING_VERSION", -1)
+    retrained = tipcap.demo.demo_world(tmp_path, quick=True)
+    assert retrained[0] == first[0] and retrained[1] != first[1] and made[2:] == ["clip"]
+    monkeypatch.setattr("tipcap.toy.world.GENERATOR_VERSION", -1)
+    regenerated = tipcap.demo.demo_world(tmp_path, quick=True)
+    assert regenerated[0] != first[0] and made[3:] == ["world", "clip"]
+
+
+def test_cache_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
+    """--cache defaults to $XDG_CACHE_HOME/tipcap, else (unset, empty or relative, which the XDG spec says
+    to ignore) to ~/.cache/tipcap; read when the command runs, not when the module is imported."""
+    caches = []
+
+    def fake_demo(out, cache, **kwargs):
+        caches.append(Path(cache))
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "table.md").write_text("")
+
+    monkeypatch.setattr("tipcap.demo.run_demo", fake_demo)
+    home = tmp_path / "home"
+    for xdg in (str(tmp_path / "xdg"), None, "", "relative"):
+        env = {"XDG_CACHE_HOME": xdg, "HOME": str(home)}
+        result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out")], env=env)
+        assert result.exit_code == 0, result.output
+    assert caches == [tmp_path / "xdg" / "tipcap", *[home / ".cache" / "tipcap"] * 3]
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    """The reduced demo from an empty cache: world, CLIP, five methods; a rerun reuses everything."""
+    out = tmp_path / "demo"
+    result = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
+        ("supervised", "none"), ("none", "none"), ("isotropic", "none"), ("gaussian-few-pairs", "none"),
+        ("gaussian-few-pairs-prompts", "none"), ("gaussian-few-pairs-prompts", "oracle"),
+    ]  # fmt: skip
+    for row in rows:
+        assert 0.0 <= float(row["object_f1"]) <= 1.0 and 0.0 <= float(row["CLIPScore"]) <= 2.5, row
+        assert 0.2 <= float(row["CIDEr"]) < 10 and 0.05 < float(row["BLEU-4"]) < 1, row
+    cider = {r["cell"]: float(r["CIDEr"]) for r in rows if r["eval_prompt"] == "none"}
+    f1 = {r["cell"]: float(r["object_f1"]) for r in rows if r["eval_prompt"] == "none"}
+    # The gap matters: the text-only decoder fed raw image embeddings falls far below the decoder trained
+    # on images, in CIDEr and in the objects it names (a random caption of the world: F1 about 0.05) ...
+    assert cider["supervised"] - cider["none"] >= 0.3, cider
+    assert f1["supervised"] >= 0.12 and f1["supervised"] - f1["none"] >= 0.05, f1
+    # ... and the Gaussian gap fitted on 50 pairs recovers at least half of the difference.
+    assert cider["gaussian-few-pairs"] - cider["none"] >= 0.5 * (cider["supervised"] - cider["none"]), cider
+    assert "| supervised | none | 1 |" in result.stdout
+    for name in ("results.csv", "table.md", "cider.png", "gap.png"):
+        assert (out / name).is_file()
+    report = json.loads(next((tmp_path / "cache").glob("toyworld-*/clip-*/toyclip_report.json")).read_text())
+    # The toy CLIP learned the world (images retrieve their captions) with a gap like real CLIP's: an
+    # image is less similar to its own caption than to other images.
+    assert report["steps"] == 400 and report["recall_at_1"] >= 0.25
+    assert report["mu_norm"] >= 0.5 and report["matched_cosine"] < report["within_modality_cosine"]
+    # A second run reuses the cached world and CLIP and every finished cell: the same table, to the digit.
+    again = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
+    assert again.exit_code == 0 and again.stdout == result.stdout
+    assert "toy world: reused" in again.stderr and "toy CLIP: reused" in again.stderr
+    assert "training into" in result.stderr and "training into" not in again.stderr

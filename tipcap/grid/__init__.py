@@ -1,0 +1,36 @@
+"""Ablations: a grid of data settings × gap kinds × prompt modes × seeds (× few-pairs shares), one protocol.
+
+:mod:`tipcap.grid.config` reads and checks a grid, :mod:`tipcap.grid.runner` runs it with every step
+cached, and :mod:`tipcap.grid.report` writes its results, table and plots.
+"""
+
+from tipcap.grid.config import BASELINES, CELL_KINDS, AblationConfig, Cell, Job, expand, load_ablation
+from tipcap.grid.report import (
+    COLUMNS,
+    METRIC_COLUMNS,
+    SETTING_COLOURS,
+    markdown_table,
+    plot_cider,
+    plot_cider_vs_pairs,
+    write_csv,
+)
+from tipcap.grid.runner import Ablation, run_ablation
+
+__all__ = [
+    "BASELINES",
+    "CELL_KINDS",
+    "COLUMNS",
+    "METRIC_COLUMNS",
+    "SETTING_COLOURS",
+    "Ablation",
+    "AblationConfig",
+    "Cell",
+    "Job",
+    "expand",
+    "load_ablation",
+    "markdown_table",
+    "plot_cider",
+    "plot_cider_vs_pairs",
+    "run_ablation",
+    "write_csv",
+]

@@ -1,0 +1,268 @@
+"""An ablation grid's config: its data, CLIP, decoder and cells, expanded into jobs and checked key by key.
+
+Cells:
+
+- a gap kind (``none``, ``isotropic``, ``mean-shift``, ``cov-noise``, ``gaussian``, ``memory``) fitted in a
+  data setting: ``few-pairs`` (a seeded subset of the paired training images: a count or a percentage, or a
+  list of them to sweep), ``web-pairs`` (a JSONL of web image-caption pairs), ``unpaired`` (the captions of
+  one seeded half of the training images and the images of the other half, so that no image meets its own
+  captions) or ``text-only``; a decoder is trained on the training captions with that gap, with
+  ``prompt: none | pim | hard``;
+- ``supervised``: a decoder trained on image embeddings, of all paired training images (the upper bound) or,
+  with ``setting: few-pairs``, of the few-pairs subset only;
+- ``retrieval`` and ``template``: the non-neural baselines (no training, evaluated once).
+
+Evaluation images and references come from ``karpathy`` (in-domain) or ``eval_karpathy`` (cross-domain, e.g.
+decoders trained on COCO captions and evaluated on Flickr30k images).
+
+The grid sets every stage of :mod:`tipcap.config` once for all cells (``embed``, ``gap``, ``decoder`` with its
+``model`` and ``train`` sections, ``eval``), and a cell may override any field of the ``gap``, ``model``,
+``train`` and ``eval`` stages by a dotted key in its ``set`` mapping, e.g. ``set: {gap.renorm: false,
+eval.beams: 3}``. :func:`resolve` gives a job's resolved stage configs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ConfigDict
+
+from tipcap.config import (
+    GAP_KINDS,
+    SETTINGS,
+    EmbedConfig,
+    EvalConfig,
+    ExperimentConfig,
+    GapConfig,
+    apply_overrides,
+    from_dict,
+    read_yaml_mapping,
+    set_dotted,
+    to_dict,
+)
+from tipcap.errors import TipcapError
+
+BASELINES = ("retrieval", "template")
+"""Cell kinds without a trained decoder."""
+CELL_KINDS = (*GAP_KINDS, "supervised", *BASELINES)
+CELL_STAGES = ("gap", "model", "train", "eval")
+"""The stages a cell's ``set`` may override (the embedding stage is the grid's: its stores are shared)."""
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+_PERCENT = re.compile(r"\d+(\.\d+)?%")
+_NAME = re.compile(r"[\w.+-]+")
+
+
+@dataclass
+class Cell:
+    """One method: a gap kind fitted in a setting (or ``supervised``, or a baseline), with prompts or not.
+
+    ``few_pairs`` overrides the grid's value for this cell (``few-pairs`` cells only); ``set`` overrides
+    fields of the gap, model, train and eval stages by dotted key (``gap.renorm: false``).
+    """
+
+    __pydantic_config__ = _STRICT
+
+    name: str
+    kind: str = "gaussian"
+    setting: str = "text-only"
+    prompt: Literal["none", "pim", "hard"] = "none"
+    eval_prompts: list[Literal["none", "auto", "oracle"]] = field(default_factory=lambda: ["none"])
+    few_pairs: int | str | list[int | str] | None = None
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AblationConfig:
+    """A grid: decoders trained on one data set (a Karpathy file whose images lie under ``image_root``).
+
+    ``few_pairs`` is a number of paired training images, a percentage of them (``"1%"``), or a list of
+    such values to sweep (each few-pairs cell then runs once per value). ``data_seed`` draws the few-pairs
+    subset and the unpaired halves. ``eval_karpathy``/``eval_image_root`` evaluate on another data set.
+    ``store_dir`` keeps the embedding stores elsewhere than ``OUT/stores``, so that grids over the same data
+    and CLIP share them (a store whose CLIP or inputs differ is rebuilt, never mixed). ``embed``, ``gap``,
+    ``decoder`` (``model`` and ``train`` sections) and ``eval`` configure those stages for every cell.
+    """
+
+    __pydantic_config__ = _STRICT
+
+    karpathy: str = ""
+    image_root: str | None = None
+    web_pairs: str | None = None
+    web_image_root: str | None = None
+    eval_karpathy: str | None = None
+    eval_image_root: str | None = None
+    vocabulary: str | None = None
+    few_pairs: int | str | list[int | str] = 200
+    data_seed: int = 0
+    eval_split: str = "test"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    gap: dict[str, Any] = field(default_factory=dict)
+    decoder: dict[str, Any] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(beams=1, metrics=["bleu", "rouge", "cider"]))
+    cells: list[Cell] = field(default_factory=list)
+    store_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    """A cell at one few-pairs value: ``suffix`` (``""``, or ``"-1pct"`` in a sweep) tells its files apart."""
+
+    cell: Cell
+    few_pairs: str | None = None
+    suffix: str = ""
+
+    @property
+    def name(self) -> str:
+        """The cell's name in files and results (its configured name plus the sweep value)."""
+        return self.cell.name + self.suffix
+
+    @property
+    def trained(self) -> bool:
+        """Whether the cell trains a decoder (per seed)."""
+        return self.cell.kind not in BASELINES
+
+
+def _check_few_pairs(value: Any, key: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise TipcapError(f"config key '{key}': an empty list sweeps nothing.")
+    for item in values:
+        if isinstance(item, int) and item > 0:
+            continue
+        if isinstance(item, str) and _PERCENT.fullmatch(item) and 0 < float(item[:-1]) <= 100:
+            continue
+        raise TipcapError(
+            f"config key '{key}': expected a number of images (200), a percentage ('1%') or a list of them, "
+            f"got {item!r}."
+        )
+
+
+def expand(config: AblationConfig) -> list[Job]:
+    """The grid's jobs: few-pairs cells once per few-pairs value of a sweep, the others once."""
+    jobs = []
+    for cell in config.cells:
+        if cell.setting != "few-pairs":
+            jobs.append(Job(cell))
+            continue
+        values = cell.few_pairs if cell.few_pairs is not None else config.few_pairs
+        if isinstance(values, list):
+            jobs.extend(Job(cell, str(v), "-" + str(v).replace("%", "pct")) for v in values)
+        else:
+            jobs.append(Job(cell, str(values)))
+    return jobs
+
+
+def _validate(config: AblationConfig, path: Path) -> None:
+    """Checks that need more than types; each error names the key."""
+    if not config.cells:
+        raise TipcapError(f"{path}: no cells to run.")
+    if not config.karpathy or not config.embed.model:
+        raise TipcapError(f"{path}: set karpathy and embed.model (in the file or with --set).")
+    _check_few_pairs(config.few_pairs, "few_pairs")
+    for index, cell in enumerate(config.cells):
+        key = f"cells[{index}]"
+        if not _NAME.fullmatch(cell.name):
+            raise TipcapError(
+                f"config key '{key}.name': {cell.name!r} is not a plain name (letters, digits, .+-_)."
+            )
+        if cell.kind not in CELL_KINDS:
+            raise TipcapError(
+                f"config key '{key}.kind': {cell.kind!r} is not one of {', '.join(CELL_KINDS)}."
+            )
+        if cell.setting not in SETTINGS:
+            raise TipcapError(
+                f"config key '{key}.setting': {cell.setting!r} is not one of {', '.join(SETTINGS)}."
+            )
+        if cell.kind == "supervised" and cell.setting not in ("text-only", "few-pairs"):
+            raise TipcapError(
+                f"config key '{key}.setting': supervised trains on all paired images (the default) "
+                "or on the few-pairs subset (few-pairs)."
+            )
+        if cell.kind in BASELINES and (cell.prompt != "none" or cell.eval_prompts != ["none"]):
+            raise TipcapError(f"config key '{key}': {cell.kind} takes no prompt or eval_prompts.")
+        if cell.few_pairs is not None:
+            if cell.setting != "few-pairs":
+                raise TipcapError(f"config key '{key}.few_pairs': applies to few-pairs cells only.")
+            _check_few_pairs(cell.few_pairs, f"{key}.few_pairs")
+        if cell.setting == "web-pairs" and not config.web_pairs:
+            raise TipcapError(f"config key '{key}': a web-pairs cell needs web_pairs (a JSONL of pairs).")
+        for dotted in cell.set:
+            if dotted.split(".")[0] not in CELL_STAGES or "." not in dotted:
+                raise TipcapError(
+                    f"config key '{key}.set.{dotted}': a cell overrides fields of the "
+                    f"{', '.join(CELL_STAGES)} stages (e.g. gap.renorm)."
+                )
+        for job in expand(config):
+            if job.cell is cell:
+                resolve(config, job, f"{key}.set")
+                break
+    names = [job.name for job in expand(config)]
+    for name in names:
+        if names.count(name) > 1:
+            raise TipcapError(
+                f"{path}: cell name {name!r} is used twice; results would overwrite each other."
+            )
+
+
+def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
+    """Read an ablation YAML, apply ``key=value`` overrides, and validate it like experiment configs."""
+    path = Path(path)
+    data = read_yaml_mapping(
+        path, f"{path}: no such ablation config.", "a mapping of ablation settings and cells"
+    )
+    config = from_dict(AblationConfig, apply_overrides(data, overrides or []))
+    _validate(config, path)
+    return config
+
+
+@dataclass
+class JobConfig:
+    """A job's resolved stages: its gap (``None`` for supervised and baseline cells), its decoder's model
+    and train sections (without data paths), and its evaluation (``eval.prompt`` set per evaluation)."""
+
+    gap: GapConfig | None
+    decoder: dict[str, Any]
+    eval: EvalConfig
+    overrides_gap: bool
+
+    def record(self) -> dict[str, Any]:
+        """The resolved values, as a cell's record shows them."""
+        gap = to_dict(self.gap) if self.gap is not None else None
+        return {"gap": gap, "decoder": self.decoder, "eval": to_dict(self.eval)}
+
+
+def resolve(config: AblationConfig, job: Job, where: str = "set") -> JobConfig:
+    """The grid's stage configs with a job's cell applied: its kind, setting and prompt, then its ``set``.
+
+    Raises:
+        TipcapError: naming the key, when a resolved stage does not validate.
+    """
+    cell = job.cell
+    stages: dict[str, Any] = {
+        "gap": {**config.gap, "kind": cell.kind, "setting": cell.setting},
+        "model": {**config.decoder.get("model", {}), "prompt": cell.prompt},
+        "train": dict(config.decoder.get("train", {})),
+        "eval": to_dict(config.eval),
+    }
+    for dotted, value in cell.set.items():
+        set_dotted(stages, dotted, value, f"config key '{where}.{dotted}'")
+    gap = None
+    if cell.kind in GAP_KINDS:
+        gap = from_dict(GapConfig, stages["gap"], f"{where}: gap")
+    decoder = {"model": stages["model"], "train": stages["train"]}
+    unknown = sorted(set(config.decoder) - {"model", "train"})
+    if unknown:
+        raise TipcapError(f"config key 'decoder.{unknown[0]}' is unknown; a decoder has model and train.")
+    from_dict(ExperimentConfig, {**decoder, "data": {}}, f"{where}: decoder")  # fails now, not later
+    evaluation = from_dict(EvalConfig, stages["eval"], f"{where}: eval")
+    if "cider" not in evaluation.metrics:
+        raise TipcapError(
+            f"config key 'eval.metrics': {evaluation.metrics} must include cider "
+            "(the table and the plots rank by CIDEr)."
+        )
+    overrides_gap = any(dotted.startswith("gap.") for dotted in cell.set)
+    return JobConfig(gap, decoder, evaluation, overrides_gap)

@@ -1,0 +1,153 @@
+"""A grid's result files: ``results.csv`` (one row per cell, seed and evaluation prompt mode), ``table.md``
+(mean ± std over seeds), ``cider.png`` (CIDEr per method, coloured by setting) and, for grids with few-pairs
+cells, ``cider_vs_pairs.png`` (CIDEr against the share of paired training images).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from tipcap.io import atomic_path
+
+METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIPScore", "object_f1")
+COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
+           "seed", "train_data", "eval_data", *METRIC_COLUMNS)  # fmt: skip
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write result rows under the :data:`COLUMNS` header, atomically (a reader never sees half a file)."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["cell"], row["eval_prompt"]), []).append(row)
+    return groups
+
+
+def _values(group: list[dict[str, Any]], column: str) -> list[float]:
+    """The column's numbers over a group's rows (results.csv leaves missing metrics empty)."""
+    return [float(r[column]) for r in group if r[column] not in (None, "")]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
+    """Mean ± std over seeds of each method (and evaluation prompt mode), for the metrics computed."""
+    groups = _groups(rows)
+    columns = [c for c in METRIC_COLUMNS if any(_values(g, c) for g in groups.values())]
+    names = {"object_f1": "object F1"}
+    lines = [f"{title}\n"] if title else []
+    lines += [
+        "| method | prompt at test | seeds | " + " | ".join(names.get(c, c) for c in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
+    ]
+    for (cell, prompt), group in groups.items():
+        cells = " | ".join(_mean_std(_values(group, c)) for c in columns)
+        lines.append(f"| {cell} | {prompt} | {len(group)} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+SETTING_COLOURS = {
+    "few-pairs": "tab:blue",
+    "web-pairs": "tab:orange",
+    "unpaired": "tab:green",
+    "text-only": "tab:red",
+    "all-pairs": "tab:gray",
+}
+
+
+def _save_figure(figure: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def plot_cider(rows: list[dict[str, Any]], path: Path) -> None:
+    """A bar chart of CIDEr per method (mean over seeds, spread as error bars), coloured by data setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    groups = _groups(rows)
+    labels = [cell if prompt == "none" else f"{cell} [{prompt}]" for cell, prompt in groups]
+    means = [statistics.mean(_values(g, "CIDEr")) for g in groups.values()]
+    # NaN draws no error bar: one seed has no spread to show.
+    spreads = [statistics.stdev(_values(g, "CIDEr")) if len(g) > 1 else math.nan for g in groups.values()]
+    settings = [g[0]["setting"] for g in groups.values()]
+    figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.8))
+    axis.bar(range(len(labels)), means, yerr=spreads, capsize=4,
+             color=[SETTING_COLOURS.get(s, "tab:purple") for s in settings])  # fmt: skip
+    axis.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
+    axis.set_ylabel("CIDEr")
+    axis.set_title("CIDEr per method and data setting (mean over seeds)")
+    present = list(dict.fromkeys(settings))
+    axis.legend(handles=[Patch(color=SETTING_COLOURS.get(s, "tab:purple"), label=s) for s in present],
+                title="setting", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip
+    _save_figure(figure, path)
+
+
+def plot_cider_vs_pairs(rows: list[dict[str, Any]], path: Path) -> None:
+    """CIDEr against the share of paired training images (log scale): a line per few-pairs method, a point
+    for supervised training on all pairs, and a horizontal level (labelled with its setting) for each method
+    that uses none of the paired training images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(10, 5))
+    lines: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for row in rows:
+        if row["few_pairs"]:
+            points = lines.setdefault((row["method"], row["eval_prompt"]), {})
+            points.setdefault(100 * float(row["paired_fraction"]), []).extend(_values([row], "CIDEr"))
+    for (method, prompt), points in lines.items():
+        xs = sorted(points)  # a NaN spread (one seed) draws no error bar
+        axis.errorbar(xs, [statistics.mean(points[x]) for x in xs], marker="o", capsize=3,
+                      yerr=[statistics.stdev(points[x]) if len(points[x]) > 1 else math.nan for x in xs],
+                      label=method if prompt == "none" else f"{method} [{prompt}]")  # fmt: skip
+    colours, styles, level = plt.get_cmap("Dark2").colors, ("--", ":", "-."), 0
+    shares = sorted({x for points in lines.values() for x in points})
+    for (cell, prompt), group in _groups(rows).items():
+        if group[0]["few_pairs"]:
+            continue
+        label = cell if prompt == "none" else f"{cell} [{prompt}]"
+        cider = statistics.mean(_values(group, "CIDEr"))
+        if group[0]["paired_fraction"] not in (None, ""):
+            share = 100 * float(group[0]["paired_fraction"])
+            shares.append(share)
+            axis.plot([share], [cider], marker="*", markersize=12, linestyle="none", color="black",
+                      label=f"{label} (all pairs)")  # fmt: skip
+        else:
+            setting = group[0]["setting"]
+            axis.axhline(cider, linestyle=styles[level % len(styles)], linewidth=1.2,
+                         color=colours[level % len(colours)], label=f"{label} ({setting})")  # fmt: skip
+            level += 1
+    axis.set_xscale("log")
+    axis.set_xticks(shares, [f"{share:.3g}%" for share in shares])
+    axis.minorticks_off()
+    axis.set_xlabel("paired training images used (% of the training split, log scale)")
+    axis.set_ylabel("CIDEr")
+    axis.set_title("CIDEr against the amount of paired data")
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    _save_figure(figure, path)

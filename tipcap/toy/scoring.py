@@ -1,0 +1,35 @@
+"""Scoring captions against the truth of the toy world's scenes.
+
+Because the world knows every scene, a caption can be checked against it: :func:`object_f1` compares the
+(colour, shape) pairs a caption names with the scene's objects, and :func:`scene_objects` reads those
+objects from a Karpathy file (also the words of the ``oracle`` evaluation prompts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tipcap.data.karpathy import ImageId, image_id_of
+from tipcap.io import load_json
+from tipcap.toy.world import ShapeObject, caption_objects
+
+
+def object_f1(caption: str, objects: list[dict] | list[ShapeObject]) -> float:
+    """F1 between the (colour, shape) pairs named in a caption and those in the scene (0 when none match)."""
+    truth = {(o["colour"], o["shape"]) if isinstance(o, dict) else (o.colour, o.shape) for o in objects}
+    named = caption_objects(caption)
+    hits = len(named & truth)
+    if hits == 0:
+        return 0.0
+    precision, recall = hits / len(named), hits / len(truth)
+    return 2 * precision * recall / (precision + recall)
+
+
+def scene_objects(karpathy: Path) -> dict[ImageId, list[str]]:
+    """Ground-truth (colour, shape) names per image id, where the file records its scenes' objects."""
+    document = load_json(karpathy)
+    return {
+        image_id_of(entry): [f"{o['colour']} {o['shape']}" for o in entry["objects"]]
+        for entry in document["images"]
+        if "objects" in entry
+    }
