@@ -199,6 +199,4 @@ def embed_images(
         "source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed},
     }
     store = build_store(out, key, len(rows), encode, shard_size=shard_size, info=info, progress=progress)
-    if len(store) == 0:
-        raise TipcapError(f"{source}: none of the {len(rows)} images could be read; see {out}/skipped.json.")
     return EmbedReport(store, False, time.perf_counter() - start)

@@ -1,0 +1,150 @@
+"""Faults and mistakes found by probing the command line: each gives one line, never a traceback, a hang,
+a silently wrong result or a half-written store."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import COCO_SLICE, run
+from PIL import Image
+
+from tipcap.errors import TipcapError
+from tipcap.store import EmbeddingStore
+
+ROOT = Path(__file__).parent.parent
+
+
+def assert_one_line_error(result, *needles: str, exit_code: int = 1) -> None:
+    """A clean refusal: the exit code, no traceback, one ``Error:`` line (after any warnings) holding every
+    needle."""
+    assert result.exit_code == exit_code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    if exit_code == 1:
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("Error: ") and sum(line.startswith("Error") for line in lines) == 1
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def embed_texts(corpus, clip, out, *extra):
+    return run("embed", "texts", "--corpus", corpus, "--clip", clip, "--pretrained", "none", "--out", out,
+               "--no-progress", *extra)  # fmt: skip
+
+
+def embed_images(source, clip, out, *extra):
+    return run("embed", "images", "--images", source, "--clip", clip, "--pretrained", "none", "--out", out,
+               "--workers", 0, "--no-progress", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tiny_clip):
+    """Caption and image stores of the COCO slice (120 captions of 24 images)."""
+    root = tmp_path_factory.mktemp("stores")
+    document = json.loads(COCO_SLICE.read_text())
+    for number, image in enumerate(document["images"]):
+        path = root / "coco" / image["filepath"] / image["filename"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), ((53 * number) % 256, (97 * number) % 256, 31)).save(path)
+    assert embed_texts(COCO_SLICE, tiny_clip, root / "texts").exit_code == 0
+    result = embed_images(COCO_SLICE, tiny_clip, root / "images", "--image-root", root / "coco")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+# --- 2. two builds into one store -------------------------------------------------------------------------
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("inputs", ["different", "same"])
+def test_two_writers_into_one_store_leave_one_clean_store(tmp_path, tiny_clip, inputs):
+    corpora = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    corpora[0].write_text("".join(f"a photo of a red thing number {i}.\n" for i in range(200)))
+    corpora[1].write_text("".join(f"a blue object, picture {i}.\n" for i in range(150)))
+    if inputs == "same":
+        corpora[1] = corpora[0]
+    args = ["--clip", str(tiny_clip), "--pretrained", "none", "--shard-size", "10", "--no-progress"]
+    references = []
+    for number, corpus in enumerate(corpora):
+        reference = tmp_path / f"reference{number}"
+        assert run("embed", "texts", "--corpus", corpus, "--out", reference, *args).exit_code == 0
+        references.append(store_bytes(reference))
+
+    out = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "tipcap.cli", "embed", "texts", "--out", str(out), *args]
+    writers = [
+        subprocess.Popen(
+            [*command, "--corpus", str(corpus)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for corpus in corpora
+    ]
+    outcomes = [writer.communicate(timeout=300) for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0], outcomes
+    assert store_bytes(out) in references
+
+
+# --- 3. a damaged store ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("meta.json", "truncate"),
+        ("ids.json", "truncate"),
+        ("ids.json", "delete"),
+        ("captions.json", "truncate"),
+        ("captions.json", "delete"),
+        ("embeddings.safetensors", "truncate"),
+        ("embeddings.safetensors", "delete"),
+    ],
+)
+def test_damaged_store_is_one_line_and_rebuilt(stores, tmp_path, tiny_clip, name, damage):
+    store = copy_store(stores / "texts", tmp_path / "texts")
+    path = store / name
+    if damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(TipcapError, match="rebuild") as error:
+        EmbeddingStore.open(store)
+    assert str(store) in str(error.value)
+    result = run("fit-gap", "--setting", "text-only", "--texts", store, "--out", tmp_path / "gap.safetensors")
+    assert_one_line_error(result, str(store))
+
+    result = embed_texts(COCO_SLICE, tiny_clip, store)
+    assert result.exit_code == 0 and result.stdout.startswith("wrote 120"), result.output
+    assert store_bytes(store) == store_bytes(stores / "texts")
+
+
+# --- 4. a failed build never looks finished ---------------------------------------------------------------
+
+
+def test_no_readable_image_fails_again_on_rerun(tmp_path, tiny_clip):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for number in range(3):
+        (folder / f"bad_{number}.jpg").write_bytes(b"not a JPEG at all")
+    out = tmp_path / "store"
+    for _ in range(2):
+        result = embed_images(folder, tiny_clip, out)
+        assert_one_line_error(result, str(out), "skipped.json")
+        assert not (out / "meta.json").exists()
+        assert len(json.loads((out / "skipped.json").read_text())) == 3
