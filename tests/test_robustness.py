@@ -11,6 +11,7 @@ import pytest
 from conftest import COCO_SLICE, run
 from PIL import Image
 
+from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
 from tipcap.store import EmbeddingStore
 
@@ -63,6 +64,19 @@ def copy_store(source: Path, target: Path) -> Path:
 
 
 # --- 2. two builds into one store -------------------------------------------------------------------------
+
+
+def test_atomic_writes_never_share_a_temporary_file(tmp_path):
+    with atomic_path(tmp_path / "a.json") as first, atomic_path(tmp_path / "a.json") as second:
+        assert first != second
+        first.write_text("first")
+        second.write_text("second")
+    assert (tmp_path / "a.json").read_text() in ("first", "second")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
 def store_bytes(path: Path) -> dict[str, bytes]:
