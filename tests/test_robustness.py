@@ -1,21 +1,44 @@
 """Faults and mistakes found by probing the command line: each gives one line, never a traceback, a hang,
 a silently wrong result or a half-written store."""
 
+import contextlib
 import json
+import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import COCO_SLICE, run
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tipcap.data.files import atomic_path
 from tipcap.errors import TipcapError
+from tipcap.gap import Gap, Pairs, cholesky, estimate_web_pairs
 from tipcap.store import EmbeddingStore
 
 ROOT = Path(__file__).parent.parent
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise ``TimeoutError`` in this thread after ``seconds``, so that a hang fails the test."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def assert_one_line_error(result, *needles: str, exit_code: int = 1) -> None:
@@ -61,6 +84,81 @@ def copy_store(source: Path, target: Path) -> Path:
     for path in source.iterdir():
         (target / path.name).write_bytes(path.read_bytes())
     return target
+
+
+def poison_row(store: Path, row: int, value: float = math.nan) -> None:
+    """Overwrite one row of a single-shard store in place (same size: as a fault on disk would)."""
+    shard = store / "embeddings.safetensors"
+    with safe_open(shard, framework="pt") as f:
+        metadata, embeddings = f.metadata(), f.get_tensor("embeddings")
+    embeddings[row] = value
+    size = shard.stat().st_size
+    save_file({"embeddings": embeddings}, shard, metadata=metadata)
+    assert shard.stat().st_size == size
+
+
+# --- 1. NaN and Inf never hang fit-gap and are never fitted ----------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["texts", "images"])
+def test_fit_gap_names_a_store_with_a_nan_row(stores, tmp_path, which):
+    paths = {"texts": stores / "texts", "images": stores / "images"}
+    paths[which] = copy_store(paths[which], tmp_path / which)
+    poison_row(paths[which], 3)
+    out = tmp_path / "gap.safetensors"
+    with deadline(60):
+        result = run("fit-gap", "--setting", "few-pairs", "--texts", paths["texts"], "--images",
+                     paths["images"], "--out", out)  # fmt: skip
+    assert_one_line_error(result, f"--{which} {paths[which]}", "NaN")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [torch.full((4, 4), math.nan), torch.full((4, 4), math.inf), -torch.eye(4)],
+    ids=["nan", "inf", "negative"],
+)
+def test_cholesky_gives_up_after_bounded_jitter(matrix):
+    with deadline(10), pytest.raises(TipcapError, match="the covariance"):
+        cholesky(matrix.to(torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("args", "exit_code", "flag"),
+    [
+        (("--kind", "isotropic", "--sigma2", "nan"), 1, "--sigma2"),
+        (("--kind", "gaussian", "--sigma2", "nan"), 1, "--sigma2"),
+        (("--kind", "isotropic", "--sigma2", "-1"), 2, "--sigma2"),
+        (("--kind", "isotropic", "--sigma2", "0"), 2, "--sigma2"),
+        (("--kind", "memory", "--tau", "0"), 2, "--tau"),
+        (("--kind", "memory", "--tau", "nan"), 1, "--tau"),
+        (("--kind", "memory", "--memory-size", "0"), 2, "--memory-size"),
+    ],
+)
+def test_fit_gap_refuses_meaningless_numbers(stores, tmp_path, args, exit_code, flag):
+    out = tmp_path / "gap.safetensors"
+    with deadline(60):
+        result = run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--out", out, *args)
+    assert_one_line_error(result, flag, exit_code=exit_code)
+    assert not out.exists()
+
+
+def test_web_pairs_refuse_nan_pairs_instead_of_dropping_them():
+    t = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=-1)
+    v = t + 0.1
+    v[7] = math.nan
+    with pytest.raises(TipcapError, match="NaN"):
+        estimate_web_pairs(Pairs.of_tensors(v, t), drop_quantile=0.1)
+
+
+@pytest.mark.parametrize("tensor", ["mu", "scale_tril"])
+def test_gap_file_with_nan_is_refused_on_load(tmp_path, tensor):
+    mu, scale_tril = torch.zeros(4), torch.eye(4)
+    {"mu": mu, "scale_tril": scale_tril}[tensor][1] = math.nan
+    path = tmp_path / "gap.safetensors"
+    Gap("gaussian", mu, scale_tril).save(path)
+    with pytest.raises(TipcapError, match=f"{path}.*NaN"):
+        Gap.load(path)
 
 
 # --- 2. two builds into one store -------------------------------------------------------------------------

@@ -269,14 +269,29 @@ def embed_images_command(
     show_default=True,
     help="web-pairs: share of least similar pairs to discard.",
 )
-@click.option("--sigma2", default=0.016, show_default=True, help="Isotropic / text-only noise variance.")
+@click.option(
+    "--sigma2",
+    default=0.016,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Isotropic / text-only noise variance.",
+)
 @click.option(
     "--mu-from", type=click.Path(dir_okay=False), default=None, help="text-only: import mu from a gap file."
 )
 @click.option("--learnable", is_flag=True, help="Make mu and L trainable, with a KL term to this estimate.")
-@click.option("--tau", default=0.01, show_default=True, help="memory: softmax temperature.")
 @click.option(
-    "--memory-size", default=None, type=int, help="memory: keep a random subset of this many captions."
+    "--tau",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="memory: softmax temperature.",
+)
+@click.option(
+    "--memory-size",
+    default=None,
+    type=click.IntRange(min=1),
+    help="memory: keep a random subset of this many captions.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for subsets.")
 @click.option(

@@ -12,6 +12,7 @@ from tipcap.gap.estimate import (
     SETTINGS,
     GapEstimate,
     Pairs,
+    check_positive,
     estimate_few_pairs,
     estimate_text_only,
     estimate_unpaired,
@@ -38,8 +39,10 @@ def join_pairs(texts: EmbeddingStore, images: EmbeddingStore) -> Pairs:
 
 
 def _check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
+    """Refuse stores of the wrong kind, of different CLIPs, or holding NaN or infinite values."""
     if texts.key.get("kind") != "texts":
         raise TipcapError(f"--texts {texts.path}: is not a caption store (made by 'tipcap embed texts').")
+    texts.check_finite(f"--texts {texts.path}")
     if images is None:
         return
     if images.key.get("kind") != "images":
@@ -49,6 +52,7 @@ def _check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
             f"--texts {texts.path} and --images {images.path} were embedded with different CLIPs; "
             "embed both with the same --clip and --pretrained."
         )
+    images.check_finite(f"--images {images.path}")
 
 
 def estimate(
@@ -66,6 +70,20 @@ def estimate(
     if setting not in SETTINGS:
         raise TipcapError(f"--setting {setting!r}: use one of {', '.join(SETTINGS)}.")
     _check_stores(texts, images)
+    return _estimate(setting, texts, images, shrink, drop_quantile, sigma2, mu_from, device)
+
+
+def _estimate(
+    setting: str,
+    texts: EmbeddingStore,
+    images: EmbeddingStore | None,
+    shrink: bool,
+    drop_quantile: float,
+    sigma2: float,
+    mu_from: Gap | None,
+    device: str,
+) -> GapEstimate:
+    """:func:`estimate` of checked stores."""
     if setting == "text-only":
         mu = None
         if mu_from is not None:
@@ -111,6 +129,8 @@ def fit_gap(
         raise TipcapError(f"--kind {kind!r}: use one of {', '.join(KINDS)}.")
     if setting not in SETTINGS:
         raise TipcapError(f"--setting {setting!r}: use one of {', '.join(SETTINGS)}.")
+    check_positive("--sigma2", sigma2)
+    check_positive("--tau", tau)
     _check_stores(texts, images)
     dim = texts.dim
     info: dict[str, Any] = {"kind": kind, "texts": str(Path(texts.path).resolve())}
@@ -120,10 +140,7 @@ def fit_gap(
     covariance = torch.zeros(dim, dim, dtype=torch.float64)
     memory = None
     if kind in _NEEDS_ESTIMATE:
-        fitted = estimate(
-            setting, texts, images, shrink=shrink, drop_quantile=drop_quantile, sigma2=sigma2,
-            mu_from=mu_from, device=device,
-        )  # fmt: skip
+        fitted = _estimate(setting, texts, images, shrink, drop_quantile, sigma2, mu_from, device)
         mu, covariance = fitted.mu, fitted.covariance
         info.update(fitted.info())
     else:
@@ -142,7 +159,11 @@ def fit_gap(
         raise TipcapError(f"--learnable applies to kinds with training noise, not {kind!r}.")
     # Kinds without training noise keep the estimated factor too (mean-shift) or a zero one; a
     # degenerate estimate (one pair, identical pairs) is factored with jitter.
-    scale_tril = cholesky(covariance) if kind in TRAIN_NOISE_KINDS or covariance.any() else covariance
+    source = f"--texts {texts.path}" + (f" and --images {images.path}" if images is not None else "")
+    if kind in TRAIN_NOISE_KINDS or covariance.any():
+        scale_tril = cholesky(covariance, f"the covariance fitted from {source}")
+    else:
+        scale_tril = covariance
     return Gap(
         kind,
         mu,
