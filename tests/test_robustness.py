@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COCO_SLICE, run
+from conftest import COCO_SLICE, run, write_images
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from tipcap.data import ImageError, load_image
 from tipcap.data.files import atomic_path
+from tipcap.data.prepare import prepare_dataset
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap, Pairs, cholesky, estimate_web_pairs
 from tipcap.store import EmbeddingStore
@@ -260,3 +262,69 @@ def test_no_readable_image_fails_again_on_rerun(tmp_path, tiny_clip):
         assert_one_line_error(result, str(out), "skipped.json")
         assert not (out / "meta.json").exists()
         assert len(json.loads((out / "skipped.json").read_text())) == 3
+
+
+# --- 5. decompression bombs ------------------------------------------------------------------------------
+
+
+def test_decompression_bomb_is_skipped_with_a_reason(tmp_path, tiny_clip, monkeypatch):
+    folder = tmp_path / "images"
+    write_images(folder, 3)
+    Image.new("RGB", (200, 200)).save(folder / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 200×200 is over twice the limit
+    with pytest.raises(ImageError, match=r"bomb\.png"):
+        load_image(folder / "bomb.png")
+    result = embed_images(folder, tiny_clip, tmp_path / "store")
+    assert result.exit_code == 0 and "1 unreadable images skipped" in result.stdout, result.output
+    skipped = json.loads((tmp_path / "store" / "skipped.json").read_text())
+    assert [s["id"] for s in skipped] == ["bomb.png"] and "pixels" in skipped[0]["reason"]
+
+
+# --- 6. paths outside their roots ------------------------------------------------------------------------
+
+
+def karpathy_entry(filename: str, filepath: str, cocoid: int) -> dict:
+    return {"filepath": filepath, "filename": filename, "cocoid": cocoid, "split": "val",
+            "sentences": [{"raw": "A dog on the grass."}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["karpathy", "jsonl"])
+def test_image_paths_outside_the_root_are_refused(tmp_path, tiny_clip, source):
+    root = tmp_path / "root"
+    write_images(root / "val2014", 2)
+    outside = write_images(tmp_path / "elsewhere", 2)
+    names = ["val2014/img_000.jpg", "val2014/img_001.jpg", "../elsewhere/img_000.jpg", str(outside[1])]
+    listing = tmp_path / f"images.{'json' if source == 'karpathy' else 'jsonl'}"
+    if source == "karpathy":
+        entries = [karpathy_entry(Path(n).name, str(Path(n).parent), i) for i, n in enumerate(names)]
+        listing.write_text(json.dumps({"images": entries}))
+    else:
+        listing.write_text("".join(json.dumps({"image": n, "caption": "a dog."}) + "\n" for n in names))
+    result = embed_images(listing, tiny_clip, tmp_path / "store", "--image-root", root)
+    assert_one_line_error(result, str(root), "../elsewhere/img_000.jpg", str(outside[1]), "--allow-outside")
+    assert not (tmp_path / "store").exists()
+    result = embed_images(listing, tiny_clip, tmp_path / "store", "--image-root", root, "--allow-outside")
+    assert result.exit_code == 0 and "wrote 4 image embeddings" in result.stdout, result.output
+
+
+def test_prepare_reports_absolute_and_climbing_paths(tmp_path):
+    root = tmp_path / "images"
+    write_images(root / "val2014", 1)
+    (root / "val2014" / "img_000.jpg").rename(root / "val2014" / "COCO_val2014_000000000001.jpg")
+    elsewhere = tmp_path / "elsewhere"
+    write_images(elsewhere, 3)  # img_002.jpg is named by no entry
+    entries = [
+        karpathy_entry("COCO_val2014_000000000001.jpg", "val2014", 1),
+        karpathy_entry("img_000.jpg", str(elsewhere), 2),
+        karpathy_entry("img_001.jpg", "../elsewhere", 3),
+    ]
+    karpathy = tmp_path / "k.json"
+    karpathy.write_text(json.dumps({"images": entries}))
+    result = run("prepare", "coco", "--karpathy", karpathy, "--images", root, "--out", tmp_path / "out",
+                 "--workers", 0, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = prepare_dataset("coco", karpathy, root, tmp_path / "out", workers=0, progress=False)
+    outside = [p["path"] for p in report.problems["outside_root"]]
+    assert outside == [f"{elsewhere}/img_000.jpg", "../elsewhere/img_001.jpg"]
+    assert report.splits["val"].usable == 1 and report.unlisted["count"] == 0
+    assert "outside root: 2" in result.stdout

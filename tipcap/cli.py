@@ -192,6 +192,11 @@ def embed_texts_command(
 @click.option(
     "--limit", default=None, help="Keep a seeded random subset: a count (500) or a percentage (1%)."
 )
+@click.option(
+    "--allow-outside",
+    is_flag=True,
+    help="Embed images whose paths lead outside the image root (absolute, or climbing out with '..').",
+)
 @click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
 @click.option(
     "--workers", default=None, type=int, help="Image decoding processes (default: CPU count, at most 8)."
@@ -205,6 +210,7 @@ def embed_images_command(
     image_root: str | None,
     split: str | None,
     limit: str | None,
+    allow_outside: bool,
     batch_size: int,
     workers: int | None,
     shard_size: int,
@@ -219,6 +225,7 @@ def embed_images_command(
         ClipSpec(opts["clip_model"], opts["pretrained"], opts["seed"]),
         opts["out"],
         image_root=image_root,
+        allow_outside=allow_outside,
         split=split,
         limit=limit,
         seed=opts["seed"],
