@@ -328,3 +328,11 @@ def test_prepare_reports_absolute_and_climbing_paths(tmp_path):
     assert outside == [f"{elsewhere}/img_000.jpg", "../elsewhere/img_001.jpg"]
     assert report.splits["val"].usable == 1 and report.unlisted["count"] == 0
     assert "outside root: 2" in result.stdout
+
+
+@pytest.mark.parametrize("command", [("train", "--config"), ("ablate",)])
+def test_config_that_is_not_utf8_is_one_line(tmp_path, command):
+    config = tmp_path / "config.yaml"
+    config.write_bytes("model:\n  prompt: caf\u00e9\n".encode("latin-1"))
+    result = run(*command, config, "--out", tmp_path / "out")
+    assert_one_line_error(result, str(config), "UTF-8")
