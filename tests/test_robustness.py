@@ -336,3 +336,29 @@ def test_config_that_is_not_utf8_is_one_line(tmp_path, command):
     config.write_bytes("model:\n  prompt: caf\u00e9\n".encode("latin-1"))
     result = run(*command, config, "--out", tmp_path / "out")
     assert_one_line_error(result, str(config), "UTF-8")
+
+
+# --- 7. sizes that must be positive -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("texts", "--shard-size", "0"),
+        ("texts", "--shard-size", "-1"),
+        ("texts", "--batch-size", "0"),
+        ("texts", "--batch-size", "-1"),
+        ("images", "--shard-size", "-1"),
+        ("images", "--batch-size", "0"),
+        ("images", "--workers", "-1"),
+    ],
+)
+def test_embed_refuses_sizes_below_one(tmp_path, tiny_clip, image_folder, args):
+    kind, *extra = args
+    out = tmp_path / "store"
+    if kind == "texts":
+        result = embed_texts(COCO_SLICE, tiny_clip, out, *extra)
+    else:
+        result = embed_images(image_folder, tiny_clip, out, *extra)
+    assert_one_line_error(result, extra[0], exit_code=2)
+    assert not out.exists()

@@ -143,10 +143,17 @@ def _clip_options(command: Any) -> Any:
     help="Trailing period: add one to every caption, strip them, or keep captions as written.",
 )
 @click.option(
-    "--batch-size", default=None, type=int, help="Captions per pass [default: 128 on CPU, 1024 on GPU]."
+    "--batch-size",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Captions per pass [default: 128 on CPU, 1024 on GPU].",
 )
 @click.option(
-    "--shard-size", default=100_000, show_default=True, help="Rows per store shard (the resume unit)."
+    "--shard-size",
+    default=100_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per store shard (the resume unit).",
 )
 @_clip_options
 def embed_texts_command(
@@ -197,12 +204,21 @@ def embed_texts_command(
     is_flag=True,
     help="Embed images whose paths lead outside the image root (absolute, or climbing out with '..').",
 )
-@click.option("--batch-size", default=64, show_default=True, help="Images per forward pass.")
 @click.option(
-    "--workers", default=None, type=int, help="Image decoding processes (default: CPU count, at most 8)."
+    "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass."
 )
 @click.option(
-    "--shard-size", default=50_000, show_default=True, help="Rows per store shard (the resume unit)."
+    "--workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Image decoding processes; 0 decodes in the main process (default: CPU count, at most 8).",
+)
+@click.option(
+    "--shard-size",
+    default=50_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per store shard (the resume unit).",
 )
 @_clip_options
 def embed_images_command(
