@@ -99,7 +99,7 @@ def test_naming_duplicates_and_unlisted_files(tmp_path):
                              progress=False)  # fmt: skip
     problems = {kind: [p["image_id"] for p in found] for kind, found in report.problems.items()}
     assert problems == {"missing": [], "corrupt": [], "misnamed": [3, 4], "duplicate_id": [1],
-                        "no_split": [5], "no_captions": [6]}  # fmt: skip
+                        "no_split": [5], "no_captions": [6], "outside_root": []}  # fmt: skip
     assert "cocoid 3 differs" in report.problems["misnamed"][0]["reason"]
     assert report.unlisted["count"] == 2  # image 9, and image 5 (whose entry has no usable split)
     assert "val2014/COCO_val2014_000000000009.jpg" in report.unlisted["examples"]

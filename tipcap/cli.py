@@ -153,10 +153,17 @@ def _embed_config(opts: dict[str, Any], batch_size: int | None) -> Any:
     help="Trailing period: add one to every caption, strip them, or keep captions as written.",
 )
 @click.option(
-    "--batch-size", default=None, type=int, help="Captions per pass [default: 128 on CPU, 1024 on GPU]."
+    "--batch-size",
+    default=None,
+    type=click.IntRange(min=1),
+    help="Captions per pass [default: 128 on CPU, 1024 on GPU].",
 )
 @click.option(
-    "--shard-size", default=100_000, show_default=True, help="Rows per store shard (the resume unit)."
+    "--shard-size",
+    default=100_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per store shard (the resume unit).",
 )
 @_clip_options
 def embed_texts_command(
@@ -199,12 +206,26 @@ def embed_texts_command(
 @click.option(
     "--limit", default=None, help="Keep a seeded random subset: a count (500) or a percentage (1%)."
 )
-@click.option("--batch-size", default=None, type=int, help="Images per forward pass [default: 64].")
 @click.option(
-    "--workers", default=None, type=int, help="Image decoding processes (default: CPU count, at most 8)."
+    "--allow-outside",
+    is_flag=True,
+    help="Embed images whose paths lead outside the image root (absolute, or climbing out with '..').",
 )
 @click.option(
-    "--shard-size", default=50_000, show_default=True, help="Rows per store shard (the resume unit)."
+    "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass."
+)
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Image decoding processes; 0 decodes in the main process (default: CPU count, at most 8).",
+)
+@click.option(
+    "--shard-size",
+    default=50_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Rows per store shard (the resume unit).",
 )
 @_clip_options
 def embed_images_command(
@@ -212,6 +233,7 @@ def embed_images_command(
     image_root: str | None,
     split: str | None,
     limit: str | None,
+    allow_outside: bool,
     batch_size: int | None,
     workers: int | None,
     shard_size: int,
@@ -225,6 +247,7 @@ def embed_images_command(
         _embed_config(opts, batch_size),
         opts["out"],
         image_root=image_root,
+        allow_outside=allow_outside,
         split=split,
         limit=limit,
         seed=opts["seed"],
@@ -273,14 +296,29 @@ def embed_images_command(
     show_default=True,
     help="web-pairs: share of least similar pairs to discard.",
 )
-@click.option("--sigma2", default=0.016, show_default=True, help="Isotropic / text-only noise variance.")
+@click.option(
+    "--sigma2",
+    default=0.016,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Isotropic / text-only noise variance.",
+)
 @click.option(
     "--mu-from", type=click.Path(dir_okay=False), default=None, help="text-only: import mu from a gap file."
 )
 @click.option("--learnable", is_flag=True, help="Make mu and L trainable, with a KL term to this estimate.")
-@click.option("--tau", default=0.01, show_default=True, help="memory: softmax temperature.")
 @click.option(
-    "--memory-size", default=None, type=int, help="memory: keep a random subset of this many captions."
+    "--tau",
+    default=0.01,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="memory: softmax temperature.",
+)
+@click.option(
+    "--memory-size",
+    default=None,
+    type=click.IntRange(min=1),
+    help="memory: keep a random subset of this many captions.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for subsets.")
 @click.option(

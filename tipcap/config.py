@@ -225,12 +225,14 @@ def set_dotted(data: dict[str, Any], path: str, value: Any, where: str) -> None:
 
 
 def read_yaml_mapping(path: Path, missing: str, expected: str) -> dict[str, Any]:
-    """The mapping a YAML file holds; a missing file (``missing`` is the message), invalid YAML or another
-    type of document is a one-line :class:`TipcapError` naming the file."""
+    """The mapping a YAML file holds; a missing file (``missing`` is the message), text that is not UTF-8,
+    invalid YAML or another type of document is a one-line :class:`TipcapError` naming the file."""
     if not path.is_file():
         raise TipcapError(missing)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise TipcapError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8.") from None
     except yaml.YAMLError as e:
         raise TipcapError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from None
     if not isinstance(data, dict):

@@ -177,6 +177,7 @@ def embed_images(
     out: str | Path,
     *,
     image_root: str | Path | None = None,
+    allow_outside: bool = False,
     split: str | None = None,
     limit: str | None = None,
     seed: int = 0,
@@ -189,10 +190,12 @@ def embed_images(
     """Embed the images named by ``source`` (folder, Karpathy file, caption map or JSONL) into ``out``.
 
     Unreadable or corrupt images are skipped and listed in ``skipped.json`` (or, with ``strict``, stop
-    the run). ``limit`` keeps a seeded random subset (``"500"`` or ``"1%"``).
+    the run). ``limit`` keeps a seeded random subset (``"500"`` or ``"1%"``). Image paths that lead
+    outside ``image_root`` are refused unless ``allow_outside``.
     """
     start = time.perf_counter()
-    images = subsample(list_images(source, image_root=image_root, split=split), limit, seed)
+    listed = list_images(source, image_root=image_root, split=split, allow_outside=allow_outside)
+    images = subsample(listed, limit, seed)
     # Path and size identify the files without reading them; a changed file set rebuilds the store.
     rows = [
         [ref.image_id, str(ref.path.resolve()), ref.path.stat().st_size if ref.path.is_file() else -1]
@@ -235,6 +238,4 @@ def embed_images(
         "source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed},
     }
     store = build_store(out, record, len(rows), encode, shard_size=shard_size, info=info, progress=progress)
-    if len(store) == 0:
-        raise TipcapError(f"{source}: none of the {len(rows)} images could be read; see {out}/skipped.json.")
     return EmbedReport(store, False, time.perf_counter() - start)

@@ -10,6 +10,7 @@ import contextlib
 import gzip
 import json
 import os
+import secrets
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,10 +75,13 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to, renamed to ``path`` when the block succeeds.
 
-    Readers never see a half-written file; a failed write leaves no temporary file behind.
+    Readers never see a half-written file; a failed write leaves no temporary file behind. Each call gets
+    its own name (``<name>.<random>.tmp``, created exclusively), so concurrent writers of one file never
+    write into each other's temporary file: the last rename wins, whole.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+    tmp.touch(exist_ok=False)  # O_EXCL, with the permissions the final file should get
     try:
         yield tmp
         os.replace(tmp, path)

@@ -2,30 +2,37 @@
 
 A store is a directory::
 
-    meta.json                      what was encoded, by which CLIP, and the shard files (the commit point)
+    meta.json                      what was encoded, by which CLIP, and the size and SHA-256 of every
+                                   other file (the commit point)
     ids.json                       one image id per row (a caption store: the captioned image's id)
     captions.json                  caption stores only: the normalised caption of each row
     embeddings.safetensors         [N, d] float16, or shards embeddings-00000-of-00004.safetensors, ...
     skipped.json                   image stores only, when some images could not be read
 
 A store is identified by its *key* (store kind, CLIP identity, a fingerprint of the inputs, dtype). It is
-reused only when the key and the store format match; otherwise it is rebuilt from scratch, never mixed.
-The same inputs give the same bytes, so stores can be compared by checksum. Shards are written
-to a temporary name and renamed, so a shard file that exists is complete; a build that is interrupted
-resumes from the first missing shard (``building.json`` records the key it was started with).
+reused only when the key and the store format match and its files have the sizes ``meta.json`` records;
+otherwise it is rebuilt from scratch, never mixed. The same inputs give the same bytes, so stores can be
+compared by checksum. Shards are written to a temporary name and renamed, so a shard file that exists is
+complete; a build that is interrupted resumes from the first missing shard (``building.json`` records the
+key it was started with). One build at a time holds the folder's ``build.lock``: a second writer waits,
+then reuses the store if it has the key it wanted, or rebuilds it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -38,8 +45,12 @@ STORE_FORMAT = 3
 META = "meta.json"
 IDS = "ids.json"
 BUILDING = "building.json"
+LOCK = "build.lock"
+_OWNED = (META, IDS, BUILDING, "captions.json", "skipped.json", provenance.FILE_NAME)
 _TENSOR = "embeddings"
 _SHARD_METADATA = "tipcap_shard"
+
+log = logging.getLogger(__name__)
 
 
 def fingerprint(rows: Sequence[Any]) -> str:
@@ -87,29 +98,41 @@ class EmbeddingStore:
         """Open a finished store.
 
         Raises:
-            TipcapError: when ``path`` holds no finished store or its files disagree with ``meta.json``.
+            TipcapError: when ``path`` holds no finished store, one of another format, or a damaged one (a
+                file missing, of another size than ``meta.json`` records, or unreadable).
         """
         path = Path(path)
-        meta_path = path / META
-        if not meta_path.is_file():
+        if not (path / META).is_file():
             hint = (
                 " (an interrupted build: rerun the same command to finish it)"
                 if (path / BUILDING).exists()
                 else ""
             )
             raise TipcapError(f"{path}: not an embedding store, no {META}{hint}.")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format") != STORE_FORMAT:
+        try:
+            meta = _read_json(path / META)
+            if meta.get("format") != STORE_FORMAT:
+                found = meta.get("format")
+                raise TipcapError(
+                    f"{path}: store format {found!r}, this tipcap reads {STORE_FORMAT}; rebuild it."
+                )
+            for name, record in meta["files"].items():
+                if not (path / name).is_file():
+                    raise ValueError(f"{name} is missing")
+                if (path / name).stat().st_size != record["bytes"]:
+                    raise ValueError(f"{name} is not the size {META} records")
+            ids = _read_json(path / IDS)
+            shards = []
+            for name in meta["shards"]:
+                with safe_open(path / name, framework="pt") as f:
+                    shards.append(f.get_tensor(_TENSOR))
+            if len(ids) != meta["count"] or sum(len(s) for s in shards) != meta["count"]:
+                raise ValueError(f"ids, shards and {META} disagree on the row count")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, SafetensorError) as e:
             raise TipcapError(
-                f"{path}: store format {meta.get('format')!r}, this tipcap reads {STORE_FORMAT}; rebuild it."
-            )
-        ids = json.loads((path / IDS).read_text(encoding="utf-8"))
-        shards = []
-        for name in meta["shards"]:
-            with safe_open(path / name, framework="pt") as f:
-                shards.append(f.get_tensor(_TENSOR))
-        if len(ids) != meta["count"] or sum(len(s) for s in shards) != meta["count"]:
-            raise TipcapError(f"{path}: ids, shards and {META} disagree on the row count; rebuild the store.")
+                f"{path}: damaged embedding store ({e}); rebuild it: delete the folder, or rerun "
+                "'tipcap embed' with this --out."
+            ) from None
         return cls(path, meta, ids, shards)
 
     def __len__(self) -> int:
@@ -162,6 +185,23 @@ class EmbeddingStore:
             start += len(shard)
         return out
 
+    def check_finite(self, what: str) -> None:
+        """Refuse a store holding NaN or infinite values (damaged on disk, or written before builds checked).
+
+        Raises:
+            TipcapError: naming ``what`` (e.g. ``--texts <path>``) and the first such row.
+        """
+        start = 0
+        for chunk in self.iter_chunks(65536):
+            bad = (~torch.isfinite(chunk)).any(dim=1).nonzero()
+            if len(bad):
+                row = start + int(bad[0])
+                raise TipcapError(
+                    f"{what}: row {row} (id {self.ids[row]!r}) holds NaN or infinite values; rebuild the "
+                    "store (delete it and rerun 'tipcap embed')."
+                )
+            start += len(chunk)
+
     def captions(self) -> list[str]:
         """The caption of each row (caption stores only)."""
         path = self.path / "captions.json"
@@ -170,33 +210,75 @@ class EmbeddingStore:
         return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _clear(out: Path) -> None:
-    """Remove the files of any earlier store in ``out`` (and nothing else)."""
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path.name} is not valid JSON") from None
+
+
+def _owned(name: str) -> bool:
+    """Whether ``name`` is a file a build writes, or a temporary file of one (``<name>[.<random>].tmp``)."""
+    base = name.removesuffix(".tmp")
+    names = {name} if base == name else {base, base.rpartition(".")[0]}
+    return any(n in _OWNED or (n.startswith(_TENSOR) and n.endswith(".safetensors")) for n in names)
+
+
+def _clear(out: Path, temporary_only: bool) -> None:
+    """Remove the files of an earlier store in ``out`` (and nothing else), or only the temporary files that
+    a killed writer left (safe under the build lock: no other writer is at work)."""
     for path in out.iterdir():
-        name = path.name.removesuffix(".tmp")
-        owned = name in (META, IDS, BUILDING, "captions.json", "skipped.json", provenance.FILE_NAME) or (
-            name.startswith(_TENSOR) and name.endswith(".safetensors")
-        )
-        if owned and path.is_file():
+        if path.is_file() and _owned(path.name) and (path.name.endswith(".tmp") or not temporary_only):
             path.unlink()
 
 
 def open_matching(
     out: str | Path, key: dict[str, Any]
 ) -> tuple[EmbeddingStore | None, dict[str, Any] | None]:
-    """The finished store in ``out`` if it was built with exactly this key, else ``None``; and the key of
-    the finished store found there (``None`` when there is none), to say why it is rebuilt."""
-    meta_path = Path(out) / META
-    if not meta_path.is_file():
-        return None, None
+    """The finished store in ``out`` if it was built with exactly this key and is whole, else ``None``; and
+    the key of the finished store found there (``None`` when there is none), to say why it is rebuilt.
+
+    A store of another key or an older format, and a damaged one, are rebuilt rather than refused.
+    """
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        meta = _read_json(Path(out) / META)
+    except (OSError, ValueError):
         return None, None
-    # A store of an older format is rebuilt, like one of another key.
-    matches = meta.get("key") == key and meta.get("format") == STORE_FORMAT
+    if not isinstance(meta, dict):
+        return None, None
     previous = meta.get("key") if isinstance(meta.get("key"), dict) else None
-    return (EmbeddingStore.open(out) if matches else None), previous
+    if meta.get("key") != key or meta.get("format") != STORE_FORMAT:
+        return None, previous
+    try:
+        return EmbeddingStore.open(out), previous
+    except TipcapError:
+        return None, previous
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold the exclusive build lock of the store folder ``out``; a second writer waits here for the first.
+
+    The holder removes the lock file before it lets go, so a finished store holds no extra file; a waiter
+    that then gets the lock of the removed file takes the current one instead.
+    """
+    lock = out / LOCK
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("%s: another tipcap is building this store; waiting for it to finish.", out)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def build_store(
@@ -211,8 +293,9 @@ def build_store(
 ) -> EmbeddingStore:
     """Build the store in ``out``, resuming an interrupted build of the same key and plan.
 
-    Whatever else ``out`` held as a store is removed first. Check :func:`open_matching` before
-    calling this to reuse a finished store.
+    Whatever else ``out`` held as a store is removed first, except a whole store of this key, which is
+    returned as it is (another writer may have built it while this one waited for the folder's lock).
+    Check :func:`open_matching` first to reuse a finished store without taking the lock.
 
     Args:
         out: store directory (created).
@@ -227,18 +310,43 @@ def build_store(
 
     Returns:
         The finished store.
+
+    Raises:
+        TipcapError: when no row could be encoded (``skipped.json`` lists why); the store stays unfinished.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TipcapError(f"--out {out}: exists and is not a directory.")
     out.mkdir(parents=True, exist_ok=True)
     key = provenance.key(record)
+    with _locked(out):
+        existing, _ = open_matching(out, key)
+        if existing is not None:
+            return existing
+        files = {**(extra_files or {}), provenance.FILE_NAME: record}
+        return _build(out, key, num_rows, encode, shard_size, files, info or {}, progress)
+
+
+def _build(
+    out: Path,
+    key: dict[str, Any],
+    num_rows: int,
+    encode: Callable[[range, Callable[[int], object]], Shard],
+    shard_size: int,
+    extra_files: dict[str, Any],
+    info: dict[str, Any],
+    progress: bool,
+) -> EmbeddingStore:
+    """:func:`build_store`, under the folder's lock."""
     num_shards = max(1, -(-num_rows // shard_size))
     plan = {"format": STORE_FORMAT, "key": key, "num_rows": num_rows, "shard_size": shard_size}
     building = out / BUILDING
-    resuming = building.is_file() and json.loads(building.read_text(encoding="utf-8")) == plan
+    try:
+        resuming = _read_json(building) == plan
+    except (OSError, ValueError):  # none, or damaged: start afresh
+        resuming = False
+    _clear(out, temporary_only=resuming)
     if not resuming:
-        _clear(out)
         write_json_atomic(building, plan)
     digest = sha256_json(plan)
 
@@ -256,19 +364,25 @@ def build_store(
     skipped: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
     dim = None
-    for index in range(num_shards):
-        with safe_open(out / shard_name(index, num_shards), framework="pt") as f:
+    shards = [shard_name(i, num_shards) for i in range(num_shards)]
+    for name in shards:
+        with safe_open(out / name, framework="pt") as f:
             metadata = json.loads(f.metadata()[_SHARD_METADATA])
             dim = f.get_slice(_TENSOR).get_shape()[1]
         ids.extend(metadata["ids"])
         skipped.extend(metadata["skipped"])
-        for name, count in metadata["counts"].items():
-            counts[name] = counts.get(name, 0) + count
-    for name, document in {**(extra_files or {}), provenance.FILE_NAME: record}.items():
-        write_json_atomic(out / name, document)
+        for event, count in metadata["counts"].items():
+            counts[event] = counts.get(event, 0) + count
     if skipped:
         write_json_atomic(out / "skipped.json", skipped)
+    if not ids:
+        # No meta.json: an empty store would be reused as a success by the next run.
+        reasons = f"; {out / 'skipped.json'} says why" if skipped else ""
+        raise TipcapError(f"{out}: none of the {num_rows:,} inputs could be encoded{reasons}.")
+    for name, document in extra_files.items():
+        write_json_atomic(out / name, document)
     write_json_atomic(out / IDS, ids)
+    names = [IDS, *extra_files, *(["skipped.json"] if skipped else []), *shards]
     meta = {
         "format": STORE_FORMAT,
         "key": key,
@@ -276,11 +390,12 @@ def build_store(
         "dim": dim,
         "dtype": "float16",
         "normalized": True,
-        "shards": [shard_name(i, num_shards) for i in range(num_shards)],
+        "shards": shards,
         "skipped": len(skipped),
         "counts": counts,
         "tipcap_version": __version__,
-        **(info or {}),
+        "files": {name: _file_record(out / name) for name in sorted(names)},
+        **info,
     }
     write_json_atomic(out / META, meta)
     building.unlink()
@@ -298,9 +413,24 @@ def _shard_digest(path: Path) -> str | None:
         return None
 
 
+def _file_record(path: Path) -> dict[str, Any]:
+    """The size (checked on every open) and SHA-256 (for whoever wants to verify the bytes) of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
 def _write_shard(path: Path, shard: Shard, digest: str) -> None:
-    """Write one shard as fp16, L2-normalised rows, atomically."""
+    """Write one shard as fp16, L2-normalised rows, atomically; refuse NaN or infinite rows."""
     embeddings = torch.nn.functional.normalize(shard.embeddings.float(), dim=-1).to(torch.float16)
+    bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero()
+    if len(bad):
+        raise TipcapError(
+            f"{path.parent}: the encoder gave NaN or infinite values for id {shard.ids[int(bad[0])]!r}; "
+            "try --precision fp32."
+        )
     metadata = {"build": digest, "ids": shard.ids, "skipped": shard.skipped, "counts": shard.counts}
     # One metadata entry holding sorted JSON: safetensors writes several entries in no fixed order, and
     # the same rows must give the same bytes.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,32 @@ class ImageRef:
     path: Path
 
 
+def outside(root: Path, name: str) -> bool:
+    """Whether ``root / name`` lies outside ``root``: ``name`` is absolute or climbs out with ``..``.
+
+    The test is on the path as written (links inside the root are the user's own choice).
+    """
+    base = os.path.abspath(root)
+    return os.path.commonpath([base, os.path.abspath(os.path.join(base, name))]) != base
+
+
+def _under_root(root: Path, names: list[str], source: Path, allow_outside: bool) -> list[Path]:
+    """``root / name`` for each name, refusing names that lead outside the root unless allowed."""
+    escaping = [] if allow_outside else [name for name in names if outside(root, name)]
+    if escaping:
+        examples = ", ".join(escaping[:3]) + (", ..." if len(escaping) > 3 else "")
+        raise TipcapError(
+            f"{source}: {len(escaping):,} image path(s) lead outside the image root {root} ({examples}); "
+            "fix the paths or --image-root, or pass --allow-outside."
+        )
+    return [root / name for name in names]
+
+
 def list_images(
-    source: str | Path, image_root: str | Path | None = None, split: str | None = None
+    source: str | Path,
+    image_root: str | Path | None = None,
+    split: str | None = None,
+    allow_outside: bool = False,
 ) -> list[ImageRef]:
     """List the images named by ``source``.
 
@@ -39,6 +64,7 @@ def list_images(
             JSON or a JSONL of pairs (ids are the image paths as written there).
         image_root: folder the file's image paths are relative to (default: the file's folder).
         split: Karpathy split to keep (Karpathy files only).
+        allow_outside: accept file paths that lead outside ``image_root`` (refused by default).
     """
     source = Path(source)
     if source.is_dir():
@@ -57,7 +83,8 @@ def list_images(
         document = load_json(source)
         if is_karpathy(document):
             entries = parse_karpathy(document, source, split)
-            return [ImageRef(e.image_id, root / e.relative_path) for e in entries]
+            paths = _under_root(root, [e.relative_path for e in entries], source, allow_outside)
+            return [ImageRef(e.image_id, path) for e, path in zip(entries, paths, strict=True)]
         if not isinstance(document, dict):
             raise TipcapError(f"{source}: expected a Karpathy split file or an object keyed by image file.")
         names = list(document)
@@ -72,7 +99,8 @@ def list_images(
         raise TipcapError(f"{source}: a text corpus names no images; pass an image folder or a JSON file.")
     if split is not None:
         raise TipcapError(f"--split applies to Karpathy split files only; {source} is not one.")
-    return [ImageRef(name, root / name) for name in names]
+    paths = _under_root(root, names, source, allow_outside)
+    return [ImageRef(name, path) for name, path in zip(names, paths, strict=True)]
 
 
 def subsample(images: list[ImageRef], limit: str | None, seed: int = 0) -> list[ImageRef]:
@@ -105,5 +133,5 @@ def load_image(path: Path) -> Image.Image:
             return image.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: unreadable or corrupt image ({e})") from None

@@ -3,7 +3,8 @@
 :func:`prepare_dataset` reads a Karpathy split file (``dataset_coco.json``, ``dataset_flickr30k.json``), looks
 for every image it names under the image root and decodes it, and writes into the output folder::
 
-    report.json                 counts per split and every problem found (missing, corrupt, misnamed, ...)
+    report.json                 counts per split and every problem found (missing, corrupt, misnamed, a path
+                                outside the image root, ...)
     dataset.json                the Karpathy file restricted to usable entries (image present and decodable,
                                 captions present, id not repeated): the ``karpathy:`` of an ablation config
     corpus/{split}.json         the split's captions, every entry with captions (text needs no image):
@@ -31,7 +32,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from tipcap import __version__
-from tipcap.data.images import IMAGE_SUFFIXES, ImageError, load_image
+from tipcap.data.images import IMAGE_SUFFIXES, ImageError, load_image, outside
 from tipcap.data.karpathy import ImageId, is_karpathy, parse_karpathy, split_matches
 from tipcap.errors import TipcapError
 from tipcap.io import load_json, write_json_atomic
@@ -47,7 +48,7 @@ KARPATHY_SIZES = {
 
 _COCO_NAME = re.compile(r"COCO_(train|val)2014_(\d{12})\.jpg")
 _FLICKR_NAME = re.compile(r"\d+\.jpg")
-PROBLEMS = ("missing", "corrupt", "misnamed", "duplicate_id", "no_split", "no_captions")
+PROBLEMS = ("missing", "corrupt", "misnamed", "duplicate_id", "no_split", "no_captions", "outside_root")
 """Problem kinds, in the order they are reported."""
 
 
@@ -253,6 +254,9 @@ def prepare_dataset(
         where = {"image_id": image.image_id, "path": image.relative_path, "split": entry.get("split")}
         if split is None:
             problems["no_split"].append(where)
+            continue
+        if outside(root, image.relative_path):  # absolute, or climbing out with '..': never opened
+            problems["outside_root"].append(where)
             continue
         if image.image_id in seen:
             problems["duplicate_id"].append(where)

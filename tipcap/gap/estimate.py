@@ -18,6 +18,7 @@ text-only      0, or imported                          σ₀²·I (σ₀² = 0.0
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from tipcap.errors import TipcapError
 from tipcap.gap.moments import Moments
 
 _HISTOGRAM_BINS = 20_000
+_NOT_FINITE = "an image or caption embedding holds NaN or infinite values; rebuild its store."
 
 
 class Rows(Protocol):
@@ -119,12 +121,26 @@ def _cosine(v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(v, t, dim=-1)
 
 
+def check_positive(flag: str, value: float) -> None:
+    """Refuse a value that is not a finite positive number (NaN passes every comparison, so ask for it)."""
+    if not (math.isfinite(value) and value > 0):
+        raise TipcapError(f"{flag} {value}: must be a finite positive number.")
+
+
+def _finite_chunks(pairs: PairChunks, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The pairs' ``(v, t)`` chunks, refusing NaN or infinite rows (web-pairs would drop them unseen)."""
+    for v, t in pairs.iter_chunks(chunk):
+        if not bool(torch.isfinite(v).all() and torch.isfinite(t).all()):
+            raise TipcapError(_NOT_FINITE)
+        yield v, t
+
+
 def estimate_few_pairs(pairs: PairChunks, shrink: bool = True, chunk: int = 16384) -> GapEstimate:
     """μ and Σ of δ = v − t over all pairs (Ledoit–Wolf-shrunk when ``shrink``)."""
     if len(pairs) == 0:
         raise TipcapError("few-pairs: no image–caption pairs (do the stores share image ids?).")
     moments = None
-    for v, t in pairs.iter_chunks(chunk):
+    for v, t in _finite_chunks(pairs, chunk):
         moments = (moments or Moments(v.shape[1])).update(v - t)
     covariance = moments.covariance(shrink)
     return GapEstimate("few-pairs", moments.mean, covariance.matrix, covariance.shrinkage, len(pairs), 0)
@@ -133,7 +149,7 @@ def estimate_few_pairs(pairs: PairChunks, shrink: bool = True, chunk: int = 1638
 def similarity_threshold(pairs: PairChunks, drop_quantile: float, chunk: int = 16384) -> float:
     """The cos(v, t) below which a fraction ``drop_quantile`` of the pairs lies (to 1e-4, O(1) memory)."""
     histogram = torch.zeros(_HISTOGRAM_BINS, dtype=torch.float64)
-    for v, t in pairs.iter_chunks(chunk):
+    for v, t in _finite_chunks(pairs, chunk):
         histogram += torch.histc(_cosine(v, t), bins=_HISTOGRAM_BINS, min=-1.0, max=1.0)
     below = torch.cumsum(histogram, 0)
     # The first bin edge at which the cumulative count reaches the quantile.
@@ -155,7 +171,7 @@ def estimate_web_pairs(
         raise TipcapError("web-pairs: no image–caption pairs (do the stores share image ids?).")
     threshold = similarity_threshold(pairs, drop_quantile, chunk) if drop_quantile > 0 else -2.0
     moments = None
-    for v, t in pairs.iter_chunks(chunk):
+    for v, t in _finite_chunks(pairs, chunk):
         keep = _cosine(v, t) >= threshold
         moments = (moments or Moments(v.shape[1])).update((v - t)[keep])
     if moments.count == 0:
@@ -179,6 +195,8 @@ def _mean(rows: Rows, chunk: int) -> torch.Tensor:
         block = block.to(torch.float64)
         total = block.sum(0) if total is None else total + block.sum(0)
         count += len(block)
+    if not bool(torch.isfinite(total).all()):
+        raise TipcapError(_NOT_FINITE)
     return total / count
 
 
@@ -245,7 +263,7 @@ def estimate_unpaired(
         raise TipcapError("unpaired: no mutual nearest neighbours between images and texts.")
     pseudo = Pairs(images, texts, image_index, text_index)
     moments = None
-    for v, t in pseudo.iter_chunks(chunk):
+    for v, t in _finite_chunks(pseudo, chunk):
         moments = (moments or Moments(v.shape[1])).update(v - t)
     covariance = moments.covariance(shrink)
     details = {"images": len(images), "texts": len(texts)}
@@ -264,8 +282,7 @@ def estimate_text_only(
     dim: int, sigma2: float = CAPDEC_SIGMA2, mu: torch.Tensor | None = None
 ) -> GapEstimate:
     """μ = 0 (or an imported μ, since the gap belongs to the CLIP model), Σ = σ₀²·I."""
-    if sigma2 <= 0:
-        raise TipcapError(f"--sigma2 {sigma2}: must be positive.")
+    check_positive("--sigma2", sigma2)
     mean = torch.zeros(dim, dtype=torch.float64) if mu is None else mu.to(torch.float64)
     covariance = sigma2 * torch.eye(dim, dtype=torch.float64)
     return GapEstimate(

@@ -42,8 +42,10 @@ def join_pairs(texts: EmbeddingStore, images: EmbeddingStore) -> Pairs:
 
 
 def _check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
+    """Refuse stores of the wrong kind, of different CLIPs, or holding NaN or infinite values."""
     if texts.kind != "texts":
         raise TipcapError(f"--texts {texts.path}: is not a caption store (made by 'tipcap embed texts').")
+    texts.check_finite(f"--texts {texts.path}")
     if images is None:
         return
     if images.kind != "images":
@@ -53,6 +55,7 @@ def _check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
             f"--texts {texts.path} and --images {images.path} were embedded with different CLIPs; "
             "embed both with the same --clip and --pretrained."
         )
+    images.check_finite(f"--images {images.path}")
 
 
 def estimate(
@@ -70,6 +73,20 @@ def estimate(
     if setting not in SETTINGS:
         raise TipcapError(f"--setting {setting!r}: use one of {', '.join(SETTINGS)}.")
     _check_stores(texts, images)
+    return _estimate(setting, texts, images, shrink, drop_quantile, sigma2, mu_from, device)
+
+
+def _estimate(
+    setting: str,
+    texts: EmbeddingStore,
+    images: EmbeddingStore | None,
+    shrink: bool,
+    drop_quantile: float,
+    sigma2: float,
+    mu_from: Gap | None,
+    device: str,
+) -> GapEstimate:
+    """:func:`estimate` of checked stores."""
     if setting == "text-only":
         mu = None
         if mu_from is not None:
@@ -109,11 +126,10 @@ def fit_gap(
     covariance = torch.zeros(dim, dim, dtype=torch.float64)
     memory = None
     if kind in _NEEDS_ESTIMATE:
-        fitted = estimate(
-            setting, texts, images, shrink=config.shrinkage, drop_quantile=config.drop_quantile,
-            sigma2=config.sigma2, mu_from=Gap.load(config.mu_from) if config.mu_from else None,
-            device=device,
-        )  # fmt: skip
+        mu_from = Gap.load(config.mu_from) if config.mu_from else None
+        fitted = _estimate(
+            setting, texts, images, config.shrinkage, config.drop_quantile, config.sigma2, mu_from, device
+        )
         mu, covariance = fitted.mu, fitted.covariance
         info.update(fitted.info())
     else:
@@ -132,7 +148,11 @@ def fit_gap(
         raise TipcapError(f"gap.learnable applies to kinds with training noise, not {kind!r}.")
     # Kinds without training noise keep the estimated factor too (mean-shift) or a zero one; a
     # degenerate estimate (one pair, identical pairs) is factored with jitter.
-    scale_tril = cholesky(covariance) if kind in TRAIN_NOISE_KINDS or covariance.any() else covariance
+    source = f"--texts {texts.path}" + (f" and --images {images.path}" if images is not None else "")
+    if kind in TRAIN_NOISE_KINDS or covariance.any():
+        scale_tril = cholesky(covariance, f"the covariance fitted from {source}")
+    else:
+        scale_tril = covariance
     return Gap(
         kind,
         mu,

@@ -231,7 +231,8 @@ class Gap(nn.Module):
         """Read a gap file written by :meth:`save`.
 
         Raises:
-            TipcapError: when the file is missing, not a gap file, or of an unknown version.
+            TipcapError: when the file is missing, not a gap file, of an unknown version, or holds NaN or
+                infinite values.
         """
         path = Path(path)
         if not path.is_file():
@@ -248,6 +249,11 @@ class Gap(nn.Module):
         version = metadata.get("version", "")
         if not version.isdigit() or int(version) > GAP_VERSION:
             raise TipcapError(f"{path}: gap file version {version!r}; this tipcap reads up to {GAP_VERSION}.")
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise TipcapError(
+                    f"{path}: its {name} holds NaN or infinite values; fit the gap again ('tipcap fit-gap')."
+                )
         try:
             return cls._from_saved(metadata, tensors)
         except (KeyError, ValueError) as e:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-_JITTER = 1e-10
+from tipcap.errors import TipcapError
+
+_JITTER_EXPONENTS = range(-10, -3)  # jitter 1e-10 … 1e-4 of the matrix's scale
 
 
 @dataclass
@@ -85,21 +87,26 @@ class Moments:
         return Covariance(matrix, shrinkage, n)
 
 
-def cholesky(covariance: torch.Tensor) -> torch.Tensor:
+def cholesky(covariance: torch.Tensor, what: str = "the covariance") -> torch.Tensor:
     """Lower Cholesky factor of a symmetric PSD matrix ``[d, d]`` (float64), adding jitter if needed.
 
     A matrix that is PSD only up to rounding (or exactly singular, e.g. zero noise) gets the smallest
-    diagonal jitter, growing tenfold from 1e-10 of its scale, that makes it factor.
+    diagonal jitter, growing tenfold from 1e-10 of its scale, that makes it factor; a matrix that needs
+    more than 1e-4 of its scale is no covariance.
+
+    Raises:
+        TipcapError: naming ``what`` when the matrix holds NaN or infinite values or does not factor.
     """
+    if not bool(torch.isfinite(covariance).all()):
+        raise TipcapError(f"{what} holds NaN or infinite values; check the embeddings it comes from.")
     covariance = (covariance + covariance.T) / 2
     factor, info = torch.linalg.cholesky_ex(covariance)
     if int(info) == 0:
         return factor
     scale = max(float(torch.diagonal(covariance).abs().mean()), 1e-12)
     identity = torch.eye(covariance.shape[0], dtype=covariance.dtype)
-    jitter = _JITTER * scale
-    while True:
-        factor, info = torch.linalg.cholesky_ex(covariance + jitter * identity)
+    for exponent in _JITTER_EXPONENTS:
+        factor, info = torch.linalg.cholesky_ex(covariance + 10.0**exponent * scale * identity)
         if int(info) == 0:
             return factor
-        jitter *= 10
+    raise TipcapError(f"{what} is not positive semi-definite (no Cholesky factor even with jitter).")

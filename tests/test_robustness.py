@@ -1,0 +1,364 @@
+"""Faults and mistakes found by probing the command line: each gives one line, never a traceback, a hang,
+a silently wrong result or a half-written store."""
+
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import COCO_SLICE, run, write_images
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tipcap.data import ImageError, load_image
+from tipcap.io import atomic_path
+from tipcap.data.prepare import prepare_dataset
+from tipcap.errors import TipcapError
+from tipcap.gap import Gap, Pairs, cholesky, estimate_web_pairs
+from tipcap.store import EmbeddingStore
+
+ROOT = Path(__file__).parent.parent
+
+
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """Raise ``TimeoutError`` in this thread after ``seconds``, so that a hang fails the test."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def assert_one_line_error(result, *needles: str, exit_code: int = 1) -> None:
+    """A clean refusal: the exit code, no traceback, one ``Error:`` line (after any warnings) holding every
+    needle."""
+    assert result.exit_code == exit_code, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    if exit_code == 1:
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("Error: ") and sum(line.startswith("Error") for line in lines) == 1
+    for needle in needles:
+        assert needle in result.stderr, result.stderr
+
+
+def embed_texts(corpus, clip, out, *extra):
+    return run("embed", "texts", "--corpus", corpus, "--clip", clip, "--pretrained", "none", "--out", out,
+               "--no-progress", *extra)  # fmt: skip
+
+
+def embed_images(source, clip, out, *extra):
+    return run("embed", "images", "--images", source, "--clip", clip, "--pretrained", "none", "--out", out,
+               "--workers", 0, "--no-progress", *extra)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tiny_clip):
+    """Caption and image stores of the COCO slice (120 captions of 24 images)."""
+    root = tmp_path_factory.mktemp("stores")
+    document = json.loads(COCO_SLICE.read_text())
+    for number, image in enumerate(document["images"]):
+        path = root / "coco" / image["filepath"] / image["filename"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), ((53 * number) % 256, (97 * number) % 256, 31)).save(path)
+    assert embed_texts(COCO_SLICE, tiny_clip, root / "texts").exit_code == 0
+    result = embed_images(COCO_SLICE, tiny_clip, root / "images", "--image-root", root / "coco")
+    assert result.exit_code == 0, result.output
+    return root
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target
+
+
+def poison_row(store: Path, row: int, value: float = math.nan) -> None:
+    """Overwrite one row of a single-shard store in place (same size: as a fault on disk would)."""
+    shard = store / "embeddings.safetensors"
+    with safe_open(shard, framework="pt") as f:
+        metadata, embeddings = f.metadata(), f.get_tensor("embeddings")
+    embeddings[row] = value
+    size = shard.stat().st_size
+    save_file({"embeddings": embeddings}, shard, metadata=metadata)
+    assert shard.stat().st_size == size
+
+
+# --- 1. NaN and Inf never hang fit-gap and are never fitted ----------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["texts", "images"])
+def test_fit_gap_names_a_store_with_a_nan_row(stores, tmp_path, which):
+    paths = {"texts": stores / "texts", "images": stores / "images"}
+    paths[which] = copy_store(paths[which], tmp_path / which)
+    poison_row(paths[which], 3)
+    out = tmp_path / "gap.safetensors"
+    with deadline(60):
+        result = run("fit-gap", "--setting", "few-pairs", "--texts", paths["texts"], "--images",
+                     paths["images"], "--out", out)  # fmt: skip
+    assert_one_line_error(result, f"--{which} {paths[which]}", "NaN")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "matrix",
+    [torch.full((4, 4), math.nan), torch.full((4, 4), math.inf), -torch.eye(4)],
+    ids=["nan", "inf", "negative"],
+)
+def test_cholesky_gives_up_after_bounded_jitter(matrix):
+    with deadline(10), pytest.raises(TipcapError, match="the covariance"):
+        cholesky(matrix.to(torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("args", "exit_code", "flag"),
+    [
+        (("--kind", "isotropic", "--sigma2", "nan"), 1, "--sigma2"),
+        (("--kind", "gaussian", "--sigma2", "nan"), 1, "--sigma2"),
+        (("--kind", "isotropic", "--sigma2", "-1"), 2, "--sigma2"),
+        (("--kind", "isotropic", "--sigma2", "0"), 2, "--sigma2"),
+        (("--kind", "memory", "--tau", "0"), 2, "--tau"),
+        (("--kind", "memory", "--tau", "nan"), 1, "--tau"),
+        (("--kind", "memory", "--memory-size", "0"), 2, "--memory-size"),
+    ],
+)
+def test_fit_gap_refuses_meaningless_numbers(stores, tmp_path, args, exit_code, flag):
+    out = tmp_path / "gap.safetensors"
+    with deadline(60):
+        result = run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--out", out, *args)
+    assert_one_line_error(result, flag, exit_code=exit_code)
+    assert not out.exists()
+
+
+def test_web_pairs_refuse_nan_pairs_instead_of_dropping_them():
+    t = torch.nn.functional.normalize(torch.randn(50, 8, dtype=torch.float64), dim=-1)
+    v = t + 0.1
+    v[7] = math.nan
+    with pytest.raises(TipcapError, match="NaN"):
+        estimate_web_pairs(Pairs.of_tensors(v, t), drop_quantile=0.1)
+
+
+@pytest.mark.parametrize("tensor", ["mu", "scale_tril"])
+def test_gap_file_with_nan_is_refused_on_load(tmp_path, tensor):
+    mu, scale_tril = torch.zeros(4), torch.eye(4)
+    {"mu": mu, "scale_tril": scale_tril}[tensor][1] = math.nan
+    path = tmp_path / "gap.safetensors"
+    Gap("gaussian", mu, scale_tril).save(path)
+    with pytest.raises(TipcapError, match=f"{path}.*NaN"):
+        Gap.load(path)
+
+
+# --- 2. two builds into one store -------------------------------------------------------------------------
+
+
+def test_atomic_writes_never_share_a_temporary_file(tmp_path):
+    with atomic_path(tmp_path / "a.json") as first, atomic_path(tmp_path / "a.json") as second:
+        assert first != second
+        first.write_text("first")
+        second.write_text("second")
+    assert (tmp_path / "a.json").read_text() in ("first", "second")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.mark.parametrize("inputs", ["different", "same"])
+def test_two_writers_into_one_store_leave_one_clean_store(tmp_path, tiny_clip, inputs):
+    corpora = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    corpora[0].write_text("".join(f"a photo of a red thing number {i}.\n" for i in range(200)))
+    corpora[1].write_text("".join(f"a blue object, picture {i}.\n" for i in range(150)))
+    if inputs == "same":
+        corpora[1] = corpora[0]
+    args = ["--clip", str(tiny_clip), "--pretrained", "none", "--shard-size", "10", "--no-progress"]
+    references = []
+    for number, corpus in enumerate(corpora):
+        reference = tmp_path / f"reference{number}"
+        assert run("embed", "texts", "--corpus", corpus, "--out", reference, *args).exit_code == 0
+        references.append(store_bytes(reference))
+
+    out = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "tipcap.cli", "embed", "texts", "--out", str(out), *args]
+    writers = [
+        subprocess.Popen(
+            [*command, "--corpus", str(corpus)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for corpus in corpora
+    ]
+    outcomes = [writer.communicate(timeout=300) for writer in writers]
+    assert [writer.returncode for writer in writers] == [0, 0], outcomes
+    assert store_bytes(out) in references
+
+
+# --- 3. a damaged store ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("meta.json", "truncate"),
+        ("ids.json", "truncate"),
+        ("ids.json", "delete"),
+        ("captions.json", "truncate"),
+        ("captions.json", "delete"),
+        ("embeddings.safetensors", "truncate"),
+        ("embeddings.safetensors", "delete"),
+    ],
+)
+def test_damaged_store_is_one_line_and_rebuilt(stores, tmp_path, tiny_clip, name, damage):
+    store = copy_store(stores / "texts", tmp_path / "texts")
+    path = store / name
+    if damage == "delete":
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(TipcapError, match="rebuild") as error:
+        EmbeddingStore.open(store)
+    assert str(store) in str(error.value)
+    result = run("fit-gap", "--setting", "text-only", "--texts", store, "--out", tmp_path / "gap.safetensors")
+    assert_one_line_error(result, str(store))
+
+    result = embed_texts(COCO_SLICE, tiny_clip, store)
+    assert result.exit_code == 0 and result.stdout.startswith("wrote 120"), result.output
+    assert store_bytes(store) == store_bytes(stores / "texts")
+
+
+# --- 4. a failed build never looks finished ---------------------------------------------------------------
+
+
+def test_no_readable_image_fails_again_on_rerun(tmp_path, tiny_clip):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for number in range(3):
+        (folder / f"bad_{number}.jpg").write_bytes(b"not a JPEG at all")
+    out = tmp_path / "store"
+    for _ in range(2):
+        result = embed_images(folder, tiny_clip, out)
+        assert_one_line_error(result, str(out), "skipped.json")
+        assert not (out / "meta.json").exists()
+        assert len(json.loads((out / "skipped.json").read_text())) == 3
+
+
+# --- 5. decompression bombs ------------------------------------------------------------------------------
+
+
+def test_decompression_bomb_is_skipped_with_a_reason(tmp_path, tiny_clip, monkeypatch):
+    folder = tmp_path / "images"
+    write_images(folder, 3)
+    Image.new("RGB", (200, 200)).save(folder / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 200×200 is over twice the limit
+    with pytest.raises(ImageError, match=r"bomb\.png"):
+        load_image(folder / "bomb.png")
+    result = embed_images(folder, tiny_clip, tmp_path / "store")
+    assert result.exit_code == 0 and "1 unreadable images skipped" in result.stdout, result.output
+    skipped = json.loads((tmp_path / "store" / "skipped.json").read_text())
+    assert [s["id"] for s in skipped] == ["bomb.png"] and "pixels" in skipped[0]["reason"]
+
+
+# --- 6. paths outside their roots ------------------------------------------------------------------------
+
+
+def karpathy_entry(filename: str, filepath: str, cocoid: int) -> dict:
+    return {"filepath": filepath, "filename": filename, "cocoid": cocoid, "split": "val",
+            "sentences": [{"raw": "A dog on the grass."}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("source", ["karpathy", "jsonl"])
+def test_image_paths_outside_the_root_are_refused(tmp_path, tiny_clip, source):
+    root = tmp_path / "root"
+    write_images(root / "val2014", 2)
+    outside = write_images(tmp_path / "elsewhere", 2)
+    names = ["val2014/img_000.jpg", "val2014/img_001.jpg", "../elsewhere/img_000.jpg", str(outside[1])]
+    listing = tmp_path / f"images.{'json' if source == 'karpathy' else 'jsonl'}"
+    if source == "karpathy":
+        entries = [karpathy_entry(Path(n).name, str(Path(n).parent), i) for i, n in enumerate(names)]
+        listing.write_text(json.dumps({"images": entries}))
+    else:
+        listing.write_text("".join(json.dumps({"image": n, "caption": "a dog."}) + "\n" for n in names))
+    result = embed_images(listing, tiny_clip, tmp_path / "store", "--image-root", root)
+    assert_one_line_error(result, str(root), "../elsewhere/img_000.jpg", str(outside[1]), "--allow-outside")
+    assert not (tmp_path / "store").exists()
+    result = embed_images(listing, tiny_clip, tmp_path / "store", "--image-root", root, "--allow-outside")
+    assert result.exit_code == 0 and "wrote 4 image embeddings" in result.stdout, result.output
+
+
+def test_prepare_reports_absolute_and_climbing_paths(tmp_path):
+    root = tmp_path / "images"
+    write_images(root / "val2014", 1)
+    (root / "val2014" / "img_000.jpg").rename(root / "val2014" / "COCO_val2014_000000000001.jpg")
+    elsewhere = tmp_path / "elsewhere"
+    write_images(elsewhere, 3)  # img_002.jpg is named by no entry
+    entries = [
+        karpathy_entry("COCO_val2014_000000000001.jpg", "val2014", 1),
+        karpathy_entry("img_000.jpg", str(elsewhere), 2),
+        karpathy_entry("img_001.jpg", "../elsewhere", 3),
+    ]
+    karpathy = tmp_path / "k.json"
+    karpathy.write_text(json.dumps({"images": entries}))
+    result = run("prepare", "coco", "--karpathy", karpathy, "--images", root, "--out", tmp_path / "out",
+                 "--workers", 0, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = prepare_dataset("coco", karpathy, root, tmp_path / "out", workers=0, progress=False)
+    outside = [p["path"] for p in report.problems["outside_root"]]
+    assert outside == [f"{elsewhere}/img_000.jpg", "../elsewhere/img_001.jpg"]
+    assert report.splits["val"].usable == 1 and report.unlisted["count"] == 0
+    assert "outside root: 2" in result.stdout
+
+
+@pytest.mark.parametrize("command", [("train", "--config"), ("ablate",)])
+def test_config_that_is_not_utf8_is_one_line(tmp_path, command):
+    config = tmp_path / "config.yaml"
+    config.write_bytes("model:\n  prompt: caf\u00e9\n".encode("latin-1"))
+    result = run(*command, config, "--out", tmp_path / "out")
+    assert_one_line_error(result, str(config), "UTF-8")
+
+
+# --- 7. sizes that must be positive -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("texts", "--shard-size", "0"),
+        ("texts", "--shard-size", "-1"),
+        ("texts", "--batch-size", "0"),
+        ("texts", "--batch-size", "-1"),
+        ("images", "--shard-size", "-1"),
+        ("images", "--batch-size", "0"),
+        ("images", "--workers", "-1"),
+    ],
+)
+def test_embed_refuses_sizes_below_one(tmp_path, tiny_clip, image_folder, args):
+    kind, *extra = args
+    out = tmp_path / "store"
+    if kind == "texts":
+        result = embed_texts(COCO_SLICE, tiny_clip, out, *extra)
+    else:
+        result = embed_images(image_folder, tiny_clip, out, *extra)
+    assert_one_line_error(result, extra[0], exit_code=2)
+    assert not out.exists()
