@@ -18,10 +18,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tipcap.data import ImageError, load_image
-from tipcap.io import atomic_path
 from tipcap.data.prepare import prepare_dataset
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap, Pairs, cholesky, estimate_web_pairs
+from tipcap.io import atomic_path
 from tipcap.store import EmbeddingStore
 
 ROOT = Path(__file__).parent.parent
