@@ -80,14 +80,17 @@ def test_mistakes_name_the_key(override, message):
         ("seedz=[1]", "config key 'seedz' is unknown"),
         ("eval.beams=wide", "config key 'eval.beams': input should be a valid integer"),
         ("eval.beams=0", "config key 'eval.beams': input should be greater than or equal to 1"),
-        ("seeds=[0, x]", "config key 'seeds[1]': expected int"),
-        ("decoder.train.lr=fast", "config key 'decoder.train.lr': expected float"),
+        ("seeds=[0, x]", "config key 'seeds[1]': input should be a valid integer"),
+        ("decoder.train.lr=fast", "config key 'decoder.train.lr': input should be a valid number"),
         ("few_pairs=lots", "config key 'few_pairs': expected a number of images"),
         ("few_pairs=[1%, 0%]", "config key 'few_pairs': expected a number of images (200), a percentage"),
         ("cells=[{name: a, colour: red}]", "config key 'cells[0].colour' is unknown"),
         ("cells=[{name: a, kind: magic}]", "config key 'cells[0].kind': 'magic' is not one of"),
         ("cells=[{name: a, setting: web}]", "config key 'cells[0].setting': 'web' is not one of"),
-        ("cells=[{name: a, prompt: soft}]", "config key 'cells[0].prompt': expected 'none' | 'pim' | 'hard'"),
+        (
+            "cells=[{name: a, prompt: soft}]",
+            "config key 'cells[0].prompt': input should be 'none', 'pim' or 'hard'",
+        ),
         ("cells=[{name: a, eval_prompts: [user]}]", "config key 'cells[0].eval_prompts[0]'"),
         (
             "cells=[{name: a, few_pairs: 5}]",
@@ -106,7 +109,10 @@ def test_mistakes_name_the_key(override, message):
         ("cells=[]", "no cells to run"),
         ("eval.metrics=[bleu]", "config key 'eval.metrics': ['bleu'] must include cider"),
         ("eval.metrics=[cider, wer]", "config key 'eval.metrics[1]'"),
-        ("cells=[{name: a, set: {gap.sigma2: -1}}]", "config key 'cells[0].set: gap.sigma2'"),
+        (
+            "cells=[{name: a, set: {gap.sigma2: -1}}]",
+            "config key 'cells[0].set.gap.sigma2': input should be greater than 0",
+        ),
         ("web_pairs=null", "config key 'cells[10]': a web-pairs cell needs web_pairs"),
     ],
 )

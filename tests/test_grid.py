@@ -137,7 +137,7 @@ def test_a_cell_override_is_checked_before_anything_runs(grid, tmp_path):
     result = run(
         "ablate", grid / "grid.yaml", "--out", tmp_path / "out", "--set", f"cells={json.dumps(cells)}"
     )
-    assert result.exit_code == 1 and "cells[0].set: eval.beams" in result.stderr, result.output
+    assert result.exit_code == 1 and "config key 'cells[0].set.eval.beams'" in result.stderr, result.output
     assert not (tmp_path / "out").exists()
     cells = [{"name": "bad", "kind": "gaussian", "set": {"embed.precision": "bf16"}}]
     result = run(

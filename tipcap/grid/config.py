@@ -163,6 +163,9 @@ def _validate(config: AblationConfig, path: Path) -> None:
     if not config.karpathy or not config.embed.model:
         raise TipcapError(f"{path}: set karpathy and embed.model (in the file or with --set).")
     _check_few_pairs(config.few_pairs, "few_pairs")
+    # The grid's own stages first, so that a mistake there is not blamed on a cell.
+    from_dict(ExperimentConfig, {**config.decoder, "data": {}}, "decoder")
+    from_dict(GapConfig, config.gap, "gap")
     for index, cell in enumerate(config.cells):
         key = f"cells[{index}]"
         if not _NAME.fullmatch(cell.name):
@@ -252,13 +255,13 @@ def resolve(config: AblationConfig, job: Job, where: str = "set") -> JobConfig:
         set_dotted(stages, dotted, value, f"config key '{where}.{dotted}'")
     gap = None
     if cell.kind in GAP_KINDS:
-        gap = from_dict(GapConfig, stages["gap"], f"{where}: gap")
+        gap = from_dict(GapConfig, stages["gap"], f"{where}.gap")
     decoder = {"model": stages["model"], "train": stages["train"]}
     unknown = sorted(set(config.decoder) - {"model", "train"})
     if unknown:
         raise TipcapError(f"config key 'decoder.{unknown[0]}' is unknown; a decoder has model and train.")
-    from_dict(ExperimentConfig, {**decoder, "data": {}}, f"{where}: decoder")  # fails now, not later
-    evaluation = from_dict(EvalConfig, stages["eval"], f"{where}: eval")
+    from_dict(ExperimentConfig, {**decoder, "data": {}}, where)  # fails now, not later
+    evaluation = from_dict(EvalConfig, stages["eval"], f"{where}.eval")
     if "cider" not in evaluation.metrics:
         raise TipcapError(
             f"config key 'eval.metrics': {evaluation.metrics} must include cider "
