@@ -145,3 +145,17 @@ def test_the_package_exports_the_model_without_importing_torch():
     )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert output.stdout.strip() == "TIPCap"
+
+
+def test_hard_prompt_models_find_auto_prompts_in_their_own_vocabulary(tiny_clip, image_folder):
+    from tipcap.config import ModelConfig
+    from tipcap.training_data import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(["a red circle above a blue square ."])
+    language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
+                      "vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
+    config = ModelConfig(clip_dim=32, language_model_config=language_model, prompt="hard", prefix_length=2)
+    vocabulary = ["red circle", "blue square", "green triangle"]
+    model = TIPCap.build(config, tokenizer, entity_names=vocabulary, clip_spec=ClipSpec(str(tiny_clip)))
+    results = model.caption(images=sorted(image_folder.glob("img_*.jpg")), auto_prompt=True, top_k=2)
+    assert all(len(r.prompt) == 2 and set(r.prompt) <= set(vocabulary) for r in results)
