@@ -194,11 +194,10 @@ def test_cli_score_reproduces_cocoevalcap_and_writes_metrics_json(
         "unpredicted": {"count": 0, "ids": []},
     }
     assert document["command"] == command
-    assert document["versions"] == {
-        "tipcap": __version__,
-        "pycocoevalcap": importlib.metadata.version("pycocoevalcap"),
-        "python": platform.python_version(),
-    }
+    assert document["versions"]["tipcap"] == __version__
+    assert document["versions"]["pycocoevalcap"] == importlib.metadata.version("pycocoevalcap")
+    assert document["versions"]["python"] == platform.python_version()
+    assert document["versions"]["torch"] == importlib.metadata.version("torch")
     assert document["predictions"] == str(predictions) and document["split"] is None
     # The terminal: the summary line, no problem lines, a table row per metric with the written value.
     lines = result.stdout.splitlines()

@@ -13,10 +13,8 @@ stays cheap.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 import math
-import platform
 import shutil
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tipcap.io
+from tipcap import __version__, provenance
 from tipcap.data.karpathy import ImageId, check_split, is_karpathy, parse_karpathy
 from tipcap.errors import TipcapError
 from tipcap.io import load_json
@@ -472,17 +471,6 @@ def format_table(metrics: Mapping[str, float], skipped: Mapping[str, str] | None
     return "\n".join(lines)
 
 
-def versions() -> dict[str, str]:
-    """Versions of tipcap, pycocoevalcap and Python, for the record in ``metrics.json``."""
-    from tipcap import __version__
-
-    try:
-        pycocoevalcap = importlib.metadata.version("pycocoevalcap")
-    except importlib.metadata.PackageNotFoundError:
-        pycocoevalcap = "unknown"
-    return {"tipcap": __version__, "pycocoevalcap": pycocoevalcap, "python": platform.python_version()}
-
-
 def metrics_path(predictions_path: str | Path, out: str | Path | None = None) -> Path:
     """Where ``metrics.json`` goes: ``OUT/metrics.json``, else ``<stem>.metrics.json`` by the predictions."""
     if out is not None:
@@ -530,7 +518,7 @@ def metrics_document(
         "references": str(references),
         "split": split,
         "command": list(command),
-        "versions": versions(),
+        "versions": {"tipcap": __version__, **provenance.versions()},
         "per_image": [{"image_id": image_id, **scores} for image_id, scores in result["per_image"].items()],
     }
 

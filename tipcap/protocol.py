@@ -92,7 +92,13 @@ def _model_captions(
     if config.prompt == "oracle":
         if oracle is None:
             raise TipcapError("eval.prompt oracle needs the ground-truth entity words of every image.")
-        prompts = [oracle.get(image_id, []) for image_id in image_ids]
+        missing = [image_id for image_id in image_ids if image_id not in oracle]
+        if missing:
+            raise TipcapError(
+                f"eval.prompt oracle: {len(missing)} of the {len(image_ids)} images have no ground-truth "
+                f"entity words (image {missing[0]!r} first)."
+            )
+        prompts = [oracle[image_id] for image_id in image_ids]
     results = model.caption(
         embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", num_beams=config.beams,
         max_new_tokens=config.max_tokens, batch_size=config.batch_size, top_k=config.top_k,

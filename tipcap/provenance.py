@@ -8,8 +8,9 @@ A record says what made an artifact::
      "tipcap": "0.1.0", "versions": {...},       the software that made it
      "command": ["tipcap", "embed", ...]}        how it was asked for
 
-Its *key* is the first three entries: two artifacts with equal keys have equal content, so caches (embedding
-stores, grid cells) compare keys, and nothing outside the key decides whether an artifact is reused.
+Its *key* is the first three entries: two artifacts with equal keys have equal content. Embedding stores are
+reused exactly when their keys match; the key of a store feeds, through its digest, the records of the gaps,
+runs and evaluations made from it.
 """
 
 from __future__ import annotations

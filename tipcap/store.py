@@ -8,8 +8,10 @@ A store is a directory::
     captions.json                  caption stores only: the normalised caption of each row
     embeddings.safetensors         [N, d] float16, or shards embeddings-00000-of-00004.safetensors, ...
     skipped.json                   image stores only, when some images could not be read
+    provenance.json                the store's provenance record (:mod:`tipcap.provenance`)
 
-A store is identified by its *key* (store kind, CLIP identity, a fingerprint of the inputs, dtype). It is
+A store is identified by its *key*, the key of its provenance record: the store kind, the CLIP's identity,
+the encoder's resolved precision, device type and batch size, and a fingerprint of the rows encoded. It is
 reused only when the key and the store format match and its files have the sizes ``meta.json`` records;
 otherwise it is rebuilt from scratch, never mixed. The same inputs give the same bytes, so stores can be
 compared by checksum. Shards are written to a temporary name and renamed, so a shard file that exists is

@@ -326,7 +326,8 @@ class Ablation:
             title = (
                 f"Decoders trained on {source}, evaluated on the {self.config.eval_split} split of {target}."
             )
-        (self.out / "table.md").write_text(markdown_table(rows, title), encoding="utf-8")
+        with atomic_path(self.out / "table.md") as tmp:
+            tmp.write_text(markdown_table(rows, title), encoding="utf-8")
         plot_cider(rows, self.out / "cider.png")
         fraction_plot = self.out / "cider_vs_pairs.png"
         if any(row["few_pairs"] for row in rows):

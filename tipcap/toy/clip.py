@@ -8,7 +8,6 @@ most of the modality gap, which would make the gap problem too easy to study.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -22,7 +21,7 @@ from tqdm.auto import tqdm
 
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
-from tipcap.io import atomic_path
+from tipcap.io import atomic_path, write_json_atomic
 
 # How train_toyclip trains: bump whenever a change makes the same arguments train another CLIP, so that
 # caches keyed by it (the demo's) are not reused across the change.
@@ -91,7 +90,7 @@ def train_toyclip(
     karpathy, out = Path(karpathy), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config_path = out / "toyclip.json"
-    config_path.write_text(json.dumps(config or TOYCLIP_CONFIG, indent=1))
+    write_json_atomic(config_path, config or TOYCLIP_CONFIG)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     encoder = ClipEncoder.load(ClipSpec(str(config_path), "none", seed), device="cpu", precision="fp32")
@@ -127,5 +126,5 @@ def train_toyclip(
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
     spec = ClipSpec(str(config_path), str(weights))
     report = ToyClipReport(steps, seconds, **measure(ClipEncoder.load(spec, device="cpu"), karpathy))
-    (out / "toyclip_report.json").write_text(json.dumps(asdict(report), indent=1))
+    write_json_atomic(out / "toyclip_report.json", asdict(report))
     return spec, report
