@@ -10,6 +10,7 @@ import torch
 from conftest import run
 
 from tipcap.clip import ClipSpec
+from tipcap.gap import Gap
 from tipcap.model import TIPCap
 from tipcap.store import EmbeddingStore
 
@@ -41,9 +42,18 @@ def test_model_captions_images_and_embeddings_as_the_command_does(prompt_model, 
     from_embeddings = model.caption(embeddings=embeddings)
     assert [r.caption for r in from_embeddings] == [r.caption for r in from_images]
     assert all(r.image is None for r in from_embeddings)
-    # Decoding the raw image embeddings without the gap is another computation, named apart.
-    raw = model.decode_text_side(embeddings, num_beams=5)
-    assert raw != [r.caption for r in from_images]
+
+
+def test_caption_applies_the_models_gap_and_decode_text_side_does_not(prompt_model):
+    root, _, model_dir = prompt_model
+    model = TIPCap.from_pretrained(model_dir, device="cpu")
+    embeddings = EmbeddingStore.open(root / "held_out").embeddings().float()[:16]
+    mu = embeddings.mean(0)
+    model.gap = Gap("mean-shift", mu, torch.zeros(len(mu), len(mu)), clip=model.gap.clip)
+    shifted = torch.nn.functional.normalize(embeddings - mu, dim=-1)
+    captions = [r.caption for r in model.caption(embeddings=embeddings, num_beams=2)]
+    assert captions == model.decode_text_side(shifted, num_beams=2)
+    assert captions != model.decode_text_side(embeddings, num_beams=2)
 
 
 def test_unreadable_images_become_per_image_errors(prompt_model, image_folder):

@@ -212,7 +212,7 @@ def embed_texts_command(
     help="Embed images whose paths lead outside the image root (absolute, or climbing out with '..').",
 )
 @click.option(
-    "--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images per forward pass."
+    "--batch-size", default=None, type=click.IntRange(min=1), help="Images per forward pass [default: 64]."
 )
 @click.option(
     "--workers",
