@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,16 +79,16 @@ def test_save_and_load_give_identical_logits_and_no_pickles(memorised, coco_text
         first = model(embeddings, ids, mask).logits
         second = again(embeddings, ids, mask).logits
     assert torch.equal(first, second)
-    for path in (memorised / "model").iterdir():
+    files = [path for path in (memorised / "model").rglob("*") if path.is_file()]
+    assert (memorised / "model" / "clip" / "tiny-clip.json") in files  # the model carries its CLIP's config
+    for path in files:
         assert path.suffix in (".json", ".safetensors", ".txt"), f"unexpected file {path.name}"
         assert not path.read_bytes().startswith(b"\x80"), f"{path.name} looks like a pickle"
 
 
 def test_incompatible_model_directory_is_refused(memorised, tmp_path):
     copy = tmp_path / "old"
-    copy.mkdir()
-    for path in (memorised / "model").iterdir():
-        (copy / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(memorised / "model", copy)
     document = json.loads((copy / "config.json").read_text())
     document["format"] = 99
     (copy / "config.json").write_text(json.dumps(document))
@@ -160,9 +161,9 @@ def test_bad_config_key_is_named(coco_texts, tmp_path):
 def test_rows_without_prompt_words_take_the_prompt_free_path(prompt_model):
     root, _, _ = prompt_model
     config = load_config(TINY, [f"data.train_texts={root / 'train'}", "model.prompt=pim"])
-    from tipcap.train import Trainer
+    from tipcap.training_setup import build_training
 
-    model = Trainer(config, root / "unused", progress=False).model.eval()
+    model = build_training(config, torch.device("cpu")).model.eval()
     embeddings = EmbeddingStore.open(root / "train").gather(torch.arange(4)).float()
     ids = torch.randint(0, len(model.tokenizer), (4, 7))
     mask = torch.ones_like(ids)
