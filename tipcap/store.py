@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from tipcap import __version__
 from tipcap.data.files import atomic_path, write_json_atomic
 from tipcap.errors import TipcapError
+from tipcap.progress import progress_bar
 
 STORE_FORMAT = 2
 META = "meta.json"
@@ -223,7 +223,7 @@ def build_store(
         write_json_atomic(building, plan)
     digest = _key_digest(plan)
 
-    bar = tqdm(total=num_rows, unit="row", disable=not progress, desc=f"embedding {key['kind']}")
+    bar = progress_bar(total=num_rows, unit="row", disable=not progress, desc=f"embedding {key['kind']}")
     for index in range(num_shards):
         rows = range(index * shard_size, min(num_rows, (index + 1) * shard_size))
         path = out / shard_name(index, num_shards)

@@ -34,7 +34,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
-from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast, get_scheduler
 
 from tipcap import __version__
@@ -43,6 +42,7 @@ from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.model import TIPCap, load_tokenizer
+from tipcap.progress import progress_bar
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, sample_training_prompt
 from tipcap.store import EmbeddingStore
 
@@ -464,7 +464,7 @@ class Trainer:
         step, epoch, position = self._resume() if resume else (0, 0, 0)
         self._write_run_info(step)
         self.model.train()
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=step,
             disable=not (self.progress and self.env.main),
