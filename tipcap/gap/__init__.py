@@ -15,7 +15,7 @@ from tipcap.gap.estimate import (
     estimate_web_pairs,
     mutual_nearest_neighbours,
 )
-from tipcap.gap.fit import estimate, fit_gap, join_pairs
+from tipcap.gap.fit import estimate_gap, fit_gap, join_pairs
 from tipcap.gap.model import CAPDEC_SIGMA2, KINDS, Gap
 from tipcap.gap.moments import Moments, cholesky
 from tipcap.gap.report import format_report, gap_report, plot_gap
@@ -30,8 +30,8 @@ __all__ = [
     "Pairs",
     "TensorRows",
     "cholesky",
-    "estimate",
     "estimate_few_pairs",
+    "estimate_gap",
     "estimate_text_only",
     "estimate_unpaired",
     "estimate_web_pairs",

@@ -51,7 +51,7 @@ def _check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
         )
 
 
-def estimate(
+def estimate_gap(
     setting: str,
     texts: EmbeddingStore,
     images: EmbeddingStore | None = None,
@@ -120,7 +120,7 @@ def fit_gap(
     covariance = torch.zeros(dim, dim, dtype=torch.float64)
     memory = None
     if kind in _NEEDS_ESTIMATE:
-        fitted = estimate(
+        fitted = estimate_gap(
             setting, texts, images, shrink=shrink, drop_quantile=drop_quantile, sigma2=sigma2,
             mu_from=mu_from, device=device,
         )  # fmt: skip
