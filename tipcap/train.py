@@ -479,9 +479,14 @@ class Trainer:
             batches = self._batches(epoch)
             groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
             for group_index in range(position, len(groups)):
+                # Each micro-batch's mean token loss weighs by its share of the group's caption tokens,
+                # so that accumulated micro-batches give the gradient of one batch of them all.
+                group_tokens = sum(
+                    len(self.train_data.token_ids[r]) for rows in groups[group_index] for r in rows
+                )
                 for micro, rows in enumerate(groups[group_index]):
                     loss, tokens = self._loss(rows, step * cfg.accumulate + micro)
-                    (loss / len(groups[group_index])).backward()
+                    (loss * (tokens / group_tokens)).backward()
                     finite &= torch.isfinite(loss.detach())
                     window_loss += loss.detach() * tokens
                     window_tokens += tokens
