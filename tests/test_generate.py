@@ -1,11 +1,16 @@
 """Captioning images with `tipcap caption` and the Captioner: corrupt files, prompts, batching."""
 
 import json
+from pathlib import Path
 
 import torch
 from conftest import run
+from PIL import Image
+from torch.nn.functional import normalize
 
+from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.generate import Captioner
+from tipcap.model import TIPCap
 from tipcap.store import EmbeddingStore
 
 
@@ -35,12 +40,21 @@ def test_prompt_changes_the_caption(prompt_model, image_folder, tmp_path):
     )
 
 
-def test_auto_prompt_records_the_entities_used(prompt_model, image_folder, tmp_path):
+def test_auto_prompt_records_the_three_entities_nearest_the_image(prompt_model, image_folder, tmp_path):
     _, _, model_dir = prompt_model
     out = tmp_path / "auto.jsonl"
     assert run("caption", image_folder, "--model", model_dir, "--auto-prompt", "--out", out).exit_code == 0
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(records) == 6 and all(1 <= len(r["prompt"]) <= 3 for r in records)
+    model = TIPCap.from_pretrained(model_dir)
+    encoder = ClipEncoder.load(ClipSpec(**model.clip_spec), device="cpu")
+    paths = sorted(image_folder.glob("img_*.jpg"))
+    pixels = torch.stack([encoder.preprocess(Image.open(path).convert("RGB")) for path in paths])
+    cosine = normalize(encoder.encode_images(pixels), dim=-1) @ normalize(model.entity_embeddings, dim=-1).T
+    nearest = {
+        path.name: [model.entity_names[i] for i in row]
+        for path, row in zip(paths, cosine.topk(3).indices.tolist(), strict=True)
+    }
+    assert {Path(r["image"]).name: r["prompt"] for r in records} == nearest
 
 
 def test_batched_captions_equal_one_at_a_time(prompt_model):
