@@ -68,6 +68,7 @@ def grid(tmp_path_factory, tiny_clip):
     return root
 
 
+@pytest.mark.slow
 def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     out = grid / "ablation"
     calls = {"train": 0, "evaluate": 0}
@@ -142,6 +143,7 @@ def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
     assert regenerated[0] != first[0] and made[3:] == ["world", "clip"]
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     """The reduced demo from an empty cache: world, CLIP, five methods; a rerun reuses everything."""
     out = tmp_path / "demo"
@@ -197,6 +199,7 @@ def coco_overrides(prepared, images, tiny_clip, cells):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_path):
     """The shipped COCO grid, reduced, on prepared data: a few-pairs sweep, unpaired halves, the baselines."""
     out = tmp_path / "grid"

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run
 from PIL import Image
@@ -12,6 +13,9 @@ from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.generate import Captioner
 from tipcap.model import TIPCap
 from tipcap.store import EmbeddingStore
+
+# Every test here reads the prompt_model fixture, a decoder trained for 800 steps.
+pytestmark = pytest.mark.slow
 
 
 def test_caption_folder_with_a_corrupt_image(prompt_model, image_folder):

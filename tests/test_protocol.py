@@ -10,6 +10,9 @@ from torch.nn.functional import normalize
 
 from tipcap.store import EmbeddingStore
 
+# Every test here reads the prompt_model fixture, a decoder trained for 800 steps.
+pytestmark = pytest.mark.slow
+
 FAST_METRICS = ("--metrics", "bleu,rouge,cider")
 
 

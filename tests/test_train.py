@@ -42,6 +42,7 @@ def memorised(tmp_path_factory, coco_texts) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_tiny_model_memorises_its_captions(memorised, coco_texts):
     records = [json.loads(line) for line in (memorised / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
@@ -54,6 +55,7 @@ def test_tiny_model_memorises_its_captions(memorised, coco_texts):
     assert [normalise(g) for g in generated] == [normalise(captions[r]) for r in rows]
 
 
+@pytest.mark.slow
 def test_save_and_load_give_identical_logits_and_no_pickles(memorised, coco_texts, tmp_path):
     model = TIPCap.from_pretrained(memorised / "model")
     model.save_pretrained(tmp_path / "copy")
@@ -71,6 +73,7 @@ def test_save_and_load_give_identical_logits_and_no_pickles(memorised, coco_text
         assert not path.read_bytes().startswith(b"\x80"), f"{path.name} looks like a pickle"
 
 
+@pytest.mark.slow
 def test_incompatible_model_directory_is_refused(memorised, tmp_path):
     copy = tmp_path / "old"
     copy.mkdir()
@@ -93,6 +96,7 @@ def _train_command(store: Path, out: Path, *extra: str) -> list[str]:
             "--set", "train.checkpoint_every=40", "--out", str(out), "--no-progress", *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(coco_texts, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     reference = tmp_path / "reference"
@@ -117,6 +121,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(coco_texts, tmp_path):
     assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 80
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_agree(coco_texts, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -145,6 +150,7 @@ def test_bad_config_key_is_named(coco_texts, tmp_path):
     assert result.exit_code == 1 and "config key 'train.lrr' is unknown" in result.stderr
 
 
+@pytest.mark.slow
 def test_rows_without_prompt_words_take_the_prompt_free_path(prompt_model):
     root, _, _ = prompt_model
     config = load_config(TINY, [f"data.train_texts={root / 'train'}", "model.prompt=pim"])
@@ -164,6 +170,7 @@ def test_rows_without_prompt_words_take_the_prompt_free_path(prompt_model):
     assert (mixed[[0, 2]] - plain[[0, 2]]).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_projector_input_is_standardised_on_the_training_embeddings(memorised, coco_texts):
     model = TIPCap.from_pretrained(memorised / "model")
     embeddings = EmbeddingStore.open(coco_texts).embeddings().float()
@@ -174,6 +181,7 @@ def test_projector_input_is_standardised_on_the_training_embeddings(memorised, c
     assert (model.input_mean.norm() / embeddings.norm(dim=1).mean()).item() > 0.3
 
 
+@pytest.mark.slow
 def test_trained_prompts_steer_held_out_captions(prompt_model):
     root, held_out, model_dir = prompt_model
     model = TIPCap.from_pretrained(model_dir)
