@@ -4,6 +4,7 @@ Everything is offline: ``HF_HUB_OFFLINE`` is set before any Hugging Face client 
 that reaches for the hub fails at once instead of retrying for minutes.
 """
 
+import gzip
 import json
 import os
 import random
@@ -87,6 +88,50 @@ def image_folder(tmp_path) -> Path:
 def run(*args):
     """Invoke the command line in-process."""
     return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def coco_texts(tmp_path_factory, tiny_clip) -> Path:
+    """A caption store of the 120 COCO captions of the test slice, embedded with the tiny CLIP."""
+    out = tmp_path_factory.mktemp("train") / "texts"
+    result = run("embed", "texts", "--corpus", COCO_SLICE, "--clip", tiny_clip, "--pretrained", "none",
+                 "--out", out, "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def karpathy_references(path: Path, split: str) -> dict:
+    """Each image's raw reference captions in a Karpathy file's ``split``, keyed as the protocol keys them."""
+    document = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
+    references = {}
+    for entry in document["images"]:
+        if entry["split"] == split:
+            stem = Path(entry["filename"]).stem
+            image_id = entry.get("cocoid", int(stem) if stem.isdigit() else stem)
+            references[image_id] = [sentence["raw"] for sentence in entry["sentences"]]
+    return references
+
+
+def pycocoevalcap_cider(predictions: list[dict], references: dict) -> float:
+    """CIDEr of ``[{"image_id", "caption"}]`` against ``{image_id: [captions]}``, by pycocoevalcap only."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tokenizer = PTBTokenizer()
+    res = tokenizer.tokenize({p["image_id"]: [{"caption": p["caption"]}] for p in predictions})
+    gts = tokenizer.tokenize(
+        {p["image_id"]: [{"caption": c} for c in references[p["image_id"]]] for p in predictions}
+    )
+    return float(Cider().compute_score(gts, res)[0])
+
+
+def grid_row_cider(out: Path, row: dict, references: dict) -> float:
+    """pycocoevalcap's CIDEr of the predictions behind a row of an ablation's ``results.csv``."""
+    seed = f"-seed{row['seed']}" if row["seed"] != "" else ""
+    predictions = json.loads(
+        (out / "eval" / f"{row['cell']}{seed}-{row['eval_prompt']}" / "predictions.json").read_text()
+    )
+    return pycocoevalcap_cider(predictions, references)
 
 
 ANIMALS = ["dog", "cat", "horse", "sheep", "cow", "bird", "elephant", "zebra"]

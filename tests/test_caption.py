@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import run
 
@@ -13,6 +14,9 @@ from tipcap.clip import ClipSpec
 from tipcap.gap import Gap
 from tipcap.model import TIPCap
 from tipcap.store import EmbeddingStore
+
+# The tests here read decoders trained for hundreds of steps (conftest's prompt_model and plain_model).
+pytestmark = pytest.mark.slow
 
 
 def test_caption_folder_with_a_corrupt_image(prompt_model, image_folder):

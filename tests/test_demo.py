@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from conftest import run
 
@@ -56,6 +57,7 @@ def test_cache_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
     assert caches == [tmp_path / "xdg" / "tipcap", *[home / ".cache" / "tipcap"] * 3]
 
 
+@pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
     """The reduced demo from an empty cache: world, CLIP, five methods; a rerun reuses everything."""
     out = tmp_path / "demo"

@@ -22,8 +22,8 @@ from tipcap.gap import (
     Pairs,
     TensorRows,
     cholesky,
-    estimate,
     estimate_few_pairs,
+    estimate_gap,
     estimate_text_only,
     estimate_unpaired,
     estimate_web_pairs,
@@ -661,7 +661,7 @@ def test_join_pairs_pairs_each_caption_with_its_own_image(stores):
 
 
 def test_few_pairs_mu_from_stores_is_the_known_offset(stores):
-    fitted = estimate("few-pairs", stores["texts"], stores["images"])
+    fitted = estimate_gap("few-pairs", stores["texts"], stores["images"])
     assert fitted.pairs_used == stores["paired"]
     assert torch.allclose(fitted.mu, stores["expected_mu"], rtol=0, atol=2e-3)  # fp16 storage
     cosine = torch.nn.functional.cosine_similarity(fitted.mu, stores["offset"], dim=0)
@@ -680,7 +680,7 @@ def test_fit_gap_every_setting_and_kind(stores, setting, kind):
     assert torch.equal(gap.scale_tril, torch.tril(gap.scale_tril))
     identity = torch.eye(D)
     if kind in ("gaussian", "mean-shift", "cov-noise"):
-        fitted = estimate(setting, texts, images)
+        fitted = estimate_gap(setting, texts, images)
         assert torch.allclose(gap.mu, fitted.mu.float(), atol=1e-6)
         assert torch.allclose(gap.covariance.double(), fitted.covariance, rtol=0, atol=1e-5)
         assert bool((torch.diagonal(gap.scale_tril) > 0).all())
@@ -737,7 +737,7 @@ def test_fit_gap_refuses_stores_of_different_clips(stores):
         with pytest.raises(TipcapError, match="different CLIPs"):
             fit_gap(GapConfig(setting=setting, kind="gaussian"), stores["texts"], stores["other_clip"])
         with pytest.raises(TipcapError, match="different CLIPs"):
-            estimate(setting, stores["texts"], stores["other_clip"])
+            estimate_gap(setting, stores["texts"], stores["other_clip"])
 
 
 def test_text_only_gap_imports_mu_from_another_gap(stores, tmp_path):
@@ -771,7 +771,7 @@ def test_fit_gap_options_and_errors(stores):
     learnable = fit_gap(GapConfig(setting="few-pairs", kind="gaussian", learnable=True), texts, images)
     assert learnable.learnable and float(learnable.kl_to_prior().detach()) == pytest.approx(0.0, abs=1e-4)
     assert not fit_gap(GapConfig(setting="few-pairs", kind="cov-noise", renorm=False), texts, images).renorm
-    raw = estimate("few-pairs", texts, images, shrink=False)
+    raw = estimate_gap("few-pairs", texts, images, shrink=False)
     assert not raw.shrinkage  # not shrunk (None, or 0)
     with pytest.raises(TipcapError, match="learnable"):
         fit_gap(GapConfig(setting="few-pairs", kind="mean-shift", learnable=True), texts, images)

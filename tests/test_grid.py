@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run
+from conftest import grid_row_cider, karpathy_references, run
 
 import tipcap.grid.runner
 from tipcap.config import load_config
@@ -69,6 +69,7 @@ def grid(tmp_path_factory, tiny_clip):
     return root
 
 
+@pytest.mark.slow
 def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     out = grid / "ablation"
     calls = {"train": 0, "evaluate": 0}
@@ -102,13 +103,17 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
         ("none", "none"), ("supervised", "none"), ("gaussian-few-pairs", "none"), ("prompts", "none"),
         ("prompts", "oracle"),
     ]  # fmt: skip
-    assert all(0.0 <= float(r["object_f1"]) <= 1.0 and float(r["CIDEr"]) >= 0 for r in rows)
+    references = karpathy_references(grid / "world" / "toyworld.json", "test")
+    expected = [grid_row_cider(out, r, references) for r in rows]
+    assert all(0.0 <= float(r["object_f1"]) <= 1.0 for r in rows) and max(expected) > 0
+    assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "| prompts | oracle | 1 |" in table
     assert (out / "cider.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "gaps" / "gaussian-few-pairs.png").is_file()
 
 
+@pytest.mark.slow
 def test_cells_override_gap_and_evaluation_settings(grid, tmp_path):
     overrides = {"gap.renorm": False, "gap.shrinkage": False, "eval.beams": 3}
     cells = [{"name": "plain", "kind": "gaussian", "setting": "few-pairs"},
@@ -171,6 +176,7 @@ def coco_overrides(prepared, images, tiny_clip, cells):
     ]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_path):
     """The shipped COCO grid, reduced, on prepared data: a few-pairs sweep, unpaired halves, the baselines."""
     out = tmp_path / "grid"
@@ -190,7 +196,10 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     assert float(fraction["supervised"]) == 1.0 and fraction["isotropic"] == ""
     assert float(fraction["gaussian-few-pairs-10pct"]) == pytest.approx(20 / 197)  # 10% of the 197 usable
     assert float(fraction["gaussian-few-pairs-50pct"]) == pytest.approx(98 / 197)
-    assert all(r["train_data"] == r["eval_data"] == "coco" and float(r["CIDEr"]) >= 0 for r in rows)
+    references = karpathy_references(prepared_coco / "dataset.json", "val")
+    expected = [grid_row_cider(out, r, references) for r in rows]
+    assert all(r["train_data"] == r["eval_data"] == "coco" for r in rows) and max(expected) > 0
+    assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     assert {r["setting"] for r in rows if r["kind"] == "supervised"} == {"all-pairs"}
 
     texts = set(json.loads((out / "stores" / "train-text" / "captions.json").read_text()))

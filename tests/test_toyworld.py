@@ -1,8 +1,13 @@
 """The toy world: deterministic generation, readable by every reader, object F1, web pairs."""
 
 import json
+from types import SimpleNamespace
 
+import pytest
+import torch
 from conftest import run
+from PIL import Image
+from torch.nn.functional import normalize
 
 from tipcap.data import list_images, load_image, read_captions
 from tipcap.toy.scoring import object_f1
@@ -78,9 +83,47 @@ def test_toy_clip_trains_saves_and_loads_like_any_clip(tmp_path, tiny_clip):
     )
     encoder = ClipEncoder.load(spec, device="cpu")
     assert abs(float(encoder.model.logit_scale.detach().exp()) - 100.0) < 1e-3
-    assert report.steps == 3 and 0.0 <= report.recall_at_1 <= 1.0 and report.mu_norm > 0
+    assert report.steps == 3 and report.mu_norm > 0
+    entries = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == "val"]
+    files = [karpathy.parent / e["filepath"] / e["filename"] for e in entries]
+    images = encoder.encode_images(
+        torch.stack([encoder.preprocess(Image.open(f).convert("RGB")) for f in files])
+    )
+    texts = encoder.encode_texts([s["raw"] for e in entries for s in e["sentences"]]).embeddings
+    owner = torch.tensor([i for i, e in enumerate(entries) for _ in e["sentences"]])
+    nearest = (normalize(images, dim=-1) @ normalize(texts, dim=-1).T).argmax(dim=1)
+    hits = int((owner[nearest] == torch.arange(len(entries))).sum())
+    assert report.recall_at_1 == pytest.approx(hits / len(entries))
     assert json.loads((tmp_path / "clip" / "toyclip_report.json").read_text())["steps"] == 3
     result = run("embed", "images", "--images", karpathy, "--split", "test", "--clip", spec.model,
                  "--pretrained", spec.pretrained, "--out", tmp_path / "store", "--workers", "0",
                  "--no-progress")  # fmt: skip
     assert result.exit_code == 0 and "wrote 10 image embeddings" in result.stdout
+
+
+class ConstructedEncoder:
+    """Embeds the n images of a split, in order, as the basis vectors e_i and their captions as e_i, except
+    the captions of the first ``wrong`` images, as -e_i: so recall@1 is (n - wrong)/n."""
+
+    def __init__(self, n: int, wrong: int):
+        self.basis, self.wrong = torch.eye(n), wrong
+
+    def preprocess(self, image):
+        return torch.zeros(1)
+
+    def encode_images(self, pixels):
+        return self.basis[: len(pixels)]
+
+    def encode_texts(self, captions):
+        per_image = len(captions) // len(self.basis)
+        signs = torch.tensor([-1.0 if i < self.wrong else 1.0 for i in range(len(self.basis))])
+        return SimpleNamespace(embeddings=(signs[:, None] * self.basis).repeat_interleave(per_image, dim=0))
+
+
+def test_toy_clip_measures_are_known_on_a_constructed_encoder(tmp_path):
+    from tipcap.toyclip import measure
+
+    figures = measure(ConstructedEncoder(10, wrong=3), make_world(tmp_path / "w"), split="val")
+    assert figures == pytest.approx(
+        {"recall_at_1": 0.7, "matched_cosine": 0.4, "within_modality_cosine": 0.0, "mu_norm": 0.2 * 3**0.5}
+    )

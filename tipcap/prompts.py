@@ -7,7 +7,8 @@ blindly; at inference they are given by the user or chosen by CLIP zero-shot cla
 against the vocabulary (:func:`entity_text_embeddings`, :func:`zero_shot_entities`).
 
 The decoder sees prompt words through their frozen CLIP text embeddings: :class:`PromptInteraction` lets the
-K prefix vectors attend to them through a residual gate that starts at zero, so "no prompt" is exactly the
+K prefix vectors attend to them through a residual gate that starts half open (tanh 0.5 ≈ 0.46: a gate at
+zero would leave the attention without gradient); rows without prompt words take exactly the
 prompt-free path. :func:`hard_prompt` is the ViECap-style text baseline.
 
 Shapes: ``B`` batch, ``K`` prefix length, ``P`` prompt words, ``V`` vocabulary entries, ``d`` CLIP dimension.

@@ -36,11 +36,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from tipcap import __version__, provenance
 from tipcap.errors import TipcapError
 from tipcap.io import atomic_path, write_json_atomic
+from tipcap.progress import progress_bar
 from tipcap.provenance import sha256_json
 
 STORE_FORMAT = 3
@@ -352,7 +352,7 @@ def _build(
         write_json_atomic(building, plan)
     digest = sha256_json(plan)
 
-    bar = tqdm(total=num_rows, unit="row", disable=not progress, desc=f"embedding {key['artifact']}")
+    bar = progress_bar(total=num_rows, unit="row", disable=not progress, desc=f"embedding {key['artifact']}")
     for index in range(num_shards):
         rows = range(index * shard_size, min(num_rows, (index + 1) * shard_size))
         path = out / shard_name(index, num_shards)

@@ -34,13 +34,13 @@ import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from tipcap import provenance
 from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
 from tipcap.io import write_json_atomic
+from tipcap.progress import progress_bar
 from tipcap.prompts import sample_training_prompt
 from tipcap.training_data import collate, epoch_batches
 from tipcap.training_setup import TrainingSetup, build_training
@@ -313,7 +313,7 @@ class Trainer:
         step, epoch, position = self._resume() if resume else (0, 0, 0)
         self._write_run_info(step)
         self.model.train()
-        bar = tqdm(
+        bar = progress_bar(
             total=self.total_steps,
             initial=step,
             disable=not (self.progress and self.env.main),
@@ -328,9 +328,14 @@ class Trainer:
             batches = self._batches(epoch)
             groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
             for group_index in range(position, len(groups)):
+                # Each micro-batch's mean token loss weighs by its share of the group's caption tokens,
+                # so that accumulated micro-batches give the gradient of one batch of them all.
+                group_tokens = sum(
+                    len(self.train_data.token_ids[r]) for rows in groups[group_index] for r in rows
+                )
                 for micro, rows in enumerate(groups[group_index]):
                     loss, tokens = self._loss(rows, step * cfg.accumulate + micro)
-                    (loss / len(groups[group_index])).backward()
+                    (loss * (tokens / group_tokens)).backward()
                     finite &= torch.isfinite(loss.detach())
                     window_loss += loss.detach() * tokens
                     window_tokens += tokens

@@ -29,13 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from tipcap import __version__
 from tipcap.data.images import IMAGE_SUFFIXES, ImageError, load_image, outside
 from tipcap.data.karpathy import ImageId, is_karpathy, parse_karpathy, split_matches
 from tipcap.errors import TipcapError
 from tipcap.io import load_json, write_json_atomic
+from tipcap.progress import progress_bar
 
 DATASETS = ("coco", "flickr30k")
 SPLIT_NAMES = ("train", "val", "test")
@@ -162,7 +161,7 @@ def check_image(path: Path) -> str | None:
 
 def _check_all(paths: list[Path], workers: int, progress: bool) -> Iterator[str | None]:
     """:func:`check_image` for every path, in order, decoding in ``workers`` processes (0: in this one)."""
-    bar = tqdm(total=len(paths), unit="image", desc="checking images", disable=not progress)
+    bar = progress_bar(total=len(paths), unit="image", desc="checking images", disable=not progress)
     if workers == 0:
         for path in paths:
             yield check_image(path)

@@ -15,7 +15,7 @@ from tipcap.gap.estimate import (
     estimate_web_pairs,
     mutual_nearest_neighbours,
 )
-from tipcap.gap.fit import GapFit, estimate, fit_gap, fit_gap_file, join_pairs
+from tipcap.gap.fit import GapFit, estimate_gap, fit_gap, fit_gap_file, join_pairs
 from tipcap.gap.model import KINDS, Gap
 from tipcap.gap.moments import Moments, cholesky
 from tipcap.gap.report import format_report, gap_report, plot_gap
@@ -31,8 +31,8 @@ __all__ = [
     "Pairs",
     "TensorRows",
     "cholesky",
-    "estimate",
     "estimate_few_pairs",
+    "estimate_gap",
     "estimate_text_only",
     "estimate_unpaired",
     "estimate_web_pairs",

@@ -58,7 +58,7 @@ def _check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
     images.check_finite(f"--images {images.path}")
 
 
-def estimate(
+def estimate_gap(
     setting: str,
     texts: EmbeddingStore,
     images: EmbeddingStore | None = None,

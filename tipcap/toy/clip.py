@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
 from tipcap.io import atomic_path, write_json_atomic
+from tipcap.progress import progress_bar
 
 # How train_toyclip trains: bump whenever a change makes the same arguments train another CLIP, so that
 # caches keyed by it (the demo's) are not reused across the change.
@@ -109,7 +109,7 @@ def train_toyclip(
     loss_fn = open_clip.ClipLoss()
     model.train()
     start = time.perf_counter()
-    for _ in tqdm(range(steps), disable=not progress, desc="training the toy CLIP", unit="step"):
+    for _ in progress_bar(range(steps), disable=not progress, desc="training the toy CLIP", unit="step"):
         rows = rng.sample(range(len(entries)), min(batch_size, len(entries)))
         tokens = encoder.tokenizer([rng.choice(entries[r].captions) for r in rows])
         image_features = torch.nn.functional.normalize(model.encode_image(pixels[rows]), dim=-1)

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
 from tipcap.io import atomic_path
+from tipcap.progress import progress_bar
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -182,7 +182,7 @@ def write_toyworld(
     rng = random.Random(seed)
     entries, web_lines = [], []
     splits = ["train"] * train + ["val"] * val + ["test"] * test
-    bar = tqdm(splits, disable=not progress, desc="rendering the toy world", unit="image")
+    bar = progress_bar(splits, disable=not progress, desc="rendering the toy world", unit="image")
     for index, split in enumerate(bar):
         objects = random_scene(rng)
         background, grain = rng.choice(list(BACKGROUNDS)), rng.uniform(0.02, 0.2)
