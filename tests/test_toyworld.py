@@ -121,7 +121,7 @@ class ConstructedEncoder:
 
 
 def test_toy_clip_measures_are_known_on_a_constructed_encoder(tmp_path):
-    from tipcap.toyclip import measure
+    from tipcap.toy.clip import measure
 
     figures = measure(ConstructedEncoder(10, wrong=3), make_world(tmp_path / "w"), split="val")
     assert figures == pytest.approx(

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from tipcap.config import load_config
+from tipcap.config import GapConfig, load_config
 from tipcap.gap import fit_gap
 from tipcap.model import TIPCap, TransformerProjector
 from tipcap.store import EmbeddingStore
@@ -64,7 +64,8 @@ def test_a_frozen_language_model_keeps_its_initial_weights(coco_texts, tmp_path)
 
 
 def test_a_learnable_gap_moves_and_its_kl_to_the_prior_is_in_the_loss(coco_texts, tmp_path):
-    gap = fit_gap("text-only", EmbeddingStore.open(coco_texts), kind="isotropic", sigma2=0.01, learnable=True)
+    config = GapConfig(kind="isotropic", setting="text-only", sigma2=0.01, learnable=True)
+    gap = fit_gap(config, EmbeddingStore.open(coco_texts))
     with torch.no_grad():
         gap.mu.add_(0.02 * torch.randn(gap.dim, generator=torch.Generator().manual_seed(0)))
         gap.log_diag.sub_(0.1)
