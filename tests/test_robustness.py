@@ -362,3 +362,20 @@ def test_embed_refuses_sizes_below_one(tmp_path, tiny_clip, image_folder, args):
         result = embed_images(image_folder, tiny_clip, out, *extra)
     assert_one_line_error(result, extra[0], exit_code=2)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["caption", "x.jpg", "--model", "m", "--beams", "0"], "--beams"),
+        (["caption", "x.jpg", "--model", "m", "--batch-size", "-1"], "--batch-size"),
+        (["evaluate", "--data", "d.json", "--out", "o", "--beams", "-1"], "--beams"),
+        (["toyworld", "--out", "w", "--image-size", "0"], "--image-size"),
+        (["toyworld", "--out", "w", "--web-mismatch", "1.5"], "--web-mismatch"),
+    ],
+)
+def test_caption_evaluate_and_toyworld_refuse_out_of_range_numbers(command, flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run(*command)
+    assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
+    assert not any(tmp_path.iterdir())

@@ -401,8 +401,16 @@ def _split_words(text: str | None) -> list[str]:
 @click.option(
     "--auto-prompt", is_flag=True, help="Add the entities CLIP finds in each image as prompt words."
 )
-@click.option("--beams", default=5, show_default=True, help="Beam width (1: greedy).")
-@click.option("--batch-size", default=64, show_default=True, help="Images per generate call.")
+@click.option(
+    "--beams", default=5, show_default=True, type=click.IntRange(min=1), help="Beam width (1: greedy)."
+)
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per generate call.",
+)
 @click.option(
     "--out", default=None, type=click.Path(dir_okay=False), help="Write JSONL here instead of printing."
 )
@@ -519,8 +527,16 @@ def score_command(
 @click.option("--texts", default=None, type=click.Path(file_okay=False), help="retrieval: caption store.")
 @click.option("--prompt", type=click.Choice(["none", "auto"]), default="none", show_default=True,
               help="auto: CLIP zero-shot entities as prompt words.")  # fmt: skip
-@click.option("--beams", default=5, show_default=True, help="Beam width (1: greedy).")
-@click.option("--batch-size", default=64, show_default=True, help="Images per generate call.")
+@click.option(
+    "--beams", default=5, show_default=True, type=click.IntRange(min=1), help="Beam width (1: greedy)."
+)
+@click.option(
+    "--batch-size",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per generate call.",
+)
 @click.option("--metrics", "metric_names", default="bleu,meteor,rouge,cider,spice", show_default=True,
               help="Comma-separated pycocoevalcap metrics (SPICE is skipped offline).")  # fmt: skip
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
@@ -561,12 +577,34 @@ def evaluate_command(
 @main.command("toyworld")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the world to.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the world.")
-@click.option("--train", "train_images", default=20_000, show_default=True, help="Training images.")
-@click.option("--val", "val_images", default=500, show_default=True, help="Validation images.")
-@click.option("--test", "test_images", default=500, show_default=True, help="Test images.")
-@click.option("--image-size", default=32, show_default=True, help="Image side in pixels.")
 @click.option(
-    "--web-mismatch", default=0.2, show_default=True, help="Share of web pairs with another image's caption."
+    "--train",
+    "train_images",
+    default=20_000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Training images.",
+)
+@click.option(
+    "--val",
+    "val_images",
+    default=500,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Validation images.",
+)
+@click.option(
+    "--test", "test_images", default=500, show_default=True, type=click.IntRange(min=1), help="Test images."
+)
+@click.option(
+    "--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="Image side in pixels."
+)
+@click.option(
+    "--web-mismatch",
+    default=0.2,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of web pairs with another image's caption.",
 )
 def toyworld_command(
     out: str,
