@@ -95,7 +95,6 @@ def test_baseline_kinds(stores, tmp_path, kind):
         (("--setting", "few-pairs", "--images", "{other}"), "different CLIPs"),
         (("--setting", "unpaired"), "needs --images"),
         (("--setting", "few-pairs", "--images", "{texts}"), "is not an image store"),
-        (("--setting", "web-pairs", "--images", "{images}", "--drop-quantile", "1.5"), "--drop-quantile"),
         (("--setting", "text-only", "--kind", "none", "--learnable"), "--learnable"),
     ],
 )
@@ -104,6 +103,14 @@ def test_fit_gap_errors(stores, tmp_path, args, message):
     args = [a.format(**paths) for a in args]
     result = run("fit-gap", "--texts", stores / "texts", "--out", tmp_path / "gap.safetensors", *args)
     assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "gap.safetensors").exists()
+
+
+def test_fit_gap_refuses_a_drop_quantile_outside_its_range(stores, tmp_path):
+    result = run("fit-gap", "--texts", stores / "texts", "--images", stores / "images",
+                 "--setting", "web-pairs", "--drop-quantile", "1.5",
+                 "--out", tmp_path / "gap.safetensors")  # fmt: skip
+    assert result.exit_code == 2 and "Invalid value for '--drop-quantile'" in result.output
     assert not (tmp_path / "gap.safetensors").exists()
 
 

@@ -294,6 +294,7 @@ def embed_images_command(
     "--drop-quantile",
     default=0.1,
     show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
     help="web-pairs: share of least similar pairs to discard.",
 )
 @click.option(

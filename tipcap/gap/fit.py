@@ -145,7 +145,7 @@ def fit_gap(
             memory = texts.gather(rows)
             info.update({"memory_size": len(rows), "tau": config.tau})
     if config.learnable and kind not in TRAIN_NOISE_KINDS:
-        raise TipcapError(f"gap.learnable applies to kinds with training noise, not {kind!r}.")
+        raise TipcapError(f"--learnable (gap.learnable) applies to kinds with training noise, not {kind!r}.")
     # Kinds without training noise keep the estimated factor too (mean-shift) or a zero one; a
     # degenerate estimate (one pair, identical pairs) is factored with jitter.
     source = f"--texts {texts.path}" + (f" and --images {images.path}" if images is not None else "")
