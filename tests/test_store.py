@@ -52,6 +52,7 @@ def test_layout_and_contents(tmp_path):
         "embeddings-00002-of-00003.safetensors",
         "ids.json",
         "meta.json",
+        "provenance.json",
     ]
     assert len(store) == 25 and store.dim == DIM
     assert store.ids == [r[0] for r in rows]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -351,7 +352,12 @@ def fit_gap_command(
     settings = {"kind": kind, "setting": setting, "renorm": not no_renorm, "shrinkage": not no_shrinkage,
                 "drop_quantile": drop_quantile, "sigma2": sigma2, "mu_from": mu_from, "learnable": learnable,
                 "tau": tau, "memory_size": memory_size, "seed": seed}  # fmt: skip
-    config = from_dict(GapConfig, settings, "gap")
+    try:
+        config = from_dict(GapConfig, settings, "gap")
+    except TipcapError as e:
+        # Name the flag the value came from, as click does for the ranges it can check (NaN it cannot).
+        flag = re.sub(r"config key 'gap\.(\w+)'", lambda m: "--" + m[1].replace("_", "-"), str(e))
+        raise TipcapError(flag) from None
     texts = EmbeddingStore.open(texts_dir)
     images = EmbeddingStore.open(images_dir) if images_dir else None
     fit = fit_gap_file(config, texts, images, out, plot=plot, device=device)
@@ -495,14 +501,13 @@ def score_command(
     predictions_path: str, references_path: str, split: str | None, metric_names: str, out: str | None
 ) -> None:
     """Score predicted captions against references exactly as pycocoevalcap's COCOEvalCap does."""
-    from tipcap.evaluate import check_metrics, format_report, format_table, score_file
+    from tipcap.evaluate import check_metrics, format_table, score_file
 
     try:
         metrics = check_metrics(metric_names.split(","))
     except TipcapError as e:
         raise TipcapError(f"--metrics {metric_names!r}: {e}") from None
-    document, path = score_file(predictions_path, references_path, split, metrics, out)
-    click.echo(format_report(document["matching"]))
+    document, path = score_file(predictions_path, references_path, split, metrics, out, echo=click.echo)
     click.echo(format_table(document["metrics"], document["skipped"]))
     click.echo(f"wrote {path}")
 

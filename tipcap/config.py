@@ -129,7 +129,7 @@ class TrainConfig:
     epochs: Positive = 10
     max_steps: Positive | None = None  # None: epochs × steps per epoch
     batch_size: Positive = 80
-    lr: PositiveFloat = 2e-5
+    lr: NonNegativeFloat = 2e-5  # 0 keeps the weights: a control run
     weight_decay: NonNegativeFloat = 0.01
     warmup_steps: Annotated[int, Field(ge=0)] = 500
     schedule: Literal["linear", "cosine", "constant"] = "linear"

@@ -71,7 +71,9 @@ def _record(artifact: str, config: EmbedConfig, device: str | None, rows: list[l
         "device": torch_device.type,
         "batch_size": config.batch_size,
     }
-    return provenance.record(artifact, settings, {"rows": fingerprint(rows)})
+    # No command: stores are shared by every command that asks for the same key, and equal stores must be
+    # equal byte for byte.
+    return provenance.record(artifact, settings, {"rows": fingerprint(rows)}, command=[])
 
 
 def _reuse_or_rebuild(out: str | Path, record: dict[str, Any]) -> EmbeddingStore | None:

@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -529,10 +529,12 @@ def score_file(
     split: str | None = None,
     metrics: Sequence[str] = METRICS,
     out: str | Path | None = None,
+    echo: Callable[[str], object] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Score a COCO results file against references and write ``metrics.json`` (see :func:`metrics_path`).
 
-    Returns the metrics document and where it was written.
+    ``echo`` receives the matching report (:func:`format_report`) before anything is scored. Returns the
+    metrics document and where it was written.
 
     Raises:
         TipcapError: when a metric is unknown or no prediction is for an image with references.
@@ -541,6 +543,8 @@ def score_file(
     references = load_references(references_path, split)
     predictions = load_predictions(predictions_path)
     matched, report = match_predictions(predictions, references)
+    if echo is not None:
+        echo(format_report(report))
     if not matched:
         raise TipcapError(
             f"{predictions_path}: none of its {len(predictions)} predictions is for an image of "
