@@ -147,7 +147,7 @@ def test_a_moved_model_directory_loads_its_clip_without_the_original_files(
     shutil.move(tmp_path / "saved", tmp_path / "moved")
     document = json.loads((tmp_path / "moved" / "config.json").read_text())
     assert document["clip"]["model"] == f"clip/{tiny_clip.name}"
-    assert str(tmp_path) not in (tmp_path / "moved" / "config.json").read_text()
+    assert '"/' not in (tmp_path / "moved" / "config.json").read_text()  # no absolute path at all
     moved = TIPCap.from_pretrained(tmp_path / "moved", device="cpu")
     assert [r.caption for r in moved.caption(images=paths, num_beams=2)] == expected
 

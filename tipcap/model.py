@@ -560,6 +560,8 @@ class TIPCap(nn.Module):
             self.gap.save(directory / GAP_NAME)
         self.tokenizer.save_pretrained(directory)
         model_config = to_dict(self.config)
+        # The vocabulary travels as entity_names; the file it was read from at training is not needed.
+        model_config["vocabulary"] = None
         model_config["language_model_config"] = {
             **self.language_model.config.to_diff_dict(),
             "model_type": self.language_model.config.model_type,
