@@ -47,7 +47,7 @@ class EmbedReport:
         what = f"{meta['count']:,} {kind} embeddings (d={meta['dim']}, {len(meta['shards'])} shard(s))"
         if self.reused:
             return (
-                f"reused {self.store.path}: {what} built earlier from the same inputs and CLIP "
+                f"reused {self.store.path}: {what} built earlier from the same inputs, CLIP and precision "
                 f"({self.seconds:.1f} s)"
             )
         notes = []
