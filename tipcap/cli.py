@@ -127,6 +127,23 @@ def _clip_options(command: Any) -> Any:
     return command
 
 
+def _shard_size_option(default: int) -> Any:
+    """The ``--shard-size`` option of the embed commands."""
+    return click.option(
+        "--shard-size",
+        default=default,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Rows per store shard (the resume unit).",
+    )
+
+
+def _store_options(opts: dict[str, Any], shard_size: int) -> dict[str, Any]:
+    """How the embed commands write their store, from the shared options."""
+    return {"strict": opts["strict"], "shard_size": shard_size, "device": opts["device"],
+            "progress": not opts["no_progress"]}  # fmt: skip
+
+
 def _embed_config(opts: dict[str, Any], batch_size: int | None) -> Any:
     """The embedding stage's config from the shared CLIP options."""
     from tipcap.config import EmbedConfig, from_dict
@@ -159,13 +176,7 @@ def _embed_config(opts: dict[str, Any], batch_size: int | None) -> Any:
     type=click.IntRange(min=1),
     help="Captions per pass [default: 128 on CPU, 1024 on GPU].",
 )
-@click.option(
-    "--shard-size",
-    default=100_000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Rows per store shard (the resume unit).",
-)
+@_shard_size_option(100_000)
 @_clip_options
 def embed_texts_command(
     corpus: str, split: str | None, period: str, batch_size: int | None, shard_size: int, **opts: Any
@@ -179,10 +190,7 @@ def embed_texts_command(
         opts["out"],
         split=split,
         period=period,
-        strict=opts["strict"],
-        shard_size=shard_size,
-        device=opts["device"],
-        progress=not opts["no_progress"],
+        **_store_options(opts, shard_size),
     )
     click.echo(report.summary())
 
@@ -221,13 +229,7 @@ def embed_texts_command(
     type=click.IntRange(min=0),
     help="Image decoding processes; 0 decodes in the main process (default: CPU count, at most 8).",
 )
-@click.option(
-    "--shard-size",
-    default=50_000,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Rows per store shard (the resume unit).",
-)
+@_shard_size_option(50_000)
 @_clip_options
 def embed_images_command(
     source: str,
@@ -252,11 +254,8 @@ def embed_images_command(
         split=split,
         limit=limit,
         seed=opts["seed"],
-        strict=opts["strict"],
         workers=workers,
-        shard_size=shard_size,
-        device=opts["device"],
-        progress=not opts["no_progress"],
+        **_store_options(opts, shard_size),
     )
     click.echo(report.summary())
 
@@ -394,6 +393,20 @@ def train_command(
         click.echo(f"wrote {final} (metrics in {out}/metrics.jsonl)")
 
 
+def _decoding_options(command: Any) -> Any:
+    """``--beams`` and ``--batch-size``, shared by the commands that caption."""
+    command = click.option(
+        "--batch-size",
+        default=64,
+        show_default=True,
+        type=click.IntRange(min=1),
+        help="Images per generate call.",
+    )(command)
+    return click.option(
+        "--beams", default=5, show_default=True, type=click.IntRange(min=1), help="Beam width (1: greedy)."
+    )(command)
+
+
 def _split_words(text: str | None) -> list[str]:
     """``"dog, frisbee"`` → ``["dog", "frisbee"]``."""
     return [word.strip() for word in (text or "").split(",") if word.strip()]
@@ -408,16 +421,7 @@ def _split_words(text: str | None) -> list[str]:
 @click.option(
     "--auto-prompt", is_flag=True, help="Add the entities CLIP finds in each image as prompt words."
 )
-@click.option(
-    "--beams", default=5, show_default=True, type=click.IntRange(min=1), help="Beam width (1: greedy)."
-)
-@click.option(
-    "--batch-size",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per generate call.",
-)
+@_decoding_options
 @click.option(
     "--out", default=None, type=click.Path(dir_okay=False), help="Write JSONL here instead of printing."
 )
@@ -533,16 +537,7 @@ def score_command(
 @click.option("--texts", default=None, type=click.Path(file_okay=False), help="retrieval: caption store.")
 @click.option("--prompt", type=click.Choice(["none", "auto"]), default="none", show_default=True,
               help="auto: CLIP zero-shot entities as prompt words.")  # fmt: skip
-@click.option(
-    "--beams", default=5, show_default=True, type=click.IntRange(min=1), help="Beam width (1: greedy)."
-)
-@click.option(
-    "--batch-size",
-    default=64,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Images per generate call.",
-)
+@_decoding_options
 @click.option("--metrics", "metric_names", default="bleu,meteor,rouge,cider,spice", show_default=True,
               help="Comma-separated pycocoevalcap metrics (SPICE is skipped offline).")  # fmt: skip
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
