@@ -591,11 +591,11 @@ def evaluate_command(
     "val_images",
     default=500,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=0),
     help="Validation images.",
 )
 @click.option(
-    "--test", "test_images", default=500, show_default=True, type=click.IntRange(min=1), help="Test images."
+    "--test", "test_images", default=500, show_default=True, type=click.IntRange(min=0), help="Test images."
 )
 @click.option(
     "--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="Image side in pixels."
