@@ -379,3 +379,25 @@ def test_caption_evaluate_and_toyworld_refuse_out_of_range_numbers(command, flag
     result = run(*command)
     assert result.exit_code == 2 and f"Invalid value for '{flag}'" in result.output, result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_model_weights_with_nan_are_refused_on_load(tmp_path):
+    from safetensors.torch import load_file
+
+    from tipcap.config import ModelConfig
+    from tipcap.model import TIPCap
+    from tipcap.training_data import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(["a red circle ."])
+    language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32,
+                      "vocab_size": len(tokenizer)}  # fmt: skip
+    model = TIPCap.build(
+        ModelConfig(clip_dim=8, language_model_config=language_model, prefix_length=2), tokenizer
+    )
+    model.save_pretrained(tmp_path / "model")
+    TIPCap.from_pretrained(tmp_path / "model", device="cpu")  # whole weights load
+    state = load_file(tmp_path / "model" / "model.safetensors")
+    state["projector.net.0.weight"][0, 0] = float("nan")
+    save_file(state, tmp_path / "model" / "model.safetensors")
+    with pytest.raises(TipcapError, match=r"model\.safetensors: 1 tensors hold NaN or infinite values"):
+        TIPCap.from_pretrained(tmp_path / "model", device="cpu")

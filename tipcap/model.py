@@ -607,6 +607,17 @@ class TIPCap(nn.Module):
             )
         config = from_dict(ModelConfig, document["model"], "model")
         state = load_file(directory / WEIGHTS_NAME)
+        broken = [
+            name
+            for name, tensor in state.items()
+            if tensor.is_floating_point() and not tensor.isfinite().all()
+        ]
+        if broken:
+            # Such a model captions every image with the same word, silently.
+            raise TipcapError(
+                f"{directory / WEIGHTS_NAME}: {len(broken)} tensors hold NaN or infinite values ({broken[0]} "
+                "first); use an earlier checkpoint, or retrain."
+            )
         tokenizer = load_tokenizer(str(directory))
         gap = Gap.load(directory / GAP_NAME) if (directory / GAP_NAME).is_file() else None
         if clip is None and document.get("clip") is not None:
