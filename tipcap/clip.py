@@ -29,7 +29,7 @@ from PIL import Image
 
 from tipcap import text_tower
 from tipcap.errors import TipcapError
-from tipcap.io import load_json
+from tipcap.io import atomic_path, load_json
 from tipcap.provenance import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -146,13 +146,12 @@ class ClipSpec:
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """Place ``source``'s bytes at ``target`` (a hard link, else a copy), renamed into place."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        tmp.unlink()  # a hard link needs a free name; the name stays this call's own
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 class TextEmbeddings(NamedTuple):

@@ -164,6 +164,9 @@ def _validate(config: AblationConfig, path: Path) -> None:
         raise TipcapError(f"{path}: set karpathy and embed.model (in the file or with --set).")
     _check_few_pairs(config.few_pairs, "few_pairs")
     # The grid's own stages first, so that a mistake there is not blamed on a cell.
+    unknown = sorted(set(config.decoder) - {"model", "train"})
+    if unknown:
+        raise TipcapError(f"config key 'decoder.{unknown[0]}' is unknown; a decoder has model and train.")
     from_dict(ExperimentConfig, {**config.decoder, "data": {}}, "decoder")
     from_dict(GapConfig, config.gap, "gap")
     for index, cell in enumerate(config.cells):
@@ -199,10 +202,7 @@ def _validate(config: AblationConfig, path: Path) -> None:
                     f"config key '{key}.set.{dotted}': a cell overrides fields of the "
                     f"{', '.join(CELL_STAGES)} stages (e.g. gap.renorm)."
                 )
-        for job in expand(config):
-            if job.cell is cell:
-                resolve(config, job, f"{key}.set")
-                break
+        resolve(config, cell, f"{key}.set")
     names = [job.name for job in expand(config)]
     for name in names:
         if names.count(name) > 1:
@@ -238,13 +238,12 @@ class JobConfig:
         return {"gap": gap, "decoder": self.decoder, "eval": to_dict(self.eval)}
 
 
-def resolve(config: AblationConfig, job: Job, where: str = "set") -> JobConfig:
-    """The grid's stage configs with a job's cell applied: its kind, setting and prompt, then its ``set``.
+def resolve(config: AblationConfig, cell: Cell, where: str = "set") -> JobConfig:
+    """The grid's stage configs with a cell applied: its kind, setting and prompt, then its ``set``.
 
     Raises:
         TipcapError: naming the key, when a resolved stage does not validate.
     """
-    cell = job.cell
     stages: dict[str, Any] = {
         "gap": {**config.gap, "kind": cell.kind, "setting": cell.setting},
         "model": {**config.decoder.get("model", {}), "prompt": cell.prompt},
@@ -257,9 +256,6 @@ def resolve(config: AblationConfig, job: Job, where: str = "set") -> JobConfig:
     if cell.kind in GAP_KINDS:
         gap = from_dict(GapConfig, stages["gap"], f"{where}.gap")
     decoder = {"model": stages["model"], "train": stages["train"]}
-    unknown = sorted(set(config.decoder) - {"model", "train"})
-    if unknown:
-        raise TipcapError(f"config key 'decoder.{unknown[0]}' is unknown; a decoder has model and train.")
     from_dict(ExperimentConfig, {**decoder, "data": {}}, where)  # fails now, not later
     evaluation = from_dict(EvalConfig, stages["eval"], f"{where}.eval")
     if "cider" not in evaluation.metrics:

@@ -136,15 +136,14 @@ class Ablation:
 
     def job_config(self, job: Job) -> JobConfig:
         """The job's resolved stages (the grid's, with its cell's settings and overrides)."""
-        return resolve(self.config, job)
+        return resolve(self.config, job.cell)
 
     def gap(self, job: Job) -> Path:
         """The gap file of a job, fitted once: shared by the cells of one kind and setting, or the cell's
         own when it overrides gap settings."""
-        config = self.job_config(job).gap
-        name = f"{config.kind}-{config.setting}{job.suffix}"
-        if self.job_config(job).overrides_gap:
-            name = job.name
+        resolved = self.job_config(job)
+        config = resolved.gap
+        name = job.name if resolved.overrides_gap else f"{config.kind}-{config.setting}{job.suffix}"
         path = self.out / "gaps" / f"{name}.safetensors"
         if not path.is_file():
             texts, images = self.stores_for(job)
