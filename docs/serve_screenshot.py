@@ -27,7 +27,9 @@ from tipcap.data.karpathy import read_karpathy
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--demo", type=Path, default=Path("runs/demo"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "serve.png")
     parser.add_argument("--images", type=int, nargs="+", default=[0, 3], help="positions in the test split")
@@ -41,7 +43,8 @@ def main() -> None:
         options.binary_location = "/usr/bin/chromium"
         for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                      "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--window-size=1200,1000", "--hide-scrollbars", f"--user-data-dir={profile}"):  # fmt: skip
+                     "--window-size=1200,1000", "--hide-scrollbars",
+                     f"--user-data-dir={profile}"):  # fmt: skip
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         try:

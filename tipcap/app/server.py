@@ -26,7 +26,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
@@ -151,7 +151,9 @@ def _url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
-def serve(captioner: Captioner, host: str = "127.0.0.1", port: int = 8000, echo=print) -> None:
+def serve(
+    captioner: Captioner, host: str = "127.0.0.1", port: int = 8000, echo: Callable[[str], None] = print
+) -> None:
     """Serve ``captioner`` until interrupted; ``echo`` receives the page's address once it listens."""
     sock = _bind(host, port)
     echo(f"serving {', '.join(captioner.models)} at {_url(sock)} (Ctrl-C stops)")

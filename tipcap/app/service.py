@@ -67,10 +67,9 @@ def find_models(path: str | Path) -> dict[str, Path]:
             f"{path}: holds no tipcap model (a model directory with {CONFIG_NAME}, or the output folder of "
             "`tipcap demo` or `tipcap ablate`); run `tipcap demo --quick` first, or pass --model DIR."
         )
-    seeds = {re.sub(r"^.*(-seed\d+)$", r"\1", name) for name in models}
-    if len(seeds) == 1 and all(name.endswith(next(iter(seeds))) for name in models):
-        suffix = next(iter(seeds))
-        return {name[: -len(suffix)]: model for name, model in models.items()}
+    runs = {name: re.fullmatch(r"(.+)-seed(\d+)", name) for name in models}
+    if all(runs.values()) and len({run.group(2) for run in runs.values()}) == 1:
+        return {runs[name].group(1): model for name, model in models.items()}
     return models
 
 
