@@ -98,6 +98,7 @@ async function run(card) {
   } catch (error) {
     if (round !== card.round) return;
     card.element.dataset.state = "error";
+    card.element.classList.toggle("unreadable", !card.imageId); // nothing to prompt without an image
     showError(card, error.message);
   }
   render(card);
