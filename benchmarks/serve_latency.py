@@ -102,7 +102,7 @@ def main() -> None:
                 recaption.append(time.perf_counter() - start)
     load_after = os.getloadavg()
 
-    print(f"method {method} ({captioner.models[method].config.prompt} prompts), beams {args.beams}, "
+    print(f"method {method} (prompt: {captioner.models[method].config.prompt}), beams {args.beams}, "
           f"image {image.width}x{image.height}, {args.requests} requests each, CPU, "
           f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores")  # fmt: skip
     print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after")
