@@ -120,6 +120,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(coco_texts, tmp_path):
     assert resumed.keys() == expected.keys()
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
     assert json.loads((out / "run.json").read_text())["resumed_from_step"] >= 80
+    # The log holds each step once, with the uninterrupted run's losses.
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reference_log = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [r["step"] for r in reference_log]
+    assert [r.get("loss") for r in logged] == [r.get("loss") for r in reference_log]
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ pays only for what it uses. A :class:`~tipcap.errors.TipcapError` becomes one ``
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -41,6 +42,29 @@ class _Group(click.Group):
                 return super().invoke(ctx)
         except TipcapError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(os_error_message(e)) from None
+
+
+_OS_ERROR_ADVICE = {
+    errno.EACCES: "check its permissions, or choose another folder with --out",
+    errno.EPERM: "check its permissions, or choose another folder with --out",
+    errno.EROFS: "the file system is read-only; choose a writable folder with --out",
+    errno.ENOSPC: "the disk is full; free some space or choose another --out, then rerun",
+    errno.EDQUOT: "the disk quota is exhausted; free some space or choose another --out, then rerun",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; check the path",
+    errno.EISDIR: "expected a file, found a folder; check the path",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n) and rerun",
+}
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for an operating-system failure: the file, what went wrong and what to do."""
+    where = error.filename if error.filename is not None else "a file"
+    what = error.strerror or str(error)
+    advice = _OS_ERROR_ADVICE.get(error.errno, "check the file and the disk, then rerun")
+    return f"{where}: {what}; {advice}."
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,7 +89,10 @@ def main() -> None:
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write to.")
 @click.option(
-    "--workers", default=None, type=int, help="Image decoding processes (default: CPU count, at most 8)."
+    "--workers",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Image decoding processes (default: CPU count, at most 8; 0 decodes in this process).",
 )
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def prepare_command(
@@ -85,6 +112,18 @@ def prepare_command(
 @main.group()
 def embed() -> None:
     """Encode captions or images with CLIP into an embedding store."""
+
+
+def _check_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Refuse a device this machine does not have before any work starts."""
+    if value is not None:
+        from tipcap.clip import resolve_device
+
+        try:
+            resolve_device(value)
+        except TipcapError as e:
+            raise click.BadParameter(str(e).split(": ", 1)[1]) from None
+    return value
 
 
 def _clip_options(command: Any) -> Any:
@@ -107,7 +146,10 @@ def _clip_options(command: Any) -> Any:
             "--seed", default=0, show_default=True, help="Seed for random CLIP weights and for --limit."
         ),
         click.option(
-            "--device", default=None, help="Device to encode on (default: cuda when available, else cpu)."
+            "--device",
+            default=None,
+            callback=_check_device,
+            help="Device to encode on (default: cuda when available, else cpu).",
         ),
         click.option(
             "--precision",
@@ -323,7 +365,11 @@ def embed_images_command(
 )
 @click.option("--seed", default=0, show_default=True, help="Seed for subsets.")
 @click.option(
-    "--device", default="cpu", show_default=True, help="Device for the unpaired nearest-neighbour search."
+    "--device",
+    default="cpu",
+    show_default=True,
+    callback=_check_device,
+    help="Device for the unpaired nearest-neighbour search.",
 )
 def fit_gap_command(
     setting: str,
@@ -425,7 +471,9 @@ def _split_words(text: str | None) -> list[str]:
 @click.option(
     "--out", default=None, type=click.Path(dir_okay=False), help="Write JSONL here instead of printing."
 )
-@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+@click.option(
+    "--device", default=None, callback=_check_device, help="Device (default: cuda when available, else cpu)."
+)
 def caption_command(
     inputs: tuple[str, ...],
     model_dir: str,
@@ -540,7 +588,9 @@ def score_command(
 @_decoding_options
 @click.option("--metrics", "metric_names", default="bleu,meteor,rouge,cider,spice", show_default=True,
               help="Comma-separated pycocoevalcap metrics (SPICE is skipped offline).")  # fmt: skip
-@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+@click.option(
+    "--device", default=None, callback=_check_device, help="Device (default: cuda when available, else cpu)."
+)
 def evaluate_command(
     data: str,
     split: str,

@@ -245,11 +245,31 @@ def _quiet_open_clip():
         root.setLevel(level)
 
 
-def resolve_device(device: str | None) -> torch.device:
-    """``device``, or CUDA when available and the CPU otherwise."""
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device``, or CUDA when available and the CPU otherwise.
+
+    Raises:
+        TipcapError: a name torch does not know, or a CUDA device this machine does not have.
+    """
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise TipcapError(f"--device {device!r}: not a device name; use cpu, cuda or cuda:N.") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise TipcapError(f"--device {device}: this machine has no usable CUDA device; use --device cpu.")
+        if resolved.index is not None and resolved.index >= count:
+            raise TipcapError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}."
+            )
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise TipcapError(f"--device {device}: MPS is not available on this machine; use --device cpu.")
+    elif resolved.type not in ("cpu", "mps"):
+        raise TipcapError(f"--device {device}: tipcap runs on cpu, cuda or mps.")
+    return resolved
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from tipcap import __version__
-from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
 from tipcap.config import ModelConfig, from_dict, to_dict
 from tipcap.data import ImageError, load_image
 from tipcap.errors import TipcapError
@@ -481,6 +481,9 @@ class TIPCap(nn.Module):
             count = len(images)
             embeddings, readable, failures = self.embed_images(images, batch_size)
         else:
+            bad = (~torch.isfinite(embeddings)).any(dim=-1).nonzero()
+            if len(bad):
+                raise TipcapError(f"caption: embedding row {int(bad[0])} holds NaN or infinite values.")
             count, readable, failures = len(embeddings), list(range(len(embeddings))), []
         words = self._prompt_words(prompts, count, readable, embeddings, auto_prompt, top_k, threshold)
         captions: list[str] = []
@@ -591,8 +594,7 @@ class TIPCap(nn.Module):
             TipcapError: when the directory is not a tipcap model or was written by an incompatible version.
         """
         directory = Path(directory)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise TipcapError(

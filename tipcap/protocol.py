@@ -180,6 +180,7 @@ def evaluate_split(
             raise TipcapError(
                 f"--image-store {image_store} was embedded with another CLIP than {spec.describe()}."
             )
+        store.check_finite(f"--image-store {image_store}")
     else:
         embed = EmbedConfig(spec.model, spec.pretrained, spec.init_seed)
         store = embed_images(
@@ -187,6 +188,8 @@ def evaluate_split(
         ).store
     if caption_store is not None and caption_store.clip != spec.identity():
         raise TipcapError(f"--texts {texts} was embedded with another CLIP than {spec.describe()}.")
+    if caption_store is not None:
+        caption_store.check_finite(f"--texts {texts}")
     encoder = ClipEncoder.load(spec, device=device)
 
     keep = [row for row, image_id in enumerate(store.ids) if image_id in references]

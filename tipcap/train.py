@@ -39,7 +39,7 @@ from transformers import get_scheduler
 from tipcap import provenance
 from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.io import write_json_atomic
+from tipcap.io import atomic_path, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.prompts import sample_training_prompt
 from tipcap.training_data import collate, epoch_batches
@@ -235,6 +235,22 @@ class Trainer:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(key, value, record.get("step", 0))
 
+    def _trim_log(self, step: int) -> None:
+        """Drop the log records after ``step``, which the run is about to redo, and any torn last line."""
+        path = self.out / "metrics.jsonl"
+        if not self.env.main or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line a killed run was writing
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
+
     def provenance(self) -> dict[str, Any]:
         """The run's provenance record: its resolved config and the content hashes of its inputs."""
         return provenance.record("training-run", to_dict(self.config), self.inputs)
@@ -311,6 +327,7 @@ class Trainer:
                     f"({self.out / 'config.yaml'}); resume with the same config and --set values."
                 )
         step, epoch, position = self._resume() if resume else (0, 0, 0)
+        self._trim_log(step)
         self._write_run_info(step)
         self.model.train()
         bar = progress_bar(
