@@ -44,7 +44,7 @@ from tipcap.prompts import (
     entity_text_embeddings,
     hard_prompt,
     pad_prompt_embeddings,
-    zero_shot_entities,
+    zero_shot_scores,
 )
 
 logger = logging.getLogger(__name__)
@@ -319,8 +319,18 @@ class TIPCap(nn.Module):
     ) -> list[list[str]]:
         """Entities of the model's vocabulary found in each image by CLIP zero-shot classification:
         ``[B, d]`` → B word lists, most probable first."""
+        return [
+            [name for name, _ in row]
+            for row in self.entity_guesses(image_embeddings, top_k=top_k, threshold=threshold)
+        ]
+
+    def entity_guesses(
+        self, image_embeddings: torch.Tensor, top_k: int = 3, threshold: float | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """:meth:`auto_prompts` with each entity's zero-shot probability: ``[B, d]`` → B lists of
+        (name, probability), most probable first."""
         names, embeddings = self.entity_vocabulary()
-        return zero_shot_entities(
+        return zero_shot_scores(
             image_embeddings.float().cpu(), embeddings, names, top_k=top_k, threshold=threshold
         )
 
@@ -645,9 +655,14 @@ class TIPCap(nn.Module):
         return model.to(device).eval()
 
 
+def caption_record(result: CaptionResult) -> dict[str, Any]:
+    """One line of ``tipcap caption --out``: ``{"image", "caption", "prompt"}``."""
+    return {"image": result.image, "caption": result.caption, "prompt": result.prompt}
+
+
 def write_captions_jsonl(path: str | Path, results: Sequence[CaptionResult]) -> None:
-    """Write one JSON line per result, ``{"image", "caption", "prompt"}`` (what ``tipcap caption --out``
-    writes), to a temporary name renamed into place."""
-    lines = [{"image": r.image, "caption": r.caption, "prompt": r.prompt} for r in results]
+    """Write one JSON line per result (:func:`caption_record`, what ``tipcap caption --out`` writes), to a
+    temporary name renamed into place."""
+    lines = [caption_record(r) for r in results]
     with atomic_path(Path(path)) as tmp:
         tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
