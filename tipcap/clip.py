@@ -161,7 +161,7 @@ class TextEmbeddings(NamedTuple):
     truncated: int
 
 
-def _host_reachable(host: str, port: int = 443, timeout: float = _PROBE_TIMEOUT_S) -> bool:
+def host_reachable(host: str, port: int = 443, timeout: float = _PROBE_TIMEOUT_S) -> bool:
     """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (DNS included)."""
     result: list[bool] = []
 
@@ -220,7 +220,7 @@ def _fetch_tag_weights(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
         host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     else:
         host = urlparse(tag_cfg.get("url", "")).hostname or ""
-    offline = constants.HF_HUB_OFFLINE or not _host_reachable(host)
+    offline = constants.HF_HUB_OFFLINE or not host_reachable(host)
     if offline:
         reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{host} cannot be reached"
         raise TipcapError(
