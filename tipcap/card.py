@@ -116,7 +116,7 @@ def _training_section(record: Mapping[str, Any] | None) -> str:
     if record is None:
         return "## Training\n\nThis folder holds no training record (`provenance.json`)."
     command = list(record.get("command") or [])
-    if command and Path(command[0]).name in ("tipcap", "cli.py", "__main__.py"):
+    if command and Path(command[0]).name in ("tipcap", "cli.py"):
         command[0] = "tipcap"
     config = yaml.safe_dump(record.get("config"), sort_keys=False, allow_unicode=True).rstrip()
     inputs = _table(["input", "SHA-256 or store digest"], sorted(record.get("inputs", {}).items()))
