@@ -1,5 +1,6 @@
 """Model cards, `tipcap push`, and `TIPCap.from_pretrained` with a hub name (offline: the hub's cache)."""
 
+import json
 import shutil
 
 import huggingface_hub
@@ -10,6 +11,7 @@ from huggingface_hub import ModelCard
 
 import tipcap.hub
 from tipcap import TIPCap
+from tipcap.card import write_model_card
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.gap.report import gap_report
@@ -37,6 +39,27 @@ def test_saving_again_writes_the_card_afresh(tiny_model, tmp_path):
     model.save_pretrained(tmp_path / "copy")
     card = ModelCard.load(tmp_path / "copy" / "README.md")
     assert "no training record" in card.text and "isotropic" in card.text
+
+
+def test_card_names_a_known_training_data_set(tiny_model, tmp_path):
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    record = load_json(folder / "provenance.json")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "meta.json").write_text(json.dumps({"source": {"corpus": "/data/prepared/corpus/train.json"}}))
+    record["config"]["data"]["train_texts"] = str(store)
+    (folder / "provenance.json").write_text(json.dumps(record))
+    write_model_card(folder)
+    assert ModelCard.load(folder / "README.md").data.datasets is None  # no report.json names it
+    (tmp_path / "prepared" / "corpus").mkdir(parents=True)
+    (tmp_path / "prepared" / "report.json").write_text(json.dumps({"dataset": "coco"}))
+    corpus = tmp_path / "prepared" / "corpus" / "train.json"
+    (store / "meta.json").write_text(json.dumps({"source": {"corpus": str(corpus)}}))
+    write_model_card(folder)
+    assert ModelCard.load(folder / "README.md").data.datasets == ["coco"]
+    (store / "meta.json").write_text(json.dumps({"source": {"corpus": "/data/dataset_flickr30k.json.gz"}}))
+    write_model_card(folder)
+    assert ModelCard.load(folder / "README.md").data.datasets == ["flickr30k"]
 
 
 @pytest.fixture

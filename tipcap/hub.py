@@ -16,9 +16,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from tipcap import __version__
-from tipcap.card import CARD_NAME, write_model_card
-from tipcap.clip import host_reachable
 from tipcap.errors import TipcapError
+from tipcap.network import host_reachable
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
@@ -128,6 +127,8 @@ def push_model(
             f"cannot push {directory} to {repo}: {reason}; push from a machine that reaches the hub "
             "(without HF_HUB_OFFLINE), logged in with `hf auth login` or with --token."
         )
+    from tipcap.card import CARD_NAME, write_model_card  # torch, needed only once the hub can be used
+
     if not (directory / CARD_NAME).is_file():
         write_model_card(directory)
     api = HfApi(token=token, library_name="tipcap", library_version=__version__)

@@ -263,7 +263,7 @@ def evaluate_split(
     if context is not None:
         settings["context"] = context
     provenance.write(out, provenance.record("evaluation", settings, inputs))
-    if local_model:
+    if local_model and method == "model":
         setting = f"{method}, prompt {config.prompt}, beams {config.beams}"
         record_evaluation(model_dir, document, reference_set.dataset, split, setting)
     return document
