@@ -56,6 +56,7 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -73,6 +74,8 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path
         return Path(snapshot_download(repo, local_files_only=True, **options))
     except LocalEntryNotFoundError:
         pass  # not cached: download it below, when the hub can be reached
+    except HFValidationError as e:
+        raise TipcapError(f"{name}: no such folder, nor a valid hub name ({_first_line(e)}).") from None
     reason = _offline_reason()
     if reason is not None:
         from huggingface_hub import constants
@@ -112,7 +115,7 @@ def push_model(
             token, or a refusal by the hub.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
 
     directory = Path(directory)
     if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
@@ -145,6 +148,6 @@ def push_model(
             f"cannot push to {repo}: no Hugging Face token; log in with `hf auth login`, set HF_TOKEN, or "
             "pass --token."
         ) from None
-    except HfHubHTTPError as e:
+    except (HfHubHTTPError, HFValidationError) as e:
         raise TipcapError(f"pushing {directory} to {repo} failed: {_first_line(e)}") from None
     return commit.commit_url
