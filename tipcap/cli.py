@@ -545,6 +545,10 @@ def caption_command(
     device: str | None,
 ) -> None:
     """Caption images (files or folders); unreadable images are reported and the others captioned."""
+    from tipcap.hub import resolve_model
+
+    # A hub name that cannot be fetched fails here, in a second, before torch is imported.
+    model_dir = str(resolve_model(model_dir))
     from tipcap.data import list_images
     from tipcap.model import TIPCap, write_captions_jsonl
 
@@ -682,6 +686,10 @@ def evaluate_command(
     device: str | None,
 ) -> None:
     """Caption a split's images, score them, write predictions.json, metrics.json and per_image.json."""
+    from tipcap.hub import resolve_model
+
+    if model_dir is not None:
+        resolve_model(model_dir)  # an unavailable hub model fails before torch is imported
     from tipcap.config import EvalConfig, from_dict
     from tipcap.evaluate import format_report
     from tipcap.protocol import evaluate_split
