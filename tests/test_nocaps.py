@@ -92,6 +92,7 @@ def _domain_predictions(out, domain):
     return [{"image_id": row["image_id"], "caption": row["prediction"]} for row in rows], rows
 
 
+@pytest.mark.slow
 def test_evaluate_and_score_report_every_metric_per_domain(prepared_nocaps, coco_texts, tmp_path):
     root, _ = prepared_nocaps
     out = tmp_path / "eval"
@@ -123,6 +124,7 @@ def test_evaluate_and_score_report_every_metric_per_domain(prepared_nocaps, coco
         assert again["domains"][domain]["metrics"] == pytest.approx(expected)
 
 
+@pytest.mark.slow
 def test_evaluate_puts_the_figures_on_the_model_card(prepared_nocaps, tiny_model, tmp_path):
     root, _ = prepared_nocaps
     model = shutil.copytree(tiny_model, tmp_path / "model")  # the session's model keeps its card as trained
