@@ -5,12 +5,14 @@ store), captioned, matched with the references and scored with pycocoevalcap, pl
 CLIPScore (2.5 · max(cos(v, CLIP text of the caption), 0), Hessel et al. 2021). The output directory gets:
 
 - ``predictions.json``: COCO results format, ``[{"image_id", "caption"}]``;
-- ``metrics.json``: the scores, the matching report, the method and model config, the command, versions;
-- ``per_image.json``: each image's prediction, references, prompt words and CIDEr;
+- ``metrics.json``: the scores (also per domain, when the references give each image's domain, as NoCaps
+  does), the matching report, the method and model config, the command, versions;
+- ``per_image.json``: each image's prediction, references, prompt words, CIDEr and domain;
 - ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
 Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
-store), ``template`` (the top CLIP zero-shot entities in a sentence template).
+store), ``template`` (the top CLIP zero-shot entities in a sentence template). A model evaluated from its
+folder gets the figures on its model card (:func:`tipcap.card.record_evaluation`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,20 @@ from typing import Any
 import torch
 
 from tipcap import provenance
+from tipcap.card import record_evaluation
 from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
 from tipcap.config import EmbedConfig, EvalConfig, to_dict
 from tipcap.embed import embed_images
 from tipcap.errors import TipcapError
 from tipcap.evaluate import (
-    load_references,
     match_predictions,
     metrics_document,
+    read_references,
     score_captions,
+    score_domains,
     write_json_atomic,
 )
+from tipcap.hub import resolve_model
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
 from tipcap.provenance import sha256_file
@@ -138,13 +143,15 @@ def evaluate_split(
     """Caption the images of a Karpathy split with ``method``, score them, and write the result files.
 
     Args:
-        data: Karpathy split file (references, and the images' paths under ``images``).
+        data: Karpathy split file (references, and the images' paths under ``images``); entries with a
+            ``domain`` (``prepare nocaps``) are scored per domain as well.
         split: the split to evaluate (``test`` for the published protocol).
         out: output directory.
         config: decoding, prompting and metrics (:class:`~tipcap.config.EvalConfig`); ``oracle`` prompts
             are the words given per image id in ``oracle_prompts`` (e.g. the ground-truth objects).
         method: ``model``, ``retrieval`` or ``template``.
-        model: the caption model (``model``), or its directory.
+        model: the caption model (``model``), its directory (whose card gets the figures), or its hub
+            name.
         images: image root of ``data``; the split's images are embedded into ``out/image-store``.
         image_store: an existing image store of the split, instead of ``images``.
         texts: caption store to retrieve from (``retrieval``).
@@ -166,8 +173,11 @@ def evaluate_split(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = str(resolve_device(device))
-    references = load_references(data, split)
-    model_dir = model if isinstance(model, (str, Path)) else None
+    reference_set = read_references(data, split)
+    references = reference_set.captions
+    # A local folder's card gets the figures; a hub model's cached snapshot stays as downloaded.
+    local_model = isinstance(model, (str, Path)) and Path(model).is_dir()
+    model_dir = resolve_model(model) if isinstance(model, (str, Path)) else None
     if model_dir is not None:
         model = TIPCap.from_pretrained(model_dir, device=device)
     caption_store = EmbeddingStore.open(texts) if texts is not None else None
@@ -213,9 +223,16 @@ def evaluate_split(
     result = score_captions(matched, references, config.metrics)
     clip_scores = clip_score(encoder, embeddings, captions)
     result["metrics"]["CLIPScore"] = float(clip_scores.mean())
+    per_image_scores = {"CLIPScore": dict(zip(image_ids, clip_scores.tolist(), strict=True))}
+    domains = None
+    if reference_set.domains:
+        domains = score_domains(
+            matched, references, reference_set.domains, config.metrics, result["skipped"], per_image_scores
+        )
     document = metrics_document(
-        result, report, predictions=out / "predictions.json", references=data, split=split, command=sys.argv
-    )
+        result, report, predictions=out / "predictions.json", references=data, split=split, command=sys.argv,
+        domains=domains,
+    )  # fmt: skip
     document["method"] = method
     document["prompt"] = config.prompt
     document["clip"] = spec.to_dict()
@@ -232,6 +249,7 @@ def evaluate_split(
             "prompt": prompts[i] if prompts else [],
             "CIDEr": result["per_image"].get(image_id, {}).get("CIDEr"),
             "CLIPScore": float(clip_scores[i]),
+            **({"domain": reference_set.domains.get(image_id)} if reference_set.domains else {}),
         }
         for i, (image_id, caption) in enumerate(zip(image_ids, captions, strict=True))
     ]
@@ -245,4 +263,7 @@ def evaluate_split(
     if context is not None:
         settings["context"] = context
     provenance.write(out, provenance.record("evaluation", settings, inputs))
+    if local_model and method == "model":
+        setting = f"{method}, prompt {config.prompt}, beams {config.beams}"
+        record_evaluation(model_dir, document, reference_set.dataset, split, setting)
     return document
