@@ -226,7 +226,8 @@ def _fetch_tag_weights(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
         raise WeightsUnavailable(
             f"CLIP weights for {spec.model} (pretrained tag '{spec.pretrained}') are not cached on this "
             f"machine and {reason}; download the weights file elsewhere and pass it with "
-            f"--pretrained /path/to/weights.safetensors (or point HF_HOME at a cache that holds them)."
+            f"--pretrained /path/to/weights.safetensors (or point HF_HOME at a cache that holds them).",
+            reason,
         )
     import open_clip
 

@@ -13,5 +13,10 @@ class WeightsUnavailable(TipcapError):
     """Model weights named by a tag are not cached on this machine and cannot be downloaded now.
 
     Raised instead of a plain :class:`TipcapError` so that an optional consumer (the CLIP-S scorer) can
-    skip its work with a warning, while a missing decoder CLIP still stops the command.
+    skip its work with a warning, while a missing decoder CLIP still stops the command. ``reason`` says
+    why they cannot be downloaded (``HF_HUB_OFFLINE is set``, or which host cannot be reached).
     """
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason

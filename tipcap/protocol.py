@@ -171,7 +171,11 @@ class _Scorer:
             try:
                 self.encoder = ClipEncoder.load(spec, device=device)
             except WeightsUnavailable as e:
-                self.skip(str(e))
+                self.skip(
+                    f"the weights of the scorer CLIP {spec.describe()} are not cached on this machine and "
+                    f"{e.reason}; pass a local weights file with --score-pretrained (eval.score_pretrained "
+                    "in a grid)"
+                )
 
     def skip(self, reason: str) -> None:
         """Give up the scores, saying why once."""

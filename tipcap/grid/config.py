@@ -35,6 +35,7 @@ from tipcap.config import (
     SETTINGS,
     EmbedConfig,
     EvalConfig,
+    EvalPrompt,
     ExperimentConfig,
     GapConfig,
     apply_overrides,
@@ -69,7 +70,7 @@ class Cell:
     kind: str = "gaussian"
     setting: str = "text-only"
     prompt: Literal["none", "pim", "hard"] = "none"
-    eval_prompts: list[Literal["none", "auto", "oracle"]] = field(default_factory=lambda: ["none"])
+    eval_prompts: list[EvalPrompt] = field(default_factory=lambda: ["none"])
     few_pairs: int | str | list[int | str] | None = None
     set: dict[str, Any] = field(default_factory=dict)
 
