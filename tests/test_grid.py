@@ -14,6 +14,7 @@ from tipcap.config import load_config
 from tipcap.gap import Gap
 from tipcap.io import load_json
 from tipcap.toy.clip import train_toyclip
+from tipcap.toy.scoring import scene_objects
 
 DECODER = {
     "model": {
@@ -48,7 +49,7 @@ CELLS = [
         "kind": "gaussian",
         "setting": "few-pairs",
         "prompt": "pim",
-        "eval_prompts": ["none", "oracle"],
+        "eval_prompts": ["none", "oracle", "auto", "wrong"],
     },
 ]
 
@@ -64,7 +65,9 @@ def grid(tmp_path_factory, tiny_clip):
     config = {"few_pairs": 20, "seeds": [0], "decoder": DECODER, "cells": CELLS,
               "karpathy": str(world / "toyworld.json"), "web_pairs": str(world / "web_pairs.jsonl"),
               "vocabulary": str(world / "entities.json"),
-              "embed": {"model": spec.model, "pretrained": spec.pretrained}}  # fmt: skip
+              "embed": {"model": spec.model, "pretrained": spec.pretrained},
+              "eval": {"beams": 1, "metrics": ["bleu", "rouge", "cider"], "score_clip": spec.model,
+                       "score_pretrained": spec.pretrained}}  # fmt: skip
     (root / "grid.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -101,7 +104,7 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
         ("none", "none"), ("supervised", "none"), ("gaussian-few-pairs", "none"), ("prompts", "none"),
-        ("prompts", "oracle"),
+        ("prompts", "oracle"), ("prompts", "auto"), ("prompts", "wrong"),
     ]  # fmt: skip
     references = karpathy_references(grid / "world" / "toyworld.json", "test")
     expected = [grid_row_cider(out, r, references) for r in rows]
@@ -109,6 +112,25 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "| prompts | oracle | 1 |" in table
+    # The toy CLIP scores CLIP-S (it is the grid's CLIP: the evaluations reuse its image embeddings), and the
+    # scenes give CHAIR, for every prompt mode.
+    for row in rows:
+        assert 0 <= float(row["CLIP-S"]) <= 2.5 and 0 <= float(row["RefCLIP-S"]) <= 2.5, row
+        assert 0 <= float(row["CHAIR-s"]) <= 1 and (row["CHAIR-i"] == "" or 0 <= float(row["CHAIR-i"]) <= 1)
+    assert "| CLIP-S | RefCLIP-S | CHAIR-i | CHAIR-s |" in table
+    metrics = json.loads((out / "eval" / "prompts-seed0-wrong" / "metrics.json").read_text())
+    assert metrics["scorer"]["clip"]["model"] == str(Path(grid / "clip" / "toyclip.json").resolve())
+    assert metrics["hallucination"]["truth"] == "the scenes' objects"
+    objects = scene_objects(grid / "world" / "toyworld.json")
+    for mode in ("oracle", "wrong"):
+        for row in json.loads((out / "eval" / f"prompts-seed0-{mode}" / "per_image.json").read_text()):
+            truth = objects[row["image_id"]]
+            if mode == "oracle":
+                assert row["prompt"] == truth
+            else:
+                assert len(row["prompt"]) == len(truth) and not set(row["prompt"]) & set(truth)
+            hallucinated = [o for o in row["objects_mentioned"] if o not in truth]
+            assert row["objects_hallucinated"] == hallucinated
     assert (out / "cider.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "gaps" / "gaussian-few-pairs.png").is_file()
 
