@@ -224,6 +224,7 @@ class Ablation:
                 self.eval_karpathy, split, out, evaluation, method=method,
                 model=self.model(job, seed) if method == "model" else None, image_store=test_store,
                 images=self.eval_root, texts=texts, clip=self.clip, objects=self.eval_objects(),
+                instances=self.config.instances,
                 score_image_store=self._scorer_store(store_name, evaluation),
                 vocabulary=self.config.vocabulary,
                 context={"cell": job.name, "seed": seed, **resolved.record()},
