@@ -202,7 +202,14 @@ def coco_overrides(prepared, images, tiny_clip, cells):
 def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_path):
     """The shipped COCO grid, reduced, on prepared data: a few-pairs sweep, unpaired halves, the baselines."""
     out = tmp_path / "grid"
-    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, REDUCED), "few_pairs=[10%, 50%]"]
+    references = karpathy_references(prepared_coco / "dataset.json", "val")
+    instances = tmp_path / "instances_val2014.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": i} for i in references], "categories": [{"id": 1, "name": "person"}],
+        "annotations": [{"id": k, "image_id": i, "category_id": 1} for k, i in enumerate(references)],
+    }))  # fmt: skip
+    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, REDUCED), "few_pairs=[10%, 50%]",
+                 f"instances={instances}"]  # fmt: skip
     result = run(
         "ablate", COCO_GRID, "--out", out, "--no-progress", *(x for o in overrides for x in ("--set", o))
     )
@@ -218,9 +225,9 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     assert float(fraction["supervised"]) == 1.0 and fraction["isotropic"] == ""
     assert float(fraction["gaussian-few-pairs-10pct"]) == pytest.approx(20 / 197)  # 10% of the 197 usable
     assert float(fraction["gaussian-few-pairs-50pct"]) == pytest.approx(98 / 197)
-    references = karpathy_references(prepared_coco / "dataset.json", "val")
     expected = [grid_row_cider(out, r, references) for r in rows]
     assert all(r["train_data"] == r["eval_data"] == "coco" for r in rows) and max(expected) > 0
+    assert all(0 <= float(r["CHAIR-s"]) <= 1 for r in rows)  # CHAIR from the instance annotations
     assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     assert {r["setting"] for r in rows if r["kind"] == "supervised"} == {"all-pairs"}
 
@@ -239,7 +246,8 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
 
     table = (out / "table.md").read_text()
     assert "| gaussian-few-pairs-50pct | none | 1 |" in table and "| retrieval | none | 1 |" in table
-    assert "object F1" not in table  # COCO has no object annotations: no empty column
+    assert "object F1" not in table  # COCO has no scene objects: no empty column
+    assert "CHAIR-s" in table and "CLIP-S" not in table  # ViT-B/32 is not on this machine: no column
     for plot in ("cider.png", "cider_vs_pairs.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (
