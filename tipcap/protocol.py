@@ -214,6 +214,13 @@ def _scorer_images(
         split=split, device=device, progress=False,
     ).store  # fmt: skip
     row_of = {image_id: row for row, image_id in enumerate(store.ids)}
+    unread = [image_id for image_id in image_ids if image_id not in row_of]
+    if unread:
+        scorer.skip(
+            f"{len(unread)} of the evaluated images could not be read for the scorer (image {unread[0]!r} "
+            f"first; see {store_dir / 'skipped.json'})"
+        )
+        return None
     return store.gather(torch.tensor([row_of[image_id] for image_id in image_ids])).float()
 
 
