@@ -255,14 +255,15 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     )
 
 
-def test_oracle_prompts_need_the_objects_of_the_evaluation_images(
-    prepared_coco, coco_tree, tiny_clip, tmp_path
+@pytest.mark.parametrize("mode", ["oracle", "wrong"])
+def test_oracle_and_wrong_prompts_need_the_objects_of_the_evaluation_images(
+    prepared_coco, coco_tree, tiny_clip, tmp_path, mode
 ):
-    """COCO records no scene objects, so oracle prompts would be silently empty: the grid is refused before
-    any store is built or decoder trained, naming the cell's key and the file."""
+    """COCO records no scene objects, so oracle (and wrong) prompts would be silently empty: the grid is
+    refused before any store is built or decoder trained, naming the cell's key and the file."""
     cells = [
         {"name": "isotropic", "kind": "isotropic"},
-        {"name": "oracle", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["none", "oracle"]},
+        {"name": "prompts", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["none", mode]},
     ]
     overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, []), f"cells={json.dumps(cells)}"]
     flags = [x for o in overrides for x in ("--set", o)]
