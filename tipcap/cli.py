@@ -659,14 +659,32 @@ def score_command(
 )
 @click.option("--images", default=None, type=click.Path(file_okay=False), help="Image root of --data.")
 @click.option(
-    "--image-store", default=None, type=click.Path(file_okay=False), help="Image store of the split."
+    "--image-store",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Image store of the split (with --images too, the scorer CLIP reads the images from there).",
 )
 @click.option("--texts", default=None, type=click.Path(file_okay=False), help="retrieval: caption store.")
-@click.option("--prompt", type=click.Choice(["none", "auto"]), default="none", show_default=True,
-              help="auto: CLIP zero-shot entities as prompt words.")  # fmt: skip
+@click.option("--prompt", type=click.Choice(["none", "auto", "oracle", "wrong"]), default="none",
+              show_default=True,
+              help="auto: CLIP zero-shot entities as prompt words; oracle: the scene's objects; wrong: "
+              "as many entities absent from the scene (oracle and wrong need a file that records its "
+              "scenes' objects, as the toy world's does).")  # fmt: skip
 @_decoding_options
 @click.option("--metrics", "metric_names", default="bleu,meteor,rouge,cider,spice", show_default=True,
               help="Comma-separated pycocoevalcap metrics (SPICE is skipped offline).")  # fmt: skip
+@click.option(
+    "--score-clip",
+    default="ViT-B-32",
+    show_default=True,
+    help="CLIP that computes CLIP-S and RefCLIP-S: an open_clip model name or model-config JSON.",
+)
+@click.option("--score-pretrained", default="openai", show_default=True,
+              help="The scorer's pretrained tag or local weights file; CLIP-S and RefCLIP-S are skipped "
+              "with a warning when its weights are not here and cannot be downloaded.")  # fmt: skip
+@click.option("--instances", default=None, type=click.Path(dir_okay=False),
+              help="COCO instance annotations (instances_val2014.json) of the images: report CHAIR-i and "
+              "CHAIR-s on COCO's 80 categories.")  # fmt: skip
 @click.option(
     "--device", default=None, callback=_check_device, help="Device (default: cuda when available, else cpu)."
 )
@@ -683,6 +701,9 @@ def evaluate_command(
     beams: int,
     batch_size: int,
     metric_names: str,
+    score_clip: str,
+    score_pretrained: str,
+    instances: str | None,
     device: str | None,
 ) -> None:
     """Caption a split's images, score them, write predictions.json, metrics.json and per_image.json."""
@@ -695,11 +716,12 @@ def evaluate_command(
     from tipcap.protocol import evaluate_split
 
     metrics = [m.strip() for m in metric_names.split(",") if m.strip()]
-    settings = {"beams": beams, "batch_size": batch_size, "prompt": prompt, "metrics": metrics}
+    settings = {"beams": beams, "batch_size": batch_size, "prompt": prompt, "metrics": metrics,
+                "score_clip": score_clip, "score_pretrained": score_pretrained}  # fmt: skip
     config = from_dict(EvalConfig, settings, "eval")
     document = evaluate_split(
         data, split, out, config, method=method, model=model_dir, images=images, image_store=image_store,
-        texts=texts, device=device,
+        texts=texts, instances=instances, device=device,
     )  # fmt: skip
     click.echo(format_report(document["matching"]))
     _echo_scores(document)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from tipcap import text_tower
-from tipcap.errors import TipcapError
+from tipcap.errors import TipcapError, WeightsUnavailable
 from tipcap.io import atomic_path, load_json
 from tipcap.network import host_reachable
 from tipcap.provenance import sha256_file
@@ -189,7 +189,7 @@ def _fetch_tag_weights(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
     """Path of a tag's weights: from the cache, or downloaded when the source host answers.
 
     Raises:
-        TipcapError: within a few seconds when the weights are not cached and cannot be downloaded.
+        WeightsUnavailable: within a few seconds when the weights are not cached and cannot be downloaded.
     """
     cached = _cached_tag_weights(tag_cfg)
     if cached is not None:
@@ -203,10 +203,11 @@ def _fetch_tag_weights(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
     offline = constants.HF_HUB_OFFLINE or not host_reachable(host)
     if offline:
         reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{host} cannot be reached"
-        raise TipcapError(
+        raise WeightsUnavailable(
             f"CLIP weights for {spec.model} (pretrained tag '{spec.pretrained}') are not cached on this "
             f"machine and {reason}; download the weights file elsewhere and pass it with "
-            f"--pretrained /path/to/weights.safetensors (or point HF_HOME at a cache that holds them)."
+            f"--pretrained /path/to/weights.safetensors (or point HF_HOME at a cache that holds them).",
+            reason,
         )
     import open_clip
 
