@@ -14,6 +14,7 @@ from tipcap.config import load_config
 from tipcap.gap import Gap
 from tipcap.io import load_json
 from tipcap.toy.clip import train_toyclip
+from tipcap.toy.scoring import scene_objects
 
 DECODER = {
     "model": {
@@ -48,7 +49,7 @@ CELLS = [
         "kind": "gaussian",
         "setting": "few-pairs",
         "prompt": "pim",
-        "eval_prompts": ["none", "oracle"],
+        "eval_prompts": ["none", "oracle", "auto", "wrong"],
     },
 ]
 
@@ -64,7 +65,9 @@ def grid(tmp_path_factory, tiny_clip):
     config = {"few_pairs": 20, "seeds": [0], "decoder": DECODER, "cells": CELLS,
               "karpathy": str(world / "toyworld.json"), "web_pairs": str(world / "web_pairs.jsonl"),
               "vocabulary": str(world / "entities.json"),
-              "embed": {"model": spec.model, "pretrained": spec.pretrained}}  # fmt: skip
+              "embed": {"model": spec.model, "pretrained": spec.pretrained},
+              "eval": {"beams": 1, "metrics": ["bleu", "rouge", "cider"], "score_clip": spec.model,
+                       "score_pretrained": spec.pretrained}}  # fmt: skip
     (root / "grid.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -101,7 +104,7 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
         ("none", "none"), ("supervised", "none"), ("gaussian-few-pairs", "none"), ("prompts", "none"),
-        ("prompts", "oracle"),
+        ("prompts", "oracle"), ("prompts", "auto"), ("prompts", "wrong"),
     ]  # fmt: skip
     references = karpathy_references(grid / "world" / "toyworld.json", "test")
     expected = [grid_row_cider(out, r, references) for r in rows]
@@ -109,6 +112,25 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows) and "| prompts | oracle | 1 |" in table
+    # The toy CLIP scores CLIP-S (it is the grid's CLIP: the evaluations reuse its image embeddings), and the
+    # scenes give CHAIR, for every prompt mode.
+    for row in rows:
+        assert 0 <= float(row["CLIP-S"]) <= 2.5 and 0 <= float(row["RefCLIP-S"]) <= 2.5, row
+        assert 0 <= float(row["CHAIR-s"]) <= 1 and (row["CHAIR-i"] == "" or 0 <= float(row["CHAIR-i"]) <= 1)
+    assert "| CLIP-S | RefCLIP-S | CHAIR-i | CHAIR-s |" in table
+    metrics = json.loads((out / "eval" / "prompts-seed0-wrong" / "metrics.json").read_text())
+    assert metrics["scorer"]["clip"]["model"] == str(Path(grid / "clip" / "toyclip.json").resolve())
+    assert metrics["hallucination"]["truth"] == "the scenes' objects"
+    objects = scene_objects(grid / "world" / "toyworld.json")
+    for mode in ("oracle", "wrong"):
+        for row in json.loads((out / "eval" / f"prompts-seed0-{mode}" / "per_image.json").read_text()):
+            truth = objects[row["image_id"]]
+            if mode == "oracle":
+                assert row["prompt"] == truth
+            else:
+                assert len(row["prompt"]) == len(truth) and not set(row["prompt"]) & set(truth)
+            hallucinated = [o for o in row["objects_mentioned"] if o not in truth]
+            assert row["objects_hallucinated"] == hallucinated
     assert (out / "cider.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "gaps" / "gaussian-few-pairs.png").is_file()
 
@@ -180,7 +202,14 @@ def coco_overrides(prepared, images, tiny_clip, cells):
 def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_path):
     """The shipped COCO grid, reduced, on prepared data: a few-pairs sweep, unpaired halves, the baselines."""
     out = tmp_path / "grid"
-    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, REDUCED), "few_pairs=[10%, 50%]"]
+    references = karpathy_references(prepared_coco / "dataset.json", "val")
+    instances = tmp_path / "instances_val2014.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": i} for i in references], "categories": [{"id": 1, "name": "person"}],
+        "annotations": [{"id": k, "image_id": i, "category_id": 1} for k, i in enumerate(references)],
+    }))  # fmt: skip
+    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, REDUCED), "few_pairs=[10%, 50%]",
+                 f"instances={instances}"]  # fmt: skip
     result = run(
         "ablate", COCO_GRID, "--out", out, "--no-progress", *(x for o in overrides for x in ("--set", o))
     )
@@ -196,9 +225,9 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     assert float(fraction["supervised"]) == 1.0 and fraction["isotropic"] == ""
     assert float(fraction["gaussian-few-pairs-10pct"]) == pytest.approx(20 / 197)  # 10% of the 197 usable
     assert float(fraction["gaussian-few-pairs-50pct"]) == pytest.approx(98 / 197)
-    references = karpathy_references(prepared_coco / "dataset.json", "val")
     expected = [grid_row_cider(out, r, references) for r in rows]
     assert all(r["train_data"] == r["eval_data"] == "coco" for r in rows) and max(expected) > 0
+    assert all(0 <= float(r["CHAIR-s"]) <= 1 for r in rows)  # CHAIR from the instance annotations
     assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     assert {r["setting"] for r in rows if r["kind"] == "supervised"} == {"all-pairs"}
 
@@ -217,7 +246,8 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
 
     table = (out / "table.md").read_text()
     assert "| gaussian-few-pairs-50pct | none | 1 |" in table and "| retrieval | none | 1 |" in table
-    assert "object F1" not in table  # COCO has no object annotations: no empty column
+    assert "object F1" not in table  # COCO has no scene objects: no empty column
+    assert "CHAIR-s" in table and "CLIP-S" not in table  # ViT-B/32 is not on this machine: no column
     for plot in ("cider.png", "cider_vs_pairs.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (
@@ -225,14 +255,15 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     )
 
 
-def test_oracle_prompts_need_the_objects_of_the_evaluation_images(
-    prepared_coco, coco_tree, tiny_clip, tmp_path
+@pytest.mark.parametrize("mode", ["oracle", "wrong"])
+def test_oracle_and_wrong_prompts_need_the_objects_of_the_evaluation_images(
+    prepared_coco, coco_tree, tiny_clip, tmp_path, mode
 ):
-    """COCO records no scene objects, so oracle prompts would be silently empty: the grid is refused before
-    any store is built or decoder trained, naming the cell's key and the file."""
+    """COCO records no scene objects, so oracle (and wrong) prompts would be silently empty: the grid is
+    refused before any store is built or decoder trained, naming the cell's key and the file."""
     cells = [
         {"name": "isotropic", "kind": "isotropic"},
-        {"name": "oracle", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["none", "oracle"]},
+        {"name": "prompts", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["none", mode]},
     ]
     overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, []), f"cells={json.dumps(cells)}"]
     flags = [x for o in overrides for x in ("--set", o)]

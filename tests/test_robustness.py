@@ -2,6 +2,7 @@
 a silently wrong result or a half-written store."""
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -401,3 +402,83 @@ def test_model_weights_with_nan_are_refused_on_load(tmp_path):
     save_file(state, tmp_path / "model" / "model.safetensors")
     with pytest.raises(TipcapError, match=r"model\.safetensors: 1 tensors hold NaN or infinite values"):
         TIPCap.from_pretrained(tmp_path / "model", device="cpu")
+
+
+@pytest.mark.parametrize("device", ["blah", "cuda:7"])
+@pytest.mark.parametrize(
+    "command", [("caption", "--model", "m", "x.png"), ("fit-gap", "--texts", "t", "--out", "g")]
+)
+def test_device_is_checked_by_name_before_any_work(command, device):
+    result = run(*command, "--device", device)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "Invalid value for '--device'" in result.output and "--pretrained" not in result.output
+
+
+def test_prepare_refuses_negative_workers(tmp_path):
+    result = run("prepare", "coco", "--karpathy", COCO_SLICE, "--images", tmp_path, "--out", tmp_path / "p",
+                 "--workers", "-1")  # fmt: skip
+    assert result.exit_code == 2 and "'--workers'" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("code", "advice"),
+    [(errno.ENOSPC, "the disk is full"), (errno.EROFS, "read-only"), (errno.EACCES, "permissions")],
+)
+def test_os_errors_while_writing_are_one_line(tmp_path, tiny_clip, monkeypatch, code, advice):
+    def fail(source, target):
+        raise OSError(code, os.strerror(code), str(target))
+
+    monkeypatch.setattr("tipcap.io.os.replace", fail)
+    result = embed_texts(COCO_SLICE, tiny_clip, tmp_path / "s")
+    assert_one_line_error(result, str(tmp_path / "s"), advice)
+    assert not list((tmp_path / "s").glob("*.tmp"))
+
+
+def test_output_below_a_file_is_one_line(tmp_path, tiny_clip):
+    (tmp_path / "file").write_text("not a folder")
+    result = embed_texts(COCO_SLICE, tiny_clip, tmp_path / "file" / "store")
+    assert_one_line_error(result, str(tmp_path / "file"))
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    code = "import os; print(os.getpid())"
+    dead = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    target = tmp_path / "gap.png"
+    with atomic_path(target) as tmp:
+        token = tmp.name[len("gap.png.") : -len(".tmp")]
+        tmp.write_bytes(b"first")
+    host = token.split("-")[1]
+    killed = tmp_path / f"gap.png.{int(dead.stdout)}-{host}-0123456789ab.tmp"
+    live = tmp_path / f"gap.png.{os.getpid()}-{host}-ba9876543210.tmp"
+    killed.write_bytes(b"half")
+    live.write_bytes(b"being written")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"second")
+    assert target.read_bytes() == b"second"
+    assert not killed.exists() and live.exists()
+
+
+def test_evaluate_refuses_an_image_store_with_a_nan_row(stores, tmp_path):
+    images = copy_store(stores / "images", tmp_path / "images")
+    poison_row(images, 2)
+    result = run("evaluate", "--data", COCO_SLICE, "--split", "val", "--method", "retrieval",
+                 "--texts", stores / "texts", "--image-store", images, "--metrics", "bleu",
+                 "--out", tmp_path / "eval")  # fmt: skip
+    assert_one_line_error(result, f"--image-store {images}", "NaN")
+
+
+def test_training_refuses_a_caption_store_with_a_nan_row(stores, tmp_path):
+    texts = copy_store(stores / "texts", tmp_path / "texts")
+    poison_row(texts, 7)
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml",
+                 "--set", f"data.train_texts={texts}", "--out", tmp_path / "run")  # fmt: skip
+    assert_one_line_error(result, f"data.train_texts {texts}", "row 7")
+
+
+def test_training_refuses_captions_that_do_not_cover_the_store(stores, tmp_path):
+    texts = copy_store(stores / "texts", tmp_path / "texts")
+    captions = json.loads((texts / "captions.json").read_text())
+    (texts / "captions.json").write_text(json.dumps(captions[:-10]))
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml",
+                 "--set", f"data.train_texts={texts}", "--out", tmp_path / "run")  # fmt: skip
+    assert_one_line_error(result, str(texts), "captions.json")

@@ -115,6 +115,9 @@ def run_demo(
         f"karpathy={karpathy}", f"web_pairs={world / 'web_pairs.jsonl'}",
         f"vocabulary={world / 'entities.json'}", f"embed.model={clip_dir / 'toyclip.json'}",
         f"embed.pretrained={clip_dir / 'toyclip.safetensors'}", f"seeds=[{seed}]",
+        # There is no ViT-B/32 offline: CLIP-S and RefCLIP-S are scored by the toy CLIP.
+        f"eval.score_clip={clip_dir / 'toyclip.json'}",
+        f"eval.score_pretrained={clip_dir / 'toyclip.safetensors'}",
         f"store_dir={clip_dir / 'stores'}",
     ]  # fmt: skip
     rows = run_ablation(Path(str(grid)), out, overrides, progress=progress, echo=echo)

@@ -7,10 +7,13 @@ the lightest included, can read and write files through it without import cycles
 from __future__ import annotations
 
 import contextlib
+import glob
 import gzip
+import hashlib
 import json
 import os
 import secrets
+import socket
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,16 +74,40 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 ) from None
 
 
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of ``path`` left by writers on this host that were killed mid-write."""
+    for candidate in path.parent.glob(f"{glob.escape(path.name)}.*.tmp"):
+        pid, _, rest = candidate.name[len(path.name) + 1 : -len(".tmp")].partition("-")
+        host = rest.partition("-")[0]
+        if pid.isdigit() and host == _HOST and not _alive(int(pid)):
+            candidate.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path`` to write to, renamed to ``path`` when the block succeeds.
 
     Readers never see a half-written file; a failed write leaves no temporary file behind. Each call gets
-    its own name (``<name>.<random>.tmp``, created exclusively), so concurrent writers of one file never
-    write into each other's temporary file: the last rename wins, whole.
+    its own name (``<name>.<pid>-<host>-<random>.tmp``, created exclusively), so concurrent writers of one
+    file never write into each other's temporary file: the last rename wins, whole. The process id and a
+    hash of the host name let a later write of the same file delete what a killed writer left behind.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+    _remove_stale_temporaries(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{_HOST}-{secrets.token_hex(6)}.tmp")
     tmp.touch(exist_ok=False)  # O_EXCL, with the permissions the final file should get
     try:
         yield tmp

@@ -209,7 +209,20 @@ class EmbeddingStore:
         path = self.path / "captions.json"
         if not path.is_file():
             raise TipcapError(f"{self.path}: a {self.kind} store has no captions.")
-        return json.loads(path.read_text(encoding="utf-8"))
+        try:
+            captions = _read_json(path)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise TipcapError(f"{path}: {e}; rebuild the store (delete it, rerun 'tipcap embed').") from None
+        if (
+            not isinstance(captions, list)
+            or len(captions) != len(self)
+            or not all(isinstance(c, str) for c in captions)
+        ):
+            raise TipcapError(
+                f"{path}: does not hold one caption per row of the store ({len(self)}); rebuild the store "
+                "(delete it and rerun 'tipcap embed')."
+            )
+        return captions
 
 
 def _read_json(path: Path) -> Any:

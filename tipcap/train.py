@@ -12,7 +12,8 @@ Run directory::
     run.json             world size, device, data sizes
     metrics.jsonl        training loss / lr / throughput every ``log_every`` steps, validation loss per epoch
     checkpoints/step-N/  model.safetensors, trainer.pt (optimizer, scheduler), state.json; last k kept
-    model/               the final model (TIPCap.from_pretrained), with the run's provenance.json
+    model/               the final model (TIPCap.from_pretrained), with the run's provenance.json and a
+                         model card (README.md) that summarises it
 
 The model and its data are built by :mod:`tipcap.training_setup`; this module is the loop.
 """
@@ -39,7 +40,7 @@ from transformers import get_scheduler
 from tipcap import provenance
 from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.io import write_json_atomic
+from tipcap.io import atomic_path, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.prompts import sample_training_prompt
 from tipcap.training_data import collate, epoch_batches
@@ -235,6 +236,22 @@ class Trainer:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tensorboard.add_scalar(key, value, record.get("step", 0))
 
+    def _trim_log(self, step: int) -> None:
+        """Drop the log records after ``step``, which the run is about to redo, and any torn last line."""
+        path = self.out / "metrics.jsonl"
+        if not self.env.main or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the line a killed run was writing
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(kept), encoding="utf-8")
+
     def provenance(self) -> dict[str, Any]:
         """The run's provenance record: its resolved config and the content hashes of its inputs."""
         return provenance.record("training-run", to_dict(self.config), self.inputs)
@@ -311,6 +328,7 @@ class Trainer:
                     f"({self.out / 'config.yaml'}); resume with the same config and --set values."
                 )
         step, epoch, position = self._resume() if resume else (0, 0, 0)
+        self._trim_log(step)
         self._write_run_info(step)
         self.model.train()
         bar = progress_bar(
@@ -385,8 +403,7 @@ class Trainer:
         bar.close()
         final = self.out / "model"
         if self.env.main:
-            self.model.save_pretrained(final)
-            provenance.write(final, self.provenance())
+            self.model.save_pretrained(final, provenance=self.provenance())
         self._log_rank_agreement(step)
         self.env.barrier()
         return final

@@ -67,6 +67,7 @@ def load_caption_set(
 ) -> CaptionSet:
     """Captions of a text store, conditioned on their text embeddings or (``images``) their image's."""
     captions = texts.captions()
+    texts.check_finite(f"data.train_texts {texts.path}")
     if images is None:
         embeddings, is_text = texts.embeddings(), True
     else:
@@ -74,6 +75,7 @@ def load_caption_set(
         keep = [row for row, image_id in enumerate(texts.ids) if image_id in row_of]
         if not keep:
             raise TipcapError(f"{texts.path} and {images.path} share no image ids.")
+        images.check_finite(f"data.train_images {images.path}")
         embeddings = images.gather(torch.tensor([row_of[texts.ids[row]] for row in keep]))
         captions, is_text = [captions[row] for row in keep], False
     entities = [vocabulary.extract(c) for c in captions] if vocabulary is not None else [[] for _ in captions]

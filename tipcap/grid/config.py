@@ -35,6 +35,7 @@ from tipcap.config import (
     SETTINGS,
     EmbedConfig,
     EvalConfig,
+    EvalPrompt,
     ExperimentConfig,
     GapConfig,
     apply_overrides,
@@ -69,7 +70,7 @@ class Cell:
     kind: str = "gaussian"
     setting: str = "text-only"
     prompt: Literal["none", "pim", "hard"] = "none"
-    eval_prompts: list[Literal["none", "auto", "oracle"]] = field(default_factory=lambda: ["none"])
+    eval_prompts: list[EvalPrompt] = field(default_factory=lambda: ["none"])
     few_pairs: int | str | list[int | str] | None = None
     set: dict[str, Any] = field(default_factory=dict)
 
@@ -81,9 +82,12 @@ class AblationConfig:
     ``few_pairs`` is a number of paired training images, a percentage of them (``"1%"``), or a list of
     such values to sweep (each few-pairs cell then runs once per value). ``data_seed`` draws the few-pairs
     subset and the unpaired halves. ``eval_karpathy``/``eval_image_root`` evaluate on another data set.
-    ``store_dir`` keeps the embedding stores elsewhere than ``OUT/stores``, so that grids over the same data
-    and CLIP share them (a store whose CLIP or inputs differ is rebuilt, never mixed). ``embed``, ``gap``,
-    ``decoder`` (``model`` and ``train`` sections) and ``eval`` configure those stages for every cell.
+    ``instances`` (COCO instance annotations of the evaluation images, e.g. ``instances_val2014.json``)
+    adds CHAIR-i and CHAIR-s to every row. ``store_dir`` keeps the embedding stores elsewhere than
+    ``OUT/stores``, so that grids over the same data and CLIP share them (a store whose CLIP or inputs
+    differ is rebuilt, never mixed). ``embed``, ``gap``, ``decoder`` (``model`` and ``train`` sections) and
+    ``eval`` configure those stages for every cell (``eval.score_clip`` and ``eval.score_pretrained``
+    name the CLIP-S scorer).
     """
 
     __pydantic_config__ = _STRICT
@@ -94,6 +98,7 @@ class AblationConfig:
     web_image_root: str | None = None
     eval_karpathy: str | None = None
     eval_image_root: str | None = None
+    instances: str | None = None
     vocabulary: str | None = None
     few_pairs: int | str | list[int | str] = 200
     data_seed: int = 0

@@ -13,7 +13,8 @@ from typing import Any
 
 from tipcap.io import atomic_path
 
-METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIPScore", "object_f1")
+METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIP-S", "RefCLIP-S", "CHAIR-i",
+                  "CHAIR-s", "object_f1")  # fmt: skip
 COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
            "seed", "train_data", "eval_data", *METRIC_COLUMNS)  # fmt: skip
 

@@ -12,6 +12,7 @@ prompts, but a changed data set, CLIP, decoder or cell definition is refused rat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shlex
@@ -222,7 +223,9 @@ class Ablation:
             evaluate_split(
                 self.eval_karpathy, split, out, evaluation, method=method,
                 model=self.model(job, seed) if method == "model" else None, image_store=test_store,
-                texts=texts, clip=self.clip, oracle_prompts=self.eval_objects(),
+                images=self.eval_root, texts=texts, clip=self.clip, objects=self.eval_objects(),
+                instances=self.config.instances,
+                score_image_store=self._scorer_store(store_name, evaluation),
                 vocabulary=self.config.vocabulary,
                 context={"cell": job.name, "seed": seed, **resolved.record()},
             )  # fmt: skip
@@ -230,6 +233,12 @@ class Ablation:
         write_json_atomic(out / "row.json", row)
         self.echo(f"{out.name}: CIDEr {row['CIDEr']:.3f}")
         return row
+
+    def _scorer_store(self, store_name: str, evaluation: EvalConfig) -> Path:
+        """Where the evaluation images embedded by the CLIP-S scorer are kept (when it is not the grid's
+        CLIP), one folder per scorer, so that every cell reuses them."""
+        scorer = json.dumps([evaluation.score_clip, evaluation.score_pretrained])
+        return self.stores / f"{store_name}-scorer-{hashlib.sha256(scorer.encode()).hexdigest()[:10]}"
 
     def data_name(self, karpathy: Path) -> str:
         """A Karpathy file's ``dataset`` field, else its name without suffixes (read once per file)."""
@@ -266,12 +275,17 @@ class Ablation:
     # -- the grid -------------------------------------------------------------------------------
 
     def _check_oracle_prompts(self) -> None:
-        """Refuse ``oracle`` evaluation prompts where an evaluation image records no objects.
+        """Refuse ``oracle`` and ``wrong`` evaluation prompts where an evaluation image records no objects.
 
-        The oracle's words are the image's ground-truth objects; an image without them would be prompted
-        with nothing, silently. Checked before any store is built or decoder trained.
+        The oracle's words are the image's ground-truth objects, and the wrong words are drawn from the
+        entities outside them; an image without objects would be prompted with nothing, silently. Checked
+        before any store is built or decoder trained.
         """
-        asking = [index for index, cell in enumerate(self.config.cells) if "oracle" in cell.eval_prompts]
+        asking = [
+            index
+            for index, cell in enumerate(self.config.cells)
+            if {"oracle", "wrong"} & set(cell.eval_prompts)
+        ]
         if not asking:
             return
         split = self.config.eval_split
@@ -279,10 +293,10 @@ class Ablation:
         missing = [image.image_id for image in images if image.image_id not in self.eval_objects()]
         if missing:
             raise TipcapError(
-                f"config key 'cells[{asking[0]}].eval_prompts': oracle prompts are the ground-truth objects "
-                f"of each image, but {len(missing)} of the {len(images)} {split} images of "
-                f"{self.eval_karpathy} record no 'objects' (image {missing[0]!r} first); evaluate with "
-                "none or auto prompts, or on a file that records its scenes' objects (the toy world's)."
+                f"config key 'cells[{asking[0]}].eval_prompts': oracle and wrong prompts are drawn from "
+                f"the ground-truth objects of each image, but {len(missing)} of the {len(images)} {split} "
+                f"images of {self.eval_karpathy} record no 'objects' (image {missing[0]!r} first); evaluate "
+                "with none or auto prompts, or on a file that records its scenes' objects (the toy world's)."
             )
 
     def _check_grid(self) -> None:

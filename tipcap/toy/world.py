@@ -156,9 +156,14 @@ _SHAPE_FORMS = {form: shape for shape in SHAPES for form in (shape, _PLURAL.get(
 _PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(_SHAPE_FORMS) + r")\b")
 
 
+def object_mentions(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names, in order, once per mention (plurals made singular)."""
+    return [(colour, _SHAPE_FORMS[form]) for colour, form in _PAIR.findall(caption.lower())]
+
+
 def caption_objects(caption: str) -> set[tuple[str, str]]:
     """The (colour, shape) pairs a caption names, e.g. ``{("red", "circle")}`` (plurals made singular)."""
-    return {(colour, _SHAPE_FORMS[form]) for colour, form in _PAIR.findall(caption.lower())}
+    return set(object_mentions(caption))
 
 
 def write_toyworld(
