@@ -6,7 +6,8 @@ CLIPScore (2.5 · max(cos(v, CLIP text of the caption), 0), Hessel et al. 2021).
 
 - ``predictions.json``: COCO results format, ``[{"image_id", "caption"}]``;
 - ``metrics.json``: the scores, the matching report, the method and model config, the command, versions;
-- ``per_image.json``: each image's prediction, references, prompt words and CIDEr;
+- ``per_image.json``: each image's prediction, references, prompt words, CIDEr, ROUGE-L and CLIPScore
+  (the scores whose means are the corpus scores, for intervals over images: :mod:`tipcap.stats`);
 - ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
 Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
@@ -228,6 +229,7 @@ def evaluate_split(
             "references": references[image_id],
             "prompt": prompts[i] if prompts else [],
             "CIDEr": result["per_image"].get(image_id, {}).get("CIDEr"),
+            "ROUGE-L": result["per_image"].get(image_id, {}).get("ROUGE-L"),
             "CLIPScore": float(clip_scores[i]),
         }
         for i, (image_id, caption) in enumerate(zip(image_ids, captions, strict=True))

@@ -44,6 +44,7 @@ from tipcap.config import (
     to_dict,
 )
 from tipcap.errors import TipcapError
+from tipcap.grid.compare import metric_name
 
 BASELINES = ("retrieval", "template")
 """Cell kinds without a trained decoder."""
@@ -84,6 +85,9 @@ class AblationConfig:
     ``store_dir`` keeps the embedding stores elsewhere than ``OUT/stores``, so that grids over the same data
     and CLIP share them (a store whose CLIP or inputs differ is rebuilt, never mixed). ``embed``, ``gap``,
     ``decoder`` (``model`` and ``train`` sections) and ``eval`` configure those stages for every cell.
+    ``compare`` lists pairs ``[A, B]`` of cells (``CELL`` or ``CELL:PROMPT``), optionally with a metric
+    (``[A, B, rouge-l]``; CIDEr by default), whose paired difference ``A − B`` is written to
+    ``comparisons.md`` and ``comparisons.csv``.
     """
 
     __pydantic_config__ = _STRICT
@@ -105,6 +109,7 @@ class AblationConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(beams=1, metrics=["bleu", "rouge", "cider"]))
     cells: list[Cell] = field(default_factory=list)
     store_dir: str | None = None
+    compare: list[list[str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -209,6 +214,38 @@ def _validate(config: AblationConfig, path: Path) -> None:
             raise TipcapError(
                 f"{path}: cell name {name!r} is used twice; results would overwrite each other."
             )
+    _check_comparisons(config)
+
+
+def _check_comparisons(config: AblationConfig) -> None:
+    """Each ``compare`` entry names two evaluations the grid makes (``CELL`` or ``CELL:PROMPT``)."""
+    modes = {job.name: job.cell.eval_prompts for job in expand(config)}
+    for index, pair in enumerate(config.compare):
+        key = f"compare[{index}]"
+        if len(pair) not in (2, 3):
+            raise TipcapError(
+                f"config key '{key}': a comparison is [A, B] or [A, B, metric] (CIDEr by default), "
+                f"got {pair!r}."
+            )
+        if len(pair) == 3:
+            try:
+                metric_name(pair[2])
+            except TipcapError as e:
+                raise TipcapError(f"config key '{key}': {e}".replace("--metric ", "")) from None
+        for reference in pair[:2]:
+            cell, _, prompt = reference.partition(":")
+            if cell not in modes:
+                raise TipcapError(
+                    f"config key '{key}': {cell!r} is not a cell of this grid ({', '.join(modes)})."
+                )
+            if prompt and prompt not in modes[cell]:
+                raise TipcapError(
+                    f"config key '{key}': {cell} is evaluated with prompts {', '.join(modes[cell])} only."
+                )
+            if not prompt and "none" not in modes[cell] and len(modes[cell]) > 1:
+                raise TipcapError(
+                    f"config key '{key}': name the prompt mode of {cell}, e.g. {cell}:{modes[cell][0]}."
+                )
 
 
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
