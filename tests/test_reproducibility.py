@@ -1,5 +1,5 @@
 """Same resolved cell config and seed, same bytes on a CPU: whichever process, hash seed or command runs it
-(``demo``, ``ablate``, or ``train`` then ``evaluate``)."""
+(``demo``, ``ablate``, or ``train`` then ``evaluate``), and whoever built the toy world and CLIP."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from conftest import run, tiny_clip_config
 
 import tipcap.demo
 from tipcap.demo import DemoScale
+from tipcap.toy.world import write_toyworld
 
 DECODER = {
     "model": {
@@ -25,13 +26,29 @@ DECODER = {
         "pim_layers": 1,
         "max_caption_tokens": 24,
     },
-    "train": {"max_steps": 30, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 10,
-              "checkpoint_every": 30},
+    "train": {"max_steps": 20, "batch_size": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 10,
+              "checkpoint_every": 20},
 }  # fmt: skip
 # A prompt-trained cell: what differed between runs of the quick demo.
 CELLS = [{"name": "prompts", "kind": "gaussian", "setting": "few-pairs", "prompt": "pim",
           "eval_prompts": ["none", "oracle"]}]  # fmt: skip
 EVALUATIONS = ("prompts-seed0-none", "prompts-seed0-oracle")
+# The demo's world and CLIP made again by another code path, in a fresh interpreter, then ablated there.
+OWN_WORLD = """
+import json, sys
+from pathlib import Path
+from tipcap.cli import main
+from tipcap.toy.clip import train_toyclip
+from tipcap.toy.world import write_toyworld
+root, grid, out = map(Path, sys.argv[1:4])
+karpathy = write_toyworld(root / "world", seed=0, train=80, val=5, test=12)
+spec, _ = train_toyclip(karpathy, root / "clip", steps=2, batch_size=16, seed=0,
+                        config=json.loads(sys.argv[4]), progress=False)
+overrides = [f"karpathy={karpathy}", f"web_pairs={root / 'world' / 'web_pairs.jsonl'}",
+             f"vocabulary={root / 'world' / 'entities.json'}", f"embed.model={spec.model}",
+             f"embed.pretrained={spec.pretrained}", "seeds=[0]"]
+main(["ablate", str(grid), "--out", str(out), "--no-progress", *[x for o in overrides for x in ("--set", o)]])
+"""
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +59,9 @@ def demo_run(tmp_path_factory):
     evaluation = {"beams": 1, "metrics": ["bleu", "rouge", "cider"]}
     grid.write_text(yaml.safe_dump({"few_pairs": 20, "decoder": DECODER, "cells": CELLS, "eval": evaluation}))
     scale = DemoScale(80, 5, 12, 2, 16, tiny_clip_config(), str(grid))  # an absolute grid path wins
+    # A world rendered earlier in this process must not change the demo's (PIL's effect_noise drew the
+    # grain from the process-wide C rand()).
+    write_toyworld(root / "earlier", seed=0, train=3, val=0, test=1)
     patch = pytest.MonkeyPatch()
     patch.setattr(tipcap.demo, "demo_scale", lambda quick: scale)
     try:
@@ -58,23 +78,25 @@ def demo_run(tmp_path_factory):
     return root, grid, overrides
 
 
-def ablate_in_subprocess(grid: Path, out: Path, overrides: list[str], hash_seed: str) -> None:
-    """``tipcap ablate`` in a fresh interpreter with its own PYTHONHASHSEED (its own string hashes)."""
-    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-    flags = [x for o in overrides for x in ("--set", o)]
-    command = [sys.executable, "-m", "tipcap.cli", "ablate", str(grid), "--out", str(out), "--no-progress"]
-    done = subprocess.run([*command, *flags], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_demo_and_ablate_in_other_processes_give_the_same_bytes(demo_run):
-    """The demo's cell, rerun by ``tipcap ablate`` in two fresh processes with other hash seeds and stores
-    of their own: identical models and predictions."""
-    root, grid, overrides = demo_run
+    """The demo's cell, rerun by ``tipcap ablate`` in two fresh interpreters with other hash seeds, on a
+    world, CLIP and stores they made themselves: identical models and predictions."""
+    root, grid, _ = demo_run
     for hash_seed in ("1", "2"):
-        out = root / f"ablate-{hash_seed}"
-        ablate_in_subprocess(grid, out, overrides, hash_seed)
+        own, out = root / f"own-{hash_seed}", root / f"ablate-{hash_seed}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        command = [
+            sys.executable,
+            "-c",
+            OWN_WORLD,
+            str(own),
+            str(grid),
+            str(out),
+            json.dumps(tiny_clip_config()),
+        ]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
         for name in EVALUATIONS:
             expected = (root / "out" / "eval" / name / "predictions.json").read_bytes()
             assert (out / "eval" / name / "predictions.json").read_bytes() == expected, (hash_seed, name)
