@@ -158,6 +158,18 @@ def test_each_seed_draws_its_own_few_pairs(grid, tmp_path):
         assert Path(config.data.gap).name == f"gaussian-few-pairs-seed{seed}.safetensors"
 
 
+def test_a_folder_whose_seeds_shared_one_few_pairs_draw_is_refused(grid, tmp_path):
+    """A grid folder written when every seed drew the same few pairs holds models that are not per-seed."""
+    out = tmp_path / "out"
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "grid.json").read_text())
+    del saved["fixed"]["few_pairs_draw"]
+    (out / "grid.json").write_text(json.dumps(saved))
+    refused = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress")
+    assert refused.exit_code == 1 and "a grid with other few_pairs_draw" in refused.stderr
+
+
 @pytest.mark.slow
 def test_intervals_and_paired_comparisons(grid, tmp_path):
     """results.csv holds each row's interval over the test images, table.md mean ± half-width over images

@@ -43,6 +43,10 @@ from tipcap.store import EmbeddingStore
 from tipcap.toy.scoring import object_f1, scene_objects
 from tipcap.train import train
 
+FEW_PAIRS_DRAW = "data_seed + seed"
+"""How a seed's few-pairs subset is drawn, recorded in ``grid.json``: folders written before drew one subset
+for every seed, and their few-pairs decoders and gaps must not be mixed with per-seed ones."""
+
 
 class Ablation:
     """Runs an :class:`AblationConfig` into ``out``, reusing everything already there.
@@ -340,11 +344,12 @@ class Ablation:
         current = to_dict(self.config)
         # Where the stores are kept and which comparisons are reported change no result.
         fixed = {k: v for k, v in current.items() if k not in ("cells", "seeds", "store_dir", "compare")}
-        # Decoders and few-pairs gaps of earlier grids drew one subset for every seed.
-        fixed["few_pairs_draw"] = "data_seed + seed"
+        fixed["few_pairs_draw"] = FEW_PAIRS_DRAW
         cells = {c["name"]: {k: v for k, v in c.items() if k != "eval_prompts"} for c in current["cells"]}
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
+            if not any(c["setting"] == "few-pairs" for c in saved["cells"].values()):
+                saved["fixed"].setdefault("few_pairs_draw", FEW_PAIRS_DRAW)  # nothing was drawn there
             changed = [k for k in fixed if saved["fixed"].get(k) != fixed[k]]
             if changed:
                 raise TipcapError(
