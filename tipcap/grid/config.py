@@ -4,10 +4,10 @@ Cells:
 
 - a gap kind (``none``, ``isotropic``, ``mean-shift``, ``cov-noise``, ``gaussian``, ``memory``) fitted in a
   data setting: ``few-pairs`` (a seeded subset of the paired training images: a count or a percentage, or a
-  list of them to sweep), ``web-pairs`` (a JSONL of web image-caption pairs), ``unpaired`` (the captions of
-  one seeded half of the training images and the images of the other half, so that no image meets its own
-  captions) or ``text-only``; a decoder is trained on the training captions with that gap, with
-  ``prompt: none | pim | hard``;
+  list of them to sweep; each seed draws its own, with seed ``data_seed + seed``), ``web-pairs`` (a JSONL
+  of web image-caption pairs), ``unpaired`` (the captions of one seeded half of the training images and the
+  images of the other half, so that no image meets its own captions) or ``text-only``; a decoder is
+  trained on the training captions with that gap, with ``prompt: none | pim | hard``;
 - ``supervised``: a decoder trained on image embeddings, of all paired training images (the upper bound) or,
   with ``setting: few-pairs``, of the few-pairs subset only;
 - ``retrieval`` and ``template``: the non-neural baselines (no training, evaluated once).
@@ -80,8 +80,9 @@ class AblationConfig:
     """A grid: decoders trained on one data set (a Karpathy file whose images lie under ``image_root``).
 
     ``few_pairs`` is a number of paired training images, a percentage of them (``"1%"``), or a list of
-    such values to sweep (each few-pairs cell then runs once per value). ``data_seed`` draws the few-pairs
-    subset and the unpaired halves. ``eval_karpathy``/``eval_image_root`` evaluate on another data set.
+    such values to sweep (each few-pairs cell then runs once per value). ``data_seed`` draws the unpaired
+    halves, and with the decoder's seed the few-pairs subset (``data_seed + seed``).
+    ``eval_karpathy``/``eval_image_root`` evaluate on another data set.
     ``store_dir`` keeps the embedding stores elsewhere than ``OUT/stores``, so that grids over the same data
     and CLIP share them (a store whose CLIP or inputs differ is rebuilt, never mixed). ``embed``, ``gap``,
     ``decoder`` (``model`` and ``train`` sections) and ``eval`` configure those stages for every cell.
