@@ -5,7 +5,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import grid_row_cider, karpathy_references, run
 
@@ -13,6 +15,7 @@ import tipcap.grid.runner
 from tipcap.config import load_config
 from tipcap.gap import Gap
 from tipcap.io import load_json
+from tipcap.stats import interval
 from tipcap.toy.clip import train_toyclip
 from tipcap.toy.scoring import scene_objects
 
@@ -111,7 +114,7 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     assert all(0.0 <= float(r["object_f1"]) <= 1.0 for r in rows) and max(expected) > 0
     assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 2 + len(rows) and "| prompts | oracle | 1 |" in table
+    assert table.count("\n") == 2 + len(rows) + 2 and "| prompts | oracle | 1 |" in table  # + footnote
     # The toy CLIP scores CLIP-S (it is the grid's CLIP: the evaluations reuse its image embeddings), and the
     # scenes give CHAIR, for every prompt mode.
     for row in rows:
@@ -132,7 +135,7 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
             hallucinated = [o for o in row["objects_mentioned"] if o not in truth]
             assert row["objects_hallucinated"] == hallucinated
     assert (out / "cider.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "gaps" / "gaussian-few-pairs.png").is_file()
+    assert (out / "gaps" / "gaussian-few-pairs-seed0.png").is_file()
 
 
 @pytest.mark.slow
@@ -153,10 +156,102 @@ def test_cells_override_gap_and_evaluation_settings(grid, tmp_path):
     assert not tuned["context"]["gap"]["renorm"] and not tuned["context"]["gap"]["shrinkage"]
     # The tuned cell fitted a gap of its own, with the values it asked for.
     gaps = {path.name for path in (tmp_path / "out" / "gaps").glob("*.safetensors")}
-    assert gaps == {"gaussian-few-pairs.safetensors", "tuned.safetensors"}
-    tuned_gap = Gap.load(tmp_path / "out" / "gaps" / "tuned.safetensors")
+    assert gaps == {"gaussian-few-pairs-seed0.safetensors", "tuned-seed0.safetensors"}
+    tuned_gap = Gap.load(tmp_path / "out" / "gaps" / "tuned-seed0.safetensors")
     assert not tuned_gap.renorm and tuned_gap.provenance["config"]["shrinkage"] is False
     assert not tuned_gap.info.get("shrinkage")
+
+
+def test_each_seed_draws_its_own_few_pairs(grid, tmp_path):
+    """Seeds differ in the paired images drawn (data_seed + seed), so each seed fits its own gap."""
+    out = tmp_path / "out"
+    cells = [{"name": "gaussian-few-pairs", "kind": "gaussian", "setting": "few-pairs"}]
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress",
+                 "--set", "seeds=[0, 1]", "--set", f"cells={json.dumps(cells)}")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    drawn = [
+        set(load_json(out / "stores" / f"train-images-few-20-draw{seed}" / "ids.json")) for seed in (0, 1)
+    ]
+    assert len(drawn[0]) == len(drawn[1]) == 20 and drawn[0] != drawn[1]
+    gaps = [Gap.load(out / "gaps" / f"gaussian-few-pairs-seed{seed}.safetensors") for seed in (0, 1)]
+    assert not torch.equal(gaps[0].mu, gaps[1].mu)
+    for seed in (0, 1):
+        config = load_config(out / "runs" / f"gaussian-few-pairs-seed{seed}" / "train.yaml")
+        assert Path(config.data.gap).name == f"gaussian-few-pairs-seed{seed}.safetensors"
+
+
+def test_a_folder_whose_seeds_shared_one_few_pairs_draw_is_refused(grid, tmp_path):
+    """A grid folder written when every seed drew the same few pairs holds models that are not per-seed."""
+    out = tmp_path / "out"
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "grid.json").read_text())
+    del saved["fixed"]["few_pairs_draw"]
+    (out / "grid.json").write_text(json.dumps(saved))
+    refused = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress")
+    assert refused.exit_code == 1 and "a grid with other few_pairs_draw" in refused.stderr
+
+
+@pytest.mark.slow
+def test_intervals_and_paired_comparisons(grid, tmp_path):
+    """results.csv holds each row's interval over the test images, table.md mean ± half-width over images
+    and seeds, comparisons.md the differences the grid asks for; tipcap compare prints A − B = x [lo, hi]."""
+    out = tmp_path / "out"
+    cells = [{"name": "none", "kind": "none"}, {"name": "retrieval", "kind": "retrieval"}]
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", "--set", "seeds=[0, 1]",
+                 "--set", f"cells={json.dumps(cells)}",
+                 "--set", 'compare=[[retrieval, none], [retrieval, none, rouge-l]]')  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["cell"], r["seed"]) for r in rows] == [("none", "0"), ("none", "1"), ("retrieval", "")]
+    for row in rows:
+        per_image = json.loads((out / "eval" / Path(row_dir(row)) / "per_image.json").read_text())
+        cider = np.array([[p["CIDEr"] for p in per_image]])
+        assert (float(row["CIDEr_ci_low"]), float(row["CIDEr_ci_high"])) == pytest.approx(
+            (interval(cider).low, interval(cider).high)
+        )
+        assert float(row["CIDEr_ci_low"]) <= float(row["CIDEr"]) <= float(row["CIDEr_ci_high"])
+        assert "BLEU-4_ci_low" not in row  # a corpus statistic: no per-image scores
+        assert float(row["ROUGE-L_ci_low"]) <= float(row["ROUGE-L"]) <= float(row["ROUGE-L_ci_high"])
+    table = (out / "table.md").read_text()
+    both = np.array([[p["CIDEr"] for p in json.loads((out / "eval" / f"none-seed{s}-none" / "per_image.json")
+                      .read_text())] for s in (0, 1)])  # fmt: skip
+    mean = np.mean([float(r["CIDEr"]) for r in rows[:2]])
+    assert f"| none | none | 2 | {mean:.3f} ± {interval(both).half_width:.3f} |" in table
+
+    lines = (out / "comparisons.md").read_text().splitlines()
+    assert lines[2].startswith("- retrieval − none = ") and "(CIDEr, " in lines[2]
+    assert "(ROUGE-L, " in lines[3]
+    recorded = next(csv.DictReader((out / "comparisons.csv").open()))
+    printed = run("compare", "--grid-out", out, "--a", "none", "--b", "retrieval")
+    assert printed.exit_code == 0, printed.output
+    expected = (
+        f"none − retrieval = {-float(recorded['difference']):+.4f} [{-float(recorded['ci_high']):+.4f}, "
+    )
+    assert printed.stdout.startswith(expected), (printed.stdout, expected)
+    assert "2 seeds × 12 images" in printed.stdout
+    wrong = run("compare", "--grid-out", out, "--a", "nonex", "--b", "none")
+    assert (
+        wrong.exit_code == 1
+        and "--a 'nonex': no such evaluated cell (cells: none, retrieval)" in wrong.stderr
+    )
+    bleu = run("compare", "--grid-out", out, "--a", "none", "--b", "retrieval", "--metric", "bleu-4")
+    assert bleu.exit_code == 1 and "--metric 'bleu-4'" in bleu.stderr
+
+
+def row_dir(row: dict) -> str:
+    """A results.csv row's evaluation folder name."""
+    seed = f"-seed{row['seed']}" if row["seed"] else ""
+    return f"{row['cell']}{seed}-{row['eval_prompt']}"
+
+
+def test_comparisons_name_cells_of_the_grid(grid, tmp_path):
+    result = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "compare=[[none, nobody]]")
+    assert result.exit_code == 1 and "config key 'compare[0]': 'nobody' is not a cell" in result.stderr
+    result = run(
+        "ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "compare=[[none, prompts:auto]]"
+    )
+    assert result.exit_code == 1 and "prompts is evaluated with prompts none, oracle only" in result.stderr
 
 
 def test_a_cell_override_is_checked_before_anything_runs(grid, tmp_path):

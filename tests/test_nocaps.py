@@ -93,12 +93,13 @@ def _domain_predictions(out, domain):
 
 
 @pytest.mark.slow
-def test_evaluate_and_score_report_every_metric_per_domain(prepared_nocaps, coco_texts, tmp_path):
+def test_evaluate_and_score_report_every_metric_per_domain(prepared_nocaps, coco_texts, tiny_clip, tmp_path):
     root, _ = prepared_nocaps
     out = tmp_path / "eval"
     result = run("evaluate", "--data", root / "prepared" / "dataset.json", "--split", "val",
                  "--images", root / "images", "--method", "retrieval", "--texts", coco_texts,
-                 "--metrics", "bleu,rouge,cider", "--out", out)  # fmt: skip
+                 "--metrics", "bleu,rouge,cider", "--score-clip", tiny_clip, "--score-pretrained", "none",
+                 "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "per domain" in result.stdout and "near-domain" in result.stdout
     document = json.loads((out / "metrics.json").read_text())
@@ -107,11 +108,12 @@ def test_evaluate_and_score_report_every_metric_per_domain(prepared_nocaps, coco
     official = read_references(root / "nocaps_val_4500_captions.json").captions
     for domain in DOMAINS:
         scores = document["domains"][domain]["metrics"]
-        assert set(scores) == set(document["metrics"])  # every metric, CLIPScore included
+        assert set(scores) == set(document["metrics"])  # every metric, CLIP-S and RefCLIP-S included
         predictions, rows = _domain_predictions(out, domain)
         # CIDEr of the domain's images scored on their own, as the NoCaps evaluation does.
         assert scores["CIDEr"] == pytest.approx(pycocoevalcap_cider(predictions, official), abs=1e-9)
-        assert scores["CLIPScore"] == pytest.approx(sum(r["CLIPScore"] for r in rows) / len(rows))
+        for name in ("CLIP-S", "RefCLIP-S"):
+            assert scores[name] == pytest.approx(sum(r[name] for r in rows) / len(rows))
 
     # `score` against the prepared COCO-format references gives the same figures per domain.
     scored = run("score", "--predictions", out / "predictions.json", "--references",
@@ -120,7 +122,7 @@ def test_evaluate_and_score_report_every_metric_per_domain(prepared_nocaps, coco
     assert scored.exit_code == 0, scored.output
     again = json.loads((tmp_path / "score" / "metrics.json").read_text())
     for domain in DOMAINS:
-        expected = {k: v for k, v in document["domains"][domain]["metrics"].items() if k != "CLIPScore"}
+        expected = {k: v for k, v in document["domains"][domain]["metrics"].items() if "CLIP" not in k}
         assert again["domains"][domain]["metrics"] == pytest.approx(expected)
 
 

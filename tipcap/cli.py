@@ -827,9 +827,29 @@ def ablate_command(
         return
     ablation.run()
     click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
-    written = [name for name in ("results.csv", "table.md", "cider.png", "cider_vs_pairs.png")
-               if (Path(out) / name).is_file()]  # fmt: skip
+    if ablation.config.compare:
+        click.echo((Path(out) / "comparisons.md").read_text(encoding="utf-8"))
+    names = ("results.csv", "table.md", "comparisons.md", "comparisons.csv", "cider.png")
+    written = [name for name in (*names, "cider_vs_pairs.png") if (Path(out) / name).is_file()]
     click.echo(f"wrote {', '.join(f'{out}/{name}' for name in written)}")
+
+
+@main.command("compare")
+@click.option(
+    "--grid-out", required=True, type=click.Path(file_okay=False, exists=True),
+    help="A grid's output folder (tipcap ablate --out).",
+)  # fmt: skip
+@click.option("--a", "a", required=True, metavar="CELL[:PROMPT]", help="The first cell (and prompt mode).")
+@click.option("--b", "b", required=True, metavar="CELL[:PROMPT]", help="The cell subtracted from it.")
+@click.option(
+    "--metric", default="CIDEr", show_default=True,
+    help="A metric with per-image scores: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S or object_f1.",
+)  # fmt: skip
+def compare_command(grid_out: str, a: str, b: str, metric: str) -> None:
+    """Print A − B = x [lo, hi] with a paired p-value, on the seeds and test images both cells share."""
+    from tipcap.grid.compare import compare_cells, grid_scores
+
+    click.echo(compare_cells(grid_scores(grid_out), a, b, metric).describe())
 
 
 @main.command("demo")

@@ -34,6 +34,10 @@ from tipcap.provenance import sha256_file
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+ENCODER_VERSION = 2
+"""How :class:`ClipEncoder` computes embeddings: bump whenever a change alters its output's float rounding
+(2: the trimmed, prefix-sharing text tower). Stores record it in their key, so a store encoded by other
+code is rebuilt rather than mixed with embeddings the current code computes (a prompt vocabulary's)."""
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def run_demo(
         f"store_dir={clip_dir / 'stores'}",
     ]  # fmt: skip
     rows = run_ablation(Path(str(grid)), out, overrides, progress=progress, echo=echo)
-    gap_plot = Path(out) / "gaps" / "gaussian-few-pairs.png"
+    gap_plot = Path(out) / "gaps" / f"gaussian-few-pairs-seed{seed}.png"
     if gap_plot.is_file():
         shutil.copyfile(gap_plot, Path(out) / "gap.png")
     return rows

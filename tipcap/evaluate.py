@@ -357,8 +357,11 @@ def score_captions(
 
     Returns:
         ``{"metrics": {"BLEU-1": ..., "BLEU-4": ..., "METEOR": ..., "ROUGE-L": ..., "CIDEr": ...,
-        "SPICE": ...}, "per_image": {image_id: {"CIDEr": ...}}, "skipped": {"SPICE": reason}}``, with
-        the keys of the requested metrics only (``per_image`` is empty unless CIDEr is requested).
+        "SPICE": ...}, "per_image": {image_id: {"ROUGE-L": ..., "CIDEr": ...}}, "skipped": {"SPICE":
+        reason}}``, with the keys of the requested metrics only. ``per_image`` holds the metrics whose
+        corpus score is the mean of the images' scores: ROUGE-L, and CIDEr (its IDF taken from the
+        references of all scored images); it is empty unless one of them is requested. BLEU and METEOR
+        are corpus statistics (pooled n-gram counts, pooled alignments), not means of sentence scores.
 
     Raises:
         TipcapError: for unknown metrics, no predictions, a predicted image without references, or no
@@ -394,13 +397,17 @@ def score_captions(
     if "rouge" in wanted:
         from pycocoevalcap.rouge.rouge import Rouge
 
-        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        rouge, rouge_per_image = Rouge().compute_score(gts, res)
+        scores["ROUGE-L"] = float(rouge)
+        for image_id, value in zip(gts, rouge_per_image, strict=True):
+            per_image.setdefault(image_id, {})["ROUGE-L"] = float(value)
     if "cider" in wanted:
         from pycocoevalcap.cider.cider import Cider
 
         cider, cider_per_image = Cider().compute_score(gts, res)
         scores["CIDEr"] = float(cider)
-        per_image = {i: {"CIDEr": float(x)} for i, x in zip(gts, cider_per_image, strict=True)}
+        for image_id, value in zip(gts, cider_per_image, strict=True):
+            per_image.setdefault(image_id, {})["CIDEr"] = float(value)
     if "spice" in wanted:
         reason = spice_unavailable()
         if reason is None:
@@ -428,7 +435,7 @@ def score_domains(
     This is how NoCaps reports in-, near- and out-domain scores: CIDEr's document frequencies come from the
     domain's references alone, so a domain's CIDEr is not the mean of its images' overall CIDEr. Scores
     computed per image without references to other images (``per_image``: name → image id → score, e.g.
-    CLIPScore) are averaged over the domain's images.
+    CLIP-S) are averaged over the domain's images.
 
     Args:
         predictions: image id to caption, every id with a domain.

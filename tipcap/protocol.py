@@ -10,7 +10,8 @@ COCO instance annotations given as ``instances``, or a toy world's scenes). The 
 - ``metrics.json``: the scores (also per domain, when the references give each image's domain, as NoCaps
   does), the matching report, the method and model config, the scorer CLIP, the hallucination counts, the
   command, versions;
-- ``per_image.json``: each image's prediction, references, prompt words, CIDEr, CLIP-S, RefCLIP-S, the
+- ``per_image.json``: each image's prediction, references, prompt words, CIDEr, ROUGE-L, CLIP-S, RefCLIP-S
+  (the scores whose means are the corpus scores, for intervals over images: :mod:`tipcap.stats`), the
   objects its caption mentions and hallucinates, and its domain;
 - ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
@@ -433,6 +434,7 @@ def evaluate_split(
             "references": references[image_id],
             "prompt": prompts[i] if prompts else [],
             "CIDEr": result["per_image"].get(image_id, {}).get("CIDEr"),
+            "ROUGE-L": result["per_image"].get(image_id, {}).get("ROUGE-L"),
             **per_image_extra[image_id],
             **({"domain": reference_set.domains.get(image_id)} if reference_set.domains else {}),
         }
