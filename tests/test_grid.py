@@ -249,9 +249,9 @@ def test_comparisons_name_cells_of_the_grid(grid, tmp_path):
     result = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "compare=[[none, nobody]]")
     assert result.exit_code == 1 and "config key 'compare[0]': 'nobody' is not a cell" in result.stderr
     result = run(
-        "ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "compare=[[none, prompts:auto]]"
+        "ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "compare=[[prompts, none:oracle]]"
     )
-    assert result.exit_code == 1 and "prompts is evaluated with prompts none, oracle only" in result.stderr
+    assert result.exit_code == 1 and "none is evaluated with prompts none only" in result.stderr, result.output
 
 
 def test_a_cell_override_is_checked_before_anything_runs(grid, tmp_path):
