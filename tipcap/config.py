@@ -37,8 +37,20 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-GapKind = Literal["none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory"]
+GapKind = Literal[
+    "none",
+    "isotropic",
+    "mean-shift",
+    "mean-isotropic",
+    "mean-isotropic-matched",
+    "diagonal",
+    "gaussian",
+    "close",
+    "cov-noise",
+    "memory",
+]
 Setting = Literal["few-pairs", "web-pairs", "unpaired", "text-only"]
+WebEstimator = Literal["mixture", "trim"]
 PromptMode = Literal["none", "pim", "hard"]
 EvalPrompt = Literal["none", "auto", "oracle"]
 Metric = Literal["bleu", "meteor", "rouge", "cider", "spice"]
@@ -72,8 +84,12 @@ class GapConfig:
     setting: Setting = "text-only"
     shrinkage: bool = True  # Ledoit–Wolf shrinkage of the covariance
     renorm: bool = True  # rescale mapped embeddings to unit length
-    drop_quantile: Annotated[float, Field(ge=0, lt=1)] = 0.1  # web-pairs: least similar share trimmed
-    sigma2: PositiveFloat = CAPDEC_SIGMA2  # isotropic and text-only noise variance
+    # web-pairs: "mixture" weights each pair by its probability of being matched (a two-component mixture
+    # on cos(v, t)); "trim" drops the least similar share drop_quantile
+    web_estimator: WebEstimator = "mixture"
+    drop_quantile: Annotated[float, Field(ge=0, lt=1)] = 0.1  # web-pairs with trim: least similar share
+    sigma2: PositiveFloat = CAPDEC_SIGMA2  # isotropic, mean-isotropic and text-only noise variance
+    noise_scale: PositiveFloat = 1.0  # multiplies the training-noise covariance of any kind (σ² sweeps)
     learnable: bool = False  # train μ and L with a KL term to this estimate (train.kl_weight)
     mu_from: str | None = None  # text-only: import μ from this gap file
     tau: PositiveFloat = 0.01  # memory: softmax temperature
@@ -156,7 +172,8 @@ class EvalConfig:
     max_tokens: Positive | None = None  # None: the model's max_caption_tokens
     prompt: EvalPrompt = "none"  # auto: CLIP zero-shot entities; oracle: the scene's true entities
     top_k: Positive = 3  # auto prompts: at most this many entities
-    threshold: Probability | None = None  # auto prompts: keep entities at least this probable
+    # auto prompts: keep entities at least this probable (ViECap's 0.2); None keeps the top_k
+    threshold: Probability | None = 0.2
     metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
     batch_size: Positive = 64
 
