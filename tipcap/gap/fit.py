@@ -202,9 +202,8 @@ def fit_gap(
             memory = texts.gather(rows)
             info.update({"memory_size": len(rows), "tau": config.tau})
     if config.learnable and kind not in LEARNABLE_KINDS:
-        raise TipcapError(
-            f"--learnable (gap.learnable) applies to kinds {', '.join(sorted(LEARNABLE_KINDS))}, not {kind!r}."
-        )
+        kinds = ", ".join(sorted(LEARNABLE_KINDS))
+        raise TipcapError(f"--learnable (gap.learnable) applies to kinds {kinds}, not {kind!r}.")
     covariance = config.noise_scale * noise_covariance(kind, fitted_covariance, config.sigma2)
     if kind in ("isotropic", "mean-isotropic"):
         info["sigma2"] = config.sigma2

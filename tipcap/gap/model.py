@@ -4,20 +4,20 @@ How each kind moves embeddings (t: a caption's text embedding, v: an image embed
 Σ are the setting's estimate, L the Cholesky factor of the *noise covariance the kind uses*, which is what
 the gap file stores):
 
-==========================  ======================  ===============  ==========================================
-kind                        training (``sample``)   inference        noise covariance LLᵀ; reference
-==========================  ======================  ===============  ==========================================
-``none``                    t                       v                none; no bridging
-``isotropic``               t + L·z                 v                σ₀²I (σ₀² = 0.016); CapDec's noise
-``mean-shift``              t                       v − μ            none; CapDec's modality offset alone
-``mean-isotropic``          t + L·z                 v − μ            σ₀²I; CapDec's offset with its noise
-``mean-isotropic-matched``  t + L·z                 v − μ            (tr Σ / d)·I: Σ's total variance, no shape
-``diagonal``                t + L·z                 v − μ            diag Σ: per-axis variances, no correlations
-``gaussian``                t + L·z                 v − μ            Σ; TIPCap, text space
-``close``                   t + μ + L·z             v                9Σ + 0.12²·I; CLOSE's covariance adapter
-``cov-noise``               t + μ + L·z             v                Σ; the Gaussian placed on the image side
-``memory``                  t                       softmax(v·Tᵀ/τ)·T   none; DeCap (T: text memory)
-==========================  ======================  ===============  ==========================================
+========================  ===========  =================  =====================================
+kind                      ``sample``   ``to_text``        noise covariance LLᵀ; reference
+========================  ===========  =================  =====================================
+none                      t            v                  none; no bridging
+isotropic                 t + L·z      v                  σ₀²I (σ₀² = 0.016); CapDec's noise
+mean-shift                t            v − μ              none; CapDec's modality offset alone
+mean-isotropic            t + L·z      v − μ              σ₀²I; CapDec's offset with its noise
+mean-isotropic-matched    t + L·z      v − μ              (tr Σ / d)·I: Σ's total, no shape
+diagonal                  t + L·z      v − μ              diag Σ: no correlations
+gaussian                  t + L·z      v − μ              Σ; TIPCap, text space
+close                     t + μ + L·z  v                  9Σ + 0.12²·I; CLOSE's adapter
+cov-noise                 t + μ + L·z  v                  Σ; the Gaussian on the image side
+memory                    t            softmax(v·Tᵀ/τ)·T  none; DeCap (T: text memory)
+========================  ===========  =================  =====================================
 
 Every noise covariance is multiplied by ``gap.noise_scale`` (default 1) when fitted. With ``renorm`` every
 output is scaled back to unit length, as CLIP embeddings are.

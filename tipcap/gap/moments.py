@@ -73,7 +73,7 @@ class Moments:
         return self.total / self.weight
 
     def covariance(self, shrink: bool = True) -> Covariance:
-        """The maximum-likelihood covariance (divided by n, or W), Ledoit–Wolf-shrunk towards a scaled identity.
+        """The maximum-likelihood covariance (divided by n, or W), Ledoit–Wolf-shrunk towards s·I.
 
         Shrinkage follows Ledoit & Wolf (2004) as scikit-learn implements it: with centred rows x̃ᵢ,
         S = Σx̃x̃ᵀ/n, m = tr S/d, δ² = ‖S − mI‖²/d, β² = min(δ², Σ‖x̃x̃ᵀ − S‖²/(n²d)), and

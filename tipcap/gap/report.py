@@ -91,7 +91,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"  pairs used        {report['pairs_used']:,} ({report['pairs_discarded'] or 0:,} discarded)"
         )
     if report.get("mismatched_fraction") is not None:
-        lines.append(f"  mismatched pairs  {report['mismatched_fraction']:.3f} (estimated share of web pairs)")
+        lines.append(
+            f"  mismatched pairs  {report['mismatched_fraction']:.3f} (estimated share of web pairs)"
+        )
     if report.get("shrinkage") is not None:
         lines.append(f"  shrinkage         {report['shrinkage']:.3f} (Ledoit-Wolf)")
     if "cosine_before" in report:
