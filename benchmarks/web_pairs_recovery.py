@@ -4,10 +4,11 @@ A synthetic paired set with CLIP-like geometry: caption embeddings t = normalise
 direction c (cosine between two captions about 0.5), and each image is v = normalise(t + δ) with
 δ ~ N(μ*, Σ*), Σ* a spiked spectrum (8 directions hold 80% of the trace): tr Σ* = 1 (matched and random
 pairs' cosines well apart, as for real CLIP) and tr Σ* = 4 (their distributions overlapping). A share p
-of the pairs is then contaminated: the caption is replaced by another image's. For p = 0%, 20% and 40% it prints the error of μ
-and Σ of each estimator against the few-pairs estimate on the same images with their true captions (the
-clean estimate), ‖μ̂ − μ_clean‖/‖μ_clean‖ and ‖Σ̂ − Σ_clean‖_F/‖Σ_clean‖_F (no shrinkage, so that only the
-contamination differs), and the share of pairs each believes mismatched (trimming drops a fixed 10%).
+of the pairs is then contaminated: the caption is replaced by another image's. For p = 0%, 20% and 40%
+it prints the error of μ and Σ of each estimator against the few-pairs estimate on the same images with
+their true captions (the clean estimate), ‖μ̂ − μ_clean‖/‖μ_clean‖ and ‖Σ̂ − Σ_clean‖_F/‖Σ_clean‖_F (no
+shrinkage, so that only the contamination differs), and the share of pairs each believes mismatched
+(trimming drops a fixed 10%).
 
 Usage: python benchmarks/web_pairs_recovery.py [--pairs 20000] [--dim 128] [--seed 0]
 """
