@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tipcap import provenance
-from tipcap.config import CAPDEC_SIGMA2, SETTINGS, GapConfig, from_dict, to_dict
+from tipcap.config import CAPDEC_SIGMA2, SETTINGS, GapConfig, check_gap_kind, from_dict, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap.estimate import (
     GapEstimate,
@@ -34,8 +34,6 @@ CLOSE_NOISE_STD = 0.12
 _NEEDS_ESTIMATE = {
     "mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise"
 }  # fmt: skip
-_NEEDS_COVARIANCE = {"mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise"}
-_TEXT_ONLY_EQUIVALENT = {"mean-shift": "none", "mean-isotropic": "isotropic"}
 
 
 def noise_covariance(kind: str, covariance: torch.Tensor, sigma2: float) -> torch.Tensor:
@@ -59,23 +57,6 @@ def noise_covariance(kind: str, covariance: torch.Tensor, sigma2: float) -> torc
     if kind == "close":
         return CLOSE_COVARIANCE_SCALE**2 * covariance + CLOSE_NOISE_STD**2 * identity
     return torch.zeros(dim, dim, dtype=torch.float64)
-
-
-def _check_kind_in_setting(kind: str, setting: str, mu_from: str | None) -> None:
-    """Refuse a kind whose inputs the setting lacks, or one that text-only makes another kind."""
-    if setting != "text-only":
-        return
-    if kind in _NEEDS_COVARIANCE:
-        raise TipcapError(
-            f"gap kind {kind!r} needs a covariance fitted on images, which the text-only setting has not "
-            "(its noise would be sigma2·I: kind isotropic, or mean-isotropic with gap.mu_from); "
-            "use another setting or kind."
-        )
-    if kind in _TEXT_ONLY_EQUIVALENT and mu_from is None:
-        raise TipcapError(
-            f"gap kind {kind!r} in the text-only setting has mu = 0 unless gap.mu_from (--mu-from) imports "
-            f"one, which makes it kind {_TEXT_ONLY_EQUIVALENT[kind]!r}; set gap.mu_from or use that kind."
-        )
 
 
 def join_pairs(texts: EmbeddingStore, images: EmbeddingStore) -> Pairs:
@@ -176,7 +157,7 @@ def fit_gap(
     """
     config = from_dict(GapConfig, to_dict(config), "gap")  # a config built in code is checked too
     kind, setting = config.kind, config.setting
-    _check_kind_in_setting(kind, setting, config.mu_from)
+    check_gap_kind(kind, setting, config.mu_from, "gap")
     _check_stores(texts, images)
     dim = texts.dim
     info: dict[str, Any] = {"kind": kind, "texts": str(Path(texts.path).resolve())}

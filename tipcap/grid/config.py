@@ -2,7 +2,8 @@
 
 Cells:
 
-- a gap kind (``none``, ``isotropic``, ``mean-shift``, ``cov-noise``, ``gaussian``, ``memory``) fitted in a
+- a gap kind (``none``, ``isotropic``, ``mean-shift``, ``mean-isotropic``, ``mean-isotropic-matched``,
+  ``diagonal``, ``gaussian``, ``close``, ``cov-noise``, ``memory``; see :mod:`tipcap.gap.model`) fitted in a
   data setting: ``few-pairs`` (a seeded subset of the paired training images: a count or a percentage, or a
   list of them to sweep), ``web-pairs`` (a JSONL of web image-caption pairs), ``unpaired`` (the captions of
   one seeded half of the training images and the images of the other half, so that no image meets its own
@@ -37,7 +38,9 @@ from tipcap.config import (
     EvalConfig,
     ExperimentConfig,
     GapConfig,
+    SyntheticGapConfig,
     apply_overrides,
+    check_gap_kind,
     from_dict,
     read_yaml_mapping,
     set_dotted,
@@ -84,6 +87,9 @@ class AblationConfig:
     ``store_dir`` keeps the embedding stores elsewhere than ``OUT/stores``, so that grids over the same data
     and CLIP share them (a store whose CLIP or inputs differ is rebuilt, never mixed). ``embed``, ``gap``,
     ``decoder`` (``model`` and ``train`` sections) and ``eval`` configure those stages for every cell.
+    ``synthetic_gap`` replaces every image embedding by a synthetic one with a known gap
+    (:mod:`tipcap.synthgap`): each image loses one caption, and its embedding is that caption's plus a
+    draw of N(μ*, Σ*); no image file is read.
     """
 
     __pydantic_config__ = _STRICT
@@ -105,6 +111,7 @@ class AblationConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(beams=1, metrics=["bleu", "rouge", "cider"]))
     cells: list[Cell] = field(default_factory=list)
     store_dir: str | None = None
+    synthetic_gap: SyntheticGapConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +170,10 @@ def _validate(config: AblationConfig, path: Path) -> None:
     if not config.karpathy or not config.embed.model:
         raise TipcapError(f"{path}: set karpathy and embed.model (in the file or with --set).")
     _check_few_pairs(config.few_pairs, "few_pairs")
+    if config.synthetic_gap is not None and config.eval_karpathy:
+        raise TipcapError(
+            f"{path}: a synthetic_gap grid evaluates on its own data; remove eval_karpathy or synthetic_gap."
+        )
     # The grid's own stages first, so that a mistake there is not blamed on a cell.
     unknown = sorted(set(config.decoder) - {"model", "train"})
     if unknown:
@@ -194,6 +205,11 @@ def _validate(config: AblationConfig, path: Path) -> None:
             if cell.setting != "few-pairs":
                 raise TipcapError(f"config key '{key}.few_pairs': applies to few-pairs cells only.")
             _check_few_pairs(cell.few_pairs, f"{key}.few_pairs")
+        if cell.setting == "web-pairs" and config.synthetic_gap is not None:
+            raise TipcapError(
+                f"config key '{key}.setting': a synthetic_gap grid has no web pairs (its images are made "
+                "from captions); use few-pairs or unpaired."
+            )
         if cell.setting == "web-pairs" and not config.web_pairs:
             raise TipcapError(f"config key '{key}': a web-pairs cell needs web_pairs (a JSONL of pairs).")
         for dotted in cell.set:
@@ -255,6 +271,7 @@ def resolve(config: AblationConfig, cell: Cell, where: str = "set") -> JobConfig
     gap = None
     if cell.kind in GAP_KINDS:
         gap = from_dict(GapConfig, stages["gap"], f"{where}.gap")
+        check_gap_kind(gap.kind, gap.setting, gap.mu_from, f"config key '{where.removesuffix('.set')}'")
     decoder = {"model": stages["model"], "train": stages["train"]}
     from_dict(ExperimentConfig, {**decoder, "data": {}}, where)  # fails now, not later
     evaluation = from_dict(EvalConfig, stages["eval"], f"{where}.eval")
