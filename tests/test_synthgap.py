@@ -50,12 +50,8 @@ def world(tmp_path_factory, tiny_clip):
     root = tmp_path_factory.mktemp("synthgap")
     embed = EmbedConfig(str(tiny_clip), "none")
     config = SyntheticGapConfig(mu_norm=0.6, trace=0.05, spikes=4, seed=1)
-    return (
-        build_synthetic_world(COCO_SLICE, embed, config, root / "world", progress=False),
-        embed,
-        config,
-        root,
-    )
+    built = build_synthetic_world(COCO_SLICE, embed, config, root / "world", progress=False)
+    return {"built": built, "embed": embed, "config": config, "root": root}
 
 
 def test_each_image_is_made_from_a_caption_it_is_not_scored_against(world):
