@@ -158,6 +158,9 @@ def fit_gap(
     config = from_dict(GapConfig, to_dict(config), "gap")  # a config built in code is checked too
     kind, setting = config.kind, config.setting
     check_gap_kind(kind, setting, config.mu_from, "gap")
+    if config.learnable and kind not in LEARNABLE_KINDS:
+        kinds = ", ".join(sorted(LEARNABLE_KINDS))
+        raise TipcapError(f"--learnable (gap.learnable) applies to kinds {kinds}, not {kind!r}.")
     _check_stores(texts, images)
     dim = texts.dim
     info: dict[str, Any] = {"kind": kind, "texts": str(Path(texts.path).resolve())}
@@ -182,9 +185,6 @@ def fit_gap(
                 rows = torch.randperm(len(texts), generator=generator)[: config.memory_size].sort().values
             memory = texts.gather(rows)
             info.update({"memory_size": len(rows), "tau": config.tau})
-    if config.learnable and kind not in LEARNABLE_KINDS:
-        kinds = ", ".join(sorted(LEARNABLE_KINDS))
-        raise TipcapError(f"--learnable (gap.learnable) applies to kinds {kinds}, not {kind!r}.")
     covariance = config.noise_scale * noise_covariance(kind, fitted_covariance, config.sigma2)
     if kind in ("isotropic", "mean-isotropic"):
         info["sigma2"] = config.sigma2
