@@ -171,7 +171,7 @@ def coco_overrides(prepared, images, tiny_clip, cells):
     return [
         f"karpathy={prepared / 'dataset.json'}", f"image_root={images}", f"embed.model={tiny_clip}",
         "embed.pretrained=none", "eval_split=val", "seeds=[0]", "eval.beams=1",
-        "eval.metrics=[bleu, rouge, cider]",
+        "eval.metrics=[bleu, rouge, cider]", "eval.threshold=null",  # a random CLIP is sure of no entity
         f"decoder={json.dumps(COCO_DECODER)}", f"cells={json.dumps([shipped[name] for name in cells])}",
     ]  # fmt: skip
 
