@@ -116,7 +116,7 @@ def test_mistakes_name_the_key(override, message):
             "config key 'cells[0].setting': supervised",
         ),
         ("cells=[{name: a/b}]", "config key 'cells[0].name': 'a/b' is not a plain name"),
-        ("cells=[{name: a}, {name: a}]", "cell name 'a' is used twice"),
+        ("cells=[{name: a, kind: none}, {name: a, kind: none}]", "cell name 'a' is used twice"),
         ("cells=[]", "no cells to run"),
         ("eval.metrics=[bleu]", "config key 'eval.metrics': ['bleu'] must include cider"),
         ("eval.metrics=[cider, wer]", "config key 'eval.metrics[1]'"),
