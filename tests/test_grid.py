@@ -282,7 +282,7 @@ def test_plan_for_torchrun_then_reuse_the_models(prepared_coco, coco_tree, tiny_
     # The folder remembers its grid: a changed decoder or cell would mix results, and is refused.
     changed = run("ablate", COCO_GRID, "--out", out, *flags, "--set", "decoder.train.lr=0.1")
     assert changed.exit_code == 1 and "holds results of a grid with other decoder" in changed.stderr
-    redefined = [f.replace('"kind": "isotropic"', '"kind": "mean-shift"') for f in flags]
+    redefined = [f.replace('"kind": "isotropic"', '"kind": "none"') for f in flags]
     assert redefined != flags
     redefined = run("ablate", COCO_GRID, "--out", out, *redefined)
     assert (

@@ -271,7 +271,6 @@ def resolve(config: AblationConfig, cell: Cell, where: str = "set") -> JobConfig
     gap = None
     if cell.kind in GAP_KINDS:
         gap = from_dict(GapConfig, stages["gap"], f"{where}.gap")
-        check_gap_kind(gap.kind, gap.setting, gap.mu_from, f"config key '{where.removesuffix('.set')}'")
     decoder = {"model": stages["model"], "train": stages["train"]}
     from_dict(ExperimentConfig, {**decoder, "data": {}}, where)  # fails now, not later
     evaluation = from_dict(EvalConfig, stages["eval"], f"{where}.eval")
@@ -280,5 +279,7 @@ def resolve(config: AblationConfig, cell: Cell, where: str = "set") -> JobConfig
             f"config key 'eval.metrics': {evaluation.metrics} must include cider "
             "(the table and the plots rank by CIDEr)."
         )
+    if gap is not None:  # after the stages, so that a mistyped override is named first
+        check_gap_kind(gap.kind, gap.setting, gap.mu_from, f"config key '{where.removesuffix('.set')}'")
     overrides_gap = any(dotted.startswith("gap.") for dotted in cell.set)
     return JobConfig(gap, decoder, evaluation, overrides_gap)
