@@ -47,7 +47,7 @@ def test_fit_gap_in_each_paired_setting(stores, tmp_path, setting):
     assert result.exit_code == 0, result.output
     for line in (
         "||mu||",
-        "trace Sigma",
+        "noise trace",
         "top eigenvalues",
         "effective rank",
         "pairs used",
@@ -68,13 +68,53 @@ def test_text_only_imports_mu(stores, tmp_path):
                  "--images", stores / "images", "--out", paired)  # fmt: skip
     assert result.exit_code == 0
     out = tmp_path / "text-only.safetensors"
-    result = run(
-        "fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--mu-from", paired, "--out", out
-    )
+    result = run("fit-gap", "--setting", "text-only", "--kind", "mean-isotropic", "--texts", stores / "texts",
+                 "--mu-from", paired, "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     gap, source = Gap.load(out), Gap.load(paired)
     assert (gap.mu == source.mu).all()
     assert (gap.covariance.diagonal() - 0.016).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("setting", ["few-pairs", "web-pairs", "unpaired"])
+@pytest.mark.parametrize(
+    "kind", ["mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "close"]
+)
+def test_factor_kinds_in_each_setting(stores, tmp_path, kind, setting):
+    """Each control kind fits in each setting with images; the file and the report give ||mu||, the
+    noise's total variance and its effective rank."""
+    out = tmp_path / "gap.safetensors"
+    result = run("fit-gap", "--setting", setting, "--kind", kind, "--texts", stores / "texts",
+                 "--images", stores / "images", "--out", out, "--noise-scale", "0.5")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gap = Gap.load(out)
+    report = gap.info["report"]
+    assert gap.kind == kind and gap.info["setting"] == setting and report["noise_scale"] == 0.5
+    assert report["mu_norm"] == pytest.approx(float(gap.mu.norm()), rel=1e-5) and report["mu_norm"] > 0
+    noise = 0.0 if kind == "mean-shift" else float(gap.covariance.double().trace())
+    assert report["sigma_trace"] == pytest.approx(noise, rel=1e-4, abs=1e-9)
+    if kind == "mean-isotropic":
+        assert report["sigma_trace"] == pytest.approx(0.5 * 0.016 * 32, rel=1e-4)
+    if kind == "mean-isotropic-matched":
+        assert report["sigma_trace"] == pytest.approx(0.5 * report["fitted_trace"], rel=1e-4)
+        assert report["effective_rank"] == pytest.approx(32, rel=1e-4)
+    expected_lines = (f"||mu||            {report['mu_norm']:.4f}", "effective rank", "participation ratio",
+                      f"noise trace       {report['sigma_trace']:.4f}")  # fmt: skip
+    for text in expected_lines:
+        assert text in result.stdout
+    if setting == "web-pairs":
+        assert 0 <= report["mismatched_fraction"] <= 1 and "mismatched pairs" in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["mean-isotropic-matched", "diagonal", "gaussian", "close", "mean-shift"])
+def test_text_only_refuses_kinds_without_their_inputs(stores, tmp_path, kind):
+    out = tmp_path / "gap.safetensors"
+    result = run(
+        "fit-gap", "--setting", "text-only", "--kind", kind, "--texts", stores / "texts", "--out", out
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and f"gap kind '{kind}'" in result.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("kind", ["none", "isotropic", "mean-shift", "cov-noise", "memory"])

@@ -8,7 +8,7 @@ import yaml
 
 from tipcap.config import ExperimentConfig, load_config, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.grid import CELL_KINDS, expand, load_ablation
+from tipcap.grid import expand, load_ablation
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml"))
@@ -41,16 +41,26 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     names = {str(p.relative_to(EXPERIMENTS)) for p in GRIDS}
     assert names == {f"{d}/{g}.yaml" for d in ("coco", "flickr30k") for g in ("grid", "few_pairs_sweep")} | {
         "cross_domain/coco_to_flickr30k.yaml", "cross_domain/flickr30k_to_coco.yaml",
-        "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml"
+        "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml", "synthetic_gap.yaml",
     }  # fmt: skip
+    baselines = {"none", "isotropic", "mean-shift", "close", "memory", "retrieval", "template"}
     for data in ("coco", "flickr30k"):
         grid = load_ablation(EXPERIMENTS / data / "grid.yaml")
-        assert {c.kind for c in grid.cells} == set(CELL_KINDS) and grid.few_pairs == "1%"
+        assert {c.kind for c in grid.cells} == {
+            "supervised",
+            "gaussian",
+            *baselines,
+        } and grid.few_pairs == "1%"
         gaussian = {(c.setting, c.prompt) for c in grid.cells if c.kind == "gaussian"}
-        assert gaussian == {
-            (s, p) for s in ("few-pairs", "web-pairs", "unpaired", "text-only") for p in ("none", "pim")
-        }
-        assert any(c.prompt == "hard" and c.eval_prompts == ["auto"] for c in grid.cells)
+        # In text-only the Gaussian has no covariance to fit: that row is isotropic, listed once.
+        assert gaussian == {(s, p) for s in ("few-pairs", "web-pairs", "unpaired") for p in ("none", "pim")}
+        assert {(c.kind, c.prompt) for c in grid.cells if c.setting == "text-only"} >= {
+            ("isotropic", "none"), ("isotropic", "pim")
+        }  # fmt: skip
+        hard = [c for c in grid.cells if c.prompt == "hard"]
+        assert len(hard) == 1 and hard[0].eval_prompts == ["auto"]
+        # ViECap's training prompts: entities masked at 0.4, never the whole prompt, no distractor.
+        assert hard[0].set == {"train.prompt_drop_all": 0.0, "train.prompt_distractor": 0.0}
         sweep = load_ablation(EXPERIMENTS / data / "few_pairs_sweep.yaml")
         assert sweep.few_pairs == ["0.1%", "1%", "10%"]
         assert {job.few_pairs for job in expand(sweep)} == {None, "0.1%", "1%", "10%"}
@@ -106,7 +116,7 @@ def test_mistakes_name_the_key(override, message):
             "config key 'cells[0].setting': supervised",
         ),
         ("cells=[{name: a/b}]", "config key 'cells[0].name': 'a/b' is not a plain name"),
-        ("cells=[{name: a}, {name: a}]", "cell name 'a' is used twice"),
+        ("cells=[{name: a, kind: none}, {name: a, kind: none}]", "cell name 'a' is used twice"),
         ("cells=[]", "no cells to run"),
         ("eval.metrics=[bleu]", "config key 'eval.metrics': ['bleu'] must include cider"),
         ("eval.metrics=[cider, wer]", "config key 'eval.metrics[1]'"),

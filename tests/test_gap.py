@@ -16,6 +16,7 @@ from tipcap.config import GapConfig
 from tipcap.errors import TipcapError
 from tipcap.gap import (
     CAPDEC_SIGMA2,
+    KINDS,
     SETTINGS,
     Gap,
     Moments,
@@ -32,8 +33,10 @@ from tipcap.gap import (
     gap_report,
     join_pairs,
     mutual_nearest_neighbours,
+    noise_covariance,
     plot_gap,
 )
+from tipcap.gap.model import TRAIN_NOISE_KINDS
 from tipcap.store import Shard, build_store
 
 D = 64
@@ -161,9 +164,13 @@ def test_each_kind_maps_text_and_image_sides_as_documented(renorm):
     v = unit_rows(8, d, seed=17).float()
     out = normalize if renorm else (lambda x: x)
     memory = unit_rows(10, d, seed=18)
-    expected_to_text = {"none": v, "isotropic": v, "cov-noise": v, "gaussian": v - mu, "mean-shift": v - mu}
-    expected_text_side = {kind: t for kind in expected_to_text} | {"cov-noise": t + mu, "memory": t}
-    for kind in ("none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory"):
+    expected_to_text = {"none": v, "isotropic": v, "cov-noise": v, "close": v} | {
+        kind: v - mu
+        for kind in ("mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian")
+    }
+    expected_text_side = {kind: t for kind in expected_to_text} | {"cov-noise": t + mu, "close": t + mu}
+    expected_text_side["memory"] = t
+    for kind in KINDS:
         gap = Gap(kind, mu, scale_tril, renorm=renorm, memory=memory if kind == "memory" else None)
         if kind in expected_to_text:
             assert torch.allclose(gap.to_text(v), out(expected_to_text[kind]), atol=1e-6), kind
@@ -178,7 +185,7 @@ def test_each_kind_maps_text_and_image_sides_as_documented(renorm):
             assert torch.allclose(gap.to_text(v).norm(dim=-1), torch.ones(len(v)), atol=1e-5), kind
 
 
-@pytest.mark.parametrize("kind", ["isotropic", "cov-noise", "gaussian"])
+@pytest.mark.parametrize("kind", sorted(TRAIN_NOISE_KINDS))
 def test_sample_is_reproducible_with_a_seed_and_fresh_per_row(kind):
     d = 16
     gap = Gap(kind, torch.zeros(d), 0.1 * torch.eye(d), renorm=False)
@@ -669,31 +676,47 @@ def test_few_pairs_mu_from_stores_is_the_known_offset(stores):
     assert_positive_definite(fitted.covariance)
 
 
+NEEDS_COVARIANCE = ("mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise")
+ESTIMATED = ("mean-shift", "mean-isotropic", *NEEDS_COVARIANCE)
+
+
 @pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("kind", ["gaussian", "mean-shift", "cov-noise", "isotropic", "none", "memory"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_fit_gap_every_setting_and_kind(stores, setting, kind):
     texts, images = stores["texts"], stores["images"]
-    gap = fit_gap(GapConfig(setting=setting, kind=kind), texts, images)
+    config = GapConfig(setting=setting, kind=kind)
+    if setting == "text-only" and kind in NEEDS_COVARIANCE:
+        with pytest.raises(TipcapError, match=f"gap kind '{kind}' needs a covariance fitted on images"):
+            fit_gap(config, texts, images)
+        return
+    if setting == "text-only" and kind in ("mean-shift", "mean-isotropic"):
+        with pytest.raises(TipcapError, match=r"gap\.mu_from"):
+            fit_gap(config, texts, images)
+        return
+    gap = fit_gap(config, texts, images)
     assert gap.kind == kind and gap.dim == D and gap.clip == CLIP_A and gap.renorm
     assert gap.info["setting"] == setting and gap.info["kind"] == kind
     assert torch.isfinite(gap.mu).all() and torch.isfinite(gap.scale_tril).all()
     assert torch.equal(gap.scale_tril, torch.tril(gap.scale_tril))
-    identity = torch.eye(D)
-    if kind in ("gaussian", "mean-shift", "cov-noise"):
+    if kind in ESTIMATED:
         fitted = estimate_gap(setting, texts, images)
         assert torch.allclose(gap.mu, fitted.mu.float(), atol=1e-6)
-        assert torch.allclose(gap.covariance.double(), fitted.covariance, rtol=0, atol=1e-5)
-        assert bool((torch.diagonal(gap.scale_tril) > 0).all())
-        if setting == "text-only":
-            assert torch.equal(gap.mu, torch.zeros(D))
-            assert torch.allclose(gap.covariance, CAPDEC_SIGMA2 * identity, atol=1e-7)
-        else:
-            assert float(gap.mu.norm()) > 0.3 and gap.info["pairs_used"] > 0
+        assert float(gap.mu.norm()) > 0.3 and gap.info["pairs_used"] > 0
+        assert gap.info["fitted_trace"] == pytest.approx(float(torch.trace(fitted.covariance)))
+        expected = noise_covariance(kind, fitted.covariance, CAPDEC_SIGMA2)
     elif kind == "isotropic":
         assert torch.equal(gap.mu, torch.zeros(D))
-        assert torch.allclose(gap.covariance, CAPDEC_SIGMA2 * identity, atol=1e-7)
+        expected = CAPDEC_SIGMA2 * torch.eye(D, dtype=F64)
     else:
-        assert torch.equal(gap.mu, torch.zeros(D)) and not gap.scale_tril.any()
+        assert torch.equal(gap.mu, torch.zeros(D))
+        expected = torch.zeros(D, D, dtype=F64)
+    if kind in TRAIN_NOISE_KINDS:
+        assert bool((torch.diagonal(gap.scale_tril) > 0).all())
+        assert torch.allclose(gap.covariance.double(), expected, rtol=0, atol=1e-5)
+    else:
+        assert not gap.scale_tril.any()
+    assert gap.info["mu_norm"] == pytest.approx(float(gap.mu.norm()), rel=1e-5)
+    assert gap.info["noise_trace"] == pytest.approx(float(torch.trace(expected)), rel=1e-4, abs=1e-9)
     if kind == "memory":
         assert torch.equal(gap.memory, texts.embeddings())
         assert gap.info["memory_size"] == len(texts)
@@ -745,7 +768,8 @@ def test_text_only_gap_imports_mu_from_another_gap(stores, tmp_path):
     paired = fit_gap(GapConfig(setting="few-pairs", kind="gaussian"), texts, images)
     paired.save(tmp_path / "paired.safetensors")
     text_only = fit_gap(
-        GapConfig(setting="text-only", kind="gaussian", mu_from=str(tmp_path / "paired.safetensors")), texts
+        GapConfig(setting="text-only", kind="mean-isotropic", mu_from=str(tmp_path / "paired.safetensors")),
+        texts,
     )
     assert torch.equal(text_only.mu, paired.mu)
     assert torch.allclose(text_only.covariance, CAPDEC_SIGMA2 * torch.eye(D), atol=1e-7)
@@ -754,7 +778,7 @@ def test_text_only_gap_imports_mu_from_another_gap(stores, tmp_path):
     with pytest.raises(TipcapError, match="ViT-L-14"):
         foreign.save(tmp_path / "foreign.safetensors")
         fit_gap(
-            GapConfig(setting="text-only", kind="gaussian", mu_from=str(tmp_path / "foreign.safetensors")),
+            GapConfig(setting="text-only", kind="mean-shift", mu_from=str(tmp_path / "foreign.safetensors")),
             texts,
         )
 
@@ -773,8 +797,9 @@ def test_fit_gap_options_and_errors(stores):
     assert not fit_gap(GapConfig(setting="few-pairs", kind="cov-noise", renorm=False), texts, images).renorm
     raw = estimate_gap("few-pairs", texts, images, shrink=False)
     assert not raw.shrinkage  # not shrunk (None, or 0)
-    with pytest.raises(TipcapError, match="learnable"):
-        fit_gap(GapConfig(setting="few-pairs", kind="mean-shift", learnable=True), texts, images)
+    for kind in ("mean-shift", "diagonal", "mean-isotropic-matched"):
+        with pytest.raises(TipcapError, match="learnable"):
+            fit_gap(GapConfig(setting="few-pairs", kind=kind, learnable=True), texts, images)
     with pytest.raises(TipcapError, match="kind"):
         fit_gap(GapConfig(setting="few-pairs", kind="bogus"), texts, images)
     with pytest.raises(TipcapError, match="setting"):

@@ -358,9 +358,10 @@ def test_zero_shot_entities_checks_shapes():
 
 
 def test_hard_prompt():
-    assert hard_prompt(["dog", "frisbee"]) == "There are dog, frisbee in the image."
-    assert hard_prompt(["hot dog"]) == "There are hot dog in the image."
-    assert hard_prompt([]) == ""
+    # ViECap's template, with its "something" when no entity is kept.
+    assert hard_prompt(["dog", "frisbee"]) == "There are dog, frisbee in image."
+    assert hard_prompt(["hot dog"]) == "There are hot dog in image."
+    assert hard_prompt([]) == "There are something in image."
 
 
 def test_pad_prompt_embeddings():

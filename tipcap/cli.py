@@ -22,6 +22,12 @@ from tipcap.data.karpathy import SPLITS
 from tipcap.demo import default_cache_dir
 from tipcap.errors import TipcapError
 
+# tipcap.config's GapKind, spelled out so that `tipcap --help` does not import pydantic.
+FIT_GAP_KINDS = [
+    "none", "isotropic", "mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian",
+    "close", "cov-noise", "memory",
+]  # fmt: skip
+
 
 class _Group(click.Group):
     """The root group: sets up warnings and reports user errors as one line, without a traceback."""
@@ -379,10 +385,10 @@ def embed_images_command(
 )
 @click.option(
     "--kind",
-    type=click.Choice(["none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory"]),
+    type=click.Choice(FIT_GAP_KINDS),
     default="gaussian",
     show_default=True,
-    help="How the gap is bridged: the Gaussian, or a baseline.",
+    help="How the gap is bridged: the Gaussian, a control that keeps part of it, or a baseline.",
 )
 @click.option(
     "--plot", type=click.Path(dir_okay=False), default=None, help="Also draw PCA and spectrum to a PNG."
@@ -390,18 +396,32 @@ def embed_images_command(
 @click.option("--no-renorm", is_flag=True, help="Do not rescale mapped embeddings to unit length.")
 @click.option("--no-shrinkage", is_flag=True, help="Plain sample covariance instead of Ledoit-Wolf.")
 @click.option(
+    "--web-estimator",
+    type=click.Choice(["mixture", "trim"]),
+    default="mixture",
+    show_default=True,
+    help="web-pairs: weight pairs by a matched/mismatched mixture on cos(v, t), or trim a fixed share.",
+)
+@click.option(
     "--drop-quantile",
     default=0.1,
     show_default=True,
     type=click.FloatRange(0, 1, max_open=True),
-    help="web-pairs: share of least similar pairs to discard.",
+    help="web-pairs with --web-estimator trim: share of least similar pairs to discard.",
 )
 @click.option(
     "--sigma2",
     default=0.016,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
-    help="Isotropic / text-only noise variance.",
+    help="isotropic / mean-isotropic / text-only noise variance.",
+)
+@click.option(
+    "--noise-scale",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Multiply the training-noise covariance of any kind (for sigma^2 sweeps).",
 )
 @click.option(
     "--mu-from", type=click.Path(dir_okay=False), default=None, help="text-only: import mu from a gap file."
@@ -437,8 +457,10 @@ def fit_gap_command(
     plot: str | None,
     no_renorm: bool,
     no_shrinkage: bool,
+    web_estimator: str,
     drop_quantile: float,
     sigma2: float,
+    noise_scale: float,
     mu_from: str | None,
     learnable: bool,
     tau: float,
@@ -452,7 +474,8 @@ def fit_gap_command(
     from tipcap.store import EmbeddingStore
 
     settings = {"kind": kind, "setting": setting, "renorm": not no_renorm, "shrinkage": not no_shrinkage,
-                "drop_quantile": drop_quantile, "sigma2": sigma2, "mu_from": mu_from, "learnable": learnable,
+                "web_estimator": web_estimator, "drop_quantile": drop_quantile, "sigma2": sigma2,
+                "noise_scale": noise_scale, "mu_from": mu_from, "learnable": learnable,
                 "tau": tau, "memory_size": memory_size, "seed": seed}  # fmt: skip
     try:
         config = from_dict(GapConfig, settings, "gap")

@@ -6,7 +6,8 @@ Stages and where they are used:
 - :class:`GapConfig`: how the modality gap is fitted (``tipcap fit-gap``);
 - :class:`ModelConfig`, :class:`DataConfig`, :class:`TrainConfig`: the caption decoder and its training
   (``tipcap train``; together an :class:`ExperimentConfig`);
-- :class:`EvalConfig`: how captions are decoded and scored (``tipcap evaluate``).
+- :class:`EvalConfig`: how captions are decoded and scored (``tipcap evaluate``);
+- :class:`SyntheticGapConfig`: a known gap for synthetic image embeddings (a grid's ``synthetic_gap``).
 
 A grid cell (:mod:`tipcap.grid`) may override any field of any stage by a dotted key (``gap.renorm``,
 ``eval.beams``), as ``--set train.lr=1e-4`` does for training. Validation is pydantic's, over these plain
@@ -37,13 +38,27 @@ NonNegativeFloat = Annotated[float, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
-GapKind = Literal["none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory"]
+GapKind = Literal[
+    "none",
+    "isotropic",
+    "mean-shift",
+    "mean-isotropic",
+    "mean-isotropic-matched",
+    "diagonal",
+    "gaussian",
+    "close",
+    "cov-noise",
+    "memory",
+]
 Setting = Literal["few-pairs", "web-pairs", "unpaired", "text-only"]
+WebEstimator = Literal["mixture", "trim"]
 PromptMode = Literal["none", "pim", "hard"]
 EvalPrompt = Literal["none", "auto", "oracle", "wrong"]
 Metric = Literal["bleu", "meteor", "rouge", "cider", "spice"]
 
 GAP_KINDS: tuple[str, ...] = typing.get_args(GapKind)
+_NEEDS_COVARIANCE = {"mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise"}
+_TEXT_ONLY_EQUIVALENT = {"mean-shift": "none", "mean-isotropic": "isotropic"}
 SETTINGS: tuple[str, ...] = typing.get_args(Setting)
 METRICS: tuple[str, ...] = typing.get_args(Metric)
 CAPDEC_SIGMA2 = 0.016
@@ -72,8 +87,12 @@ class GapConfig:
     setting: Setting = "text-only"
     shrinkage: bool = True  # Ledoit–Wolf shrinkage of the covariance
     renorm: bool = True  # rescale mapped embeddings to unit length
-    drop_quantile: Annotated[float, Field(ge=0, lt=1)] = 0.1  # web-pairs: least similar share trimmed
-    sigma2: PositiveFloat = CAPDEC_SIGMA2  # isotropic and text-only noise variance
+    # web-pairs: "mixture" weights each pair by its probability of being matched (a two-component mixture
+    # on cos(v, t)); "trim" drops the least similar share drop_quantile
+    web_estimator: WebEstimator = "mixture"
+    drop_quantile: Annotated[float, Field(ge=0, lt=1)] = 0.1  # web-pairs with trim: least similar share
+    sigma2: PositiveFloat = CAPDEC_SIGMA2  # isotropic, mean-isotropic and text-only noise variance
+    noise_scale: PositiveFloat = 1.0  # multiplies the training-noise covariance of any kind (σ² sweeps)
     learnable: bool = False  # train μ and L with a KL term to this estimate (train.kl_weight)
     mu_from: str | None = None  # text-only: import μ from this gap file
     tau: PositiveFloat = 0.01  # memory: softmax temperature
@@ -158,7 +177,8 @@ class EvalConfig:
     # (seeded by prompt_seed) from those absent from the scene
     prompt: EvalPrompt = "none"
     top_k: Positive = 3  # auto prompts: at most this many entities
-    threshold: Probability | None = None  # auto prompts: keep entities at least this probable
+    # auto prompts: keep entities at least this probable (ViECap's 0.2); None keeps the top_k
+    threshold: Probability | None = 0.2
     prompt_seed: int = 0  # wrong prompts: seed of the draw
     metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
     batch_size: Positive = 64
@@ -166,6 +186,21 @@ class EvalConfig:
     # model-config JSON, and a pretrained tag or weights file (as EmbedConfig's model and pretrained).
     score_clip: str = "ViT-B-32"
     score_pretrained: str = "openai"
+
+
+@dataclass
+class SyntheticGapConfig:
+    """A known gap N(μ*, Σ*) for synthetic image embeddings (:mod:`tipcap.synthgap`), and the seed of the
+    held-out captions and of the draws."""
+
+    __pydantic_config__ = _STRICT
+
+    truth: str | None = None  # a gaussian gap file whose μ and Σ are the truth; None: the spiked spectrum
+    mu_norm: NonNegativeFloat = 0.54  # ‖μ*‖ (the toy CLIP's ‖mean(v) − mean(t)‖)
+    trace: PositiveFloat = 0.35  # tr Σ* (the toy CLIP's few-pairs fit)
+    spikes: Positive = 8
+    spike_share: Annotated[float, Field(gt=0, le=1)] = 0.8
+    seed: int = 0
 
 
 @dataclass
@@ -177,6 +212,29 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def check_gap_kind(kind: str, setting: str, mu_from: str | None, where: str) -> None:
+    """Refuse a gap kind whose inputs the setting lacks, or one that text-only makes another kind.
+
+    Text-only has no fitted Σ, so the kinds that need one are refused there; ``mean-shift`` and
+    ``mean-isotropic`` are refused there without ``mu_from``, since with μ = 0 they are ``none`` and
+    ``isotropic``. ``where`` names the config section in the message (``gap``, ``cells[3]``).
+    """
+    if setting != "text-only":
+        return
+    if kind in _NEEDS_COVARIANCE:
+        raise TipcapError(
+            f"{where}: gap kind {kind!r} needs a covariance fitted on images, which the text-only setting "
+            "has not (its noise would be sigma2·I: kind isotropic, or mean-isotropic with gap.mu_from); "
+            "use another setting or kind."
+        )
+    if kind in _TEXT_ONLY_EQUIVALENT and mu_from is None:
+        raise TipcapError(
+            f"{where}: gap kind {kind!r} in the text-only setting has mu = 0 unless gap.mu_from "
+            f"(--mu-from) imports one, which makes it kind {_TEXT_ONLY_EQUIVALENT[kind]!r}; set gap.mu_from "
+            "or use that kind."
+        )
 
 
 def _message(error: dict[str, Any], prefix: str) -> str:

@@ -287,11 +287,18 @@ def zero_shot_entities(
 
 
 def hard_prompt(words: list[str]) -> str:
-    """ViECap-style text prompt: ``["dog", "frisbee"]`` → ``"There are dog, frisbee in the image."``.
+    """ViECap's text prompt: ``["dog", "frisbee"]`` → ``"There are dog, frisbee in image."``, and
+    ``"There are something in image."`` for no words.
 
-    ``""`` when there are no words.
+    As ViECap's ``compose_discrete_prompts`` (github.com/FeiElysia/ViECap, ``utils.py``) writes it, placed
+    after the prefix (its ``--soft_prompt_first``). ViECap trains with every caption entity masked with
+    probability 0.4 (``--prob_of_random_mask 0.4``, ``scripts/train_coco.sh``), never the whole prompt and
+    no distractor (in tipcap: ``train.prompt_drop_entity: 0.4``, ``prompt_drop_all: 0``,
+    ``prompt_distractor: 0``), and at inference takes CLIP's top 3 entities (softmax of 100·cos) of
+    probability at least 0.2 (``infer_by_batch.py``; its COCO and Flickr30k evaluation scripts pass 0.4
+    and 0.3 with their own vocabularies): ``eval.top_k: 3``, ``eval.threshold: 0.2``.
     """
-    return f"There are {', '.join(words)} in the image." if words else ""
+    return f"There are {', '.join(words) if words else 'something'} in image."
 
 
 def pad_prompt_embeddings(

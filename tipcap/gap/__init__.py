@@ -13,9 +13,11 @@ from tipcap.gap.estimate import (
     estimate_text_only,
     estimate_unpaired,
     estimate_web_pairs,
+    estimate_web_pairs_mixture,
+    fit_cosine_mixture,
     mutual_nearest_neighbours,
 )
-from tipcap.gap.fit import GapFit, estimate_gap, fit_gap, fit_gap_file, join_pairs
+from tipcap.gap.fit import GapFit, estimate_gap, fit_gap, fit_gap_file, join_pairs, noise_covariance
 from tipcap.gap.model import KINDS, Gap
 from tipcap.gap.moments import Moments, cholesky
 from tipcap.gap.report import format_report, gap_report, plot_gap
@@ -36,11 +38,14 @@ __all__ = [
     "estimate_text_only",
     "estimate_unpaired",
     "estimate_web_pairs",
+    "estimate_web_pairs_mixture",
+    "fit_cosine_mixture",
     "fit_gap",
     "fit_gap_file",
     "format_report",
     "gap_report",
     "join_pairs",
     "mutual_nearest_neighbours",
+    "noise_covariance",
     "plot_gap",
 ]

@@ -8,8 +8,11 @@ into an image and a text source, so a store of 5 captions per image pairs each c
 setting        μ                                      Σ
 =============  =====================================  ===========================================
 few-pairs      mean of δ = v − t over the pairs        covariance of δ, Ledoit–Wolf shrinkage
-web-pairs      same, over pairs whose cos(v, t) is     same, over the kept pairs
-               above the drop-quantile
+web-pairs      mean of δ over all pairs (or over the   covariance of δ, each pair weighted by its
+               pairs kept by ``trim``)                 probability of being matched under a
+                                                       two-component mixture on cos(v, t) (or over
+                                                       the pairs above a drop-quantile of
+                                                       cos(v, t): ``trim``), shrunk
 unpaired       mean(v) − mean(t)                       covariance of δ over mutual-nearest-neighbour
                                                        pseudo-pairs (v − μ ↔ t), shrunk
 text-only      0, or imported                          σ₀²·I (σ₀² = 0.016)
@@ -18,6 +21,7 @@ text-only      0, or imported                          σ₀²·I (σ₀² = 0.0
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,6 +34,10 @@ from tipcap.errors import TipcapError
 from tipcap.gap.moments import Moments
 
 _HISTOGRAM_BINS = 20_000
+_MIXTURE_BINS = 4_000  # cos(v, t) histogram for the mixture's EM: bins of width 5e-4
+_MIXTURE_ITERATIONS = 1_000
+_MIN_STD = 1e-4
+_MAX_MISMATCHED = 0.9  # a mixture that leaves fewer than 10% of the pairs matched found no matched pairs
 _NOT_FINITE = "an image or caption embedding holds NaN or infinite values; rebuild its store."
 
 
@@ -177,7 +185,7 @@ def estimate_web_pairs(
     if moments.count == 0:
         raise TipcapError("web-pairs: every pair was discarded; lower --drop-quantile.")
     covariance = moments.covariance(shrink)
-    details = {"drop_quantile": drop_quantile, "similarity_threshold": threshold}
+    details = {"web_estimator": "trim", "drop_quantile": drop_quantile, "similarity_threshold": threshold}
     return GapEstimate(
         "web-pairs",
         moments.mean,
@@ -185,6 +193,143 @@ def estimate_web_pairs(
         covariance.shrinkage,
         moments.count,
         len(pairs) - moments.count,
+        details,
+    )
+
+
+@dataclass
+class CosineMixture:
+    """A two-component mixture on c = cos(v, t): mismatched pairs N(m₀, s₀²), matched pairs N(m₁, s₁²).
+
+    ``mismatched`` is the mismatched share π. The mismatched component is not fitted to the pairs: it is
+    the distribution of cos(v, t′) over the same images paired with random captions of the same data, so
+    clean data give π ≈ 0 instead of a split of one bell into two.
+    """
+
+    mismatched: float
+    null_mean: float
+    null_std: float
+    matched_mean: float
+    matched_std: float
+
+    def matched_probability(self, cosine: torch.Tensor) -> torch.Tensor:
+        """P(matched | c) per pair ``[n]`` (float64); 1 everywhere when π = 0."""
+        c = cosine.to(torch.float64)
+        if self.mismatched <= 0:
+            return torch.ones_like(c)
+        log_null = _log_normal(c, self.null_mean, self.null_std) + math.log(max(self.mismatched, 1e-300))
+        log_matched = _log_normal(c, self.matched_mean, self.matched_std)
+        log_matched = log_matched + math.log(max(1 - self.mismatched, 1e-300))
+        return torch.sigmoid(log_matched - log_null)
+
+
+def _log_normal(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    return -0.5 * ((x - mean) / std) ** 2 - math.log(std) - 0.5 * math.log(2 * math.pi)
+
+
+def _moments_of_histogram(histogram: torch.Tensor, centres: torch.Tensor) -> tuple[float, float]:
+    total = float(histogram.sum())
+    mean = float((histogram * centres).sum()) / total
+    variance = float((histogram * (centres - mean) ** 2).sum()) / total
+    return mean, max(math.sqrt(variance), _MIN_STD)
+
+
+def fit_cosine_mixture(
+    pairs: PairChunks, chunk: int = 16384, seed: int = 0, iterations: int = _MIXTURE_ITERATIONS
+) -> CosineMixture:
+    """Fit :class:`CosineMixture` to the pairs' cos(v, t) by EM on a histogram (one streaming pass).
+
+    The null, cos(v, t′), pairs each chunk's images with a seeded permutation of its captions. EM then
+    fits π, m₁ and s₁ with the null held fixed, on 4,000 bins over [−1, 1] (memory O(1) in the pairs).
+    When the mixture does not beat a single Gaussian by BIC's margin, or its matched component is not
+    more similar than the null or holds under 10% of the pairs, the pairs are taken as clean (π = 0).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    observed = torch.zeros(_MIXTURE_BINS, dtype=torch.float64)
+    null = torch.zeros(_MIXTURE_BINS, dtype=torch.float64)
+    for v, t in _finite_chunks(pairs, chunk):
+        observed += torch.histc(_cosine(v, t), bins=_MIXTURE_BINS, min=-1.0, max=1.0)
+        shuffled = t[torch.randperm(len(t), generator=generator)]
+        null += torch.histc(_cosine(v, shuffled), bins=_MIXTURE_BINS, min=-1.0, max=1.0)
+    centres = -1.0 + (torch.arange(_MIXTURE_BINS, dtype=torch.float64) + 0.5) * (2.0 / _MIXTURE_BINS)
+    null_mean, null_std = _moments_of_histogram(null, centres)
+    matched_mean, matched_std = _moments_of_histogram(observed, centres)
+    single = CosineMixture(0.0, null_mean, null_std, matched_mean, matched_std)
+    mixture = CosineMixture(0.5, null_mean, null_std, matched_mean, matched_std)
+    total = float(observed.sum())
+    for _ in range(iterations):
+        matched = observed * mixture.matched_probability(centres)
+        weight = float(matched.sum())
+        if weight <= 0:
+            break
+        mean = float((matched * centres).sum()) / weight
+        std = max(math.sqrt(float((matched * (centres - mean) ** 2).sum()) / weight), _MIN_STD)
+        share = 1 - weight / total
+        change = abs(share - mixture.mismatched) + abs(mean - mixture.matched_mean)
+        mixture = CosineMixture(share, null_mean, null_std, mean, std)
+        if change < 1e-10:
+            break
+    # Keep the mixture only where the data ask for it: its matched pairs more similar than random ones and
+    # at least 10% of all, and a log-likelihood above one Gaussian's by more than BIC's price of the
+    # extra parameter, ½·log n.
+    gain = _log_likelihood(mixture, observed, centres) - _log_likelihood(single, observed, centres)
+    implausible = mixture.matched_mean <= null_mean or mixture.mismatched > _MAX_MISMATCHED
+    if implausible or gain <= 0.5 * math.log(total):
+        return single
+    return mixture
+
+
+def _log_likelihood(mixture: CosineMixture, histogram: torch.Tensor, centres: torch.Tensor) -> float:
+    """Σ over bins of count · log density of the mixture at the bin centre."""
+    log_matched = _log_normal(centres, mixture.matched_mean, mixture.matched_std)
+    if mixture.mismatched > 0:
+        log_null = _log_normal(centres, mixture.null_mean, mixture.null_std)
+        density = torch.logaddexp(
+            log_matched + math.log(1 - mixture.mismatched), log_null + math.log(mixture.mismatched)
+        )
+    else:
+        density = log_matched
+    return float((histogram * density).sum())
+
+
+def estimate_web_pairs_mixture(
+    pairs: PairChunks, shrink: bool = True, chunk: int = 16384, seed: int = 0
+) -> GapEstimate:
+    """μ over all pairs; Σ over the pairs weighted by their probability of being matched
+    (:func:`fit_cosine_mixture`).
+
+    A mismatched pair holds another image's caption, so its δ = v − t′ has the same expectation
+    E[v] − E[t] as a matched pair's: the mean over all pairs is unbiased, and weighting it would only add
+    the weights' own bias. Its covariance is much larger, so Σ is estimated from the weighted pairs.
+    Unlike trimming a fixed share, the weights adapt to the contamination: on clean pairs nearly every
+    weight is 1, and a pair whose similarity lies where random pairs lie gets a weight near 0. Two
+    streaming passes (histograms, then moments) keep memory O(d²).
+    """
+    if len(pairs) == 0:
+        raise TipcapError("web-pairs: no image–caption pairs (do the stores share image ids?).")
+    mixture = fit_cosine_mixture(pairs, chunk, seed)
+    total, weighted = None, None
+    for v, t in _finite_chunks(pairs, chunk):
+        delta = v - t
+        total = delta.sum(0) if total is None else total + delta.sum(0)
+        weights = mixture.matched_probability(_cosine(v, t))
+        weighted = (weighted or Moments(v.shape[1])).update(delta, weights)
+    if weighted.weight < 2:
+        raise TipcapError("web-pairs: the mixture believes almost every pair mismatched; check the pairs.")
+    covariance = weighted.covariance(shrink)
+    used = round(weighted.weight)
+    details = {
+        "web_estimator": "mixture",
+        "mismatched_fraction": mixture.mismatched,
+        "mixture": dataclasses.asdict(mixture),
+    }
+    return GapEstimate(
+        "web-pairs",
+        total / len(pairs),
+        covariance.matrix,
+        covariance.shrinkage,
+        used,
+        len(pairs) - used,
         details,
     )
 

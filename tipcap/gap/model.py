@@ -1,19 +1,33 @@
-"""The modality gap as a Gaussian, N(μ, LLᵀ), and the baseline kinds behind the same interface.
+"""The modality gap as a Gaussian, N(μ, LLᵀ), and the baseline and control kinds behind the same interface.
 
-How each kind moves embeddings (t: a caption's text embedding, v: an image embedding, z ~ N(0, I)):
+How each kind moves embeddings (t: a caption's text embedding, v: an image embedding, z ~ N(0, I); μ and
+Σ are the setting's estimate, L the Cholesky factor of the *noise covariance the kind uses*, which is what
+the gap file stores):
 
-=============  ============================  ==============================  ==========================
-kind           training input (``sample``)   inference input (``to_text``)   reference
-=============  ============================  ==============================  ==========================
-``none``       t                             v                               no bridging
-``isotropic``  t + σ·z                       v                               CapDec (σ² = 0.016)
-``mean-shift`` t                             v − μ                           CapDec's modality offset
-``cov-noise``  t + μ + L·z                   v                               CLOSE-style, image space
-``gaussian``   t + L·z                       v − μ                           TIPCap, text space
-``memory``     t                             softmax(v·Tᵀ/τ)·T               DeCap (T: text memory)
-=============  ============================  ==============================  ==========================
+========================  ===========  =================  =====================================
+kind                      ``sample``   ``to_text``        noise covariance LLᵀ; reference
+========================  ===========  =================  =====================================
+none                      t            v                  none; no bridging
+isotropic                 t + L·z      v                  σ₀²I (σ₀² = 0.016); CapDec's noise
+mean-shift                t            v − μ              none; CapDec's modality offset alone
+mean-isotropic            t + L·z      v − μ              σ₀²I; CapDec's offset with its noise
+mean-isotropic-matched    t + L·z      v − μ              (tr Σ / d)·I: Σ's total, no shape
+diagonal                  t + L·z      v − μ              diag Σ: no correlations
+gaussian                  t + L·z      v − μ              Σ; TIPCap, text space
+close                     t + μ + L·z  v                  9Σ + 0.12²·I; CLOSE's adapter
+cov-noise                 t + μ + L·z  v                  Σ; the Gaussian on the image side
+memory                    t            softmax(v·Tᵀ/τ)·T  none; DeCap (T: text memory)
+========================  ===========  =================  =====================================
 
-With ``renorm`` every output is scaled back to unit length, as CLIP embeddings are.
+Every noise covariance is multiplied by ``gap.noise_scale`` (default 1) when fitted. With ``renorm`` every
+output is scaled back to unit length, as CLIP embeddings are.
+
+``close`` follows allenai/close (``close/model/language_adapters.py``, class ``CovNoise``, selected by
+``--l_adapter cov``): at training x = t + shift; x = x + 3·s, s ~ N(0, C); x = x + 0.12·z; x/‖x‖, and at
+inference the normalised image embedding as it is. ``shift`` and ``C`` are its precomputed mean and
+covariance of the image–text differences (files ``*-mean-diff.pkl`` and ``*-cov-diff.pkl``), here μ and Σ
+of the setting; 0.12 is ``train.py``'s default noise for single-caption captioning (``s-cap``). The sum of
+the two independent draws is one draw from N(0, 9Σ + 0.12²·I), which is what is stored.
 """
 
 from __future__ import annotations
@@ -36,9 +50,14 @@ KINDS = GAP_KINDS
 GAP_FORMAT = "tipcap-gap"
 GAP_VERSION = 1
 
-TRAIN_NOISE_KINDS = frozenset({"isotropic", "cov-noise", "gaussian"})
-_TRAIN_SHIFT = {"cov-noise"}
-_INFER_SHIFT = {"mean-shift", "gaussian"}
+TRAIN_NOISE_KINDS = frozenset(
+    {"isotropic", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise"}
+)
+"""Kinds that add noise N(0, LLᵀ) to the training input."""
+LEARNABLE_KINDS = frozenset({"isotropic", "gaussian", "close", "cov-noise"})
+"""Noise kinds whose full factor L may be trained (the others' noise has a shape that training would lose)."""
+_TRAIN_SHIFT = {"cov-noise", "close"}
+_INFER_SHIFT = {"mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian"}
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 One pass over chunks of any size keeps O(d²) state: the count, Σx, Σxxᵀ, and the three sums that the
 Ledoit–Wolf shrinkage intensity needs (Σ‖x‖², Σ‖x‖⁴, Σ‖x‖²x). Chunks may be merged in any order, so the
-result does not depend on how the data were cut.
+result does not depend on how the data were cut. Rows may carry weights in [0, 1] (a robust estimator's
+belief that a row is clean): every sum is then weighted and the total weight W takes the place of n.
 """
 
 from __future__ import annotations
@@ -30,36 +31,49 @@ class Moments:
 
     def __init__(self, dim: int):
         self.dim = dim
-        self.count = 0
+        self.count = 0  # rows added
+        self.weight = 0.0  # their total weight W (= count without weights)
         self.total = torch.zeros(dim, dtype=torch.float64)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
         self.sq_norms = 0.0  # Σ‖x‖²
         self.quartic = 0.0  # Σ‖x‖⁴
         self.sq_norm_weighted = torch.zeros(dim, dtype=torch.float64)  # Σ‖x‖² x
 
-    def update(self, rows: torch.Tensor) -> Moments:
-        """Add the rows ``[n, d]`` (any float dtype, any device) and return ``self``."""
+    def update(self, rows: torch.Tensor, weights: torch.Tensor | None = None) -> Moments:
+        """Add the rows ``[n, d]`` (any float dtype, any device), each with its weight ``[n]`` when given,
+        and return ``self``."""
         x = rows.detach().to("cpu", torch.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected rows of width {self.dim}, got shape {tuple(x.shape)}")
         sq = (x * x).sum(dim=1)
         self.count += x.shape[0]
-        self.total += x.sum(dim=0)
-        self.outer += x.T @ x
-        self.sq_norms += float(sq.sum())
-        self.quartic += float((sq * sq).sum())
-        self.sq_norm_weighted += sq @ x
+        if weights is None:
+            self.weight += x.shape[0]
+            self.total += x.sum(dim=0)
+            self.outer += x.T @ x
+            weighted_sq = sq
+        else:
+            w = weights.detach().to("cpu", torch.float64)
+            if w.shape != (x.shape[0],):
+                raise ValueError(f"expected {x.shape[0]} weights, got shape {tuple(w.shape)}")
+            self.weight += float(w.sum())
+            self.total += w @ x
+            self.outer += x.T @ (w[:, None] * x)
+            weighted_sq = w * sq
+        self.sq_norms += float(weighted_sq.sum())
+        self.quartic += float((weighted_sq * sq).sum())
+        self.sq_norm_weighted += weighted_sq @ x
         return self
 
     @property
     def mean(self) -> torch.Tensor:
-        """The mean row ``[d]``."""
-        if self.count == 0:
-            raise ValueError("no rows were added")
-        return self.total / self.count
+        """The (weighted) mean row ``[d]``."""
+        if self.weight <= 0:
+            raise ValueError("no rows (of positive weight) were added")
+        return self.total / self.weight
 
     def covariance(self, shrink: bool = True) -> Covariance:
-        """The maximum-likelihood covariance (divided by n), Ledoit–Wolf-shrunk towards a scaled identity.
+        """The maximum-likelihood covariance (divided by n, or W), Ledoit–Wolf-shrunk towards s·I.
 
         Shrinkage follows Ledoit & Wolf (2004) as scikit-learn implements it: with centred rows x̃ᵢ,
         S = Σx̃x̃ᵀ/n, m = tr S/d, δ² = ‖S − mI‖²/d, β² = min(δ², Σ‖x̃x̃ᵀ − S‖²/(n²d)), and
@@ -67,12 +81,12 @@ class Moments:
         positive-definite result; degenerate data (one row, identical rows) give zero, which
         :func:`cholesky` factors with jitter.
         """
-        n, d = self.count, self.dim
+        n, d = self.weight, self.dim
         mean = self.mean
         sample = self.outer / n - torch.outer(mean, mean)
         sample = (sample + sample.T) / 2
         if not shrink:
-            return Covariance(sample, None, n)
+            return Covariance(sample, None, self.count)
         scale = float(torch.trace(sample)) / d
         distance = float(((sample - scale * torch.eye(d, dtype=torch.float64)) ** 2).sum()) / d
         # Σᵢ‖x̃ᵢ‖⁴ from the raw sums: ‖x̃‖² = a − 2b + c with a = ‖x‖², b = x·mean, c = ‖mean‖².
@@ -84,7 +98,7 @@ class Moments:
         spread = max(quartic - n * float((sample**2).sum()), 0.0) / (n * n * d)
         shrinkage = 1.0 if distance <= 0 else min(spread, distance) / distance
         matrix = (1 - shrinkage) * sample + shrinkage * scale * torch.eye(d, dtype=torch.float64)
-        return Covariance(matrix, shrinkage, n)
+        return Covariance(matrix, shrinkage, self.count)
 
 
 def cholesky(covariance: torch.Tensor, what: str = "the covariance") -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +9,18 @@ import torch
 
 from tipcap.config import CAPDEC_SIGMA2
 from tipcap.gap.estimate import Pairs
-from tipcap.gap.model import Gap
+from tipcap.gap.model import TRAIN_NOISE_KINDS, Gap
 from tipcap.io import atomic_path
 
 
 def effective_rank(eigenvalues: torch.Tensor) -> float:
-    """exp of the entropy of the normalised eigenvalues (Roy & Vetterli, 2007): d for isotropic Σ."""
-    positive = eigenvalues.clamp(min=0)
-    total = float(positive.sum())
-    if total <= 0:
-        return 0.0
-    p = positive[positive > 0] / total
-    return math.exp(float(-(p * p.log()).sum()))
+    """The participation ratio (Σλ)²/Σλ² = (tr Σ)²/tr(Σ²) of a covariance's eigenvalues ``[d]``.
+
+    d for an isotropic Σ, k for k equal eigenvalues and the rest zero, 0 for no noise.
+    """
+    positive = eigenvalues.double().clamp(min=0)
+    square = float((positive * positive).sum())
+    return float(positive.sum()) ** 2 / square if square > 0 else 0.0
 
 
 def sample_pairs(pairs: Pairs, limit: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +35,16 @@ def sample_pairs(pairs: Pairs, limit: int, seed: int = 0) -> tuple[torch.Tensor,
 def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dict[str, Any]:
     """Summary figures of a gap, and how far it closes the gap on matched pairs when given.
 
+    ``sigma_trace`` (the total variance), ``top_eigenvalues`` and ``effective_rank`` (the participation
+    ratio, :func:`effective_rank`) describe the training noise the kind uses (zero for kinds without
+    noise); ``fitted_trace`` and ``fitted_effective_rank`` the setting's estimate of Σ it came from.
+    ``mismatched_fraction`` is the share of web pairs the mixture estimator believes mismatched.
     ``cosine_before`` is the mean cos(v, t) over matched pairs; ``cosine_after`` the mean cosine between
     the two sides as the decoder sees them (``to_text(v)`` against ``text_side(t)``).
     """
     with torch.no_grad():
-        eigenvalues = torch.linalg.eigvalsh(gap.covariance.double()).flip(0)
+        noise = gap.covariance.double() if gap.kind in TRAIN_NOISE_KINDS else torch.zeros(gap.dim, gap.dim)
+        eigenvalues = torch.linalg.eigvalsh(noise.double()).flip(0)
         report: dict[str, Any] = {
             "kind": gap.kind,
             "setting": gap.info.get("setting"),
@@ -49,8 +53,12 @@ def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dic
             "sigma_trace": float(eigenvalues.sum()),
             "top_eigenvalues": [float(x) for x in eigenvalues[:5]],
             "effective_rank": effective_rank(eigenvalues),
+            "noise_scale": gap.info.get("noise_scale", 1.0),
+            "fitted_trace": gap.info.get("fitted_trace"),
+            "fitted_effective_rank": gap.info.get("fitted_effective_rank"),
             "pairs_used": gap.info.get("pairs_used"),
             "pairs_discarded": gap.info.get("pairs_discarded"),
+            "mismatched_fraction": gap.info.get("mismatched_fraction"),
             "shrinkage": gap.info.get("shrinkage"),
         }
         if pairs is not None and len(pairs) > 0:
@@ -67,13 +75,24 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"gap kind {report['kind']}, setting {report['setting']}, d = {report['dim']}",
         f"  ||mu||            {report['mu_norm']:.4f}",
-        f"  trace Sigma       {report['sigma_trace']:.4f}",
+        f"  noise trace       {report['sigma_trace']:.4f} (total variance of the training noise, "
+        f"noise_scale {report.get('noise_scale', 1.0):g})",
         f"  top eigenvalues   {', '.join(f'{x:.3g}' for x in report['top_eigenvalues'])}",
-        f"  effective rank    {report['effective_rank']:.1f} of {report['dim']}",
+        f"  effective rank    {report['effective_rank']:.1f} of {report['dim']} "
+        "(participation ratio (tr S)^2 / tr(S^2) of the noise)",
     ]
+    if report.get("fitted_trace") is not None:
+        lines.append(
+            f"  fitted Sigma      trace {report['fitted_trace']:.4f}, "
+            f"effective rank {report['fitted_effective_rank']:.1f}"
+        )
     if report.get("pairs_used") is not None:
         lines.append(
             f"  pairs used        {report['pairs_used']:,} ({report['pairs_discarded'] or 0:,} discarded)"
+        )
+    if report.get("mismatched_fraction") is not None:
+        lines.append(
+            f"  mismatched pairs  {report['mismatched_fraction']:.3f} (estimated share of web pairs)"
         )
     if report.get("shrinkage") is not None:
         lines.append(f"  shrinkage         {report['shrinkage']:.3f} (Ledoit-Wolf)")

@@ -2,7 +2,8 @@
 
 Cells:
 
-- a gap kind (``none``, ``isotropic``, ``mean-shift``, ``cov-noise``, ``gaussian``, ``memory``) fitted in a
+- a gap kind (``none``, ``isotropic``, ``mean-shift``, ``mean-isotropic``, ``mean-isotropic-matched``,
+  ``diagonal``, ``gaussian``, ``close``, ``cov-noise``, ``memory``; see :mod:`tipcap.gap.model`) fitted in a
   data setting: ``few-pairs`` (a seeded subset of the paired training images: a count or a percentage, or a
   list of them to sweep; each seed draws its own, with seed ``data_seed + seed``), ``web-pairs`` (a JSONL
   of web image-caption pairs), ``unpaired`` (the captions of one seeded half of the training images and the
@@ -38,7 +39,9 @@ from tipcap.config import (
     EvalPrompt,
     ExperimentConfig,
     GapConfig,
+    SyntheticGapConfig,
     apply_overrides,
+    check_gap_kind,
     from_dict,
     read_yaml_mapping,
     set_dotted,
@@ -92,6 +95,9 @@ class AblationConfig:
     name the CLIP-S scorer). ``compare`` lists pairs ``[A, B]`` of cells (``CELL`` or ``CELL:PROMPT``),
     optionally with a metric (``[A, B, rouge-l]``; CIDEr by default), whose paired difference ``A − B`` is
     written to ``comparisons.md`` and ``comparisons.csv``.
+    ``synthetic_gap`` replaces every image embedding by a synthetic one with a known gap
+    (:mod:`tipcap.synthgap`): each image loses one caption, and its embedding is that caption's plus a
+    draw of N(μ*, Σ*); no image file is read.
     """
 
     __pydantic_config__ = _STRICT
@@ -115,6 +121,7 @@ class AblationConfig:
     cells: list[Cell] = field(default_factory=list)
     store_dir: str | None = None
     compare: list[list[str]] = field(default_factory=list)
+    synthetic_gap: SyntheticGapConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,10 @@ def _validate(config: AblationConfig, path: Path) -> None:
     if not config.karpathy or not config.embed.model:
         raise TipcapError(f"{path}: set karpathy and embed.model (in the file or with --set).")
     _check_few_pairs(config.few_pairs, "few_pairs")
+    if config.synthetic_gap is not None and config.eval_karpathy:
+        raise TipcapError(
+            f"{path}: a synthetic_gap grid evaluates on its own data; remove eval_karpathy or synthetic_gap."
+        )
     # The grid's own stages first, so that a mistake there is not blamed on a cell.
     unknown = sorted(set(config.decoder) - {"model", "train"})
     if unknown:
@@ -204,6 +215,11 @@ def _validate(config: AblationConfig, path: Path) -> None:
             if cell.setting != "few-pairs":
                 raise TipcapError(f"config key '{key}.few_pairs': applies to few-pairs cells only.")
             _check_few_pairs(cell.few_pairs, f"{key}.few_pairs")
+        if cell.setting == "web-pairs" and config.synthetic_gap is not None:
+            raise TipcapError(
+                f"config key '{key}.setting': a synthetic_gap grid has no web pairs (its images are made "
+                "from captions); use few-pairs or unpaired."
+            )
         if cell.setting == "web-pairs" and not config.web_pairs:
             raise TipcapError(f"config key '{key}': a web-pairs cell needs web_pairs (a JSONL of pairs).")
         for dotted in cell.set:
@@ -305,5 +321,7 @@ def resolve(config: AblationConfig, cell: Cell, where: str = "set") -> JobConfig
             f"config key 'eval.metrics': {evaluation.metrics} must include cider "
             "(the table and the plots rank by CIDEr)."
         )
+    if gap is not None:  # after the stages, so that a mistyped override is named first
+        check_gap_kind(gap.kind, gap.setting, gap.mu_from, f"config key '{where.removesuffix('.set')}'")
     overrides_gap = any(dotted.startswith("gap.") for dotted in cell.set)
     return JobConfig(gap, decoder, evaluation, overrides_gap)

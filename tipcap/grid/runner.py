@@ -6,6 +6,9 @@ are reused when present, so a grid that was interrupted finishes only its missin
 directory remembers the grid it was run with (``grid.json``): a rerun may add cells, seeds and evaluation
 prompts, but a changed data set, CLIP, decoder or cell definition is refused rather than mixed.
 
+With ``synthetic_gap`` every image store is cut from a synthetic world (:mod:`tipcap.synthgap`) built in
+``out/synthetic``, whose Karpathy file (each image without its held-out caption) replaces ``karpathy``.
+
 ``plan`` writes each training cell's config and the commands to train them outside the runner (under
 ``torchrun``); the runner then reuses the trained models.
 """
@@ -41,6 +44,7 @@ from tipcap.stats import (
     write_image_scores,
 )
 from tipcap.store import EmbeddingStore
+from tipcap.synthgap import SyntheticWorld, build_synthetic_world, synthetic_image_store
 from tipcap.toy.scoring import object_f1, scene_objects
 from tipcap.train import train
 
@@ -80,6 +84,7 @@ class Ablation:
         self._train_images: int | None = None
         self._eval_objects: dict[Any, list[str]] | None = None
         self._data_names: dict[Path, str] = {}
+        self._world: SyntheticWorld | None = None
 
     # -- cached steps ---------------------------------------------------------------------------
 
@@ -102,6 +107,13 @@ class Ablation:
     ) -> Path:
         """An image store (``limit``: a subset drawn with seed ``draw``), built or checked once per run."""
         out = self.stores / name
+        if self._world is not None:
+            if out not in self._checked:
+                synthetic_image_store(
+                    self._world, source, out, split=split, limit=limit, seed=self.config.data_seed
+                )
+                self._checked.add(out)
+            return out
         if out not in self._checked:
             embed_images(
                 source, self.config.embed, out, image_root=root, split=split, limit=limit,
@@ -327,6 +339,17 @@ class Ablation:
 
     # -- the grid -------------------------------------------------------------------------------
 
+    def _prepare_synthetic_world(self) -> None:
+        """With ``synthetic_gap``: build the world once, and read captions, references and images from it."""
+        if self.config.synthetic_gap is None or self._world is not None:
+            return
+        self._world = build_synthetic_world(
+            self.karpathy, self.config.embed, self.config.synthetic_gap, self.out / "synthetic",
+            progress=self.progress,
+        )  # fmt: skip
+        self.karpathy = self.eval_karpathy = self._world.karpathy
+        self.echo(f"synthetic gap: images made from held-out captions, in {self._world.images}")
+
     def _check_oracle_prompts(self) -> None:
         """Refuse ``oracle`` and ``wrong`` evaluation prompts where an evaluation image records no objects.
 
@@ -382,6 +405,7 @@ class Ablation:
     def run(self) -> list[dict[str, Any]]:
         """Run every job × seed × evaluation prompt mode; write the CSV, the table, the comparisons the
         config asks for and the plots."""
+        self._prepare_synthetic_world()
         self._check_oracle_prompts()
         self._check_grid()
         rows = []
@@ -419,6 +443,7 @@ class Ablation:
         """Build stores and gaps, write each untrained decoder's ``train.yaml`` and the command that trains
         it (under ``torchrun``) to ``train_commands.sh``; return the commands. A later :meth:`run` reuses
         the models they write."""
+        self._prepare_synthetic_world()
         self._check_oracle_prompts()
         self._check_grid()
         commands = []
