@@ -482,3 +482,93 @@ def test_training_refuses_captions_that_do_not_cover_the_store(stores, tmp_path)
     result = run("train", "--config", ROOT / "experiments" / "tiny.yaml",
                  "--set", f"data.train_texts={texts}", "--out", tmp_path / "run")  # fmt: skip
     assert_one_line_error(result, str(texts), "captions.json")
+
+
+# --- 8. damaged model folders, CLIP files and stores found by benchmarks/bad_input_probe.py ---------------
+
+
+def tiny_model(directory: Path, prefix_length: int = 2) -> Path:
+    """Save an untrained tiny caption model (no CLIP) to ``directory``."""
+    from tipcap.config import ModelConfig
+    from tipcap.model import TIPCap
+    from tipcap.training_data import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(["a red circle ."])
+    language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32,
+                      "vocab_size": len(tokenizer)}  # fmt: skip
+    config = ModelConfig(clip_dim=8, language_model_config=language_model, prefix_length=prefix_length)
+    TIPCap.build(config, tokenizer).save_pretrained(directory)
+    return directory
+
+
+def half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda m: half(m / "config.json"), "config.json: not valid JSON"),
+        (lambda m: (m / "config.json").write_text("[1, 2]"), "config.json: not a tipcap model config"),
+        (lambda m: (m / "config.json").write_bytes(b'{"format": "caf\xe9"}'), "UTF-8"),
+        (lambda m: half(m / "model.safetensors"), "model.safetensors: not a readable safetensors file"),
+        (lambda m: (m / "tokenizer.json").write_text("{not json"), "tokenizer files cannot be read"),
+        (lambda m: (m / "tokenizer.json").write_text("{}"), "tokenizer files cannot be read"),
+        (
+            lambda m: (m / "model.safetensors").write_bytes(
+                (tiny_model(m.parent / "other", prefix_length=3) / "model.safetensors").read_bytes()
+            ),
+            "weights do not fit the model its config.json describes",
+        ),
+        (
+            lambda m: (m / "config.json").write_text(
+                json.dumps({**json.loads((m / "config.json").read_text()), "entity_names": 5})
+            ),
+            "'entity_names' must be a list",
+        ),
+    ],
+    ids=[
+        "config-truncated",
+        "config-a-list",
+        "config-not-utf8",
+        "weights-truncated",
+        "tokenizer-bad-json",
+        "tokenizer-empty",
+        "weights-of-another-shape",
+        "entity-names-a-number",
+    ],
+)
+def test_damaged_model_folder_is_one_line(tmp_path, damage, needle):
+    model = tiny_model(tmp_path / "model")
+    damage(model)
+    image = write_images(tmp_path / "images", 1)[0]
+    result = run("caption", image, "--model", model, "--device", "cpu")
+    assert_one_line_error(result, str(model), needle)
+
+
+def test_clip_config_and_weights_that_cannot_build_a_clip_are_one_line(tmp_path, tiny_clip):
+    config = json.loads(tiny_clip.read_text())
+    (tmp_path / "zero.json").write_text(json.dumps({**config, "embed_dim": 0}))
+    result = embed_texts(COCO_SLICE, tmp_path / "zero.json", tmp_path / "s1")
+    assert_one_line_error(result, "--clip", "embed_dim must be a positive integer")
+    for name, data in (("garbage.bin", b"not a checkpoint"), ("empty.bin", b"")):
+        (tmp_path / name).write_bytes(data)
+        result = run("embed", "texts", "--corpus", COCO_SLICE, "--clip", tiny_clip, "--pretrained",
+                     tmp_path / name, "--out", tmp_path / "s2", "--no-progress")  # fmt: skip
+        assert_one_line_error(result, f"--pretrained {tmp_path / name}")
+    assert not (tmp_path / "s1").exists() or not (tmp_path / "s1" / "meta.json").exists()
+
+
+def test_limit_above_one_hundred_percent_is_refused(tmp_path, tiny_clip, image_folder):
+    result = embed_images(image_folder, tiny_clip, tmp_path / "store", "--limit", "200%")
+    assert_one_line_error(result, "--limit '200%'", "at most 100%")
+
+
+def test_a_store_whose_bytes_changed_at_the_same_size_is_rebuilt_not_reused(stores, tmp_path, tiny_clip):
+    store = copy_store(stores / "texts", tmp_path / "texts")
+    poison_row(store, 5)
+    EmbeddingStore.open(store)  # the size is right: opening does not read every byte
+    result = embed_texts(COCO_SLICE, tiny_clip, store)
+    assert result.exit_code == 0 and result.stdout.startswith("wrote 120"), result.output
+    assert "checksum" in result.stderr
+    assert store_bytes(store) == store_bytes(stores / "texts")

@@ -12,8 +12,8 @@ A store is a directory::
 
 A store is identified by its *key*, the key of its provenance record: the store kind, the CLIP's identity,
 the encoder's resolved precision, device type and batch size, and a fingerprint of the rows encoded. It is
-reused only when the key and the store format match and its files have the sizes ``meta.json`` records;
-otherwise it is rebuilt from scratch, never mixed. The same inputs give the same bytes, so stores can be
+reused only when the key and the store format match and its files have the sizes and checksums ``meta.json``
+records (opening a store checks the sizes only); otherwise it is rebuilt from scratch, never mixed. The same inputs give the same bytes, so stores can be
 compared by checksum. Shards are written to a temporary name and renamed, so a shard file that exists is
 complete; a build that is interrupted resumes from the first missing shard (``building.json`` records the
 key it was started with). One build at a time holds the folder's ``build.lock``: a second writer waits,
@@ -265,9 +265,16 @@ def open_matching(
     if meta.get("key") != key or meta.get("format") != STORE_FORMAT:
         return None, previous
     try:
-        return EmbeddingStore.open(out), previous
+        store = EmbeddingStore.open(out)
     except TipcapError:
         return None, previous
+    # Opening checks sizes only; what is reused must also have the bytes it was written with (a bit flip
+    # or a NaN written over a row keeps the size).
+    for name, record in store.meta["files"].items():
+        if _file_record(Path(out) / name)["sha256"] != record.get("sha256"):
+            log.warning("%s: %s does not match the checksum in %s; rebuilding the store.", out, name, META)
+            return None, previous
+    return store, previous
 
 
 @contextlib.contextmanager
@@ -429,7 +436,7 @@ def _shard_digest(path: Path) -> str | None:
 
 
 def _file_record(path: Path) -> dict[str, Any]:
-    """The size (checked on every open) and SHA-256 (for whoever wants to verify the bytes) of a file."""
+    """The size (checked on every open) and SHA-256 (checked before a store is reused) of a file."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 20):
