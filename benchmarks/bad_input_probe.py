@@ -697,12 +697,14 @@ class Probes:
                       "model.max_caption_tokens=-1", "model.tokenizer=/nonexistent/tok",
                       "model.language_model_config={model_type: gpt2, n_embd: 0}",
                       "model.language_model_config={model_type: bogus}",
-                      "model.language_model_config=5", "model.vocabulary=/nonexistent.json",
+                      "model.language_model_config=5",
                       "bogus=1", "train.bogus=1", "train=5", "noequals", "=5", "train.lr=",
                       "data.train_texts=/nonexistent", "data.train_texts=", "data.gap=/nonexistent.st",
                       "train.grad_clip=-1", "train.grad_clip=nan"]:  # fmt: skip
             key = value.replace("/", "_")
             self.add(f"train/--set {value}", [*good, "--set", value, "--out", d / key])
+        self.add("train/unused vocabulary warned about", [*good, "--set", "model.vocabulary=/nonexistent.json",
+                 "--out", d / "vocab"], expect="ok", check=stdout_has("model.vocabulary"))  # fmt: skip
         for name, damage in [("meta.json", "truncate"), ("ids.json", "delete"), ("captions.json", "truncate"),
                              ("captions.json", "delete"), ("captions.json", "short"), ("captions.json", "not-list"),
                              ("shard", "truncate"), ("shard", "nan"), ("shard", "inf")]:  # fmt: skip
@@ -829,11 +831,13 @@ class Probes:
         for name, doc in {"dict": {"a": 1}, "ints": [1, 2], "no-caption": [{"image_id": 184613}],
                           "caption-number": [{"image_id": 184613, "caption": 5}], "empty-list": [],
                           "unknown-ids": [{"image_id": 1, "caption": "a dog."}],
-                          "duplicate-ids": [{"image_id": 184613, "caption": "a."}] * 2,
                           "null": None}.items():  # fmt: skip
             (d / f"{name}.json").write_text(json.dumps(doc))
             self.add(f"score/predictions {name}", [*good, "--predictions", d / f"{name}.json", "--out",
                                                    d / f"pp-{name}"])  # fmt: skip
+        (d / "duplicates.json").write_text(json.dumps([{"image_id": 184613, "caption": "a dog."}] * 2))
+        self.add("score/duplicate predictions reported", [*good, "--predictions", d / "duplicates.json", "--out",
+                 d / "dup"], expect="ok", check=stdout_has("1 duplicate prediction"))  # fmt: skip
         for name, doc in {"no-annotations": {"images": []}, "annotations-ints": {"annotations": [1]},
                           "list": [1]}.items():  # fmt: skip
             (d / f"ref-{name}.json").write_text(json.dumps(doc))

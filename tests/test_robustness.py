@@ -572,3 +572,48 @@ def test_a_store_whose_bytes_changed_at_the_same_size_is_rebuilt_not_reused(stor
     assert result.exit_code == 0 and result.stdout.startswith("wrote 120"), result.output
     assert "checksum" in result.stderr
     assert store_bytes(store) == store_bytes(stores / "texts")
+
+
+@pytest.mark.parametrize(
+    "args", [("--setting", "few-pairs"), ("--setting", "text-only", "--kind", "isotropic")]
+)
+def test_mu_from_where_it_would_be_ignored_is_refused(stores, tmp_path, args):
+    gap = tmp_path / "source.safetensors"
+    assert run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--out", gap).exit_code == 0
+    out = tmp_path / "gap.safetensors"
+    result = run("fit-gap", *args, "--texts", stores / "texts", "--images", stores / "images",
+                 "--mu-from", gap, "--out", out)  # fmt: skip
+    assert_one_line_error(result, "--mu-from")
+    assert not out.exists()
+
+
+def test_a_full_disk_under_safetensors_is_one_line(stores, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    out = tmp_path / "gap.safetensors"
+    result = run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--out", out)
+    assert_one_line_error(result, str(out), "the disk is full")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["{model_type: bogus}", "{model_type: gpt2, n_embd: 0, n_head: 2}", "{model_type: gpt2, n_layer: x}"],
+)
+def test_a_language_model_config_transformers_cannot_build_is_one_line(stores, tmp_path, value):
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml", "--set",
+                 f"data.train_texts={stores / 'texts'}", "--set", f"model.language_model_config={value}",
+                 "--out", tmp_path / "run")  # fmt: skip
+    assert_one_line_error(result, "model.language_model_config")
+
+
+def test_an_unused_vocabulary_is_warned_about(stores, tmp_path):
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml", "--set",
+                 f"data.train_texts={stores / 'texts'}", "--set", "model.vocabulary=/nonexistent.json",
+                 "--set", "train.max_steps=2", "--out", tmp_path / "run", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "model.vocabulary /nonexistent.json is not used: model.prompt is none" in result.stderr

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -38,7 +38,7 @@ from tipcap.config import ModelConfig, from_dict, to_dict
 from tipcap.data import ImageError, load_image
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.io import atomic_path, load_json
+from tipcap.io import atomic_path, load_json, save_safetensors
 from tipcap.prompts import (
     PROMPT_TEMPLATES,
     PromptInteraction,
@@ -99,7 +99,16 @@ def _language_model_from(config: ModelConfig) -> nn.Module:
     if config.language_model_config is not None:
         settings = dict(config.language_model_config)
         model_type = settings.pop("model_type", "gpt2")
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+        try:
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+        # transformers reports an unknown type, a value of the wrong type or impossible sizes with whatever
+        # its code meets first (value, type, validation, arithmetic errors).
+        except Exception as e:
+            message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise TipcapError(
+                f"model.language_model_config: transformers cannot build a {model_type!r} causal LM from "
+                f"it ({type(e).__name__}: {message}); check model_type and the sizes."
+            ) from None
     try:
         return AutoModelForCausalLM.from_pretrained(config.language_model)
     except OSError as e:
@@ -566,8 +575,7 @@ class TIPCap(nn.Module):
                 continue
             storages.add(pointer)
             state[name] = tensor.detach().cpu().contiguous()
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
+        save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         if self.gap is not None:
             self.gap.save(directory / GAP_NAME)
         self.tokenizer.save_pretrained(directory)

@@ -13,11 +13,12 @@ A store is a directory::
 A store is identified by its *key*, the key of its provenance record: the store kind, the CLIP's identity,
 the encoder's resolved precision, device type and batch size, and a fingerprint of the rows encoded. It is
 reused only when the key and the store format match and its files have the sizes and checksums ``meta.json``
-records (opening a store checks the sizes only); otherwise it is rebuilt from scratch, never mixed. The same inputs give the same bytes, so stores can be
-compared by checksum. Shards are written to a temporary name and renamed, so a shard file that exists is
-complete; a build that is interrupted resumes from the first missing shard (``building.json`` records the
-key it was started with). One build at a time holds the folder's ``build.lock``: a second writer waits,
-then reuses the store if it has the key it wanted, or rebuilds it.
+records (opening a store checks the sizes only); otherwise it is rebuilt from scratch, never mixed. The
+same inputs give the same bytes, so stores can be compared by checksum. Shards are written to a temporary
+name and renamed, so a shard file that exists is complete; a build that is interrupted resumes from the
+first missing shard (``building.json`` records the key it was started with). One build at a time holds the
+folder's ``build.lock``: a second writer waits, then reuses the store if it has the key it wanted, or
+rebuilds it.
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from tipcap import __version__, provenance
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path, write_json_atomic
+from tipcap.io import save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.provenance import sha256_json
 
@@ -457,5 +457,4 @@ def _write_shard(path: Path, shard: Shard, digest: str) -> None:
     # One metadata entry holding sorted JSON: safetensors writes several entries in no fixed order, and
     # the same rows must give the same bytes.
     document = json.dumps(metadata, sort_keys=True, ensure_ascii=False)
-    with atomic_path(path) as tmp:
-        save_file({_TENSOR: embeddings.contiguous()}, tmp, metadata={_SHARD_METADATA: document})
+    save_safetensors({_TENSOR: embeddings.contiguous()}, path, metadata={_SHARD_METADATA: document})

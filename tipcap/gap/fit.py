@@ -117,6 +117,12 @@ def fit_gap(
     """
     config = from_dict(GapConfig, to_dict(config), "gap")  # a config built in code is checked too
     kind, setting = config.kind, config.setting
+    if config.mu_from and (setting != "text-only" or kind not in _NEEDS_ESTIMATE):
+        raise TipcapError(
+            f"--mu-from (gap.mu_from) imports μ for --setting text-only with a kind that uses μ "
+            f"({', '.join(sorted(_NEEDS_ESTIMATE))}); {setting} {kind} would ignore it. Drop it, or change "
+            "the setting or kind."
+        )
     _check_stores(texts, images)
     dim = texts.dim
     info: dict[str, Any] = {"kind": kind, "texts": str(Path(texts.path).resolve())}
