@@ -373,6 +373,7 @@ def test_embed_refuses_sizes_below_one(tmp_path, tiny_clip, image_folder, args):
         (["evaluate", "--data", "d.json", "--out", "o", "--beams", "-1"], "--beams"),
         (["toyworld", "--out", "w", "--image-size", "0"], "--image-size"),
         (["toyworld", "--out", "w", "--web-mismatch", "1.5"], "--web-mismatch"),
+        (["toyworld", "--out", "w", "--web-mismatch", "nan"], "--web-mismatch"),
     ],
 )
 def test_caption_evaluate_and_toyworld_refuse_out_of_range_numbers(command, flag, tmp_path, monkeypatch):
