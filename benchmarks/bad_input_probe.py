@@ -277,10 +277,13 @@ def build_fixtures(runner: Runner) -> dict:
     return f
 
 
+TRAIN_SETS = ["train.max_steps=20", "train.checkpoint_every=10", "train.log_every=10", "train.warmup_steps=2"]
+"""The fixture model's training settings (besides its data)."""
+
+
 def train_model(runner: Runner, out: Path, extra: list[str]) -> Path:
     f_texts, f_gap = runner.work / "texts", runner.work / "gap.safetensors"
-    sets = [f"data.train_texts={f_texts}", f"data.gap={f_gap}", "train.max_steps=20", "train.checkpoint_every=10",
-            "train.log_every=10", "train.warmup_steps=2", *extra]  # fmt: skip
+    sets = [f"data.train_texts={f_texts}", f"data.gap={f_gap}", *TRAIN_SETS, *extra]
     text = runner.must(["train", "--config", str(TINY_YAML), *[a for s in sets for a in ("--set", s)],
                         "--out", str(out), "--no-progress"])  # fmt: skip
     return Path(text.strip().splitlines()[-1].split()[1])
@@ -724,11 +727,15 @@ class Probes:
         self.add("train/out below a file", [*good, "--out", d / "afile" / "r"])
         self.add("train/resume with nothing to resume", [*good, "--resume", "--out", d / "fresh"], expect="ok",
                  check=file_check(d / "fresh", Path.is_dir, "no run"))  # fmt: skip
-        for damage in ("truncate", "delete-weights", "nan"):
+        # resuming the fixture's finished run (same config) after damaging its checkpoints
+        sets = [a for s in TRAIN_SETS for a in ("--set", s)]
+        fixture_data = ["--set", f"data.train_texts={f['texts']}", "--set", f"data.gap={f['gap']}"]
+        for damage, expect in [("newest-truncated", "ok"), ("newest-weights-deleted", "ok"),
+                               ("all-truncated", "error"), ("all-nan", "error")]:  # fmt: skip
             run = copy(f["model"].parent, d / f"resume-{damage}")
             damage_checkpoints(run, damage)
-            self.add(f"train/resume from damaged checkpoint {damage}", [*good, "--set", "train.max_steps=30",
-                     "--resume", "--out", run], expect="ok" if damage != "nan" else "error",
+            self.add(f"train/resume from checkpoints {damage}", ["train", "--config", TINY_YAML, *fixture_data,
+                     *sets, "--resume", "--out", run, "--no-progress"], expect=expect,
                      check=stdout_has("wrote"))  # fmt: skip
         self.ro_full("train", lambda out: [*good, "--out", out])
 
@@ -1074,26 +1081,19 @@ def damage_store(store: Path, name: str, damage: str) -> None:
 
 
 def damage_checkpoints(run: Path, damage: str) -> None:
-    """Damage the newest checkpoint of a run folder."""
-    checkpoints = sorted(p for p in run.rglob("*") if p.is_dir() and "checkpoint" in p.name)
-    if not checkpoints:
-        return
-    newest = checkpoints[-1]
-    files = sorted(p for p in newest.iterdir() if p.is_file() and p.suffix in (".safetensors", ".pt"))
-    if damage == "truncate":
-        for path in files:
-            truncate(path)
-    elif damage == "delete-weights":
-        for path in files:
-            path.unlink()
-    elif damage == "nan":
-        for path in checkpoints:
-            for weights in path.glob("*.safetensors"):
-                rewrite_safetensors(weights, lambda ts: {k: v.float().fill_(math.nan) if v.is_floating_point()
-                                                        else v for k, v in ts.items()})
-        for final in run.glob("*/model.safetensors"):
-            rewrite_safetensors(final, lambda ts: {k: v.float().fill_(math.nan) if v.is_floating_point()
-                                                   else v for k, v in ts.items()})
+    """Damage the newest checkpoint of a run folder, or all of them."""
+    checkpoints = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir())
+    targets = checkpoints[-1:] if damage.startswith("newest") else checkpoints
+    for checkpoint in targets:
+        weights = checkpoint / "model.safetensors"
+        if damage.endswith("truncated"):
+            truncate(weights)
+            truncate(checkpoint / "trainer.pt")
+        elif damage.endswith("deleted"):
+            weights.unlink()
+        elif damage.endswith("nan"):
+            rewrite_safetensors(weights, lambda ts: {k: v.clone().fill_(math.nan) if v.is_floating_point() else v
+                                                     for k, v in ts.items()})  # fmt: skip
 
 
 # --- main -------------------------------------------------------------------------------------------------

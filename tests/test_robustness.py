@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -618,3 +619,32 @@ def test_an_unused_vocabulary_is_warned_about(stores, tmp_path):
                  "--set", "train.max_steps=2", "--out", tmp_path / "run", "--no-progress")  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "model.vocabulary /nonexistent.json is not used: model.prompt is none" in result.stderr
+
+
+def test_resume_passes_over_a_damaged_checkpoint_and_refuses_when_all_are(stores, tmp_path):
+    args = ["train", "--config", ROOT / "experiments" / "tiny.yaml", "--no-progress",
+            "--set", f"data.train_texts={stores / 'texts'}", "--set", "train.max_steps=6",
+            "--set", "train.checkpoint_every=2", "--set", "train.log_every=2",
+            "--set", "train.warmup_steps=0", "--set", "train.keep_checkpoints=3"]  # fmt: skip
+    assert run(*args, "--out", tmp_path / "whole").exit_code == 0
+    reference = (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
+    checkpoints = sorted((tmp_path / "whole" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-00000002", "step-00000004", "step-00000006"]
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.yaml", "run.json", "metrics.jsonl"):
+        (damaged / name).write_bytes((tmp_path / "whole" / name).read_bytes())
+    for checkpoint in checkpoints[:2]:  # as if the run had been killed after step 4
+        shutil.copytree(checkpoint, damaged / "checkpoints" / checkpoint.name)
+    half(damaged / "checkpoints" / "step-00000004" / "model.safetensors")
+    result = run(*args, "--resume", "--out", damaged)
+    assert result.exit_code == 0, result.output
+    assert "step-00000004 cannot be loaded" in result.stderr
+    # Resumed from step 2, the run draws what the uninterrupted run drew.
+    assert (damaged / "model" / "model.safetensors").read_bytes() == reference
+
+    for checkpoint in (damaged / "checkpoints").iterdir():
+        half(checkpoint / "trainer.pt")
+    result = run(*args, "--resume", "--out", damaged)
+    assert_one_line_error(result, "--resume", str(damaged / "checkpoints"), "damaged")
