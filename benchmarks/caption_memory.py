@@ -1,7 +1,7 @@
 """Peak memory of ``tipcap caption`` on a folder of 224-pixel images, for growing folder sizes.
 
-A tiny random CLIP at 224 px (patch 32, so encoding is cheap) and a decoder trained for a few steps on the COCO
-test slice; random 224×224 JPEGs. Each run is its own ``tipcap caption --beams 1 --out`` process under
+A tiny random CLIP at 224 px (patch 32, so encoding is cheap) and a decoder trained for a few steps on the
+COCO test slice; random 224×224 JPEGs. Each run is its own ``tipcap caption --beams 1 --out`` process under
 ``/usr/bin/time -v``; its "Maximum resident set size" is printed per folder size, with the ratio to the
 smallest. Captioning streams the images in batches, so the peak should not grow with the folder.
 
@@ -45,7 +45,9 @@ def tipcap(*args: str, timed: bool = False) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--counts", type=int, nargs="+", default=[500, 2000])
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
@@ -53,11 +55,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "clip.json").write_text(json.dumps(CLIP_224))
-        tipcap("embed", "texts", "--corpus", str(SLICE), "--clip", str(tmp / "clip.json"), "--pretrained", "none",
-               "--out", str(tmp / "texts"), "--no-progress")  # fmt: skip
-        output = tipcap("train", "--config", str(ROOT / "experiments" / "tiny.yaml"), "--set",
-                        f"data.train_texts={tmp / 'texts'}", "--set", "train.max_steps=20", "--out",
-                        str(tmp / "run"), "--no-progress")  # fmt: skip
+        tipcap(
+            "embed",
+            "texts",
+            "--corpus",
+            str(SLICE),
+            "--clip",
+            str(tmp / "clip.json"),
+            "--pretrained",
+            "none",
+            "--out",
+            str(tmp / "texts"),
+            "--no-progress",
+        )
+        output = tipcap(
+            "train",
+            "--config",
+            str(ROOT / "experiments" / "tiny.yaml"),
+            "--set",
+            f"data.train_texts={tmp / 'texts'}",
+            "--set",
+            "train.max_steps=20",
+            "--out",
+            str(tmp / "run"),
+            "--no-progress",
+        )
         model = re.search(r"wrote (\S+)", output)[1]
         rng = np.random.default_rng(0)
         folder = tmp / "images"
@@ -70,13 +92,26 @@ def main() -> None:
                 Image.fromarray(pixels).save(folder / f"{number:06d}.jpg", quality=90)
             written = count
             start = time.perf_counter()
-            output = tipcap("caption", str(folder), "--model", model, "--out", str(tmp / "captions.jsonl"),
-                            "--beams", "1", "--batch-size", str(args.batch_size), timed=True)  # fmt: skip
+            output = tipcap(
+                "caption",
+                str(folder),
+                "--model",
+                model,
+                "--out",
+                str(tmp / "captions.jsonl"),
+                "--beams",
+                "1",
+                "--batch-size",
+                str(args.batch_size),
+                timed=True,
+            )
             seconds = time.perf_counter() - start
             peaks[count] = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", output)[1]) / 1024
             lines = (tmp / "captions.jsonl").read_text().count("\n")
-            print(f"{count:6d} images: peak RSS {peaks[count]:7.1f} MiB, {seconds:6.1f} s, {lines} captions",
-                  flush=True)
+            print(
+                f"{count:6d} images: peak RSS {peaks[count]:7.1f} MiB, {seconds:6.1f} s, {lines} captions",
+                flush=True,
+            )
         smallest = min(peaks)
         for count, peak in sorted(peaks.items()):
             print(f"{count:6d} images: {peak / peaks[smallest]:.2f}x the peak of {smallest}")
