@@ -418,7 +418,7 @@ def grid_config(f: dict) -> dict:
         "few_pairs": 5,
         "seeds": [0],
         "decoder": decoder,
-        "eval": {"beams": 1, "metrics": ["bleu"]},
+        "eval": {"beams": 1, "metrics": ["bleu", "cider"]},
         "cells": [
             {"name": "none", "kind": "none"},
             {"name": "gaussian", "kind": "gaussian", "setting": "few-pairs"},
@@ -1984,7 +1984,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="Probes run at once.")
     parser.add_argument("--timeout", type=float, default=60, help="Seconds before a probe counts as a hang.")
     parser.add_argument("--report", type=Path, default=Path("bad_input_probe.json"), help="JSON report.")
-    parser.add_argument("--only", default=None, help="Run only probes whose name contains this.")
+    parser.add_argument(
+        "--only", default=None, help="Run only probes whose name contains this (and --rerun's)."
+    )
     parser.add_argument(
         "--rerun", type=Path, default=None, help="Run only the probes not clean in this report."
     )
@@ -2002,12 +2004,12 @@ def main() -> None:
         fill_disk(args.full)
     builder = Probes(fixtures, args.ro, args.full)
     probes = builder.build()
-    if args.only:
-        probes = [p for p in probes if args.only in p.name]
-    if args.rerun:
-        previous = json.loads(args.rerun.read_text())["probes"]
-        names = {p["name"] for p in previous if p["outcome"] != "clean"}
-        probes = [p for p in probes if p.name in names]
+    if args.only or args.rerun:
+        names = set()
+        if args.rerun:
+            previous = json.loads(args.rerun.read_text())["probes"]
+            names = {p["name"] for p in previous if p["outcome"] != "clean"}
+        probes = [p for p in probes if p.name in names or (args.only and args.only in p.name)]
     print(f"fixtures ready in {time.monotonic() - start:.0f} s; running {len(probes)} probes", flush=True)
     context = {"runner": runner}
     outcomes: list[Outcome] = []

@@ -648,3 +648,30 @@ def test_resume_passes_over_a_damaged_checkpoint_and_refuses_when_all_are(stores
         half(checkpoint / "trainer.pt")
     result = run(*args, "--resume", "--out", damaged)
     assert_one_line_error(result, "--resume", str(damaged / "checkpoints"), "damaged")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"seeds": []}, "config key 'seeds'"),
+        ({"vocabulary": "missing-entities.json"}, "config key 'vocabulary'"),
+        (
+            {
+                "web_pairs": "missing.jsonl",
+                "cells": [{"name": "w", "kind": "gaussian", "setting": "web-pairs"}],
+            },
+            "config key 'web_pairs'",
+        ),
+        ({"karpathy": "typo.json"}, "config key 'karpathy'"),
+        ({"image_root": "no-such-folder"}, "config key 'image_root'"),
+    ],
+)
+def test_ablate_checks_its_inputs_before_it_records_the_grid(tmp_path, tiny_clip, change, needle):
+    grid = {"karpathy": str(COCO_SLICE), "embed": {"model": str(tiny_clip), "pretrained": "none"},
+            "cells": [{"name": "none", "kind": "none"}], **change}  # fmt: skip
+    config = tmp_path / "grid.yaml"
+    config.write_text(json.dumps(grid))
+    with contextlib.chdir(tmp_path):  # relative paths in the grid are relative to here
+        result = run("ablate", config, "--plan", "--out", tmp_path / "out")
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "out" / "grid.json").exists()

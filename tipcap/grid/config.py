@@ -163,6 +163,9 @@ def _validate(config: AblationConfig, path: Path) -> None:
     if not config.karpathy or not config.embed.model:
         raise TipcapError(f"{path}: set karpathy and embed.model (in the file or with --set).")
     _check_few_pairs(config.few_pairs, "few_pairs")
+    trained = [cell.name for cell in config.cells if cell.kind not in BASELINES]
+    if not config.seeds and trained:
+        raise TipcapError(f"config key 'seeds': empty, so no decoder would be trained ({trained[0]} first).")
     # The grid's own stages first, so that a mistake there is not blamed on a cell.
     unknown = sorted(set(config.decoder) - {"model", "train"})
     if unknown:
