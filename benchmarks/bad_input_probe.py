@@ -1985,7 +1985,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60, help="Seconds before a probe counts as a hang.")
     parser.add_argument("--report", type=Path, default=Path("bad_input_probe.json"), help="JSON report.")
     parser.add_argument(
-        "--only", default=None, help="Run only probes whose name contains this (and --rerun's)."
+        "--only",
+        action="append",
+        help="Run only probes whose name contains this (repeatable; with --rerun's).",
     )
     parser.add_argument(
         "--rerun", type=Path, default=None, help="Run only the probes not clean in this report."
@@ -2009,7 +2011,7 @@ def main() -> None:
         if args.rerun:
             previous = json.loads(args.rerun.read_text())["probes"]
             names = {p["name"] for p in previous if p["outcome"] != "clean"}
-        probes = [p for p in probes if p.name in names or (args.only and args.only in p.name)]
+        probes = [p for p in probes if p.name in names or any(part in p.name for part in args.only or [])]
     print(f"fixtures ready in {time.monotonic() - start:.0f} s; running {len(probes)} probes", flush=True)
     context = {"runner": runner}
     outcomes: list[Outcome] = []
