@@ -222,3 +222,53 @@ def prepared_coco(tmp_path_factory, coco_tree) -> Path:
                  "--workers", 0, "--no-progress")  # fmt: skip
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, coco_texts) -> Path:
+    """A tiny decoder trained for 20 steps on :func:`coco_texts` with a text-only isotropic gap."""
+    root = tmp_path_factory.mktemp("tiny-model")
+    result = run("fit-gap", "--setting", "text-only", "--kind", "isotropic", "--texts", coco_texts,
+                 "--out", root / "gap.safetensors")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    overrides = [f"data.train_texts={coco_texts}", f"data.gap={root / 'gap.safetensors'}",
+                 "train.max_steps=20", "train.checkpoint_every=20"]  # fmt: skip
+    return train(load_config(TINY_CONFIG, overrides), root / "run", progress=False)
+
+
+def write_nocaps(folder: Path, missing: tuple[int, ...] = (), corrupt: tuple[int, ...] = ()) -> Path:
+    """A NoCaps validation annotation file in the official schema (nocaps.org/download, with each image's
+    ``domain``) over nine small JPEGs, three per domain, with five COCO captions each; returns its path.
+
+    The images at positions ``missing`` get no file and those at ``corrupt`` a truncated one.
+    """
+    captions = [e["sentences"] for e in json.loads(COCO_SLICE.read_text())["images"]]
+    domains = ["in-domain", "near-domain", "out-domain"]
+    images, annotations = [], []
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for index in range(9):
+        open_images_id = f"{0x0013EA2087020901 + 7919 * index:016x}"
+        images.append({
+            "id": index, "open_images_id": open_images_id, "height": 30, "width": 40,
+            "coco_url": f"https://s3.amazonaws.com/nocaps/val/{open_images_id}.jpg",
+            "file_name": f"{open_images_id}.jpg", "license": 0, "date_captured": "2018-11-06 11:04:33",
+            "domain": domains[index % 3],
+        })  # fmt: skip
+        for sentence in captions[index]:
+            annotations.append({"image_id": index, "id": len(annotations), "caption": sentence["raw"]})
+        if index in missing:
+            continue
+        path = folder / "images" / f"{open_images_id}.jpg"
+        Image.new("RGB", (40, 30), ((61 * index) % 256, (29 * index) % 256, (97 * index) % 256)).save(path)
+        if index in corrupt:
+            path.write_bytes(path.read_bytes()[:200])
+    document = {
+        "licenses": [],
+        "info": {"url": "http://nocaps.org", "date_created": "2018/11/06", "version": "0.1",
+                 "description": "nocaps validation dataset", "contributor": "nocaps team", "year": 2018},
+        "images": images,
+        "annotations": annotations,
+    }  # fmt: skip
+    path = folder / "nocaps_val_4500_captions.json"
+    path.write_text(json.dumps(document))
+    return path

@@ -139,7 +139,7 @@ def test_uncached_tag_with_unreachable_hub(monkeypatch):
 
     probed = []
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(tipcap.clip, "_host_reachable", lambda host, **kw: probed.append(host) or False)
+    monkeypatch.setattr(tipcap.clip, "host_reachable", lambda host, **kw: probed.append(host) or False)
     monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: pytest.fail("tried to download"))
     with pytest.raises(TipcapError, match=r"huggingface\.co cannot be reached"):
         ClipEncoder.load(ClipSpec("ViT-B-32", "laion2b_s34b_b79k"), device="cpu")

@@ -40,7 +40,8 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     """Both data sets: four settings, every baseline, the upper bound, a 0.1/1/10% sweep; both directions."""
     names = {str(p.relative_to(EXPERIMENTS)) for p in GRIDS}
     assert names == {f"{d}/{g}.yaml" for d in ("coco", "flickr30k") for g in ("grid", "few_pairs_sweep")} | {
-        "cross_domain/coco_to_flickr30k.yaml", "cross_domain/flickr30k_to_coco.yaml", "toyworld_full.yaml"
+        "cross_domain/coco_to_flickr30k.yaml", "cross_domain/flickr30k_to_coco.yaml",
+        "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml"
     }  # fmt: skip
     for data in ("coco", "flickr30k"):
         grid = load_ablation(EXPERIMENTS / data / "grid.yaml")

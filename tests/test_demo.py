@@ -67,9 +67,11 @@ def test_quick_demo_end_to_end(tmp_path):
     assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
         ("supervised", "none"), ("none", "none"), ("isotropic", "none"), ("gaussian-few-pairs", "none"),
         ("gaussian-few-pairs-prompts", "none"), ("gaussian-few-pairs-prompts", "oracle"),
+        ("gaussian-few-pairs-prompts", "wrong"),
     ]  # fmt: skip
     for row in rows:
-        assert 0.0 <= float(row["object_f1"]) <= 1.0 and 0.0 <= float(row["CLIPScore"]) <= 2.5, row
+        assert 0.0 <= float(row["object_f1"]) <= 1.0 and 0.0 <= float(row["CLIP-S"]) <= 2.5, row
+        assert 0.0 <= float(row["RefCLIP-S"]) <= 2.5 and 0.0 <= float(row["CHAIR-s"]) <= 1.0, row
         assert 0.2 <= float(row["CIDEr"]) < 10 and 0.05 < float(row["BLEU-4"]) < 1, row
     cider = {r["cell"]: float(r["CIDEr"]) for r in rows if r["eval_prompt"] == "none"}
     f1 = {r["cell"]: float(r["object_f1"]) for r in rows if r["eval_prompt"] == "none"}

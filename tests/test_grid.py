@@ -5,7 +5,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import grid_row_cider, karpathy_references, run
 
@@ -13,7 +15,9 @@ import tipcap.grid.runner
 from tipcap.config import load_config
 from tipcap.gap import Gap
 from tipcap.io import load_json
+from tipcap.stats import interval
 from tipcap.toy.clip import train_toyclip
+from tipcap.toy.scoring import scene_objects
 
 DECODER = {
     "model": {
@@ -48,7 +52,7 @@ CELLS = [
         "kind": "gaussian",
         "setting": "few-pairs",
         "prompt": "pim",
-        "eval_prompts": ["none", "oracle"],
+        "eval_prompts": ["none", "oracle", "auto", "wrong"],
     },
 ]
 
@@ -64,7 +68,9 @@ def grid(tmp_path_factory, tiny_clip):
     config = {"few_pairs": 20, "seeds": [0], "decoder": DECODER, "cells": CELLS,
               "karpathy": str(world / "toyworld.json"), "web_pairs": str(world / "web_pairs.jsonl"),
               "vocabulary": str(world / "entities.json"),
-              "embed": {"model": spec.model, "pretrained": spec.pretrained}}  # fmt: skip
+              "embed": {"model": spec.model, "pretrained": spec.pretrained},
+              "eval": {"beams": 1, "metrics": ["bleu", "rouge", "cider"], "score_clip": spec.model,
+                       "score_pretrained": spec.pretrained}}  # fmt: skip
     (root / "grid.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -101,16 +107,35 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
         ("none", "none"), ("supervised", "none"), ("gaussian-few-pairs", "none"), ("prompts", "none"),
-        ("prompts", "oracle"),
+        ("prompts", "oracle"), ("prompts", "auto"), ("prompts", "wrong"),
     ]  # fmt: skip
     references = karpathy_references(grid / "world" / "toyworld.json", "test")
     expected = [grid_row_cider(out, r, references) for r in rows]
     assert all(0.0 <= float(r["object_f1"]) <= 1.0 for r in rows) and max(expected) > 0
     assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     table = (out / "table.md").read_text()
-    assert table.count("\n") == 2 + len(rows) and "| prompts | oracle | 1 |" in table
+    assert table.count("\n") == 2 + len(rows) + 2 and "| prompts | oracle | 1 |" in table  # + footnote
+    # The toy CLIP scores CLIP-S (it is the grid's CLIP: the evaluations reuse its image embeddings), and the
+    # scenes give CHAIR, for every prompt mode.
+    for row in rows:
+        assert 0 <= float(row["CLIP-S"]) <= 2.5 and 0 <= float(row["RefCLIP-S"]) <= 2.5, row
+        assert 0 <= float(row["CHAIR-s"]) <= 1 and (row["CHAIR-i"] == "" or 0 <= float(row["CHAIR-i"]) <= 1)
+    assert "| CLIP-S | RefCLIP-S | CHAIR-i | CHAIR-s |" in table
+    metrics = json.loads((out / "eval" / "prompts-seed0-wrong" / "metrics.json").read_text())
+    assert metrics["scorer"]["clip"]["model"] == str(Path(grid / "clip" / "toyclip.json").resolve())
+    assert metrics["hallucination"]["truth"] == "the scenes' objects"
+    objects = scene_objects(grid / "world" / "toyworld.json")
+    for mode in ("oracle", "wrong"):
+        for row in json.loads((out / "eval" / f"prompts-seed0-{mode}" / "per_image.json").read_text()):
+            truth = objects[row["image_id"]]
+            if mode == "oracle":
+                assert row["prompt"] == truth
+            else:
+                assert len(row["prompt"]) == len(truth) and not set(row["prompt"]) & set(truth)
+            hallucinated = [o for o in row["objects_mentioned"] if o not in truth]
+            assert row["objects_hallucinated"] == hallucinated
     assert (out / "cider.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "gaps" / "gaussian-few-pairs.png").is_file()
+    assert (out / "gaps" / "gaussian-few-pairs-seed0.png").is_file()
 
 
 @pytest.mark.slow
@@ -131,10 +156,102 @@ def test_cells_override_gap_and_evaluation_settings(grid, tmp_path):
     assert not tuned["context"]["gap"]["renorm"] and not tuned["context"]["gap"]["shrinkage"]
     # The tuned cell fitted a gap of its own, with the values it asked for.
     gaps = {path.name for path in (tmp_path / "out" / "gaps").glob("*.safetensors")}
-    assert gaps == {"gaussian-few-pairs.safetensors", "tuned.safetensors"}
-    tuned_gap = Gap.load(tmp_path / "out" / "gaps" / "tuned.safetensors")
+    assert gaps == {"gaussian-few-pairs-seed0.safetensors", "tuned-seed0.safetensors"}
+    tuned_gap = Gap.load(tmp_path / "out" / "gaps" / "tuned-seed0.safetensors")
     assert not tuned_gap.renorm and tuned_gap.provenance["config"]["shrinkage"] is False
     assert not tuned_gap.info.get("shrinkage")
+
+
+def test_each_seed_draws_its_own_few_pairs(grid, tmp_path):
+    """Seeds differ in the paired images drawn (data_seed + seed), so each seed fits its own gap."""
+    out = tmp_path / "out"
+    cells = [{"name": "gaussian-few-pairs", "kind": "gaussian", "setting": "few-pairs"}]
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress",
+                 "--set", "seeds=[0, 1]", "--set", f"cells={json.dumps(cells)}")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    drawn = [
+        set(load_json(out / "stores" / f"train-images-few-20-draw{seed}" / "ids.json")) for seed in (0, 1)
+    ]
+    assert len(drawn[0]) == len(drawn[1]) == 20 and drawn[0] != drawn[1]
+    gaps = [Gap.load(out / "gaps" / f"gaussian-few-pairs-seed{seed}.safetensors") for seed in (0, 1)]
+    assert not torch.equal(gaps[0].mu, gaps[1].mu)
+    for seed in (0, 1):
+        config = load_config(out / "runs" / f"gaussian-few-pairs-seed{seed}" / "train.yaml")
+        assert Path(config.data.gap).name == f"gaussian-few-pairs-seed{seed}.safetensors"
+
+
+def test_a_folder_whose_seeds_shared_one_few_pairs_draw_is_refused(grid, tmp_path):
+    """A grid folder written when every seed drew the same few pairs holds models that are not per-seed."""
+    out = tmp_path / "out"
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "grid.json").read_text())
+    del saved["fixed"]["few_pairs_draw"]
+    (out / "grid.json").write_text(json.dumps(saved))
+    refused = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress")
+    assert refused.exit_code == 1 and "a grid with other few_pairs_draw" in refused.stderr
+
+
+@pytest.mark.slow
+def test_intervals_and_paired_comparisons(grid, tmp_path):
+    """results.csv holds each row's interval over the test images, table.md mean ± half-width over images
+    and seeds, comparisons.md the differences the grid asks for; tipcap compare prints A − B = x [lo, hi]."""
+    out = tmp_path / "out"
+    cells = [{"name": "none", "kind": "none"}, {"name": "retrieval", "kind": "retrieval"}]
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", "--set", "seeds=[0, 1]",
+                 "--set", f"cells={json.dumps(cells)}",
+                 "--set", 'compare=[[retrieval, none], [retrieval, none, rouge-l]]')  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["cell"], r["seed"]) for r in rows] == [("none", "0"), ("none", "1"), ("retrieval", "")]
+    for row in rows:
+        per_image = json.loads((out / "eval" / Path(row_dir(row)) / "per_image.json").read_text())
+        cider = np.array([[p["CIDEr"] for p in per_image]])
+        assert (float(row["CIDEr_ci_low"]), float(row["CIDEr_ci_high"])) == pytest.approx(
+            (interval(cider).low, interval(cider).high)
+        )
+        assert float(row["CIDEr_ci_low"]) <= float(row["CIDEr"]) <= float(row["CIDEr_ci_high"])
+        assert "BLEU-4_ci_low" not in row  # a corpus statistic: no per-image scores
+        assert float(row["ROUGE-L_ci_low"]) <= float(row["ROUGE-L"]) <= float(row["ROUGE-L_ci_high"])
+    table = (out / "table.md").read_text()
+    both = np.array([[p["CIDEr"] for p in json.loads((out / "eval" / f"none-seed{s}-none" / "per_image.json")
+                      .read_text())] for s in (0, 1)])  # fmt: skip
+    mean = np.mean([float(r["CIDEr"]) for r in rows[:2]])
+    assert f"| none | none | 2 | {mean:.3f} ± {interval(both).half_width:.3f} |" in table
+
+    lines = (out / "comparisons.md").read_text().splitlines()
+    assert lines[2].startswith("- retrieval − none = ") and "(CIDEr, " in lines[2]
+    assert "(ROUGE-L, " in lines[3]
+    recorded = next(csv.DictReader((out / "comparisons.csv").open()))
+    printed = run("compare", "--grid-out", out, "--a", "none", "--b", "retrieval")
+    assert printed.exit_code == 0, printed.output
+    expected = (
+        f"none − retrieval = {-float(recorded['difference']):+.4f} [{-float(recorded['ci_high']):+.4f}, "
+    )
+    assert printed.stdout.startswith(expected), (printed.stdout, expected)
+    assert "2 seeds × 12 images" in printed.stdout
+    wrong = run("compare", "--grid-out", out, "--a", "nonex", "--b", "none")
+    assert (
+        wrong.exit_code == 1
+        and "--a 'nonex': no such evaluated cell (cells: none, retrieval)" in wrong.stderr
+    )
+    bleu = run("compare", "--grid-out", out, "--a", "none", "--b", "retrieval", "--metric", "bleu-4")
+    assert bleu.exit_code == 1 and "--metric 'bleu-4'" in bleu.stderr
+
+
+def row_dir(row: dict) -> str:
+    """A results.csv row's evaluation folder name."""
+    seed = f"-seed{row['seed']}" if row["seed"] else ""
+    return f"{row['cell']}{seed}-{row['eval_prompt']}"
+
+
+def test_comparisons_name_cells_of_the_grid(grid, tmp_path):
+    result = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "compare=[[none, nobody]]")
+    assert result.exit_code == 1 and "config key 'compare[0]': 'nobody' is not a cell" in result.stderr
+    result = run(
+        "ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "compare=[[none, prompts:auto]]"
+    )
+    assert result.exit_code == 1 and "prompts is evaluated with prompts none, oracle only" in result.stderr
 
 
 def test_a_cell_override_is_checked_before_anything_runs(grid, tmp_path):
@@ -180,7 +297,14 @@ def coco_overrides(prepared, images, tiny_clip, cells):
 def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_path):
     """The shipped COCO grid, reduced, on prepared data: a few-pairs sweep, unpaired halves, the baselines."""
     out = tmp_path / "grid"
-    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, REDUCED), "few_pairs=[10%, 50%]"]
+    references = karpathy_references(prepared_coco / "dataset.json", "val")
+    instances = tmp_path / "instances_val2014.json"
+    instances.write_text(json.dumps({
+        "images": [{"id": i} for i in references], "categories": [{"id": 1, "name": "person"}],
+        "annotations": [{"id": k, "image_id": i, "category_id": 1} for k, i in enumerate(references)],
+    }))  # fmt: skip
+    overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, REDUCED), "few_pairs=[10%, 50%]",
+                 f"instances={instances}"]  # fmt: skip
     result = run(
         "ablate", COCO_GRID, "--out", out, "--no-progress", *(x for o in overrides for x in ("--set", o))
     )
@@ -196,9 +320,9 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     assert float(fraction["supervised"]) == 1.0 and fraction["isotropic"] == ""
     assert float(fraction["gaussian-few-pairs-10pct"]) == pytest.approx(20 / 197)  # 10% of the 197 usable
     assert float(fraction["gaussian-few-pairs-50pct"]) == pytest.approx(98 / 197)
-    references = karpathy_references(prepared_coco / "dataset.json", "val")
     expected = [grid_row_cider(out, r, references) for r in rows]
     assert all(r["train_data"] == r["eval_data"] == "coco" for r in rows) and max(expected) > 0
+    assert all(0 <= float(r["CHAIR-s"]) <= 1 for r in rows)  # CHAIR from the instance annotations
     assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     assert {r["setting"] for r in rows if r["kind"] == "supervised"} == {"all-pairs"}
 
@@ -217,7 +341,8 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
 
     table = (out / "table.md").read_text()
     assert "| gaussian-few-pairs-50pct | none | 1 |" in table and "| retrieval | none | 1 |" in table
-    assert "object F1" not in table  # COCO has no object annotations: no empty column
+    assert "object F1" not in table  # COCO has no scene objects: no empty column
+    assert "CHAIR-s" in table and "CLIP-S" not in table  # ViT-B/32 is not on this machine: no column
     for plot in ("cider.png", "cider_vs_pairs.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     assert (
@@ -225,14 +350,15 @@ def test_reduced_coco_grid_end_to_end(prepared_coco, coco_tree, tiny_clip, tmp_p
     )
 
 
-def test_oracle_prompts_need_the_objects_of_the_evaluation_images(
-    prepared_coco, coco_tree, tiny_clip, tmp_path
+@pytest.mark.parametrize("mode", ["oracle", "wrong"])
+def test_oracle_and_wrong_prompts_need_the_objects_of_the_evaluation_images(
+    prepared_coco, coco_tree, tiny_clip, tmp_path, mode
 ):
-    """COCO records no scene objects, so oracle prompts would be silently empty: the grid is refused before
-    any store is built or decoder trained, naming the cell's key and the file."""
+    """COCO records no scene objects, so oracle (and wrong) prompts would be silently empty: the grid is
+    refused before any store is built or decoder trained, naming the cell's key and the file."""
     cells = [
         {"name": "isotropic", "kind": "isotropic"},
-        {"name": "oracle", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["none", "oracle"]},
+        {"name": "prompts", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["none", mode]},
     ]
     overrides = [*coco_overrides(prepared_coco, coco_tree[0], tiny_clip, []), f"cells={json.dumps(cells)}"]
     flags = [x for o in overrides for x in ("--set", o)]

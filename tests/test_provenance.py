@@ -39,6 +39,20 @@ def test_another_precision_rebuilds_the_store_and_says_so(tiny_clip, tmp_path):
     assert set(record) == RECORD_FIELDS and provenance.key(record) == store.key
 
 
+def test_a_store_encoded_by_other_encoder_code_is_rebuilt(tiny_clip, tmp_path, monkeypatch):
+    """A store kept from a version whose encoder rounded differently is not reused: a prompt vocabulary
+    encoded by the current code would not match it (what made cached demos give other prompt cells)."""
+    corpus = tmp_path / "captions.txt"
+    corpus.write_text("a dog on the grass.\na cat on a mat.\n")
+    command = ["embed", "texts", "--corpus", corpus, "--clip", tiny_clip, "--pretrained", "none",
+               "--out", tmp_path / "store", "--no-progress"]  # fmt: skip
+    assert run(*command).exit_code == 0
+    monkeypatch.setattr("tipcap.embed.ENCODER_VERSION", -1)
+    again = run(*command)
+    assert again.exit_code == 0 and "built with other encoder; rebuilding it" in again.output, again.output
+    assert EmbeddingStore.open(tmp_path / "store").key["config"]["encoder"] == -1
+
+
 def test_gap_training_run_and_model_carry_the_same_record_format(prompt_model):
     root, _, model_dir = prompt_model
     with safe_open(root / "gap.safetensors", framework="pt") as f:

@@ -83,29 +83,36 @@ def main() -> None:
     """tipcap: image captioning from text data, across the CLIP modality gap."""
 
 
-@main.command("prepare")
-@click.argument("dataset", type=click.Choice(["coco", "flickr30k"]))
-@click.option(
-    "--karpathy",
-    required=True,
-    type=click.Path(dir_okay=False),
-    help="Karpathy split file (dataset_coco.json, dataset_flickr30k.json; .gz accepted).",
-)
-@click.option(
-    "--images",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Image root: COCO's train2014/ and val2014/ folders, or the folder of Flickr30k's images.",
-)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write to.")
-@click.option(
-    "--workers",
-    default=None,
-    type=click.IntRange(min=0),
-    help="Image decoding processes (default: CPU count, at most 8; 0 decodes in this process).",
-)
-@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-def prepare_command(
+@main.group("prepare")
+def prepare() -> None:
+    """Check a data set's annotation file against its images; write what embed, train and evaluate read."""
+
+
+def _prepare_options(images_help: str) -> Any:
+    """``--images``, ``--out``, ``--workers`` and ``--no-progress``, shared by the prepare commands."""
+
+    def decorate(command: Any) -> Any:
+        options = [
+            click.option("--images", required=True, type=click.Path(file_okay=False), help=images_help),
+            click.option(
+                "--out", required=True, type=click.Path(file_okay=False), help="Folder to write to."
+            ),
+            click.option(
+                "--workers",
+                default=None,
+                type=click.IntRange(min=0),
+                help="Image decoding processes (default: CPU count, at most 8; 0 decodes in this process).",
+            ),
+            click.option("--no-progress", is_flag=True, help="Hide the progress bar."),
+        ]
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _prepare_karpathy(
     dataset: str, karpathy: str, images: str, out: str, workers: int | None, no_progress: bool
 ) -> None:
     """Check a Karpathy split file against its images; write corpora, image lists and references."""
@@ -117,6 +124,56 @@ def prepare_command(
     for kind in ("corpus", "images", "references"):
         written += report.outputs[kind].values()
     click.echo(f"wrote {out}/report.json and, in {out}: {', '.join(written)}")
+
+
+_KARPATHY_OPTION = click.option(
+    "--karpathy",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Karpathy split file (dataset_coco.json, dataset_flickr30k.json; .gz accepted).",
+)
+
+
+@prepare.command("coco")
+@_KARPATHY_OPTION
+@_prepare_options("Image root holding COCO's train2014/ and val2014/ folders.")
+def prepare_coco_command(
+    karpathy: str, images: str, out: str, workers: int | None, no_progress: bool
+) -> None:
+    """Check COCO's Karpathy split file against its images; write corpora, image lists and references."""
+    _prepare_karpathy("coco", karpathy, images, out, workers, no_progress)
+
+
+@prepare.command("flickr30k")
+@_KARPATHY_OPTION
+@_prepare_options("The folder of Flickr30k's images.")
+def prepare_flickr30k_command(
+    karpathy: str, images: str, out: str, workers: int | None, no_progress: bool
+) -> None:
+    """Check Flickr30k's Karpathy split file against its images; write corpora, image lists and references."""
+    _prepare_karpathy("flickr30k", karpathy, images, out, workers, no_progress)
+
+
+@prepare.command("nocaps")
+@click.option(
+    "--annotations",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="NoCaps validation annotation file, nocaps_val_4500_captions.json (.gz accepted).",
+)
+@_prepare_options("The folder of the NoCaps validation images, named by their file_name.")
+def prepare_nocaps_command(
+    annotations: str, images: str, out: str, workers: int | None, no_progress: bool
+) -> None:
+    """Check NoCaps validation against its images; write the evaluation file with each image's domain."""
+    from tipcap.data.nocaps import prepare_nocaps
+
+    report = prepare_nocaps(annotations, images, out, workers=workers, progress=not no_progress)
+    click.echo(report.summary())
+    click.echo(
+        f"wrote {out}/report.json, {out}/{report.outputs['dataset']} (evaluate --data, --split val) and "
+        f"{out}/{report.outputs['references']}"
+    )
 
 
 @main.group()
@@ -471,7 +528,10 @@ def _split_words(text: str | None) -> list[str]:
 @main.command("caption")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option(
-    "--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model directory."
+    "--model",
+    "model_dir",
+    required=True,
+    help="Model folder, or a hub name (owner/name[@revision]) found in or downloaded to the hub's cache.",
 )
 @click.option("--prompt", default=None, help='Prompt words, comma-separated: "dog, frisbee".')
 @click.option(
@@ -495,6 +555,10 @@ def caption_command(
     device: str | None,
 ) -> None:
     """Caption images (files or folders); unreadable images are reported and the others captioned."""
+    from tipcap.hub import resolve_model
+
+    # A hub name that cannot be fetched fails here, in a second, before torch is imported.
+    model_dir = str(resolve_model(model_dir))
     from tipcap.data import list_images
     from tipcap.model import TIPCap, write_captions_jsonl
 
@@ -523,6 +587,16 @@ def caption_command(
     for result in captioned:
         words = f"  [prompt: {', '.join(result.prompt)}]" if result.prompt else ""
         click.echo(f"{result.image}\t{result.caption}{words}")
+
+
+def _echo_scores(document: dict[str, Any]) -> None:
+    """The metrics table of a ``metrics.json`` document, and its table per domain when it has domains."""
+    from tipcap.evaluate import format_domain_table, format_table
+
+    click.echo(format_table(document["metrics"], document["skipped"]))
+    if document.get("domains"):
+        click.echo("per domain (x100):")
+        click.echo(format_domain_table(document["metrics"], document["domains"]))
 
 
 @main.command("score")
@@ -563,14 +637,14 @@ def score_command(
     predictions_path: str, references_path: str, split: str | None, metric_names: str, out: str | None
 ) -> None:
     """Score predicted captions against references exactly as pycocoevalcap's COCOEvalCap does."""
-    from tipcap.evaluate import check_metrics, format_table, score_file
+    from tipcap.evaluate import check_metrics, score_file
 
     try:
         metrics = check_metrics(metric_names.split(","))
     except TipcapError as e:
         raise TipcapError(f"--metrics {metric_names!r}: {e}") from None
     document, path = score_file(predictions_path, references_path, split, metrics, out, echo=click.echo)
-    click.echo(format_table(document["metrics"], document["skipped"]))
+    _echo_scores(document)
     click.echo(f"wrote {path}")
 
 
@@ -580,7 +654,12 @@ def score_command(
     "--split", type=click.Choice(SPLITS), default="test", show_default=True, help="Split to evaluate."
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False), help="Caption model.")
+@click.option(
+    "--model",
+    "model_dir",
+    default=None,
+    help="Caption model: its folder (whose model card gets the figures) or a hub name, owner/name.",
+)
 @click.option(
     "--method",
     type=click.Choice(["model", "retrieval", "template"]),
@@ -590,14 +669,32 @@ def score_command(
 )
 @click.option("--images", default=None, type=click.Path(file_okay=False), help="Image root of --data.")
 @click.option(
-    "--image-store", default=None, type=click.Path(file_okay=False), help="Image store of the split."
+    "--image-store",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Image store of the split (with --images too, the scorer CLIP reads the images from there).",
 )
 @click.option("--texts", default=None, type=click.Path(file_okay=False), help="retrieval: caption store.")
-@click.option("--prompt", type=click.Choice(["none", "auto"]), default="none", show_default=True,
-              help="auto: CLIP zero-shot entities as prompt words.")  # fmt: skip
+@click.option("--prompt", type=click.Choice(["none", "auto", "oracle", "wrong"]), default="none",
+              show_default=True,
+              help="auto: CLIP zero-shot entities as prompt words; oracle: the scene's objects; wrong: "
+              "as many entities absent from the scene (oracle and wrong need a file that records its "
+              "scenes' objects, as the toy world's does).")  # fmt: skip
 @_decoding_options
 @click.option("--metrics", "metric_names", default="bleu,meteor,rouge,cider,spice", show_default=True,
               help="Comma-separated pycocoevalcap metrics (SPICE is skipped offline).")  # fmt: skip
+@click.option(
+    "--score-clip",
+    default="ViT-B-32",
+    show_default=True,
+    help="CLIP that computes CLIP-S and RefCLIP-S: an open_clip model name or model-config JSON.",
+)
+@click.option("--score-pretrained", default="openai", show_default=True,
+              help="The scorer's pretrained tag or local weights file; CLIP-S and RefCLIP-S are skipped "
+              "with a warning when its weights are not here and cannot be downloaded.")  # fmt: skip
+@click.option("--instances", default=None, type=click.Path(dir_okay=False),
+              help="COCO instance annotations (instances_val2014.json) of the images: report CHAIR-i and "
+              "CHAIR-s on COCO's 80 categories.")  # fmt: skip
 @click.option(
     "--device", default=None, callback=_check_device, help="Device (default: cuda when available, else cpu)."
 )
@@ -614,25 +711,47 @@ def evaluate_command(
     beams: int,
     batch_size: int,
     metric_names: str,
+    score_clip: str,
+    score_pretrained: str,
+    instances: str | None,
     device: str | None,
 ) -> None:
     """Caption a split's images, score them, write predictions.json, metrics.json and per_image.json."""
+    from tipcap.hub import resolve_model
+
+    if model_dir is not None:
+        resolve_model(model_dir)  # an unavailable hub model fails before torch is imported
     from tipcap.config import EvalConfig, from_dict
-    from tipcap.evaluate import format_report, format_table
+    from tipcap.evaluate import format_report
     from tipcap.protocol import evaluate_split
 
     metrics = [m.strip() for m in metric_names.split(",") if m.strip()]
-    settings = {"beams": beams, "batch_size": batch_size, "prompt": prompt, "metrics": metrics}
+    settings = {"beams": beams, "batch_size": batch_size, "prompt": prompt, "metrics": metrics,
+                "score_clip": score_clip, "score_pretrained": score_pretrained}  # fmt: skip
     config = from_dict(EvalConfig, settings, "eval")
     document = evaluate_split(
         data, split, out, config, method=method, model=model_dir, images=images, image_store=image_store,
-        texts=texts, device=device,
+        texts=texts, instances=instances, device=device,
     )  # fmt: skip
     click.echo(format_report(document["matching"]))
-    click.echo(format_table(document["metrics"], document["skipped"]))
+    _echo_scores(document)
     click.echo(
         f"wrote {out}/predictions.json, {out}/metrics.json, {out}/per_image.json and {out}/provenance.json"
     )
+
+
+@main.command("push")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Model folder.")
+@click.option("--repo", required=True, help="Hub model name to publish to, owner/name (created if missing).")
+@click.option("--private", is_flag=True, help="Create the hub repository as private.")
+@click.option("--token", default=None, help="Hugging Face token (default: HF_TOKEN, else `hf auth login`'s).")
+@click.option("--message", default=None, help="Commit message.")
+def push_command(model_dir: str, repo: str, private: bool, token: str | None, message: str | None) -> None:
+    """Publish a model folder, with its model card, to the Hugging Face hub."""
+    from tipcap.hub import push_model
+
+    url = push_model(model_dir, repo, private=private, token=token, commit_message=message)
+    click.echo(f"pushed {model_dir} to {repo}: {url}")
 
 
 @main.command("toyworld")
@@ -718,9 +837,29 @@ def ablate_command(
         return
     ablation.run()
     click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
-    written = [name for name in ("results.csv", "table.md", "cider.png", "cider_vs_pairs.png")
-               if (Path(out) / name).is_file()]  # fmt: skip
+    if ablation.config.compare:
+        click.echo((Path(out) / "comparisons.md").read_text(encoding="utf-8"))
+    names = ("results.csv", "table.md", "comparisons.md", "comparisons.csv", "cider.png")
+    written = [name for name in (*names, "cider_vs_pairs.png") if (Path(out) / name).is_file()]
     click.echo(f"wrote {', '.join(f'{out}/{name}' for name in written)}")
+
+
+@main.command("compare")
+@click.option(
+    "--grid-out", required=True, type=click.Path(file_okay=False, exists=True),
+    help="A grid's output folder (tipcap ablate --out).",
+)  # fmt: skip
+@click.option("--a", "a", required=True, metavar="CELL[:PROMPT]", help="The first cell (and prompt mode).")
+@click.option("--b", "b", required=True, metavar="CELL[:PROMPT]", help="The cell subtracted from it.")
+@click.option(
+    "--metric", default="CIDEr", show_default=True,
+    help="A metric with per-image scores: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S or object_f1.",
+)  # fmt: skip
+def compare_command(grid_out: str, a: str, b: str, metric: str) -> None:
+    """Print A − B = x [lo, hi] with a paired p-value, on the seeds and test images both cells share."""
+    from tipcap.grid.compare import compare_cells, grid_scores
+
+    click.echo(compare_cells(grid_scores(grid_out), a, b, metric).describe())
 
 
 @main.command("demo")
@@ -746,6 +885,44 @@ def demo_command(quick: bool, seed: int, out: str, cache: str, no_progress: bool
     run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress, echo=echo_stage)
     click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {out}/results.csv, {out}/table.md, {out}/cider.png and {out}/gap.png")
+
+
+@main.command("serve")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Path(file_okay=False),
+    help="A model directory, or a folder of them (the output of tipcap demo or ablate); repeatable.",
+)
+@click.option("--demo", is_flag=True, help="Serve the models tipcap demo trained (in runs/demo).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="Port (0: a free one)."
+)
+@click.option(
+    "--max-upload-mb",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Largest image accepted, in MB.",
+)
+@click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
+def serve_command(
+    models: tuple[str, ...], demo: bool, host: str, port: int, max_upload_mb: float, device: str | None
+) -> None:
+    """Caption images in the browser, with prompt words at a click; prints the page's address."""
+    try:
+        from tipcap.app.server import serve
+    except ImportError as e:
+        raise TipcapError(f"tipcap serve needs the app extra ({e}); pip install 'tipcap[app]'.") from None
+    from tipcap.app.service import Captioner, load_models
+
+    paths = [*models, *(["runs/demo"] if demo else [])]
+    if not paths:
+        raise TipcapError("serve: give --model DIR, or --demo to serve the models tipcap demo trained.")
+    captioner = Captioner(load_models(paths, device), max_upload_bytes=int(max_upload_mb * 2**20))
+    serve(captioner, host, port, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,6 @@ import logging
 import os
 import pickle
 import shutil
-import socket
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +27,18 @@ import torch
 from PIL import Image
 
 from tipcap import text_tower
-from tipcap.errors import TipcapError
+from tipcap.errors import TipcapError, WeightsUnavailable
 from tipcap.io import atomic_path, load_json
+from tipcap.network import host_reachable
 from tipcap.provenance import sha256_file
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_PROBE_TIMEOUT_S = 4.0
+ENCODER_VERSION = 2
+"""How :class:`ClipEncoder` computes embeddings: bump whenever a change alters its output's float rounding
+(2: the trimmed, prefix-sharing text tower). Stores record it in their key, so a store encoded by other
+code is rebuilt rather than mixed with embeddings the current code computes (a prompt vocabulary's)."""
 
 
 @dataclass(frozen=True)
@@ -162,24 +164,6 @@ class TextEmbeddings(NamedTuple):
     truncated: int
 
 
-def _host_reachable(host: str, port: int = 443, timeout: float = _PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to ``host`` opens within ``timeout`` seconds (DNS included)."""
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
-
-    # A thread bounds the DNS lookup too, which socket timeouts do not cover.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result and result[0])
-
-
 def _cached_tag_weights(tag_cfg: dict[str, Any]) -> str | None:
     """The local copy of a tag's weights in the Hugging Face or open_clip URL cache, if any."""
     from huggingface_hub import try_to_load_from_cache
@@ -210,7 +194,7 @@ def _fetch_tag_weights(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
     """Path of a tag's weights: from the cache, or downloaded when the source host answers.
 
     Raises:
-        TipcapError: within a few seconds when the weights are not cached and cannot be downloaded.
+        WeightsUnavailable: within a few seconds when the weights are not cached and cannot be downloaded.
     """
     cached = _cached_tag_weights(tag_cfg)
     if cached is not None:
@@ -221,13 +205,14 @@ def _fetch_tag_weights(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
         host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     else:
         host = urlparse(tag_cfg.get("url", "")).hostname or ""
-    offline = constants.HF_HUB_OFFLINE or not _host_reachable(host)
+    offline = constants.HF_HUB_OFFLINE or not host_reachable(host)
     if offline:
         reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{host} cannot be reached"
-        raise TipcapError(
+        raise WeightsUnavailable(
             f"CLIP weights for {spec.model} (pretrained tag '{spec.pretrained}') are not cached on this "
             f"machine and {reason}; download the weights file elsewhere and pass it with "
-            f"--pretrained /path/to/weights.safetensors (or point HF_HOME at a cache that holds them)."
+            f"--pretrained /path/to/weights.safetensors (or point HF_HOME at a cache that holds them).",
+            reason,
         )
     import open_clip
 

@@ -40,7 +40,7 @@ Precision = Literal["auto", "fp32", "fp16", "bf16"]
 GapKind = Literal["none", "isotropic", "mean-shift", "cov-noise", "gaussian", "memory"]
 Setting = Literal["few-pairs", "web-pairs", "unpaired", "text-only"]
 PromptMode = Literal["none", "pim", "hard"]
-EvalPrompt = Literal["none", "auto", "oracle"]
+EvalPrompt = Literal["none", "auto", "oracle", "wrong"]
 Metric = Literal["bleu", "meteor", "rouge", "cider", "spice"]
 
 GAP_KINDS: tuple[str, ...] = typing.get_args(GapKind)
@@ -154,11 +154,18 @@ class EvalConfig:
 
     beams: Positive = 5
     max_tokens: Positive | None = None  # None: the model's max_caption_tokens
-    prompt: EvalPrompt = "none"  # auto: CLIP zero-shot entities; oracle: the scene's true entities
+    # auto: CLIP zero-shot entities; oracle: the scene's true entities; wrong: as many entities drawn
+    # (seeded by prompt_seed) from those absent from the scene
+    prompt: EvalPrompt = "none"
     top_k: Positive = 3  # auto prompts: at most this many entities
     threshold: Probability | None = None  # auto prompts: keep entities at least this probable
+    prompt_seed: int = 0  # wrong prompts: seed of the draw
     metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
     batch_size: Positive = 64
+    # The CLIP that computes CLIP-S and RefCLIP-S, apart from the caption model's: an open_clip name or
+    # model-config JSON, and a pretrained tag or weights file (as EmbedConfig's model and pretrained).
+    score_clip: str = "ViT-B-32"
+    score_pretrained: str = "openai"
 
 
 @dataclass

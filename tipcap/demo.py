@@ -115,10 +115,13 @@ def run_demo(
         f"karpathy={karpathy}", f"web_pairs={world / 'web_pairs.jsonl'}",
         f"vocabulary={world / 'entities.json'}", f"embed.model={clip_dir / 'toyclip.json'}",
         f"embed.pretrained={clip_dir / 'toyclip.safetensors'}", f"seeds=[{seed}]",
+        # There is no ViT-B/32 offline: CLIP-S and RefCLIP-S are scored by the toy CLIP.
+        f"eval.score_clip={clip_dir / 'toyclip.json'}",
+        f"eval.score_pretrained={clip_dir / 'toyclip.safetensors'}",
         f"store_dir={clip_dir / 'stores'}",
     ]  # fmt: skip
     rows = run_ablation(Path(str(grid)), out, overrides, progress=progress, echo=echo)
-    gap_plot = Path(out) / "gaps" / "gaussian-few-pairs.png"
+    gap_plot = Path(out) / "gaps" / f"gaussian-few-pairs-seed{seed}.png"
     if gap_plot.is_file():
         shutil.copyfile(gap_plot, Path(out) / "gap.png")
     return rows

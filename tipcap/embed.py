@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tipcap import provenance
-from tipcap.clip import ClipEncoder, ClipSpec, resolve_device, resolve_precision
+from tipcap.clip import ENCODER_VERSION, ClipEncoder, ClipSpec, resolve_device, resolve_precision
 from tipcap.config import EmbedConfig
 from tipcap.data import ImageError, ImageRef, list_images, load_image, read_captions, subsample
 from tipcap.data.captions import PeriodPolicy
@@ -62,11 +62,13 @@ class EmbedReport:
 
 
 def _record(artifact: str, config: EmbedConfig, device: str | None, rows: list[list[Any]]) -> dict[str, Any]:
-    """The store's provenance record: its key holds the CLIP, the resolved precision and device type (a
-    GPU-fp16 store is not a CPU-fp32 one), the batch size, and a fingerprint of the rows encoded."""
+    """The store's provenance record: its key holds the CLIP, the encoder's version, the resolved precision
+    and device type (a GPU-fp16 store is not a CPU-fp32 one), the batch size, and a fingerprint of the rows
+    encoded."""
     torch_device = resolve_device(device)
     settings = {
         "clip": clip_spec(config).identity(),
+        "encoder": ENCODER_VERSION,
         "precision": resolve_precision(config.precision, torch_device),
         "device": torch_device.type,
         "batch_size": config.batch_size,

@@ -18,12 +18,13 @@ import math
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tipcap.io
 from tipcap import __version__, provenance
-from tipcap.data.karpathy import ImageId, check_split, is_karpathy, parse_karpathy
+from tipcap.data.karpathy import ImageId, check_split, image_id_of, is_karpathy, parse_karpathy, split_matches
 from tipcap.errors import TipcapError
 from tipcap.io import load_json
 
@@ -62,11 +63,32 @@ def _is_image_id(value: Any) -> bool:
 def load_references(path: str | Path, split: str | None = None) -> dict[ImageId, list[str]]:
     """Reference captions per image from a COCO caption annotation file or a Karpathy split file.
 
+    See :func:`read_references`, which also returns each image's domain.
+    """
+    return read_references(path, split).captions
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """What a references file holds: the captions per image id, each image's domain where the file gives
+    one (NoCaps: ``in-domain``, ``near-domain``, ``out-domain``; else empty), and the data set's name (the
+    file's ``dataset`` field, else its name without suffixes)."""
+
+    captions: dict[ImageId, list[str]]
+    domains: dict[ImageId, str]
+    dataset: str
+
+
+def read_references(path: str | Path, split: str | None = None) -> ReferenceSet:
+    """Reference captions per image from a COCO caption annotation file or a Karpathy split file.
+
     The format is recognised by content: a Karpathy file's ``images`` entries carry ``sentences``; a COCO
     annotation file has an ``annotations`` list of ``{"image_id", "caption"}`` and an ``images`` list of
     ``{"id"}``. Karpathy image ids are ``cocoid``, else the numeric file-name stem (see
     :func:`tipcap.data.karpathy.image_id_of`). Images keep the order of the file; an image listed without
-    captions maps to an empty list (and cannot be scored; :func:`match_predictions` reports it).
+    captions maps to an empty list (and cannot be scored; :func:`match_predictions` reports it). Images
+    carry their domain as a ``domain`` field (of a Karpathy entry, or of a COCO ``images`` entry); when
+    some image has one, every image must.
 
     Args:
         path: the references file (``.json`` or ``.json.gz``).
@@ -81,6 +103,8 @@ def load_references(path: str | Path, split: str | None = None) -> dict[ImageId,
     document = load_json(path)
     if is_karpathy(document) and any(isinstance(e, dict) and "sentences" in e for e in document["images"]):
         references = _karpathy_references(document, path, split)
+        entries = [e for e in document["images"] if split_matches(e.get("split"), split)]
+        ids = [image_id_of(entry) for entry in entries]
     elif isinstance(document, dict) and "annotations" in document:
         if split is not None:
             raise TipcapError(
@@ -88,6 +112,8 @@ def load_references(path: str | Path, split: str | None = None) -> dict[ImageId,
                 "or score against a Karpathy split file."
             )
         references = _coco_references(document, path)
+        entries = document["images"]
+        ids = [entry["id"] for entry in entries]
     else:
         raise TipcapError(
             f"{path}: neither a COCO caption annotation file (an object with 'images' and 'annotations') "
@@ -96,7 +122,22 @@ def load_references(path: str | Path, split: str | None = None) -> dict[ImageId,
     if not any(references.values()):
         where = f" in split {split!r}" if split is not None else ""
         raise TipcapError(f"{path}: no reference captions{where}.")
-    return references
+    name = document.get("dataset") or path.name.split(".")[0]
+    return ReferenceSet(references, _domains(entries, ids, path), str(name))
+
+
+def _domains(entries: list[dict[str, Any]], ids: list[ImageId], path: Path) -> dict[ImageId, str]:
+    """Each image's ``domain`` field; empty when no entry has one, refused when only some have one."""
+    found = {i: e["domain"] for e, i in zip(entries, ids, strict=True) if "domain" in e}
+    if not found:
+        return {}
+    for entry, image_id in zip(entries, ids, strict=True):
+        if not isinstance(entry.get("domain"), str):
+            raise TipcapError(
+                f"{path}: image {image_id!r} has no 'domain' string, while {len(found):,} images have one; "
+                "give every image its domain, or none."
+            )
+    return found
 
 
 def _karpathy_references(document: dict[str, Any], path: Path, split: str | None) -> dict[ImageId, list[str]]:
@@ -316,8 +357,11 @@ def score_captions(
 
     Returns:
         ``{"metrics": {"BLEU-1": ..., "BLEU-4": ..., "METEOR": ..., "ROUGE-L": ..., "CIDEr": ...,
-        "SPICE": ...}, "per_image": {image_id: {"CIDEr": ...}}, "skipped": {"SPICE": reason}}``, with
-        the keys of the requested metrics only (``per_image`` is empty unless CIDEr is requested).
+        "SPICE": ...}, "per_image": {image_id: {"ROUGE-L": ..., "CIDEr": ...}}, "skipped": {"SPICE":
+        reason}}``, with the keys of the requested metrics only. ``per_image`` holds the metrics whose
+        corpus score is the mean of the images' scores: ROUGE-L, and CIDEr (its IDF taken from the
+        references of all scored images); it is empty unless one of them is requested. BLEU and METEOR
+        are corpus statistics (pooled n-gram counts, pooled alignments), not means of sentence scores.
 
     Raises:
         TipcapError: for unknown metrics, no predictions, a predicted image without references, or no
@@ -353,13 +397,17 @@ def score_captions(
     if "rouge" in wanted:
         from pycocoevalcap.rouge.rouge import Rouge
 
-        scores["ROUGE-L"] = float(Rouge().compute_score(gts, res)[0])
+        rouge, rouge_per_image = Rouge().compute_score(gts, res)
+        scores["ROUGE-L"] = float(rouge)
+        for image_id, value in zip(gts, rouge_per_image, strict=True):
+            per_image.setdefault(image_id, {})["ROUGE-L"] = float(value)
     if "cider" in wanted:
         from pycocoevalcap.cider.cider import Cider
 
         cider, cider_per_image = Cider().compute_score(gts, res)
         scores["CIDEr"] = float(cider)
-        per_image = {i: {"CIDEr": float(x)} for i, x in zip(gts, cider_per_image, strict=True)}
+        for image_id, value in zip(gts, cider_per_image, strict=True):
+            per_image.setdefault(image_id, {})["CIDEr"] = float(value)
     if "spice" in wanted:
         reason = spice_unavailable()
         if reason is None:
@@ -372,6 +420,48 @@ def score_captions(
             skipped["SPICE"] = reason
             log.warning("SPICE skipped: %s", reason)
     return {"metrics": scores, "per_image": per_image, "skipped": skipped}
+
+
+def score_domains(
+    predictions: Mapping[ImageId, str],
+    references: Mapping[ImageId, Sequence[str]],
+    domains: Mapping[ImageId, str],
+    metrics: Iterable[str] = METRICS,
+    skipped: Mapping[str, str] | None = None,
+    per_image: Mapping[str, Mapping[ImageId, float]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every metric per domain: :func:`score_captions` on each domain's images on their own.
+
+    This is how NoCaps reports in-, near- and out-domain scores: CIDEr's document frequencies come from the
+    domain's references alone, so a domain's CIDEr is not the mean of its images' overall CIDEr. Scores
+    computed per image without references to other images (``per_image``: name → image id → score, e.g.
+    CLIP-S) are averaged over the domain's images.
+
+    Args:
+        predictions: image id to caption, every id with a domain.
+        references: image id to reference captions.
+        domains: image id to domain name.
+        metrics: any of :data:`METRICS`.
+        skipped: metrics skipped on the whole set (reason by result key); not run again per domain.
+        per_image: per-image scores to average per domain.
+
+    Returns:
+        ``{domain: {"images": n, "metrics": {...}, "skipped": {...}}}``, domains in sorted order.
+    """
+    skipped = dict(skipped or {})
+    wanted = [name for name in check_metrics(metrics) if not set(COLUMNS[name]) & set(skipped)]
+    groups: dict[str, list[ImageId]] = {}
+    for image_id in predictions:
+        groups.setdefault(domains[image_id], []).append(image_id)
+    scores: dict[str, dict[str, Any]] = {}
+    for domain in sorted(groups):
+        ids = groups[domain]
+        result = score_captions({i: predictions[i] for i in ids}, references, wanted)
+        for name, values in (per_image or {}).items():
+            result["metrics"][name] = sum(values[i] for i in ids) / len(ids)
+        scores[domain] = {"images": len(ids), "metrics": result["metrics"],
+                          "skipped": {**skipped, **result["skipped"]}}  # fmt: skip
+    return scores
 
 
 def _tokenize(captions: dict[ImageId, list[str]]) -> dict[ImageId, list[str]]:
@@ -471,6 +561,24 @@ def format_table(metrics: Mapping[str, float], skipped: Mapping[str, str] | None
     return "\n".join(lines)
 
 
+def format_domain_table(metrics: Mapping[str, float], domains: Mapping[str, Mapping[str, Any]]) -> str:
+    """Each metric x100 on the whole set and per domain, as NoCaps papers print them."""
+    names = ["overall", *domains]
+    header = ["metric", *names]
+    rows = [header, ["images", str(sum(d["images"] for d in domains.values())),
+                     *(str(d["images"]) for d in domains.values())]]  # fmt: skip
+    for name, value in metrics.items():
+        per_domain = [domains[d]["metrics"].get(name) for d in domains]
+        rows.append(
+            [name, f"{100 * value:.1f}", *("" if v is None else f"{100 * v:.1f}" for v in per_domain)]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row))
+        for row in rows
+    )
+
+
 def metrics_path(predictions_path: str | Path, out: str | Path | None = None) -> Path:
     """Where ``metrics.json`` goes: ``OUT/metrics.json``, else ``<stem>.metrics.json`` by the predictions."""
     if out is not None:
@@ -507,11 +615,14 @@ def metrics_document(
     references: str | Path,
     split: str | None,
     command: Sequence[str],
+    domains: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """What ``metrics.json`` holds: scores, skipped metrics, the matching report, per-image CIDEr (a list,
-    so that ids keep their JSON type), the inputs, the exact command and the software versions."""
+    """What ``metrics.json`` holds: scores, skipped metrics, the scores per domain (:func:`score_domains`,
+    when the references give domains), the matching report, per-image CIDEr (a list, so that ids keep their
+    JSON type), the inputs, the exact command and the software versions."""
     return {
         "metrics": dict(result["metrics"]),
+        **({"domains": dict(domains)} if domains else {}),
         "skipped": dict(result["skipped"]),
         "matching": dict(report),
         "predictions": str(predictions),
@@ -540,7 +651,8 @@ def score_file(
         TipcapError: when a metric is unknown or no prediction is for an image with references.
     """
     metrics = check_metrics(metrics)
-    references = load_references(references_path, split)
+    reference_set = read_references(references_path, split)
+    references = reference_set.captions
     predictions = load_predictions(predictions_path)
     matched, report = match_predictions(predictions, references)
     if echo is not None:
@@ -552,9 +664,12 @@ def score_file(
             f"{predictions[0]['image_id']!r}, first reference id: {next(iter(references))!r})."
         )
     result = score_captions(matched, references, metrics)
+    domains = None
+    if reference_set.domains:
+        domains = score_domains(matched, references, reference_set.domains, metrics, result["skipped"])
     document = metrics_document(
         result, report, predictions=predictions_path, references=references_path, split=split,
-        command=sys.argv,
+        command=sys.argv, domains=domains,
     )  # fmt: skip
     path = metrics_path(predictions_path, out)
     write_json_atomic(path, document)

@@ -11,8 +11,10 @@ and :meth:`TIPCap.decode_text_side` at inference, which callers with image embed
 
 A model directory holds ``config.json`` (every setting needed to rebuild it, the language model's own
 architecture config included, so loading needs no network), ``model.safetensors``, ``gap.safetensors``
-when a gap was used, the tokenizer's files, and ``clip/`` with its CLIP's model config and local weights
-file when it was built from files, so that the folder can be moved or shared and still load its CLIP.
+when a gap was used, the tokenizer's files, ``clip/`` with its CLIP's model config and local weights
+file when it was built from files, so that the folder can be moved or shared and still load its CLIP, and
+a model card (``README.md``, :mod:`tipcap.card`). ``from_pretrained`` also takes a hub name
+(:mod:`tipcap.hub`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from tipcap import __version__
+from tipcap.card import write_model_card
 from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
 from tipcap.config import ModelConfig, from_dict, to_dict
 from tipcap.data import ImageError, load_image
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
+from tipcap.hub import resolve_model
 from tipcap.io import atomic_path, load_json, save_safetensors
 from tipcap.prompts import (
     PROMPT_TEMPLATES,
@@ -45,8 +49,9 @@ from tipcap.prompts import (
     entity_text_embeddings,
     hard_prompt,
     pad_prompt_embeddings,
-    zero_shot_entities,
+    zero_shot_scores,
 )
+from tipcap.provenance import write as write_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -337,8 +342,18 @@ class TIPCap(nn.Module):
     ) -> list[list[str]]:
         """Entities of the model's vocabulary found in each image by CLIP zero-shot classification:
         ``[B, d]`` → B word lists, most probable first."""
+        return [
+            [name for name, _ in row]
+            for row in self.entity_guesses(image_embeddings, top_k=top_k, threshold=threshold)
+        ]
+
+    def entity_guesses(
+        self, image_embeddings: torch.Tensor, top_k: int = 3, threshold: float | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """:meth:`auto_prompts` with each entity's zero-shot probability: ``[B, d]`` → B lists of
+        (name, probability), most probable first."""
         names, embeddings = self.entity_vocabulary()
-        return zero_shot_entities(
+        return zero_shot_scores(
             image_embeddings.float().cpu(), embeddings, names, top_k=top_k, threshold=threshold
         )
 
@@ -559,8 +574,15 @@ class TIPCap(nn.Module):
 
     # -- saving -------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config, weights, gap, tokenizer and CLIP files to ``directory`` (each renamed into place)."""
+    def save_pretrained(self, directory: str | Path, provenance: dict[str, Any] | None = None) -> None:
+        """Write config, weights, gap, tokenizer, CLIP files and the model card to ``directory`` (each renamed
+        into place).
+
+        Args:
+            directory: the model directory.
+            provenance: the record of the run that trained the model (:mod:`tipcap.provenance`), written as
+                ``provenance.json`` and summarised on the card.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {}
@@ -595,22 +617,33 @@ class TIPCap(nn.Module):
         }
         with atomic_path(directory / CONFIG_NAME) as tmp:
             tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
+        if provenance is not None:
+            write_provenance(directory, provenance)
+        write_model_card(directory)
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, device: str | torch.device | None = None, clip: ClipSpec | None = None
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        clip: ClipSpec | None = None,
+        revision: str | None = None,
     ) -> TIPCap:
-        """Rebuild a model saved by :meth:`save_pretrained`, exactly, without network access.
+        """Rebuild a model saved by :meth:`save_pretrained`, exactly; from a folder without network access.
 
         Args:
-            directory: the model directory.
+            directory: the model directory, or a hub name (``owner/name``, ``owner/name@revision``) found in
+                the Hugging Face cache or downloaded into it (:func:`tipcap.hub.resolve_model`). An existing
+                folder of that name wins.
             device: where to put it (default: CUDA when available, else the CPU).
             clip: a CLIP to use instead of the one the model records.
+            revision: the hub revision (branch, tag or commit) of a hub name.
 
         Raises:
-            TipcapError: when the directory is not a tipcap model or was written by an incompatible version.
+            TipcapError: when the directory is not a tipcap model or was written by an incompatible version,
+                or a hub model is neither cached nor downloadable (at once, offline).
         """
-        directory = Path(directory)
+        directory = resolve_model(directory, revision)
         device = resolve_device(device)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file() or not (directory / WEIGHTS_NAME).is_file():
@@ -683,9 +716,14 @@ class TIPCap(nn.Module):
         return model.to(device).eval()
 
 
+def caption_record(result: CaptionResult) -> dict[str, Any]:
+    """One line of ``tipcap caption --out``: ``{"image", "caption", "prompt"}``."""
+    return {"image": result.image, "caption": result.caption, "prompt": result.prompt}
+
+
 def write_captions_jsonl(path: str | Path, results: Sequence[CaptionResult]) -> None:
-    """Write one JSON line per result, ``{"image", "caption", "prompt"}`` (what ``tipcap caption --out``
-    writes), to a temporary name renamed into place."""
-    lines = [{"image": r.image, "caption": r.caption, "prompt": r.prompt} for r in results]
+    """Write one JSON line per result (:func:`caption_record`, what ``tipcap caption --out`` writes), to a
+    temporary name renamed into place."""
+    lines = [caption_record(r) for r in results]
     with atomic_path(Path(path)) as tmp:
         tmp.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")

@@ -223,15 +223,15 @@ def entity_text_embeddings(
     return F.normalize(embeddings.view(len(names), len(templates), -1).mean(dim=1), dim=-1)
 
 
-def zero_shot_entities(
+def zero_shot_scores(
     image_embeddings: torch.Tensor,
     entity_embeddings: torch.Tensor,
     names: list[str],
     top_k: int = 3,
     threshold: float | None = None,
     temperature: float = 100.0,
-) -> list[list[str]]:
-    """CLIP zero-shot classification of images against the entity vocabulary.
+) -> list[list[tuple[str, float]]]:
+    """CLIP zero-shot classification of images against the entity vocabulary, with probabilities.
 
     Args:
         image_embeddings: ``[B, d]`` CLIP image embeddings (normalised here).
@@ -243,7 +243,7 @@ def zero_shot_entities(
         temperature: multiplies the cosine similarities before the softmax over ``V``.
 
     Returns:
-        ``B`` lists of names, most probable first.
+        ``B`` lists of (name, probability), most probable first.
     """
     if image_embeddings.dim() != 2 or entity_embeddings.dim() != 2:
         raise ValueError(
@@ -263,16 +263,27 @@ def zero_shot_entities(
     entities = F.normalize(entity_embeddings.float().to(images.device), dim=-1)
     probs = (temperature * images @ entities.T).softmax(dim=-1)
     values, indices = probs.topk(min(top_k, len(names)), dim=-1)
-    result = []
-    for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True):
-        result.append(
-            [
-                names[i]
-                for p, i in zip(row_values, row_indices, strict=True)
-                if threshold is None or p >= threshold
-            ]
-        )
-    return result
+    return [
+        [
+            (names[i], p)
+            for p, i in zip(row_values, row_indices, strict=True)
+            if threshold is None or p >= threshold
+        ]
+        for row_values, row_indices in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def zero_shot_entities(
+    image_embeddings: torch.Tensor,
+    entity_embeddings: torch.Tensor,
+    names: list[str],
+    top_k: int = 3,
+    threshold: float | None = None,
+    temperature: float = 100.0,
+) -> list[list[str]]:
+    """The names of :func:`zero_shot_scores`: ``B`` lists of names, most probable first."""
+    scored = zero_shot_scores(image_embeddings, entity_embeddings, names, top_k, threshold, temperature)
+    return [[name for name, _ in row] for row in scored]
 
 
 def hard_prompt(words: list[str]) -> str:

@@ -1,46 +1,66 @@
 """The evaluation protocol: caption a split's images (a model or a baseline), score, write the files.
 
 Every method goes through the same path: the split's images are embedded once (or read from an image
-store), captioned, matched with the references and scored with pycocoevalcap, plus the reference-free
-CLIPScore (2.5 · max(cos(v, CLIP text of the caption), 0), Hessel et al. 2021). The output directory gets:
+store), captioned, matched with the references and scored with pycocoevalcap, plus CLIP-S and RefCLIP-S
+by a scorer CLIP of their own (:mod:`tipcap.clip_scores`; skipped with one warning when its weights are not
+on the machine) and, where the images' objects are known, CHAIR-i and CHAIR-s (:mod:`tipcap.hallucination`:
+COCO instance annotations given as ``instances``, or a toy world's scenes). The output directory gets:
 
 - ``predictions.json``: COCO results format, ``[{"image_id", "caption"}]``;
-- ``metrics.json``: the scores, the matching report, the method and model config, the command, versions;
-- ``per_image.json``: each image's prediction, references, prompt words and CIDEr;
+- ``metrics.json``: the scores (also per domain, when the references give each image's domain, as NoCaps
+  does), the matching report, the method and model config, the scorer CLIP, the hallucination counts, the
+  command, versions;
+- ``per_image.json``: each image's prediction, references, prompt words, CIDEr, ROUGE-L, CLIP-S, RefCLIP-S
+  (the scores whose means are the corpus scores, for intervals over images: :mod:`tipcap.stats`), the
+  objects its caption mentions and hallucinates, and its domain;
 - ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
+Prompt modes (``EvalConfig.prompt``): ``none``; ``auto``, CLIP zero-shot entities; ``oracle``, the image's
+true objects; ``wrong``, as many entities of the model's vocabulary drawn from those absent from the image.
+
 Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
-store), ``template`` (the top CLIP zero-shot entities in a sentence template).
+store), ``template`` (the top CLIP zero-shot entities in a sentence template). A model evaluated from its
+folder gets the figures on its model card (:func:`tipcap.card.record_evaluation`).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tipcap import provenance
+from tipcap import clip_scores, provenance
+from tipcap.card import record_evaluation
 from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
 from tipcap.config import EmbedConfig, EvalConfig, to_dict
+from tipcap.data.karpathy import ImageId
 from tipcap.embed import embed_images
-from tipcap.errors import TipcapError
+from tipcap.errors import TipcapError, WeightsUnavailable
 from tipcap.evaluate import (
-    load_references,
     match_predictions,
     metrics_document,
+    read_references,
     score_captions,
+    score_domains,
     write_json_atomic,
 )
+from tipcap.hallucination import ChairResult, CocoObjectWords, chair, coco_truth, load_instances
+from tipcap.hub import resolve_model
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
+from tipcap.toy.scoring import scene_chair, scene_objects
+
+log = logging.getLogger("tipcap.protocol")
 
 METHODS = ("model", "retrieval", "template")
-CLIPSCORE_WEIGHT = 2.5
 
 
 def retrieve_captions(image_embeddings: torch.Tensor, texts: EmbeddingStore, chunk: int = 65536) -> list[str]:
@@ -67,11 +87,26 @@ def template_caption(entities: Sequence[str]) -> str:
     return "a photo of " + " and ".join(f"a {entity}" for entity in entities) + "."
 
 
-def clip_score(encoder: ClipEncoder, image_embeddings: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """Per-image CLIPScore ``[N]``: 2.5 · max(cos(v, CLIP text embedding of the caption), 0)."""
-    texts = encoder.encode_texts(captions).embeddings
-    cosine = torch.nn.functional.cosine_similarity(image_embeddings.float(), texts, dim=-1)
-    return CLIPSCORE_WEIGHT * cosine.clamp(min=0)
+def wrong_prompts(
+    objects: Mapping[ImageId, Sequence[str]],
+    image_ids: Sequence[ImageId],
+    vocabulary: Sequence[str],
+    seed: int,
+) -> list[list[str]]:
+    """Entities absent from each image: as many as its true objects, drawn without replacement from
+    ``vocabulary`` minus those objects.
+
+    Each image's draw is seeded by ``seed`` and its id alone (a string seed, hashed the same way in every
+    process), so an image gets the same words whichever other images are evaluated with it.
+    """
+    names = list(dict.fromkeys(vocabulary))
+    prompts = []
+    for image_id in image_ids:
+        present = set(objects[image_id])
+        absent = [name for name in names if name not in present]
+        draw = random.Random(f"wrong-prompts:{seed}:{image_id!r}")
+        prompts.append(draw.sample(absent, min(len(objects[image_id]), len(absent))))
+    return prompts
 
 
 def _resolve_clip(clip: ClipSpec | None, model: TIPCap | None, texts: EmbeddingStore | None) -> ClipSpec:
@@ -85,20 +120,31 @@ def _resolve_clip(clip: ClipSpec | None, model: TIPCap | None, texts: EmbeddingS
 
 
 def _model_captions(
-    model: TIPCap, embeddings: torch.Tensor, image_ids: list[Any], config: EvalConfig, oracle: dict | None
+    model: TIPCap,
+    embeddings: torch.Tensor,
+    image_ids: list[Any],
+    config: EvalConfig,
+    objects: Mapping[ImageId, Sequence[str]],
 ) -> tuple[list[str], list[list[str]] | None]:
     """A caption model's captions ``[N]`` for image embeddings ``[N, d]``, and the prompt words used."""
     prompts = None
-    if config.prompt == "oracle":
-        if oracle is None:
-            raise TipcapError("eval.prompt oracle needs the ground-truth entity words of every image.")
-        missing = [image_id for image_id in image_ids if image_id not in oracle]
+    if config.prompt in ("oracle", "wrong"):
+        missing = [image_id for image_id in image_ids if image_id not in objects]
         if missing:
             raise TipcapError(
-                f"eval.prompt oracle: {len(missing)} of the {len(image_ids)} images have no ground-truth "
-                f"entity words (image {missing[0]!r} first)."
+                f"eval.prompt {config.prompt}: {len(missing)} of the {len(image_ids)} images have no "
+                f"ground-truth objects (image {missing[0]!r} first); {config.prompt} prompts need a file "
+                "that records its scenes' objects (the toy world's)."
             )
-        prompts = [oracle[image_id] for image_id in image_ids]
+        if config.prompt == "oracle":
+            prompts = [list(objects[image_id]) for image_id in image_ids]
+        elif not model.entity_names:
+            raise TipcapError(
+                "eval.prompt wrong draws entities from the model's prompt vocabulary, and this model was "
+                "trained without prompts; evaluate it with prompt none."
+            )
+        else:
+            prompts = wrong_prompts(objects, image_ids, model.entity_names, config.prompt_seed)
     results = model.caption(
         embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", num_beams=config.beams,
         max_new_tokens=config.max_tokens, batch_size=config.batch_size, top_k=config.top_k,
@@ -118,6 +164,91 @@ def _template_captions(
     return [template_caption(words) for words in prompts], prompts
 
 
+class _Scorer:
+    """The CLIP-S scorer of one evaluation: its CLIP, loaded, or why the scores are skipped."""
+
+    def __init__(self, spec: ClipSpec, decoder_clip: ClipSpec, decoder_encoder: ClipEncoder, device: str):
+        self.spec = spec
+        self.identity = spec.identity()
+        self.same_as_decoder = self.identity == decoder_clip.identity()
+        self.encoder: ClipEncoder | None = decoder_encoder if self.same_as_decoder else None
+        self.skipped: str | None = None
+        if self.encoder is None:
+            try:
+                self.encoder = ClipEncoder.load(spec, device=device)
+            except WeightsUnavailable as e:
+                self.skip(
+                    f"the weights of the scorer CLIP {spec.describe()} are not cached on this machine and "
+                    f"{e.reason}; pass a local weights file with --score-pretrained (eval.score_pretrained "
+                    "in a grid)"
+                )
+
+    def skip(self, reason: str) -> None:
+        """Give up the scores, saying why once."""
+        self.skipped, self.encoder = reason, None
+        log.warning("CLIP-S and RefCLIP-S skipped: %s", reason)
+
+    def record(self) -> dict[str, Any]:
+        """How ``metrics.json`` names the scorer."""
+        return {"clip": self.spec.to_dict(), "identity": self.identity, "prefix": clip_scores.PREFIX,
+                "w": clip_scores.WEIGHT}  # fmt: skip
+
+
+def _scorer_images(
+    scorer: _Scorer,
+    embeddings: torch.Tensor,
+    image_ids: list[ImageId],
+    data: str | Path,
+    split: str | None,
+    images: str | Path | None,
+    store_dir: Path,
+    device: str,
+) -> torch.Tensor | None:
+    """The scorer's embeddings ``[N, d]`` of the evaluated images: the decoder's when it is the same CLIP,
+    else embedded from the image root into ``store_dir`` (reused there when built before)."""
+    if scorer.same_as_decoder:
+        return embeddings
+    if images is None:
+        scorer.skip(
+            f"the scorer {scorer.spec.describe()} is not the CLIP of the image store; pass --images too, so "
+            "that it can embed the images"
+        )
+        return None
+    spec = scorer.spec
+    store = embed_images(
+        data, EmbedConfig(spec.model, spec.pretrained, spec.init_seed), store_dir, image_root=images,
+        split=split, device=device, progress=False,
+    ).store  # fmt: skip
+    row_of = {image_id: row for row, image_id in enumerate(store.ids)}
+    unread = [image_id for image_id in image_ids if image_id not in row_of]
+    if unread:
+        scorer.skip(
+            f"{len(unread)} of the evaluated images could not be read for the scorer (image {unread[0]!r} "
+            f"first; see {store_dir / 'skipped.json'})"
+        )
+        return None
+    return store.gather(torch.tensor([row_of[image_id] for image_id in image_ids])).float()
+
+
+def _hallucination(
+    matched: Mapping[ImageId, str],
+    references: Mapping[ImageId, Sequence[str]],
+    instances: dict[ImageId, set[str]] | None,
+    words: CocoObjectWords | None,
+    objects: Mapping[ImageId, Sequence[str]],
+) -> tuple[ChairResult, dict[str, Any]] | None:
+    """CHAIR of the scored captions against COCO instance annotations (when given) or the scenes' objects
+    (when every image has them), and how its truth was made; ``None`` when neither is known."""
+    if instances is not None and words is not None:
+        truth = coco_truth({image_id: references[image_id] for image_id in matched}, instances, words)
+        record = {"objects": "COCO's 80 categories", "synonyms": words.source,
+                  "truth": "instance annotations and reference captions"}  # fmt: skip
+        return chair(matched, truth, words.objects), record
+    if matched and all(image_id in objects for image_id in matched):
+        return scene_chair(matched, objects), {"objects": "scene objects", "truth": "the scenes' objects"}
+    return None
+
+
 def evaluate_split(
     data: str | Path,
     split: str | None,
@@ -130,7 +261,9 @@ def evaluate_split(
     image_store: str | Path | None = None,
     texts: str | Path | None = None,
     clip: ClipSpec | None = None,
-    oracle_prompts: dict[Any, list[str]] | None = None,
+    objects: Mapping[ImageId, Sequence[str]] | None = None,
+    instances: str | Path | None = None,
+    score_image_store: str | Path | None = None,
     vocabulary: str | Path | None = None,
     context: dict[str, Any] | None = None,
     device: str | None = None,
@@ -138,17 +271,24 @@ def evaluate_split(
     """Caption the images of a Karpathy split with ``method``, score them, and write the result files.
 
     Args:
-        data: Karpathy split file (references, and the images' paths under ``images``).
+        data: Karpathy split file (references, and the images' paths under ``images``); entries with a
+            ``domain`` (``prepare nocaps``) are scored per domain as well.
         split: the split to evaluate (``test`` for the published protocol).
         out: output directory.
-        config: decoding, prompting and metrics (:class:`~tipcap.config.EvalConfig`); ``oracle`` prompts
-            are the words given per image id in ``oracle_prompts`` (e.g. the ground-truth objects).
+        config: decoding, prompting, metrics and the CLIP-S scorer (:class:`~tipcap.config.EvalConfig`).
         method: ``model``, ``retrieval`` or ``template``.
-        model: the caption model (``model``), or its directory.
-        images: image root of ``data``; the split's images are embedded into ``out/image-store``.
-        image_store: an existing image store of the split, instead of ``images``.
+        model: the caption model (``model``), its directory (whose card gets the figures), or its hub
+            name.
+        images: image root of ``data``; the split's images are embedded into ``out/image-store`` unless
+            ``image_store`` is given too (the scorer CLIP then reads the images from here).
+        image_store: an existing image store of the split, embedded with the decoder's CLIP.
         texts: caption store to retrieve from (``retrieval``).
         clip: the CLIP to use; default: the model's, else the caption store's.
+        objects: each image's true objects (the ``oracle`` prompts and the truth of the scene CHAIR);
+            default: the scenes' objects ``data`` records (the toy world's), if any.
+        instances: a COCO instance annotation file; with it, CHAIR is scored on COCO's 80 categories.
+        score_image_store: where the scorer CLIP's image store is kept when it is not the decoder's CLIP
+            (default ``out/score-image-store``).
         vocabulary: entity vocabulary JSON of ``template`` (default: the packaged COCO vocabulary).
         context: what else determined the evaluation (a grid cell's resolved stages), recorded in
             ``provenance.json``.
@@ -159,15 +299,29 @@ def evaluate_split(
     config = config or EvalConfig()
     if method not in METHODS:
         raise TipcapError(f"--method {method!r}: use one of {', '.join(METHODS)}.")
-    if (images is None) == (image_store is None):
-        raise TipcapError("give exactly one of --images (an image root) and --image-store.")
+    if images is None and image_store is None:
+        raise TipcapError("give --images (an image root), --image-store, or both.")
     if method == "model" and model is None:
         raise TipcapError("--method model needs --model.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = str(resolve_device(device))
-    references = load_references(data, split)
-    model_dir = model if isinstance(model, (str, Path)) else None
+    reference_set = read_references(data, split)
+    references = reference_set.captions
+    # Read before anything is captioned, so that a bad file fails at once.
+    words = CocoObjectWords.load() if instances is not None else None
+    annotated = load_instances(instances, words) if instances is not None else None
+    if annotated is not None and not any(image_id in annotated for image_id in references):
+        raise TipcapError(
+            f"--instances {instances}: none of the {len(references)} images of split {split!r} of {data} is "
+            f"annotated there (first image id: {next(iter(references))!r}); pass the instance file of these "
+            "images (instances_val2014.json for the Karpathy val and test splits)."
+        )
+    if objects is None:
+        objects = scene_objects(Path(data))
+    # A local folder's card gets the figures; a hub model's cached snapshot stays as downloaded.
+    local_model = isinstance(model, (str, Path)) and Path(model).is_dir()
+    model_dir = resolve_model(model) if isinstance(model, (str, Path)) else None
     if model_dir is not None:
         model = TIPCap.from_pretrained(model_dir, device=device)
     caption_store = EmbeddingStore.open(texts) if texts is not None else None
@@ -191,6 +345,7 @@ def evaluate_split(
     if caption_store is not None:
         caption_store.check_finite(f"--texts {texts}")
     encoder = ClipEncoder.load(spec, device=device)
+    scorer = _Scorer(ClipSpec(config.score_clip, config.score_pretrained), spec, encoder, device)
 
     keep = [row for row, image_id in enumerate(store.ids) if image_id in references]
     if not keep:
@@ -201,7 +356,7 @@ def evaluate_split(
     prompts: list[list[str]] | None = None
     if method == "model":
         model.use_clip(encoder)
-        captions, prompts = _model_captions(model, embeddings, image_ids, config, oracle_prompts)
+        captions, prompts = _model_captions(model, embeddings, image_ids, config, objects)
     elif method == "retrieval":
         captions = retrieve_captions(embeddings, caption_store)
     else:
@@ -211,14 +366,62 @@ def evaluate_split(
     write_json_atomic(out / "predictions.json", predictions)
     matched, report = match_predictions(predictions, references)
     result = score_captions(matched, references, config.metrics)
-    clip_scores = clip_score(encoder, embeddings, captions)
-    result["metrics"]["CLIPScore"] = float(clip_scores.mean())
+    per_image_extra: dict[ImageId, dict[str, Any]] = {image_id: {} for image_id in image_ids}
+
+    scored = [i for i, image_id in enumerate(image_ids) if image_id in matched]
+    score_images = None
+    if scorer.encoder is not None:
+        score_images = _scorer_images(
+            scorer, embeddings, image_ids, data, split, images,
+            Path(score_image_store) if score_image_store else out / "score-image-store", device,
+        )  # fmt: skip
+    if score_images is not None and scored:
+        scores = clip_scores.score(
+            scorer.encoder, score_images[scored], [captions[i] for i in scored],
+            [references[image_ids[i]] for i in scored],
+        )  # fmt: skip
+        result["metrics"]["CLIP-S"] = float(scores.clip_s.mean())
+        result["metrics"]["RefCLIP-S"] = float(scores.ref_clip_s.mean())
+        for position, i in enumerate(scored):
+            per_image_extra[image_ids[i]].update(
+                {"CLIP-S": float(scores.clip_s[position]), "RefCLIP-S": float(scores.ref_clip_s[position])}
+            )
+    elif scorer.skipped is not None:
+        result["skipped"].update({"CLIP-S": scorer.skipped, "RefCLIP-S": scorer.skipped})
+
+    hallucination = _hallucination(matched, references, annotated, words, objects)
+    if hallucination is not None:
+        found, how = hallucination
+        result["metrics"]["CHAIR-i"] = found.chair_i if found.chair_i is not None else math.nan
+        result["metrics"]["CHAIR-s"] = found.chair_s
+        for image_id, named in found.per_image.items():
+            per_image_extra[image_id].update(
+                {"objects_mentioned": named["mentioned"], "objects_hallucinated": named["hallucinated"]}
+            )
+
+    domains = None
+    if reference_set.domains:
+        # CLIP-S and RefCLIP-S need no other image's references: a domain's value is its images' mean.
+        per_image_scores = {
+            name: {image_id: extra[name] for image_id, extra in per_image_extra.items() if name in extra}
+            for name in ("CLIP-S", "RefCLIP-S")
+            if name in result["metrics"]
+        }
+        domains = score_domains(
+            matched, references, reference_set.domains, config.metrics, result["skipped"], per_image_scores
+        )
     document = metrics_document(
-        result, report, predictions=out / "predictions.json", references=data, split=split, command=sys.argv
-    )
+        result, report, predictions=out / "predictions.json", references=data, split=split, command=sys.argv,
+        domains=domains,
+    )  # fmt: skip
     document["method"] = method
     document["prompt"] = config.prompt
     document["clip"] = spec.to_dict()
+    document["scorer"] = scorer.record()
+    if hallucination is not None:
+        document["hallucination"] = {**how, **found.counts()}
+        if instances is not None:
+            document["hallucination"]["instances"] = str(Path(instances).resolve())
     if model is not None:
         document["model"] = {"config": to_dict(model.config)}
         if model_dir is not None:
@@ -231,7 +434,9 @@ def evaluate_split(
             "references": references[image_id],
             "prompt": prompts[i] if prompts else [],
             "CIDEr": result["per_image"].get(image_id, {}).get("CIDEr"),
-            "CLIPScore": float(clip_scores[i]),
+            "ROUGE-L": result["per_image"].get(image_id, {}).get("ROUGE-L"),
+            **per_image_extra[image_id],
+            **({"domain": reference_set.domains.get(image_id)} if reference_set.domains else {}),
         }
         for i, (image_id, caption) in enumerate(zip(image_ids, captions, strict=True))
     ]
@@ -241,8 +446,14 @@ def evaluate_split(
         inputs["model"] = sha256_file(Path(model_dir) / "model.safetensors")
     if caption_store is not None:
         inputs["texts"] = caption_store.digest
-    settings = {"eval": to_dict(config), "method": method, "split": split, "clip": spec.identity()}
+    if instances is not None:
+        inputs["instances"] = sha256_file(Path(instances))
+    settings = {"eval": to_dict(config), "method": method, "split": split, "clip": spec.identity(),
+                "score_clip": scorer.identity}  # fmt: skip
     if context is not None:
         settings["context"] = context
     provenance.write(out, provenance.record("evaluation", settings, inputs))
+    if local_model and method == "model":
+        setting = f"{method}, prompt {config.prompt}, beams {config.beams}"
+        record_evaluation(model_dir, document, reference_set.dataset, split, setting)
     return document

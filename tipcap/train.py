@@ -12,7 +12,8 @@ Run directory::
     run.json             world size, device, data sizes
     metrics.jsonl        training loss / lr / throughput every ``log_every`` steps, validation loss per epoch
     checkpoints/step-N/  model.safetensors, trainer.pt (optimizer, scheduler), state.json; last k kept
-    model/               the final model (TIPCap.from_pretrained), with the run's provenance.json
+    model/               the final model (TIPCap.from_pretrained), with the run's provenance.json and a
+                         model card (README.md) that summarises it
 
 The model and its data are built by :mod:`tipcap.training_setup`; this module is the loop.
 """
@@ -432,8 +433,7 @@ class Trainer:
         bar.close()
         final = self.out / "model"
         if self.env.main:
-            self.model.save_pretrained(final)
-            provenance.write(final, self.provenance())
+            self.model.save_pretrained(final, provenance=self.provenance())
         self._log_rank_agreement(step)
         self.env.barrier()
         return final

@@ -27,11 +27,14 @@ class KarpathyImage:
 
 
 def image_id_of(entry: dict[str, Any]) -> ImageId:
-    """COCO's ``cocoid`` when present, else the file name's stem (as an int when it is all digits).
+    """An explicit ``image_id``, else COCO's ``cocoid``, else the file name's stem (an int when all digits).
 
     Flickr30k file names are numeric (``1000092795.jpg``), so both data sets get integer ids that
-    COCO-format result files accept.
+    COCO-format result files accept. ``image_id`` is written by ``prepare nocaps``, whose file names are
+    hexadecimal Open Images ids while its results files use the annotation file's integer ``id``.
     """
+    if "image_id" in entry:
+        return entry["image_id"]
     if "cocoid" in entry:
         return entry["cocoid"]
     stem = Path(entry["filename"]).stem
@@ -70,6 +73,9 @@ def parse_karpathy(document: dict[str, Any], path: Path, split: str | None = Non
             raise TipcapError(f"{where} has no 'filename' string field.")
         if "cocoid" in entry and not isinstance(entry["cocoid"], int):
             raise TipcapError(f"{where}: 'cocoid' is not an integer.")
+        image_id = entry.get("image_id", 0)
+        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool):
+            raise TipcapError(f"{where}: 'image_id' is neither an integer nor a string.")
         where = f"{where} ({entry['filename']})"
         entry_split = entry.get("split")
         if split is not None and entry_split is None:

@@ -159,7 +159,7 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def _check_all(paths: list[Path], workers: int, progress: bool) -> Iterator[str | None]:
+def check_all(paths: list[Path], workers: int, progress: bool) -> Iterator[str | None]:
     """:func:`check_image` for every path, in order, decoding in ``workers`` processes (0: in this one)."""
     bar = progress_bar(total=len(paths), unit="image", desc="checking images", disable=not progress)
     if workers == 0:
@@ -274,7 +274,7 @@ def prepare_dataset(
     if workers is None:
         workers = min(8, os.cpu_count() or 1)
     usable: set[int] = set()
-    for position, result in zip(candidates, _check_all(paths, workers, progress), strict=True):
+    for position, result in zip(candidates, check_all(paths, workers, progress), strict=True):
         image, split = parsed[position], _split_of(raw[position])
         where = {"image_id": image.image_id, "path": image.relative_path, "split": raw[position].get("split")}
         if result == "missing":

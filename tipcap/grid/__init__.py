@@ -14,7 +14,7 @@ from tipcap.grid.report import (
     plot_cider_vs_pairs,
     write_csv,
 )
-from tipcap.grid.runner import Ablation, run_ablation
+from tipcap.grid.runner import Ablation, run_ablation, trained_models
 
 __all__ = [
     "BASELINES",
@@ -32,5 +32,6 @@ __all__ = [
     "plot_cider",
     "plot_cider_vs_pairs",
     "run_ablation",
+    "trained_models",
     "write_csv",
 ]

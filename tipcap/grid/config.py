@@ -4,10 +4,10 @@ Cells:
 
 - a gap kind (``none``, ``isotropic``, ``mean-shift``, ``cov-noise``, ``gaussian``, ``memory``) fitted in a
   data setting: ``few-pairs`` (a seeded subset of the paired training images: a count or a percentage, or a
-  list of them to sweep), ``web-pairs`` (a JSONL of web image-caption pairs), ``unpaired`` (the captions of
-  one seeded half of the training images and the images of the other half, so that no image meets its own
-  captions) or ``text-only``; a decoder is trained on the training captions with that gap, with
-  ``prompt: none | pim | hard``;
+  list of them to sweep; each seed draws its own, with seed ``data_seed + seed``), ``web-pairs`` (a JSONL
+  of web image-caption pairs), ``unpaired`` (the captions of one seeded half of the training images and the
+  images of the other half, so that no image meets its own captions) or ``text-only``; a decoder is
+  trained on the training captions with that gap, with ``prompt: none | pim | hard``;
 - ``supervised``: a decoder trained on image embeddings, of all paired training images (the upper bound) or,
   with ``setting: few-pairs``, of the few-pairs subset only;
 - ``retrieval`` and ``template``: the non-neural baselines (no training, evaluated once).
@@ -35,6 +35,7 @@ from tipcap.config import (
     SETTINGS,
     EmbedConfig,
     EvalConfig,
+    EvalPrompt,
     ExperimentConfig,
     GapConfig,
     apply_overrides,
@@ -44,6 +45,7 @@ from tipcap.config import (
     to_dict,
 )
 from tipcap.errors import TipcapError
+from tipcap.grid.compare import metric_name
 
 BASELINES = ("retrieval", "template")
 """Cell kinds without a trained decoder."""
@@ -69,7 +71,7 @@ class Cell:
     kind: str = "gaussian"
     setting: str = "text-only"
     prompt: Literal["none", "pim", "hard"] = "none"
-    eval_prompts: list[Literal["none", "auto", "oracle"]] = field(default_factory=lambda: ["none"])
+    eval_prompts: list[EvalPrompt] = field(default_factory=lambda: ["none"])
     few_pairs: int | str | list[int | str] | None = None
     set: dict[str, Any] = field(default_factory=dict)
 
@@ -79,11 +81,17 @@ class AblationConfig:
     """A grid: decoders trained on one data set (a Karpathy file whose images lie under ``image_root``).
 
     ``few_pairs`` is a number of paired training images, a percentage of them (``"1%"``), or a list of
-    such values to sweep (each few-pairs cell then runs once per value). ``data_seed`` draws the few-pairs
-    subset and the unpaired halves. ``eval_karpathy``/``eval_image_root`` evaluate on another data set.
-    ``store_dir`` keeps the embedding stores elsewhere than ``OUT/stores``, so that grids over the same data
-    and CLIP share them (a store whose CLIP or inputs differ is rebuilt, never mixed). ``embed``, ``gap``,
-    ``decoder`` (``model`` and ``train`` sections) and ``eval`` configure those stages for every cell.
+    such values to sweep (each few-pairs cell then runs once per value). ``data_seed`` draws the unpaired
+    halves, and with the decoder's seed the few-pairs subset (``data_seed + seed``).
+    ``eval_karpathy``/``eval_image_root`` evaluate on another data set.
+    ``instances`` (COCO instance annotations of the evaluation images, e.g. ``instances_val2014.json``)
+    adds CHAIR-i and CHAIR-s to every row. ``store_dir`` keeps the embedding stores elsewhere than
+    ``OUT/stores``, so that grids over the same data and CLIP share them (a store whose CLIP or inputs
+    differ is rebuilt, never mixed). ``embed``, ``gap``, ``decoder`` (``model`` and ``train`` sections) and
+    ``eval`` configure those stages for every cell (``eval.score_clip`` and ``eval.score_pretrained``
+    name the CLIP-S scorer). ``compare`` lists pairs ``[A, B]`` of cells (``CELL`` or ``CELL:PROMPT``),
+    optionally with a metric (``[A, B, rouge-l]``; CIDEr by default), whose paired difference ``A − B`` is
+    written to ``comparisons.md`` and ``comparisons.csv``.
     """
 
     __pydantic_config__ = _STRICT
@@ -94,6 +102,7 @@ class AblationConfig:
     web_image_root: str | None = None
     eval_karpathy: str | None = None
     eval_image_root: str | None = None
+    instances: str | None = None
     vocabulary: str | None = None
     few_pairs: int | str | list[int | str] = 200
     data_seed: int = 0
@@ -105,6 +114,7 @@ class AblationConfig:
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(beams=1, metrics=["bleu", "rouge", "cider"]))
     cells: list[Cell] = field(default_factory=list)
     store_dir: str | None = None
+    compare: list[list[str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -212,6 +222,38 @@ def _validate(config: AblationConfig, path: Path) -> None:
             raise TipcapError(
                 f"{path}: cell name {name!r} is used twice; results would overwrite each other."
             )
+    _check_comparisons(config)
+
+
+def _check_comparisons(config: AblationConfig) -> None:
+    """Each ``compare`` entry names two evaluations the grid makes (``CELL`` or ``CELL:PROMPT``)."""
+    modes = {job.name: job.cell.eval_prompts for job in expand(config)}
+    for index, pair in enumerate(config.compare):
+        key = f"compare[{index}]"
+        if len(pair) not in (2, 3):
+            raise TipcapError(
+                f"config key '{key}': a comparison is [A, B] or [A, B, metric] (CIDEr by default), "
+                f"got {pair!r}."
+            )
+        if len(pair) == 3:
+            try:
+                metric_name(pair[2])
+            except TipcapError as e:
+                raise TipcapError(f"config key '{key}': {e}".replace("--metric ", "")) from None
+        for reference in pair[:2]:
+            cell, _, prompt = reference.partition(":")
+            if cell not in modes:
+                raise TipcapError(
+                    f"config key '{key}': {cell!r} is not a cell of this grid ({', '.join(modes)})."
+                )
+            if prompt and prompt not in modes[cell]:
+                raise TipcapError(
+                    f"config key '{key}': {cell} is evaluated with prompts {', '.join(modes[cell])} only."
+                )
+            if not prompt and "none" not in modes[cell] and len(modes[cell]) > 1:
+                raise TipcapError(
+                    f"config key '{key}': name the prompt mode of {cell}, e.g. {cell}:{modes[cell][0]}."
+                )
 
 
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:

@@ -1,6 +1,7 @@
-"""A grid's result files: ``results.csv`` (one row per cell, seed and evaluation prompt mode), ``table.md``
-(mean ± std over seeds), ``cider.png`` (CIDEr per method, coloured by setting) and, for grids with few-pairs
-cells, ``cider_vs_pairs.png`` (CIDEr against the share of paired training images).
+"""A grid's result files: ``results.csv`` (one row per cell, seed and evaluation prompt mode, with each
+row's 95% interval over the test images), ``table.md`` (mean over seeds ± the half-width of the 95% interval
+over test images and seeds, :mod:`tipcap.stats`), ``cider.png`` (CIDEr per method, coloured by setting) and,
+for grids with few-pairs cells, ``cider_vs_pairs.png`` (CIDEr against the share of paired training images).
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from tipcap.io import atomic_path
+from tipcap.stats import INTERVAL_METRICS, Interval
 
-METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIPScore", "object_f1")
+METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIP-S", "RefCLIP-S", "CHAIR-i",
+                  "CHAIR-s", "object_f1")  # fmt: skip
+INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("ci_low", "ci_high"))
+"""Each row's 95% interval over the test images, for the metrics with per-image scores."""
 COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
-           "seed", "train_data", "eval_data", *METRIC_COLUMNS)  # fmt: skip
+           "seed", "train_data", "eval_data", *METRIC_COLUMNS, *INTERVAL_COLUMNS)  # fmt: skip
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write result rows under the :data:`COLUMNS` header, atomically (a reader never sees half a file)."""
+    """Write result rows under the :data:`COLUMNS` header, atomically (a reader never sees half a file).
+    Columns a row lacks (an interval of a metric without per-image scores) stay empty."""
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -38,16 +44,27 @@ def _values(group: list[dict[str, Any]], column: str) -> list[float]:
     return [float(r[column]) for r in group if r[column] not in (None, "")]
 
 
-def _mean_std(values: list[float]) -> str:
+def _entry(values: list[float], found: Interval | None) -> str:
+    """Mean over seeds, ± the interval's half-width where there is one, else ± the std over seeds."""
     if not values:
         return "—"
+    mean = statistics.mean(values)
+    if found is not None:
+        return f"{mean:.3f} ± {found.half_width:.3f}"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}†"
 
 
-def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
-    """Mean ± std over seeds of each method (and evaluation prompt mode), for the metrics computed."""
+def markdown_table(
+    rows: list[dict[str, Any]],
+    intervals: dict[tuple[str, str], dict[str, Interval]] | None = None,
+    title: str | None = None,
+) -> str:
+    """Each method (and evaluation prompt mode): the mean over seeds ± the half-width of its 95% interval
+    over test images and seeds (``intervals``: (cell, prompt mode) → metric → interval). Corpus metrics
+    without per-image scores (BLEU-4, METEOR, SPICE) show ± the std over seeds, marked †."""
+    intervals = intervals or {}
     groups = _groups(rows)
     columns = [c for c in METRIC_COLUMNS if any(_values(g, c) for g in groups.values())]
     names = {"object_f1": "object F1"}
@@ -56,9 +73,16 @@ def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
         "| method | prompt at test | seeds | " + " | ".join(names.get(c, c) for c in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
-    for (cell, prompt), group in groups.items():
-        cells = " | ".join(_mean_std(_values(group, c)) for c in columns)
-        lines.append(f"| {cell} | {prompt} | {len(group)} | {cells} |")
+    for key, group in groups.items():
+        found = intervals.get(key, {})
+        cells = " | ".join(_entry(_values(group, c), found.get(c)) for c in columns)
+        lines.append(f"| {key[0]} | {key[1]} | {len(group)} | {cells} |")
+    lines += [
+        "",
+        "± is the half-width of the 95% bootstrap interval over the test images and the seeds "
+        "(tipcap.stats); † marks a corpus metric without per-image scores, shown ± its standard "
+        "deviation over seeds.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ prompts, but a changed data set, CLIP, decoder or cell definition is refused rat
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shlex
@@ -26,13 +27,26 @@ from tipcap.data.karpathy import read_karpathy, split_matches
 from tipcap.embed import clip_spec, embed_images, embed_texts
 from tipcap.errors import TipcapError
 from tipcap.gap import fit_gap_file
+from tipcap.grid.compare import GridScores, compare_cells, write_comparisons
 from tipcap.grid.config import BASELINES, AblationConfig, Job, JobConfig, expand, load_ablation, resolve
 from tipcap.grid.report import METRIC_COLUMNS, markdown_table, plot_cider, plot_cider_vs_pairs, write_csv
 from tipcap.io import atomic_path, load_json, write_json_atomic
 from tipcap.protocol import evaluate_split
+from tipcap.stats import (
+    INTERVAL_METRICS,
+    SCORES_FILE,
+    ImageScores,
+    cell_interval,
+    read_image_scores,
+    write_image_scores,
+)
 from tipcap.store import EmbeddingStore
 from tipcap.toy.scoring import object_f1, scene_objects
 from tipcap.train import train
+
+FEW_PAIRS_DRAW = "data_seed + seed"
+"""How a seed's few-pairs subset is drawn, recorded in ``grid.json``: folders written before drew one subset
+for every seed, and their few-pairs decoders and gaps must not be mixed with per-seed ones."""
 
 
 class Ablation:
@@ -78,20 +92,35 @@ class Ablation:
         return out
 
     def _images(
-        self, name: str, source: Path, split: str | None, root: Path, limit: str | None = None
+        self,
+        name: str,
+        source: Path,
+        split: str | None,
+        root: Path,
+        limit: str | None = None,
+        draw: int = 0,
     ) -> Path:
+        """An image store (``limit``: a subset drawn with seed ``draw``), built or checked once per run."""
         out = self.stores / name
         if out not in self._checked:
             embed_images(
                 source, self.config.embed, out, image_root=root, split=split, limit=limit,
-                seed=self.config.data_seed, progress=self.progress,
+                seed=draw, progress=self.progress,
             )  # fmt: skip
             self._checked.add(out)
         return out
 
-    def _few_pairs_images(self, job: Job) -> Path:
+    def few_pairs_draw(self, seed: int | None) -> int:
+        """The seed of the few-pairs subset a decoder of ``seed`` uses: ``data_seed + seed``, so that
+        seeds differ in the paired images drawn as well as in their decoders' initialisation."""
+        return self.config.data_seed + (seed or 0)
+
+    def _few_pairs_images(self, job: Job, seed: int | None) -> Path:
         tag = job.few_pairs.replace("%", "pct")
-        return self._images(f"train-images-few-{tag}", self.karpathy, "train", self.root, job.few_pairs)
+        draw = self.few_pairs_draw(seed)
+        return self._images(
+            f"train-images-few-{tag}-draw{draw}", self.karpathy, "train", self.root, job.few_pairs, draw
+        )
 
     def _unpaired_halves(self) -> tuple[Path, Path]:
         """Karpathy files of two disjoint, seeded halves of the training images: (captions, images)."""
@@ -117,11 +146,11 @@ class Ablation:
                 write_json_atomic(path, {**header, "images": [train[i] for i in sorted(rows)]}, indent=None)
         return texts, images
 
-    def stores_for(self, job: Job) -> tuple[Path, Path | None]:
-        """(caption store, image store) from which a job's gap is fitted."""
+    def stores_for(self, job: Job, seed: int | None) -> tuple[Path, Path | None]:
+        """(caption store, image store) from which a job's gap for ``seed`` is fitted."""
         setting = job.cell.setting
         if setting == "few-pairs":
-            return self._texts("train-text", self.karpathy, "train"), self._few_pairs_images(job)
+            return self._texts("train-text", self.karpathy, "train"), self._few_pairs_images(job, seed)
         if setting == "unpaired":
             texts, images = self._unpaired_halves()
             return (
@@ -138,15 +167,18 @@ class Ablation:
         """The job's resolved stages (the grid's, with its cell's settings and overrides)."""
         return resolve(self.config, job.cell)
 
-    def gap(self, job: Job) -> Path:
-        """The gap file of a job, fitted once: shared by the cells of one kind and setting, or the cell's
-        own when it overrides gap settings."""
+    def gap(self, job: Job, seed: int | None) -> Path:
+        """The gap file of a job's decoder of ``seed``, fitted once: shared by the cells of one kind and
+        setting, or the cell's own when it overrides gap settings. A few-pairs gap is fitted per seed, on
+        that seed's draw of pairs (:meth:`few_pairs_draw`)."""
         resolved = self.job_config(job)
         config = resolved.gap
         name = job.name if resolved.overrides_gap else f"{config.kind}-{config.setting}{job.suffix}"
+        if config.setting == "few-pairs":
+            name += f"-seed{seed}"
         path = self.out / "gaps" / f"{name}.safetensors"
         if not path.is_file():
-            texts, images = self.stores_for(job)
+            texts, images = self.stores_for(job, seed)
             images_store = EmbeddingStore.open(images) if images else None
             plot = (
                 path.with_suffix(".png") if config.kind == "gaussian" and images_store is not None else None
@@ -162,12 +194,12 @@ class Ablation:
         }
         if cell.kind == "supervised":
             if cell.setting == "few-pairs":
-                images = self._few_pairs_images(job)
+                images = self._few_pairs_images(job, seed)
             else:
                 images = self._images("train-images", self.karpathy, "train", self.root)
             data["train_images"] = str(images.resolve())
         else:
-            data["gap"] = str(self.gap(job).resolve())
+            data["gap"] = str(self.gap(job, seed).resolve())
         decoder = json.loads(json.dumps(self.job_config(job).decoder))
         vocabulary = str(Path(self.config.vocabulary).resolve()) if self.config.vocabulary else None
         decoder["model"]["vocabulary"] = vocabulary
@@ -187,10 +219,10 @@ class Ablation:
         self.echo(f"{job.name} seed {seed}: training into {run}")
         return train(config, run, resume=(run / "checkpoints").is_dir(), progress=self.progress)
 
-    def _paired_fraction(self, job: Job) -> float | None:
+    def _paired_fraction(self, job: Job, seed: int | None) -> float | None:
         """The share of the training images whose pairs the job used (``None``: no paired data)."""
         if job.few_pairs is not None:
-            store = self._few_pairs_images(job)
+            store = self._few_pairs_images(job, seed)
         elif job.cell.kind == "supervised":
             store = self._images("train-images", self.karpathy, "train", self.root)
         else:
@@ -199,16 +231,17 @@ class Ablation:
             self._train_images = len(list_images(self.karpathy, self.root, "train"))
         return len(EmbeddingStore.open(store)) / self._train_images
 
+    def eval_dir(self, job: Job, seed: int | None, eval_prompt: str) -> Path:
+        """Where one evaluation of a job is written."""
+        name = f"{job.name}-{eval_prompt}" if seed is None else f"{job.name}-seed{seed}-{eval_prompt}"
+        return self.out / "eval" / name
+
     def evaluate(self, job: Job, seed: int | None, eval_prompt: str) -> dict[str, Any]:
-        """Evaluate one job (cached), with object F1 beside the caption metrics; ``seed`` is ``None``
-        for the baselines, which are not trained."""
+        """Evaluate one job (cached), with object F1 beside the caption metrics and per-image scores in
+        ``scores.json``; ``seed`` is ``None`` for the baselines, which are not trained."""
         cell = job.cell
-        out = (
-            self.out
-            / "eval"
-            / (f"{job.name}-{eval_prompt}" if seed is None else f"{job.name}-seed{seed}-{eval_prompt}")
-        )
-        if (out / "row.json").is_file():
+        out = self.eval_dir(job, seed, eval_prompt)
+        if (out / "row.json").is_file() and (out / SCORES_FILE).is_file():
             self.echo(f"{out.name}: reused")
             return json.loads((out / "row.json").read_text(encoding="utf-8"))
         if not (out / "metrics.json").is_file():
@@ -222,14 +255,23 @@ class Ablation:
             evaluate_split(
                 self.eval_karpathy, split, out, evaluation, method=method,
                 model=self.model(job, seed) if method == "model" else None, image_store=test_store,
-                texts=texts, clip=self.clip, oracle_prompts=self.eval_objects(),
+                images=self.eval_root, texts=texts, clip=self.clip, objects=self.eval_objects(),
+                instances=self.config.instances,
+                score_image_store=self._scorer_store(store_name, evaluation),
                 vocabulary=self.config.vocabulary,
                 context={"cell": job.name, "seed": seed, **resolved.record()},
             )  # fmt: skip
         row = self._row(job, seed, eval_prompt, out)
+        # row.json last: its presence marks a finished evaluation.
         write_json_atomic(out / "row.json", row)
         self.echo(f"{out.name}: CIDEr {row['CIDEr']:.3f}")
         return row
+
+    def _scorer_store(self, store_name: str, evaluation: EvalConfig) -> Path:
+        """Where the evaluation images embedded by the CLIP-S scorer are kept (when it is not the grid's
+        CLIP), one folder per scorer, so that every cell reuses them."""
+        scorer = json.dumps([evaluation.score_clip, evaluation.score_pretrained])
+        return self.stores / f"{store_name}-scorer-{hashlib.sha256(scorer.encode()).hexdigest()[:10]}"
 
     def data_name(self, karpathy: Path) -> str:
         """A Karpathy file's ``dataset`` field, else its name without suffixes (read once per file)."""
@@ -244,34 +286,59 @@ class Ablation:
             self._eval_objects = scene_objects(self.eval_karpathy)
         return self._eval_objects
 
+    def _image_scores(self, out: Path) -> ImageScores:
+        """Write an evaluation's per-image scores (``scores.json``: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S and, on
+        images that record their objects, object F1) and return them."""
+        per_image = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
+        objects = self.eval_objects()
+        f1 = [
+            object_f1(r["prediction"], [
+                {"colour": name.split()[0], "shape": name.split()[1]} for name in objects[r["image_id"]]
+            ]) if r["image_id"] in objects else None
+            for r in per_image
+        ]  # fmt: skip
+        columns = {m: [r.get(m) for r in per_image] for m in INTERVAL_METRICS if m != "object_f1"}
+        columns["object_f1"] = f1
+        columns = {m: values for m, values in columns.items() if any(v is not None for v in values)}
+        write_image_scores(out / SCORES_FILE, [r["image_id"] for r in per_image], columns)
+        return read_image_scores(out / SCORES_FILE)
+
     def _row(self, job: Job, seed: int | None, eval_prompt: str, out: Path) -> dict[str, Any]:
         cell = job.cell
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["metrics"]
-        per_image = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
-        objects = self.eval_objects()
-        scored = [r for r in per_image if r["image_id"] in objects]
-        f1 = statistics.mean(object_f1(r["prediction"], [
-            {"colour": name.split()[0], "shape": name.split()[1]} for name in objects[r["image_id"]]
-        ]) for r in scored) if scored else None  # fmt: skip
-        fraction = self._paired_fraction(job)
+        scores = self._image_scores(out)
+        f1 = [v for v in scores.get("object_f1", {}).values() if v is not None]
+        fraction = self._paired_fraction(job, seed)
         setting = "all-pairs" if cell.kind == "supervised" and job.few_pairs is None else cell.setting
-        return {
+        row = {
             "cell": job.name, "method": cell.name, "kind": cell.kind, "setting": setting,
             "few_pairs": job.few_pairs, "paired_fraction": fraction, "prompt": cell.prompt,
             "eval_prompt": eval_prompt, "seed": seed, "train_data": self.data_name(self.karpathy),
             "eval_data": self.data_name(self.eval_karpathy),
-            **{k: metrics.get(k) for k in METRIC_COLUMNS[:-1]}, "object_f1": f1,
+            **{k: metrics.get(k) for k in METRIC_COLUMNS[:-1]},
+            "object_f1": statistics.mean(f1) if f1 else None,
         }  # fmt: skip
+        # This evaluation's interval over the test images (its seed alone).
+        for metric in INTERVAL_METRICS:
+            found = cell_interval({seed: scores}, metric)
+            row[f"{metric}_ci_low"] = found.low if found is not None else None
+            row[f"{metric}_ci_high"] = found.high if found is not None else None
+        return row
 
     # -- the grid -------------------------------------------------------------------------------
 
     def _check_oracle_prompts(self) -> None:
-        """Refuse ``oracle`` evaluation prompts where an evaluation image records no objects.
+        """Refuse ``oracle`` and ``wrong`` evaluation prompts where an evaluation image records no objects.
 
-        The oracle's words are the image's ground-truth objects; an image without them would be prompted
-        with nothing, silently. Checked before any store is built or decoder trained.
+        The oracle's words are the image's ground-truth objects, and the wrong words are drawn from the
+        entities outside them; an image without objects would be prompted with nothing, silently. Checked
+        before any store is built or decoder trained.
         """
-        asking = [index for index, cell in enumerate(self.config.cells) if "oracle" in cell.eval_prompts]
+        asking = [
+            index
+            for index, cell in enumerate(self.config.cells)
+            if {"oracle", "wrong"} & set(cell.eval_prompts)
+        ]
         if not asking:
             return
         split = self.config.eval_split
@@ -279,10 +346,10 @@ class Ablation:
         missing = [image.image_id for image in images if image.image_id not in self.eval_objects()]
         if missing:
             raise TipcapError(
-                f"config key 'cells[{asking[0]}].eval_prompts': oracle prompts are the ground-truth objects "
-                f"of each image, but {len(missing)} of the {len(images)} {split} images of "
-                f"{self.eval_karpathy} record no 'objects' (image {missing[0]!r} first); evaluate with "
-                "none or auto prompts, or on a file that records its scenes' objects (the toy world's)."
+                f"config key 'cells[{asking[0]}].eval_prompts': oracle and wrong prompts are drawn from "
+                f"the ground-truth objects of each image, but {len(missing)} of the {len(images)} {split} "
+                f"images of {self.eval_karpathy} record no 'objects' (image {missing[0]!r} first); evaluate "
+                "with none or auto prompts, or on a file that records its scenes' objects (the toy world's)."
             )
 
     def _check_inputs(self) -> None:
@@ -306,11 +373,14 @@ class Ablation:
         """Refuse to mix results of another grid into ``out``; remember this one in ``grid.json``."""
         path = self.out / "grid.json"
         current = to_dict(self.config)
-        # Where the stores are kept changes no result.
-        fixed = {k: v for k, v in current.items() if k not in ("cells", "seeds", "store_dir")}
+        # Where the stores are kept and which comparisons are reported change no result.
+        fixed = {k: v for k, v in current.items() if k not in ("cells", "seeds", "store_dir", "compare")}
+        fixed["few_pairs_draw"] = FEW_PAIRS_DRAW
         cells = {c["name"]: {k: v for k, v in c.items() if k != "eval_prompts"} for c in current["cells"]}
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
+            if not any(c["setting"] == "few-pairs" for c in saved["cells"].values()):
+                saved["fixed"].setdefault("few_pairs_draw", FEW_PAIRS_DRAW)  # nothing was drawn there
             changed = [k for k in fixed if saved["fixed"].get(k) != fixed[k]]
             if changed:
                 raise TipcapError(
@@ -327,16 +397,24 @@ class Ablation:
         write_json_atomic(path, {"fixed": fixed, "cells": cells})
 
     def run(self) -> list[dict[str, Any]]:
-        """Run every job × seed × evaluation prompt mode; write the CSV, the table and the plots."""
+        """Run every job × seed × evaluation prompt mode; write the CSV, the table, the comparisons the
+        config asks for and the plots."""
         self._check_inputs()
         self._check_oracle_prompts()
         self._check_grid()
         rows = []
+        scores: GridScores = {}
         for job in self.jobs:
             for seed in self.config.seeds if job.trained else [None]:
                 for eval_prompt in job.cell.eval_prompts:
                     rows.append(self.evaluate(job, seed, eval_prompt))
                     write_csv(rows, self.out / "results.csv")
+                    evaluation = read_image_scores(self.eval_dir(job, seed, eval_prompt) / SCORES_FILE)
+                    scores.setdefault((job.name, eval_prompt), {})[seed] = evaluation
+        intervals = {
+            key: {m: found for m in INTERVAL_METRICS if (found := cell_interval(seeds, m)) is not None}
+            for key, seeds in scores.items()
+        }
         title = None
         if self.eval_karpathy != self.karpathy:
             source, target = self.data_name(self.karpathy), self.data_name(self.eval_karpathy)
@@ -344,7 +422,9 @@ class Ablation:
                 f"Decoders trained on {source}, evaluated on the {self.config.eval_split} split of {target}."
             )
         with atomic_path(self.out / "table.md") as tmp:
-            tmp.write_text(markdown_table(rows, title), encoding="utf-8")
+            tmp.write_text(markdown_table(rows, intervals, title), encoding="utf-8")
+        if self.config.compare:
+            write_comparisons([compare_cells(scores, *pair) for pair in self.config.compare], self.out)
         plot_cider(rows, self.out / "cider.png")
         fraction_plot = self.out / "cider_vs_pairs.png"
         if any(row["few_pairs"] for row in rows):
@@ -393,3 +473,18 @@ def run_ablation(
 ) -> list[dict[str, Any]]:
     """Load an ablation config and run it into ``out``."""
     return Ablation(load_ablation(config_path, overrides), out, progress=progress, echo=echo).run()
+
+
+def trained_models(out: str | Path) -> dict[str, Path]:
+    """The finished decoders in a grid's output folder: ``{"<job>-seed<N>": model directory}``, in the
+    order of the grid's cells (as ``grid.json`` records them), then by name."""
+    out = Path(out)
+    found = {path.parent.parent.name: path.parent for path in out.glob("runs/*/model/config.json")}
+    cells = list(load_json(out / "grid.json")["cells"]) if (out / "grid.json").is_file() else []
+
+    def rank(name: str) -> int:
+        # A run is named after its job, which starts with its cell's name; the longest such name wins.
+        owners = [cells.index(cell) for cell in sorted(cells, key=len) if name.startswith(f"{cell}-")]
+        return owners[-1] if owners else len(cells)
+
+    return {name: found[name] for name in sorted(found, key=lambda name: (rank(name), name))}

@@ -15,6 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from tipcap.io import atomic_path
@@ -41,7 +42,7 @@ BACKGROUNDS = {
 _PLURAL = {"cross": "crosses"}
 # What a seed renders and captions: bump whenever a change makes a seed produce another world, so that
 # caches keyed by it (the demo's) are not reused across the change.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,19 @@ def random_scene(rng: random.Random) -> list[ShapeObject]:
 
 
 def render(
-    objects: list[ShapeObject], size: int, background: str = "gray", grain: float = 0.04
+    objects: list[ShapeObject],
+    size: int,
+    background: str = "gray",
+    grain: float = 0.04,
+    noise: np.random.Generator | None = None,
 ) -> Image.Image:
-    """Draw a scene as an RGB image of ``size`` × ``size`` pixels on a background, with ``grain`` noise."""
+    """Draw a scene as an RGB image of ``size`` × ``size`` pixels on a background, with ``grain`` noise.
+
+    The grain is Gaussian noise (mean 128, sd 6, as PIL's ``effect_noise``) drawn from ``noise`` (default:
+    a generator seeded with 0). PIL's ``effect_noise`` itself draws from the C library's ``rand()``, whose
+    state is the whole process's: the same seed then rendered other pixels after anything else in the
+    process had drawn from it (a second world, a test run before).
+    """
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     for obj in objects:
@@ -148,17 +159,23 @@ def render(
             bar = radius / 3
             draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=colour)
             draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=colour)
-    noise = Image.effect_noise((size, size), 6).convert("RGB")
-    return Image.blend(image, noise, grain)
+    noise = noise if noise is not None else np.random.default_rng(0)
+    pixels = np.clip(np.rint(128 + 6 * noise.standard_normal((size, size))), 0, 255).astype(np.uint8)
+    return Image.blend(image, Image.fromarray(pixels, "L").convert("RGB"), grain)
 
 
 _SHAPE_FORMS = {form: shape for shape in SHAPES for form in (shape, _PLURAL.get(shape, shape + "s"))}
 _PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(_SHAPE_FORMS) + r")\b")
 
 
+def object_mentions(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names, in order, once per mention (plurals made singular)."""
+    return [(colour, _SHAPE_FORMS[form]) for colour, form in _PAIR.findall(caption.lower())]
+
+
 def caption_objects(caption: str) -> set[tuple[str, str]]:
     """The (colour, shape) pairs a caption names, e.g. ``{("red", "circle")}`` (plurals made singular)."""
-    return {(colour, _SHAPE_FORMS[form]) for colour, form in _PAIR.findall(caption.lower())}
+    return set(object_mentions(caption))
 
 
 def write_toyworld(
@@ -187,7 +204,9 @@ def write_toyworld(
         objects = random_scene(rng)
         background, grain = rng.choice(list(BACKGROUNDS)), rng.uniform(0.02, 0.2)
         filename = f"toy_{index:06d}.png"
-        render(objects, image_size, background, grain).save(out / "images" / filename)
+        # Each image's grain from its own generator, seeded by (seed, index): no state outside the world.
+        noise = np.random.default_rng([abs(seed), index])  # abs: as random.Random(seed)
+        render(objects, image_size, background, grain, noise).save(out / "images" / filename)
         captions = captions_for(objects, background, rng)
         entries.append({
             "filepath": "images",

@@ -1,0 +1,48 @@
+"""Tiny models for the tests of `tipcap serve`, built in a fraction of a second (untrained, seeded)."""
+
+import io
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from tipcap.clip import ClipSpec
+from tipcap.config import ModelConfig
+from tipcap.model import TIPCap
+from tipcap.training_data import word_level_tokenizer
+
+VOCABULARY = ["red circle", "blue square", "green triangle", "yellow star", "purple ring"]
+
+
+def build_model(directory: Path, clip: Path, prompt: str, seed: int) -> Path:
+    """An untrained decoder on the tiny CLIP ``clip``, saved to ``directory``.
+
+    A ``hard`` model writes its prompt words into the language model's context, so that even untrained its
+    caption changes when a word is added; a ``none`` model has no prompt vocabulary.
+    """
+    torch.manual_seed(seed)
+    tokenizer = word_level_tokenizer([f"a {entity} above a {entity} ." for entity in VOCABULARY])
+    language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
+                      "vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
+    config = ModelConfig(clip_dim=32, language_model_config=language_model, prompt=prompt,
+                         prefix_length=2, max_caption_tokens=8)  # fmt: skip
+    names = VOCABULARY if prompt != "none" else []
+    model = TIPCap.build(config, tokenizer, entity_names=names, clip_spec=ClipSpec(str(clip)))
+    model.save_pretrained(directory)
+    return directory
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
+    """A small PNG of one colour with a lighter square in it."""
+    image = Image.new("RGB", size, colour)
+    image.paste(tuple(255 - c for c in colour), (5, 5, 15, 15))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg(colour: tuple[int, int, int]) -> bytes:
+    """A small JPEG of one colour."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buffer, format="JPEG")
+    return buffer.getvalue()

@@ -1,0 +1,145 @@
+"""Model cards, `tipcap push`, and `TIPCap.from_pretrained` with a hub name (offline: the hub's cache)."""
+
+import json
+import shutil
+
+import huggingface_hub
+import pytest
+import torch
+from conftest import run
+from huggingface_hub import ModelCard
+
+import tipcap.hub
+from tipcap import TIPCap
+from tipcap.card import write_model_card
+from tipcap.errors import TipcapError
+from tipcap.gap import Gap
+from tipcap.gap.report import gap_report
+from tipcap.io import load_json
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_trained_model_has_a_hub_model_card(tiny_model):
+    card = ModelCard.load(tiny_model / "README.md")
+    assert card.data.library_name == "tipcap" and card.data.pipeline_tag == "image-to-text"
+    assert {"gap-isotropic", "setting-text-only"} <= set(card.data.tags)
+    assert card.data.get("license") is None  # not claimed: it depends on data and weights
+    report = gap_report(Gap.load(tiny_model / "gap.safetensors"))
+    row = (f"| text-only | isotropic | 32 | {report['mu_norm']:.4f} | {report['sigma_trace']:.4f} | "
+           f"{report['effective_rank']:.1f} |")  # fmt: skip
+    assert row in card.text
+    record = load_json(tiny_model / "provenance.json")
+    assert "max_steps: 20" in card.text and record["inputs"]["train_texts"] in card.text
+    assert "Not evaluated yet" in card.text and not card.data.eval_results
+
+
+def test_saving_again_writes_the_card_afresh(tiny_model, tmp_path):
+    model = TIPCap.from_pretrained(tiny_model, device="cpu")
+    model.save_pretrained(tmp_path / "copy")
+    card = ModelCard.load(tmp_path / "copy" / "README.md")
+    assert "no training record" in card.text and "isotropic" in card.text
+
+
+def test_card_names_a_known_training_data_set(tiny_model, tmp_path):
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    record = load_json(folder / "provenance.json")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "meta.json").write_text(json.dumps({"source": {"corpus": "/data/prepared/corpus/train.json"}}))
+    record["config"]["data"]["train_texts"] = str(store)
+    (folder / "provenance.json").write_text(json.dumps(record))
+    write_model_card(folder)
+    assert ModelCard.load(folder / "README.md").data.datasets is None  # no report.json names it
+    (tmp_path / "prepared" / "corpus").mkdir(parents=True)
+    (tmp_path / "prepared" / "report.json").write_text(json.dumps({"dataset": "coco"}))
+    corpus = tmp_path / "prepared" / "corpus" / "train.json"
+    (store / "meta.json").write_text(json.dumps({"source": {"corpus": str(corpus)}}))
+    write_model_card(folder)
+    assert ModelCard.load(folder / "README.md").data.datasets == ["coco"]
+    (store / "meta.json").write_text(json.dumps({"source": {"corpus": "/data/dataset_flickr30k.json.gz"}}))
+    write_model_card(folder)
+    assert ModelCard.load(folder / "README.md").data.datasets == ["flickr30k"]
+
+
+@pytest.fixture
+def hub_cache(tiny_model, tmp_path, monkeypatch):
+    """A Hugging Face cache holding the tiny model as the hub model ``owner/tiny`` at :data:`COMMIT`."""
+    cache = tmp_path / "hub-cache"
+    repo = cache / "models--owner--tiny"
+    shutil.copytree(tiny_model, repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_from_pretrained_loads_a_hub_name_from_the_cache_offline(tiny_model, hub_cache):
+    local = TIPCap.from_pretrained(tiny_model, device="cpu")
+    for name, revision in (("owner/tiny", None), (f"owner/tiny@{COMMIT}", None), ("owner/tiny", "main")):
+        hub = TIPCap.from_pretrained(name, device="cpu", revision=revision)
+        for key, tensor in local.state_dict().items():
+            assert torch.equal(tensor, hub.state_dict()[key]), key
+    v = torch.nn.functional.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
+    expected = [r.caption for r in local.caption(embeddings=v, num_beams=1)]
+    assert [r.caption for r in hub.caption(embeddings=v, num_beams=1)] == expected
+
+
+def test_a_local_folder_wins_over_the_hub_name(hub_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "tiny").mkdir(parents=True)
+    with pytest.raises(TipcapError, match=r"owner/tiny: not a tipcap model directory"):
+        TIPCap.from_pretrained("owner/tiny", device="cpu")
+
+
+def test_uncached_hub_model_fails_at_once_offline(hub_cache):
+    with pytest.raises(TipcapError, match=r"owner/other.*not in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        TIPCap.from_pretrained("owner/other", device="cpu")
+    with pytest.raises(TipcapError, match=r"revision v2.*HF_HUB_OFFLINE"):
+        TIPCap.from_pretrained("owner/tiny@v2", device="cpu")
+
+
+def test_pull_and_push_offline_fail_in_one_line(tiny_model, hub_cache, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    pulled = run("caption", tmp_path / "photo.png", "--model", "owner/other")
+    assert pulled.exit_code == 1 and len(pulled.output.strip().splitlines()) == 1
+    assert "HF_HUB_OFFLINE is set" in pulled.output and "hf download owner/other" in pulled.output
+    pushed = run("push", "--model", tiny_model, "--repo", "owner/tiny")
+    assert pushed.exit_code == 1 and len(pushed.output.strip().splitlines()) == 1
+    assert pushed.output.startswith("Error: cannot push") and "HF_HUB_OFFLINE is set" in pushed.output
+
+
+def test_push_without_network_fails_at_once(tiny_model, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(tipcap.hub, "host_reachable", lambda host, **kw: False)
+    with pytest.raises(TipcapError, match=r"huggingface\.co cannot be reached"):
+        tipcap.hub.push_model(tiny_model, "owner/tiny")
+
+
+def test_push_publishes_the_folder_with_its_card(tiny_model, tmp_path, monkeypatch):
+    calls = {}
+
+    class Commit:
+        commit_url = "https://huggingface.co/owner/tiny/commit/1"
+
+    def create_repo(self, repo_id, **options):
+        calls["create"] = (repo_id, options)
+
+    def upload_folder(self, **options):
+        calls["upload"] = options
+        return Commit()
+
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    (folder / "README.md").unlink()  # a folder saved before cards existed gets one
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(tipcap.hub, "host_reachable", lambda host, **kw: True)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    result = run("push", "--model", folder, "--repo", "owner/tiny", "--private")
+    assert result.exit_code == 0, result.output
+    assert calls["create"] == ("owner/tiny", {"private": True, "exist_ok": True})
+    assert calls["upload"]["repo_id"] == "owner/tiny" and calls["upload"]["folder_path"] == folder
+    assert (folder / "README.md").is_file() and Commit.commit_url in result.output
+    assert run("push", "--model", folder, "--repo", "not a name").exit_code == 1

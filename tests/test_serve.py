@@ -1,0 +1,231 @@
+"""`tipcap serve` through its HTTP interface: captions and re-captions with prompt words, bad inputs,
+concurrent requests, the JSONL download, and the command line."""
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import run
+from serving import VOCABULARY, build_model, jpeg, png
+from starlette.testclient import TestClient
+
+from tipcap.app.server import create_app, serving
+from tipcap.app.service import Captioner, find_models, load_models
+from tipcap.model import TIPCap
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tiny_clip):
+    """Two untrained decoders on one tiny CLIP: ``hard`` (hard prompts) and ``plain`` (no prompts)."""
+    root = tmp_path_factory.mktemp("served")
+    return {
+        "hard": build_model(root / "hard", tiny_clip, "hard", seed=0),
+        "plain": build_model(root / "plain", tiny_clip, "none", seed=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def captioner(model_dirs):
+    return Captioner(load_models(list(model_dirs.values()), device="cpu"), max_upload_bytes=20_000)
+
+
+@pytest.fixture(scope="module")
+def client(captioner):
+    with TestClient(create_app(captioner)) as client:
+        yield client
+
+
+def upload(client, data: bytes, name: str = "red.png") -> httpx.Response:
+    return client.post("/api/images", params={"name": name}, content=data)
+
+
+def caption(client, image_id: str, method: str = "hard", prompt=None, beams: int = 2) -> httpx.Response:
+    payload = {"image_id": image_id, "method": method, "prompt": prompt or [], "beams": beams}
+    return client.post("/api/caption", json=payload)
+
+
+def test_the_page_and_its_methods(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "tipcap" in page.text and "/static/app.js" in page.text
+    assert client.get("/static/app.js").status_code == 200
+    methods = client.get("/api/methods").json()
+    assert methods["methods"] == [{"name": "hard", "prompt": "hard"}, {"name": "plain", "prompt": "none"}]
+    assert methods["default"] == "hard" and methods["max_upload_bytes"] == 20_000
+
+
+def test_caption_then_recaption_with_prompt_words(client, model_dirs, tmp_path):
+    data = png((200, 30, 30))
+    held = upload(client, data, "red.png").json()
+    assert held["image"] == "red.png" and (held["width"], held["height"]) == (40, 30)
+    first = caption(client, held["image_id"]).json()
+
+    (tmp_path / "red.png").write_bytes(data)
+    model = TIPCap.from_pretrained(model_dirs["hard"], device="cpu")
+    alone = model.caption(images=[tmp_path / "red.png"], num_beams=2)[0].caption
+    assert first["caption"] == first["plain"] == alone and first["prompt"] == []
+
+    # CLIP's guesses: the model's vocabulary, most probable first, with the model's own probabilities.
+    embeddings, _, _ = model.embed_images([tmp_path / "red.png"])
+    expected = model.entity_guesses(embeddings, top_k=5)[0]
+    guesses = first["guesses"]
+    assert [g["word"] for g in guesses] == [word for word, _ in expected]
+    assert sorted(g["word"] for g in guesses) == sorted(VOCABULARY)
+    assert [g["probability"] for g in guesses] == pytest.approx([p for _, p in expected], abs=1e-4)
+
+    again = caption(client, held["image_id"], prompt=[guesses[-1]["word"]]).json()
+    with_words = model.caption(images=[tmp_path / "red.png"], prompts=[guesses[-1]["word"]], num_beams=2)[0]
+    assert again["prompt"] == [guesses[-1]["word"]] == with_words.prompt
+    assert again["caption"] == with_words.caption != first["caption"]  # the words are in the context
+    assert again["plain"] == first["caption"]  # the caption without prompt stays beside it
+
+
+def test_a_method_without_prompts_says_so_and_borrows_the_guesses(client):
+    image_id = upload(client, png((20, 200, 20)), "green.png").json()["image_id"]
+    hard = caption(client, image_id, "hard").json()
+    plain = caption(client, image_id, "plain", prompt=["red circle"]).json()
+    assert plain["prompt"] == [] and plain["caption"] == plain["plain"]
+    assert "trained without prompts" in plain["note"]
+    assert plain["guesses"] == hard["guesses"]  # the same CLIP, the other method's vocabulary
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"this is not an image", 400, "not.png: not an image"),
+        (jpeg((10, 20, 30))[:300], 400, "not.png: truncated or damaged image"),
+        (b"", 400, "not.png: the file is empty"),
+        (b"\x89PNG" + bytes(30_000), 413, "not.png: 29 KB is over the upload limit of 20 KB"),
+    ],
+)
+def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(client, data, status, message):
+    answer = upload(client, data, "not.png")
+    assert answer.status_code == status and answer.json()["error"].startswith(message)
+    good = upload(client, png((1, 2, 3)), "good.png").json()["image_id"]
+    assert caption(client, good).status_code == 200
+
+
+def test_an_upload_over_the_limit_is_refused_without_a_declared_length(client):
+    def chunks():
+        yield bytes(15_000)
+        yield bytes(15_000)
+
+    answer = client.post("/api/images", params={"name": "big.png"}, content=chunks())
+    assert answer.status_code == 413 and "over the upload limit" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "message"),
+    [
+        ({"prompt": [""]}, 400, "prompt: an empty word"),
+        ({"prompt": ["   "]}, 400, "prompt: an empty word"),
+        ({"prompt": "red circle"}, 400, "prompt: give a list of words"),
+        ({"prompt": [f"w{i}" for i in range(17)]}, 400, "prompt: at most 16 words"),
+        ({"method": "gaussian"}, 400, "method 'gaussian': not served; choose one of hard, plain"),
+        ({"beams": 0}, 400, "beams: give a whole number from 1 to 10"),
+        ({"beams": "3"}, 400, "beams: give a whole number"),
+        ({"image_id": "0" * 32}, 404, f"image {'0' * 32}: not held by the server"),
+    ],
+)
+def test_bad_caption_requests_get_a_clear_message(client, change, status, message):
+    image_id = upload(client, png((9, 9, 9))).json()["image_id"]
+    payload = {"image_id": image_id, "method": "hard", "prompt": [], "beams": 1, **change}
+    answer = client.post("/api/caption", json=payload)
+    assert answer.status_code == status and answer.json()["error"].startswith(message)
+    assert caption(client, image_id).status_code == 200
+
+
+def test_a_body_that_is_not_json_is_refused(client):
+    answer = client.post("/api/caption", content=b"{not json")
+    assert answer.status_code == 400 and answer.json()["error"] == "the request body is not JSON."
+
+
+def test_concurrent_requests_are_answered_as_one_at_a_time(captioner):
+    requests = [
+        (png(((40 * i) % 256, (90 * i) % 256, 128)), ["hard", "plain"][i % 2], [VOCABULARY[i % 5]], 1 + i % 3)
+        for i in range(8)
+    ]
+
+    def ask(url, data, method, prompt, beams):
+        with httpx.Client(base_url=url, timeout=60) as http:
+            image_id = upload(http, data, "image.png").json()["image_id"]
+            return caption(http, image_id, method, prompt, beams).json()
+
+    with serving(captioner) as url:
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda request: ask(url, *request), requests))
+        alone = [ask(url, *request) for request in requests]
+    assert together == alone
+    assert len({answer["image_id"] for answer in together}) == 8
+
+
+def test_the_download_is_what_tipcap_caption_writes(client, model_dirs, tmp_path):
+    path = tmp_path / "blue.png"
+    path.write_bytes(png((20, 20, 220)))
+    written = tmp_path / "captions.jsonl"
+    result = run("caption", path, "--model", model_dirs["hard"], "--prompt", "blue square", "--beams", "2",
+                 "--out", written, "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    image_id = upload(client, path.read_bytes(), str(path)).json()["image_id"]
+    shown = caption(client, image_id, prompt=["blue square"]).json()
+    download = client.post(
+        "/api/jsonl", json={"results": [{k: shown[k] for k in ("image", "caption", "prompt")}]}
+    )
+    assert download.status_code == 200
+    assert download.headers["content-disposition"] == 'attachment; filename="captions.jsonl"'
+    assert download.text == written.read_text()
+    several = client.post("/api/jsonl", json={"results": [{**json.loads(download.text), "method": "hard"}]})
+    assert json.loads(several.text)["method"] == "hard"
+
+
+def test_serving_writes_nothing(model_dirs, tmp_path, monkeypatch):
+    temporary = tmp_path / "temp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.stat().st_mtime_ns for d in model_dirs.values() for p in d.rglob("*")}
+    with TestClient(create_app(Captioner(load_models([model_dirs["hard"]], device="cpu")))) as http:
+        image_id = upload(http, jpeg((120, 10, 10)), "photo.jpg").json()["image_id"]
+        assert caption(http, image_id, prompt=["red circle"]).status_code == 200
+    assert sorted(tmp_path.iterdir()) == [temporary] and not any(temporary.iterdir())
+    assert {p: p.stat().st_mtime_ns for d in model_dirs.values() for p in d.rglob("*")} == before
+
+
+def test_find_models_in_a_grid_folder_names_them_by_cell(tmp_path):
+    for run_name in ("none-seed0", "gaussian-few-pairs-prompts-seed0", "gaussian-few-pairs-seed0"):
+        (tmp_path / "runs" / run_name / "model").mkdir(parents=True)
+        (tmp_path / "runs" / run_name / "model" / "config.json").write_text("{}")
+    (tmp_path / "runs" / "isotropic-seed0").mkdir()  # unfinished: no model yet
+    cells = {"none": {}, "isotropic": {}, "gaussian-few-pairs": {}, "gaussian-few-pairs-prompts": {}}
+    (tmp_path / "grid.json").write_text(json.dumps({"fixed": {}, "cells": cells}))
+    found = find_models(tmp_path)
+    assert list(found) == ["none", "gaussian-few-pairs", "gaussian-few-pairs-prompts"]
+    assert found["none"] == tmp_path / "runs" / "none-seed0" / "model"
+    (tmp_path / "runs" / "none-seed1" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "none-seed1" / "model" / "config.json").write_text("{}")
+    assert list(find_models(tmp_path))[:2] == ["none-seed0", "none-seed1"]
+
+
+def test_serve_command_errors_are_one_line(model_dirs, tmp_path):
+    result = run("serve")
+    assert result.exit_code == 1 and "give --model DIR, or --demo" in result.output
+    result = run("serve", "--model", tmp_path)
+    assert result.exit_code == 1 and f"{tmp_path}: holds no tipcap model" in result.output
+    assert "Traceback" not in result.output
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run("serve", "--model", model_dirs["plain"], "--port", port, "--device", "cpu")
+    assert result.exit_code == 1 and f"--port {port}: cannot listen there" in result.output
+
+
+def test_the_command_line_does_not_import_the_web_framework():
+    code = "import sys, tipcap.cli; assert 'starlette' not in sys.modules and 'uvicorn' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert "serve" in run("--help").output

@@ -1,0 +1,119 @@
+"""The page of `tipcap serve` in a real browser: headless Chromium (Debian's `chromium` and `chromium-driver`,
+which `.ci/run` installs), driven by Selenium with the system driver and no network."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from serving import build_model, png
+
+from tipcap.app.server import serving
+from tipcap.app.service import Captioner, load_models
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+        reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+    ),
+]
+
+
+@pytest.fixture
+def browser(tmp_path, monkeypatch):
+    """Headless Chromium with the flags a closed network needs, through the system chromedriver."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not look for a driver online
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1100,800", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    models = [
+        build_model(tmp_path / "hard", tiny_clip, "hard", 0),
+        build_model(tmp_path / "plain", tiny_clip, "none", 1),
+    ]
+    (tmp_path / "red.png").write_bytes(png((200, 30, 30)))
+    (tmp_path / "notes.png").write_bytes(b"not an image at all")
+    wait = WebDriverWait(browser, 60)
+
+    with serving(Captioner(load_models(models, device="cpu"))) as url:
+        browser.get(url)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        picker = browser.find_element(By.ID, "files")
+        browser.execute_script("arguments[0].hidden = false", picker)
+        picker.send_keys(str(tmp_path / "red.png"))
+        card = browser.find_element(By.CSS_SELECTOR, ".card")
+
+        def rounds(count):
+            return lambda d: (
+                card.get_attribute("data-state") == "done"
+                and card.get_attribute("data-requests") == str(count)
+            )
+
+        wait.until(rounds(1))
+        row = 'tr[data-method="hard"]'
+        first = card.find_element(By.CSS_SELECTOR, f"{row} td.caption").text.splitlines()[0]
+        plain = card.find_element(By.CSS_SELECTOR, f"{row} td.plain").text
+        assert first and first == plain
+        chips = card.find_elements(By.CSS_SELECTOR, ".chip")
+        assert len(chips) == 5 and all(chip.text.endswith("%") for chip in chips)
+
+        word = chips[-1].get_attribute("data-word")
+        chips[-1].click()
+        wait.until(rounds(2))
+        prompt = [
+            tag.get_attribute("data-word") for tag in card.find_elements(By.CSS_SELECTOR, ".prompt-word")
+        ]
+        assert prompt == [word]
+        captioned = card.find_element(By.CSS_SELECTOR, f"{row} td.caption")
+        assert captioned.get_attribute("data-prompt") == word
+        assert captioned.text.splitlines()[0] != first  # a hard-prompt model reads the word
+        assert card.find_element(By.CSS_SELECTOR, f"{row} td.plain").text == plain
+        assert "used" in card.find_element(By.CSS_SELECTOR, f'.chip[data-word="{word}"]').get_attribute(
+            "class"
+        )
+
+        words = card.find_element(By.CSS_SELECTOR, "input.words")
+        words.send_keys("blue square", Keys.ENTER)
+        wait.until(rounds(3))
+        assert card.find_element(By.CSS_SELECTOR, f"{row} td.caption").get_attribute("data-prompt") == (
+            f"{word}, blue square"
+        )
+        card.find_element(By.CSS_SELECTOR, "button.add").click()  # with nothing typed
+        assert "Empty prompt" in card.find_element(By.CSS_SELECTOR, ".error").text
+
+        # Both methods side by side; the one trained without prompts says so.
+        browser.find_element(By.CSS_SELECTOR, '#method option[value="*"]').click()
+        wait.until(rounds(4))
+        methods = [r.get_attribute("data-method") for r in card.find_elements(By.CSS_SELECTOR, "tbody tr")]
+        assert methods == ["hard", "plain"]
+        assert "without prompts" in card.find_element(By.CSS_SELECTOR, 'tr[data-method="plain"]').text
+
+        picker.send_keys(str(tmp_path / "notes.png"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '.card[data-state="error"]')) == 1)
+        bad = browser.find_element(By.CSS_SELECTOR, '.card[data-state="error"] .error').text
+        assert bad.startswith("notes.png: not an image")
+        screenshot = tmp_path / "serve.png"
+        assert browser.save_screenshot(str(screenshot))
+        assert screenshot.read_bytes()[:4] == b"\x89PNG" and os.path.getsize(screenshot) > 10_000

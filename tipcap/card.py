@@ -1,0 +1,249 @@
+"""Model cards: the ``README.md`` of a model directory, with the Hugging Face hub's YAML header.
+
+Every model directory gets one when it is saved (:meth:`tipcap.model.TIPCap.save_pretrained`), written from
+what the folder holds, so that a copied or published folder describes itself:
+
+- the YAML header (``huggingface_hub.ModelCardData``): ``library_name: tipcap``, ``pipeline_tag:
+  image-to-text``, tags naming the gap kind and the data setting, the training data set when it is known,
+  and the evaluation figures as a ``model-index``. No licence is claimed: it depends on the data, the
+  language model and the CLIP the decoder was trained with.
+- the model: its CLIP, language model, prefix, projector and prompt mode (``config.json``);
+- the data setting and the gap: kind, ‖μ‖, trace Σ and the effective rank of Σ (``gap.safetensors``);
+- the training run: its command, config and input hashes (``provenance.json``, written by ``train``);
+- the evaluation figures (x100, as papers print them), one row per data set, split, domain and decoding
+  setting. ``tipcap evaluate`` adds or replaces its row (:func:`record_evaluation`); saving the weights
+  again writes the card afresh, without figures that belonged to the old weights.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from tipcap.clip import ClipSpec
+from tipcap.errors import TipcapError
+from tipcap.gap import Gap
+from tipcap.gap.report import gap_report
+from tipcap.io import atomic_path, load_json
+from tipcap.provenance import FILE_NAME as PROVENANCE_NAME
+from tipcap.store import META as STORE_META
+
+CARD_NAME = "README.md"
+TASK = "image-to-text"
+KNOWN_DATASETS = ("coco", "flickr30k")
+"""Training data sets named in the card's header, when a caption store's corpus shows it was one of them."""
+
+_KARPATHY_NAME = re.compile(r"dataset_(\w+)\.json(\.gz)?")
+
+
+def model_name(directory: Path) -> str:
+    """The name a card gives its model: the folder's name, or its run's when the folder is ``model``."""
+    resolved = directory.resolve()
+    return resolved.parent.name if resolved.name == "model" and resolved.parent.name else resolved.name
+
+
+def _training_dataset(record: Mapping[str, Any] | None) -> str | None:
+    """The known data set (:data:`KNOWN_DATASETS`) whose captions the run trained on, or ``None``.
+
+    The caption store's ``meta.json`` names its corpus: a Karpathy file (``dataset_coco.json``), or a
+    corpus written by ``tipcap prepare``, whose ``report.json`` beside it names the data set.
+    """
+    texts = ((record or {}).get("config") or {}).get("data", {}).get("train_texts")
+    meta = Path(texts or "") / STORE_META
+    if not texts or not meta.is_file():
+        return None
+    corpus = Path(load_json(meta).get("source", {}).get("corpus") or "")
+    match = _KARPATHY_NAME.fullmatch(corpus.name)
+    name = match.group(1) if match else None
+    report = corpus.parent.parent / "report.json"
+    if name is None and report.is_file():
+        name = load_json(report).get("dataset")
+    return name if name in KNOWN_DATASETS else None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _model_section(document: Mapping[str, Any]) -> str:
+    """The CLIP, language model and decoder settings of a model's ``config.json``."""
+    model = document["model"]
+    clip = document.get("clip")
+    language = model.get("language_model_config") or {}
+    shape = ", ".join(
+        f"{key} {language[key]}"
+        for key in ("n_layer", "n_embd", "num_hidden_layers", "hidden_size")
+        if key in language
+    )
+    kind = language.get("model_type", model["language_model"])
+    rows = [
+        ["CLIP", ClipSpec.from_dict(clip).describe() if clip else "not recorded"],
+        ["language model", f"{kind} ({shape})" if shape else kind],
+        ["tokenizer", model.get("tokenizer") or model["language_model"]],
+        ["prefix", f"{model['prefix_length']} vectors from a {model['projector']} projector"],
+        ["prompts", f"{model['prompt']} ({len(document.get('entity_names') or [])} entities)"],
+    ]
+    return "## Model\n\n" + _table(["part", "setting"], rows)
+
+
+def _gap_section(report: Mapping[str, Any] | None) -> str:
+    """The data setting and the gap's statistics."""
+    if report is None:
+        return (
+            "## Data setting and modality gap\n\nNo gap: a decoder trained on image embeddings (supervised)."
+        )
+    row = [report["setting"] or "none", report["kind"], report["dim"], f"{report['mu_norm']:.4f}",
+           f"{report['sigma_trace']:.4f}", f"{report['effective_rank']:.1f}"]  # fmt: skip
+    header = ["data setting", "gap kind", "d", "‖μ‖", "trace Σ", "effective rank of Σ"]
+    return (
+        "## Data setting and modality gap\n\n"
+        "The decoder read CLIP text embeddings at training; the gap carries image embeddings to the text "
+        "side at inference.\n\n" + _table(header, [row])
+    )
+
+
+def _training_section(record: Mapping[str, Any] | None) -> str:
+    """The training command, config, inputs and software of ``provenance.json``."""
+    if record is None:
+        return "## Training\n\nThis folder holds no training record (`provenance.json`)."
+    command = list(record.get("command") or [])
+    if command and Path(command[0]).name in ("tipcap", "cli.py"):
+        command[0] = "tipcap"
+    config = yaml.safe_dump(record.get("config"), sort_keys=False, allow_unicode=True).rstrip()
+    inputs = _table(["input", "SHA-256 or store digest"], sorted(record.get("inputs", {}).items()))
+    versions = ", ".join(f"{name} {version}" for name, version in (record.get("versions") or {}).items())
+    return (
+        f"## Training\n\nTrained with tipcap {record.get('tipcap', '?')} ({versions}):\n\n"
+        f"```bash\n{shlex.join(command)}\n```\n\nConfig:\n\n```yaml\n{config}\n```\n\n{inputs}"
+    )
+
+
+def _evaluation_section(results: Sequence[EvalResult]) -> str:
+    """One row per data set, split, domain and decoding setting; one column per metric (x100)."""
+    if not results:
+        return (
+            "## Evaluation\n\nNot evaluated yet: `tipcap evaluate --model <this folder> ...` adds its "
+            "figures here."
+        )
+    metrics = list(dict.fromkeys(r.metric_name or r.metric_type for r in results))
+    rows: dict[tuple[Any, ...], dict[str, float]] = {}
+    for r in results:
+        key = (r.dataset_name, r.dataset_split or "", r.dataset_config or "all", r.metric_config or "")
+        rows.setdefault(key, {})[r.metric_name or r.metric_type] = r.metric_value
+    table = _table(
+        ["data", "split", "domain", "setting", *metrics],
+        [
+            [*key, *(f"{values[m]:.1f}" if m in values else "" for m in metrics)]
+            for key, values in rows.items()
+        ],
+    )
+    return (
+        "## Evaluation\n\nScores x100, as papers print them (caption metrics by pycocoevalcap).\n\n" + table
+    )
+
+
+def write_model_card(directory: str | Path, results: Sequence[EvalResult] = ()) -> Path:
+    """Write ``directory/README.md`` from the folder's config, gap and training record, with ``results``
+    as its evaluation figures; return its path.
+
+    Raises:
+        TipcapError: when the folder has no tipcap ``config.json``.
+    """
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise TipcapError(f"{directory}: not a tipcap model directory (no config.json).")
+    document = load_json(config_path)
+    gap_path = directory / "gap.safetensors"
+    report = gap_report(Gap.load(gap_path)) if gap_path.is_file() else None
+    record = load_json(directory / PROVENANCE_NAME) if (directory / PROVENANCE_NAME).is_file() else None
+    name = model_name(directory)
+    tags = ["tipcap", "image-captioning", "clip", "zero-shot-image-captioning"]
+    if report is not None:
+        tags += [f"gap-{report['kind']}", f"setting-{report['setting'] or 'none'}"]
+    dataset = _training_dataset(record)
+    data = ModelCardData(
+        library_name="tipcap",
+        pipeline_tag=TASK,
+        tags=tags,
+        datasets=[dataset] if dataset else None,
+        model_name=name,
+        eval_results=list(results) or None,
+    )
+    intro = (
+        f"# {name}\n\nA tipcap caption decoder: a language model that reads "
+        "a prefix projected from a CLIP embedding. It was trained on the CLIP text embeddings of captions; "
+        "at inference, its modality gap carries a CLIP image embedding to the text side.\n\n"
+        "```python\nfrom tipcap import TIPCap\n\n"
+        'model = TIPCap.from_pretrained("owner/name")  # a hub name, or the path of this folder\n'
+        'print(model.caption(images=["photo.jpg"])[0].caption)\n```'
+    )
+    body = "\n\n".join(
+        [
+            intro,
+            _model_section(document),
+            _gap_section(report),
+            _training_section(record),
+            _evaluation_section(results),
+        ]
+    )
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+    path = directory / CARD_NAME
+    with atomic_path(path) as tmp:
+        card.save(tmp)
+    return path
+
+
+def card_results(directory: str | Path) -> list[EvalResult]:
+    """The evaluation figures of a model directory's card (none when it has no card)."""
+    path = Path(directory) / CARD_NAME
+    if not path.is_file():
+        return []
+    return list(ModelCard.load(path, ignore_metadata_errors=True).data.eval_results or [])
+
+
+def evaluation_results(
+    document: Mapping[str, Any], dataset: str, split: str | None, setting: str
+) -> list[EvalResult]:
+    """A ``metrics.json`` document's figures (x100) as hub evaluation results, per domain as well."""
+    groups = [(None, document["metrics"])]
+    groups += [(domain, scores["metrics"]) for domain, scores in document.get("domains", {}).items()]
+    return [
+        EvalResult(
+            task_type=TASK,
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=split,
+            dataset_config=domain,
+            metric_type=metric.lower(),
+            metric_name=metric,
+            metric_value=round(100 * value, 2),
+            metric_config=setting,
+        )
+        for domain, metrics in groups
+        for metric, value in metrics.items()
+        if value is not None
+    ]
+
+
+def record_evaluation(
+    directory: str | Path, document: Mapping[str, Any], dataset: str, split: str | None, setting: str
+) -> Path:
+    """Put an evaluation's figures on a model's card, replacing earlier ones of the same data set, split,
+    domain and decoding ``setting``; return the card's path."""
+    new = evaluation_results(document, dataset, split, setting)
+
+    def key(r: EvalResult) -> tuple[Any, ...]:
+        return (r.dataset_type, r.dataset_split, r.dataset_config, r.metric_config)
+
+    replaced = {key(r) for r in new}
+    return write_model_card(directory, [r for r in card_results(directory) if key(r) not in replaced] + new)

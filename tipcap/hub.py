@@ -1,0 +1,153 @@
+"""The Hugging Face hub: publishing a model directory, and finding one by its hub name.
+
+``push_model`` publishes a model directory (card included) through ``HfApi.create_repo`` and
+``upload_folder``. ``resolve_model`` turns ``owner/name`` (optionally ``owner/name@revision``) into a
+folder of the local Hugging Face cache through ``snapshot_download``: what the cache holds is used as it
+is, without network; what it lacks is downloaded. A local folder of that name always wins.
+
+Offline (``HF_HUB_OFFLINE`` set, or the hub's host not answering a TCP connection within a few seconds),
+both fail at once with one line saying what to do, instead of retrying for minutes.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tipcap import __version__
+from tipcap.errors import TipcapError
+from tipcap.network import host_reachable
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
+def is_hub_name(name: str) -> bool:
+    """Whether ``name`` reads as ``owner/name`` or ``owner/name@revision``."""
+    return _HUB_NAME.fullmatch(name) is not None
+
+
+def _offline_reason() -> str | None:
+    """Why the hub cannot be used now (``HF_HUB_OFFLINE``, or its host not answering), else ``None``."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    if not host_reachable(host):
+        return f"{host} cannot be reached"
+    return None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path:
+    """The folder of a model given by path or by hub name (``owner/name``, ``owner/name@revision``).
+
+    An existing path, or a name that is not a hub name, is returned as it is. A hub name is looked up in the
+    Hugging Face cache (``HF_HUB_CACHE``) and downloaded when missing there.
+
+    Raises:
+        TipcapError: when the model is not cached and the hub cannot be used (within seconds), or the hub
+            has no such model or revision.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    path = Path(name_or_path)
+    name = str(name_or_path)
+    if path.exists() or not is_hub_name(name):
+        return path
+    repo, _, pinned = name.partition("@")
+    revision = revision or pinned or None
+    where = f"{repo}" + (f" (revision {revision})" if revision else "")
+    options = {"revision": revision, "library_name": "tipcap", "library_version": __version__}
+    try:
+        return Path(snapshot_download(repo, local_files_only=True, **options))
+    except LocalEntryNotFoundError:
+        pass  # not cached: download it below, when the hub can be reached
+    except HFValidationError as e:
+        raise TipcapError(f"{name}: no such folder, nor a valid hub name ({_first_line(e)}).") from None
+    reason = _offline_reason()
+    if reason is not None:
+        from huggingface_hub import constants
+
+        raise TipcapError(
+            f"{name}: no such folder, and the hub model {where} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) while {reason}; download it where the hub can be reached "
+            f"(`hf download {repo}`) and point HF_HUB_CACHE at that cache, or pass the model's folder."
+        )
+    try:
+        return Path(snapshot_download(repo, **options))
+    except RepositoryNotFoundError:
+        raise TipcapError(
+            f"{name}: no such folder, and no model {repo} on the hub (for a private one, log in with "
+            "`hf auth login` or set HF_TOKEN)."
+        ) from None
+    except RevisionNotFoundError:
+        raise TipcapError(f"{name}: the hub model {repo} has no revision {revision!r}.") from None
+    except HfHubHTTPError as e:
+        raise TipcapError(f"downloading {where} from the hub failed: {_first_line(e)}") from None
+
+
+def push_model(
+    directory: str | Path,
+    repo: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Publish a model directory as the hub model ``repo`` (created when missing); return the commit's URL.
+
+    A folder written before model cards existed gets its card first.
+
+    Raises:
+        TipcapError: for a folder that is no tipcap model, a malformed repo name, no network (at once), no
+            token, or a refusal by the hub.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file() or not (directory / "model.safetensors").is_file():
+        raise TipcapError(
+            f"--model {directory}: not a tipcap model directory (needs config.json and model.safetensors)."
+        )
+    if "@" in repo or not is_hub_name(repo):
+        raise TipcapError(f"--repo {repo!r}: expected a hub model name, owner/name.")
+    reason = _offline_reason()
+    if reason is not None:
+        raise TipcapError(
+            f"cannot push {directory} to {repo}: {reason}; push from a machine that reaches the hub "
+            "(without HF_HUB_OFFLINE), logged in with `hf auth login` or with --token."
+        )
+    from tipcap.card import CARD_NAME, write_model_card  # torch, needed only once the hub can be used
+
+    if not (directory / CARD_NAME).is_file():
+        write_model_card(directory)
+    api = HfApi(token=token, library_name="tipcap", library_version=__version__)
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo,
+            folder_path=directory,
+            commit_message=commit_message or f"Upload {directory.name} with tipcap {__version__}",
+            ignore_patterns=["*.tmp"],
+        )
+    except LocalTokenNotFoundError:
+        raise TipcapError(
+            f"cannot push to {repo}: no Hugging Face token; log in with `hf auth login`, set HF_TOKEN, or "
+            "pass --token."
+        ) from None
+    except (HfHubHTTPError, HFValidationError) as e:
+        raise TipcapError(f"pushing {directory} to {repo} failed: {_first_line(e)}") from None
+    return commit.commit_url
