@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -373,6 +374,7 @@ def test_embed_refuses_sizes_below_one(tmp_path, tiny_clip, image_folder, args):
         (["evaluate", "--data", "d.json", "--out", "o", "--beams", "-1"], "--beams"),
         (["toyworld", "--out", "w", "--image-size", "0"], "--image-size"),
         (["toyworld", "--out", "w", "--web-mismatch", "1.5"], "--web-mismatch"),
+        (["toyworld", "--out", "w", "--web-mismatch", "nan"], "--web-mismatch"),
     ],
 )
 def test_caption_evaluate_and_toyworld_refuse_out_of_range_numbers(command, flag, tmp_path, monkeypatch):
@@ -482,3 +484,194 @@ def test_training_refuses_captions_that_do_not_cover_the_store(stores, tmp_path)
     result = run("train", "--config", ROOT / "experiments" / "tiny.yaml",
                  "--set", f"data.train_texts={texts}", "--out", tmp_path / "run")  # fmt: skip
     assert_one_line_error(result, str(texts), "captions.json")
+
+
+# --- 8. damaged model folders, CLIP files and stores found by benchmarks/bad_input_probe.py ---------------
+
+
+def tiny_model(directory: Path, prefix_length: int = 2) -> Path:
+    """Save an untrained tiny caption model (no CLIP) to ``directory``."""
+    from tipcap.config import ModelConfig
+    from tipcap.model import TIPCap
+    from tipcap.training_data import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(["a red circle ."])
+    language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32,
+                      "vocab_size": len(tokenizer)}  # fmt: skip
+    config = ModelConfig(clip_dim=8, language_model_config=language_model, prefix_length=prefix_length)
+    TIPCap.build(config, tokenizer).save_pretrained(directory)
+    return directory
+
+
+def half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda m: half(m / "config.json"), "config.json: not valid JSON"),
+        (lambda m: (m / "config.json").write_text("[1, 2]"), "config.json: not a tipcap model config"),
+        (lambda m: (m / "config.json").write_bytes(b'{"format": "caf\xe9"}'), "UTF-8"),
+        (lambda m: half(m / "model.safetensors"), "model.safetensors: not a readable safetensors file"),
+        (lambda m: (m / "tokenizer.json").write_text("{not json"), "tokenizer files cannot be read"),
+        (lambda m: (m / "tokenizer.json").write_text("{}"), "tokenizer files cannot be read"),
+        (
+            lambda m: (m / "model.safetensors").write_bytes(
+                (tiny_model(m.parent / "other", prefix_length=3) / "model.safetensors").read_bytes()
+            ),
+            "weights do not fit the model its config.json describes",
+        ),
+        (
+            lambda m: (m / "config.json").write_text(
+                json.dumps({**json.loads((m / "config.json").read_text()), "entity_names": 5})
+            ),
+            "'entity_names' must be a list",
+        ),
+    ],
+    ids=[
+        "config-truncated",
+        "config-a-list",
+        "config-not-utf8",
+        "weights-truncated",
+        "tokenizer-bad-json",
+        "tokenizer-empty",
+        "weights-of-another-shape",
+        "entity-names-a-number",
+    ],
+)
+def test_damaged_model_folder_is_one_line(tmp_path, damage, needle):
+    model = tiny_model(tmp_path / "model")
+    damage(model)
+    image = write_images(tmp_path / "images", 1)[0]
+    result = run("caption", image, "--model", model, "--device", "cpu")
+    assert_one_line_error(result, str(model), needle)
+
+
+def test_clip_config_and_weights_that_cannot_build_a_clip_are_one_line(tmp_path, tiny_clip):
+    config = json.loads(tiny_clip.read_text())
+    (tmp_path / "zero.json").write_text(json.dumps({**config, "embed_dim": 0}))
+    result = embed_texts(COCO_SLICE, tmp_path / "zero.json", tmp_path / "s1")
+    assert_one_line_error(result, "--clip", "embed_dim must be a positive integer")
+    for name, data in (("garbage.bin", b"not a checkpoint"), ("empty.bin", b"")):
+        (tmp_path / name).write_bytes(data)
+        result = run("embed", "texts", "--corpus", COCO_SLICE, "--clip", tiny_clip, "--pretrained",
+                     tmp_path / name, "--out", tmp_path / "s2", "--no-progress")  # fmt: skip
+        assert_one_line_error(result, f"--pretrained {tmp_path / name}")
+    assert not (tmp_path / "s1").exists() or not (tmp_path / "s1" / "meta.json").exists()
+
+
+def test_limit_above_one_hundred_percent_is_refused(tmp_path, tiny_clip, image_folder):
+    result = embed_images(image_folder, tiny_clip, tmp_path / "store", "--limit", "200%")
+    assert_one_line_error(result, "--limit '200%'", "at most 100%")
+
+
+def test_a_store_whose_bytes_changed_at_the_same_size_is_rebuilt_not_reused(stores, tmp_path, tiny_clip):
+    store = copy_store(stores / "texts", tmp_path / "texts")
+    poison_row(store, 5)
+    EmbeddingStore.open(store)  # the size is right: opening does not read every byte
+    result = embed_texts(COCO_SLICE, tiny_clip, store)
+    assert result.exit_code == 0 and result.stdout.startswith("wrote 120"), result.output
+    assert "checksum" in result.stderr
+    assert store_bytes(store) == store_bytes(stores / "texts")
+
+
+@pytest.mark.parametrize(
+    "args", [("--setting", "few-pairs"), ("--setting", "text-only", "--kind", "isotropic")]
+)
+def test_mu_from_where_it_would_be_ignored_is_refused(stores, tmp_path, args):
+    gap = tmp_path / "source.safetensors"
+    assert run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--out", gap).exit_code == 0
+    out = tmp_path / "gap.safetensors"
+    result = run("fit-gap", *args, "--texts", stores / "texts", "--images", stores / "images",
+                 "--mu-from", gap, "--out", out)  # fmt: skip
+    assert_one_line_error(result, "--mu-from")
+    assert not out.exists()
+
+
+def test_a_full_disk_under_safetensors_is_one_line(stores, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    out = tmp_path / "gap.safetensors"
+    result = run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--out", out)
+    assert_one_line_error(result, str(out), "the disk is full")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["{model_type: bogus}", "{model_type: gpt2, n_embd: 0, n_head: 2}", "{model_type: gpt2, n_layer: x}"],
+)
+def test_a_language_model_config_transformers_cannot_build_is_one_line(stores, tmp_path, value):
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml", "--set",
+                 f"data.train_texts={stores / 'texts'}", "--set", f"model.language_model_config={value}",
+                 "--out", tmp_path / "run")  # fmt: skip
+    assert_one_line_error(result, "model.language_model_config")
+
+
+def test_an_unused_vocabulary_is_warned_about(stores, tmp_path):
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml", "--set",
+                 f"data.train_texts={stores / 'texts'}", "--set", "model.vocabulary=/nonexistent.json",
+                 "--set", "train.max_steps=2", "--out", tmp_path / "run", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "model.vocabulary /nonexistent.json is not used: model.prompt is none" in result.stderr
+
+
+def test_resume_passes_over_a_damaged_checkpoint_and_refuses_when_all_are(stores, tmp_path):
+    args = ["train", "--config", ROOT / "experiments" / "tiny.yaml", "--no-progress",
+            "--set", f"data.train_texts={stores / 'texts'}", "--set", "train.max_steps=6",
+            "--set", "train.checkpoint_every=2", "--set", "train.log_every=2",
+            "--set", "train.warmup_steps=0", "--set", "train.keep_checkpoints=3"]  # fmt: skip
+    assert run(*args, "--out", tmp_path / "whole").exit_code == 0
+    reference = (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
+    checkpoints = sorted((tmp_path / "whole" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step-00000002", "step-00000004", "step-00000006"]
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for name in ("config.yaml", "run.json", "metrics.jsonl"):
+        (damaged / name).write_bytes((tmp_path / "whole" / name).read_bytes())
+    for checkpoint in checkpoints[:2]:  # as if the run had been killed after step 4
+        shutil.copytree(checkpoint, damaged / "checkpoints" / checkpoint.name)
+    half(damaged / "checkpoints" / "step-00000004" / "model.safetensors")
+    result = run(*args, "--resume", "--out", damaged)
+    assert result.exit_code == 0, result.output
+    assert "step-00000004 cannot be loaded" in result.stderr
+    # Resumed from step 2, the run draws what the uninterrupted run drew.
+    assert (damaged / "model" / "model.safetensors").read_bytes() == reference
+
+    for checkpoint in (damaged / "checkpoints").iterdir():
+        half(checkpoint / "trainer.pt")
+    result = run(*args, "--resume", "--out", damaged)
+    assert_one_line_error(result, "--resume", str(damaged / "checkpoints"), "damaged")
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"seeds": []}, "config key 'seeds'"),
+        ({"vocabulary": "missing-entities.json"}, "config key 'vocabulary'"),
+        (
+            {
+                "web_pairs": "missing.jsonl",
+                "cells": [{"name": "w", "kind": "gaussian", "setting": "web-pairs"}],
+            },
+            "config key 'web_pairs'",
+        ),
+        ({"karpathy": "typo.json"}, "config key 'karpathy'"),
+        ({"image_root": "no-such-folder"}, "config key 'image_root'"),
+    ],
+)
+def test_ablate_checks_its_inputs_before_it_records_the_grid(tmp_path, tiny_clip, change, needle):
+    grid = {"karpathy": str(COCO_SLICE), "embed": {"model": str(tiny_clip), "pretrained": "none"},
+            "cells": [{"name": "none", "kind": "none"}], **change}  # fmt: skip
+    config = tmp_path / "grid.yaml"
+    config.write_text(json.dumps(grid))
+    with contextlib.chdir(tmp_path):  # relative paths in the grid are relative to here
+        result = run("ablate", config, "--plan", "--out", tmp_path / "out")
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "out" / "grid.json").exists()

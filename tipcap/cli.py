@@ -73,6 +73,16 @@ def os_error_message(error: OSError) -> str:
     return f"{where}: {what}; {advice}."
 
 
+class _FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, which lets NaN through (every comparison with NaN is false), refusing it."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number.", param, ctx)
+        return number
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tipcap")
 def main() -> None:
@@ -796,7 +806,7 @@ def push_command(model_dir: str, repo: str, private: bool, token: str | None, me
     "--web-mismatch",
     default=0.2,
     show_default=True,
-    type=click.FloatRange(0, 1),
+    type=_FiniteFloatRange(0, 1),
     help="Share of web pairs with another image's caption.",
 )
 def toyworld_command(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -318,6 +319,11 @@ class ClipEncoder:
                 raise TipcapError(
                     f"--clip {config}: not an open_clip model config, missing {', '.join(missing)}."
                 )
+            embed_dim = document["embed_dim"]
+            if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+                raise TipcapError(
+                    f"--clip {config}: embed_dim must be a positive integer, not {embed_dim!r}."
+                )
             open_clip.add_model_config(config)
             name = config.stem
         elif name not in open_clip.list_models():
@@ -354,9 +360,24 @@ class ClipEncoder:
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=weights, precision=precision, device=torch_device, **kwargs
                 )
-            # open_clip reports a checkpoint of another architecture with assertions or key errors.
-            except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as e:
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # open_clip reports a checkpoint of another architecture with assertions or key errors, a
+            # file that is no checkpoint at all with torch.load's unpickling error, a config of the wrong
+            # types with type errors.
+            except (
+                RuntimeError,
+                KeyError,
+                ValueError,
+                TypeError,
+                OSError,
+                AssertionError,
+                pickle.UnpicklingError,
+                EOFError,
+            ) as e:
+                first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                if weights is None:
+                    raise TipcapError(
+                        f"--clip {spec.model}: open_clip cannot build {name}: {first_line}"
+                    ) from None
                 raise TipcapError(
                     f"--pretrained {spec.pretrained}: could not load weights into {name}: {first_line}"
                 ) from None

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import zlib
@@ -114,6 +115,26 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors to a safetensors file through :func:`atomic_path`.
+
+    safetensors reports a failed write (a full disk, a read-only folder) as its own error type with the
+    errno in the text; it is raised as the ``OSError`` it is, naming ``path``, so that the command line
+    reports it as one line like any other.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def write_json_atomic(path: Path, document: Any, indent: int | None = 1) -> None:

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -41,7 +42,7 @@ from tipcap.data import ImageError, load_image
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.hub import resolve_model
-from tipcap.io import atomic_path
+from tipcap.io import atomic_path, load_json, save_safetensors
 from tipcap.prompts import (
     PROMPT_TEMPLATES,
     PromptInteraction,
@@ -103,7 +104,16 @@ def _language_model_from(config: ModelConfig) -> nn.Module:
     if config.language_model_config is not None:
         settings = dict(config.language_model_config)
         model_type = settings.pop("model_type", "gpt2")
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+        try:
+            return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **settings))
+        # transformers reports an unknown type, a value of the wrong type or impossible sizes with whatever
+        # its code meets first (value, type, validation, arithmetic errors).
+        except Exception as e:
+            message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise TipcapError(
+                f"model.language_model_config: transformers cannot build a {model_type!r} causal LM from "
+                f"it ({type(e).__name__}: {message}); check model_type and the sizes."
+            ) from None
     try:
         return AutoModelForCausalLM.from_pretrained(config.language_model)
     except OSError as e:
@@ -117,9 +127,17 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A tokenizer by hub name or local directory, with a pad token (the end-of-text token if none)."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
+    # Damaged tokenizer files surface as whatever the tokenizers library raises (JSON, key and value
+    # errors from Python, plain exceptions from its Rust core).
+    except Exception as e:
+        message = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if Path(name_or_path).is_dir():
+            raise TipcapError(
+                f"{name_or_path}: its tokenizer files cannot be read ({message}); copy them again from the "
+                "training run, or retrain."
+            ) from None
         raise TipcapError(
-            f"tokenizer {name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); "
+            f"tokenizer {name_or_path!r} cannot be loaded ({message}); "
             "offline, pass a local directory holding the tokenizer files."
         ) from None
     if tokenizer.pad_token is None:
@@ -579,8 +597,7 @@ class TIPCap(nn.Module):
                 continue
             storages.add(pointer)
             state[name] = tensor.detach().cpu().contiguous()
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, tmp, metadata={"format": "pt"})
+        save_safetensors(state, directory / WEIGHTS_NAME, metadata={"format": "pt"})
         if self.gap is not None:
             self.gap.save(directory / GAP_NAME)
         self.tokenizer.save_pretrained(directory)
@@ -633,7 +650,9 @@ class TIPCap(nn.Module):
             raise TipcapError(
                 f"{directory}: not a tipcap model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})."
             )
-        document = json.loads(config_path.read_text(encoding="utf-8"))
+        document = load_json(config_path)
+        if not isinstance(document, dict):
+            raise TipcapError(f"{config_path}: not a tipcap model config (expected a JSON object); retrain.")
         if document.get("format") != MODEL_FORMAT or "model" not in document:
             raise TipcapError(
                 f"{directory}: written by tipcap {document.get('tipcap_version', '?')} in model format "
@@ -641,7 +660,19 @@ class TIPCap(nn.Module):
                 "Load it with the version that wrote it, or retrain."
             )
         config = from_dict(ModelConfig, document["model"], "model")
-        state = load_file(directory / WEIGHTS_NAME)
+        entity_names = document.get("entity_names", [])
+        clip_record = document.get("clip")
+        if not isinstance(entity_names, list) or not all(isinstance(n, str) for n in entity_names):
+            raise TipcapError(f"{config_path}: 'entity_names' must be a list of words; retrain.")
+        if clip_record is not None and not (isinstance(clip_record, dict) and "model" in clip_record):
+            raise TipcapError(f"{config_path}: 'clip' must be a CLIP record with a 'model'; retrain.")
+        try:
+            state = load_file(directory / WEIGHTS_NAME)
+        except SafetensorError as e:
+            raise TipcapError(
+                f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({e}); the copy may be "
+                "truncated: copy it again, or use an earlier checkpoint."
+            ) from None
         broken = [
             name
             for name, tensor in state.items()
@@ -655,18 +686,25 @@ class TIPCap(nn.Module):
             )
         tokenizer = load_tokenizer(str(directory))
         gap = Gap.load(directory / GAP_NAME) if (directory / GAP_NAME).is_file() else None
-        if clip is None and document.get("clip") is not None:
-            clip = ClipSpec.from_dict(document["clip"], base=directory)
+        if clip is None and clip_record is not None:
+            clip = ClipSpec.from_dict(clip_record, base=directory)
         model = cls(
             config,
             _language_model_from(config),
             tokenizer,
             gap,
-            document.get("entity_names", []),
+            entity_names,
             state.get("entity_embeddings"),
             clip,
         )
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # tensors of other shapes than the config's model has
+            mismatch = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line), str(e))
+            raise TipcapError(
+                f"{directory}: weights do not fit the model its {CONFIG_NAME} describes ({mismatch[:200]}); "
+                "keep each model's config.json and model.safetensors together."
+            ) from None
         tied = {n for n in result.missing_keys if n.startswith("language_model.") and "lm_head" in n}
         missing = [n for n in result.missing_keys if n not in tied and not n.startswith("gap.")]
         if missing or result.unexpected_keys:

@@ -12,12 +12,13 @@ A store is a directory::
 
 A store is identified by its *key*, the key of its provenance record: the store kind, the CLIP's identity,
 the encoder's resolved precision, device type and batch size, and a fingerprint of the rows encoded. It is
-reused only when the key and the store format match and its files have the sizes ``meta.json`` records;
-otherwise it is rebuilt from scratch, never mixed. The same inputs give the same bytes, so stores can be
-compared by checksum. Shards are written to a temporary name and renamed, so a shard file that exists is
-complete; a build that is interrupted resumes from the first missing shard (``building.json`` records the
-key it was started with). One build at a time holds the folder's ``build.lock``: a second writer waits,
-then reuses the store if it has the key it wanted, or rebuilds it.
+reused only when the key and the store format match and its files have the sizes and checksums ``meta.json``
+records (opening a store checks the sizes only); otherwise it is rebuilt from scratch, never mixed. The
+same inputs give the same bytes, so stores can be compared by checksum. Shards are written to a temporary
+name and renamed, so a shard file that exists is complete; a build that is interrupted resumes from the
+first missing shard (``building.json`` records the key it was started with). One build at a time holds the
+folder's ``build.lock``: a second writer waits, then reuses the store if it has the key it wanted, or
+rebuilds it.
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from tipcap import __version__, provenance
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path, write_json_atomic
+from tipcap.io import save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.provenance import sha256_json
 
@@ -265,9 +265,16 @@ def open_matching(
     if meta.get("key") != key or meta.get("format") != STORE_FORMAT:
         return None, previous
     try:
-        return EmbeddingStore.open(out), previous
+        store = EmbeddingStore.open(out)
     except TipcapError:
         return None, previous
+    # Opening checks sizes only; what is reused must also have the bytes it was written with (a bit flip
+    # or a NaN written over a row keeps the size).
+    for name, record in store.meta["files"].items():
+        if _file_record(Path(out) / name)["sha256"] != record.get("sha256"):
+            log.warning("%s: %s does not match the checksum in %s; rebuilding the store.", out, name, META)
+            return None, previous
+    return store, previous
 
 
 @contextlib.contextmanager
@@ -429,7 +436,7 @@ def _shard_digest(path: Path) -> str | None:
 
 
 def _file_record(path: Path) -> dict[str, Any]:
-    """The size (checked on every open) and SHA-256 (for whoever wants to verify the bytes) of a file."""
+    """The size (checked on every open) and SHA-256 (checked before a store is reused) of a file."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while block := f.read(1 << 20):
@@ -450,5 +457,4 @@ def _write_shard(path: Path, shard: Shard, digest: str) -> None:
     # One metadata entry holding sorted JSON: safetensors writes several entries in no fixed order, and
     # the same rows must give the same bytes.
     document = json.dumps(metadata, sort_keys=True, ensure_ascii=False)
-    with atomic_path(path) as tmp:
-        save_file({_TENSOR: embeddings.contiguous()}, tmp, metadata={_SHARD_METADATA: document})
+    save_safetensors({_TENSOR: embeddings.contiguous()}, path, metadata={_SHARD_METADATA: document})

@@ -21,8 +21,10 @@ The model and its data are built by :mod:`tipcap.training_setup`; this module is
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -33,18 +35,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from tipcap import provenance
 from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path, write_json_atomic
+from tipcap.io import atomic_path, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.prompts import sample_training_prompt
 from tipcap.training_data import collate, epoch_batches
 from tipcap.training_setup import TrainingSetup, build_training
+
+logger = logging.getLogger(__name__)
+_CHECKPOINT_DAMAGE = (
+    SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError,
+)  # fmt: skip
+"""What a checkpoint damaged on disk raises while it is read (safetensors, torch.load, JSON, missing keys)."""
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -199,7 +208,7 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-        save_file(state, tmp / "model.safetensors")
+        save_safetensors(state, tmp / "model.safetensors")
         torch.save(
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             tmp / "trainer.pt",
@@ -214,15 +223,36 @@ class Trainer:
     def _resume(self) -> tuple[int, int, int]:
         """Load the newest complete checkpoint; return (step, epoch, position) to continue from."""
         candidates = sorted((p for p in self.checkpoint_dir.glob("step-*") if p.is_dir()), reverse=True)
+        damaged = []
         for path in candidates:
             if all((path / name).is_file() for name in ("model.safetensors", "trainer.pt", "state.json")):
-                self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.env.device)))
-                trainer = torch.load(path / "trainer.pt", map_location=self.env.device, weights_only=True)
-                self.optimizer.load_state_dict(trainer["optimizer"])
-                self.scheduler.load_state_dict(trainer["scheduler"])
-                state = json.loads((path / "state.json").read_text())
-                return state["step"], state["epoch"], state["position"]
+                try:
+                    return self._load_checkpoint(path)
+                # Checkpoints are renamed into place whole, so these are damaged on disk since; an earlier
+                # checkpoint is loaded over whatever part of this one was.
+                except _CHECKPOINT_DAMAGE as e:
+                    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    logger.warning("checkpoint %s cannot be loaded (%s); trying an earlier one", path, reason)
+                    damaged.append(path.name)
+        if damaged:
+            raise TipcapError(
+                f"--resume: no checkpoint in {self.checkpoint_dir} can be loaded ({', '.join(damaged)} are "
+                "damaged); delete them to start afresh, or use another --out."
+            )
         return 0, 0, 0
+
+    def _load_checkpoint(self, path: Path) -> tuple[int, int, int]:
+        """Load a checkpoint folder's weights, optimizer and scheduler; return its (step, epoch, position)."""
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        weights = load_file(path / "model.safetensors", device=str(self.env.device))
+        broken = [n for n, t in weights.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+        if broken:
+            raise ValueError(f"{len(broken)} tensors hold NaN or infinite values ({broken[0]} first)")
+        self.model.load_state_dict(weights)
+        trainer = torch.load(path / "trainer.pt", map_location=self.env.device, weights_only=True)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.scheduler.load_state_dict(trainer["scheduler"])
+        return state["step"], state["epoch"], state["position"]
 
     # -- logging ------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ its data. :func:`tipcap.train.train` hands the result to the training loop."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,10 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
     tokenizer = _tokenizer(config, texts)
     clip = _store_clip(texts)
     vocabulary = EntityVocabulary.load(config.model.vocabulary) if config.model.prompt != "none" else None
+    if config.model.vocabulary is not None and config.model.prompt == "none":
+        logging.getLogger(__name__).warning(
+            "model.vocabulary %s is not used: model.prompt is none.", config.model.vocabulary
+        )
     entity_names = vocabulary.names if vocabulary is not None else []
     entity_embeddings = None
     if config.model.prompt == "pim":

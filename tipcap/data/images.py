@@ -115,6 +115,8 @@ def subsample(images: list[ImageRef], limit: str | None, seed: int = 0) -> list[
         ) from None
     if count <= 0:
         raise TipcapError(f"--limit {limit!r} keeps no images out of {len(images)}.")
+    if limit.endswith("%") and float(limit[:-1]) > 100:
+        raise TipcapError(f"--limit {limit!r}: a percentage is at most 100%.")
     if count >= len(images):
         return images
     keep = sorted(random.Random(seed).sample(range(len(images)), count))

@@ -158,6 +158,12 @@ def fit_gap(
     config = from_dict(GapConfig, to_dict(config), "gap")  # a config built in code is checked too
     kind, setting = config.kind, config.setting
     check_gap_kind(kind, setting, config.mu_from, "gap")
+    if config.mu_from and (setting != "text-only" or kind not in _NEEDS_ESTIMATE):
+        raise TipcapError(
+            f"--mu-from (gap.mu_from) imports μ for --setting text-only with a kind that uses μ "
+            f"({', '.join(sorted(_NEEDS_ESTIMATE))}); {setting} {kind} would ignore it. Drop it, or change "
+            "the setting or kind."
+        )
     if config.learnable and kind not in LEARNABLE_KINDS:
         kinds = ", ".join(sorted(LEARNABLE_KINDS))
         raise TipcapError(f"--learnable (gap.learnable) applies to kinds {kinds}, not {kind!r}.")

@@ -39,12 +39,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from tipcap.config import GAP_KINDS
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path
+from tipcap.io import save_safetensors
 
 KINDS = GAP_KINDS
 GAP_FORMAT = "tipcap-gap"
@@ -242,8 +241,8 @@ class Gap(nn.Module):
         }
         if self.provenance is not None:
             metadata["provenance"] = json.dumps(self.provenance)
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_safetensors(tensors, path, metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> Gap:

@@ -184,6 +184,9 @@ def _validate(config: AblationConfig, path: Path) -> None:
         raise TipcapError(
             f"{path}: a synthetic_gap grid evaluates on its own data; remove eval_karpathy or synthetic_gap."
         )
+    trained = [cell.name for cell in config.cells if cell.kind not in BASELINES]
+    if not config.seeds and trained:
+        raise TipcapError(f"config key 'seeds': empty, so no decoder would be trained ({trained[0]} first).")
     # The grid's own stages first, so that a mistake there is not blamed on a cell.
     unknown = sorted(set(config.decoder) - {"model", "train"})
     if unknown:

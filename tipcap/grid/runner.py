@@ -375,6 +375,23 @@ class Ablation:
                 "with none or auto prompts, or on a file that records its scenes' objects (the toy world's)."
             )
 
+    def _check_inputs(self) -> None:
+        """Refuse missing input files and folders by their config key, before anything is recorded or built
+        (so that a corrected rerun into the same ``out`` is not taken for another grid)."""
+        cells = self.config.cells
+        inputs = {"karpathy": self.config.karpathy, "eval_karpathy": self.config.eval_karpathy,
+                  "vocabulary": self.config.vocabulary}  # fmt: skip
+        if any(cell.setting == "web-pairs" for cell in cells):
+            inputs["web_pairs"] = self.config.web_pairs
+        for key, value in inputs.items():
+            if value and not Path(value).is_file():
+                raise TipcapError(f"config key '{key}': {value} is not a file; check the path.")
+        folders = {"image_root": self.config.image_root, "eval_image_root": self.config.eval_image_root,
+                   "web_image_root": self.config.web_image_root}  # fmt: skip
+        for key, value in folders.items():
+            if value and not Path(value).is_dir():
+                raise TipcapError(f"config key '{key}': {value} is not a folder; check the path.")
+
     def _check_grid(self) -> None:
         """Refuse to mix results of another grid into ``out``; remember this one in ``grid.json``."""
         path = self.out / "grid.json"
@@ -405,6 +422,7 @@ class Ablation:
     def run(self) -> list[dict[str, Any]]:
         """Run every job × seed × evaluation prompt mode; write the CSV, the table, the comparisons the
         config asks for and the plots."""
+        self._check_inputs()
         self._prepare_synthetic_world()
         self._check_oracle_prompts()
         self._check_grid()
@@ -443,6 +461,7 @@ class Ablation:
         """Build stores and gaps, write each untrained decoder's ``train.yaml`` and the command that trains
         it (under ``torchrun``) to ``train_commands.sh``; return the commands. A later :meth:`run` reuses
         the models they write."""
+        self._check_inputs()
         self._prepare_synthetic_world()
         self._check_oracle_prompts()
         self._check_grid()

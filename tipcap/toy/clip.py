@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
-from tipcap.io import atomic_path, write_json_atomic
+from tipcap.io import save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 
 # How train_toyclip trains: bump whenever a change makes the same arguments train another CLIP, so that
@@ -122,8 +121,7 @@ def train_toyclip(
     seconds = time.perf_counter() - start
     model.eval()
     weights = out / "toyclip.safetensors"
-    with atomic_path(weights) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp)
+    save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     spec = ClipSpec(str(config_path), str(weights))
     report = ToyClipReport(steps, seconds, **measure(ClipEncoder.load(spec, device="cpu"), karpathy))
     write_json_atomic(out / "toyclip_report.json", asdict(report))
