@@ -32,9 +32,11 @@ def tipcap_imports(path: Path) -> set[str]:
 
 
 def layer(module: str) -> int:
-    """0 for the library, then 1 for the grid, 2 for the demo that runs one, 3 for the command line."""
-    upper = ("tipcap.grid", "tipcap.demo", "tipcap.cli")
-    return next((rank for rank, top in enumerate(upper, 1) if (module + ".").startswith(top + ".")), 0)
+    """0 for the library, then 1 for the grid, 2 for the demo that runs one and the web app that serves its
+    models, 3 for the command line."""
+    upper = (("tipcap.grid",), ("tipcap.demo", "tipcap.app"), ("tipcap.cli",))
+    inside = (module + ".").startswith
+    return next((rank for rank, tops in enumerate(upper, 1) if any(inside(t + ".") for t in tops)), 0)
 
 
 def test_imports_go_one_way():
