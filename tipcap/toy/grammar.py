@@ -11,6 +11,7 @@ Relations are canonical: "right of" is stored as the swapped "left of", "below" 
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -27,7 +28,13 @@ RELATION_WORDS = {
     "next to": ("next to", "beside"),
 }
 COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above", "next to": "next to"}
+INVERSE = {
+    "left of": "right of",
+    "right of": "left of",
+    "above": "below",
+    "below": "above",
+    "next to": "next to",
+}
 # At most this many relations per caption: longer captions would pass the text towers' context.
 MAX_STATED_RELATIONS = 2
 
@@ -91,7 +98,7 @@ class Claims:
 
 
 def noun_phrase(group: Group, rng: random.Random) -> str:
-    """"a small red circle", "two blue stars" (the size in one of its words, where the group has one)."""
+    """ "a small red circle", "two blue stars" (the size in one of its words, where the group has one)."""
     size = f"{rng.choice(SIZE_WORDS[group.size])} " if group.size else ""
     shape = group.shape if group.count == 1 else _PLURALS[group.shape]
     words = f"{size}{group.colour} {shape}"
@@ -190,7 +197,7 @@ def parse(caption: str) -> Claims:
         elif size and known.size is None:
             groups[key] = Group(known.count, *key, size)
     relations = set()
-    for left, right in zip(mentions, mentions[1:], strict=False):
+    for left, right in itertools.pairwise(mentions):
         between = _RELATION_BETWEEN.match(text[left.end() : right.start()])
         if between:
             subject = (left["colour"], _SHAPE_FORMS[left["shape"]])

@@ -45,10 +45,14 @@ _MAX_DRAWS = 1_000
 
 
 def random_scene(rng: random.Random) -> list[ShapeObject]:
-    """1–4 objects in distinct cells of a 3 × 3 grid, jittered; in some scenes one object repeats."""
+    """1–4 objects in distinct cells of a 3 × 3 grid, jittered; in some scenes one object repeats.
+
+    Objects of one colour and shape also share their size, so that "a red circle" names one group.
+    """
     count = rng.choice((1, 2, 2, 3, 3, 3, 4, 4, 4))
     cells = rng.sample([(x, y) for y in _CELLS for x in _CELLS], count)
-    kinds = [(rng.choice(COLOURS), rng.choice(SHAPES), rng.choice(SIZES)) for _ in range(count)]
+    named = rng.sample([(colour, shape) for colour in COLOURS for shape in SHAPES], count)
+    kinds = [(colour, shape, rng.choice(SIZES)) for colour, shape in named]
     if count > 1 and rng.random() < _REPEAT:
         kinds[-1] = rng.choice(kinds[:-1])
     return [
