@@ -14,8 +14,10 @@ from typing import Any
 from tipcap.io import atomic_path
 
 METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIPScore", "object_f1")
+# Claims checked against the scene, per aspect (toy world 2 only; empty elsewhere).
+CLAIM_COLUMNS = ("colour_f1", "shape_f1", "size_f1", "relation_f1")
 COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
-           "seed", "train_data", "eval_data", *METRIC_COLUMNS)  # fmt: skip
+           "seed", "train_data", "eval_data", *METRIC_COLUMNS, *CLAIM_COLUMNS)  # fmt: skip
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -49,8 +51,8 @@ def _mean_std(values: list[float]) -> str:
 def markdown_table(rows: list[dict[str, Any]], title: str | None = None) -> str:
     """Mean ± std over seeds of each method (and evaluation prompt mode), for the metrics computed."""
     groups = _groups(rows)
-    columns = [c for c in METRIC_COLUMNS if any(_values(g, c) for g in groups.values())]
-    names = {"object_f1": "object F1"}
+    columns = [c for c in (*METRIC_COLUMNS, *CLAIM_COLUMNS) if any(_values(g, c) for g in groups.values())]
+    names = {c: c.replace("_f1", " F1") for c in ("object_f1", *CLAIM_COLUMNS)}
     lines = [f"{title}\n"] if title else []
     lines += [
         "| method | prompt at test | seeds | " + " | ".join(names.get(c, c) for c in columns) + " |",

@@ -27,10 +27,18 @@ from tipcap.embed import clip_spec, embed_images, embed_texts
 from tipcap.errors import TipcapError
 from tipcap.gap import fit_gap_file
 from tipcap.grid.config import BASELINES, AblationConfig, Job, JobConfig, expand, load_ablation, resolve
-from tipcap.grid.report import METRIC_COLUMNS, markdown_table, plot_cider, plot_cider_vs_pairs, write_csv
+from tipcap.grid.report import (
+    CLAIM_COLUMNS,
+    METRIC_COLUMNS,
+    markdown_table,
+    plot_cider,
+    plot_cider_vs_pairs,
+    write_csv,
+)
 from tipcap.io import atomic_path, load_json, write_json_atomic
 from tipcap.protocol import evaluate_split
 from tipcap.store import EmbeddingStore
+from tipcap.toy.claims import mean_claim_f1, scene_records
 from tipcap.toy.scoring import object_f1, scene_objects
 from tipcap.train import train
 
@@ -65,6 +73,7 @@ class Ablation:
         self._checked: set[Path] = set()
         self._train_images: int | None = None
         self._eval_objects: dict[Any, list[str]] | None = None
+        self._eval_scenes: dict[Any, list[dict]] | None = None
         self._data_names: dict[Path, str] = {}
 
     # -- cached steps ---------------------------------------------------------------------------
@@ -244,6 +253,21 @@ class Ablation:
             self._eval_objects = scene_objects(self.eval_karpathy)
         return self._eval_objects
 
+    def eval_scenes(self) -> dict[Any, list[dict]]:
+        """Each evaluation image's objects with their positions (toy world 2 files only; read once)."""
+        if self._eval_scenes is None:
+            self._eval_scenes = scene_records(self.eval_karpathy)
+        return self._eval_scenes
+
+    def _claims(self, per_image: list[dict[str, Any]]) -> dict[str, float | None]:
+        """Mean colour, shape, size and relation F1 of the predictions (None off toy world 2)."""
+        scenes = self.eval_scenes()
+        scored = [r for r in per_image if r["image_id"] in scenes]
+        if not scored:
+            return dict.fromkeys(CLAIM_COLUMNS)
+        means = mean_claim_f1([r["prediction"] for r in scored], [scenes[r["image_id"]] for r in scored])
+        return {column: means[column.removesuffix("_f1")] for column in CLAIM_COLUMNS}
+
     def _row(self, job: Job, seed: int | None, eval_prompt: str, out: Path) -> dict[str, Any]:
         cell = job.cell
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["metrics"]
@@ -260,7 +284,7 @@ class Ablation:
             "few_pairs": job.few_pairs, "paired_fraction": fraction, "prompt": cell.prompt,
             "eval_prompt": eval_prompt, "seed": seed, "train_data": self.data_name(self.karpathy),
             "eval_data": self.data_name(self.eval_karpathy),
-            **{k: metrics.get(k) for k in METRIC_COLUMNS[:-1]}, "object_f1": f1,
+            **{k: metrics.get(k) for k in METRIC_COLUMNS[:-1]}, "object_f1": f1, **self._claims(per_image),
         }  # fmt: skip
 
     # -- the grid -------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
+from tipcap.data.karpathy import ImageId, image_id_of
+from tipcap.io import load_json
 from tipcap.toy.grammar import parse
 from tipcap.toy.scenes import full_description
 from tipcap.toy.world import ShapeObject
@@ -83,3 +86,12 @@ def mean_claim_f1(captions: Iterable[str], scenes: Iterable[list[dict]]) -> dict
     if not scores:
         raise ValueError("no captions to score")
     return {aspect: sum(s[aspect] for s in scores) / len(scores) for aspect in ASPECTS}
+
+
+def scene_records(karpathy: Path) -> dict[ImageId, list[dict]]:
+    """Each image's objects (colour, shape, size, x, y) per image id, for a toy-world-2 Karpathy file;
+    empty for any other file (world 1's relations are not in its language)."""
+    document = load_json(karpathy)
+    if document.get("world") != 2:
+        return {}
+    return {image_id_of(entry): entry["objects"] for entry in document["images"] if "objects" in entry}
