@@ -190,3 +190,25 @@ def test_toy_clip_stops_by_its_rule(tmp_path, tiny_clip, monkeypatch):
     monkeypatch.setattr(toyclip, "figures", real)
     one_step, _ = train("one-step", None, steps=1)
     assert all((after_two[k] == one_step[k]).all() for k in one_step)
+
+
+def test_world_2_captions_fit_the_demo_decoders(tmp_path):
+    """The demo's decoders keep max_caption_tokens − 1 word-level tokens before the end of text: every
+    caption of the grammar must fit, or decoders would learn truncated captions."""
+    import importlib.resources
+    import re
+
+    import yaml
+
+    from tipcap.demo import demo_scale
+
+    karpathy = make_world(tmp_path / "w", train=400, val=0, test=0)
+    longest = max(
+        len(re.findall(r"\w+|[^\w\s]+", s["raw"])) for e in scenes(karpathy) for s in e["sentences"]
+    )
+    for quick in (True, False):
+        grid = importlib.resources.files("tipcap") / "resources" / demo_scale(quick, version=2).grid
+        model = yaml.safe_load(grid.read_text())["decoder"]["model"]
+        assert (
+            longest <= model["max_caption_tokens"] - 1 <= model["language_model_config"]["n_positions"] - 20
+        )
