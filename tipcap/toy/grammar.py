@@ -98,7 +98,8 @@ class Claims:
 
 
 def noun_phrase(group: Group, rng: random.Random) -> str:
-    """ "a small red circle", "two blue stars" (the size in one of its words, where the group has one)."""
+    """A group in words, e.g. "a small red circle" or "two blue stars" (the size where the group has one,
+    in one of its synonyms)."""
     size = f"{rng.choice(SIZE_WORDS[group.size])} " if group.size else ""
     shape = group.shape if group.count == 1 else _PLURALS[group.shape]
     words = f"{size}{group.colour} {shape}"
