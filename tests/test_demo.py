@@ -3,6 +3,7 @@
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -12,8 +13,12 @@ import tipcap.demo
 from tipcap.cli import main
 
 
-def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
-    """A world or CLIP made by another version of the generator or the trainer is not reused."""
+@pytest.mark.parametrize(
+    ("version", "module", "writer"), [(1, "world", "write_toyworld"), (2, "scenes", "write_world")]
+)
+def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch, version, module, writer):
+    """A world or CLIP made by another version of the generator or the trainer is not reused; the two
+    worlds never share a cache entry."""
     made = []
 
     def fake_world(out, **kwargs):
@@ -25,17 +30,27 @@ def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch):
         made.append("clip")
         Path(out).mkdir(parents=True)
         (Path(out) / "toyclip.safetensors").write_bytes(b"")
+        report = SimpleNamespace(steps=1, seconds=0.0, stop_reason="steps", recall_at_1=0.0,
+                                 matched_cosine=0.0, within_modality_cosine=0.0)  # fmt: skip
+        return None, report
 
-    monkeypatch.setattr("tipcap.toy.world.write_toyworld", fake_world)
+    monkeypatch.setattr(f"tipcap.toy.{module}.{writer}", fake_world)
     monkeypatch.setattr("tipcap.toy.clip.train_toyclip", fake_clip)
-    first = tipcap.demo.demo_world(tmp_path, quick=True)
-    assert tipcap.demo.demo_world(tmp_path, quick=True) == first and made == ["world", "clip"]
+    first = tipcap.demo.demo_world(tmp_path, quick=True, version=version)
+    assert tipcap.demo.demo_world(tmp_path, quick=True, version=version) == first and made == [
+        "world",
+        "clip",
+    ]
     monkeypatch.setattr("tipcap.toy.clip.TRAINING_VERSION", -1)
-    retrained = tipcap.demo.demo_world(tmp_path, quick=True)
+    retrained = tipcap.demo.demo_world(tmp_path, quick=True, version=version)
     assert retrained[0] == first[0] and retrained[1] != first[1] and made[2:] == ["clip"]
-    monkeypatch.setattr("tipcap.toy.world.GENERATOR_VERSION", -1)
-    regenerated = tipcap.demo.demo_world(tmp_path, quick=True)
+    monkeypatch.setattr(f"tipcap.toy.{module}.GENERATOR_VERSION", -1)
+    regenerated = tipcap.demo.demo_world(tmp_path, quick=True, version=version)
     assert regenerated[0] != first[0] and made[3:] == ["world", "clip"]
+    other = 3 - version
+    monkeypatch.setattr("tipcap.toy.world.write_toyworld", fake_world)
+    monkeypatch.setattr("tipcap.toy.scenes.write_world", fake_world)
+    assert tipcap.demo.demo_world(tmp_path, quick=True, version=other)[0] not in (first[0], regenerated[0])
 
 
 def test_cache_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
@@ -59,9 +74,12 @@ def test_cache_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path):
-    """The reduced demo from an empty cache: world, CLIP, five methods; a rerun reuses everything."""
+    """The reduced demo of world 1 from an empty cache: world, CLIP, five methods; a rerun reuses
+    everything."""
     out = tmp_path / "demo"
-    result = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
+    result = run(
+        "demo", "--quick", "--version", 1, "--out", out, "--cache", tmp_path / "cache", "--no-progress"
+    )
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
@@ -90,7 +108,9 @@ def test_quick_demo_end_to_end(tmp_path):
     assert report["steps"] == 400 and report["recall_at_1"] >= 0.25
     assert report["mu_norm"] >= 0.5 and report["matched_cosine"] < report["within_modality_cosine"]
     # A second run reuses the cached world and CLIP and every finished cell: the same table, to the digit.
-    again = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
+    again = run(
+        "demo", "--quick", "--version", 1, "--out", out, "--cache", tmp_path / "cache", "--no-progress"
+    )
     assert again.exit_code == 0 and again.stdout == result.stdout
     assert "toy world: reused" in again.stderr and "toy CLIP: reused" in again.stderr
     assert "training into" in result.stderr and "training into" not in again.stderr

@@ -60,7 +60,7 @@ CELLS = [
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, tiny_clip):
     root = tmp_path_factory.mktemp("grid")
-    result = run("toyworld", "--out", root / "world", "--train", 80, "--val", 5, "--test", 12)
+    result = run("toyworld", "--out", root / "world", "--version", 2, "--train", 80, "--val", 5, "--test", 12)
     assert result.exit_code == 0, result.output
     spec, _ = train_toyclip(root / "world" / "toyworld.json", root / "clip", steps=2, batch_size=16,
                             config=json.loads(tiny_clip.read_text()), progress=False)  # fmt: skip
@@ -112,6 +112,9 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     references = karpathy_references(grid / "world" / "toyworld.json", "test")
     expected = [grid_row_cider(out, r, references) for r in rows]
     assert all(0.0 <= float(r["object_f1"]) <= 1.0 for r in rows) and max(expected) > 0
+    # The default toy world is world 2: its captions' claims are scored per aspect too.
+    claims = ("colour_f1", "shape_f1", "size_f1", "relation_f1")
+    assert all(0.0 <= float(r[c]) <= 1.0 for r in rows for c in claims)
     assert [float(r["CIDEr"]) for r in rows] == pytest.approx(expected, abs=1e-9)
     table = (out / "table.md").read_text()
     assert table.count("\n") == 2 + len(rows) + 2 and "| prompts | oracle | 1 |" in table  # + footnote

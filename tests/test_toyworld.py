@@ -1,4 +1,4 @@
-"""The toy world: deterministic generation, readable by every reader, object F1, web pairs."""
+"""Toy world 1: deterministic generation, readable by every reader, object F1, web pairs; the toy CLIP."""
 
 import json
 from types import SimpleNamespace
@@ -15,7 +15,8 @@ from tipcap.toy.world import GENERATOR_VERSION, caption_objects
 
 
 def make_world(path, seed=0):
-    result = run("toyworld", "--out", path, "--seed", seed, "--train", 60, "--val", 10, "--test", 10)
+    result = run("toyworld", "--out", path, "--version", 1, "--seed", seed, "--train", 60, "--val", 10,
+                 "--test", 10)  # fmt: skip
     assert result.exit_code == 0, result.output
     return path / "toyworld.json"
 
@@ -61,7 +62,8 @@ def test_object_f1_scores_captions_against_the_scene(tmp_path):
 
 def test_web_pairs_hold_a_share_of_mismatched_captions(tmp_path):
     world = tmp_path / "w"
-    result = run("toyworld", "--out", world, "--train", 2000, "--val", 0, "--test", 0, "--web-mismatch", 0.2)
+    result = run("toyworld", "--out", world, "--version", 1, "--train", 2000, "--val", 0, "--test", 0,
+                 "--web-mismatch", 0.2)  # fmt: skip
     assert result.exit_code == 0, result.output
     captions = {
         e["filename"]: {s["raw"] for s in e["sentences"]}
@@ -128,6 +130,9 @@ def test_toy_clip_measures_are_known_on_a_constructed_encoder(tmp_path):
     from tipcap.toy.clip import measure
 
     figures = measure(ConstructedEncoder(10, wrong=3), make_world(tmp_path / "w"), split="val")
-    assert figures == pytest.approx(
-        {"recall_at_1": 0.7, "matched_cosine": 0.4, "within_modality_cosine": 0.0, "mu_norm": 0.2 * 3**0.5}
-    )
+    # δ = v − t is 2e_i for the 15 captions of the 3 wrong images, else 0: mean 0.2e_i (i < 3), so Σ has
+    # 0.4 − 0.04 on those three diagonal entries and −0.04 between them.
+    assert figures == pytest.approx({
+        "recall_at_1": 0.7, "matched_cosine": 0.4, "within_modality_cosine": 0.0, "mu_norm": 0.2 * 3**0.5,
+        "text_cosine": 0.0, "trace_sigma": 3 * 0.36, "effective_rank": 1.08**2 / (3 * 0.36**2 + 6 * 0.04**2),
+    })  # fmt: skip

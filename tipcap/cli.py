@@ -800,7 +800,19 @@ def push_command(model_dir: str, repo: str, private: bool, token: str | None, me
     "--test", "test_images", default=500, show_default=True, type=click.IntRange(min=0), help="Test images."
 )
 @click.option(
-    "--image-size", default=32, show_default=True, type=click.IntRange(min=8), help="Image side in pixels."
+    "--image-size",
+    type=click.IntRange(min=8),
+    help="Image side in pixels.  [default: 32 in world 1, 64 in world 2]",
+)
+@click.option(
+    "--version",
+    "world_version",
+    default="1",
+    show_default=True,
+    type=click.Choice(["1", "2"]),
+    help="Which toy world: 1, coloured shapes with few combinations; 2, scenes in relations, captions "
+    "from a grammar, test scenes new to the training captions (its demo is not yet sized to the demo's "
+    "time budget).",
 )
 @click.option(
     "--web-mismatch",
@@ -815,15 +827,19 @@ def toyworld_command(
     train_images: int,
     val_images: int,
     test_images: int,
-    image_size: int,
+    image_size: int | None,
+    world_version: str,
     web_mismatch: float,
 ) -> None:
     """Write the toy world of coloured shapes: images, a Karpathy split file and web pairs."""
-    from tipcap.toy.world import write_toyworld
-
-    karpathy = write_toyworld(
-        out, seed=seed, train=train_images, val=val_images, test=test_images, image_size=image_size,
-        web_mismatch=web_mismatch, progress=True,
+    if world_version == "1":
+        from tipcap.toy.world import write_toyworld as write
+    else:
+        from tipcap.toy.scenes import write_world as write
+    sizes = {"image_size": image_size} if image_size else {}
+    karpathy = write(
+        out, seed=seed, train=train_images, val=val_images, test=test_images, web_mismatch=web_mismatch,
+        progress=True, **sizes,
     )  # fmt: skip
     total = train_images + val_images + test_images
     click.echo(
@@ -899,13 +915,22 @@ def compare_command(grid_out: str, a: str, b: str, metric: str) -> None:
     type=click.Path(file_okay=False),
     help="Where the toy world, its CLIP and their embedding stores are kept for reruns.",
 )
+@click.option(
+    "--version",
+    "world_version",
+    default="1",
+    show_default=True,
+    type=click.Choice(["1", "2"]),
+    help="Which toy world (see 'tipcap toyworld --help').",
+)
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo_command(quick: bool, seed: int, out: str, cache: str, no_progress: bool) -> None:
+def demo_command(quick: bool, seed: int, out: str, cache: str, world_version: str, no_progress: bool) -> None:
     """Run the whole pipeline offline on the toy world and print the table of methods."""
     from tipcap.demo import run_demo
 
     echo_stage = functools.partial(click.echo, err=True)
-    run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress, echo=echo_stage)
+    run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress, echo=echo_stage,
+             version=int(world_version))  # fmt: skip
     click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {out}/results.csv, {out}/table.md, {out}/cider.png and {out}/gap.png")
 

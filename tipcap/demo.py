@@ -23,9 +23,12 @@ def default_cache_dir() -> Path:
     return (xdg if xdg.is_absolute() else Path("~/.cache").expanduser()) / "tipcap"
 
 
+WORLD_VERSIONS = (1, 2)
+
+
 @dataclass(frozen=True)
 class DemoScale:
-    """Sizes of the demo's world, CLIP and grid."""
+    """Sizes of the demo's world, CLIP and grid; ``stop`` ends the CLIP's training early (world 2)."""
 
     train: int
     val: int
@@ -34,15 +37,23 @@ class DemoScale:
     clip_batch: int
     clip_config: dict[str, Any]
     grid: str
+    stop: Any = None  # a tipcap.toy.clip.StopRule, or None to train all clip_steps
 
 
-def demo_scale(quick: bool) -> DemoScale:
-    """The full demo, or the reduced one (``--quick``) that finishes in a few minutes on a laptop CPU."""
-    from tipcap.toy.clip import TOYCLIP_CONFIG
+def demo_scale(quick: bool, version: int = 1) -> DemoScale:
+    """The full demo, or the reduced one (``--quick``) that finishes in a few minutes on a laptop CPU, on
+    toy world ``version`` (1 keeps the tables of the first world reproducible)."""
+    from tipcap.toy.clip import TOYCLIP2_CONFIG, TOYCLIP_CONFIG, StopRule
 
+    if version == 1:
+        if not quick:
+            return DemoScale(20_000, 500, 500, 1_200, 64, TOYCLIP_CONFIG, "toyworld.yaml")
+        return DemoScale(2_000, 100, 100, 400, 64, TOYCLIP_CONFIG, "toyworld_quick.yaml")
     if not quick:
-        return DemoScale(20_000, 500, 500, 1_200, 64, TOYCLIP_CONFIG, "toyworld.yaml")
-    return DemoScale(2_000, 100, 100, 400, 64, TOYCLIP_CONFIG, "toyworld_quick.yaml")
+        return DemoScale(20_000, 500, 500, 3_000, 64, TOYCLIP2_CONFIG, "toyworld2.yaml",
+                         StopRule(every=100, recall_at_1=0.9, held_out=200))  # fmt: skip
+    return DemoScale(2_000, 100, 100, 1_000, 64, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
+                     StopRule(every=50, recall_at_1=0.9, held_out=100))  # fmt: skip
 
 
 def demo_world(
@@ -51,42 +62,69 @@ def demo_world(
     quick: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    version: int = 1,
 ) -> tuple[Path, Path]:
     """The demo's toy world and its trained CLIP, generated into ``cache`` or reused from it.
 
-    Both are keyed by what they are made from (seed, sizes, CLIP config and steps) and by the versions of
-    the code that makes them (``GENERATOR_VERSION``, ``TRAINING_VERSION``). Returns the world's
+    Both are keyed by what they are made from (world version, seed, sizes, CLIP config, steps and stop
+    rule) and by the versions of the code that makes them (``GENERATOR_VERSION`` of the world's module,
+    ``TRAINING_VERSION``). Returns the world's
     Karpathy file and the CLIP's directory (``toyclip.json``, ``toyclip.safetensors``). ``echo`` receives one
     line per stage (generated or reused).
     """
     import hashlib
+    import time
+    from dataclasses import asdict
 
-    from tipcap.toy.clip import TRAINING_VERSION, train_toyclip
-    from tipcap.toy.world import GENERATOR_VERSION, write_toyworld
+    from tipcap.toy import clip
 
     echo = echo or (lambda message: None)
-
-    scale = demo_scale(quick)
+    scale = demo_scale(quick, version)
+    maker = _world_module(version)
 
     def key(*identity: Any) -> str:
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:10]
 
-    world = Path(cache) / f"toyworld-{key(GENERATOR_VERSION, seed, scale.train, scale.val, scale.test)}"
+    identity = (maker.GENERATOR_VERSION, seed, scale.train, scale.val, scale.test)
+    # World 1's key stays what it was, so its caches stay valid.
+    world = Path(cache) / (f"toyworld-{key(*identity)}" if version == 1 else f"toyworld2-{key(*identity)}")
     karpathy = world / "toyworld.json"
     if karpathy.is_file():
         echo(f"toy world: reused {world}")
     else:
         echo(f"toy world: generating {scale.train + scale.val + scale.test} images into {world}")
-        write_toyworld(world, seed=seed, train=scale.train, val=scale.val, test=scale.test, progress=progress)
-    clip_key = key(TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed)
+        start = time.perf_counter()
+        write = maker.write_toyworld if version == 1 else maker.write_world
+        write(world, seed=seed, train=scale.train, val=scale.val, test=scale.test, progress=progress)
+        echo(f"toy world: generated in {time.perf_counter() - start:.0f} s")
+    stop = [asdict(scale.stop)] if scale.stop else []
+    clip_key = key(clip.TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed, *stop)
     clip_dir = world / f"clip-{clip_key}"
     if (clip_dir / "toyclip.safetensors").is_file():
         echo(f"toy CLIP: reused {clip_dir}")
     else:
-        echo(f"toy CLIP: training {scale.clip_steps} steps at batch {scale.clip_batch} into {clip_dir}")
-        train_toyclip(karpathy, clip_dir, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
-                      config=scale.clip_config, progress=progress)  # fmt: skip
+        echo(f"toy CLIP: training up to {scale.clip_steps} steps at batch {scale.clip_batch} into {clip_dir}")
+        _, report = clip.train_toyclip(
+            karpathy, clip_dir, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
+            config=scale.clip_config, stop=scale.stop, progress=progress,
+        )  # fmt: skip
+        echo(
+            f"toy CLIP: {report.steps} steps in {report.seconds:.0f} s (stopped by {report.stop_reason}); "
+            f"R@1 {report.recall_at_1:.2f}, matched cosine {report.matched_cosine:.2f} against "
+            f"{report.within_modality_cosine:.2f} between images"
+        )
     return karpathy, clip_dir
+
+
+def _world_module(version: int) -> Any:
+    """The module that writes toy world ``version``."""
+    import importlib
+
+    if version not in WORLD_VERSIONS:
+        from tipcap.errors import TipcapError
+
+        raise TipcapError(f"--version {version}: the toy worlds are {', '.join(map(str, WORLD_VERSIONS))}")
+    return importlib.import_module("tipcap.toy.world" if version == 1 else "tipcap.toy.scenes")
 
 
 def run_demo(
@@ -96,6 +134,7 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    version: int = 1,
 ) -> list[dict[str, Any]]:
     """The whole pipeline offline: a toy world, its CLIP and their embedding stores (cached in ``cache`` by
     seed and size), then the core grid.
@@ -105,12 +144,13 @@ def run_demo(
     """
     import importlib.resources
     import shutil
+    import time
 
     from tipcap.grid import run_ablation
 
-    karpathy, clip_dir = demo_world(cache, seed, quick, progress, echo)
+    karpathy, clip_dir = demo_world(cache, seed, quick, progress, echo, version)
     world = karpathy.parent
-    grid = importlib.resources.files("tipcap") / "resources" / demo_scale(quick).grid
+    grid = importlib.resources.files("tipcap") / "resources" / demo_scale(quick, version).grid
     overrides = [
         f"karpathy={karpathy}", f"web_pairs={world / 'web_pairs.jsonl'}",
         f"vocabulary={world / 'entities.json'}", f"embed.model={clip_dir / 'toyclip.json'}",
@@ -120,7 +160,9 @@ def run_demo(
         f"eval.score_pretrained={clip_dir / 'toyclip.safetensors'}",
         f"store_dir={clip_dir / 'stores'}",
     ]  # fmt: skip
+    start = time.perf_counter()
     rows = run_ablation(Path(str(grid)), out, overrides, progress=progress, echo=echo)
+    (echo or (lambda message: None))(f"grid: finished in {time.perf_counter() - start:.0f} s")
     gap_plot = Path(out) / "gaps" / f"gaussian-few-pairs-seed{seed}.png"
     if gap_plot.is_file():
         shutil.copyfile(gap_plot, Path(out) / "gap.png")

@@ -17,10 +17,12 @@ from tipcap.stats import INTERVAL_METRICS, Interval
 
 METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIP-S", "RefCLIP-S", "CHAIR-i",
                   "CHAIR-s", "object_f1")  # fmt: skip
+# Claims checked against the scene, per aspect (toy world 2 only; empty elsewhere).
+CLAIM_COLUMNS = ("colour_f1", "shape_f1", "size_f1", "relation_f1")
 INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("ci_low", "ci_high"))
 """Each row's 95% interval over the test images, for the metrics with per-image scores."""
 COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
-           "seed", "train_data", "eval_data", *METRIC_COLUMNS, *INTERVAL_COLUMNS)  # fmt: skip
+           "seed", "train_data", "eval_data", *METRIC_COLUMNS, *CLAIM_COLUMNS, *INTERVAL_COLUMNS)  # fmt: skip
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
@@ -66,8 +68,8 @@ def markdown_table(
     without per-image scores (BLEU-4, METEOR, SPICE) show ± the std over seeds, marked †."""
     intervals = intervals or {}
     groups = _groups(rows)
-    columns = [c for c in METRIC_COLUMNS if any(_values(g, c) for g in groups.values())]
-    names = {"object_f1": "object F1"}
+    columns = [c for c in (*METRIC_COLUMNS, *CLAIM_COLUMNS) if any(_values(g, c) for g in groups.values())]
+    names = {c: c.replace("_f1", " F1") for c in ("object_f1", *CLAIM_COLUMNS)}
     lines = [f"{title}\n"] if title else []
     lines += [
         "| method | prompt at test | seeds | " + " | ".join(names.get(c, c) for c in columns) + " |",

@@ -32,7 +32,14 @@ from tipcap.errors import TipcapError
 from tipcap.gap import fit_gap_file
 from tipcap.grid.compare import GridScores, compare_cells, write_comparisons
 from tipcap.grid.config import BASELINES, AblationConfig, Job, JobConfig, expand, load_ablation, resolve
-from tipcap.grid.report import METRIC_COLUMNS, markdown_table, plot_cider, plot_cider_vs_pairs, write_csv
+from tipcap.grid.report import (
+    CLAIM_COLUMNS,
+    METRIC_COLUMNS,
+    markdown_table,
+    plot_cider,
+    plot_cider_vs_pairs,
+    write_csv,
+)
 from tipcap.io import atomic_path, load_json, write_json_atomic
 from tipcap.protocol import evaluate_split
 from tipcap.stats import (
@@ -45,6 +52,7 @@ from tipcap.stats import (
 )
 from tipcap.store import EmbeddingStore
 from tipcap.synthgap import SyntheticWorld, build_synthetic_world, synthetic_image_store
+from tipcap.toy.claims import mean_claim_f1, scene_records
 from tipcap.toy.scoring import object_f1, scene_objects
 from tipcap.train import train
 
@@ -83,6 +91,7 @@ class Ablation:
         self._checked: set[Path] = set()
         self._train_images: int | None = None
         self._eval_objects: dict[Any, list[str]] | None = None
+        self._eval_scenes: dict[Any, list[dict]] | None = None
         self._data_names: dict[Path, str] = {}
         self._world: SyntheticWorld | None = None
 
@@ -315,6 +324,21 @@ class Ablation:
         write_image_scores(out / SCORES_FILE, [r["image_id"] for r in per_image], columns)
         return read_image_scores(out / SCORES_FILE)
 
+    def eval_scenes(self) -> dict[Any, list[dict]]:
+        """Each evaluation image's objects with their positions (toy world 2 files only; read once)."""
+        if self._eval_scenes is None:
+            self._eval_scenes = scene_records(self.eval_karpathy)
+        return self._eval_scenes
+
+    def _claims(self, per_image: list[dict[str, Any]]) -> dict[str, float | None]:
+        """Mean colour, shape, size and relation F1 of the predictions (None off toy world 2)."""
+        scenes = self.eval_scenes()
+        scored = [r for r in per_image if r["image_id"] in scenes]
+        if not scored:
+            return dict.fromkeys(CLAIM_COLUMNS)
+        means = mean_claim_f1([r["prediction"] for r in scored], [scenes[r["image_id"]] for r in scored])
+        return {column: means[column.removesuffix("_f1")] for column in CLAIM_COLUMNS}
+
     def _row(self, job: Job, seed: int | None, eval_prompt: str, out: Path) -> dict[str, Any]:
         cell = job.cell
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["metrics"]
@@ -329,6 +353,7 @@ class Ablation:
             "eval_data": self.data_name(self.eval_karpathy),
             **{k: metrics.get(k) for k in METRIC_COLUMNS[:-1]},
             "object_f1": statistics.mean(f1) if f1 else None,
+            **self._claims(json.loads((out / "per_image.json").read_text(encoding="utf-8"))),
         }  # fmt: skip
         # This evaluation's interval over the test images (its seed alone).
         for metric in INTERVAL_METRICS:

@@ -164,7 +164,10 @@ def render(
     return Image.blend(image, Image.fromarray(pixels, "L").convert("RGB"), grain)
 
 
-_SHAPE_FORMS = {form: shape for shape in SHAPES for form in (shape, _PLURAL.get(shape, shape + "s"))}
+# World 2's shapes are read too, so that object F1 scores its captions; world 1's captions never name them.
+_SHAPE_FORMS = {
+    form: shape for shape in (*SHAPES, "star", "ring") for form in (shape, _PLURAL.get(shape, shape + "s"))
+}
 _PAIR = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(_SHAPE_FORMS) + r")\b")
 
 

@@ -1,0 +1,215 @@
+"""Toy world 2: its scenes and grammar, test scenes new to the training captions, claims checked against
+scenes, and the stop rule that keeps the toy CLIP's geometry like a real CLIP's."""
+
+import json
+
+import pytest
+from conftest import run
+from PIL import Image
+from safetensors.torch import load_file
+
+from tipcap.data import list_images, load_image, read_captions
+from tipcap.toy.claims import ASPECTS, claim_agreement, claim_f1, mean_claim_f1
+from tipcap.toy.grammar import Claims, Group, Relation, parse
+from tipcap.toy.scenes import GENERATOR_VERSION, full_description, relation, render, scene_relations
+from tipcap.toy.world import ShapeObject
+
+
+def make_world(path, seed=0, train=150, val=20, test=20):
+    result = run("toyworld", "--out", path, "--version", 2, "--seed", seed, "--train", train, "--val", val,
+                 "--test", test)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return path / "toyworld.json"
+
+
+def scenes(karpathy, split=None):
+    entries = json.loads(karpathy.read_text())["images"]
+    return [e for e in entries if split is None or e["split"] == split]
+
+
+def objects_of(entry):
+    return [ShapeObject(**o) for o in entry["objects"]]
+
+
+def test_world_2_is_deterministic_and_readable(tmp_path):
+    first = make_world(tmp_path / "a")
+    assert first.read_bytes() == make_world(tmp_path / "b").read_bytes()
+    assert first.read_bytes() != make_world(tmp_path / "c", seed=1).read_bytes()
+    document = json.loads(first.read_text())
+    assert document["world"] == 2 and document["generator"] == GENERATOR_VERSION
+    assert len(read_captions(first, split="train")) == 750
+    images = list_images(first, split="test")
+    assert len(images) == 20 and load_image(images[0].path).size == (64, 64)
+    counts = {len(e["objects"]) for e in document["images"]}
+    assert counts == {1, 2, 3, 4}
+    counted = [
+        e for e in document["images"] if any(g.count > 1 for g in parse(e["sentences"][0]["raw"]).groups)
+    ]
+    assert counted, "some scenes repeat an object and say so with a count"
+    for entry in document["images"]:
+        assert len({s["raw"] for s in entry["sentences"]}) == 5
+
+
+def test_version_1_is_the_default(tmp_path):
+    result = run("toyworld", "--out", tmp_path, "--train", 20, "--val", 2, "--test", 2)
+    assert result.exit_code == 0, result.output
+    karpathy = tmp_path / "toyworld.json"
+    assert "world" not in json.loads(karpathy.read_text())
+    assert load_image(list_images(karpathy)[0].path).size == (32, 32)
+
+
+def test_no_test_scene_is_fully_described_by_a_training_caption(tmp_path):
+    karpathy = make_world(tmp_path / "w", train=1500, val=50, test=50)
+    train = scenes(karpathy, "train")
+    stated = {parse(s["raw"]) for e in train for s in e["sentences"]}
+    stated |= {full_description(objects_of(e)) for e in train}
+    held_out = scenes(karpathy, "val") + scenes(karpathy, "test")
+    assert len(held_out) == 100
+    assert not [e for e in held_out if full_description(objects_of(e)) in stated]
+    # The rule has bite: drawn freely, scenes of one or two objects often repeat what earlier captions say.
+    earlier = {parse(s["raw"]) for e in train[:1000] for s in e["sentences"]}
+    assert sum(full_description(objects_of(e)) in earlier for e in train[1000:]) > 10
+
+
+def test_every_caption_of_the_grammar_states_only_what_holds(tmp_path):
+    karpathy = make_world(tmp_path / "w")
+    sized = related = 0
+    for entry in scenes(karpathy):
+        for sentence in entry["sentences"]:
+            agreement = claim_agreement(sentence["raw"], entry["objects"])
+            claims = parse(sentence["raw"])
+            for aspect in ("colour", "shape", "object"):
+                assert agreement[aspect].f1 == 1.0, (aspect, sentence["raw"])
+            if any(g.size for g in claims.groups):
+                sized += 1
+                assert agreement["size"].f1 == 1.0, sentence["raw"]
+            if claims.relations:
+                related += 1
+                assert agreement["relation"].precision == 1.0, sentence["raw"]
+            assert sum(g.count for g in claims.groups) == len(entry["objects"]), sentence["raw"]
+    assert sized > 100 and related > 100
+
+
+def test_parse_reads_counts_sizes_and_canonical_relations():
+    claims = parse("A big orange star is under the Blue Ring, and two little green crosses.")
+    assert claims == Claims(
+        frozenset(
+            {
+                Group(1, "orange", "star", "large"),
+                Group(1, "blue", "ring", None),
+                Group(2, "green", "cross", "small"),
+            }
+        ),
+        frozenset({Relation(("blue", "ring"), "above", ("orange", "star"))}),
+    )
+    assert parse("a red circle sits to the right of a blue square.").relations == {
+        Relation(("blue", "square"), "left of", ("red", "circle"))
+    }
+    assert parse("a red circle beside a blue square.") == parse("a blue square is next to a red circle.")
+    # Only a relation's words between two mentions make a relation.
+    assert parse("a red circle and a blue square.").relations == frozenset()
+
+
+def test_claims_are_checked_against_the_scene():
+    scene = [
+        ShapeObject("red", "circle", "small", 0.2, 0.2),
+        ShapeObject("blue", "star", "large", 0.5, 0.2),
+        ShapeObject("green", "ring", "large", 0.5, 0.8),
+    ]
+    assert relation(scene[0], scene[1]) == "next to" and relation(scene[1], scene[2]) == "above"
+    assert relation(scene[0], scene[2]) == "above" and len(scene_relations(scene)) == 3
+    right = claim_f1("a small red circle is next to a big blue star, with a green ring.", scene)
+    assert right["object"] == 1.0 and right["size"] == pytest.approx(2 * (2 / 3) / (1 + 2 / 3))
+    assert right["relation"] == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
+    wrong = claim_agreement("a large red circle is under a blue star and a yellow cross.", scene)
+    assert wrong["colour"].precision == pytest.approx(2 / 3) and wrong["colour"].recall == pytest.approx(
+        2 / 3
+    )
+    assert wrong["shape"].f1 == pytest.approx(2 / 3) and wrong["size"].f1 == 0.0
+    assert wrong["relation"].f1 == 0.0
+    means = mean_claim_f1(["a red circle.", "nothing here."], [scene, scene])
+    assert set(means) == set(ASPECTS) and means["object"] == pytest.approx(0.5 * 0.5)
+
+
+def test_render_draws_what_the_scene_says():
+    star = [ShapeObject("red", "star", "large", 0.5, 0.5)]
+    ring = [ShapeObject("red", "ring", "large", 0.5, 0.5)]
+    image = render(star, background="gray", grain=0.0)
+    assert image.size == (64, 64) and image.getpixel((32, 32)) == (220, 40, 40)
+    assert render(ring, background="gray", grain=0.0).getpixel((32, 32)) == (200, 200, 200)
+    assert render(star, background="gray", grain=0.0).tobytes() != render(ring, grain=0.0).tobytes()
+    assert isinstance(image, Image.Image)
+
+
+def test_stop_rule_verdicts():
+    from tipcap.toy.clip import StopRule
+
+    rule = StopRule(recall_at_1=0.8)
+    assert rule.verdict({"matched_cosine": 0.3, "within_modality_cosine": 0.5, "recall_at_1": 0.5}) is None
+    assert (
+        rule.verdict({"matched_cosine": 0.3, "within_modality_cosine": 0.5, "recall_at_1": 0.8}) == "recall"
+    )
+    assert (
+        rule.verdict({"matched_cosine": 0.5, "within_modality_cosine": 0.5, "recall_at_1": 0.9}) == "geometry"
+    )
+
+
+@pytest.mark.slow
+def test_toy_clip_stops_by_its_rule(tmp_path, tiny_clip, monkeypatch):
+    """Recall reached: no more steps; geometry flipped: the weights of the previous check are kept; else all
+    steps run. Each reason is recorded in the report."""
+    import tipcap.toy.clip as toyclip
+
+    karpathy = make_world(tmp_path / "w", train=40, val=5, test=0)
+    config = json.loads(tiny_clip.read_text())
+    config["vision_cfg"]["image_size"] = 64
+
+    def train(name, rule, steps=4):
+        spec, report = toyclip.train_toyclip(karpathy, tmp_path / name, steps=steps, batch_size=8,
+                                             config=config, stop=rule, progress=False)  # fmt: skip
+        return load_file(spec.pretrained), report
+
+    initial, report = train("recall", toyclip.StopRule(every=1, recall_at_1=0.0, held_out=5))
+    assert (report.steps, report.stop_reason) == (0, "recall")
+    trained, report = train("steps", toyclip.StopRule(every=2, recall_at_1=1.1, held_out=5))
+    assert (report.steps, report.stop_reason) == (4, "steps")
+    assert any(not (trained[k] == initial[k]).all() for k in initial)
+    report_file = json.loads((tmp_path / "steps" / "toyclip_report.json").read_text())
+    assert {"trace_sigma", "effective_rank", "text_cosine", "stop_reason"} <= set(report_file)
+
+    real = toyclip.figures
+    checks = []
+
+    def flipping(images, texts, owner):
+        result = real(images, texts, owner)
+        checks.append(len(checks))
+        return {**result, "within_modality_cosine": -2.0} if len(checks) == 3 else result
+
+    monkeypatch.setattr(toyclip, "figures", flipping)
+    after_two, report = train("geometry", toyclip.StopRule(every=1, recall_at_1=1.1, held_out=5))
+    assert (report.steps, report.stop_reason) == (1, "geometry")
+    monkeypatch.setattr(toyclip, "figures", real)
+    one_step, _ = train("one-step", None, steps=1)
+    assert all((after_two[k] == one_step[k]).all() for k in one_step)
+
+
+def test_world_2_captions_fit_the_demo_decoders(tmp_path):
+    """The demo's decoders keep max_caption_tokens − 1 word-level tokens before the end of text: every
+    caption of the grammar must fit, or decoders would learn truncated captions."""
+    import importlib.resources
+    import re
+
+    import yaml
+
+    from tipcap.demo import demo_scale
+
+    karpathy = make_world(tmp_path / "w", train=400, val=0, test=0)
+    longest = max(
+        len(re.findall(r"\w+|[^\w\s]+", s["raw"])) for e in scenes(karpathy) for s in e["sentences"]
+    )
+    for quick in (True, False):
+        grid = importlib.resources.files("tipcap") / "resources" / demo_scale(quick, version=2).grid
+        model = yaml.safe_load(grid.read_text())["decoder"]["model"]
+        assert (
+            longest <= model["max_caption_tokens"] - 1 <= model["language_model_config"]["n_positions"] - 20
+        )

@@ -1,0 +1,246 @@
+"""Toy world 2: scenes of one to four objects, far more of them than any training set, at 64 pixels.
+
+An object has a colour (8), a shape (7), a size (2) and a place on a 3 × 3 grid; objects may repeat ("two
+red circles"). Single objects stand in one relation to each other: "next to" when side by side in
+neighbouring cells of a row, else left of, right of, above or below by the larger offset. Captions come
+from :mod:`tipcap.toy.grammar`.
+
+No test scene's full description (its groups with their sizes, and every relation between its single
+objects) is among what the training captions state, nor among the training scenes' own full descriptions:
+a test (or validation) scene that collides is drawn again. So a decoder has to compose, and the nearest
+training caption matches a test scene only in part.
+
+The world is written in the same form as version 1 (:mod:`tipcap.toy.world`): an image folder, a Karpathy
+file whose entries record their ``objects`` (with positions), web pairs and an entity vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from tipcap.errors import TipcapError
+from tipcap.io import atomic_path
+from tipcap.progress import progress_bar
+from tipcap.toy.grammar import COLOURS, SHAPES, SIZES, Claims, Group, Relation, canonical, describe, parse
+from tipcap.toy.world import BACKGROUNDS, ShapeObject
+from tipcap.toy.world import COLOURS as RGB
+
+# What a seed renders and captions: bump whenever a change makes a seed produce another world, so that
+# caches keyed by it (the demo's) are not reused across the change.
+GENERATOR_VERSION = 1
+IMAGE_SIZE = 64
+_CELLS = (0.2, 0.5, 0.8)
+_JITTER = 0.03
+# Share of scenes in which one object is repeated (same colour, shape and size).
+_REPEAT = 0.3
+# Draws of a validation or test scene before the world is declared too small to hold a novel one.
+_MAX_DRAWS = 1_000
+
+
+def random_scene(rng: random.Random) -> list[ShapeObject]:
+    """1–4 objects in distinct cells of a 3 × 3 grid, jittered; in some scenes one object repeats.
+
+    Objects of one colour and shape also share their size, so that "a red circle" names one group.
+    """
+    count = rng.choice((1, 2, 2, 3, 3, 3, 4, 4, 4))
+    cells = rng.sample([(x, y) for y in _CELLS for x in _CELLS], count)
+    named = rng.sample([(colour, shape) for colour in COLOURS for shape in SHAPES], count)
+    kinds = [(colour, shape, rng.choice(SIZES)) for colour, shape in named]
+    if count > 1 and rng.random() < _REPEAT:
+        kinds[-1] = rng.choice(kinds[:-1])
+    return [
+        ShapeObject(*kind, x + rng.uniform(-_JITTER, _JITTER), y + rng.uniform(-_JITTER, _JITTER))
+        for kind, (x, y) in zip(kinds, cells, strict=True)
+    ]
+
+
+def relation(first: ShapeObject, second: ShapeObject) -> str:
+    """How ``first`` stands to ``second``: "next to" in neighbouring cells of one row, else by the larger
+    offset (left of, right of, above, below)."""
+    dx, dy = second.x - first.x, second.y - first.y
+    if abs(dy) < 0.15 and abs(dx) < 0.45:
+        return "next to"
+    if abs(dx) >= abs(dy):
+        return "left of" if dx > 0 else "right of"
+    return "above" if dy > 0 else "below"
+
+
+def scene_groups(objects: list[ShapeObject]) -> list[Group]:
+    """Objects alike in colour, shape and size, counted, in order of first appearance."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for o in objects:
+        counts[(o.colour, o.shape, o.size)] = counts.get((o.colour, o.shape, o.size), 0) + 1
+    return [Group(n, colour, shape, size) for (colour, shape, size), n in counts.items()]
+
+
+def _singles(objects: list[ShapeObject]) -> list[ShapeObject]:
+    """The objects whose (colour, shape) is unique in the scene: the ones a relation can name."""
+    named = [(o.colour, o.shape) for o in objects]
+    return [o for o in objects if named.count((o.colour, o.shape)) == 1]
+
+
+def scene_relations(objects: list[ShapeObject]) -> frozenset[Relation]:
+    """Every canonical relation between two single objects of a scene."""
+    singles = _singles(objects)
+    return frozenset(
+        canonical((a.colour, a.shape), relation(a, b), (b.colour, b.shape))
+        for i, a in enumerate(singles)
+        for b in singles[i + 1 :]
+    )
+
+
+def full_description(objects: list[ShapeObject]) -> Claims:
+    """All a caption could state about a scene: its groups with sizes and all relations of its singles."""
+    return Claims(frozenset(scene_groups(objects)), scene_relations(objects))
+
+
+def scene_captions(
+    objects: list[ShapeObject], background: str, rng: random.Random, count: int = 5
+) -> list[str]:
+    """``count`` captions of a scene from the world's grammar (fewer where it has fewer wordings)."""
+    groups = scene_groups(objects)
+    index = {(g.colour, g.shape): i for i, g in enumerate(groups)}
+    singles = _singles(objects)
+    pairs = [
+        (index[(a.colour, a.shape)], relation(a, b), index[(b.colour, b.shape)])
+        for i, a in enumerate(singles)
+        for b in singles[i + 1 :]
+    ]
+    return describe(groups, pairs, background, rng, count)
+
+
+def _star(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
+    points = []
+    for k in range(10):
+        r = radius if k % 2 == 0 else radius * 0.45
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
+    return points
+
+
+def render(
+    objects: list[ShapeObject], size: int = IMAGE_SIZE, background: str = "gray", grain: float = 0.04
+) -> Image.Image:
+    """Draw a scene as an RGB image of ``size`` × ``size`` pixels on a background, with ``grain`` noise."""
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        radius = size * (0.13 if obj.size == "large" else 0.08)
+        cx, cy = obj.x * size, obj.y * size
+        colour = RGB[obj.colour]
+        box = [cx - radius, cy - radius, cx + radius, cy + radius]
+        if obj.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif obj.shape == "ring":
+            draw.ellipse(box, outline=colour, width=max(2, round(radius / 2.5)))
+        elif obj.shape == "square":
+            draw.rectangle(box, fill=colour)
+        elif obj.shape == "triangle":
+            draw.polygon(
+                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour
+            )
+        elif obj.shape == "diamond":
+            draw.polygon(
+                [(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=colour
+            )
+        elif obj.shape == "star":
+            draw.polygon(_star(cx, cy, radius * 1.15), fill=colour)
+        else:
+            bar = radius / 3
+            draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=colour)
+            draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=colour)
+    noise = Image.effect_noise((size, size), 6).convert("RGB")
+    return Image.blend(image, noise, grain)
+
+
+def write_world(
+    out: str | Path,
+    seed: int = 0,
+    train: int = 20_000,
+    val: int = 500,
+    test: int = 500,
+    image_size: int = IMAGE_SIZE,
+    web_mismatch: float = 0.2,
+    progress: bool = False,
+) -> Path:
+    """Generate world 2 into ``out``: ``images/``, ``toyworld.json`` (Karpathy), ``web_pairs.jsonl`` and
+    ``entities.json``, as :func:`tipcap.toy.world.write_toyworld` does for world 1.
+
+    Training scenes are drawn first; each validation and test scene is drawn until its full description
+    is neither a training scene's nor stated by a training caption. Returns the Karpathy file.
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    seen: set[Claims] = set()
+    scenes = []
+    for split, n in (("train", train), ("val", val), ("test", test)):
+        for _ in range(n):
+            for _draw in range(_MAX_DRAWS):
+                objects = random_scene(rng)
+                background = rng.choice(list(BACKGROUNDS))
+                captions = scene_captions(objects, background, rng)
+                if split == "train" or full_description(objects) not in seen:
+                    break
+            else:
+                raise TipcapError(
+                    f"--train {train}: no {split} scene in {_MAX_DRAWS} draws is new to the training "
+                    "captions; use fewer training images"
+                )
+            if split == "train":
+                seen.add(full_description(objects))
+                seen.update(parse(caption) for caption in captions)
+            scenes.append((split, objects, background, captions, rng.uniform(0.02, 0.15)))
+    entries, web_lines = [], []
+    bar = progress_bar(scenes, disable=not progress, desc="rendering toy world 2", unit="image")
+    for index, (split, objects, background, captions, grain) in enumerate(bar):
+        filename = f"toy_{index:06d}.png"
+        render(objects, image_size, background, grain).save(out / "images" / filename)
+        entries.append({
+            "filepath": "images",
+            "filename": filename,
+            "imgid": index,
+            "split": split,
+            "objects": [asdict(o) for o in objects],
+            "background": background,
+            "sentences": [{"raw": c, "tokens": re.findall(r"[a-z0-9]+", c)} for c in captions],
+        })  # fmt: skip
+    train_entries = [e for e in entries if e["split"] == "train"]
+    for entry in train_entries:
+        source = rng.choice(train_entries) if rng.random() < web_mismatch else entry
+        caption = rng.choice(source["sentences"])["raw"]
+        web_lines.append(json.dumps({"image": f"images/{entry['filename']}", "caption": caption}))
+    with atomic_path(out / "web_pairs.jsonl") as tmp:
+        tmp.write_text("\n".join(web_lines) + "\n", encoding="utf-8")
+    with atomic_path(out / "entities.json") as tmp:
+        tmp.write_text(json.dumps(entity_vocabulary(), indent=1), encoding="utf-8")
+    # Written last: its presence is what tells a cache that the whole world is there.
+    karpathy = out / "toyworld.json"
+    document = {
+        "dataset": "toyworld",
+        "world": 2,
+        "generator": GENERATOR_VERSION,
+        "seed": seed,
+        "images": entries,
+    }
+    with atomic_path(karpathy) as tmp:
+        tmp.write_text(json.dumps(document), encoding="utf-8")
+    return karpathy
+
+
+def entity_vocabulary() -> dict:
+    """The world's prompt vocabulary: one entity per (colour, shape), e.g. "red star" (plural forms too)."""
+    plural = {shape: ("crosses" if shape == "cross" else shape + "s") for shape in SHAPES}
+    entities = [
+        {"name": f"{colour} {shape}", "forms": [f"{colour} {shape}", f"{colour} {plural[shape]}"]}
+        for colour in COLOURS
+        for shape in SHAPES
+    ]
+    return {"source": "tipcap toy world 2: coloured shapes in relations", "entities": entities}
