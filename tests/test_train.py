@@ -72,7 +72,7 @@ def test_save_and_load_give_identical_logits_and_no_pickles(memorised, coco_text
     files = [path for path in (memorised / "model").rglob("*") if path.is_file()]
     assert (memorised / "model" / "clip" / "tiny-clip.json") in files  # the model carries its CLIP's config
     for path in files:
-        assert path.suffix in (".json", ".safetensors", ".txt"), f"unexpected file {path.name}"
+        assert path.suffix in (".json", ".safetensors", ".txt", ".md"), f"unexpected file {path.name}"
         assert not path.read_bytes().startswith(b"\x80"), f"{path.name} looks like a pickle"
 
 
