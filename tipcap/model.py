@@ -38,6 +38,7 @@ from tipcap.data import ImageError, load_image
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.io import atomic_path
+from tipcap.packing import pack
 from tipcap.prompts import (
     PROMPT_TEMPLATES,
     PromptInteraction,
@@ -386,13 +387,20 @@ class TIPCap(nn.Module):
             return prefix, mask
         pad = self.tokenizer.pad_token_id
         ids = torch.full((batch, length), pad, dtype=torch.long, device=self.device)
+        # Prefix and prompt are right-aligned together ([pad… | prefix | prompt]), so that the last context
+        # position, which predicts the caption's first token, is real in every row, an empty prompt's too.
+        k = self.config.prefix_length
+        order = torch.arange(k + length, device=self.device).repeat(batch, 1)
         for row, row_ids in enumerate(hard_ids):
-            # Right-aligned, so that the caption always follows the prompt directly.
+            missing = length - len(row_ids)
             if row_ids:
-                ids[row, length - len(row_ids) :] = torch.tensor(row_ids, device=self.device)
-            mask[row, self.config.prefix_length : self.config.prefix_length + length - len(row_ids)] = 0
+                ids[row, missing:] = torch.tensor(row_ids, device=self.device)
+            mask[row, :missing] = 0
+            order[row, :missing] = torch.arange(k, k + missing)
+            order[row, missing : missing + k] = torch.arange(k)
         embeds = self.language_model.get_input_embeddings()(ids)
-        return torch.cat([prefix, embeds.to(prefix.dtype)], dim=1), mask
+        context = torch.cat([prefix, embeds.to(prefix.dtype)], dim=1)
+        return context.gather(1, order.unsqueeze(-1).expand_as(context)), mask
 
     def forward(
         self,
@@ -400,6 +408,7 @@ class TIPCap(nn.Module):
         caption_ids: torch.Tensor,
         caption_mask: torch.Tensor,
         prompts: Sequence[Sequence[str]] | None = None,
+        pack_length: int | None = None,
     ) -> Any:
         """Language-model outputs (``loss``, ``logits``) for captions given their conditioning.
 
@@ -408,6 +417,8 @@ class TIPCap(nn.Module):
             caption_ids: ``[B, T]`` caption tokens ending with the end-of-text token, right-padded.
             caption_mask: ``[B, T]`` 1 for real tokens.
             prompts: per row, the prompt words (or ``None``: no prompt).
+            pack_length: pack the sequences, without their padding, into rows of this many positions
+                (:mod:`tipcap.packing`); the logits are then ``[R, pack_length, vocab]``, the loss the same.
 
         The loss is the token cross-entropy over the caption (end-of-text included); prefix, prompt and
         padding positions are labelled -100.
@@ -420,6 +431,12 @@ class TIPCap(nn.Module):
         mask = torch.cat([context_mask, caption_mask.long()], dim=1)
         ignore = torch.full(context_mask.shape, -100, dtype=torch.long, device=self.device)
         labels = torch.cat([ignore, caption_ids.masked_fill(caption_mask == 0, -100)], dim=1)
+        if pack_length is not None:
+            packed, positions, packed_labels = pack(inputs, mask, labels, pack_length)
+            # No attention mask and no cache: the restarting position ids mark where sequences begin.
+            return self.language_model(
+                inputs_embeds=packed, position_ids=positions, labels=packed_labels, use_cache=False
+            )
         # Positions count real tokens only, as generate() counts them from the attention mask.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         return self.language_model(
