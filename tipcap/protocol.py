@@ -16,6 +16,7 @@ store), ``template`` (the top CLIP zero-shot entities in a sentence template).
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,12 @@ def _resolve_clip(clip: ClipSpec | None, model: TIPCap | None, texts: EmbeddingS
 
 
 def _model_captions(
-    model: TIPCap, embeddings: torch.Tensor, image_ids: list[Any], config: EvalConfig, oracle: dict | None
+    model: TIPCap,
+    embeddings: torch.Tensor,
+    image_ids: list[Any],
+    config: EvalConfig,
+    oracle: dict | None,
+    timings: dict[str, float],
 ) -> tuple[list[str], list[list[str]] | None]:
     """A caption model's captions ``[N]`` for image embeddings ``[N, d]``, and the prompt words used."""
     prompts = None
@@ -102,7 +108,7 @@ def _model_captions(
     results = model.caption(
         embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", num_beams=config.beams,
         max_new_tokens=config.max_tokens, batch_size=config.batch_size, top_k=config.top_k,
-        threshold=config.threshold,
+        threshold=config.threshold, timings=timings,
     )  # fmt: skip
     used = [result.prompt for result in results]
     return [result.caption for result in results], used if any(used) else None
@@ -134,6 +140,7 @@ def evaluate_split(
     vocabulary: str | Path | None = None,
     context: dict[str, Any] | None = None,
     device: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Caption the images of a Karpathy split with ``method``, score them, and write the result files.
 
@@ -152,11 +159,15 @@ def evaluate_split(
         vocabulary: entity vocabulary JSON of ``template`` (default: the packaged COCO vocabulary).
         context: what else determined the evaluation (a grid cell's resolved stages), recorded in
             ``provenance.json``.
+        timings: when given, gains the seconds spent per stage: ``decoding`` (waiting for decoded
+            images) and ``clip`` when images are embedded, ``generation``, ``scoring`` (pycocoevalcap) and
+            ``clipscore``. They stay out of the written files, which the same inputs reproduce byte for byte.
 
     Returns:
         The metrics document written to ``metrics.json``.
     """
     config = config or EvalConfig()
+    timings = {} if timings is None else timings
     if method not in METHODS:
         raise TipcapError(f"--method {method!r}: use one of {', '.join(METHODS)}.")
     if (images is None) == (image_store is None):
@@ -183,9 +194,10 @@ def evaluate_split(
         store.check_finite(f"--image-store {image_store}")
     else:
         embed = EmbedConfig(spec.model, spec.pretrained, spec.init_seed)
-        store = embed_images(
-            data, embed, out / "image-store", image_root=images, split=split, device=device
-        ).store
+        report = embed_images(data, embed, out / "image-store", image_root=images, split=split, device=device)
+        store = report.store
+        for stage, seconds in report.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
     if caption_store is not None and caption_store.clip != spec.identity():
         raise TipcapError(f"--texts {texts} was embedded with another CLIP than {spec.describe()}.")
     if caption_store is not None:
@@ -201,17 +213,24 @@ def evaluate_split(
     prompts: list[list[str]] | None = None
     if method == "model":
         model.use_clip(encoder)
-        captions, prompts = _model_captions(model, embeddings, image_ids, config, oracle_prompts)
-    elif method == "retrieval":
-        captions = retrieve_captions(embeddings, caption_store)
+        captions, prompts = _model_captions(model, embeddings, image_ids, config, oracle_prompts, timings)
     else:
-        captions, prompts = _template_captions(encoder, embeddings, vocabulary, config)
+        start = time.perf_counter()
+        if method == "retrieval":
+            captions = retrieve_captions(embeddings, caption_store)
+        else:
+            captions, prompts = _template_captions(encoder, embeddings, vocabulary, config)
+        timings["generation"] = time.perf_counter() - start
 
     predictions = [{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]
     write_json_atomic(out / "predictions.json", predictions)
     matched, report = match_predictions(predictions, references)
+    start = time.perf_counter()
     result = score_captions(matched, references, config.metrics)
+    timings["scoring"] = time.perf_counter() - start
+    start = time.perf_counter()
     clip_scores = clip_score(encoder, embeddings, captions)
+    timings["clipscore"] = time.perf_counter() - start
     result["metrics"]["CLIPScore"] = float(clip_scores.mean())
     document = metrics_document(
         result, report, predictions=out / "predictions.json", references=data, split=split, command=sys.argv
