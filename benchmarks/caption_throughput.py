@@ -147,9 +147,13 @@ def main() -> None:
         generation_single_s = time.perf_counter() - start
         assert batched == one_by_one == [r.caption for r in streamed], "captions differ"
 
-        words = sum(len(r.caption.split()) for r in streamed) / len(streamed)
         count = len(timed_paths)
-        print(f"captions identical, {words:.1f} words on average; load average {os.getloadavg()[0]:.1f}")
+        # A batch decodes until its longest caption ends; one image at a time, until its own does.
+        tokens = [len(model.tokenizer(r.caption)["input_ids"]) + 1 for r in streamed]
+        longest = [max(tokens[i : i + args.batch_size]) for i in range(0, count, args.batch_size)]
+        print(f"captions identical: {sum(tokens) / count:.1f} tokens on average (end of text included), "
+              f"the longest of a batch {sum(longest) / len(longest):.1f} on average; "
+              f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
         print(f"one at a time     : {count / single_s:8.1f} images/s ({single_s:.2f} s: "
               f"{stages(single_timings, single_s)})")  # fmt: skip
         print(f"streamed          : {count / streamed_s:8.1f} images/s ({streamed_s:.2f} s: "
