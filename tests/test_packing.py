@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tipcap.config import load_config
 from tipcap.errors import TipcapError
@@ -82,3 +83,20 @@ def test_packed_training_learns_like_bucketed_training(coco_texts, tmp_path):
     # The same captions and optimiser; only the batches' composition differs.
     assert losses["true"][0] > 3.0 and losses["true"][-1] < 0.5 * losses["true"][0]
     assert losses["true"][-1] == pytest.approx(losses["false"][-1], rel=0.3)
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_uncompiled_and_keeps_parameter_names(coco_texts, tmp_path):
+    weights, losses = {}, {}
+    for compiled in ("false", "true"):
+        overrides = [f"data.train_texts={coco_texts}", "train.packing=true", f"train.compile={compiled}",
+                     "train.max_steps=3", "train.log_every=1", "train.warmup_steps=0"]  # fmt: skip
+        out = tmp_path / f"compile-{compiled}"
+        train(load_config(TINY, overrides), out, progress=False)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[compiled] = [r["train_loss"] for r in records if "train_loss" in r]
+        weights[compiled] = load_file(out / "model" / "model.safetensors")
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+    assert weights["true"].keys() == weights["false"].keys()
+    for name, tensor in weights["false"].items():
+        assert torch.allclose(weights["true"][name], tensor, atol=1e-4), name
