@@ -46,11 +46,12 @@ def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:480, 0:640]
+    noise = rng.normal(0, 12, (480, 640, 3))
     paths = []
     for i in range(count):
         base = rng.uniform(0, 255, 3)
         slope = rng.uniform(-0.3, 0.3, (2, 3))
-        pixels = base + ys[..., None] * slope[0] + xs[..., None] * slope[1] + rng.normal(0, 12, (480, 640, 3))
+        pixels = base + ys[..., None] * slope[0] + xs[..., None] * slope[1] + np.roll(noise, i, axis=1)
         path = folder / f"{i:05d}.jpg"
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
         paths.append(path)
