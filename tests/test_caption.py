@@ -68,6 +68,23 @@ def test_unreadable_images_become_per_image_errors(prompt_model, image_folder):
     assert results[0].caption is None and "broken_000.jpg" in results[0].error
 
 
+def test_streamed_batches_and_workers_give_the_captions_of_one_batch(prompt_model, image_folder):
+    _, _, model_dir = prompt_model
+    model = TIPCap.from_pretrained(model_dir, device="cpu")
+    paths = sorted(image_folder.iterdir())  # broken_000.jpg first, then six images
+    words = [["zebra"], ["dog"], [], ["horse", "grass"], ["cat"], [], ["sheep"]]
+    timings: dict[str, float] = {}
+    streamed = model.caption(
+        images=paths, prompts=words, num_beams=2, batch_size=2, workers=2, timings=timings
+    )
+    whole = model.caption(images=paths, prompts=words, num_beams=2, batch_size=64, workers=0)
+    assert [(r.image, r.caption, r.prompt, r.error) for r in streamed] == [
+        (r.image, r.caption, r.prompt, r.error) for r in whole
+    ]
+    assert streamed[0].error is not None and [r.prompt for r in streamed[1:]] == words[1:]
+    assert set(timings) == {"decoding", "clip", "generation"} and timings["generation"] > 0
+
+
 def test_prompt_changes_the_caption(prompt_model, image_folder, tmp_path):
     _, _, model_dir = prompt_model
     plain, prompted = tmp_path / "plain.jsonl", tmp_path / "prompted.jsonl"

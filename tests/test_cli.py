@@ -1,6 +1,7 @@
 """The command line, end to end on real COCO captions with a tiny CLIP."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -30,6 +31,21 @@ def test_version_and_help():
     assert result.exit_code == 0 and "embed" in result.output
     result = run("embed", "images", "--help")
     assert "--image-root" in result.output and "--limit" in result.output and "--strict" in result.output
+
+
+def test_threads_option_sets_torchs_threads_and_passive_waiting(monkeypatch):
+    for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TIPCAP_THREADS"):
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    before = torch.get_num_threads()
+    try:
+        assert run("--threads", "1", "train", "--help").exit_code == 0
+        assert torch.get_num_threads() == 1
+        # Read by OpenMP when torch loads in a fresh process: the command sets them before loading it.
+        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    finally:
+        torch.set_num_threads(before)
+    result = run("--threads", "0", "train", "--help")
+    assert result.exit_code != 0 and "--threads" in result.output
 
 
 def test_embed_texts_writes_store_with_image_ids(tmp_path, coco_slice, tiny_clip):

@@ -98,13 +98,14 @@ def _train_command(store: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_matches_uninterrupted_run(coco_texts, tmp_path):
+@pytest.mark.parametrize("batching", [[], ["--set", "train.packing=true"]], ids=["bucketed", "packed"])
+def test_resume_after_sigkill_matches_uninterrupted_run(coco_texts, tmp_path, batching):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     reference = tmp_path / "reference"
-    subprocess.run(_train_command(coco_texts, reference), check=True, env=env, capture_output=True)
+    subprocess.run(_train_command(coco_texts, reference, *batching), check=True, env=env, capture_output=True)
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(_train_command(coco_texts, out), env=env, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(_train_command(coco_texts, out, *batching), env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600  # a guard against a hang, generous for a loaded machine
     while not (out / "checkpoints" / "step-00000080").is_dir():
         assert process.poll() is None, "training ended before it could be killed"
@@ -114,7 +115,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(coco_texts, tmp_path):
     process.wait()
     assert not (out / "model").exists()
 
-    subprocess.run(_train_command(coco_texts, out, "--resume"), check=True, env=env, capture_output=True)
+    resume = _train_command(coco_texts, out, *batching, "--resume")
+    subprocess.run(resume, check=True, env=env, capture_output=True)
     resumed = load_file(out / "model" / "model.safetensors")
     expected = load_file(reference / "model" / "model.safetensors")
     assert resumed.keys() == expected.keys()
@@ -128,12 +130,15 @@ def test_resume_after_sigkill_matches_uninterrupted_run(coco_texts, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_agree(coco_texts, tmp_path):
+@pytest.mark.parametrize("packing", ["false", "true"])
+def test_torchrun_two_cpu_processes_agree(coco_texts, tmp_path, packing):
     out = tmp_path / "ddp"
+    port = 29500 + (os.getpid() + (packing == "true") * 487) % 1000
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + os.getpid() % 1000), "-m", "tipcap.cli", "train", "--config", str(TINY),
+               str(port), "-m", "tipcap.cli", "train", "--config", str(TINY),
                "--set", f"data.train_texts={coco_texts}", "--set", "train.max_steps=30",
-               "--set", "train.batch_size=8", "--out", str(out), "--no-progress"]  # fmt: skip
+               "--set", "train.batch_size=8", "--set", f"train.packing={packing}",
+               "--out", str(out), "--no-progress"]  # fmt: skip
     result = subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,6 +11,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,34 @@ class _FiniteFloatRange(click.FloatRange):
         return number
 
 
+def _set_threads(threads: int | None) -> None:
+    """Threads for torch's CPU operations, and how idle ones wait.
+
+    Idle OpenMP threads wait passively (they sleep instead of spinning), so that tipcap processes sharing
+    a machine do not take each other's cores while they wait: two trainings at once took 4.8x the time of
+    one with spinning threads. Both settings are read when torch loads, which the commands do after this.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads is None:
+        return
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tipcap")
-def main() -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="TIPCAP_THREADS",
+    help="CPU threads per process (default: torch's, one per core; env TIPCAP_THREADS). When several "
+    "processes share the machine, cores divided by processes is a good choice.",
+)
+def main(threads: int | None) -> None:
     """tipcap: image captioning from text data, across the CLIP modality gap."""
+    _set_threads(threads)
 
 
 @main.group("prepare")
@@ -529,6 +554,11 @@ def train_command(
         click.echo(f"wrote {final} (metrics in {out}/metrics.jsonl)")
 
 
+def _format_timings(timings: dict[str, float]) -> str:
+    """``time: decoding 0.4 s · clip 1.2 s · generation 9.8 s`` (decoding: waiting for decoded images)."""
+    return "time: " + " · ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
+
+
 def _decoding_options(command: Any) -> Any:
     """``--beams`` and ``--batch-size``, shared by the commands that caption."""
     command = click.option(
@@ -593,9 +623,12 @@ def caption_command(
         else:
             paths.append(path)
     model = TIPCap.from_pretrained(model_dir, device=device)
+    timings: dict[str, float] = {}
     results = model.caption(
-        paths, prompts=_split_words(prompt), auto_prompt=auto_prompt, num_beams=beams, batch_size=batch_size
-    )
+        paths, prompts=_split_words(prompt), auto_prompt=auto_prompt, num_beams=beams, batch_size=batch_size,
+        timings=timings,
+    )  # fmt: skip
+    click.echo(_format_timings(timings), err=True)
     for result in results:
         if result.error is not None:
             click.echo(f"skipped {result.error}", err=True)
@@ -752,12 +785,14 @@ def evaluate_command(
     settings = {"beams": beams, "batch_size": batch_size, "prompt": prompt, "metrics": metrics,
                 "score_clip": score_clip, "score_pretrained": score_pretrained}  # fmt: skip
     config = from_dict(EvalConfig, settings, "eval")
+    timings: dict[str, float] = {}
     document = evaluate_split(
         data, split, out, config, method=method, model=model_dir, images=images, image_store=image_store,
-        texts=texts, instances=instances, device=device,
+        texts=texts, instances=instances, device=device, timings=timings,
     )  # fmt: skip
     click.echo(format_report(document["matching"]))
     _echo_scores(document)
+    click.echo(_format_timings(timings))
     click.echo(
         f"wrote {out}/predictions.json, {out}/metrics.json, {out}/per_image.json and {out}/provenance.json"
     )

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from tipcap import text_tower
+from tipcap.data import ImageError, load_image
 from tipcap.errors import TipcapError, WeightsUnavailable
 from tipcap.io import atomic_path, load_json
 from tipcap.network import host_reachable
@@ -467,3 +468,54 @@ class ClipEncoder:
         dtype = next(self.model.visual.parameters()).dtype
         features = self.model.encode_image(pixels.to(self.device, dtype=dtype))
         return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images (paths or PIL images) decoded and preprocessed for a CLIP, one per index; an image that
+    cannot be read gives its reason instead of pixels. Through a ``DataLoader`` with workers, decoding
+    runs beside the encoding and captioning of earlier batches."""
+
+    def __init__(self, images: Sequence[Any], preprocess: Callable[[Image.Image], torch.Tensor]):
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        image = self.images[index]
+        try:
+            loaded = image if isinstance(image, Image.Image) else load_image(Path(image))
+            return index, self.preprocess(loaded.convert("RGB")), None
+        except ImageError as e:
+            return index, None, str(e)
+
+
+def collate_images(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """A batch of :class:`ImageFiles` items: the readable indices, their pixels ``[b, 3, H, W]`` (``None``
+    when none is readable), and (index, reason) for the others."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, x, reason in items if x is None]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, bad
+
+
+def image_batches(
+    images: Sequence[Any],
+    preprocess: Callable[[Image.Image], torch.Tensor],
+    batch_size: int,
+    workers: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """Batches of :func:`collate_images` in order, decoded by ``workers`` processes (default: one per
+    core, at most 8; 0 decodes in this process). At most two batches per worker wait decoded, so memory
+    does not grow with the number of images."""
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    return torch.utils.data.DataLoader(
+        ImageFiles(images, preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_images,
+        prefetch_factor=2 if workers else None,
+    )

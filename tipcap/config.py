@@ -154,6 +154,11 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
     accumulate: Positive = 1
+    # Pack each batch's sequences, without padding, into rows of pack_length positions (tipcap/packing.py);
+    # false: batches of captions of similar length, each padded to its longest.
+    packing: bool = False
+    pack_length: Positive = 256
+    compile: bool = False  # torch.compile the language model (compiled on the first steps)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
     checkpoint_every: Positive = 1000

@@ -8,20 +8,25 @@ output untouched.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from tipcap import provenance
-from tipcap.clip import ENCODER_VERSION, ClipEncoder, ClipSpec, resolve_device, resolve_precision
+from tipcap.clip import (
+    ENCODER_VERSION,
+    ClipEncoder,
+    ClipSpec,
+    image_batches,
+    resolve_device,
+    resolve_precision,
+)
 from tipcap.config import EmbedConfig
-from tipcap.data import ImageError, ImageRef, list_images, load_image, read_captions, subsample
+from tipcap.data import list_images, read_captions, subsample
 from tipcap.data.captions import PeriodPolicy
 from tipcap.errors import TipcapError
 from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint, open_matching
@@ -39,6 +44,7 @@ class EmbedReport:
     reused: bool
     seconds: float
     empty_skipped: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # images: seconds waiting for decoding, in CLIP
 
     def summary(self) -> str:
         """One line for the user: rows, width, shards, skips, where, how long."""
@@ -149,32 +155,6 @@ def embed_texts(
     return EmbedReport(store, False, time.perf_counter() - start, captions.empty_skipped)
 
 
-class _ImageFiles(Dataset):
-    """Decodes and preprocesses images; a failure becomes a reason string instead of an exception."""
-
-    def __init__(self, images: list[ImageRef], preprocess: Callable[[Any], torch.Tensor]):
-        self.images = images
-        self.preprocess = preprocess
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            return index, self.preprocess(load_image(self.images[index].path)), None
-        except ImageError as e:
-            return index, None, str(e)
-
-
-def _collate(
-    items: list[tuple[int, torch.Tensor | None, str | None]],
-) -> tuple[list, torch.Tensor | None, list]:
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, reason) for i, x, reason in items if x is None]
-    pixels = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], pixels, bad
-
-
 def embed_images(
     source: str | Path,
     config: EmbedConfig,
@@ -212,18 +192,19 @@ def embed_images(
     clip = clip_spec(config)
     encoder = ClipEncoder.load(clip, device=device, precision=config.precision)
     batch_size = config.batch_size or IMAGE_BATCH_SIZE
-    num_workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    timings = {"decoding": 0.0, "clip": 0.0}
 
     def encode(indices: range, advance: Callable[[int], object]) -> Shard:
         subset = [images[i] for i in indices]
-        loader = DataLoader(
-            _ImageFiles(subset, encoder.preprocess),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
-        )
+        loader = iter(image_batches([ref.path for ref in subset], encoder.preprocess, batch_size, workers))
         chunks, ids, skipped = [], [], []
-        for positions, pixels, failures in loader:
+        while True:
+            begin = time.perf_counter()
+            batch = next(loader, None)
+            timings["decoding"] += time.perf_counter() - begin
+            if batch is None:
+                break
+            positions, pixels, failures = batch
             for position, reason in failures:
                 if strict:
                     raise TipcapError(f"{reason} (drop --strict to skip unreadable images).")
@@ -231,7 +212,9 @@ def embed_images(
                     {"id": subset[position].image_id, "path": str(subset[position].path), "reason": reason}
                 )
             if pixels is not None:
+                begin = time.perf_counter()
                 chunks.append(encoder.encode_images(pixels))
+                timings["clip"] += time.perf_counter() - begin
                 ids.extend(subset[p].image_id for p in positions)
             advance(len(positions) + len(failures))
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
@@ -242,4 +225,4 @@ def embed_images(
         "source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed},
     }
     store = build_store(out, record, len(rows), encode, shard_size=shard_size, info=info, progress=progress)
-    return EmbedReport(store, False, time.perf_counter() - start)
+    return EmbedReport(store, False, time.perf_counter() - start, timings=timings)

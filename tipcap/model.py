@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +37,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from tipcap import __version__
 from tipcap.card import write_model_card
-from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
+from tipcap.clip import ClipEncoder, ClipSpec, image_batches, resolve_device
 from tipcap.config import ModelConfig, from_dict, to_dict
-from tipcap.data import ImageError, load_image
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.hub import resolve_model
 from tipcap.io import atomic_path, load_json, save_safetensors
+from tipcap.packing import pack
 from tipcap.prompts import (
     PROMPT_TEMPLATES,
     PromptInteraction,
@@ -304,25 +305,43 @@ class TIPCap(nn.Module):
         return self.clip.encode_texts(texts).embeddings
 
     def embed_images(
-        self, images: Sequence[str | Path | Image.Image], batch_size: int = 64
+        self, images: Sequence[str | Path | Image.Image], batch_size: int = 64, workers: int | None = None
     ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
         """CLIP embeddings ``[M, d]`` of the readable images, their positions, and (position, reason) for
-        the others. Images are decoded ``batch_size`` at a time, so memory does not grow with their number."""
+        the others. Images are decoded ``batch_size`` at a time by ``workers`` processes
+        (:func:`~tipcap.clip.image_batches`), so memory does not grow with their number."""
         blocks, readable, failures = [], [], []
-        for start in range(0, len(images), batch_size):
-            pixels = []
-            for position in range(start, min(start + batch_size, len(images))):
-                image = images[position]
-                try:
-                    loaded = image if isinstance(image, Image.Image) else load_image(Path(image))
-                    pixels.append(self.clip.preprocess(loaded.convert("RGB")))
-                    readable.append(position)
-                except ImageError as e:
-                    failures.append((position, str(e)))
-            if pixels:
-                blocks.append(self.clip.encode_images(torch.stack(pixels)))
+        for positions, embeddings, bad in self._image_stream(images, batch_size, workers, {}):
+            blocks.append(embeddings)
+            readable += positions
+            failures += bad
         embeddings = torch.cat(blocks) if blocks else torch.empty(0, self.config.clip_dim)
         return embeddings, readable, failures
+
+    def _image_stream(
+        self,
+        images: Sequence[str | Path | Image.Image],
+        batch_size: int,
+        workers: int | None,
+        timings: dict[str, float],
+    ) -> Iterator[tuple[list[int], torch.Tensor, list[tuple[int, str]]]]:
+        """Per batch of images: the readable positions, their CLIP embeddings ``[b, d]``, the failures.
+        Adds the seconds spent waiting for decoded images and encoding them to ``timings``."""
+        clip = self.clip
+        loader = iter(image_batches(images, clip.preprocess, batch_size, workers))
+        while True:
+            start = time.perf_counter()
+            batch = next(loader, None)
+            timings["decoding"] = timings.get("decoding", 0.0) + time.perf_counter() - start
+            if batch is None:
+                return
+            positions, pixels, failures = batch
+            start = time.perf_counter()
+            embeddings = (
+                clip.encode_images(pixels) if pixels is not None else torch.empty(0, self.config.clip_dim)
+            )
+            timings["clip"] = timings.get("clip", 0.0) + time.perf_counter() - start
+            yield positions, embeddings, failures
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -419,13 +438,20 @@ class TIPCap(nn.Module):
             return prefix, mask
         pad = self.tokenizer.pad_token_id
         ids = torch.full((batch, length), pad, dtype=torch.long, device=self.device)
+        # Prefix and prompt are right-aligned together ([pad… | prefix | prompt]), so that the last context
+        # position, which predicts the caption's first token, is real in every row, an empty prompt's too.
+        k = self.config.prefix_length
+        order = torch.arange(k + length, device=self.device).repeat(batch, 1)
         for row, row_ids in enumerate(hard_ids):
-            # Right-aligned, so that the caption always follows the prompt directly.
+            missing = length - len(row_ids)
             if row_ids:
-                ids[row, length - len(row_ids) :] = torch.tensor(row_ids, device=self.device)
-            mask[row, self.config.prefix_length : self.config.prefix_length + length - len(row_ids)] = 0
+                ids[row, missing:] = torch.tensor(row_ids, device=self.device)
+            mask[row, :missing] = 0
+            order[row, :missing] = torch.arange(k, k + missing)
+            order[row, missing : missing + k] = torch.arange(k)
         embeds = self.language_model.get_input_embeddings()(ids)
-        return torch.cat([prefix, embeds.to(prefix.dtype)], dim=1), mask
+        context = torch.cat([prefix, embeds.to(prefix.dtype)], dim=1)
+        return context.gather(1, order.unsqueeze(-1).expand_as(context)), mask
 
     def forward(
         self,
@@ -433,6 +459,7 @@ class TIPCap(nn.Module):
         caption_ids: torch.Tensor,
         caption_mask: torch.Tensor,
         prompts: Sequence[Sequence[str]] | None = None,
+        pack_length: int | None = None,
     ) -> Any:
         """Language-model outputs (``loss``, ``logits``) for captions given their conditioning.
 
@@ -441,6 +468,8 @@ class TIPCap(nn.Module):
             caption_ids: ``[B, T]`` caption tokens ending with the end-of-text token, right-padded.
             caption_mask: ``[B, T]`` 1 for real tokens.
             prompts: per row, the prompt words (or ``None``: no prompt).
+            pack_length: pack the sequences, without their padding, into rows of this many positions
+                (:mod:`tipcap.packing`); the logits are then ``[R, pack_length, vocab]``, the loss the same.
 
         The loss is the token cross-entropy over the caption (end-of-text included); prefix, prompt and
         padding positions are labelled -100.
@@ -453,6 +482,12 @@ class TIPCap(nn.Module):
         mask = torch.cat([context_mask, caption_mask.long()], dim=1)
         ignore = torch.full(context_mask.shape, -100, dtype=torch.long, device=self.device)
         labels = torch.cat([ignore, caption_ids.masked_fill(caption_mask == 0, -100)], dim=1)
+        if pack_length is not None:
+            packed, positions, packed_labels = pack(inputs, mask, labels, pack_length)
+            # No attention mask and no cache: the restarting position ids mark where sequences begin.
+            return self.language_model(
+                inputs_embeds=packed, position_ids=positions, labels=packed_labels, use_cache=False
+            )
         # Positions count real tokens only, as generate() counts them from the attention mask.
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         return self.language_model(
@@ -499,6 +534,8 @@ class TIPCap(nn.Module):
         batch_size: int = 64,
         top_k: int = 3,
         threshold: float | None = None,
+        workers: int | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[CaptionResult]:
         """Caption images (paths or PIL images) or CLIP image embeddings ``[N, d]``.
 
@@ -507,26 +544,33 @@ class TIPCap(nn.Module):
         ``top_k`` entities with probability at least ``threshold``); a model trained without prompts
         ignores them, says so once, and reports no prompt words. An unreadable image gets an ``error``
         instead of a caption, and the others are captioned.
+
+        Images stream through in batches of ``batch_size``: ``workers`` processes decode and preprocess
+        the next batches (:func:`~tipcap.clip.image_batches`) while this one is encoded and captioned, and
+        nothing but the results grows with the number of images. ``timings``, when given, gains the
+        seconds spent per stage: ``decoding`` (waiting for decoded images), ``clip``, ``generation``.
         """
         if (images is None) == (embeddings is None):
             raise TipcapError("caption: give images or embeddings (one of them).")
+        timings = {} if timings is None else timings
+        if (prompts or auto_prompt) and self.config.prompt == "none":
+            logger.warning("this model was trained without prompts; prompt words are ignored.")
+            prompts, auto_prompt = None, False
         if images is not None:
             count = len(images)
-            embeddings, readable, failures = self.embed_images(images, batch_size)
+            batches = self._image_stream(images, batch_size, workers, timings)
         else:
             bad = (~torch.isfinite(embeddings)).any(dim=-1).nonzero()
             if len(bad):
                 raise TipcapError(f"caption: embedding row {int(bad[0])} holds NaN or infinite values.")
-            count, readable, failures = len(embeddings), list(range(len(embeddings))), []
-        words = self._prompt_words(prompts, count, readable, embeddings, auto_prompt, top_k, threshold)
-        captions: list[str] = []
-        for start in range(0, len(embeddings), batch_size):
-            captions += self.decode_text_side(
-                self.image_inputs(embeddings[start : start + batch_size]),
-                None if words is None else words[start : start + batch_size],
-                num_beams=num_beams,
-                max_new_tokens=max_new_tokens,
-                encode_texts=self._encode_texts,
+            count = len(embeddings)
+            batches = (
+                (
+                    list(range(start, min(start + batch_size, count))),
+                    embeddings[start : start + batch_size],
+                    [],
+                )
+                for start in range(0, count, batch_size)
             )
 
         def name(position: int) -> str | None:
@@ -535,13 +579,25 @@ class TIPCap(nn.Module):
             image = images[position]
             return f"image {position}" if isinstance(image, Image.Image) else str(image)
 
-        results: dict[int, CaptionResult] = {
-            position: CaptionResult(name(position), caption, words[row] if words else [])
-            for row, (position, caption) in enumerate(zip(readable, captions, strict=True))
-        }
-        for position, reason in failures:
-            results[position] = CaptionResult(name(position), None, error=reason)
-        return [results[i] for i in range(count)]
+        results: list[CaptionResult | None] = [None] * count
+        for positions, batch, failures in batches:
+            for position, reason in failures:
+                results[position] = CaptionResult(name(position), None, error=reason)
+            if not positions:
+                continue
+            words = self._prompt_words(prompts, count, positions, batch, auto_prompt, top_k, threshold)
+            start = time.perf_counter()
+            captions = self.decode_text_side(
+                self.image_inputs(batch),
+                words,
+                num_beams=num_beams,
+                max_new_tokens=max_new_tokens,
+                encode_texts=self._encode_texts,
+            )
+            timings["generation"] = timings.get("generation", 0.0) + time.perf_counter() - start
+            for row, (position, caption) in enumerate(zip(positions, captions, strict=True)):
+                results[position] = CaptionResult(name(position), caption, words[row] if words else [])
+        return results
 
     def _prompt_words(
         self,
@@ -553,11 +609,9 @@ class TIPCap(nn.Module):
         top_k: int,
         threshold: float | None,
     ) -> list[list[str]] | None:
-        """Each readable input's prompt words (given ones first, then CLIP's), or ``None`` for none."""
+        """The prompt words (given ones first, then CLIP's) of the inputs at positions ``readable`` of
+        ``count``, whose embeddings are ``[len(readable), d]``; ``None`` for none."""
         if not prompts and not auto_prompt:
-            return None
-        if self.config.prompt == "none":
-            logger.warning("this model was trained without prompts; prompt words are ignored.")
             return None
         if not prompts:
             given: list[list[str]] = [[] for _ in readable]

@@ -29,6 +29,7 @@ import logging
 import math
 import random
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ def _model_captions(
     image_ids: list[Any],
     config: EvalConfig,
     objects: Mapping[ImageId, Sequence[str]],
+    timings: dict[str, float],
 ) -> tuple[list[str], list[list[str]] | None]:
     """A caption model's captions ``[N]`` for image embeddings ``[N, d]``, and the prompt words used."""
     prompts = None
@@ -148,7 +150,7 @@ def _model_captions(
     results = model.caption(
         embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", num_beams=config.beams,
         max_new_tokens=config.max_tokens, batch_size=config.batch_size, top_k=config.top_k,
-        threshold=config.threshold,
+        threshold=config.threshold, timings=timings,
     )  # fmt: skip
     used = [result.prompt for result in results]
     return [result.caption for result in results], used if any(used) else None
@@ -267,6 +269,7 @@ def evaluate_split(
     vocabulary: str | Path | None = None,
     context: dict[str, Any] | None = None,
     device: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Caption the images of a Karpathy split with ``method``, score them, and write the result files.
 
@@ -292,11 +295,15 @@ def evaluate_split(
         vocabulary: entity vocabulary JSON of ``template`` (default: the packaged COCO vocabulary).
         context: what else determined the evaluation (a grid cell's resolved stages), recorded in
             ``provenance.json``.
+        timings: when given, gains the seconds spent per stage: ``decoding`` (waiting for decoded
+            images) and ``clip`` when images are embedded, ``generation``, ``scoring`` (pycocoevalcap) and
+            ``clip-s``. They stay out of the written files, which the same inputs reproduce byte for byte.
 
     Returns:
         The metrics document written to ``metrics.json``.
     """
     config = config or EvalConfig()
+    timings = {} if timings is None else timings
     if method not in METHODS:
         raise TipcapError(f"--method {method!r}: use one of {', '.join(METHODS)}.")
     if images is None and image_store is None:
@@ -337,9 +344,10 @@ def evaluate_split(
         store.check_finite(f"--image-store {image_store}")
     else:
         embed = EmbedConfig(spec.model, spec.pretrained, spec.init_seed)
-        store = embed_images(
-            data, embed, out / "image-store", image_root=images, split=split, device=device
-        ).store
+        report = embed_images(data, embed, out / "image-store", image_root=images, split=split, device=device)
+        store = report.store
+        for stage, seconds in report.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
     if caption_store is not None and caption_store.clip != spec.identity():
         raise TipcapError(f"--texts {texts} was embedded with another CLIP than {spec.describe()}.")
     if caption_store is not None:
@@ -356,16 +364,21 @@ def evaluate_split(
     prompts: list[list[str]] | None = None
     if method == "model":
         model.use_clip(encoder)
-        captions, prompts = _model_captions(model, embeddings, image_ids, config, objects)
-    elif method == "retrieval":
-        captions = retrieve_captions(embeddings, caption_store)
+        captions, prompts = _model_captions(model, embeddings, image_ids, config, objects, timings)
     else:
-        captions, prompts = _template_captions(encoder, embeddings, vocabulary, config)
+        start = time.perf_counter()
+        if method == "retrieval":
+            captions = retrieve_captions(embeddings, caption_store)
+        else:
+            captions, prompts = _template_captions(encoder, embeddings, vocabulary, config)
+        timings["generation"] = time.perf_counter() - start
 
     predictions = [{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]
     write_json_atomic(out / "predictions.json", predictions)
     matched, report = match_predictions(predictions, references)
+    start = time.perf_counter()
     result = score_captions(matched, references, config.metrics)
+    timings["scoring"] = time.perf_counter() - start
     per_image_extra: dict[ImageId, dict[str, Any]] = {image_id: {} for image_id in image_ids}
 
     scored = [i for i, image_id in enumerate(image_ids) if image_id in matched]
@@ -376,10 +389,12 @@ def evaluate_split(
             Path(score_image_store) if score_image_store else out / "score-image-store", device,
         )  # fmt: skip
     if score_images is not None and scored:
+        start = time.perf_counter()
         scores = clip_scores.score(
             scorer.encoder, score_images[scored], [captions[i] for i in scored],
             [references[image_ids[i]] for i in scored],
         )  # fmt: skip
+        timings["clip-s"] = time.perf_counter() - start
         result["metrics"]["CLIP-S"] = float(scores.clip_s.mean())
         result["metrics"]["RefCLIP-S"] = float(scores.ref_clip_s.mean())
         for position, i in enumerate(scored):

@@ -124,7 +124,12 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
+            # One kernel for all parameters where the device has it, instead of several per tensor.
+            fused=env.device.type == "cuda",
         )
+        if cfg.compile:
+            # In place, so that parameter names (checkpoints, DDP) stay those of the uncompiled model.
+            self.model.language_model.compile()
         self.batches_per_epoch = len(self._batches(0))
         if not self.batches_per_epoch:
             raise TipcapError(
@@ -154,6 +159,7 @@ class Trainer:
             epoch,
             self.env.rank,
             self.env.world,
+            bucket=not self.config.train.packing,
         )
 
     # -- one step -----------------------------------------------------------------------------
@@ -187,8 +193,9 @@ class Trainer:
         embeddings, ids, mask = collate(self.train_data, rows)
         conditioning = self.model.training_inputs(embeddings, generator)
         prompts = self._prompts(rows, random.Random(seed))
+        pack_length = self.config.train.pack_length if self.config.train.packing else None
         with self._autocast():
-            loss = self.ddp_model(conditioning, ids, mask, prompts).loss
+            loss = self.ddp_model(conditioning, ids, mask, prompts, pack_length).loss
         if self.model.gap is not None and self.model.gap.learnable:
             loss = loss + self.config.train.kl_weight * self.model.gap.kl_to_prior()
         return loss, int(mask.sum())

@@ -83,9 +83,10 @@ def load_caption_set(
 
 
 def epoch_batches(
-    data: CaptionSet, batch_size: int, seed: int, epoch: int, rank: int, world: int
+    data: CaptionSet, batch_size: int, seed: int, epoch: int, rank: int, world: int, bucket: bool = True
 ) -> list[list[int]]:
-    """This rank's batches for one epoch, each of captions of similar length.
+    """This rank's batches for one epoch: with ``bucket``, each of captions of similar length; without,
+    in the sampler's shuffled order (for packed batches, which carry no padding).
 
     The DistributedSampler gives the rank its shuffled share; within groups of ``_MEGABATCH`` batches,
     rows are sorted by caption length so that a batch pads little; batch order is then shuffled.
@@ -95,6 +96,8 @@ def epoch_batches(
     )
     sampler.set_epoch(epoch)
     indices = list(sampler)
+    if not bucket:
+        return [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     batches = []
     group = batch_size * _MEGABATCH
     for start in range(0, len(indices), group):
