@@ -581,7 +581,9 @@ def test_a_store_whose_bytes_changed_at_the_same_size_is_rebuilt_not_reused(stor
 )
 def test_mu_from_where_it_would_be_ignored_is_refused(stores, tmp_path, args):
     gap = tmp_path / "source.safetensors"
-    assert run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--out", gap).exit_code == 0
+    source = run("fit-gap", "--setting", "text-only", "--kind", "isotropic", "--texts", stores / "texts",
+                 "--out", gap)  # fmt: skip
+    assert source.exit_code == 0, source.output
     out = tmp_path / "gap.safetensors"
     result = run("fit-gap", *args, "--texts", stores / "texts", "--images", stores / "images",
                  "--mu-from", gap, "--out", out)  # fmt: skip
@@ -597,7 +599,8 @@ def test_a_full_disk_under_safetensors_is_one_line(stores, tmp_path, monkeypatch
 
     monkeypatch.setattr("safetensors.torch.save_file", full)
     out = tmp_path / "gap.safetensors"
-    result = run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--out", out)
+    result = run("fit-gap", "--setting", "text-only", "--kind", "isotropic", "--texts", stores / "texts",
+                 "--out", out)  # fmt: skip
     assert_one_line_error(result, str(out), "the disk is full")
     assert list(tmp_path.iterdir()) == []
 

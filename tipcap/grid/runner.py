@@ -411,8 +411,9 @@ class Ablation:
         for key, value in inputs.items():
             if value and not Path(value).is_file():
                 raise TipcapError(f"config key '{key}': {value} is not a file; check the path.")
-        folders = {"image_root": self.config.image_root, "eval_image_root": self.config.eval_image_root,
-                   "web_image_root": self.config.web_image_root}  # fmt: skip
+        folders = {"image_root": self.config.image_root, "eval_image_root": self.config.eval_image_root}
+        if any(cell.setting == "web-pairs" for cell in cells):
+            folders["web_image_root"] = self.config.web_image_root
         for key, value in folders.items():
             if value and not Path(value).is_dir():
                 raise TipcapError(f"config key '{key}': {value} is not a folder; check the path.")
