@@ -85,7 +85,7 @@ def test_quick_demo_end_to_end(tmp_path):
     assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
         ("supervised", "none"), ("none", "none"), ("isotropic", "none"), ("gaussian-few-pairs", "none"),
         ("gaussian-few-pairs-prompts", "none"), ("gaussian-few-pairs-prompts", "oracle"),
-        ("gaussian-few-pairs-prompts", "wrong"),
+        ("gaussian-few-pairs-prompts", "auto"), ("gaussian-few-pairs-prompts", "wrong"),
     ]  # fmt: skip
     for row in rows:
         assert 0.0 <= float(row["object_f1"]) <= 1.0 and 0.0 <= float(row["CLIP-S"]) <= 2.5, row
