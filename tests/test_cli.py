@@ -3,6 +3,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -33,17 +35,18 @@ def test_version_and_help():
     assert "--image-root" in result.output and "--limit" in result.output and "--strict" in result.output
 
 
-def test_threads_option_sets_torchs_threads_and_passive_waiting(monkeypatch):
-    for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TIPCAP_THREADS"):
-        monkeypatch.delenv(name, raising=False)  # restored after the test
-    before = torch.get_num_threads()
-    try:
-        assert run("--threads", "1", "train", "--help").exit_code == 0
-        assert torch.get_num_threads() == 1
-        # Read by OpenMP when torch loads in a fresh process: the command sets them before loading it.
-        assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    finally:
-        torch.set_num_threads(before)
+def test_threads_option_sets_torchs_threads_and_passive_waiting():
+    # In a fresh interpreter: a thread count set and reset in this one changes how later encodings round.
+    code = (
+        "import os, torch; from click.testing import CliRunner; from tipcap.cli import main; "
+        "assert CliRunner().invoke(main, ['--threads', '1', 'train', '--help']).exit_code == 0; "
+        "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'])"
+    )
+    unset = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TIPCAP_THREADS")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    # Read by OpenMP when torch loads in a fresh process: the command sets them before loading it.
+    assert found.stdout.split() == ["1", "1", "PASSIVE"]
     result = run("--threads", "0", "train", "--help")
     assert result.exit_code != 0 and "--threads" in result.output
 

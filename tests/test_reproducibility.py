@@ -63,7 +63,7 @@ def demo_run(tmp_path_factory):
     # grain from the process-wide C rand()).
     write_toyworld(root / "earlier", seed=0, train=3, val=0, test=1)
     patch = pytest.MonkeyPatch()
-    patch.setattr(tipcap.demo, "demo_scale", lambda quick: scale)
+    patch.setattr(tipcap.demo, "demo_scale", lambda quick, version=1: scale)
     try:
         tipcap.demo.run_demo(root / "out", root / "cache", seed=0, progress=False)
     finally:

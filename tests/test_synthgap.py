@@ -154,7 +154,7 @@ def test_a_grid_runs_on_a_synthetic_gap(world, tiny_clip, tmp_path):
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [row["cell"] for row in rows] == ["supervised", "diagonal", "gaussian-unpaired"]
-    few = Gap.load(out / "gaps" / "diagonal-few-pairs.safetensors")
+    few = Gap.load(out / "gaps" / "diagonal-few-pairs-seed0.safetensors")
     assert few.info["pairs_used"] == 4 * 4  # four images, each with its four remaining captions
     held = {image.image_id: image.captions[0] for image in read_karpathy(out / "synthetic" / "held_out.json")}
     scored = json.loads((out / "eval" / "supervised-seed0-none" / "per_image.json").read_text())
