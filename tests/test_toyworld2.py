@@ -34,6 +34,9 @@ def objects_of(entry):
 def test_world_2_is_deterministic_and_readable(tmp_path):
     first = make_world(tmp_path / "a")
     assert first.read_bytes() == make_world(tmp_path / "b").read_bytes()
+    # The images too: their grain comes from a generator per image, not from process-wide state.
+    for image in (tmp_path / "a" / "images").iterdir():
+        assert image.read_bytes() == (tmp_path / "b" / "images" / image.name).read_bytes(), image.name
     assert first.read_bytes() != make_world(tmp_path / "c", seed=1).read_bytes()
     document = json.loads(first.read_text())
     assert document["world"] == 2 and document["generator"] == GENERATOR_VERSION

@@ -16,25 +16,24 @@ file whose entries record their ``objects`` (with positions), web pairs and an e
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path
 from tipcap.progress import progress_bar
 from tipcap.toy.grammar import COLOURS, SHAPES, SIZES, Claims, Group, Relation, canonical, describe, parse
-from tipcap.toy.world import BACKGROUNDS, ShapeObject
+from tipcap.toy.world import BACKGROUNDS, ShapeObject, grain_image, write_world_files
 from tipcap.toy.world import COLOURS as RGB
 
 # What a seed renders and captions: bump whenever a change makes a seed produce another world, so that
 # caches keyed by it (the demo's) are not reused across the change.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 IMAGE_SIZE = 64
 _CELLS = (0.2, 0.5, 0.8)
 _JITTER = 0.03
@@ -126,9 +125,14 @@ def _star(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
 
 
 def render(
-    objects: list[ShapeObject], size: int = IMAGE_SIZE, background: str = "gray", grain: float = 0.04
+    objects: list[ShapeObject],
+    size: int = IMAGE_SIZE,
+    background: str = "gray",
+    grain: float = 0.04,
+    noise: np.random.Generator | None = None,
 ) -> Image.Image:
-    """Draw a scene as an RGB image of ``size`` × ``size`` pixels on a background, with ``grain`` noise."""
+    """Draw a scene as an RGB image of ``size`` × ``size`` pixels on a background, with ``grain`` noise
+    drawn from ``noise`` (default: a generator seeded with 0; see :func:`tipcap.toy.world.render`)."""
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     for obj in objects:
@@ -156,8 +160,9 @@ def render(
             bar = radius / 3
             draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=colour)
             draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=colour)
-    noise = Image.effect_noise((size, size), 6).convert("RGB")
-    return Image.blend(image, noise, grain)
+    return Image.blend(
+        image, grain_image(size, noise if noise is not None else np.random.default_rng(0)), grain
+    )
 
 
 def write_world(
@@ -198,11 +203,13 @@ def write_world(
                 seen.add(full_description(objects))
                 seen.update(parse(caption) for caption in captions)
             scenes.append((split, objects, background, captions, rng.uniform(0.02, 0.15)))
-    entries, web_lines = [], []
+    entries = []
     bar = progress_bar(scenes, disable=not progress, desc="rendering toy world 2", unit="image")
     for index, (split, objects, background, captions, grain) in enumerate(bar):
         filename = f"toy_{index:06d}.png"
-        render(objects, image_size, background, grain).save(out / "images" / filename)
+        # Each image's grain from its own generator, seeded by (seed, index): no state outside the world.
+        noise = np.random.default_rng([abs(seed), index])
+        render(objects, image_size, background, grain, noise).save(out / "images" / filename)
         entries.append({
             "filepath": "images",
             "filename": filename,
@@ -212,27 +219,8 @@ def write_world(
             "background": background,
             "sentences": [{"raw": c, "tokens": re.findall(r"[a-z0-9]+", c)} for c in captions],
         })  # fmt: skip
-    train_entries = [e for e in entries if e["split"] == "train"]
-    for entry in train_entries:
-        source = rng.choice(train_entries) if rng.random() < web_mismatch else entry
-        caption = rng.choice(source["sentences"])["raw"]
-        web_lines.append(json.dumps({"image": f"images/{entry['filename']}", "caption": caption}))
-    with atomic_path(out / "web_pairs.jsonl") as tmp:
-        tmp.write_text("\n".join(web_lines) + "\n", encoding="utf-8")
-    with atomic_path(out / "entities.json") as tmp:
-        tmp.write_text(json.dumps(entity_vocabulary(), indent=1), encoding="utf-8")
-    # Written last: its presence is what tells a cache that the whole world is there.
-    karpathy = out / "toyworld.json"
-    document = {
-        "dataset": "toyworld",
-        "world": 2,
-        "generator": GENERATOR_VERSION,
-        "seed": seed,
-        "images": entries,
-    }
-    with atomic_path(karpathy) as tmp:
-        tmp.write_text(json.dumps(document), encoding="utf-8")
-    return karpathy
+    header = {"dataset": "toyworld", "world": 2, "generator": GENERATOR_VERSION, "seed": seed}
+    return write_world_files(out, entries, header, entity_vocabulary(), rng, web_mismatch)
 
 
 def entity_vocabulary() -> dict:

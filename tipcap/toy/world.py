@@ -159,9 +159,15 @@ def render(
             bar = radius / 3
             draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=colour)
             draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=colour)
-    noise = noise if noise is not None else np.random.default_rng(0)
+    return Image.blend(
+        image, grain_image(size, noise if noise is not None else np.random.default_rng(0)), grain
+    )
+
+
+def grain_image(size: int, noise: np.random.Generator) -> Image.Image:
+    """Gaussian grain (mean 128, sd 6, as PIL's ``effect_noise``) as a ``size`` × ``size`` RGB image."""
     pixels = np.clip(np.rint(128 + 6 * noise.standard_normal((size, size))), 0, 255).astype(np.uint8)
-    return Image.blend(image, Image.fromarray(pixels, "L").convert("RGB"), grain)
+    return Image.fromarray(pixels, "L").convert("RGB")
 
 
 # World 2's shapes are read too, so that object F1 scores its captions; world 1's captions never name them.
@@ -200,7 +206,7 @@ def write_toyworld(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    entries, web_lines = [], []
+    entries = []
     splits = ["train"] * train + ["val"] * val + ["test"] * test
     bar = progress_bar(splits, disable=not progress, desc="rendering the toy world", unit="image")
     for index, split in enumerate(bar):
@@ -220,6 +226,22 @@ def write_toyworld(
             "background": background,
             "sentences": [{"raw": c, "tokens": re.findall(r"[a-z0-9]+", c)} for c in captions],
         })  # fmt: skip
+    header = {"dataset": "toyworld", "generator": GENERATOR_VERSION, "seed": seed}
+    return write_world_files(out, entries, header, entity_vocabulary(), rng, web_mismatch)
+
+
+def write_world_files(
+    out: Path,
+    entries: list[dict],
+    header: dict,
+    entities: dict,
+    rng: random.Random,
+    web_mismatch: float,
+) -> Path:
+    """Write a world's web pairs (a share ``web_mismatch`` of the training images with another training
+    image's caption, drawn from ``rng``), its entity vocabulary and, last, its Karpathy file (``header``
+    and the image ``entries``); return the Karpathy file's path."""
+    web_lines = []
     train_entries = [e for e in entries if e["split"] == "train"]
     for entry in train_entries:
         source = rng.choice(train_entries) if rng.random() < web_mismatch else entry
@@ -228,12 +250,11 @@ def write_toyworld(
     with atomic_path(out / "web_pairs.jsonl") as tmp:
         tmp.write_text("\n".join(web_lines) + "\n", encoding="utf-8")
     with atomic_path(out / "entities.json") as tmp:
-        tmp.write_text(json.dumps(entity_vocabulary(), indent=1), encoding="utf-8")
+        tmp.write_text(json.dumps(entities, indent=1), encoding="utf-8")
     # Written last: its presence is what tells a cache that the whole world is there.
     karpathy = out / "toyworld.json"
-    document = {"dataset": "toyworld", "generator": GENERATOR_VERSION, "seed": seed, "images": entries}
     with atomic_path(karpathy) as tmp:
-        tmp.write_text(json.dumps(document), encoding="utf-8")
+        tmp.write_text(json.dumps({**header, "images": entries}), encoding="utf-8")
     return karpathy
 
 
