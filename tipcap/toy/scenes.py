@@ -16,20 +16,19 @@ file whose entries record their ``objects`` (with positions), web pairs and an e
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from tipcap.errors import TipcapError
 from tipcap.progress import progress_bar
 from tipcap.toy.grammar import COLOURS, SHAPES, SIZES, Claims, Group, Relation, canonical, describe, parse
-from tipcap.toy.world import BACKGROUNDS, ShapeObject, grain_image, write_world_files
-from tipcap.toy.world import COLOURS as RGB
+from tipcap.toy.world import BACKGROUNDS, ShapeObject, write_world_files
+from tipcap.toy.world import render as render_objects
 
 # What a seed renders and captions: bump whenever a change makes a seed produce another world, so that
 # caches keyed by it (the demo's) are not reused across the change.
@@ -115,15 +114,6 @@ def scene_captions(
     return describe(groups, pairs, background, rng, count)
 
 
-def _star(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
-    points = []
-    for k in range(10):
-        r = radius if k % 2 == 0 else radius * 0.45
-        angle = -math.pi / 2 + k * math.pi / 5
-        points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
-    return points
-
-
 def render(
     objects: list[ShapeObject],
     size: int = IMAGE_SIZE,
@@ -131,38 +121,8 @@ def render(
     grain: float = 0.04,
     noise: np.random.Generator | None = None,
 ) -> Image.Image:
-    """Draw a scene as an RGB image of ``size`` × ``size`` pixels on a background, with ``grain`` noise
-    drawn from ``noise`` (default: a generator seeded with 0; see :func:`tipcap.toy.world.render`)."""
-    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
-    draw = ImageDraw.Draw(image)
-    for obj in objects:
-        radius = size * (0.13 if obj.size == "large" else 0.08)
-        cx, cy = obj.x * size, obj.y * size
-        colour = RGB[obj.colour]
-        box = [cx - radius, cy - radius, cx + radius, cy + radius]
-        if obj.shape == "circle":
-            draw.ellipse(box, fill=colour)
-        elif obj.shape == "ring":
-            draw.ellipse(box, outline=colour, width=max(2, round(radius / 2.5)))
-        elif obj.shape == "square":
-            draw.rectangle(box, fill=colour)
-        elif obj.shape == "triangle":
-            draw.polygon(
-                [(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=colour
-            )
-        elif obj.shape == "diamond":
-            draw.polygon(
-                [(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=colour
-            )
-        elif obj.shape == "star":
-            draw.polygon(_star(cx, cy, radius * 1.15), fill=colour)
-        else:
-            bar = radius / 3
-            draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=colour)
-            draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=colour)
-    return Image.blend(
-        image, grain_image(size, noise if noise is not None else np.random.default_rng(0)), grain
-    )
+    """Draw a scene of world 2 (:func:`tipcap.toy.world.render` with world 2's smaller objects)."""
+    return render_objects(objects, size, background, grain, noise, radii=(0.13, 0.08))
 
 
 def write_world(

@@ -10,6 +10,7 @@ caption names back out of the world's language; :mod:`tipcap.toy.scoring` scores
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -122,29 +123,43 @@ def random_scene(rng: random.Random) -> list[ShapeObject]:
     return objects
 
 
+def _star(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
+    points = []
+    for k in range(10):
+        r = radius if k % 2 == 0 else radius * 0.45
+        angle = -math.pi / 2 + k * math.pi / 5
+        points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
+    return points
+
+
 def render(
     objects: list[ShapeObject],
     size: int,
     background: str = "gray",
     grain: float = 0.04,
     noise: np.random.Generator | None = None,
+    radii: tuple[float, float] = (0.16, 0.09),
 ) -> Image.Image:
     """Draw a scene as an RGB image of ``size`` × ``size`` pixels on a background, with ``grain`` noise.
 
-    The grain is Gaussian noise (mean 128, sd 6, as PIL's ``effect_noise``) drawn from ``noise`` (default:
-    a generator seeded with 0). PIL's ``effect_noise`` itself draws from the C library's ``rand()``, whose
-    state is the whole process's: the same seed then rendered other pixels after anything else in the
-    process had drawn from it (a second world, a test run before).
+    ``radii`` are a large and a small object's radius as a fraction of the side (world 2 draws smaller
+    ones; its star and ring are drawn here too). The grain is Gaussian noise (mean 128, sd 6, as PIL's
+    ``effect_noise``) drawn from ``noise`` (default: a generator seeded with 0). PIL's ``effect_noise``
+    itself draws from the C library's ``rand()``, whose state is the whole process's: the same seed then
+    rendered other pixels after anything else in the process had drawn from it (a second world, a test run
+    before).
     """
     image = Image.new("RGB", (size, size), BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     for obj in objects:
-        radius = size * (0.16 if obj.size == "large" else 0.09)
+        radius = size * (radii[0] if obj.size == "large" else radii[1])
         cx, cy = obj.x * size, obj.y * size
         colour = COLOURS[obj.colour]
         box = [cx - radius, cy - radius, cx + radius, cy + radius]
         if obj.shape == "circle":
             draw.ellipse(box, fill=colour)
+        elif obj.shape == "ring":
+            draw.ellipse(box, outline=colour, width=max(2, round(radius / 2.5)))
         elif obj.shape == "square":
             draw.rectangle(box, fill=colour)
         elif obj.shape == "triangle":
@@ -155,13 +170,14 @@ def render(
             draw.polygon(
                 [(cx, cy - radius), (cx + radius, cy), (cx, cy + radius), (cx - radius, cy)], fill=colour
             )
+        elif obj.shape == "star":
+            draw.polygon(_star(cx, cy, radius * 1.15), fill=colour)
         else:
             bar = radius / 3
             draw.rectangle([cx - radius, cy - bar, cx + radius, cy + bar], fill=colour)
             draw.rectangle([cx - bar, cy - radius, cx + bar, cy + radius], fill=colour)
-    return Image.blend(
-        image, grain_image(size, noise if noise is not None else np.random.default_rng(0)), grain
-    )
+    noise = noise if noise is not None else np.random.default_rng(0)
+    return Image.blend(image, grain_image(size, noise), grain)
 
 
 def grain_image(size: int, noise: np.random.Generator) -> Image.Image:
