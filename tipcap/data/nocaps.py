@@ -35,7 +35,7 @@ from typing import Any
 
 from tipcap import __version__
 from tipcap.data.images import outside
-from tipcap.data.prepare import SplitCounts, check_all
+from tipcap.data.prepare import SplitCounts, check_all, problem_lines
 from tipcap.errors import TipcapError
 from tipcap.io import load_json, write_json_atomic
 
@@ -88,16 +88,7 @@ class NocapsReport:
         for row in table:
             lines.append("  " + "  ".join(row[0].ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
                                           for i, cell in enumerate(row)))  # fmt: skip
-        for kind in PROBLEMS:
-            found = self.problems[kind]
-            if not found:
-                continue
-            lines.append(f"{kind.replace('_', ' ')}: {len(found):,}")
-            for problem in found[:examples]:
-                reason = f" ({problem['reason']})" if "reason" in problem else ""
-                lines.append(f"  {problem['path']} [id {problem['image_id']}, {problem['domain']}]{reason}")
-            if len(found) > examples:
-                lines.append(f"  ... {len(found) - examples:,} more in report.json")
+        lines += problem_lines(self.problems, PROBLEMS, "domain", examples)
         published = sum(PUBLISHED_SIZES.values())
         if self.usable < published:
             lines.append(

@@ -51,6 +51,26 @@ PROBLEMS = ("missing", "corrupt", "misnamed", "duplicate_id", "no_split", "no_ca
 """Problem kinds, in the order they are reported."""
 
 
+def problem_lines(
+    problems: dict[str, list[dict[str, Any]]], kinds: tuple[str, ...], group: str, examples: int
+) -> list[str]:
+    """Report lines for each kind of problem found: its count, the first ``examples`` images (path, id and
+    their ``group``, a split or a domain, with the reason where known), and how many more are listed in
+    report.json."""
+    lines = []
+    for kind in kinds:
+        found = problems[kind]
+        if not found:
+            continue
+        lines.append(f"{kind.replace('_', ' ')}: {len(found):,}")
+        for problem in found[:examples]:
+            reason = f" ({problem['reason']})" if "reason" in problem else ""
+            lines.append(f"  {problem['path']} [id {problem['image_id']}, {problem[group]}]{reason}")
+        if len(found) > examples:
+            lines.append(f"  ... {len(found) - examples:,} more in report.json")
+    return lines
+
+
 @dataclass
 class SplitCounts:
     """What one split holds: entries listed, their captions, and how many of their images are usable."""
@@ -106,16 +126,7 @@ class PrepareReport:
                 lines.append(
                     f"  note: {name} lists {c.listed:,} images, the published split {sizes[name]:,}."
                 )
-        for kind in PROBLEMS:
-            found = self.problems[kind]
-            if not found:
-                continue
-            lines.append(f"{kind.replace('_', ' ')}: {len(found):,}")
-            for problem in found[:examples]:
-                reason = f" ({problem['reason']})" if "reason" in problem else ""
-                lines.append(f"  {problem['path']} [id {problem['image_id']}, {problem['split']}]{reason}")
-            if len(found) > examples:
-                lines.append(f"  ... {len(found) - examples:,} more in report.json")
+        lines += problem_lines(self.problems, PROBLEMS, "split", examples)
         if self.unlisted["count"]:
             lines.append(
                 f"unlisted: {self.unlisted['count']:,} image files in {', '.join(self.unlisted['folders'])} "
