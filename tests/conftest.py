@@ -78,6 +78,17 @@ def write_images(folder: Path, count: int, corrupt: int = 0) -> list[Path]:
     return paths
 
 
+@pytest.fixture(scope="session")
+def coco_images(tmp_path_factory) -> Path:
+    """Small generated images named like the slice's COCO files (an image root for the slice)."""
+    root = tmp_path_factory.mktemp("coco")
+    for number, image in enumerate(json.loads(COCO_SLICE.read_text())["images"]):
+        path = root / image["filepath"] / image["filename"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (40, 40), ((41 * number) % 256, (83 * number) % 256, 120)).save(path)
+    return root
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """A folder of six valid JPEGs and one truncated JPEG."""

@@ -4,7 +4,6 @@ import json
 
 import pytest
 from conftest import COCO_SLICE, karpathy_references, run
-from PIL import Image
 
 from tipcap.config import EvalConfig
 from tipcap.hallucination import CocoObjectWords, chair
@@ -90,16 +89,6 @@ def test_wrong_prompts_are_absent_entities_drawn_per_image():
     assert wrong_prompts(objects, [2, 1], vocabulary, seed=0) == [prompts[1], prompts[0]]
     draws = {tuple(wrong_prompts(objects, [1], vocabulary, seed=s)[0]) for s in range(20)}
     assert len(draws) > 1
-
-
-@pytest.fixture(scope="module")
-def coco_images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco")
-    for number, image in enumerate(json.loads(COCO_SLICE.read_text())["images"]):
-        path = root / image["filepath"] / image["filename"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 40), ((41 * number) % 256, (83 * number) % 256, 120)).save(path)
-    return root
 
 
 def instances_file(path, annotations, categories=None, images=None):

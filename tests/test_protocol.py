@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 from conftest import COCO_SLICE, karpathy_references, pycocoevalcap_cider, run
-from PIL import Image
 from torch.nn.functional import normalize
 
 from tipcap.store import EmbeddingStore
@@ -14,17 +13,6 @@ from tipcap.store import EmbeddingStore
 pytestmark = pytest.mark.slow
 
 FAST_METRICS = ("--metrics", "bleu,rouge,cider")
-
-
-@pytest.fixture(scope="module")
-def coco_images(tmp_path_factory):
-    """Small generated images named like the slice's COCO files."""
-    root = tmp_path_factory.mktemp("coco")
-    for number, image in enumerate(json.loads(COCO_SLICE.read_text())["images"]):
-        path = root / image["filepath"] / image["filename"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 40), ((41 * number) % 256, (83 * number) % 256, 120)).save(path)
-    return root
 
 
 def test_evaluate_a_model_writes_the_three_files(prompt_model, coco_images, tmp_path):

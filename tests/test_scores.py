@@ -89,17 +89,6 @@ def test_scores_of_images_and_captions_equal_a_hand_computation(scorer_files, im
     assert scores.ref_clip_s.tolist() == pytest.approx(ref_clip_s.tolist(), abs=1e-5)
 
 
-@pytest.fixture(scope="module")
-def coco_images(tmp_path_factory):
-    """Small generated images named like the slice's COCO files."""
-    root = tmp_path_factory.mktemp("coco")
-    for number, image in enumerate(json.loads(COCO_SLICE.read_text())["images"]):
-        path = root / image["filepath"] / image["filename"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (40, 40), ((41 * number) % 256, (83 * number) % 256, 120)).save(path)
-    return root
-
-
 @pytest.fixture
 def protocol_log(caplog, monkeypatch):
     """Records of the ``tipcap.protocol`` logger, whatever the CLI did to the ``tipcap`` logger before."""
