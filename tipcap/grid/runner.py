@@ -307,10 +307,9 @@ class Ablation:
             self._eval_objects = scene_objects(self.eval_karpathy)
         return self._eval_objects
 
-    def _image_scores(self, out: Path) -> ImageScores:
+    def _image_scores(self, out: Path, per_image: list[dict[str, Any]]) -> ImageScores:
         """Write an evaluation's per-image scores (``scores.json``: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S and, on
         images that record their objects, object F1) and return them."""
-        per_image = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
         objects = self.eval_objects()
         f1 = [
             object_f1(r["prediction"], [
@@ -342,7 +341,8 @@ class Ablation:
     def _row(self, job: Job, seed: int | None, eval_prompt: str, out: Path) -> dict[str, Any]:
         cell = job.cell
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["metrics"]
-        scores = self._image_scores(out)
+        per_image = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
+        scores = self._image_scores(out, per_image)
         f1 = [v for v in scores.get("object_f1", {}).values() if v is not None]
         fraction = self._paired_fraction(job, seed)
         setting = "all-pairs" if cell.kind == "supervised" and job.few_pairs is None else cell.setting
@@ -353,7 +353,7 @@ class Ablation:
             "eval_data": self.data_name(self.eval_karpathy),
             **{k: metrics.get(k) for k in METRIC_COLUMNS[:-1]},
             "object_f1": statistics.mean(f1) if f1 else None,
-            **self._claims(json.loads((out / "per_image.json").read_text(encoding="utf-8"))),
+            **self._claims(per_image),
         }  # fmt: skip
         # This evaluation's interval over the test images (its seed alone).
         for metric in INTERVAL_METRICS:
