@@ -249,3 +249,25 @@ def test_validation_loss_is_logged_each_epoch(coco_texts, tmp_path):
         "step-00000008",
         "step-00000016",
     ]
+
+
+def test_ranks_weigh_their_loss_by_their_share_of_the_steps_tokens(coco_texts, tmp_path):
+    from tipcap.train import Distributed, Trainer
+    from tipcap.training_data import epoch_batches
+    from tipcap.training_setup import build_training
+
+    config = load_config(TINY, [f"data.train_texts={coco_texts}", "train.batch_size=4", "train.accumulate=2"])
+    cpu = torch.device("cpu")
+    trainer = Trainer(config, build_training(config, cpu), tmp_path, Distributed(0, 1, cpu), progress=False)
+    # The bookkeeping of rank 0 of two (DDP itself is exercised by the torchrun test).
+    trainer.env = Distributed(0, 2, cpu)
+    data = trainer.train_data
+    per_rank = [epoch_batches(data, 4, 0, 3, rank, 2) for rank in (0, 1)]
+    expected = [
+        sum(len(data.token_ids[r]) for batches in per_rank for rows in batches[i : i + 2] for r in rows)
+        for i in range(0, len(per_rank[0]), 2)
+    ]
+    assert trainer._step_tokens(3, trainer._groups(3, 0)) == expected
+    # Rank 0's share differs from one half in some steps, so equal weights would be wrong there.
+    own = [sum(len(data.token_ids[r]) for rows in per_rank[0][i : i + 2] for r in rows) for i in range(0, 8, 2)]
+    assert any(abs(o / e - 0.5) > 0.02 for o, e in zip(own, expected[:4], strict=True))

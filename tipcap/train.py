@@ -130,12 +130,11 @@ class Trainer:
         if cfg.compile:
             # In place, so that parameter names (checkpoints, DDP) stay those of the uncompiled model.
             self.model.language_model.compile()
-        self.batches_per_epoch = len(self._batches(0))
-        if not self.batches_per_epoch:
+        steps_per_epoch = len(self._groups(0, env.rank))
+        if not steps_per_epoch:
             raise TipcapError(
                 f"{config.data.train_texts}: fewer captions than one batch per rank; lower train.batch_size."
             )
-        steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.accumulate)
         self.total_steps = cfg.max_steps or steps_per_epoch * cfg.epochs
         self.scheduler = get_scheduler(
             cfg.schedule,
@@ -151,16 +150,29 @@ class Trainer:
                 find_unused_parameters=config.model.prompt == "pim",
             )
 
-    def _batches(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(
+    def _groups(self, epoch: int, rank: int) -> list[list[list[int]]]:
+        """A rank's batches for one epoch, ``train.accumulate`` micro-batches per optimizer step."""
+        batches = epoch_batches(
             self.train_data,
             self.config.train.batch_size,
             self.config.train.seed,
             epoch,
-            self.env.rank,
+            rank,
             self.env.world,
             bucket=not self.config.train.packing,
         )
+        size = self.config.train.accumulate
+        return [batches[i : i + size] for i in range(0, len(batches), size)]
+
+    def _step_tokens(self, epoch: int, groups: list[list[list[int]]]) -> list[int]:
+        """The caption tokens of each optimizer step of an epoch, summed over all ranks' micro-batches.
+        Every rank's batches follow from the seed and epoch, so no rank needs to ask the others."""
+        tokens = [0] * len(groups)
+        for rank in range(self.env.world):
+            rank_groups = groups if rank == self.env.rank else self._groups(epoch, rank)
+            for index, group in enumerate(rank_groups):
+                tokens[index] += sum(len(self.train_data.token_ids[r]) for rows in group for r in rows)
+        return tokens
 
     # -- one step -----------------------------------------------------------------------------
 
@@ -380,17 +392,15 @@ class Trainer:
         finite = torch.ones((), dtype=torch.bool, device=self.env.device)
         window_tokens, window_first, window_start = 0, step, time.perf_counter()
         while step < self.total_steps:
-            batches = self._batches(epoch)
-            groups = [batches[i : i + cfg.accumulate] for i in range(0, len(batches), cfg.accumulate)]
+            groups = self._groups(epoch, self.env.rank)
+            step_tokens = self._step_tokens(epoch, groups)
             for group_index in range(position, len(groups)):
-                # Each micro-batch's mean token loss weighs by its share of the group's caption tokens,
-                # so that accumulated micro-batches give the gradient of one batch of them all.
-                group_tokens = sum(
-                    len(self.train_data.token_ids[r]) for rows in groups[group_index] for r in rows
-                )
                 for micro, rows in enumerate(groups[group_index]):
                     loss, tokens = self._loss(rows, step * cfg.accumulate + micro)
-                    (loss * (tokens / group_tokens)).backward()
+                    # Each micro-batch's mean token loss weighs by its share of the step's caption tokens
+                    # on all ranks (DDP averages the ranks' gradients, hence the factor world), so that
+                    # micro-batches and ranks together give the gradient of one batch of them all.
+                    (loss * (tokens * self.env.world / step_tokens[group_index])).backward()
                     finite &= torch.isfinite(loss.detach())
                     window_loss += loss.detach() * tokens
                     window_tokens += tokens
