@@ -269,5 +269,7 @@ def test_ranks_weigh_their_loss_by_their_share_of_the_steps_tokens(coco_texts, t
     ]
     assert trainer._step_tokens(3, trainer._groups(3, 0)) == expected
     # Rank 0's share differs from one half in some steps, so equal weights would be wrong there.
-    own = [sum(len(data.token_ids[r]) for rows in per_rank[0][i : i + 2] for r in rows) for i in range(0, 8, 2)]
+    own = [
+        sum(len(data.token_ids[r]) for rows in per_rank[0][i : i + 2] for r in rows) for i in range(0, 8, 2)
+    ]
     assert any(abs(o / e - 0.5) > 0.02 for o, e in zip(own, expected[:4], strict=True))
