@@ -74,6 +74,8 @@ def test_text_only_imports_mu(stores, tmp_path):
     gap, source = Gap.load(out), Gap.load(paired)
     assert (gap.mu == source.mu).all()
     assert (gap.covariance.diagonal() - 0.016).abs().max() < 1e-6
+    # Text-only fits no covariance, so the report does not present σ₀²I as one.
+    assert gap.info["report"]["fitted_trace"] is None and "fitted Sigma" not in result.stdout
 
 
 @pytest.mark.parametrize("setting", ["few-pairs", "web-pairs", "unpaired"])

@@ -180,8 +180,9 @@ def fit_gap(
         fitted = _estimate(setting, texts, images, config, mu_from, device)
         mu, fitted_covariance = fitted.mu, fitted.covariance
         info.update(fitted.info())
-        info["fitted_trace"] = float(torch.trace(fitted_covariance))
-        info["fitted_effective_rank"] = effective_rank(torch.linalg.eigvalsh(fitted_covariance))
+        if setting != "text-only":  # text-only fits no Σ: its σ₀²I is the noise, not an estimate
+            info["fitted_trace"] = float(torch.trace(fitted_covariance))
+            info["fitted_effective_rank"] = effective_rank(torch.linalg.eigvalsh(fitted_covariance))
     else:
         info["setting"] = setting
         if kind == "memory":
