@@ -146,16 +146,25 @@ def test_a_grid_runs_on_a_synthetic_gap(world, tiny_clip, tmp_path):
              {"name": "diagonal", "kind": "diagonal", "setting": "few-pairs"},
              {"name": "gaussian-unpaired", "kind": "gaussian", "setting": "unpaired"}]  # fmt: skip
     config = {"karpathy": str(COCO_SLICE), "embed": {"model": str(tiny_clip), "pretrained": "none"},
-              "few_pairs": 4, "eval_split": "val", "seeds": [0], "decoder": decoder, "cells": cells,
-              "synthetic_gap": {"mu_norm": 0.6, "trace": 0.05, "spikes": 4, "seed": 1}}  # fmt: skip
+              "few_pairs": 4, "eval_split": "val", "seeds": [0, 1], "decoder": decoder, "cells": cells,
+              "synthetic_gap": {"mu_norm": 0.6, "trace": 0.05, "spikes": 4, "seed": 1},
+              "store_dir": str(tmp_path / "shared")}  # fmt: skip
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     result = run("ablate", tmp_path / "grid.yaml", "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [row["cell"] for row in rows] == ["supervised", "diagonal", "gaussian-unpaired"]
+    assert [row["cell"] for row in rows] == [
+        cell for cell in ("supervised", "diagonal", "gaussian-unpaired") for _ in (0, 1)
+    ]
     few = Gap.load(out / "gaps" / "diagonal-few-pairs-seed0.safetensors")
     assert few.info["pairs_used"] == 4 * 4  # four images, each with its four remaining captions
+    # Each seed draws its own few pairs, and the synthetic stores keep to a folder of their own in a
+    # shared store_dir, where a real grid's stores of the same names live.
+    (folder,) = (tmp_path / "shared").iterdir()
+    assert folder.name.startswith("synthetic-")
+    draws = [EmbeddingStore.open(folder / f"train-images-few-4-draw{seed}").ids for seed in (0, 1)]
+    assert len(draws[0]) == len(draws[1]) == 4 and draws[0] != draws[1]
     held = {image.image_id: image.captions[0] for image in read_karpathy(out / "synthetic" / "held_out.json")}
     scored = json.loads((out / "eval" / "supervised-seed0-none" / "per_image.json").read_text())
     assert len(scored) == 12  # the slice's val images

@@ -118,9 +118,7 @@ class Ablation:
         out = self.stores / name
         if self._world is not None:
             if out not in self._checked:
-                synthetic_image_store(
-                    self._world, source, out, split=split, limit=limit, seed=self.config.data_seed
-                )
+                synthetic_image_store(self._world, source, out, split=split, limit=limit, seed=draw)
                 self._checked.add(out)
             return out
         if out not in self._checked:
@@ -373,6 +371,11 @@ class Ablation:
             progress=self.progress,
         )  # fmt: skip
         self.karpathy = self.eval_karpathy = self._world.karpathy
+        # Its stores share names with a real grid's ("train-images") but not contents: a folder of their
+        # own, named by the world's embeddings, keeps grids that share a store_dir from rebuilding each
+        # other's stores (and, run at once, from reading them half-replaced).
+        digest = EmbeddingStore.open(self._world.images).digest
+        self.stores = self.stores / f"synthetic-{digest[:12]}"
         self.echo(f"synthetic gap: images made from held-out captions, in {self._world.images}")
 
     def _check_oracle_prompts(self) -> None:
