@@ -106,26 +106,35 @@ def _save_figure(figure: Any, path: Path) -> None:
     plt.close(figure)
 
 
-def plot_cider(rows: list[dict[str, Any]], path: Path) -> None:
-    """A bar chart of CIDEr per method (mean over seeds, spread as error bars), coloured by data setting."""
+def plot_cider(
+    rows: list[dict[str, Any]],
+    path: Path,
+    intervals: dict[tuple[str, str], dict[str, Interval]] | None = None,
+) -> None:
+    """A bar chart of CIDEr per method (mean over seeds), coloured by data setting, with the 95% interval
+    over test images and seeds as error bars, as in ``table.md`` (``intervals``: as for
+    :func:`markdown_table`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
+    intervals = intervals or {}
     groups = _groups(rows)
     labels = [cell if prompt == "none" else f"{cell} [{prompt}]" for cell, prompt in groups]
     means = [statistics.mean(_values(g, "CIDEr")) for g in groups.values()]
-    # NaN draws no error bar: one seed has no spread to show.
-    spreads = [statistics.stdev(_values(g, "CIDEr")) if len(g) > 1 else math.nan for g in groups.values()]
+    # NaN draws no error bar (a cell without per-image scores).
+    found = [intervals.get(key, {}).get("CIDEr") for key in groups]
+    below = [mean - f.low if f else math.nan for mean, f in zip(means, found, strict=True)]
+    above = [f.high - mean if f else math.nan for mean, f in zip(means, found, strict=True)]
     settings = [g[0]["setting"] for g in groups.values()]
     figure, axis = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 4.8))
-    axis.bar(range(len(labels)), means, yerr=spreads, capsize=4,
+    axis.bar(range(len(labels)), means, yerr=[below, above], capsize=4,
              color=[SETTING_COLOURS.get(s, "tab:purple") for s in settings])  # fmt: skip
     axis.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
     axis.set_ylabel("CIDEr")
-    axis.set_title("CIDEr per method and data setting (mean over seeds)")
+    axis.set_title("CIDEr per method and data setting (mean over seeds, 95% interval over images and seeds)")
     present = list(dict.fromkeys(settings))
     axis.legend(handles=[Patch(color=SETTING_COLOURS.get(s, "tab:purple"), label=s) for s in present],
                 title="setting", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip

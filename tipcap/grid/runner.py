@@ -478,7 +478,7 @@ class Ablation:
             tmp.write_text(markdown_table(rows, intervals, title), encoding="utf-8")
         if self.config.compare:
             write_comparisons([compare_cells(scores, *pair) for pair in self.config.compare], self.out)
-        plot_cider(rows, self.out / "cider.png")
+        plot_cider(rows, self.out / "cider.png", intervals)
         fraction_plot = self.out / "cider_vs_pairs.png"
         if any(row["few_pairs"] for row in rows):
             plot_cider_vs_pairs(rows, fraction_plot)
