@@ -41,7 +41,8 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     names = {str(p.relative_to(EXPERIMENTS)) for p in GRIDS}
     assert names == {f"{d}/{g}.yaml" for d in ("coco", "flickr30k") for g in ("grid", "few_pairs_sweep")} | {
         "cross_domain/coco_to_flickr30k.yaml", "cross_domain/flickr30k_to_coco.yaml",
-        "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml", "synthetic_gap.yaml",
+        "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml", "toyworld_factors.yaml",
+        "synthetic_gap.yaml",
     }  # fmt: skip
     baselines = {"none", "isotropic", "mean-shift", "close", "memory", "retrieval", "template"}
     for data in ("coco", "flickr30k"):
@@ -49,8 +50,10 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
         assert {c.kind for c in grid.cells} == {
             "supervised",
             "gaussian",
+            "mean-isotropic-matched",  # Σ's total variance without its shape, against the Gaussian
             *baselines,
         } and grid.few_pairs == "1%"
+        assert ["gaussian-few-pairs", "mean-isotropic-matched"] in grid.compare
         gaussian = {(c.setting, c.prompt) for c in grid.cells if c.kind == "gaussian"}
         # In text-only the Gaussian has no covariance to fit: that row is isotropic, listed once.
         assert gaussian == {(s, p) for s in ("few-pairs", "web-pairs", "unpaired") for p in ("none", "pim")}
@@ -124,7 +127,7 @@ def test_mistakes_name_the_key(override, message):
             "cells=[{name: a, set: {gap.sigma2: -1}}]",
             "config key 'cells[0].set.gap.sigma2': input should be greater than 0",
         ),
-        ("web_pairs=null", "config key 'cells[10]': a web-pairs cell needs web_pairs"),
+        ("web_pairs=null", "config key 'cells[11]': a web-pairs cell needs web_pairs"),
     ],
 )
 def test_ablation_mistakes_name_the_key(override, message):
