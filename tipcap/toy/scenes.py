@@ -17,8 +17,6 @@ file whose entries record their ``objects`` (with positions), web pairs and an e
 from __future__ import annotations
 
 import random
-import re
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,7 @@ from PIL import Image
 from tipcap.errors import TipcapError
 from tipcap.progress import progress_bar
 from tipcap.toy.grammar import COLOURS, SHAPES, SIZES, Claims, Group, Relation, canonical, describe, parse
-from tipcap.toy.world import BACKGROUNDS, ShapeObject, write_world_files
+from tipcap.toy.world import BACKGROUNDS, ShapeObject, save_scene, scene_noise, write_world_files
 from tipcap.toy.world import render as render_objects
 
 # What a seed renders and captions: bump whenever a change makes a seed produce another world, so that
@@ -166,19 +164,8 @@ def write_world(
     entries = []
     bar = progress_bar(scenes, disable=not progress, desc="rendering toy world 2", unit="image")
     for index, (split, objects, background, captions, grain) in enumerate(bar):
-        filename = f"toy_{index:06d}.png"
-        # Each image's grain from its own generator, seeded by (seed, index): no state outside the world.
-        noise = np.random.default_rng([abs(seed), index])
-        render(objects, image_size, background, grain, noise).save(out / "images" / filename)
-        entries.append({
-            "filepath": "images",
-            "filename": filename,
-            "imgid": index,
-            "split": split,
-            "objects": [asdict(o) for o in objects],
-            "background": background,
-            "sentences": [{"raw": c, "tokens": re.findall(r"[a-z0-9]+", c)} for c in captions],
-        })  # fmt: skip
+        image = render(objects, image_size, background, grain, scene_noise(seed, index))
+        entries.append(save_scene(out, index, split, image, objects, background, captions))
     header = {"dataset": "toyworld", "world": 2, "generator": GENERATOR_VERSION, "seed": seed}
     return write_world_files(out, entries, header, entity_vocabulary(), rng, web_mismatch)
 

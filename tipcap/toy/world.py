@@ -13,8 +13,10 @@ import json
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -228,22 +230,40 @@ def write_toyworld(
     for index, split in enumerate(bar):
         objects = random_scene(rng)
         background, grain = rng.choice(list(BACKGROUNDS)), rng.uniform(0.02, 0.2)
-        filename = f"toy_{index:06d}.png"
-        # Each image's grain from its own generator, seeded by (seed, index): no state outside the world.
-        noise = np.random.default_rng([abs(seed), index])  # abs: as random.Random(seed)
-        render(objects, image_size, background, grain, noise).save(out / "images" / filename)
+        image = render(objects, image_size, background, grain, scene_noise(seed, index))
         captions = captions_for(objects, background, rng)
-        entries.append({
-            "filepath": "images",
-            "filename": filename,
-            "imgid": index,
-            "split": split,
-            "objects": [asdict(o) for o in objects],
-            "background": background,
-            "sentences": [{"raw": c, "tokens": re.findall(r"[a-z0-9]+", c)} for c in captions],
-        })  # fmt: skip
+        entries.append(save_scene(out, index, split, image, objects, background, captions))
     header = {"dataset": "toyworld", "generator": GENERATOR_VERSION, "seed": seed}
     return write_world_files(out, entries, header, entity_vocabulary(), rng, web_mismatch)
+
+
+def scene_noise(seed: int, index: int) -> np.random.Generator:
+    """The generator of one image's grain, seeded by (seed, index): no state outside the world."""
+    return np.random.default_rng([abs(seed), index])  # abs: as random.Random(seed)
+
+
+def save_scene(
+    out: Path,
+    index: int,
+    split: str,
+    image: Image.Image,
+    objects: Sequence[Any],
+    background: str,
+    captions: list[str],
+) -> dict[str, Any]:
+    """Save one scene's image as ``out/images/toy_<index>.png`` and return its Karpathy entry (with the
+    scene's objects, dataclasses of either world, and background)."""
+    filename = f"toy_{index:06d}.png"
+    image.save(out / "images" / filename)
+    return {
+        "filepath": "images",
+        "filename": filename,
+        "imgid": index,
+        "split": split,
+        "objects": [asdict(o) for o in objects],
+        "background": background,
+        "sentences": [{"raw": c, "tokens": re.findall(r"[a-z0-9]+", c)} for c in captions],
+    }
 
 
 def write_world_files(
