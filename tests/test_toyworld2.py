@@ -4,6 +4,7 @@ scenes, and the stop rule that keeps the toy CLIP's geometry like a real CLIP's.
 import json
 
 import pytest
+import torch
 from conftest import run
 from PIL import Image
 from safetensors.torch import load_file
@@ -185,12 +186,15 @@ def test_toy_clip_stops_by_its_rule(tmp_path, tiny_clip, monkeypatch):
 
     def flipping(images, texts, owner):
         result = real(images, texts, owner)
-        checks.append(len(checks))
+        checks.append((images, texts))
         return {**result, "within_modality_cosine": -2.0} if len(checks) == 3 else result
 
     monkeypatch.setattr(toyclip, "figures", flipping)
     after_two, report = train("geometry", toyclip.StopRule(every=1, recall_at_1=1.1, held_out=5))
     assert (report.steps, report.stop_reason) == (1, "geometry")
+    # Each check reads both towers as they are then, not as they were at the first check.
+    for tower in (0, 1):
+        assert not torch.allclose(checks[0][tower], checks[2][tower])
     monkeypatch.setattr(toyclip, "figures", real)
     one_step, _ = train("one-step", None, steps=1)
     assert all((after_two[k] == one_step[k]).all() for k in one_step)
@@ -216,3 +220,39 @@ def test_world_2_captions_fit_the_demo_decoders(tmp_path):
         assert (
             longest <= model["max_caption_tokens"] - 1 <= model["language_model_config"]["n_positions"] - 20
         )
+
+
+def test_built_modality_gap_fixes_the_geometry(tmp_path, tiny_clip):
+    """With the towers' last layers built, every image embedding has the same component along the image
+    tower's modality direction, every caption along the text tower's, the two directions are orthogonal,
+    so matched pairs sit below pairs of images; training leaves the built layers as they were."""
+    from tipcap.toy.clip import figures, train_toyclip
+
+    karpathy = make_world(tmp_path / "w", train=40, val=8, test=0)
+    config = json.loads(tiny_clip.read_text())
+    config["vision_cfg"]["image_size"] = 64
+    spec, report = train_toyclip(karpathy, tmp_path / "clip", steps=3, batch_size=8, config=config,
+                                 modality_offset=1.0, progress=False)  # fmt: skip
+    weights = load_file(spec.pretrained)
+    assert torch.equal(weights["visual.ln_post.bias"], torch.ones(32))
+    assert torch.equal(weights["ln_final.weight"], torch.ones(32))
+    image_direction = torch.ones(32) @ weights["visual.proj"] / 32**0.5
+    text_direction = torch.ones(32) @ weights["text_projection"] / 32**0.5
+    assert abs(float(image_direction @ text_direction)) < 1e-5
+
+    from tipcap.clip import ClipEncoder
+
+    encoder = ClipEncoder.load(spec, device="cpu")
+    entries = scenes(karpathy, "val")
+    images = encoder.encode_images(
+        torch.stack([encoder.preprocess(load_image(karpathy.parent / e["filepath"] / e["filename"]))
+                     for e in entries])
+    )  # fmt: skip
+    captions = [s["raw"] for e in entries for s in e["sentences"]]
+    texts = encoder.encode_texts(captions).embeddings
+    assert torch.allclose(images @ image_direction, torch.full((len(images),), 2**-0.5), atol=1e-4)
+    assert torch.allclose(texts @ text_direction, torch.full((len(texts),), 2**-0.5), atol=1e-4)
+    owner = torch.tensor([i for i, e in enumerate(entries) for _ in e["sentences"]])
+    measured = figures(images, texts, owner)
+    assert measured["matched_cosine"] < 0.5 <= measured["within_modality_cosine"]
+    assert report.matched_cosine == pytest.approx(measured["matched_cosine"], abs=1e-4)

@@ -66,6 +66,52 @@ class StopRule:
         return None
 
 
+def build_modality_gap(model: torch.nn.Module, offset: float, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Fix the last layers of both towers of an open_clip ``CLIP`` so that its embeddings have a real CLIP's
+    geometry whatever training does; returns the parameters it fixed (to be left out of training).
+
+    Each tower ends in a LayerNorm and a projection. The LayerNorm's output is ``n + b`` with ``n`` of mean
+    0 and norm √W over its W channels; with its scale held at 1 and its bias at ``offset · 1`` (the all-ones
+    direction, which ``n`` is always orthogonal to) and an orthogonal projection ``Q``, an embedding is
+    ``(g + offset · u) / √(1 + offset²)``: a content part ``g`` (unit, trained) and a fixed modality direction
+    ``u`` orthogonal to it. The text tower's ``u`` is orthogonal to the image tower's. So for unit contents:
+
+    - between two images (or two captions): ``(g·g' + offset²) / (1 + offset²)``, at least 0.5 at offset 1
+      for contents that are not opposed;
+    - an image and its caption: ``(g·h + cross terms) / (1 + offset²)``, at most about 0.5 at offset 1;
+
+    and contrastive training, which sees only ``g·h``, works at logit scale ``100 / (1 + offset²)``.
+    The width of each tower must equal the embedding size, so that the projection is square.
+    """
+    visual, text = model.visual, model
+    width = visual.ln_post.weight.numel()
+    if visual.proj.shape != (width, width) or text.text_projection.shape != (width, width):
+        raise TipcapError(f"a built modality gap needs towers as wide as the embedding ({width})")
+    generator = torch.Generator().manual_seed(seed)
+    image_projection, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64))
+    # A reflection that swaps the all-ones direction e with a unit w orthogonal to it, so that the text
+    # tower's modality direction (e·reflection·Q = w·Q) is orthogonal to the image tower's (e·Q).
+    e = torch.full((width,), width**-0.5, dtype=torch.float64)
+    w = torch.randn(width, generator=generator, dtype=torch.float64)
+    w = w - (w @ e) * e
+    w = w / w.norm()
+    reflector = (e - w) / (e - w).norm()
+    reflection = torch.eye(width, dtype=torch.float64) - 2 * torch.outer(reflector, reflector)
+    fixed = []
+    for norm, projection, matrix in (
+        (visual.ln_post, visual.proj, image_projection),
+        (model.ln_final, text.text_projection, reflection @ image_projection),
+    ):
+        with torch.no_grad():
+            norm.weight.fill_(1.0)
+            norm.bias.fill_(offset)
+            projection.copy_(matrix.to(projection.dtype))
+        fixed += [norm.weight, norm.bias, projection]
+    for parameter in fixed:
+        parameter.requires_grad_(False)
+    return fixed
+
+
 @dataclass
 class ToyClipReport:
     """How the trained CLIP sees the world's validation split."""
@@ -115,9 +161,14 @@ def _held_out(encoder: ClipEncoder, karpathy: Path, split: str, limit: int) -> t
 
 
 def _check(encoder: ClipEncoder, pixels: torch.Tensor, captions: list[str], owner: torch.Tensor) -> dict:
-    """:func:`figures` of a model in training (switched to eval mode for the check and back)."""
+    """:func:`figures` of a model in training (switched to eval mode for the check and back).
+
+    Captions go through open_clip's own ``encode_text`` (``trim=False``): the trimmed tower is a copy of
+    the weights prepared at first use, and would go on reading the text tower as it was then.
+    """
     encoder.model.eval()
-    result = figures(encoder.encode_images(pixels), encoder.encode_texts(captions).embeddings, owner)
+    texts = encoder.encode_texts(captions, trim=False).embeddings
+    result = figures(encoder.encode_images(pixels), texts, owner)
     encoder.model.train()
     return result
 
@@ -137,6 +188,7 @@ def train_toyclip(
     seed: int = 0,
     config: dict[str, Any] | None = None,
     stop: StopRule | None = None,
+    modality_offset: float | None = None,
     progress: bool = True,
 ) -> tuple[ClipSpec, ToyClipReport]:
     """Train a tiny CLIP contrastively on the world's training images and captions.
@@ -146,7 +198,9 @@ def train_toyclip(
     far sooner than large ones for the same compute, and the escape is abrupt: on the 2,000-image world,
     300 steps of 64 stay collapsed (R@1 0.02) while 400 reach image→text R@1 0.38.
 
-    With ``stop``, training ends early by that rule, read on the world's validation split.
+    With ``stop``, training ends early by that rule, read on the world's validation split. With
+    ``modality_offset``, both towers' last layers are fixed by :func:`build_modality_gap`, so that the
+    modality gap has a real CLIP's geometry by construction.
 
     Writes ``out/toyclip.json`` (the open_clip model config) and ``out/toyclip.safetensors`` (weights, to
     a temporary name and renamed), and ``out/toyclip_report.json``. Returns the spec that loads it.
@@ -165,6 +219,8 @@ def train_toyclip(
     pixels = _pixels(encoder, [karpathy.parent / e.relative_path for e in entries])
     model.logit_scale.data.fill_(math.log(100.0))
     model.logit_scale.requires_grad_(False)
+    if modality_offset is not None:
+        build_modality_gap(model, modality_offset, seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.1)
     warmup = max(1, steps // 20)
