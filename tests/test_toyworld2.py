@@ -192,9 +192,23 @@ def test_toy_clip_stops_by_its_rule(tmp_path, tiny_clip, monkeypatch):
     monkeypatch.setattr(toyclip, "figures", flipping)
     after_two, report = train("geometry", toyclip.StopRule(every=1, recall_at_1=1.1, held_out=5))
     assert (report.steps, report.stop_reason) == (1, "geometry")
-    # Each check reads both towers as they are then, not as they were at the first check.
-    for tower in (0, 1):
-        assert not torch.allclose(checks[0][tower], checks[2][tower])
+
+    # Each check reads both towers as they are then, not as they were at the first check: a run that
+    # stops by recall at its third check saved the weights that check read.
+    def recalled(images, texts, owner):
+        checks.append((images, texts))
+        return {**real(images, texts, owner), "recall_at_1": float(len(checks) == 3)}
+
+    checks.clear()
+    monkeypatch.setattr(toyclip, "figures", recalled)
+    _, report = train("late-recall", toyclip.StopRule(every=1, recall_at_1=0.5, held_out=5))
+    assert (report.steps, report.stop_reason) == (2, "recall")
+    from tipcap.clip import ClipEncoder, ClipSpec
+
+    saved = ClipEncoder.load(ClipSpec(str(tmp_path / "late-recall" / "toyclip.json"),
+                                      str(tmp_path / "late-recall" / "toyclip.safetensors")), device="cpu")  # fmt: skip
+    captions = [s["raw"] for e in scenes(karpathy, "val")[:5] for s in e["sentences"]]
+    assert torch.allclose(checks[2][1], saved.encode_texts(captions).embeddings, atol=1e-5)
     monkeypatch.setattr(toyclip, "figures", real)
     one_step, _ = train("one-step", None, steps=1)
     assert all((after_two[k] == one_step[k]).all() for k in one_step)
