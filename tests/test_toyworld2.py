@@ -205,8 +205,10 @@ def test_toy_clip_stops_by_its_rule(tmp_path, tiny_clip, monkeypatch):
     assert (report.steps, report.stop_reason) == (2, "recall")
     from tipcap.clip import ClipEncoder, ClipSpec
 
-    saved = ClipEncoder.load(ClipSpec(str(tmp_path / "late-recall" / "toyclip.json"),
-                                      str(tmp_path / "late-recall" / "toyclip.safetensors")), device="cpu")  # fmt: skip
+    late = tmp_path / "late-recall"
+    saved = ClipEncoder.load(
+        ClipSpec(str(late / "toyclip.json"), str(late / "toyclip.safetensors")), device="cpu"
+    )
     captions = [s["raw"] for e in scenes(karpathy, "val")[:5] for s in e["sentences"]]
     assert torch.allclose(checks[2][1], saved.encode_texts(captions).embeddings, atol=1e-5)
     monkeypatch.setattr(toyclip, "figures", real)

@@ -856,6 +856,14 @@ def push_command(model_dir: str, repo: str, private: bool, token: str | None, me
     type=_FiniteFloatRange(0, 1),
     help="Share of web pairs with another image's caption.",
 )
+@click.option(
+    "--clip/--no-clip",
+    "train_clip",
+    default=False,
+    show_default=True,
+    help="Also train the full demo's toy CLIP on the world, into OUT/clip (the demo's own CLIP where the "
+    "world differs from the demo's only in --test).",
+)
 def toyworld_command(
     out: str,
     seed: int,
@@ -865,6 +873,7 @@ def toyworld_command(
     image_size: int | None,
     world_version: str,
     web_mismatch: float,
+    train_clip: bool,
 ) -> None:
     """Write the toy world of coloured shapes: images, a Karpathy split file and web pairs."""
     if world_version == "1":
@@ -880,6 +889,10 @@ def toyworld_command(
     click.echo(
         f"wrote {total:,} images to {out}/images, captions in {karpathy}, web pairs in {out}/web_pairs.jsonl"
     )
+    if train_clip:
+        from tipcap.demo import train_demo_clip
+
+        train_demo_clip(karpathy, Path(out) / "clip", seed=seed, version=int(world_version), echo=click.echo)
 
 
 @main.command("ablate")

@@ -38,6 +38,8 @@ class DemoScale:
     clip_config: dict[str, Any]
     grid: str
     stop: Any = None  # a tipcap.toy.clip.StopRule, or None to train all clip_steps
+    modality_offset: float | None = None  # built into the CLIP's towers (tipcap.toy.clip.build_modality_gap)
+    logit_scale: float | None = 100.0  # held fixed; None learns it
 
 
 def demo_scale(quick: bool, version: int = 1) -> DemoScale:
@@ -50,10 +52,10 @@ def demo_scale(quick: bool, version: int = 1) -> DemoScale:
             return DemoScale(20_000, 500, 500, 1_200, 64, TOYCLIP_CONFIG, "toyworld.yaml")
         return DemoScale(2_000, 100, 100, 400, 64, TOYCLIP_CONFIG, "toyworld_quick.yaml")
     if not quick:
-        return DemoScale(20_000, 500, 500, 3_000, 64, TOYCLIP2_CONFIG, "toyworld2.yaml",
-                         StopRule(every=100, recall_at_1=0.9, held_out=200))  # fmt: skip
-    return DemoScale(2_000, 100, 100, 1_000, 64, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
-                     StopRule(every=50, recall_at_1=0.9, held_out=100))  # fmt: skip
+        return DemoScale(20_000, 500, 500, 2_400, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
+                         StopRule(every=200, recall_at_1=0.9, held_out=200), 1.25, None)  # fmt: skip
+    return DemoScale(2_000, 100, 100, 450, 32, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
+                     StopRule(every=50, recall_at_1=0.9, held_out=100), 1.25, None)  # fmt: skip
 
 
 def demo_world(
@@ -98,22 +100,47 @@ def demo_world(
         write(world, seed=seed, train=scale.train, val=scale.val, test=scale.test, progress=progress)
         echo(f"toy world: generated in {time.perf_counter() - start:.0f} s")
     stop = [asdict(scale.stop)] if scale.stop else []
-    clip_key = key(clip.TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed, *stop)
+    # World 1's key stays what it was (it neither builds the gap nor learns the scale).
+    built = [scale.modality_offset, scale.logit_scale] if scale.modality_offset is not None else []
+    clip_key = key(
+        clip.TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed, *stop, *built
+    )
     clip_dir = world / f"clip-{clip_key}"
     if (clip_dir / "toyclip.safetensors").is_file():
         echo(f"toy CLIP: reused {clip_dir}")
     else:
-        echo(f"toy CLIP: training up to {scale.clip_steps} steps at batch {scale.clip_batch} into {clip_dir}")
-        _, report = clip.train_toyclip(
-            karpathy, clip_dir, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
-            config=scale.clip_config, stop=scale.stop, progress=progress,
-        )  # fmt: skip
-        echo(
-            f"toy CLIP: {report.steps} steps in {report.seconds:.0f} s (stopped by {report.stop_reason}); "
-            f"R@1 {report.recall_at_1:.2f}, matched cosine {report.matched_cosine:.2f} against "
-            f"{report.within_modality_cosine:.2f} between images"
-        )
+        train_demo_clip(karpathy, clip_dir, seed, quick, version, progress, echo)
     return karpathy, clip_dir
+
+
+def train_demo_clip(
+    karpathy: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    quick: bool = False,
+    version: int = 1,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> Any:
+    """Train the demo's toy CLIP (as :func:`demo_scale` sizes it) on a world into ``out``; returns its
+    :class:`tipcap.toy.clip.ToyClipReport`. A world that differs from the demo's only in its test split
+    gets the same CLIP, since training reads the training and validation splits alone."""
+    from tipcap.toy import clip
+
+    echo = echo or (lambda message: None)
+    scale = demo_scale(quick, version)
+    echo(f"toy CLIP: training up to {scale.clip_steps} steps at batch {scale.clip_batch} into {out}")
+    _, report = clip.train_toyclip(
+        karpathy, out, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
+        config=scale.clip_config, stop=scale.stop, modality_offset=scale.modality_offset,
+        logit_scale=scale.logit_scale, progress=progress,
+    )  # fmt: skip
+    echo(
+        f"toy CLIP: {report.steps} steps in {report.seconds:.0f} s (stopped by {report.stop_reason}); "
+        f"R@1 {report.recall_at_1:.2f}, matched cosine {report.matched_cosine:.2f} against "
+        f"{report.within_modality_cosine:.2f} between images"
+    )
+    return report
 
 
 def _world_module(version: int) -> Any:

@@ -31,11 +31,12 @@ TOYCLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
-# World 2: 64-pixel images in 8-pixel patches (64 tokens, so a small object fills a patch or more) and
-# captions of up to about 40 tokens.
+# World 2: 64-pixel images in 16-pixel patches (16 tokens; a small object spans one to four patches) and
+# captions of up to about 40 tokens. Towers as wide as the embedding, so that the modality gap can be
+# built in (build_modality_gap).
 TOYCLIP2_CONFIG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
+    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 3, "head_width": 32},
     "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 
@@ -189,6 +190,7 @@ def train_toyclip(
     config: dict[str, Any] | None = None,
     stop: StopRule | None = None,
     modality_offset: float | None = None,
+    logit_scale: float | None = 100.0,
     progress: bool = True,
 ) -> tuple[ClipSpec, ToyClipReport]:
     """Train a tiny CLIP contrastively on the world's training images and captions.
@@ -217,8 +219,9 @@ def train_toyclip(
     model = encoder.model
     entries = read_karpathy(karpathy, "train")
     pixels = _pixels(encoder, [karpathy.parent / e.relative_path for e in entries])
-    model.logit_scale.data.fill_(math.log(100.0))
-    model.logit_scale.requires_grad_(False)
+    if logit_scale is not None:
+        model.logit_scale.data.fill_(math.log(logit_scale))
+        model.logit_scale.requires_grad_(False)
     if modality_offset is not None:
         build_modality_gap(model, modality_offset, seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
