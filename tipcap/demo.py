@@ -39,7 +39,7 @@ class DemoScale:
     grid: str
     stop: Any = None  # a tipcap.toy.clip.StopRule, or None to train all clip_steps
     modality_offset: float | None = None  # built into the CLIP's towers (tipcap.toy.clip.build_modality_gap)
-    logit_scale: float | None = 100.0  # held fixed; None learns it
+    scale_warmup: int = 0  # steps over which the CLIP's logit scale rises to 100
 
 
 def demo_scale(quick: bool, version: int = 2) -> DemoScale:
@@ -52,10 +52,10 @@ def demo_scale(quick: bool, version: int = 2) -> DemoScale:
             return DemoScale(20_000, 500, 500, 1_200, 64, TOYCLIP_CONFIG, "toyworld.yaml")
         return DemoScale(2_000, 100, 100, 400, 64, TOYCLIP_CONFIG, "toyworld_quick.yaml")
     if not quick:
-        return DemoScale(20_000, 500, 500, 2_400, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
-                         StopRule(every=200, recall_at_1=0.9, held_out=200), 1.25, None)  # fmt: skip
+        return DemoScale(20_000, 500, 500, 2_000, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
+                         StopRule(every=200, recall_at_1=0.9, held_out=200), 1.25, 300)  # fmt: skip
     return DemoScale(2_000, 100, 100, 450, 32, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
-                     StopRule(every=50, recall_at_1=0.9, held_out=100), 1.25, None)  # fmt: skip
+                     StopRule(every=50, recall_at_1=0.9, held_out=100), 1.25, 150)  # fmt: skip
 
 
 def demo_world(
@@ -100,8 +100,8 @@ def demo_world(
         write(world, seed=seed, train=scale.train, val=scale.val, test=scale.test, progress=progress)
         echo(f"toy world: generated in {time.perf_counter() - start:.0f} s")
     stop = [asdict(scale.stop)] if scale.stop else []
-    # World 1's key stays what it was (it neither builds the gap nor learns the scale).
-    built = [scale.modality_offset, scale.logit_scale] if scale.modality_offset is not None else []
+    # World 1's key stays what it was (it does not build the gap).
+    built = [scale.modality_offset, scale.scale_warmup] if scale.modality_offset is not None else []
     clip_key = key(
         clip.TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed, *stop, *built
     )
@@ -133,7 +133,7 @@ def train_demo_clip(
     _, report = clip.train_toyclip(
         karpathy, out, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
         config=scale.clip_config, stop=scale.stop, modality_offset=scale.modality_offset,
-        logit_scale=scale.logit_scale, progress=progress,
+        scale_warmup=scale.scale_warmup, progress=progress,
     )  # fmt: skip
     echo(
         f"toy CLIP: {report.steps} steps in {report.seconds:.0f} s (stopped by {report.stop_reason}); "

@@ -31,14 +31,18 @@ TOYCLIP_CONFIG = {
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
-# World 2: 64-pixel images in 16-pixel patches (16 tokens; a small object spans one to four patches) and
-# captions of up to about 40 tokens. Towers as wide as the embedding, so that the modality gap can be
-# built in (build_modality_gap).
+# World 2: 48-pixel images in 16-pixel patches, one patch per cell of the scene's 3 × 3 grid, and captions
+# of up to 38 tokens. Towers as wide as the embedding, so that the modality gap can be built in
+# (build_modality_gap).
 TOYCLIP2_CONFIG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 3, "head_width": 32},
-    "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    "vision_cfg": {"image_size": 48, "patch_size": 16, "width": 128, "layers": 3, "head_width": 32},
+    "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
+
+
+# open_clip's initial logit scale, ln(1/0.07), where a warmed-up scale starts.
+_START_SCALE = math.log(1 / 0.07)
 
 
 @dataclass(frozen=True)
@@ -190,7 +194,7 @@ def train_toyclip(
     config: dict[str, Any] | None = None,
     stop: StopRule | None = None,
     modality_offset: float | None = None,
-    logit_scale: float | None = 100.0,
+    scale_warmup: int = 0,
     progress: bool = True,
 ) -> tuple[ClipSpec, ToyClipReport]:
     """Train a tiny CLIP contrastively on the world's training images and captions.
@@ -202,7 +206,10 @@ def train_toyclip(
 
     With ``stop``, training ends early by that rule, read on the world's validation split. With
     ``modality_offset``, both towers' last layers are fixed by :func:`build_modality_gap`, so that the
-    modality gap has a real CLIP's geometry by construction.
+    modality gap has a real CLIP's geometry by construction. With ``scale_warmup``, the logit scale rises
+    from open_clip's initial 1/0.07 to 100 (geometrically) over that many steps: at 100 from the start,
+    random embeddings give logits so spread that training first collapses every embedding onto one,
+    and a short run may never leave it.
 
     Writes ``out/toyclip.json`` (the open_clip model config) and ``out/toyclip.safetensors`` (weights, to
     a temporary name and renamed), and ``out/toyclip_report.json``. Returns the spec that loads it.
@@ -219,9 +226,8 @@ def train_toyclip(
     model = encoder.model
     entries = read_karpathy(karpathy, "train")
     pixels = _pixels(encoder, [karpathy.parent / e.relative_path for e in entries])
-    if logit_scale is not None:
-        model.logit_scale.data.fill_(math.log(logit_scale))
-        model.logit_scale.requires_grad_(False)
+    model.logit_scale.data.fill_(math.log(100.0))
+    model.logit_scale.requires_grad_(False)
     if modality_offset is not None:
         build_modality_gap(model, modality_offset, seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
@@ -251,7 +257,10 @@ def train_toyclip(
         tokens = encoder.tokenizer([rng.choice(entries[r].captions) for r in rows])
         image_features = torch.nn.functional.normalize(model.encode_image(pixels[rows]), dim=-1)
         text_features = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
-        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        warmed = min(1.0, step / scale_warmup) if scale_warmup else 1.0
+        loss = loss_fn(
+            image_features, text_features, math.exp(_START_SCALE + warmed * (math.log(100.0) - _START_SCALE))
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
