@@ -43,7 +43,12 @@ def test_world_2_is_deterministic_and_readable(tmp_path):
     assert document["world"] == 2 and document["generator"] == GENERATOR_VERSION
     assert len(read_captions(first, split="train")) == 750
     images = list_images(first, split="test")
-    assert len(images) == 20 and load_image(images[0].path).size == (64, 64)
+    assert len(images) == 20 and load_image(images[0].path).size == (48, 48)
+    # Each object lies inside the 16-pixel patch of its cell (radius at most 0.13 of the side).
+    for entry in document["images"]:
+        for o in entry["objects"]:
+            for centre in (o["x"], o["y"]):
+                assert int((centre - 0.13) * 3) == int((centre + 0.13) * 3), (entry["filename"], o)
     counts = {len(e["objects"]) for e in document["images"]}
     assert counts == {1, 2, 3, 4}
     counted = [
@@ -59,7 +64,7 @@ def test_version_2_is_the_default(tmp_path):
     assert result.exit_code == 0, result.output
     karpathy = tmp_path / "toyworld.json"
     assert json.loads(karpathy.read_text())["world"] == 2
-    assert load_image(list_images(karpathy)[0].path).size == (64, 64)
+    assert load_image(list_images(karpathy)[0].path).size == (48, 48)
 
 
 def test_no_test_scene_is_fully_described_by_a_training_caption(tmp_path):
@@ -139,8 +144,8 @@ def test_render_draws_what_the_scene_says():
     star = [ShapeObject("red", "star", "large", 0.5, 0.5)]
     ring = [ShapeObject("red", "ring", "large", 0.5, 0.5)]
     image = render(star, background="gray", grain=0.0)
-    assert image.size == (64, 64) and image.getpixel((32, 32)) == (220, 40, 40)
-    assert render(ring, background="gray", grain=0.0).getpixel((32, 32)) == (200, 200, 200)
+    assert image.size == (48, 48) and image.getpixel((24, 24)) == (220, 40, 40)
+    assert render(ring, background="gray", grain=0.0).getpixel((24, 24)) == (200, 200, 200)
     assert render(star, background="gray", grain=0.0).tobytes() != render(ring, grain=0.0).tobytes()
     assert isinstance(image, Image.Image)
 
@@ -166,7 +171,7 @@ def test_toy_clip_stops_by_its_rule(tmp_path, tiny_clip, monkeypatch):
 
     karpathy = make_world(tmp_path / "w", train=40, val=5, test=0)
     config = json.loads(tiny_clip.read_text())
-    config["vision_cfg"]["image_size"] = 64
+    config["vision_cfg"]["image_size"] = 48
 
     def train(name, rule, steps=4):
         spec, report = toyclip.train_toyclip(karpathy, tmp_path / name, steps=steps, batch_size=8,
@@ -246,7 +251,7 @@ def test_built_modality_gap_fixes_the_geometry(tmp_path, tiny_clip):
 
     karpathy = make_world(tmp_path / "w", train=40, val=8, test=0)
     config = json.loads(tiny_clip.read_text())
-    config["vision_cfg"]["image_size"] = 64
+    config["vision_cfg"]["image_size"] = 48
     spec, report = train_toyclip(karpathy, tmp_path / "clip", steps=3, batch_size=8, config=config,
                                  modality_offset=1.0, progress=False)  # fmt: skip
     weights = load_file(spec.pretrained)

@@ -1,4 +1,4 @@
-"""Toy world 2: scenes of one to four objects, far more of them than any training set, at 64 pixels.
+"""Toy world 2: scenes of one to four objects, far more of them than any training set, at 48 pixels.
 
 An object has a colour (8), a shape (7), a size (2) and a place on a 3 × 3 grid; objects may repeat ("two
 red circles"). Single objects stand in one relation to each other: "next to" when side by side in
