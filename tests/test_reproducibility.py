@@ -39,9 +39,9 @@ import json, sys
 from pathlib import Path
 from tipcap.cli import main
 from tipcap.toy.clip import train_toyclip
-from tipcap.toy.scenes import write_world
+from tipcap.toy.world import write_toyworld
 root, grid, out = map(Path, sys.argv[1:4])
-karpathy = write_world(root / "world", seed=0, train=80, val=5, test=12)
+karpathy = write_toyworld(root / "world", seed=0, train=80, val=5, test=12)
 spec, _ = train_toyclip(karpathy, root / "clip", steps=2, batch_size=16, seed=0,
                         config=json.loads(sys.argv[4]), progress=False)
 overrides = [f"karpathy={karpathy}", f"web_pairs={root / 'world' / 'web_pairs.jsonl'}",
@@ -63,12 +63,12 @@ def demo_run(tmp_path_factory):
     # grain from the process-wide C rand()).
     write_toyworld(root / "earlier", seed=0, train=3, val=0, test=1)
     patch = pytest.MonkeyPatch()
-    patch.setattr(tipcap.demo, "demo_scale", lambda quick, version=2: scale)
+    patch.setattr(tipcap.demo, "demo_scale", lambda quick, version=1: scale)
     try:
         tipcap.demo.run_demo(root / "out", root / "cache", seed=0, progress=False)
     finally:
         patch.undo()
-    (world,) = (root / "cache").glob("toyworld2-*")
+    (world,) = (root / "cache").glob("toyworld-*")
     (clip,) = world.glob("clip-*")
     overrides = [
         f"karpathy={world / 'toyworld.json'}", f"web_pairs={world / 'web_pairs.jsonl'}",

@@ -59,12 +59,12 @@ def test_world_2_is_deterministic_and_readable(tmp_path):
         assert len({s["raw"] for s in entry["sentences"]}) == 5
 
 
-def test_version_2_is_the_default(tmp_path):
+def test_version_1_is_the_default(tmp_path):
     result = run("toyworld", "--out", tmp_path, "--train", 20, "--val", 2, "--test", 2)
     assert result.exit_code == 0, result.output
     karpathy = tmp_path / "toyworld.json"
-    assert json.loads(karpathy.read_text())["world"] == 2
-    assert load_image(list_images(karpathy)[0].path).size == (48, 48)
+    assert "world" not in json.loads(karpathy.read_text())
+    assert load_image(list_images(karpathy)[0].path).size == (32, 32)
 
 
 def test_no_test_scene_is_fully_described_by_a_training_caption(tmp_path):

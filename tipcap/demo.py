@@ -42,9 +42,9 @@ class DemoScale:
     scale_warmup: int = 0  # steps over which the CLIP's logit scale rises to 100
 
 
-def demo_scale(quick: bool, version: int = 2) -> DemoScale:
+def demo_scale(quick: bool, version: int = 1) -> DemoScale:
     """The full demo, or the reduced one (``--quick``) that finishes in a few minutes on a laptop CPU, on
-    toy world ``version`` (2 by default; 1 keeps the tables of the first world reproducible)."""
+    toy world ``version`` (1 keeps the tables of the first world reproducible)."""
     from tipcap.toy.clip import TOYCLIP2_CONFIG, TOYCLIP_CONFIG, StopRule
 
     if version == 1:
@@ -64,7 +64,7 @@ def demo_world(
     quick: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
-    version: int = 2,
+    version: int = 1,
 ) -> tuple[Path, Path]:
     """The demo's toy world and its trained CLIP, generated into ``cache`` or reused from it.
 
@@ -118,7 +118,7 @@ def train_demo_clip(
     out: str | Path,
     seed: int = 0,
     quick: bool = False,
-    version: int = 2,
+    version: int = 1,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
 ) -> Any:
@@ -161,7 +161,7 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
-    version: int = 2,
+    version: int = 1,
 ) -> list[dict[str, Any]]:
     """The whole pipeline offline: a toy world, its CLIP and their embedding stores (cached in ``cache`` by
     seed and size), then the core grid.
