@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
 from tipcap.errors import TipcapError
-from tipcap.io import save_safetensors, write_json_atomic
+from tipcap.io import load_json, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 
 # How train_toyclip trains: bump whenever a change makes the same arguments train another CLIP, so that
@@ -131,6 +132,21 @@ class ToyClipReport:
     trace_sigma: float  # tr Σ, Σ the covariance of δ = v − t over matched pairs
     effective_rank: float  # (tr Σ)² / tr(Σ²): how many directions the gap's spread fills
     stop_reason: str = "steps"  # why training ended: steps, recall or geometry (see StopRule)
+    # World 2: share of (image, caption) pairs where the image is nearer its caption than the caption with
+    # one claim (a shape, size or relation) made false; 0.5 is chance. None for world 1.
+    claim_accuracy: float | None = None
+
+
+def _loss_with_negatives(images: torch.Tensor, texts: torch.Tensor, scale: float) -> torch.Tensor:
+    """Symmetric contrastive loss of unit image features ``[B, d]`` against unit text features ``[2B, d]``,
+    the first B matched to the images and the last B their hard negatives: each image picks its caption
+    among all 2B texts, each caption its image among the B images."""
+    count = len(images)
+    targets = torch.arange(count)
+    image_to_text = scale * images @ texts.T  # [B, 2B]
+    text_to_image = scale * texts[:count] @ images.T  # [B, B]
+    cross_entropy = torch.nn.functional.cross_entropy
+    return (cross_entropy(image_to_text, targets) + cross_entropy(text_to_image, targets)) / 2
 
 
 def _pixels(encoder: ClipEncoder, paths: list[Path]) -> torch.Tensor:
@@ -184,6 +200,21 @@ def measure(encoder: ClipEncoder, karpathy: Path, split: str = "val", limit: int
     return figures(encoder.encode_images(pixels), encoder.encode_texts(captions).embeddings, owner)
 
 
+def claim_accuracy(encoder: ClipEncoder, karpathy: Path, split: str = "val", limit: int = 500) -> float:
+    """How often an image of a world-2 split is nearer its caption than that caption with one claim made
+    false (:func:`tipcap.toy.grammar.perturb`, drawn with a fixed seed): whether the CLIP reads shapes,
+    sizes and places, which image→text R@1 hides when colours alone tell the images apart. 0.5 is
+    chance."""
+    from tipcap.toy.grammar import perturb
+
+    pixels, captions, owner = _held_out(encoder, karpathy, split, limit)
+    rng = random.Random(0)
+    images = encoder.encode_images(pixels)[owner]
+    true = encoder.encode_texts(captions).embeddings
+    false = encoder.encode_texts([perturb(caption, rng) for caption in captions]).embeddings
+    return float(((images * true).sum(-1) > (images * false).sum(-1)).double().mean())
+
+
 def train_toyclip(
     karpathy: str | Path,
     out: str | Path,
@@ -195,6 +226,7 @@ def train_toyclip(
     stop: StopRule | None = None,
     modality_offset: float | None = None,
     scale_warmup: int = 0,
+    negatives: Callable[[str, random.Random], str] | None = None,
     progress: bool = True,
 ) -> tuple[ClipSpec, ToyClipReport]:
     """Train a tiny CLIP contrastively on the world's training images and captions.
@@ -254,13 +286,17 @@ def train_toyclip(
                 break
             kept = (step, {k: v.detach().clone() for k, v in model.state_dict().items()})
         rows = rng.sample(range(len(entries)), min(batch_size, len(entries)))
-        tokens = encoder.tokenizer([rng.choice(entries[r].captions) for r in rows])
+        captions = [rng.choice(entries[r].captions) for r in rows]
+        if negatives is not None:
+            captions += [negatives(caption, rng) for caption in captions]
         image_features = torch.nn.functional.normalize(model.encode_image(pixels[rows]), dim=-1)
-        text_features = torch.nn.functional.normalize(model.encode_text(tokens), dim=-1)
+        text_features = torch.nn.functional.normalize(model.encode_text(encoder.tokenizer(captions)), dim=-1)
         warmed = min(1.0, step / scale_warmup) if scale_warmup else 1.0
-        loss = loss_fn(
-            image_features, text_features, math.exp(_START_SCALE + warmed * (math.log(100.0) - _START_SCALE))
-        )
+        scale = math.exp(_START_SCALE + warmed * (math.log(100.0) - _START_SCALE))
+        if negatives is None:
+            loss = loss_fn(image_features, text_features, scale)
+        else:
+            loss = _loss_with_negatives(image_features, text_features, scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -271,8 +307,10 @@ def train_toyclip(
     weights = out / "toyclip.safetensors"
     save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     spec = ClipSpec(str(config_path), str(weights))
+    trained = ClipEncoder.load(spec, device="cpu")
     report = ToyClipReport(
-        done, seconds, **measure(ClipEncoder.load(spec, device="cpu"), karpathy), stop_reason=stop_reason
-    )
+        done, seconds, **measure(trained, karpathy), stop_reason=stop_reason,
+        claim_accuracy=claim_accuracy(trained, karpathy) if load_json(karpathy).get("world") == 2 else None,
+    )  # fmt: skip
     write_json_atomic(out / "toyclip_report.json", asdict(report))
     return spec, report

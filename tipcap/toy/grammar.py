@@ -205,3 +205,35 @@ def parse(caption: str) -> Claims:
             obj = (right["colour"], _SHAPE_FORMS[right["shape"]])
             relations.add(canonical(subject, _RELATION_FORMS[between["rel"]], obj))
     return Claims(frozenset(groups.values()), frozenset(relations))
+
+
+_SHAPE_WORD = re.compile(r"\b(" + "|".join(sorted(_SHAPE_FORMS, key=len, reverse=True)) + r")\b")
+_SIZE_WORD = re.compile(r"\b(" + "|".join(_SIZE_FORMS) + r")\b")
+_RELATION_PHRASE = re.compile(
+    r"\b(" + "|".join(sorted(_RELATION_FORMS, key=len, reverse=True)) + r")\b"
+    r"(?=\s+(?:a|an|one|two|three|four|the)\b)"
+)
+
+
+def perturb(caption: str, rng: random.Random) -> str:
+    """The caption with one claim made false: a shape changed to another (in the same number), a size to
+    the other size, or a relation to its inverse ("left of" to "right of"; "next to" is left alone).
+
+    A hard negative for contrastive training: it shares the caption's colours and most of its words, so an
+    image tower tells the two apart only by reading shapes, sizes and places.
+    """
+    edits = []
+    for match in _SHAPE_WORD.finditer(caption):
+        shape = _SHAPE_FORMS[match[1]]
+        plural = match[1] != shape
+        other = rng.choice([s for s in SHAPES if s != shape])
+        edits.append((match.span(1), _PLURALS[other] if plural else other))
+    for match in _SIZE_WORD.finditer(caption):
+        other = "large" if _SIZE_FORMS[match[1]] == "small" else "small"
+        edits.append((match.span(1), rng.choice(SIZE_WORDS[other])))
+    for match in _RELATION_PHRASE.finditer(caption):
+        relation = _RELATION_FORMS[match[1]]
+        if relation != "next to":
+            edits.append((match.span(1), rng.choice(RELATION_WORDS[INVERSE[relation]])))
+    (start, end), replacement = rng.choice(edits)
+    return caption[:start] + replacement + caption[end:]
