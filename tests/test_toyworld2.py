@@ -277,3 +277,74 @@ def test_built_modality_gap_fixes_the_geometry(tmp_path, tiny_clip):
     measured = figures(images, texts, owner)
     assert measured["matched_cosine"] < 0.5 <= measured["within_modality_cosine"]
     assert report.matched_cosine == pytest.approx(measured["matched_cosine"], abs=1e-4)
+
+
+def test_perturb_makes_one_claim_false():
+    """A hard negative is the caption with one shape, one size or one relation (not "next to", which has no
+    inverse) replaced: the rest of the words and every colour stay, and what it claims is false."""
+    import difflib
+    import random
+
+    from tipcap.toy.grammar import perturb
+
+    rng = random.Random(0)
+    captions = [
+        "a small red circle is to the left of a blue star, and two green rings.",
+        "a red cross sits under a big green ring, and a yellow diamond.",
+        "there are two pink crosses.",
+        "a green star next to a red ring.",
+    ]
+    shapes = {"circle", "star", "rings", "cross", "ring", "diamond", "crosses"}
+    changed = set()
+    for caption in captions:
+        truth = parse(caption)
+        for _ in range(20):
+            negative = perturb(caption, rng)
+            claims = parse(negative)
+            assert claims != truth, negative
+            assert {g.colour for g in claims.groups} == {g.colour for g in truth.groups}, negative
+            before, after = caption.split(), negative.split()
+            opcodes = difflib.SequenceMatcher(a=before, b=after).get_opcodes()
+            edits = [op for op in opcodes if op[0] != "equal"]
+            assert len(edits) == 1, (caption, negative)
+            replaced = set(before[edits[0][1] : edits[0][2]])
+            sizes = {"small", "big"}
+            changed.add("shape" if replaced & shapes else "size" if replaced & sizes else "relation")
+    assert changed == {"shape", "size", "relation"}
+    assert all("next to" in perturb("a green star next to a red ring.", rng) for _ in range(10))
+
+
+def test_loss_with_negatives_counts_the_negatives():
+    """A negative identical to its image's caption costs the image half its choice; distinct ones cost
+    nothing at a large scale."""
+    from tipcap.toy.clip import _loss_with_negatives
+
+    basis = torch.eye(6)
+    images, captions = basis[:2], basis[:2]
+    far = _loss_with_negatives(images, torch.cat([captions, basis[2:4]]), scale=100.0)
+    near = _loss_with_negatives(images, torch.cat([captions, captions]), scale=100.0)
+    assert float(far) < 1e-6
+    assert float(near) == pytest.approx(torch.log(torch.tensor(2.0)).item() / 2, abs=1e-6)
+
+
+def test_world_2_clip_reports_its_claim_accuracy(tmp_path, tiny_clip):
+    """Trained with hard negatives, the report of a world-2 CLIP gives how often an image prefers its caption
+    to the caption with one claim made false; a world-1 CLIP's report leaves it out."""
+    from tipcap.toy.clip import train_toyclip
+    from tipcap.toy.grammar import perturb
+
+    karpathy = make_world(tmp_path / "w", train=40, val=8, test=0)
+    config = json.loads(tiny_clip.read_text())
+    config["vision_cfg"]["image_size"] = 48
+    _, report = train_toyclip(karpathy, tmp_path / "clip", steps=2, batch_size=8, config=config,
+                              negatives=perturb, scale_warmup=2, progress=False)  # fmt: skip
+    assert 0.0 <= report.claim_accuracy <= 1.0
+    saved = json.loads((tmp_path / "clip" / "toyclip_report.json").read_text())
+    assert saved["claim_accuracy"] == report.claim_accuracy
+    world1 = tmp_path / "w1"
+    made = run("toyworld", "--out", world1, "--version", 1, "--train", 40, "--val", 8, "--test", 0)
+    assert made.exit_code == 0, made.output
+    config["vision_cfg"]["image_size"] = 32
+    _, report = train_toyclip(world1 / "toyworld.json", tmp_path / "clip1", steps=1, batch_size=8,
+                              config=config, progress=False)  # fmt: skip
+    assert report.claim_accuracy is None
