@@ -42,8 +42,12 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     assert names == {f"{d}/{g}.yaml" for d in ("coco", "flickr30k") for g in ("grid", "few_pairs_sweep")} | {
         "cross_domain/coco_to_flickr30k.yaml", "cross_domain/flickr30k_to_coco.yaml",
         "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml", "toyworld_factors.yaml",
-        "synthetic_gap.yaml",
+        "toyworld2_factors.yaml", "synthetic_gap.yaml",
     }  # fmt: skip
+    # World 2's factor grid pairs each step of the chain none → … → gaussian and the baselines.
+    world2 = load_ablation(EXPERIMENTS / "toyworld2_factors.yaml").compare
+    assert ["mean-isotropic-few-pairs", "none"] in world2 and ["supervised", "retrieval"] in world2
+    assert ["gaussian-few-pairs", "mean-isotropic-few-pairs"] in world2
     baselines = {"none", "isotropic", "mean-shift", "close", "memory", "retrieval", "template"}
     for data in ("coco", "flickr30k"):
         grid = load_ablation(EXPERIMENTS / data / "grid.yaml")
