@@ -31,7 +31,8 @@ def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch, ve
         Path(out).mkdir(parents=True)
         (Path(out) / "toyclip.safetensors").write_bytes(b"")
         report = SimpleNamespace(steps=1, seconds=0.0, stop_reason="steps", recall_at_1=0.0,
-                                 matched_cosine=0.0, within_modality_cosine=0.0)  # fmt: skip
+                                 matched_cosine=0.0, within_modality_cosine=0.0,
+                                 claim_accuracy=None)  # fmt: skip
         return None, report
 
     monkeypatch.setattr(f"tipcap.toy.{module}.{writer}", fake_world)

@@ -40,6 +40,7 @@ class DemoScale:
     stop: Any = None  # a tipcap.toy.clip.StopRule, or None to train all clip_steps
     modality_offset: float | None = None  # built into the CLIP's towers (tipcap.toy.clip.build_modality_gap)
     scale_warmup: int = 0  # steps over which the CLIP's logit scale rises to 100
+    hard_negatives: bool = False  # train the CLIP against captions with one claim made false (world 2)
 
 
 def demo_scale(quick: bool, version: int = 1) -> DemoScale:
@@ -52,10 +53,10 @@ def demo_scale(quick: bool, version: int = 1) -> DemoScale:
             return DemoScale(20_000, 500, 500, 1_200, 64, TOYCLIP_CONFIG, "toyworld.yaml")
         return DemoScale(2_000, 100, 100, 400, 64, TOYCLIP_CONFIG, "toyworld_quick.yaml")
     if not quick:
-        return DemoScale(20_000, 500, 500, 2_000, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
-                         StopRule(every=200, recall_at_1=0.9, held_out=200), 1.25, 300)  # fmt: skip
+        return DemoScale(20_000, 500, 500, 3_000, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
+                         StopRule(every=200, recall_at_1=0.9, held_out=200), 1.25, 300, True)  # fmt: skip
     return DemoScale(2_000, 100, 100, 450, 32, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
-                     StopRule(every=50, recall_at_1=0.9, held_out=100), 1.25, 150)  # fmt: skip
+                     StopRule(every=50, recall_at_1=0.9, held_out=100), 1.25, 150, True)  # fmt: skip
 
 
 def demo_world(
@@ -101,7 +102,7 @@ def demo_world(
         echo(f"toy world: generated in {time.perf_counter() - start:.0f} s")
     stop = [asdict(scale.stop)] if scale.stop else []
     # World 1's key stays what it was (it does not build the gap).
-    built = [scale.modality_offset, scale.scale_warmup] if scale.modality_offset is not None else []
+    built = [scale.modality_offset, scale.scale_warmup, scale.hard_negatives] if scale.modality_offset else []
     clip_key = key(
         clip.TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed, *stop, *built
     )
@@ -125,7 +126,7 @@ def train_demo_clip(
     """Train the demo's toy CLIP (as :func:`demo_scale` sizes it) on a world into ``out``; returns its
     :class:`tipcap.toy.clip.ToyClipReport`. A world that differs from the demo's only in its test split
     gets the same CLIP, since training reads the training and validation splits alone."""
-    from tipcap.toy import clip
+    from tipcap.toy import clip, grammar
 
     echo = echo or (lambda message: None)
     scale = demo_scale(quick, version)
@@ -133,12 +134,14 @@ def train_demo_clip(
     _, report = clip.train_toyclip(
         karpathy, out, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
         config=scale.clip_config, stop=scale.stop, modality_offset=scale.modality_offset,
-        scale_warmup=scale.scale_warmup, progress=progress,
+        scale_warmup=scale.scale_warmup, negatives=grammar.perturb if scale.hard_negatives else None,
+        progress=progress,
     )  # fmt: skip
+    claims = "" if report.claim_accuracy is None else f"; claim accuracy {report.claim_accuracy:.2f}"
     echo(
         f"toy CLIP: {report.steps} steps in {report.seconds:.0f} s (stopped by {report.stop_reason}); "
         f"R@1 {report.recall_at_1:.2f}, matched cosine {report.matched_cosine:.2f} against "
-        f"{report.within_modality_cosine:.2f} between images"
+        f"{report.within_modality_cosine:.2f} between images{claims}"
     )
     return report
 
