@@ -115,3 +115,22 @@ def test_quick_demo_end_to_end(tmp_path):
     assert again.exit_code == 0 and again.stdout == result.stdout
     assert "toy world: reused" in again.stderr and "toy CLIP: reused" in again.stderr
     assert "training into" in result.stderr and "training into" not in again.stderr
+
+
+def test_toyworld_clip_trains_the_demo_s_clip(tmp_path, monkeypatch, tiny_clip):
+    """`tipcap toyworld --clip` trains the CLIP the demo would (its scale, here a tiny one) into OUT/clip."""
+    from tipcap.demo import DemoScale
+    from tipcap.toy.clip import StopRule
+
+    config = json.loads(tiny_clip.read_text())
+    config["vision_cfg"]["image_size"] = 48
+    scale = DemoScale(40, 8, 4, 3, 8, config, "toyworld2.yaml", StopRule(every=10, held_out=8), 1.0, 2, True)
+    scales = []
+    monkeypatch.setattr(tipcap.demo, "demo_scale", lambda quick, version=1: scales.append(version) or scale)
+    out = tmp_path / "world"
+    result = run("toyworld", "--out", out, "--version", 2, "--train", 40, "--val", 8, "--test", 4, "--clip")
+    assert result.exit_code == 0, result.output
+    assert scales == [2] and (out / "clip" / "toyclip.safetensors").is_file()
+    report = json.loads((out / "clip" / "toyclip_report.json").read_text())
+    assert report["steps"] == 3 and 0.0 <= report["claim_accuracy"] <= 1.0
+    assert "claim accuracy" in result.output
