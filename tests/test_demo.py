@@ -134,3 +134,12 @@ def test_toyworld_clip_trains_the_demo_s_clip(tmp_path, monkeypatch, tiny_clip):
     report = json.loads((out / "clip" / "toyclip_report.json").read_text())
     assert report["steps"] == 3 and 0.0 <= report["claim_accuracy"] <= 1.0
     assert "claim accuracy" in result.output
+
+
+def test_toyworld_clip_without_a_val_split_says_so(tmp_path):
+    """The CLIP's report reads the val split: a world without one gets one line naming --val."""
+    out = tmp_path / "world"
+    result = run("toyworld", "--out", out, "--version", 2, "--train", 20, "--val", 0, "--test", 2, "--clip")
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "--val" in result.output and "val split" in result.output
+    assert not (out / "clip" / "toyclip.safetensors").exists()

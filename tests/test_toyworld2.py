@@ -348,3 +348,24 @@ def test_world_2_clip_reports_its_claim_accuracy(tmp_path, tiny_clip):
     _, report = train_toyclip(world1 / "toyworld.json", tmp_path / "clip1", steps=1, batch_size=8,
                               config=config, progress=False)  # fmt: skip
     assert report.claim_accuracy is None
+
+
+def test_logit_scale_warms_up_to_100(tmp_path, tiny_clip, monkeypatch):
+    """With a warm-up, the scale the loss uses rises geometrically from 1/0.07 to 100, then stays there."""
+    import tipcap.toy.clip as toyclip
+    from tipcap.toy.grammar import perturb
+
+    karpathy = make_world(tmp_path / "w", train=40, val=4, test=0)
+    config = json.loads(tiny_clip.read_text())
+    config["vision_cfg"]["image_size"] = 48
+    scales = []
+    real = toyclip._loss_with_negatives
+
+    def recording(images, texts, scale):
+        scales.append(scale)
+        return real(images, texts, scale)
+
+    monkeypatch.setattr(toyclip, "_loss_with_negatives", recording)
+    toyclip.train_toyclip(karpathy, tmp_path / "clip", steps=5, batch_size=8, config=config,
+                          negatives=perturb, scale_warmup=2, progress=False)  # fmt: skip
+    assert scales == pytest.approx([1 / 0.07, (100 / 0.07) ** 0.5, 100.0, 100.0, 100.0])

@@ -257,6 +257,8 @@ def train_toyclip(
     encoder = ClipEncoder.load(ClipSpec(str(config_path), "none", seed), device="cpu", precision="fp32")
     model = encoder.model
     entries = read_karpathy(karpathy, "train")
+    if not read_karpathy(karpathy, "val"):
+        raise TipcapError(f"{karpathy}: the CLIP's report reads the val split, which holds no images (--val)")
     pixels = _pixels(encoder, [karpathy.parent / e.relative_path for e in entries])
     model.logit_scale.data.fill_(math.log(100.0))
     model.logit_scale.requires_grad_(False)
@@ -271,8 +273,6 @@ def train_toyclip(
     )
     loss_fn = open_clip.ClipLoss()
     held_out = _held_out(encoder, karpathy, "val", stop.held_out) if stop else None
-    if stop and not held_out[2].numel():
-        raise TipcapError(f"{karpathy}: the stop rule reads held-out pairs, but the val split holds none")
     kept, stop_reason, done = None, "steps", 0
     model.train()
     start = time.perf_counter()
