@@ -72,9 +72,9 @@ class StopRule:
         return None
 
 
-def build_modality_gap(model: torch.nn.Module, offset: float, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Fix the last layers of both towers of an open_clip ``CLIP`` so that its embeddings have a real CLIP's
-    geometry whatever training does; returns the parameters it fixed (to be left out of training).
+def build_modality_gap(model: torch.nn.Module, offset: float, seed: int = 0) -> None:
+    """Fix the last layers of both towers of an open_clip ``CLIP`` (and take them out of training) so that
+    its embeddings have a real CLIP's geometry whatever training does.
 
     Each tower ends in a LayerNorm and a projection. The LayerNorm's output is ``n + b`` with ``n`` of mean
     0 and norm √W over its W channels; with its scale held at 1 and its bias at ``offset · 1`` (the all-ones
@@ -89,9 +89,9 @@ def build_modality_gap(model: torch.nn.Module, offset: float, seed: int = 0) -> 
     and contrastive training, which sees only ``g·h``, works at logit scale ``100 / (1 + offset²)``.
     The width of each tower must equal the embedding size, so that the projection is square.
     """
-    visual, text = model.visual, model
+    visual = model.visual
     width = visual.ln_post.weight.numel()
-    if visual.proj.shape != (width, width) or text.text_projection.shape != (width, width):
+    if visual.proj.shape != (width, width) or model.text_projection.shape != (width, width):
         raise TipcapError(f"a built modality gap needs towers as wide as the embedding ({width})")
     generator = torch.Generator().manual_seed(seed)
     image_projection, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64))
@@ -103,19 +103,16 @@ def build_modality_gap(model: torch.nn.Module, offset: float, seed: int = 0) -> 
     w = w / w.norm()
     reflector = (e - w) / (e - w).norm()
     reflection = torch.eye(width, dtype=torch.float64) - 2 * torch.outer(reflector, reflector)
-    fixed = []
     for norm, projection, matrix in (
         (visual.ln_post, visual.proj, image_projection),
-        (model.ln_final, text.text_projection, reflection @ image_projection),
+        (model.ln_final, model.text_projection, reflection @ image_projection),
     ):
         with torch.no_grad():
             norm.weight.fill_(1.0)
             norm.bias.fill_(offset)
             projection.copy_(matrix.to(projection.dtype))
-        fixed += [norm.weight, norm.bias, projection]
-    for parameter in fixed:
-        parameter.requires_grad_(False)
-    return fixed
+        for parameter in (norm.weight, norm.bias, projection):
+            parameter.requires_grad_(False)
 
 
 @dataclass
