@@ -20,6 +20,7 @@ import torch
 
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
+from tipcap.data.karpathy import split_matches
 from tipcap.errors import TipcapError
 from tipcap.io import load_json, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
@@ -253,8 +254,9 @@ def train_toyclip(
     rng = random.Random(seed)
     encoder = ClipEncoder.load(ClipSpec(str(config_path), "none", seed), device="cpu", precision="fp32")
     model = encoder.model
-    entries = read_karpathy(karpathy, "train")
-    if not read_karpathy(karpathy, "val"):
+    splits = read_karpathy(karpathy)
+    entries = [e for e in splits if split_matches(e.split, "train")]
+    if not any(split_matches(e.split, "val") for e in splits):
         raise TipcapError(f"{karpathy}: the CLIP's report reads the val split, which holds no images (--val)")
     pixels = _pixels(encoder, [karpathy.parent / e.relative_path for e in entries])
     model.logit_scale.data.fill_(math.log(100.0))
@@ -288,8 +290,9 @@ def train_toyclip(
             captions += [negatives(caption, rng) for caption in captions]
         image_features = torch.nn.functional.normalize(model.encode_image(pixels[rows]), dim=-1)
         text_features = torch.nn.functional.normalize(model.encode_text(encoder.tokenizer(captions)), dim=-1)
-        warmed = min(1.0, step / scale_warmup) if scale_warmup else 1.0
-        scale = math.exp(_START_SCALE + warmed * (math.log(100.0) - _START_SCALE))
+        scale = float(model.logit_scale.exp())
+        if step < scale_warmup:
+            scale = math.exp(_START_SCALE + step / scale_warmup * (math.log(scale) - _START_SCALE))
         if negatives is None:
             loss = loss_fn(image_features, text_features, scale)
         else:
