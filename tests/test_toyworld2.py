@@ -369,3 +369,55 @@ def test_logit_scale_warms_up_to_100(tmp_path, tiny_clip, monkeypatch):
     toyclip.train_toyclip(karpathy, tmp_path / "clip", steps=5, batch_size=8, config=config,
                           negatives=perturb, scale_warmup=2, progress=False)  # fmt: skip
     assert scales == pytest.approx([1 / 0.07, (100 / 0.07) ** 0.5, 100.0, 100.0, 100.0])
+
+
+def test_cell_labels_name_what_each_cell_holds():
+    from tipcap.toy.scenes import cell_labels
+
+    scene = [
+        ShapeObject("red", "circle", "small", 0.15, 0.18),
+        ShapeObject("blue", "ring", "large", 0.52, 0.83),
+    ]
+    cells = cell_labels(scene)
+    assert cells[0] == (1, 1, 1)  # top left: red (1st colour), circle (1st shape), small (1st size)
+    assert cells[7] == (3, 7, 2)  # bottom middle: blue, ring, large
+    assert [c for i, c in enumerate(cells) if i not in (0, 7)] == [(0, 0, 0)] * 7
+
+
+def test_seeing_stage_trains_the_image_tower_alone(tmp_path, tiny_clip, monkeypatch):
+    """Before contrastive training, the image tower learns to read the scene: its weights move, the text
+    tower's do not; a tower without one patch per cell, or a world without scenes, gets one line."""
+    import tipcap.toy.clip as toyclip
+    from tipcap.errors import TipcapError
+
+    karpathy = make_world(tmp_path / "w", train=40, val=4, test=0)
+    config = json.loads(tiny_clip.read_text())
+    config["vision_cfg"].update(image_size=48, patch_size=16, pool_type="avg", final_ln_after_pool=True)
+    seen = {}
+    real = toyclip._teach_to_see
+
+    def recording(visual, head, *args):
+        before = {k: v.clone() for k, v in visual.state_dict().items()}
+        real(visual, head, *args)
+        seen["moved"] = [k for k, v in visual.state_dict().items() if not torch.equal(v, before[k])]
+
+    monkeypatch.setattr(toyclip, "_teach_to_see", recording)
+    untrained, _ = toyclip.train_toyclip(karpathy, tmp_path / "a", steps=1, batch_size=8, config=config,
+                                         modality_offset=1.0, progress=False)  # fmt: skip
+    assert "moved" not in seen
+    taught, _ = toyclip.train_toyclip(karpathy, tmp_path / "b", steps=1, batch_size=8, config=config,
+                                      modality_offset=1.0, seeing_steps=3, progress=False)  # fmt: skip
+    assert "conv1.weight" in seen["moved"] and "ln_post.bias" not in seen["moved"]
+    first, second = load_file(untrained.pretrained), load_file(taught.pretrained)
+    assert not torch.equal(first["visual.conv1.weight"], second["visual.conv1.weight"])
+
+    config["vision_cfg"]["patch_size"] = 8
+    with pytest.raises(TipcapError, match="one patch per cell"):
+        toyclip.train_toyclip(karpathy, tmp_path / "c", steps=1, config=config, seeing_steps=1,
+                              progress=False)  # fmt: skip
+    world1 = tmp_path / "w1"
+    assert run("toyworld", "--out", world1, "--train", 20, "--val", 4, "--test", 0).exit_code == 0
+    config["vision_cfg"].update(image_size=32, patch_size=8)
+    with pytest.raises(TipcapError, match="toy world 2"):
+        toyclip.train_toyclip(world1 / "toyworld.json", tmp_path / "d", steps=1, config=config,
+                              seeing_steps=1, progress=False)  # fmt: skip

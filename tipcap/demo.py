@@ -41,6 +41,8 @@ class DemoScale:
     modality_offset: float | None = None  # built into the CLIP's towers (tipcap.toy.clip.build_modality_gap)
     scale_warmup: int = 0  # steps over which the CLIP's logit scale rises to 100
     hard_negatives: bool = False  # train the CLIP against captions with one claim made false (world 2)
+    seeing_steps: int = 0  # image tower alone on the scene read-out, before contrastive training (world 2)
+    scene_supervision: float = 0.0  # weight of the scene read-out during contrastive training (world 2)
 
 
 def demo_scale(quick: bool, version: int = 1) -> DemoScale:
@@ -53,10 +55,14 @@ def demo_scale(quick: bool, version: int = 1) -> DemoScale:
             return DemoScale(20_000, 500, 500, 1_200, 64, TOYCLIP_CONFIG, "toyworld.yaml")
         return DemoScale(2_000, 100, 100, 400, 64, TOYCLIP_CONFIG, "toyworld_quick.yaml")
     if not quick:
-        return DemoScale(20_000, 500, 500, 3_000, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
-                         StopRule(every=200, recall_at_1=0.9, held_out=200), 1.25, 300, True)  # fmt: skip
-    return DemoScale(2_000, 100, 100, 450, 32, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
-                     StopRule(every=50, recall_at_1=0.9, held_out=100), 1.25, 150, True)  # fmt: skip
+        return DemoScale(
+            20_000, 500, 500, 600, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
+            StopRule(every=100, recall_at_1=0.95, held_out=200), 1.25, 200, True, 2_000, 1.0,
+        )  # fmt: skip
+    return DemoScale(
+        2_000, 100, 100, 300, 32, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
+        StopRule(every=50, recall_at_1=0.95, held_out=100), 1.25, 100, True, 1_200, 1.0,
+    )  # fmt: skip
 
 
 def demo_world(
@@ -103,6 +109,7 @@ def demo_world(
     stop = [asdict(scale.stop)] if scale.stop else []
     # World 1's key stays what it was (it does not build the gap).
     built = [scale.modality_offset, scale.scale_warmup, scale.hard_negatives] if scale.modality_offset else []
+    built += [scale.seeing_steps, scale.scene_supervision] if scale.seeing_steps else []
     clip_key = key(
         clip.TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed, *stop, *built
     )
@@ -135,7 +142,7 @@ def train_demo_clip(
         karpathy, out, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
         config=scale.clip_config, stop=scale.stop, modality_offset=scale.modality_offset,
         scale_warmup=scale.scale_warmup, negatives=grammar.perturb if scale.hard_negatives else None,
-        progress=progress,
+        seeing_steps=scale.seeing_steps, scene_supervision=scale.scene_supervision, progress=progress,
     )  # fmt: skip
     claims = "" if report.claim_accuracy is None else f"; claim accuracy {report.claim_accuracy:.2f}"
     echo(

@@ -24,6 +24,10 @@ from tipcap.data.karpathy import split_matches
 from tipcap.errors import TipcapError
 from tipcap.io import load_json, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
+from tipcap.toy.claims import scene_records
+from tipcap.toy.grammar import COLOURS, SHAPES, SIZES
+from tipcap.toy.scenes import cell_labels
+from tipcap.toy.world import ShapeObject
 
 # How train_toyclip trains: bump whenever a change makes the same arguments train another CLIP, so that
 # caches keyed by it (the demo's) are not reused across the change.
@@ -35,10 +39,19 @@ TOYCLIP_CONFIG = {
 }
 # World 2: 48-pixel images in 16-pixel patches, one patch per cell of the scene's 3 × 3 grid, and captions
 # of up to 38 tokens. Towers as wide as the embedding, so that the modality gap can be built in
-# (build_modality_gap).
+# (build_modality_gap). The image tower averages its patch tokens and then normalises (a class token has
+# to gather nine cells' contents through attention, and learns to far more slowly).
 TOYCLIP2_CONFIG = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 48, "patch_size": 16, "width": 128, "layers": 3, "head_width": 32},
+    "vision_cfg": {
+        "image_size": 48,
+        "patch_size": 16,
+        "width": 128,
+        "layers": 3,
+        "head_width": 32,
+        "pool_type": "avg",
+        "final_ln_after_pool": True,
+    },
     "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
 }
 
@@ -147,6 +160,99 @@ def _loss_with_negatives(images: torch.Tensor, texts: torch.Tensor, scale: float
     return (cross_entropy(image_to_text, targets) + cross_entropy(text_to_image, targets)) / 2
 
 
+class SceneHead(torch.nn.Module):
+    """What a world-2 CLIP is taught to read besides matching images and captions.
+
+    - Per cell, from the image tower's token of that cell (one 16-pixel patch per cell): its colour (8 or
+      empty), shape (7 or empty) and size (2 or empty).
+    - Per scene, from either tower's embedding through one shared linear map: which of the 56 (colour,
+      shape) objects are there. Every caption of world 2 names all its scene's objects, so both
+      modalities answer to one read-out, and an object is one direction for images and captions alike.
+    """
+
+    classes = (len(COLOURS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
+
+    def __init__(self, width: int, embed_dim: int) -> None:
+        super().__init__()
+        self.cells = torch.nn.Linear(width, sum(self.classes))
+        self.objects = torch.nn.Linear(embed_dim, len(COLOURS) * len(SHAPES))
+
+    def loss(
+        self, tokens: torch.Tensor, images: torch.Tensor, texts: torch.Tensor | None, cells: torch.Tensor
+    ) -> torch.Tensor:
+        """Cross-entropy per cell and attribute of patch tokens ``[B, 9, W]`` (row by row), plus the
+        binary cross-entropy of the objects read from unit image and (if given) caption embeddings
+        ``[B, d]``, for the scenes' cell labels ``[B, 9, 3]`` (:func:`tipcap.toy.scenes.cell_labels`)."""
+        cross_entropy = torch.nn.functional.cross_entropy
+        parts = self.cells(tokens).split(self.classes, dim=-1)
+        per_cell = sum(
+            cross_entropy(part.flatten(0, 1), cells[..., i].flatten()) for i, part in enumerate(parts)
+        )
+        present = torch.zeros(len(cells), len(COLOURS) + 1, len(SHAPES) + 1)
+        present[torch.arange(len(cells))[:, None], cells[..., 0], cells[..., 1]] = 1.0
+        present = present[:, 1:, 1:].flatten(1)  # [B, 56]: empty cells dropped
+        # About 3 of the 56 objects are in a scene: without weighting its positives, the read-out first
+        # learns to say no object at all, and leaves that slowly.
+        weight = torch.full((present.shape[1],), present.shape[1] / 3.0)
+        scale = images.shape[-1] ** 0.5
+        binary = torch.nn.functional.binary_cross_entropy_with_logits
+        read = [e for e in (images, texts) if e is not None]
+        per_scene = sum(binary(self.objects(e * scale), present, pos_weight=weight) for e in read)
+        return per_cell / 3 + per_scene
+
+
+def _cell_labels(karpathy: Path, entries: list) -> torch.Tensor:
+    """``[N, 9, 3]`` cell labels of the training entries of a world-2 Karpathy file."""
+    records = scene_records(karpathy)
+    if not records:
+        raise TipcapError(f"{karpathy}: scene supervision needs a toy world 2 file, which records its scenes")
+    return torch.tensor([cell_labels([ShapeObject(**o) for o in records[e.image_id]]) for e in entries])
+
+
+def _teach_to_see(
+    visual: torch.nn.Module,
+    head: SceneHead,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    steps: int,
+    lr: float,
+    rng: random.Random,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Train the image tower alone on the scene read-out (:class:`SceneHead`, images only): about 20 ms
+    a step, against 140 ms for a contrastive step, most of which the text tower takes."""
+    parameters = [p for p in [*visual.parameters(), *head.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.1)
+    bar = progress_bar(range(steps), disable=not progress, desc="teaching the toy CLIP to see", unit="step")
+    for _ in bar:
+        rows = rng.sample(range(len(pixels)), min(batch_size, len(pixels)))
+        pooled, tokens = _image_tower(visual, pixels[rows])
+        loss = head.loss(tokens, torch.nn.functional.normalize(pooled, dim=-1), None, labels[rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def _image_tower(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image tower's pooled output ``[B, d]`` (before normalising) and its patch tokens ``[B, T, W]``."""
+    visual.output_tokens = True
+    try:
+        return visual(pixels)
+    finally:
+        visual.output_tokens = False
+
+
+def _scene_head(model: torch.nn.Module, karpathy: Path) -> SceneHead:
+    """A :class:`SceneHead` for the model, whose image tower must give one token per cell of the grid."""
+    if tuple(model.visual.grid_size) != (3, 3):
+        raise TipcapError(
+            f"{karpathy}: reading scenes needs one patch per cell of the 3 × 3 grid (patch_size = "
+            f"image_size / 3); this image tower has {model.visual.grid_size[0]} patches a side"
+        )
+    return SceneHead(model.visual.transformer.width, model.visual.output_dim)
+
+
 def _pixels(encoder: ClipEncoder, paths: list[Path]) -> torch.Tensor:
     return torch.stack([encoder.preprocess(load_image(path)) for path in paths])
 
@@ -225,6 +331,8 @@ def train_toyclip(
     modality_offset: float | None = None,
     scale_warmup: int = 0,
     negatives: Callable[[str, random.Random], str] | None = None,
+    scene_supervision: float = 0.0,
+    seeing_steps: int = 0,
     progress: bool = True,
 ) -> tuple[ClipSpec, ToyClipReport]:
     """Train a tiny CLIP contrastively on the world's training images and captions.
@@ -240,6 +348,13 @@ def train_toyclip(
     from open_clip's initial 1/0.07 to 100 (geometrically) over that many steps: at 100 from the start,
     random embeddings give logits so spread that training first collapses every embedding onto one,
     and a short run may never leave it.
+
+    World 2 only, with one patch per cell (:class:`SceneHead`): ``seeing_steps`` first train the image
+    tower alone to read each cell's colour, shape and size and the scene's objects; ``scene_supervision``
+    weighs that read-out (of images and captions alike) during contrastive training. Contrastive training
+    alone leaves the tower reading colours, which tell a batch's images apart: on the full world, 3,000
+    steps with hard negatives reached a claim accuracy of 0.66; 2,000 seeing steps and 600 contrastive
+    ones reach 0.85, in a quarter of the time.
 
     Writes ``out/toyclip.json`` (the open_clip model config) and ``out/toyclip.safetensors`` (weights, to
     a temporary name and renamed), and ``out/toyclip_report.json``. Returns the spec that loads it.
@@ -264,6 +379,11 @@ def train_toyclip(
     if modality_offset is not None:
         build_modality_gap(model, modality_offset, seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
+    head = labels = None
+    if seeing_steps or scene_supervision:
+        labels = _cell_labels(karpathy, entries)
+        head = _scene_head(model, karpathy)
+        parameters += list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.1)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -272,9 +392,11 @@ def train_toyclip(
     )
     loss_fn = open_clip.ClipLoss()
     held_out = _held_out(encoder, karpathy, "val", stop.held_out) if stop else None
+    start = time.perf_counter()
+    if seeing_steps:
+        _teach_to_see(model.visual, head, pixels, labels, seeing_steps, lr, rng, batch_size, progress)
     kept, stop_reason, done = None, "steps", 0
     model.train()
-    start = time.perf_counter()
     for step in progress_bar(range(steps), disable=not progress, desc="training the toy CLIP", unit="step"):
         if stop and step % stop.every == 0:
             stop_reason = stop.verdict(_check(encoder, *held_out)) or "steps"
@@ -288,7 +410,8 @@ def train_toyclip(
         captions = [rng.choice(entries[r].captions) for r in rows]
         if negatives is not None:
             captions += [negatives(caption, rng) for caption in captions]
-        image_features = torch.nn.functional.normalize(model.encode_image(pixels[rows]), dim=-1)
+        pooled, tokens = _image_tower(model.visual, pixels[rows])
+        image_features = torch.nn.functional.normalize(pooled, dim=-1)
         text_features = torch.nn.functional.normalize(model.encode_text(encoder.tokenizer(captions)), dim=-1)
         scale = float(model.logit_scale.exp())
         if step < scale_warmup:
@@ -297,6 +420,9 @@ def train_toyclip(
             loss = loss_fn(image_features, text_features, scale)
         else:
             loss = _loss_with_negatives(image_features, text_features, scale)
+        if scene_supervision:
+            scene_loss = head.loss(tokens, image_features, text_features[: len(rows)], labels[rows])
+            loss = loss + scene_supervision * scene_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

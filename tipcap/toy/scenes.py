@@ -60,6 +60,21 @@ def random_scene(rng: random.Random) -> list[ShapeObject]:
     ]
 
 
+def cell_labels(objects: list[ShapeObject]) -> list[tuple[int, int, int]]:
+    """What each cell of the 3 × 3 grid holds, row by row: (colour, shape, size) as 1-based indices into
+    :data:`COLOURS`, :data:`SHAPES` and :data:`SIZES`, (0, 0, 0) for an empty cell. ``[9]`` triples."""
+    cells = [(0, 0, 0)] * 9
+    for o in objects:
+        column = min(range(3), key=lambda i: abs(_CELLS[i] - o.x))
+        row = min(range(3), key=lambda i: abs(_CELLS[i] - o.y))
+        cells[3 * row + column] = (
+            COLOURS.index(o.colour) + 1,
+            SHAPES.index(o.shape) + 1,
+            SIZES.index(o.size) + 1,
+        )
+    return cells
+
+
 def relation(first: ShapeObject, second: ShapeObject) -> str:
     """How ``first`` stands to ``second``: "next to" in neighbouring cells of one row, else by the larger
     offset (left of, right of, above, below)."""
