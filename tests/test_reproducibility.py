@@ -65,7 +65,7 @@ def demo_run(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setattr(tipcap.demo, "demo_scale", lambda quick, version=1: scale)
     try:
-        tipcap.demo.run_demo(root / "out", root / "cache", seed=0, progress=False)
+        tipcap.demo.run_demo(root / "out", root / "cache", seed=0, progress=False, version=1)
     finally:
         patch.undo()
     (world,) = (root / "cache").glob("toyworld-*")

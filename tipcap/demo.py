@@ -57,7 +57,7 @@ def demo_scale(quick: bool, version: int = 1) -> DemoScale:
     if not quick:
         return DemoScale(
             20_000, 500, 500, 600, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
-            StopRule(every=100, recall_at_1=0.95, held_out=200), 1.25, 200, True, 2_000, 1.0,
+            StopRule(every=100, recall_at_1=0.99, held_out=200), 1.25, 200, True, 2_000, 1.0,
         )  # fmt: skip
     return DemoScale(
         2_000, 100, 100, 300, 32, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",

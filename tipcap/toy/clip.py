@@ -353,8 +353,8 @@ def train_toyclip(
     tower alone to read each cell's colour, shape and size and the scene's objects; ``scene_supervision``
     weighs that read-out (of images and captions alike) during contrastive training. Contrastive training
     alone leaves the tower reading colours, which tell a batch's images apart: on the full world, 3,000
-    steps with hard negatives reached a claim accuracy of 0.66; 2,000 seeing steps and 600 contrastive
-    ones reach 0.85, in a quarter of the time.
+    steps with hard negatives reached a claim accuracy of 0.66 in about 17 minutes on 2 CPU cores; 2,000
+    seeing steps and 600 contrastive ones reach 0.85 (R@1 0.97) in 3 minutes.
 
     Writes ``out/toyclip.json`` (the open_clip model config) and ``out/toyclip.safetensors`` (weights, to
     a temporary name and renamed), and ``out/toyclip_report.json``. Returns the spec that loads it.
