@@ -385,8 +385,9 @@ def test_cell_labels_name_what_each_cell_holds():
 
 
 def test_seeing_stage_trains_the_image_tower_alone(tmp_path, tiny_clip, monkeypatch):
-    """Before contrastive training, the image tower learns to read the scene: its weights move, the text
-    tower's do not; a tower without one patch per cell, or a world without scenes, gets one line."""
+    """Before contrastive training, the image tower learns to read the scene: its weights move (the built
+    last LayerNorm stays fixed); a tower without one patch per cell, or a world without scenes, gets one
+    line."""
     import tipcap.toy.clip as toyclip
     from tipcap.errors import TipcapError
 

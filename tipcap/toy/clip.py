@@ -22,7 +22,7 @@ from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.data import load_image, read_karpathy
 from tipcap.data.karpathy import split_matches
 from tipcap.errors import TipcapError
-from tipcap.io import load_json, save_safetensors, write_json_atomic
+from tipcap.io import save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.toy.claims import scene_records
 from tipcap.toy.grammar import COLOURS, SHAPES, SIZES
@@ -201,9 +201,9 @@ class SceneHead(torch.nn.Module):
         return per_cell / 3 + per_scene
 
 
-def _cell_labels(karpathy: Path, entries: list) -> torch.Tensor:
-    """``[N, 9, 3]`` cell labels of the training entries of a world-2 Karpathy file."""
-    records = scene_records(karpathy)
+def _cell_labels(records: dict, entries: list, karpathy: Path) -> torch.Tensor:
+    """``[N, 9, 3]`` cell labels of the training entries, from the scenes a world-2 Karpathy file records
+    (:func:`tipcap.toy.claims.scene_records`)."""
     if not records:
         raise TipcapError(f"{karpathy}: scene supervision needs a toy world 2 file, which records its scenes")
     return torch.tensor([cell_labels([ShapeObject(**o) for o in records[e.image_id]]) for e in entries])
@@ -370,6 +370,7 @@ def train_toyclip(
     encoder = ClipEncoder.load(ClipSpec(str(config_path), "none", seed), device="cpu", precision="fp32")
     model = encoder.model
     splits = read_karpathy(karpathy)
+    scenes = scene_records(karpathy)  # world 2's scenes; empty for world 1
     entries = [e for e in splits if split_matches(e.split, "train")]
     if not any(split_matches(e.split, "val") for e in splits):
         raise TipcapError(f"{karpathy}: the CLIP's report reads the val split, which holds no images (--val)")
@@ -381,7 +382,7 @@ def train_toyclip(
     parameters = [p for p in model.parameters() if p.requires_grad]
     head = labels = None
     if seeing_steps or scene_supervision:
-        labels = _cell_labels(karpathy, entries)
+        labels = _cell_labels(scenes, entries, karpathy)
         head = _scene_head(model, karpathy)
         parameters += list(head.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.1)
@@ -436,7 +437,7 @@ def train_toyclip(
     trained = ClipEncoder.load(spec, device="cpu")
     report = ToyClipReport(
         done, seconds, **measure(trained, karpathy), stop_reason=stop_reason,
-        claim_accuracy=claim_accuracy(trained, karpathy) if load_json(karpathy).get("world") == 2 else None,
+        claim_accuracy=claim_accuracy(trained, karpathy) if scenes else None,
     )  # fmt: skip
     write_json_atomic(out / "toyclip_report.json", asdict(report))
     return spec, report
