@@ -165,6 +165,21 @@ def test_cells_override_gap_and_evaluation_settings(grid, tmp_path):
     assert not tuned_gap.info.get("shrinkage")
 
 
+def test_a_cell_s_nested_override_stays_its_own(grid, tmp_path):
+    """A cell that sets a key inside a section (the LM's layers) changes its own decoder, not the others'."""
+    out = tmp_path / "out"
+    cells = [{"name": "deep", "kind": "supervised", "set": {"model.language_model_config.n_layer": 3}},
+             {"name": "plain", "kind": "supervised"}]  # fmt: skip
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress",
+                 "--set", f"cells={json.dumps(cells)}")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    layers = {
+        name: load_config(out / "runs" / f"{name}-seed0" / "train.yaml").model.language_model_config["n_layer"]
+        for name in ("deep", "plain")
+    }
+    assert layers == {"deep": 3, "plain": DECODER["model"]["language_model_config"]["n_layer"]}
+
+
 def test_each_seed_draws_its_own_few_pairs(grid, tmp_path):
     """Seeds differ in the paired images drawn (data_seed + seed), so each seed fits its own gap."""
     out = tmp_path / "out"

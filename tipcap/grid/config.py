@@ -24,6 +24,7 @@ eval.beams: 3}``. :func:`resolve` gives a job's resolved stage configs.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,10 +306,12 @@ def resolve(config: AblationConfig, cell: Cell, where: str = "set") -> JobConfig
     Raises:
         TipcapError: naming the key, when a resolved stage does not validate.
     """
+    # Deep copies: a cell's override of a nested key (model.language_model_config.n_layer) must not reach
+    # the grid's sections, which every other cell resolves from.
     stages: dict[str, Any] = {
-        "gap": {**config.gap, "kind": cell.kind, "setting": cell.setting},
-        "model": {**config.decoder.get("model", {}), "prompt": cell.prompt},
-        "train": dict(config.decoder.get("train", {})),
+        "gap": {**copy.deepcopy(config.gap), "kind": cell.kind, "setting": cell.setting},
+        "model": {**copy.deepcopy(config.decoder.get("model", {})), "prompt": cell.prompt},
+        "train": copy.deepcopy(config.decoder.get("train", {})),
         "eval": to_dict(config.eval),
     }
     for dotted, value in cell.set.items():
