@@ -173,10 +173,8 @@ def test_a_cell_s_nested_override_stays_its_own(grid, tmp_path):
     result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress",
                  "--set", f"cells={json.dumps(cells)}")  # fmt: skip
     assert result.exit_code == 0, result.output
-    layers = {
-        name: load_config(out / "runs" / f"{name}-seed0" / "train.yaml").model.language_model_config["n_layer"]
-        for name in ("deep", "plain")
-    }
+    configs = {name: load_config(out / "runs" / f"{name}-seed0" / "train.yaml") for name in ("deep", "plain")}
+    layers = {name: config.model.language_model_config["n_layer"] for name, config in configs.items()}
     assert layers == {"deep": 3, "plain": DECODER["model"]["language_model_config"]["n_layer"]}
 
 
