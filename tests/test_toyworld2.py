@@ -59,12 +59,14 @@ def test_world_2_is_deterministic_and_readable(tmp_path):
         assert len({s["raw"] for s in entry["sentences"]}) == 5
 
 
-def test_version_1_is_the_default(tmp_path):
-    result = run("toyworld", "--out", tmp_path, "--train", 20, "--val", 2, "--test", 2)
-    assert result.exit_code == 0, result.output
-    karpathy = tmp_path / "toyworld.json"
-    assert "world" not in json.loads(karpathy.read_text())
-    assert load_image(list_images(karpathy)[0].path).size == (32, 32)
+def test_world_2_is_the_default_and_world_1_stays_available(tmp_path):
+    for version, flag in ((2, []), (1, ["--version", 1])):
+        out = tmp_path / f"w{version}"
+        result = run("toyworld", "--out", out, "--train", 20, "--val", 2, "--test", 2, *flag)
+        assert result.exit_code == 0, result.output
+        karpathy = out / "toyworld.json"
+        assert json.loads(karpathy.read_text()).get("world") == (2 if version == 2 else None)
+        assert load_image(list_images(karpathy)[0].path).size == ((48, 48) if version == 2 else (32, 32))
 
 
 def test_no_test_scene_is_fully_described_by_a_training_caption(tmp_path):
@@ -417,7 +419,8 @@ def test_seeing_stage_trains_the_image_tower_alone(tmp_path, tiny_clip, monkeypa
         toyclip.train_toyclip(karpathy, tmp_path / "c", steps=1, config=config, seeing_steps=1,
                               progress=False)  # fmt: skip
     world1 = tmp_path / "w1"
-    assert run("toyworld", "--out", world1, "--train", 20, "--val", 4, "--test", 0).exit_code == 0
+    made = run("toyworld", "--out", world1, "--version", 1, "--train", 20, "--val", 4, "--test", 0)
+    assert made.exit_code == 0
     config["vision_cfg"].update(image_size=32, patch_size=8)
     with pytest.raises(TipcapError, match="toy world 2"):
         toyclip.train_toyclip(world1 / "toyworld.json", tmp_path / "d", steps=1, config=config,

@@ -837,17 +837,16 @@ def push_command(model_dir: str, repo: str, private: bool, token: str | None, me
 @click.option(
     "--image-size",
     type=click.IntRange(min=8),
-    help="Image side in pixels.  [default: 32 in world 1, 64 in world 2]",
+    help="Image side in pixels.  [default: 48 in world 2, 32 in world 1]",
 )
 @click.option(
     "--version",
     "world_version",
-    default="1",
+    default="2",
     show_default=True,
     type=click.Choice(["1", "2"]),
-    help="Which toy world: 1, coloured shapes with few combinations; 2, scenes in relations, captions "
-    "from a grammar, test scenes new to the training captions (its demo is not yet sized to the demo's "
-    "time budget).",
+    help="Which toy world: 2, scenes in relations, captions from a grammar, test scenes new to the "
+    "training captions; 1, coloured shapes with few combinations (to reproduce its tables).",
 )
 @click.option(
     "--web-mismatch",
@@ -875,7 +874,7 @@ def toyworld_command(
     web_mismatch: float,
     train_clip: bool,
 ) -> None:
-    """Write the toy world of coloured shapes: images, a Karpathy split file and web pairs."""
+    """Write a toy world of coloured shapes: images, a Karpathy split file and web pairs."""
     if world_version == "1":
         from tipcap.toy.world import write_toyworld as write
     else:
@@ -966,7 +965,7 @@ def compare_command(grid_out: str, a: str, b: str, metric: str) -> None:
 @click.option(
     "--version",
     "world_version",
-    default="1",
+    default="2",
     show_default=True,
     type=click.Choice(["1", "2"]),
     help="Which toy world (see 'tipcap toyworld --help').",
