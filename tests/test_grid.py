@@ -137,6 +137,10 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
                 assert len(row["prompt"]) == len(truth) and not set(row["prompt"]) & set(truth)
             hallucinated = [o for o in row["objects_mentioned"] if o not in truth]
             assert row["objects_hallucinated"] == hallucinated
+    # Only the prompted decoder is handed the entity vocabulary (the others would warn that it is unused).
+    for name, prompted in (("none", False), ("prompts", True)):
+        saved = yaml.safe_load((out / "runs" / f"{name}-seed0" / "config.yaml").read_text())
+        assert (saved["model"]["vocabulary"] is not None) == prompted, name
     assert (out / "cider.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "gaps" / "gaussian-few-pairs-seed0.png").is_file()
 

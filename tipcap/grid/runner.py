@@ -220,8 +220,9 @@ class Ablation:
         else:
             data["gap"] = str(self.gap(job, seed).resolve())
         decoder = json.loads(json.dumps(self.job_config(job).decoder))
-        vocabulary = str(Path(self.config.vocabulary).resolve()) if self.config.vocabulary else None
-        decoder["model"]["vocabulary"] = vocabulary
+        # Only a prompted decoder reads the entity vocabulary.
+        if self.config.vocabulary and decoder["model"].get("prompt", "none") != "none":
+            decoder["model"]["vocabulary"] = str(Path(self.config.vocabulary).resolve())
         decoder["train"]["seed"] = seed
         return from_dict(ExperimentConfig, {**decoder, "data": data})
 
