@@ -14,9 +14,7 @@ from __future__ import annotations
 import itertools
 import random
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "brown")
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star", "ring")
@@ -37,7 +35,6 @@ INVERSE = {
     "below": "above",
     "next to": "next to",
 }
-Choice = TypeVar("Choice")
 # At most this many relations per caption: longer captions would pass the text towers' context.
 MAX_STATED_RELATIONS = 2
 
@@ -100,20 +97,10 @@ class Claims:
     relations: frozenset[Relation]
 
 
-def favoured(choices: Sequence[Choice], rng: random.Random) -> Choice:
-    """One of ``choices``, the first most often: their weights fall as 1 / rank (Zipf's law).
-
-    People who describe the same scene share a favourite wording and level of detail, and use the others
-    less. Drawn uniformly, the choices leave a decoder's most likely caption a tie among them, which each
-    decoder seed breaks its own way, and the references reward the ways unequally.
-    """
-    return rng.choices(choices, weights=[1 / rank for rank in range(1, len(choices) + 1)])[0]
-
-
 def noun_phrase(group: Group, rng: random.Random) -> str:
     """A group in words, e.g. "a small red circle" or "two blue stars" (the size where the group has one,
     in one of its synonyms)."""
-    size = f"{favoured(SIZE_WORDS[group.size], rng)} " if group.size else ""
+    size = f"{rng.choice(SIZE_WORDS[group.size])} " if group.size else ""
     shape = group.shape if group.count == 1 else _PLURALS[group.shape]
     words = f"{size}{group.colour} {shape}"
     if group.count == 1:
@@ -137,9 +124,8 @@ def describe(
     ``groups`` are the scene's groups with their sizes; ``relations`` hold (group index, relation word,
     group index) for pairs of single objects, with the relation as seen from the first. Each caption names
     every group; sizes are given in about half of them, and up to :data:`MAX_STATED_RELATIONS` relations
-    in some (none most often). Wordings and the number of relations are drawn by :func:`favoured`. Up to
-    ``20 · count`` drafts are drawn; fewer captions come back only for scenes with fewer different
-    wordings.
+    in some. Up to ``20 · count`` drafts are drawn; fewer captions come back only for scenes with fewer
+    different wordings.
     """
     captions: list[str] = []
     for _ in range(20 * count):
@@ -147,7 +133,7 @@ def describe(
             break
         sized = rng.random() < 0.5
         said = [Group(g.count, g.colour, g.shape, g.size if sized else None) for g in groups]
-        stated = rng.sample(relations, min(len(relations), favoured((0, 1, MAX_STATED_RELATIONS), rng)))
+        stated = rng.sample(relations, min(len(relations), rng.choice((0, 1, MAX_STATED_RELATIONS))))
         draft = _sentence(said, stated, background, rng)
         if draft not in captions:
             captions.append(draft)
@@ -162,20 +148,20 @@ def _sentence(
     for first, relation, second in stated:
         if rng.random() < 0.5:
             first, relation, second = second, INVERSE[relation], first
-        verb = favoured(("is ", "", "sits "), rng)
+        verb = rng.choice(("", "is ", "sits "))
         subject = noun_phrase(groups[first], rng) if first not in used else _the(groups[first])
         obj = noun_phrase(groups[second], rng) if second not in used else _the(groups[second])
-        clauses.append(f"{subject} {verb}{favoured(RELATION_WORDS[relation], rng)} {obj}")
+        clauses.append(f"{subject} {verb}{rng.choice(RELATION_WORDS[relation])} {obj}")
         used.update((first, second))
     rest = [noun_phrase(g, rng) for i, g in enumerate(groups) if i not in used]
     if clauses:
         text = ", and ".join(clauses)
         if rest:
-            text += favoured((", and ", ", with ", " and there is also "), rng) + _join(rest)
+            text += rng.choice((", with ", ", and ", " and there is also ")) + _join(rest)
     else:
         listed = _join(rest)
         shapes = "one shape" if total == 1 else f"{COUNT_WORDS[total]} shapes"
-        text = favoured((
+        text = rng.choice((
             listed,
             f"a picture of {listed}",
             f"an image showing {listed}",
@@ -183,7 +169,7 @@ def _sentence(
             f"{shapes}: {listed}",
             f"{listed} on a {background} background",
             f"a {background} background with {listed}",
-        ), rng)  # fmt: skip
+        ))  # fmt: skip
     return text + "."
 
 

@@ -30,7 +30,7 @@ from tipcap.toy.world import render as render_objects
 
 # What a seed renders and captions: bump whenever a change makes a seed produce another world, so that
 # caches keyed by it (the demo's) are not reused across the change.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 3
 # Three cells a side, centred in the three 16-pixel patches of a 48-pixel image: each object (radius at most
 # 0.13 + jitter 0.03 of the side, under the patch's half-width 1/6) lies inside one patch, so that an image
 # tower reads an object's shape and size from one token and its place from that token's position.
