@@ -971,15 +971,30 @@ def compare_command(grid_out: str, a: str, b: str, metric: str) -> None:
     help="Which toy world (see 'tipcap toyworld --help').",
 )
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
-def demo_command(quick: bool, seed: int, out: str, cache: str, world_version: str, no_progress: bool) -> None:
-    """Run the whole pipeline offline on the toy world and print the table of methods."""
-    from tipcap.demo import run_demo
+@click.option(
+    "--unpinned", is_flag=True,
+    help="Use the CPU's fastest kernels; the digits then depend on the processor (see tipcap.portable).",
+)  # fmt: skip
+def demo_command(
+    quick: bool, seed: int, out: str, cache: str, world_version: str, no_progress: bool, unpinned: bool
+) -> None:
+    """Run the whole pipeline offline on the toy world and print the table of methods.
+
+    By default the CPU arithmetic is pinned (tipcap.portable), so that every x86-64 machine with the same
+    package versions prints the same table; the last line gives its digest.
+    """
+    # Before anything loads torch or numpy, which read the pins once.
+    from tipcap.portable import pin_cpu_arithmetic
+
+    not_pinned = "--unpinned" if unpinned else pin_cpu_arithmetic()
+    from tipcap.demo import describe_arithmetic, run_demo
 
     echo_stage = functools.partial(click.echo, err=True)
     run_demo(out, cache, seed=seed, quick=quick, progress=not no_progress, echo=echo_stage,
              version=int(world_version))  # fmt: skip
     click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
     click.echo(f"wrote {out}/results.csv, {out}/table.md, {out}/cider.png and {out}/gap.png")
+    click.echo(describe_arithmetic(Path(out) / "results.csv", not_pinned))
 
 
 @main.command("serve")

@@ -110,9 +110,12 @@ def demo_world(
     # World 1's key stays what it was (it does not build the gap).
     built = [scale.modality_offset, scale.scale_warmup, scale.hard_negatives] if scale.modality_offset else []
     built += [scale.seeing_steps, scale.scene_supervision] if scale.seeing_steps else []
+    # A CLIP trained with the machine's own kernels differs from a pinned one (tipcap.portable).
+    arithmetic = [] if arithmetic_mode() == "native" else [arithmetic_mode()]
     clip_key = key(
-        clip.TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed, *stop, *built
-    )
+        clip.TRAINING_VERSION, scale.clip_config, scale.clip_steps, scale.clip_batch, seed, *stop, *built,
+        *arithmetic,
+    )  # fmt: skip
     clip_dir = world / f"clip-{clip_key}"
     if (clip_dir / "toyclip.safetensors").is_file():
         echo(f"toy CLIP: reused {clip_dir}")
@@ -185,6 +188,7 @@ def run_demo(
 
     from tipcap.grid import run_ablation
 
+    _check_arithmetic(Path(out))
     karpathy, clip_dir = demo_world(cache, seed, quick, progress, echo, version)
     world = karpathy.parent
     grid = importlib.resources.files("tipcap") / "resources" / demo_scale(quick, version).grid
@@ -204,3 +208,57 @@ def run_demo(
     if gap_plot.is_file():
         shutil.copyfile(gap_plot, Path(out) / "gap.png")
     return rows
+
+
+ARITHMETIC_FILE = "arithmetic.json"
+
+
+def arithmetic_mode() -> str:
+    """``pinned`` when this process runs with :mod:`tipcap.portable`'s pins in force, else ``native``."""
+    from tipcap.portable import pinned
+
+    return "pinned" if pinned() else "native"
+
+
+def _check_arithmetic(out: Path) -> None:
+    """Refuse to add cells to a demo folder whose earlier cells ran with the other arithmetic; record the
+    mode in a new folder.
+
+    Raises:
+        TipcapError: naming ``--out``, when ``out`` holds a run of the other mode.
+    """
+    from tipcap.errors import TipcapError
+    from tipcap.io import load_json, write_json_atomic
+
+    mode, record = arithmetic_mode(), out / ARITHMETIC_FILE
+    if record.is_file():
+        earlier = load_json(record).get("mode")
+        if earlier != mode:
+            flag = "without --unpinned" if earlier == "pinned" else "with --unpinned"
+            raise TipcapError(
+                f"--out {out}: holds a demo run with {earlier} CPU arithmetic, and this run's is {mode}; "
+                f"give another --out, or rerun {flag}."
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, {"mode": mode})
+
+
+def describe_arithmetic(results: Path, not_pinned: str | None) -> str:
+    """One line: the SHA-256 of ``results`` (a demo's results.csv) and whether another machine should print
+    the same one (``not_pinned``: why the pins were not set, or ``None``)."""
+    import hashlib
+
+    from tipcap.portable import versions
+
+    digest = hashlib.sha256(results.read_bytes()).hexdigest()[:16]
+    if not_pinned is None and arithmetic_mode() == "pinned":
+        packages = ", ".join(f"{name} {version}" for name, version in versions().items())
+        return (
+            f"results.csv digest {digest}: CPU arithmetic pinned (tipcap.portable), so any x86-64 machine "
+            f"with {packages} prints this digest."
+        )
+    reason = not_pinned or "the pins did not take effect"
+    return (
+        f"results.csv digest {digest}: CPU arithmetic not pinned ({reason}); the digits depend on this CPU."
+    )
