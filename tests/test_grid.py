@@ -14,6 +14,8 @@ from conftest import grid_row_cider, karpathy_references, run
 import tipcap.grid.runner
 from tipcap.config import load_config
 from tipcap.gap import Gap
+from tipcap.grid import Cell, Job
+from tipcap.grid.selection import Selection
 from tipcap.io import load_json
 from tipcap.stats import interval
 from tipcap.toy.clip import train_toyclip
@@ -291,6 +293,141 @@ def test_a_cell_override_is_checked_before_anything_runs(grid, tmp_path):
 def test_bad_ablation_config_names_the_key(grid, tmp_path):
     result = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "seedz=[1]")
     assert result.exit_code == 1 and "config key 'seedz' is unknown" in result.stderr
+
+
+SELECTING = [{"name": "isotropic", "kind": "isotropic", "select": {"gap.noise_scale": [0.5, 4]}}]
+
+
+@pytest.mark.slow
+def test_a_cell_chooses_its_noise_scale_on_validation_scenes(grid, tmp_path, monkeypatch):
+    """Each candidate is trained per seed and scored on val; the best mean is chosen and only it is
+    evaluated on test, under the cell's name; a rerun reuses every candidate."""
+    out = tmp_path / "out"
+    flags = ["--set", f"cells={json.dumps(SELECTING)}", "--set", "seeds=[0, 1]",
+             "--set", "decoder.train.max_steps=4"]  # fmt: skip
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
+    assert result.exit_code == 0, result.output
+    labels = ["gap.noise_scale=0.5", "gap.noise_scale=4"]
+    val = {
+        label: {seed: load_json(out / "eval-val" / f"isotropic-{label}-seed{seed}-none" / "scores.json")
+                for seed in (0, 1)}
+        for label in labels
+    }  # fmt: skip
+    means = {label: np.mean([np.mean(s["scores"]["CIDEr"]) for s in val[label].values()]) for label in labels}
+    assert all(len(s["image_ids"]) == 5 for v in val.values() for s in v.values())  # the 5 val scenes
+    expected = max(labels, key=lambda label: means[label])  # the first listed wins a tie
+    selection = list(csv.DictReader((out / "selection.csv").open()))
+    assert len(selection) == 4 and {r["selected"] for r in selection} == {expected}
+    for row in selection:
+        scores = val[row["candidate"]][int(row["seed"])]["scores"]["CIDEr"]
+        assert float(row["score"]) == pytest.approx(np.mean(scores))
+        assert float(row["mean"]) == pytest.approx(means[row["candidate"]])
+    heading = f"## isotropic: gap.noise_scale = {expected.partition('=')[2]}"
+    assert heading in (out / "selection.md").read_text()
+
+    # Only the chosen candidate was evaluated on test, in the cell's folders, with its decoders.
+    assert sorted(p.name for p in (out / "eval").iterdir()) == [f"isotropic-seed{s}-none" for s in (0, 1)]
+    for seed in (0, 1):
+        evaluated = out / "eval" / f"isotropic-seed{seed}-none"
+        assert load_json(evaluated / "provenance.json")["config"]["split"] == "test"
+        model = Path(load_json(evaluated / "metrics.json")["model"]["path"])
+        assert model.parent.name == f"isotropic-{expected}-seed{seed}"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(r["cell"], r["seed"], r["selected"]) for r in rows] == [("isotropic", s, expected) for s in "01"]
+    assert "| isotropic | none | 2 |" in (out / "table.md").read_text()
+    # Each candidate's decoder was trained on a gap of its own noise scale, its config saved beside it.
+    for label in labels:
+        config = load_config(out / "runs" / f"isotropic-{label}-seed0" / "config.yaml")
+        assert Path(config.data.gap).name == f"isotropic-{label}.safetensors"
+        assert Gap.load(config.data.gap).info["noise_scale"] == float(label.partition("=")[2])
+
+    # A rerun trains and evaluates nothing.
+    trained, evaluated = [], []
+    real_evaluate = tipcap.grid.runner.evaluate_split
+    monkeypatch.setattr(tipcap.grid.runner, "train", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(tipcap.grid.runner, "evaluate_split", lambda *a, **k: evaluated.append(a))
+    again = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
+    assert again.exit_code == 0, again.output
+    assert trained == evaluated == [] and list(csv.DictReader((out / "results.csv").open())) == rows
+
+    # The choice follows the scores in the val folders: make the other candidate the best on val, and it
+    # is chosen, its decoders (not retrained) evaluated on test in the cell's folders.
+    other = next(label for label in labels if label != expected)
+    for seed in (0, 1):
+        path = out / "eval-val" / f"isotropic-{other}-seed{seed}-none" / "scores.json"
+        scores = load_json(path)
+        scores["scores"]["CIDEr"] = [1.0] * len(scores["image_ids"])
+        path.write_text(json.dumps(scores))
+    monkeypatch.setattr(
+        tipcap.grid.runner, "evaluate_split", lambda *a, **k: evaluated.append(a[2]) or real_evaluate(*a, **k)
+    )
+    switched = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
+    assert switched.exit_code == 0, switched.output
+    assert trained == [] and [Path(path).name for path in evaluated] == [
+        "isotropic-seed0-none",
+        "isotropic-seed1-none",
+    ]
+    assert {r["selected"] for r in csv.DictReader((out / "selection.csv").open())} == {other}
+    assert [r["selected"] for r in csv.DictReader((out / "results.csv").open())] == [other, other]
+    for seed in (0, 1):
+        model = Path(load_json(out / "eval" / f"isotropic-seed{seed}-none" / "metrics.json")["model"]["path"])
+        assert model.parent.name == f"isotropic-{other}-seed{seed}"
+
+
+def test_selection_takes_the_best_mean_over_seeds_and_the_first_on_a_tie():
+    jobs = [Job(Cell("x"), candidate=f"gap.noise_scale={value}") for value in (1, 2, 3)]
+    best_mean = Selection(Job(Cell("x")), jobs, [{0: 0.1, 1: 0.9}, {0: 0.6, 1: 0.6}, {0: 0.7, 1: 0.2}])
+    assert best_mean.chosen is jobs[1]  # not candidate 2, best on seed 0, nor 0, best on seed 1
+    tie = Selection(Job(Cell("x")), jobs, [{0: 0.2}, {0: 0.5}, {0: 0.5}])
+    assert tie.chosen is jobs[1]
+
+
+def test_plan_shows_the_candidates_and_the_validation_split(grid, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--set", f"cells={json.dumps([*SELECTING, {'name': 'none', 'kind': 'none'}])}"]
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress", *flags)
+    assert result.exit_code == 0 and "wrote 3 training commands" in result.stdout, result.output
+    note = (
+        "isotropic: trains a decoder per seed for each gap.noise_scale in 0.5, 4, chooses the value with "
+        "the best mean CIDEr over seeds on the val split and evaluates only it on test"
+    )
+    assert note in result.stderr and f"# {note}." in (out / "train_commands.sh").read_text()
+    for label in ("gap.noise_scale=0.5", "gap.noise_scale=4"):
+        config = load_config(out / "runs" / f"isotropic-{label}-seed0" / "train.yaml")
+        assert Path(config.data.gap).name == f"isotropic-{label}.safetensors"
+    # A cell without select is recorded as before select existed; a changed candidate list is refused.
+    saved = load_json(out / "grid.json")
+    assert "select" not in saved["cells"]["none"] and "select_split" not in saved["fixed"]
+    assert saved["cells"]["isotropic"]["select"] == {"gap.noise_scale": [0.5, 4]}
+    changed = [f.replace("[0.5, 4]", "[0.5, 2]") for f in flags]
+    refused = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress", *changed)
+    assert refused.exit_code == 1, refused.output
+    assert "cell 'isotropic' was run there with another definition" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("select_split=test", "config key 'select_split': cells[0] would choose gap.noise_scale on the test"),
+        ("karpathy={without_val}", "config key 'select_split': {without_val} has no val images"),
+        (
+            "select_split=restval",
+            "config key 'select_split': cells[0] would choose gap.noise_scale on the im",
+        ),
+        ("select_metric=bleu-4", "config key 'select_metric': 'bleu-4' has no per-image scores"),
+    ],
+)
+def test_selection_on_the_test_split_or_on_no_images_is_refused(grid, tmp_path, override, message):
+    without_val = tmp_path / "without_val.json"
+    document = load_json(grid / "world" / "toyworld.json")
+    document["images"] = [entry for entry in document["images"] if entry["split"] != "val"]
+    without_val.write_text(json.dumps(document))
+    out = tmp_path / "out"
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--set", f"cells={json.dumps(SELECTING)}",
+                 "--set", override.format(without_val=without_val))  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert message.format(without_val=without_val) in result.stderr
+    assert not out.exists()
 
 
 COCO_GRID = Path(__file__).parent.parent / "experiments" / "coco" / "grid.yaml"

@@ -20,11 +20,18 @@ The grid sets every stage of :mod:`tipcap.config` once for all cells (``embed``,
 ``model`` and ``train`` sections, ``eval``), and a cell may override any field of the ``gap``, ``model``,
 ``train`` and ``eval`` stages by a dotted key in its ``set`` mapping, e.g. ``set: {gap.renorm: false,
 eval.beams: 3}``. :func:`resolve` gives a job's resolved stage configs.
+
+A trained cell may instead choose one such key's value on validation data: ``select: {gap.noise_scale:
+[0.25, 0.5, 1, 2, 4]}`` trains a decoder per candidate value and seed (:func:`candidates`), evaluates each on
+the grid's ``select_split`` (``val``) and keeps the value with the best mean ``select_metric`` (CIDEr) over
+seeds; only that one is evaluated on ``eval_split``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +55,10 @@ from tipcap.config import (
     set_dotted,
     to_dict,
 )
+from tipcap.data.karpathy import check_split
 from tipcap.errors import TipcapError
 from tipcap.grid.compare import metric_name
+from tipcap.stats import INTERVAL_METRICS
 
 BASELINES = ("retrieval", "template")
 """Cell kinds without a trained decoder."""
@@ -66,7 +75,11 @@ class Cell:
     """One method: a gap kind fitted in a setting (or ``supervised``, or a baseline), with prompts or not.
 
     ``few_pairs`` overrides the grid's value for this cell (``few-pairs`` cells only); ``set`` overrides
-    fields of the gap, model, train and eval stages by dotted key (``gap.renorm: false``).
+    fields of the gap, model, train and eval stages by dotted key (``gap.renorm: false``). ``select`` names
+    one such key with a list of candidate values (``{gap.noise_scale: [0.5, 1, 2]}``): a decoder is trained
+    per value and seed, each is evaluated on the grid's ``select_split`` with the cell's first
+    ``eval_prompts`` mode, and the value with the best mean ``select_metric`` over seeds (the first listed
+    on a tie) is the one evaluated on ``eval_split`` and reported under the cell's name.
     """
 
     __pydantic_config__ = _STRICT
@@ -78,6 +91,7 @@ class Cell:
     eval_prompts: list[EvalPrompt] = field(default_factory=lambda: ["none"])
     few_pairs: int | str | list[int | str] | None = None
     set: dict[str, Any] = field(default_factory=dict)
+    select: dict[str, list[Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +113,8 @@ class AblationConfig:
     ``synthetic_gap`` replaces every image embedding by a synthetic one with a known gap
     (:mod:`tipcap.synthgap`): each image loses one caption, and its embedding is that caption's plus a
     draw of N(μ*, Σ*); no image file is read.
+    ``select_split`` (``val``; never ``eval_split``) and ``select_metric`` (``CIDEr``, or another metric with
+    per-image scores) are where and by what the cells with ``select`` choose their candidate value.
     """
 
     __pydantic_config__ = _STRICT
@@ -123,20 +139,39 @@ class AblationConfig:
     store_dir: str | None = None
     compare: list[list[str]] = field(default_factory=list)
     synthetic_gap: SyntheticGapConfig | None = None
+    select_split: str = "val"
+    select_metric: str = "CIDEr"
 
 
 @dataclass(frozen=True)
 class Job:
-    """A cell at one few-pairs value: ``suffix`` (``""``, or ``"-1pct"`` in a sweep) tells its files apart."""
+    """A cell at one few-pairs value: ``suffix`` (``""``, or ``"-1pct"`` in a sweep) tells its files apart.
+
+    ``candidate`` (``"gap.noise_scale=0.5"``) marks one candidate of a selecting cell (:func:`candidates`):
+    its ``cell`` then sets that value and selects nothing.
+    """
 
     cell: Cell
     few_pairs: str | None = None
     suffix: str = ""
+    candidate: str = ""
 
     @property
     def name(self) -> str:
-        """The cell's name in files and results (its configured name plus the sweep value)."""
+        """The cell's name in results and evaluation folders (its configured name plus the sweep value)."""
         return self.cell.name + self.suffix
+
+    @property
+    def candidate_name(self) -> str:
+        """Its name, then ``-KEY=VALUE`` for a candidate (``gaussian-gap.noise_scale=0.5``): its selection
+        evaluations' name."""
+        return f"{self.name}-{self.candidate}" if self.candidate else self.name
+
+    @property
+    def run_name(self) -> str:
+        """The name of its decoders' run folders and of its own gap file: :attr:`candidate_name`, except that
+        the candidates of an ``eval.*`` key share the cell's decoders (training does not read them)."""
+        return self.name if self.candidate.startswith("eval.") else self.candidate_name
 
     @property
     def trained(self) -> bool:
@@ -174,6 +209,93 @@ def expand(config: AblationConfig) -> list[Job]:
     return jobs
 
 
+def candidate_label(dotted: str, value: Any) -> str:
+    """``KEY=VALUE`` as a candidate's files and ``results.csv`` name it (``gap.noise_scale=0.5``)."""
+    return f"{dotted}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def candidates(job: Job) -> list[Job]:
+    """A selecting job's candidates, in the order listed: one job per value of its ``select`` key, whose
+    cell sets that value; a job that selects nothing is its own only candidate."""
+    if not job.cell.select:
+        return [job]
+    ((dotted, values),) = job.cell.select.items()
+    return [
+        Job(
+            dataclasses.replace(job.cell, set={**job.cell.set, dotted: value}, select={}),
+            job.few_pairs,
+            job.suffix,
+            candidate_label(dotted, value),
+        )
+        for value in values
+    ]
+
+
+def _check_select(config: AblationConfig, cell: Cell, key: str) -> None:
+    """A cell's ``select``: one key of the cell stages that its ``set`` leaves alone, with distinct values
+    that name folders, each resolving to valid stages; a grid whose cells select chooses on another split
+    than it reports."""
+    if len(cell.select) > 1:
+        raise TipcapError(
+            f"config key '{key}.select': one key per cell ({', '.join(cell.select)} given); select one and "
+            "set the others, or give each key a cell of its own."
+        )
+    if cell.kind in BASELINES:
+        raise TipcapError(f"config key '{key}.select': {cell.kind} trains no decoder to choose a value for.")
+    ((dotted, values),) = cell.select.items()
+    where = f"{key}.select.{dotted}"
+    _check_stage_key(dotted, where)
+    if dotted in cell.set:
+        raise TipcapError(f"config key '{where}': also in {key}.set; remove it from one of them.")
+    if not values:
+        raise TipcapError(f"config key '{where}': an empty list selects nothing; list candidate values.")
+    labels = [candidate_label(dotted, value) for value in values]
+    for value, label in zip(values, labels, strict=True):
+        if not _NAME.fullmatch(label.partition("=")[2]):
+            raise TipcapError(
+                f"config key '{where}': candidate {value!r} cannot name a folder; use numbers, true/false "
+                "or plain words."
+            )
+        if labels.count(label) > 1:
+            raise TipcapError(f"config key '{where}': candidate {value!r} is listed twice.")
+    for job in candidates(Job(cell)):
+        resolve(config, job.cell, f"{key}.select")
+    if config.select_split == config.eval_split:
+        raise TipcapError(
+            f"config key 'select_split': {key} would choose {dotted} on the {config.eval_split} split it is "
+            "evaluated on; choose on another split (val)."
+        )
+    if config.select_split in ("train", "restval"):
+        raise TipcapError(
+            f"config key 'select_split': {key} would choose {dotted} on the images of the captions its "
+            "decoders train on; choose on a held-out split (val)."
+        )
+
+
+def _check_selection_keys(config: AblationConfig) -> None:
+    """``select_metric`` has per-image scores and ``select_split`` is a Karpathy split."""
+    try:
+        metric_name(config.select_metric)
+    except TipcapError:
+        raise TipcapError(
+            f"config key 'select_metric': {config.select_metric!r} has no per-image scores to average over "
+            f"the validation images; use one of {', '.join(INTERVAL_METRICS)}."
+        ) from None
+    try:
+        check_split(config.select_split)
+    except TipcapError as e:
+        raise TipcapError(f"config key 'select_split': {e}") from None
+
+
+def _check_stage_key(dotted: str, where: str) -> None:
+    """A dotted key into the stages a cell may change."""
+    if dotted.split(".")[0] not in CELL_STAGES or "." not in dotted:
+        raise TipcapError(
+            f"config key '{where}': a cell overrides fields of the {', '.join(CELL_STAGES)} stages "
+            "(e.g. gap.renorm)."
+        )
+
+
 def _validate(config: AblationConfig, path: Path) -> None:
     """Checks that need more than types; each error names the key."""
     if not config.cells:
@@ -194,6 +316,7 @@ def _validate(config: AblationConfig, path: Path) -> None:
         raise TipcapError(f"config key 'decoder.{unknown[0]}' is unknown; a decoder has model and train.")
     from_dict(ExperimentConfig, {**config.decoder, "data": {}}, "decoder")
     from_dict(GapConfig, config.gap, "gap")
+    _check_selection_keys(config)
     for index, cell in enumerate(config.cells):
         key = f"cells[{index}]"
         if not _NAME.fullmatch(cell.name):
@@ -227,12 +350,10 @@ def _validate(config: AblationConfig, path: Path) -> None:
         if cell.setting == "web-pairs" and not config.web_pairs:
             raise TipcapError(f"config key '{key}': a web-pairs cell needs web_pairs (a JSONL of pairs).")
         for dotted in cell.set:
-            if dotted.split(".")[0] not in CELL_STAGES or "." not in dotted:
-                raise TipcapError(
-                    f"config key '{key}.set.{dotted}': a cell overrides fields of the "
-                    f"{', '.join(CELL_STAGES)} stages (e.g. gap.renorm)."
-                )
+            _check_stage_key(dotted, f"{key}.set.{dotted}")
         resolve(config, cell, f"{key}.set")
+        if cell.select:
+            _check_select(config, cell, key)
     names = [job.name for job in expand(config)]
     for name in names:
         if names.count(name) > 1:

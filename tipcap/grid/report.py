@@ -22,7 +22,9 @@ CLAIM_COLUMNS = ("colour_f1", "shape_f1", "size_f1", "relation_f1")
 INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("ci_low", "ci_high"))
 """Each row's 95% interval over the test images, for the metrics with per-image scores."""
 COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
-           "seed", "train_data", "eval_data", *METRIC_COLUMNS, *CLAIM_COLUMNS, *INTERVAL_COLUMNS)  # fmt: skip
+           "seed", "train_data", "eval_data", *METRIC_COLUMNS, *CLAIM_COLUMNS, *INTERVAL_COLUMNS,
+           "selected")  # fmt: skip
+"""``selected``: the value a cell with ``select`` chose on validation data (``gap.noise_scale=0.5``)."""
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

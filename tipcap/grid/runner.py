@@ -9,6 +9,13 @@ prompts, but a changed data set, CLIP, decoder or cell definition is refused rat
 With ``synthetic_gap`` every image store is cut from a synthetic world (:mod:`tipcap.synthgap`) built in
 ``out/synthetic``, whose Karpathy file (each image without its held-out caption) replaces ``karpathy``.
 
+A cell with ``select`` trains a decoder per candidate value and seed (``runs/<cell>-<key>=<value>-seed<s>``),
+evaluates each on ``select_split`` (``eval-<split>/<cell>-<key>=<value>-seed<s>-<prompt>``), and evaluates
+only the candidate with the best mean over seeds on ``eval_split``, under the cell's own name
+(``eval/<cell>-seed<s>-<prompt>``, its row recording the value in ``selected``); ``selection.csv`` and
+``selection.md`` give every candidate's scores. Should the choice change on a rerun (a seed added), the
+evaluations of the value chosen before are redone with the new one.
+
 ``plan`` writes each training cell's config and the commands to train them outside the runner (under
 ``torchrun``); the runner then reuses the trained models.
 """
@@ -30,8 +37,17 @@ from tipcap.data.karpathy import read_karpathy, split_matches
 from tipcap.embed import clip_spec, embed_images, embed_texts
 from tipcap.errors import TipcapError
 from tipcap.gap import fit_gap_file
-from tipcap.grid.compare import GridScores, compare_cells, write_comparisons
-from tipcap.grid.config import BASELINES, AblationConfig, Job, JobConfig, expand, load_ablation, resolve
+from tipcap.grid.compare import GridScores, compare_cells, metric_name, write_comparisons
+from tipcap.grid.config import (
+    BASELINES,
+    AblationConfig,
+    Job,
+    JobConfig,
+    candidates,
+    expand,
+    load_ablation,
+    resolve,
+)
 from tipcap.grid.report import (
     CLAIM_COLUMNS,
     METRIC_COLUMNS,
@@ -40,8 +56,10 @@ from tipcap.grid.report import (
     plot_cider_vs_pairs,
     write_csv,
 )
+from tipcap.grid.selection import Selection, write_selection
 from tipcap.io import atomic_path, load_json, write_json_atomic
 from tipcap.protocol import evaluate_split
+from tipcap.provenance import FILE_NAME as PROVENANCE_FILE
 from tipcap.stats import (
     INTERVAL_METRICS,
     SCORES_FILE,
@@ -94,6 +112,7 @@ class Ablation:
         self._eval_scenes: dict[Any, list[dict]] | None = None
         self._data_names: dict[Path, str] = {}
         self._world: SyntheticWorld | None = None
+        self._select_objects: dict[Any, list[str]] | None = None
 
     # -- cached steps ---------------------------------------------------------------------------
 
@@ -192,7 +211,7 @@ class Ablation:
         that seed's draw of pairs (:meth:`few_pairs_draw`)."""
         resolved = self.job_config(job)
         config = resolved.gap
-        name = job.name if resolved.overrides_gap else f"{config.kind}-{config.setting}{job.suffix}"
+        name = job.run_name if resolved.overrides_gap else f"{config.kind}-{config.setting}{job.suffix}"
         if config.setting == "few-pairs":
             name += f"-seed{seed}"
         path = self.out / "gaps" / f"{name}.safetensors"
@@ -228,7 +247,7 @@ class Ablation:
 
     def run_dir(self, job: Job, seed: int) -> Path:
         """Where a job's decoder of one seed is trained (``model/`` inside when finished)."""
-        return self.out / "runs" / f"{job.name}-seed{seed}"
+        return self.out / "runs" / f"{job.run_name}-seed{seed}"
 
     def model(self, job: Job, seed: int) -> Path:
         """Train (or reuse, or resume) the job's decoder for one seed."""
@@ -261,6 +280,8 @@ class Ablation:
         ``scores.json``; ``seed`` is ``None`` for the baselines, which are not trained."""
         cell = job.cell
         out = self.eval_dir(job, seed, eval_prompt)
+        if job.candidate:
+            self._forget_other_candidate(job, out)
         if (out / "row.json").is_file() and (out / SCORES_FILE).is_file():
             self.echo(f"{out.name}: reused")
             return json.loads((out / "row.json").read_text(encoding="utf-8"))
@@ -279,7 +300,7 @@ class Ablation:
                 instances=self.config.instances,
                 score_image_store=self._scorer_store(store_name, evaluation),
                 vocabulary=self.config.vocabulary,
-                context={"cell": job.name, "seed": seed, **resolved.record()},
+                context={"cell": job.name, "seed": seed, **self._selected(job), **resolved.record()},
             )  # fmt: skip
         row = self._row(job, seed, eval_prompt, out)
         # row.json last: its presence marks a finished evaluation.
@@ -306,10 +327,13 @@ class Ablation:
             self._eval_objects = scene_objects(self.eval_karpathy)
         return self._eval_objects
 
-    def _image_scores(self, out: Path, per_image: list[dict[str, Any]]) -> ImageScores:
+    def _image_scores(
+        self, out: Path, per_image: list[dict[str, Any]], objects: dict[Any, list[str]] | None = None
+    ) -> ImageScores:
         """Write an evaluation's per-image scores (``scores.json``: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S and, on
-        images that record their objects, object F1) and return them."""
-        objects = self.eval_objects()
+        images that record their objects in ``objects``, by default the evaluation images', object F1) and
+        return them."""
+        objects = self.eval_objects() if objects is None else objects
         f1 = [
             object_f1(r["prediction"], [
                 {"colour": name.split()[0], "shape": name.split()[1]} for name in objects[r["image_id"]]
@@ -348,7 +372,8 @@ class Ablation:
         row = {
             "cell": job.name, "method": cell.name, "kind": cell.kind, "setting": setting,
             "few_pairs": job.few_pairs, "paired_fraction": fraction, "prompt": cell.prompt,
-            "eval_prompt": eval_prompt, "seed": seed, "train_data": self.data_name(self.karpathy),
+            "eval_prompt": eval_prompt, "selected": job.candidate or None, "seed": seed,
+            "train_data": self.data_name(self.karpathy),
             "eval_data": self.data_name(self.eval_karpathy),
             **{k: metrics.get(k) for k in METRIC_COLUMNS[:-1]},
             "object_f1": statistics.mean(f1) if f1 else None,
@@ -360,6 +385,121 @@ class Ablation:
             row[f"{metric}_ci_low"] = found.low if found is not None else None
             row[f"{metric}_ci_high"] = found.high if found is not None else None
         return row
+
+    # -- settings chosen on validation data -----------------------------------------------------
+
+    @staticmethod
+    def _selected(job: Job) -> dict[str, str]:
+        """What an evaluation of a selecting cell's candidate records of it (nothing for other jobs)."""
+        return {"selected": job.candidate} if job.candidate else {}
+
+    def _forget_other_candidate(self, job: Job, out: Path) -> None:
+        """Have ``out``, an evaluation of the candidate a selecting cell chose, evaluated again when it holds
+        another candidate's (chosen before a seed was added, or unknown after an interruption)."""
+        if not (out / "metrics.json").is_file():
+            return
+        provenance = out / PROVENANCE_FILE
+        context = load_json(provenance)["config"].get("context", {}) if provenance.is_file() else {}
+        if context.get("selected") == job.candidate:
+            return
+        before = context.get("selected", "an unrecorded candidate")
+        self.echo(f"{out.name}: holds {before}, but {job.candidate} is chosen now; evaluating it again")
+        (out / "row.json").unlink(missing_ok=True)
+        (out / "metrics.json").unlink()
+
+    def select_objects(self) -> dict[Any, list[str]]:
+        """Ground-truth object names per image of the training data set, whose ``select_split`` the
+        candidates are scored on (toy-world files only; read once)."""
+        if self.karpathy == self.eval_karpathy:
+            return self.eval_objects()
+        if self._select_objects is None:
+            self._select_objects = scene_objects(self.karpathy)
+        return self._select_objects
+
+    def select_dir(self, job: Job, seed: int) -> Path:
+        """Where a candidate's decoder of one seed is evaluated on ``select_split``, with its cell's first
+        evaluation prompt mode."""
+        split = self.config.select_split
+        return self.out / f"eval-{split}" / f"{job.candidate_name}-seed{seed}-{job.cell.eval_prompts[0]}"
+
+    def select_score(self, job: Job, seed: int) -> float:
+        """A candidate's decoder of ``seed`` (trained as needed) scored on ``select_split``: the mean of its
+        per-image ``select_metric`` over those images, read from the evaluation's ``scores.json`` (the
+        evaluation is made once)."""
+        out, split = self.select_dir(job, seed), self.config.select_split
+        if not (out / SCORES_FILE).is_file():
+            store_name = f"{split}-images"
+            store = self._images(store_name, self.karpathy, split, self.root)
+            resolved = self.job_config(job)
+            prompt = job.cell.eval_prompts[0]
+            evaluation = from_dict(EvalConfig, {**to_dict(resolved.eval), "prompt": prompt}, "eval")
+            evaluate_split(
+                self.karpathy, split, out, evaluation, model=self.model(job, seed), image_store=store,
+                images=self.root, clip=self.clip, objects=self.select_objects(),
+                score_image_store=self._scorer_store(store_name, evaluation),
+                vocabulary=self.config.vocabulary,
+                context={"cell": job.name, "seed": seed, **self._selected(job), **resolved.record()},
+            )  # fmt: skip
+            per_image = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
+            self._image_scores(out, per_image, self.select_objects())
+        metric = metric_name(self.config.select_metric)
+        scored = read_image_scores(out / SCORES_FILE).get(metric, {})
+        values = [value for value in scored.values() if value is not None]
+        if not values:
+            raise TipcapError(
+                f"config key 'select_metric': the {split} evaluation in {out} has no {metric} scores; choose "
+                "by a metric these evaluations score (CIDEr always)."
+            )
+        score = statistics.mean(values)
+        self.echo(f"{out.name}: {metric} {score:.3f} on {split}")
+        return score
+
+    def select(self, job: Job) -> Selection:
+        """Train every candidate of a selecting job for each seed and score it on ``select_split``; its
+        :attr:`~tipcap.grid.selection.Selection.chosen` candidate is the one to evaluate on ``eval_split``."""
+        found = candidates(job)
+        scores = [{seed: self.select_score(c, seed) for seed in self.config.seeds} for c in found]
+        selection = Selection(job, found, scores)
+        self.echo(f"{job.name}: chose {selection.chosen.candidate} on {self.config.select_split}")
+        return selection
+
+    def _describe_selection(self, job: Job) -> str:
+        """How a selecting job chooses its value, in one line."""
+        (dotted,) = job.cell.select
+        listed = ", ".join(c.candidate.partition("=")[2] for c in candidates(job))
+        config = self.config
+        return (
+            f"{job.name}: trains a decoder per seed for each {dotted} in {listed}, chooses the value with "
+            f"the best mean {metric_name(config.select_metric)} over seeds on the {config.select_split} "
+            f"split and evaluates only it on {config.eval_split}"
+        )
+
+    def _check_selection(self) -> None:
+        """Where cells select: refuse a Karpathy file without images in ``select_split``, and oracle or wrong
+        prompts (a selecting cell's first mode) where a validation image records no objects; checked before
+        anything is recorded or built."""
+        selecting = [index for index, cell in enumerate(self.config.cells) if cell.select]
+        if not selecting:
+            return
+        split = self.config.select_split
+        images = read_karpathy(self.karpathy, split)
+        if not images:
+            raise TipcapError(
+                f"config key 'select_split': {self.karpathy} has no {split} images to choose the setting of "
+                f"cells[{selecting[0]}] on; set select_split to a held-out split the file has (val), or "
+                "remove select from the cells."
+            )
+        asking = [i for i in selecting if self.config.cells[i].eval_prompts[0] in ("oracle", "wrong")]
+        if asking:
+            objects = scene_objects(self.karpathy)
+            missing = [image.image_id for image in images if image.image_id not in objects]
+            if missing:
+                raise TipcapError(
+                    f"config key 'cells[{asking[0]}].eval_prompts': a selecting cell chooses with its first "
+                    f"prompt mode, drawn from each image's ground-truth objects, but {len(missing)} of the "
+                    f"{len(images)} {split} images of {self.karpathy} record no 'objects'; list none or auto "
+                    "first."
+                )
 
     # -- the grid -------------------------------------------------------------------------------
 
@@ -426,10 +566,16 @@ class Ablation:
         """Refuse to mix results of another grid into ``out``; remember this one in ``grid.json``."""
         path = self.out / "grid.json"
         current = to_dict(self.config)
-        # Where the stores are kept and which comparisons are reported change no result.
-        fixed = {k: v for k, v in current.items() if k not in ("cells", "seeds", "store_dir", "compare")}
+        # Where the stores are kept and which comparisons are reported change no result; a changed split or
+        # metric of selection chooses anew among the same candidates (the chosen one is evaluated again).
+        unrecorded = ("cells", "seeds", "store_dir", "compare", "select_split", "select_metric")
+        fixed = {k: v for k, v in current.items() if k not in unrecorded}
         fixed["few_pairs_draw"] = FEW_PAIRS_DRAW
-        cells = {c["name"]: {k: v for k, v in c.items() if k != "eval_prompts"} for c in current["cells"]}
+        # A cell without select is recorded as before select existed.
+        cells = {
+            c["name"]: {k: v for k, v in c.items() if k != "eval_prompts" and (k != "select" or v)}
+            for c in current["cells"]
+        }
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
             if not any(c["setting"] == "few-pairs" for c in saved["cells"].values()):
@@ -453,18 +599,28 @@ class Ablation:
         """Run every job × seed × evaluation prompt mode; write the CSV, the table, the comparisons the
         config asks for and the plots."""
         self._check_inputs()
+        self._check_selection()
         self._prepare_synthetic_world()
         self._check_oracle_prompts()
         self._check_grid()
         rows = []
         scores: GridScores = {}
+        selections: list[Selection] = []
         for job in self.jobs:
+            evaluated = job
+            if job.cell.select:
+                selections.append(self.select(job))
+                self._write_selection(selections)
+                evaluated = selections[-1].chosen
             for seed in self.config.seeds if job.trained else [None]:
                 for eval_prompt in job.cell.eval_prompts:
-                    rows.append(self.evaluate(job, seed, eval_prompt))
+                    rows.append(self.evaluate(evaluated, seed, eval_prompt))
                     write_csv(rows, self.out / "results.csv")
                     evaluation = read_image_scores(self.eval_dir(job, seed, eval_prompt) / SCORES_FILE)
                     scores.setdefault((job.name, eval_prompt), {})[seed] = evaluation
+        if not selections:
+            for name in ("selection.csv", "selection.md"):
+                (self.out / name).unlink(missing_ok=True)  # from an earlier grid in this folder
         intervals = {
             key: {m: found for m in INTERVAL_METRICS if (found := cell_interval(seeds, m)) is not None}
             for key, seeds in scores.items()
@@ -487,32 +643,46 @@ class Ablation:
             fraction_plot.unlink(missing_ok=True)  # from an earlier grid in this folder
         return rows
 
+    def _write_selection(self, selections: list[Selection]) -> None:
+        """``selection.csv`` and ``selection.md`` of the cells chosen so far."""
+        config = self.config
+        metric = metric_name(config.select_metric)
+        write_selection(selections, self.out, config.select_split, metric, config.eval_split)
+
     def plan(self) -> list[str]:
         """Build stores and gaps, write each untrained decoder's ``train.yaml`` and the command that trains
         it (under ``torchrun``) to ``train_commands.sh``; return the commands. A later :meth:`run` reuses
-        the models they write."""
+        the models they write. A selecting cell's candidates are each trained; how the cell chooses among
+        them is echoed and written as a comment."""
         self._check_inputs()
+        self._check_selection()
         self._prepare_synthetic_world()
         self._check_oracle_prompts()
         self._check_grid()
-        commands = []
+        commands, notes, planned = [], [], set()
         for job in self.jobs:
             if not job.trained:
                 continue
-            for seed in self.config.seeds:
-                run = self.run_dir(job, seed)
-                if (run / "model" / "config.json").is_file():
-                    continue
-                save_config(self.training_config(job, seed), run / "train.yaml")
-                commands.append(
-                    'torchrun --nproc_per_node "${NPROC:-1}" -m tipcap.cli train '
-                    f"--config {shlex.quote(str((run / 'train.yaml').resolve()))} "
-                    f"--out {shlex.quote(str(run.resolve()))} --resume --no-progress"
-                )
+            if job.cell.select:
+                notes.append(self._describe_selection(job))
+                self.echo(notes[-1])
+            for trained in candidates(job):
+                for seed in self.config.seeds:
+                    run = self.run_dir(trained, seed)
+                    if run in planned or (run / "model" / "config.json").is_file():
+                        continue  # the candidates of an eval.* key share their decoders
+                    planned.add(run)
+                    save_config(self.training_config(trained, seed), run / "train.yaml")
+                    commands.append(
+                        'torchrun --nproc_per_node "${NPROC:-1}" -m tipcap.cli train '
+                        f"--config {shlex.quote(str((run / 'train.yaml').resolve()))} "
+                        f"--out {shlex.quote(str(run.resolve()))} --resume --no-progress"
+                    )
         header = (
             "#!/bin/sh\n"
             "# Trains the grid's decoders (e.g. NPROC=8 sh train_commands.sh); then rerun tipcap ablate.\n"
-            "set -e\n"
+            + "".join(f"# {note}.\n" for note in notes)
+            + "set -e\n"
         )
         with atomic_path(self.out / "train_commands.sh") as tmp:
             tmp.write_text(header + "".join(c + "\n" for c in commands), encoding="utf-8")
