@@ -441,7 +441,6 @@ def evaluate_split(
         document["model"] = {"config": to_dict(model.config)}
         if model_dir is not None:
             document["model"]["path"] = str(Path(model_dir).resolve())
-    write_json_atomic(out / "metrics.json", document)
     per_image = [
         {
             "image_id": image_id,
@@ -468,6 +467,8 @@ def evaluate_split(
     if context is not None:
         settings["context"] = context
     provenance.write(out, provenance.record("evaluation", settings, inputs))
+    # Last: a grid takes an evaluation folder with metrics.json as finished.
+    write_json_atomic(out / "metrics.json", document)
     if local_model and method == "model":
         setting = f"{method}, prompt {config.prompt}, beams {config.beams}"
         record_evaluation(model_dir, document, reference_set.dataset, split, setting)
