@@ -402,8 +402,9 @@ def test_comparisons_md_reads_each_family_with_holm_then_the_secondary_ones(tmp_
     resolved = np.array([0.10, 0.12, 0.08, 0.11, 0.09, 0.13])
     flat = np.array([0.004, -0.003, 0.001, -0.002, 0.003, 0.0])
     fake_grid_out(tmp_path, {"gaussian": base + resolved[:, None], "diagonal": base + flat[:, None],
-                             "none": base})  # fmt: skip
-    families = {"chain": Family(comparisons=[["gaussian", "none"], ["diagonal", "none"]], margin=0.02)}
+                             "none": base, "single": base[:1] + 0.5})  # fmt: skip
+    families = {"chain": Family(comparisons=[["gaussian", "none"], ["diagonal", "none"]], margin=0.02),
+                "alone": Family(comparisons=[["single", "none"]])}  # fmt: skip
     write_comparisons(grid_decisions(grid_scores(tmp_path), families, [["diagonal", "gaussian"]]), tmp_path)
     lines = (tmp_path / "comparisons.md").read_text().splitlines()
     heading = next(i for i, line in enumerate(lines) if line.startswith("## Family chain"))
@@ -422,6 +423,12 @@ def test_comparisons_md_reads_each_family_with_holm_then_the_secondary_ones(tmp_
     cells = [c.strip() for c in second.strip("|").split("|")]
     assert cells[8] == f"{max(2 * p_first, p_second):.3g}" and cells[6].endswith("(95%)")
     assert cells[11].startswith("equivalent: p ") and cells[-1] == "equivalent within ±0.02"
+    # A family whose cell ran one seed: an image-level interval and no verdict.
+    heading = lines.index(
+        "## Family alone: CIDEr, one seed: no seed-level test, no verdict, no equivalence margin"
+    )
+    cells = [c.strip() for c in lines[heading + 4].strip("|").split("|")]
+    assert cells[5].endswith("(images, one seed)") and cells[-1] == "undecided (one seed)"
     secondary = lines.index("## Secondary comparisons: each read alone, uncorrected")
     cells = [c.strip() for c in lines[secondary + 4].strip("|").split("|")]
     assert cells[0] == "diagonal − gaussian" and (cells[6], cells[8]) == ("—", "—")
@@ -429,9 +436,10 @@ def test_comparisons_md_reads_each_family_with_holm_then_the_secondary_ones(tmp_
     rows = list(csv.DictReader((tmp_path / "comparisons.csv").open()))
     assert [(r["family"], r["a"], r["verdict"]) for r in rows] == [
         ("chain", "gaussian", "resolved (A > B)"), ("chain", "diagonal", "equivalent within ±0.02"),
-        ("", "diagonal", "resolved (A < B)"),
+        ("alone", "single", "undecided (one seed)"), ("", "diagonal", "resolved (A < B)"),
     ]  # fmt: skip
-    assert float(rows[0]["p_holm"]) == pytest.approx(2 * p_first) and rows[2]["p_holm"] == ""
+    assert float(rows[0]["p_holm"]) == pytest.approx(2 * p_first) and rows[3]["p_holm"] == ""
+    assert (rows[2]["interval_over"], rows[2]["p_t"]) == ("images", "")
     assert float(rows[0]["adjusted_level"]) == pytest.approx(0.975)
 
 

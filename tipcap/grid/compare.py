@@ -242,20 +242,18 @@ def comparisons_markdown(decisions: Sequence[Decision]) -> str:
     families = list(dict.fromkeys(d.family for d in decisions if d.family is not None))
     for name in families:
         members = [d for d in decisions if d.family == name]
-        margin = members[0].margin
+        margin, tests = members[0].margin, members[0].tests
         equivalence = (
             f"equivalence within ±{margin:g} by TOST, Holm-corrected too" if margin is not None
             else "no equivalence margin"
         )  # fmt: skip
-        lines += [
-            "",
-            f"## Family {name}: {members[0].comparison.metric}, Holm's correction over its "
-            f"{members[0].tests} tested comparison{'s' if members[0].tests != 1 else ''} at α = {ALPHA:.2g}, "
-            f"{equivalence}",
-            "",
-            *_TABLE_HEADER,
-            *map(_table_row, members),
-        ]
+        plural = "s" if tests != 1 else ""
+        correction = (
+            f"Holm's correction over its {tests} tested comparison{plural} at α = {ALPHA:.2g}" if tests
+            else "one seed: no seed-level test, no verdict"
+        )  # fmt: skip
+        lines += ["", f"## Family {name}: {members[0].comparison.metric}, {correction}, {equivalence}", "",
+                  *_TABLE_HEADER, *map(_table_row, members)]  # fmt: skip
     secondary = [d for d in decisions if d.family is None]
     if secondary:
         lines += ["", "## Secondary comparisons: each read alone, uncorrected", "", *_TABLE_HEADER,
