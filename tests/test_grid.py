@@ -390,8 +390,9 @@ def test_compare_prints_per_seed_differences_and_a_verdict(tmp_path):
     assert "bootstrap interval over images of one seed" in printed.stdout
     assert "  verdict (a single comparison, uncorrected): undecided (one seed)" in printed.stdout
     assert "  equivalence within ±0.05: no test with one seed" in printed.stdout
-    refused = run("compare", "--grid-out", tmp_path, "--a", "gaussian", "--b", "none", "--margin", "-1")
-    assert refused.exit_code == 2 and "--margin" in refused.output
+    for margin in ("-1", "nan"):
+        refused = run("compare", "--grid-out", tmp_path, "--a", "gaussian", "--b", "none", "--margin", margin)
+        assert refused.exit_code == 2 and "--margin" in refused.output, refused.output
 
 
 def test_comparisons_md_reads_each_family_with_holm_then_the_secondary_ones(tmp_path):

@@ -942,7 +942,7 @@ def ablate_command(
     help="A metric with per-image scores: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S or object_f1.",
 )  # fmt: skip
 @click.option(
-    "--margin", type=click.FloatRange(min=0, min_open=True), default=None,
+    "--margin", type=_FiniteFloatRange(min=0, min_open=True), default=None,
     help="Also test equivalence within ±MARGIN (TOST over seeds).",
 )  # fmt: skip
 def compare_command(grid_out: str, a: str, b: str, metric: str, margin: float | None) -> None:
