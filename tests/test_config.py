@@ -44,10 +44,32 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
         "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml", "toyworld_factors.yaml",
         "toyworld2_factors.yaml", "synthetic_gap.yaml",
     }  # fmt: skip
-    # World 2's factor grid pairs each step of the chain none → … → gaussian and the baselines.
-    world2 = load_ablation(EXPERIMENTS / "toyworld2_factors.yaml").compare
-    assert ["mean-isotropic-few-pairs", "none"] in world2 and ["supervised", "retrieval"] in world2
-    assert ["gaussian-few-pairs", "mean-isotropic-few-pairs"] in world2
+    # The factor grids declare each setting's chain none → mean-shift → matched → diagonal → gaussian as a
+    # family (Holm within it, equivalence within ±0.05 CIDEr), and compare the baselines outside it.
+    chain = [
+        ("mean-shift", "none"),
+        ("mean-isotropic-matched", "mean-shift"),
+        ("diagonal", "mean-isotropic-matched"),
+        ("gaussian", "diagonal"),
+        ("gaussian", "mean-isotropic-matched"),
+    ]
+
+    def steps(setting: str) -> list[list[str]]:
+        return [[a if a == "none" else f"{a}-{setting}" for a in pair] for pair in chain]
+
+    world2 = load_ablation(EXPERIMENTS / "toyworld2_factors.yaml")
+    assert list(world2.families) == ["factor-chain"]
+    family = world2.families["factor-chain"]
+    assert (family.metric, family.margin, family.comparisons) == ("CIDEr", 0.05, steps("few-pairs"))
+    for pair in (["mean-isotropic-few-pairs", "none"], ["supervised", "retrieval"],
+                 ["gaussian-few-pairs", "mean-isotropic-few-pairs"]):  # fmt: skip
+        assert pair in world2.compare
+    world1 = load_ablation(EXPERIMENTS / "toyworld_factors.yaml")
+    for setting in ("few-pairs", "unpaired", "web-pairs"):
+        family = world1.families[f"factor-chain-{setting}"]
+        assert family.margin == 0.05
+        assert family.comparisons == steps(setting)
+        assert not any(pair in world1.compare for pair in family.comparisons)
     baselines = {"none", "isotropic", "mean-shift", "close", "memory", "retrieval", "template"}
     for data in ("coco", "flickr30k"):
         grid = load_ablation(EXPERIMENTS / data / "grid.yaml")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -10,14 +11,17 @@ import pytest
 import torch
 import yaml
 from conftest import grid_row_cider, karpathy_references, run
+from scipy.stats import ttest_1samp
 
 import tipcap.grid.runner
 from tipcap.config import load_config
 from tipcap.gap import Gap
 from tipcap.grid import Cell, Job
+from tipcap.grid.compare import grid_decisions, grid_scores, write_comparisons
+from tipcap.grid.config import Family
 from tipcap.grid.selection import Selection
 from tipcap.io import load_json
-from tipcap.stats import interval
+from tipcap.stats import image_interval, write_image_scores
 from tipcap.toy.clip import train_toyclip
 from tipcap.toy.scoring import scene_objects
 
@@ -214,44 +218,91 @@ def test_a_folder_whose_seeds_shared_one_few_pairs_draw_is_refused(grid, tmp_pat
     assert refused.exit_code == 1 and "a grid with other few_pairs_draw" in refused.stderr
 
 
+T975_DF2 = (2 * 0.975 - 1) / math.sqrt(2 * 0.975 * 0.025)  # Student's t, df 2, in closed form
+
+
+def expected_verdict(differences: list[float], margin: float | None = None) -> str:
+    """The verdict of one comparison read alone, from its per-seed differences (scipy's t-tests)."""
+    if ttest_1samp(differences, 0.0).pvalue <= 0.05:
+        return "resolved (A > B)" if np.mean(differences) > 0 else "resolved (A < B)"
+    if margin is not None:
+        tost = max(ttest_1samp(differences, -margin, alternative="greater").pvalue,
+                   ttest_1samp(differences, margin, alternative="less").pvalue)  # fmt: skip
+        if tost <= 0.05:
+            return f"equivalent within ±{margin:g}"
+    return "undecided"
+
+
 @pytest.mark.slow
 def test_intervals_and_paired_comparisons(grid, tmp_path):
-    """results.csv holds each row's interval over the test images, table.md mean ± half-width over images
-    and seeds, comparisons.md the differences the grid asks for; tipcap compare prints A − B = x [lo, hi]."""
+    """results.csv holds each row's image-level interval, table.md mean ± the half-width of the t-interval
+    over seeds with their sd, comparisons.md each seed's difference and the verdict of the grid's family and
+    of its secondary comparisons; tipcap compare prints the per-seed differences and the verdict."""
     out = tmp_path / "out"
     cells = [{"name": "none", "kind": "none"}, {"name": "retrieval", "kind": "retrieval"}]
-    result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", "--set", "seeds=[0, 1]",
-                 "--set", f"cells={json.dumps(cells)}",
-                 "--set", 'compare=[[retrieval, none], [retrieval, none, rouge-l]]')  # fmt: skip
+    families = {"chain": {"margin": 0.05, "comparisons": [["retrieval", "none"]]}}
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", "--set", "seeds=[0, 1, 2]",
+                 "--set", f"cells={json.dumps(cells)}", "--set", f"families={json.dumps(families)}",
+                 "--set", "compare=[[retrieval, none, rouge-l]]")  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [(r["cell"], r["seed"]) for r in rows] == [("none", "0"), ("none", "1"), ("retrieval", "")]
+    assert [(r["cell"], r["seed"]) for r in rows] == [
+        ("none", "0"),
+        ("none", "1"),
+        ("none", "2"),
+        ("retrieval", ""),
+    ]
+    cider = {}
     for row in rows:
         per_image = json.loads((out / "eval" / Path(row_dir(row)) / "per_image.json").read_text())
-        cider = np.array([[p["CIDEr"] for p in per_image]])
-        assert (float(row["CIDEr_ci_low"]), float(row["CIDEr_ci_high"])) == pytest.approx(
-            (interval(cider).low, interval(cider).high)
-        )
+        cider[row_dir(row)] = np.array([p["CIDEr"] for p in per_image])
+        one = image_interval(cider[row_dir(row)])  # a row's interval: over the images of its one seed
+        assert (float(row["CIDEr_ci_low"]), float(row["CIDEr_ci_high"])) == pytest.approx((one.low, one.high))
         assert float(row["CIDEr_ci_low"]) <= float(row["CIDEr"]) <= float(row["CIDEr_ci_high"])
         assert "BLEU-4_ci_low" not in row  # a corpus statistic: no per-image scores
         assert float(row["ROUGE-L_ci_low"]) <= float(row["ROUGE-L"]) <= float(row["ROUGE-L_ci_high"])
     table = (out / "table.md").read_text()
-    both = np.array([[p["CIDEr"] for p in json.loads((out / "eval" / f"none-seed{s}-none" / "per_image.json")
-                      .read_text())] for s in (0, 1)])  # fmt: skip
-    mean = np.mean([float(r["CIDEr"]) for r in rows[:2]])
-    assert f"| none | none | 2 | {mean:.3f} ± {interval(both).half_width:.3f} |" in table
+    per_seed = [cider[f"none-seed{s}-none"].mean() for s in range(3)]
+    sd = np.std(per_seed, ddof=1)
+    mean = np.mean([float(r["CIDEr"]) for r in rows[:3]])
+    assert f"| none | none | 3 | {mean:.3f} ± {T975_DF2 * sd / math.sqrt(3):.3f} (sd {sd:.3f}) |" in table
+    retrieval = image_interval(cider["retrieval-none"])
+    assert f"| retrieval | none | 1 | {float(rows[3]['CIDEr']):.3f} ± {retrieval.half_width:.3f}‡ |" in table
+    assert "± is the half-width of the 95% t-interval over the seeds" in table
+    assert "‡ marks a cell evaluated once" in table
 
-    lines = (out / "comparisons.md").read_text().splitlines()
-    assert lines[2].startswith("- retrieval − none = ") and "(CIDEr, " in lines[2]
-    assert "(ROUGE-L, " in lines[3]
-    recorded = next(csv.DictReader((out / "comparisons.csv").open()))
-    printed = run("compare", "--grid-out", out, "--a", "none", "--b", "retrieval")
-    assert printed.exit_code == 0, printed.output
-    expected = (
-        f"none − retrieval = {-float(recorded['difference']):+.4f} [{-float(recorded['ci_high']):+.4f}, "
+    differences = [float(np.mean(cider["retrieval-none"] - cider[f"none-seed{s}-none"])) for s in range(3)]
+    verdict = expected_verdict(differences, 0.05)
+    markdown = (out / "comparisons.md").read_text()
+    assert "## Family chain: CIDEr, Holm's correction over its 1 tested comparison at α = 0.05, " in markdown
+    seeds = ", ".join(f"{d:+.4f}" for d in differences)
+    family_row = next(line for line in markdown.splitlines() if line.startswith("| retrieval − none | CIDEr"))
+    assert family_row.startswith(f"| retrieval − none | CIDEr | {seeds} | {np.mean(differences):+.4f} | ")
+    assert family_row.endswith(f"| {verdict} |"), (family_row, verdict)
+    tost = max(ttest_1samp(differences, -0.05, alternative="greater").pvalue,
+               ttest_1samp(differences, 0.05, alternative="less").pvalue)  # fmt: skip
+    assert (
+        f"| {'equivalent' if tost <= 0.05 else 'not shown'}: p {tost:.3g}, Holm p {tost:.3g} |" in family_row
     )
-    assert printed.stdout.startswith(expected), (printed.stdout, expected)
-    assert "2 seeds × 12 images" in printed.stdout
+    assert "## Secondary comparisons: each read alone, uncorrected" in markdown
+    assert "| retrieval − none | ROUGE-L | " in markdown
+    recorded = list(csv.DictReader((out / "comparisons.csv").open()))
+    assert [(r["family"], r["metric"]) for r in recorded] == [("chain", "CIDEr"), ("", "ROUGE-L")]
+    assert list(json.loads(recorded[0]["seed_differences"]).values()) == pytest.approx(differences)
+    assert float(recorded[0]["p_t"]) == pytest.approx(ttest_1samp(differences, 0.0).pvalue)
+    assert recorded[0]["verdict"] == verdict and recorded[1]["p_holm"] == ""
+    assert 0 < float(recorded[0]["p_images_fixed_decoders"]) <= 1
+
+    printed = run("compare", "--grid-out", out, "--a", "none", "--b", "retrieval", "--margin", "0.05")
+    assert printed.exit_code == 0, printed.output
+    lines = printed.stdout.splitlines()
+    assert lines[0].startswith("none − retrieval (CIDEr; 3 seeds × 12 images"), lines
+    assert lines[1] == "  per-seed differences: " + ", ".join(
+        f"seed {s} {-d:+.4f}" for s, d in enumerate(differences)
+    )
+    swapped = expected_verdict([-d for d in differences], 0.05)
+    assert f"  verdict (a single comparison, uncorrected): {swapped}" in lines
+    assert any(line.startswith("  equivalence within ±0.05 (TOST over seeds): p = ") for line in lines)
     wrong = run("compare", "--grid-out", out, "--a", "nonex", "--b", "none")
     assert (
         wrong.exit_code == 1
@@ -274,6 +325,125 @@ def test_comparisons_name_cells_of_the_grid(grid, tmp_path):
         "ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--set", "compare=[[prompts, none:oracle]]"
     )
     assert result.exit_code == 1 and "none is evaluated with prompts none only" in result.stderr
+
+
+def test_families_are_checked_key_by_key(grid, tmp_path):
+    """A family's mistakes are refused before anything runs, each naming its key."""
+    cases = [
+        ({"chain": {"comparisons": [["none", "nobody"]]}},
+         "config key 'families.chain.comparisons[0]': 'nobody' is not a cell"),
+        ({"chain": {"comparisons": [["none", "supervised", "rouge-l"]]}},
+         "config key 'families.chain.comparisons[0]': a family's comparison is [A, B]"),
+        ({"chain": {"comparisons": []}}, "config key 'families.chain.comparisons': empty"),
+        ({"chain": {"metric": "bleu-4", "comparisons": [["none", "supervised"]]}},
+         "config key 'families.chain.metric': 'bleu-4': paired comparisons need per-image scores"),
+        ({"chain": {"margin": 0, "comparisons": [["none", "supervised"]]}},
+         "config key 'families.chain.margin': input should be greater than 0"),
+        ({"chain": {"margins": 0.05, "comparisons": [["none", "supervised"]]}},
+         "config key 'families.chain.margins' is unknown"),
+        ({"chain": {"comparisons": [["prompts", "none:oracle"]]}},
+         "config key 'families.chain.comparisons[0]': none is evaluated with prompts none only"),
+    ]  # fmt: skip
+    for families, message in cases:
+        result = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--plan",
+                     "--set", f"families={json.dumps(families)}")  # fmt: skip
+        assert result.exit_code == 1 and message in result.stderr, (families, result.output)
+    assert not (tmp_path / "x").exists()
+
+
+def fake_grid_out(out: Path, cells: dict[str, np.ndarray]) -> None:
+    """A grid output folder as tipcap compare reads it: per cell, its per-seed CIDEr of each image (a
+    [S, N] matrix; a cell of one row without seed is a baseline evaluated once)."""
+    for cell, matrix in cells.items():
+        seeds = [None] if cell == "retrieval" else list(range(len(matrix)))
+        for seed, row in zip(seeds, matrix, strict=True):
+            folder = out / "eval" / (f"{cell}-none" if seed is None else f"{cell}-seed{seed}-none")
+            folder.mkdir(parents=True)
+            write_image_scores(folder / "scores.json", list(range(len(row))), {"CIDEr": row.tolist()})
+            (folder / "row.json").write_text(json.dumps({"cell": cell, "eval_prompt": "none", "seed": seed}))
+
+
+def test_compare_prints_per_seed_differences_and_a_verdict(tmp_path):
+    """tipcap compare on a grid folder: six seeds give a sign-flip p and a verdict; one seed none."""
+    rng = np.random.default_rng(0)
+    base = rng.random((6, 30))
+    offsets = np.array([0.10, 0.12, 0.08, 0.11, 0.09, 0.13])
+    cells = {"gaussian": base + offsets[:, None], "none": base, "retrieval": rng.random((1, 30)),
+             "single": base[:1] + 0.3}  # fmt: skip
+    fake_grid_out(tmp_path, cells)
+    printed = run("compare", "--grid-out", tmp_path, "--a", "gaussian", "--b", "none")
+    assert printed.exit_code == 0, printed.output
+    lines = printed.stdout.splitlines()
+    assert lines[0] == "gaussian − none (CIDEr; 6 seeds × 30 images, the test images held fixed)"
+    assert lines[1] == "  per-seed differences: " + ", ".join(
+        f"seed {s} {d:+.4f}" for s, d in enumerate(offsets)
+    )
+    assert "  sign-flip p over seeds = 0.0312" in lines  # every difference positive: 2 of the 64 sign flips
+    assert lines[-1] == "  verdict (a single comparison, uncorrected): resolved (A > B)"
+    # Within ±0.2 of each other, but the difference (about 0.11) is resolved: resolved wins, TOST says so too.
+    printed = run("compare", "--grid-out", tmp_path, "--a", "none", "--b", "gaussian", "--margin", "0.2")
+    assert "  verdict (a single comparison, uncorrected): resolved (A < B)" in printed.stdout
+    assert printed.stdout.rstrip().endswith(": equivalent")
+    # A baseline evaluated once pairs with every seed.
+    printed = run("compare", "--grid-out", tmp_path, "--a", "gaussian", "--b", "retrieval")
+    assert "(CIDEr; 6 seeds × 30 images" in printed.stdout
+    printed = run("compare", "--grid-out", tmp_path, "--a", "single", "--b", "none", "--margin", "0.05")
+    assert printed.exit_code == 0, printed.output
+    assert "bootstrap interval over images of one seed" in printed.stdout
+    assert "  verdict (a single comparison, uncorrected): undecided (one seed)" in printed.stdout
+    assert "  equivalence within ±0.05: no test with one seed" in printed.stdout
+    for margin in ("-1", "nan"):
+        refused = run("compare", "--grid-out", tmp_path, "--a", "gaussian", "--b", "none", "--margin", margin)
+        assert refused.exit_code == 2 and "--margin" in refused.output, refused.output
+
+
+def test_comparisons_md_reads_each_family_with_holm_then_the_secondary_ones(tmp_path):
+    """comparisons.md and .csv of a grid folder: a family of two read with Holm (the first at 1 − 0.05/2, the
+    second at 1 − 0.05), per-seed differences, sign-flip p at six seeds, then a secondary comparison."""
+    rng = np.random.default_rng(1)
+    base = rng.random((6, 30))
+    resolved = np.array([0.10, 0.12, 0.08, 0.11, 0.09, 0.13])
+    flat = np.array([0.004, -0.003, 0.001, -0.002, 0.003, 0.0])
+    fake_grid_out(tmp_path, {"gaussian": base + resolved[:, None], "diagonal": base + flat[:, None],
+                             "none": base, "single": base[:1] + 0.5})  # fmt: skip
+    families = {"chain": Family(comparisons=[["gaussian", "none"], ["diagonal", "none"]], margin=0.02),
+                "alone": Family(comparisons=[["single", "none"]])}  # fmt: skip
+    write_comparisons(grid_decisions(grid_scores(tmp_path), families, [["diagonal", "gaussian"]]), tmp_path)
+    lines = (tmp_path / "comparisons.md").read_text().splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("## Family chain"))
+    assert lines[heading] == ("## Family chain: CIDEr, Holm's correction over its 2 tested comparisons at "
+                              "α = 0.05, equivalence within ±0.02 by TOST, Holm-corrected too")  # fmt: skip
+    first, second = lines[heading + 4], lines[heading + 5]
+    p_first, p_second = ttest_1samp(resolved, 0.0).pvalue, ttest_1samp(flat, 0.0).pvalue
+    assert p_first < p_second  # the order Holm ranks them in
+    adjusted = ttest_1samp(resolved, 0.0).confidence_interval(1 - 0.05 / 2)
+    cells = [c.strip() for c in first.strip("|").split("|")]
+    assert cells[:5] == ["gaussian − none", "CIDEr", ", ".join(f"{d:+.4f}" for d in resolved),
+                         f"{resolved.mean():+.4f}", f"{resolved.std(ddof=1):.4f}"]  # fmt: skip
+    assert cells[6] == f"[{adjusted.low:+.4f}, {adjusted.high:+.4f}] (97.5%)"
+    assert (cells[7], cells[8]) == (f"{p_first:.3g}", f"{2 * p_first:.3g}")
+    assert cells[9] == "0.0312" and cells[-1] == "resolved (A > B)"  # all six positive: 2/64
+    cells = [c.strip() for c in second.strip("|").split("|")]
+    assert cells[8] == f"{max(2 * p_first, p_second):.3g}" and cells[6].endswith("(95%)")
+    assert cells[11].startswith("equivalent: p ") and cells[-1] == "equivalent within ±0.02"
+    # A family whose cell ran one seed: an image-level interval and no verdict.
+    heading = lines.index(
+        "## Family alone: CIDEr, one seed: no seed-level test, no verdict, no equivalence margin"
+    )
+    cells = [c.strip() for c in lines[heading + 4].strip("|").split("|")]
+    assert cells[5].endswith("(images, one seed)") and cells[-1] == "undecided (one seed)"
+    secondary = lines.index("## Secondary comparisons: each read alone, uncorrected")
+    cells = [c.strip() for c in lines[secondary + 4].strip("|").split("|")]
+    assert cells[0] == "diagonal − gaussian" and (cells[6], cells[8]) == ("—", "—")
+    assert cells[-1] == "resolved (A < B)"
+    rows = list(csv.DictReader((tmp_path / "comparisons.csv").open()))
+    assert [(r["family"], r["a"], r["verdict"]) for r in rows] == [
+        ("chain", "gaussian", "resolved (A > B)"), ("chain", "diagonal", "equivalent within ±0.02"),
+        ("alone", "single", "undecided (one seed)"), ("", "diagonal", "resolved (A < B)"),
+    ]  # fmt: skip
+    assert float(rows[0]["p_holm"]) == pytest.approx(2 * p_first) and rows[3]["p_holm"] == ""
+    assert (rows[2]["interval_over"], rows[2]["p_t"]) == ("images", "")
+    assert float(rows[0]["adjusted_level"]) == pytest.approx(0.975)
 
 
 def test_a_cell_override_is_checked_before_anything_runs(grid, tmp_path):

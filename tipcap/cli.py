@@ -923,7 +923,7 @@ def ablate_command(
         return
     ablation.run()
     click.echo((Path(out) / "table.md").read_text(encoding="utf-8"))
-    if ablation.config.compare:
+    if ablation.config.compare or ablation.config.families:
         click.echo((Path(out) / "comparisons.md").read_text(encoding="utf-8"))
     names = ("results.csv", "table.md", "comparisons.md", "comparisons.csv", "cider.png")
     written = [name for name in (*names, "cider_vs_pairs.png") if (Path(out) / name).is_file()]
@@ -941,11 +941,18 @@ def ablate_command(
     "--metric", default="CIDEr", show_default=True,
     help="A metric with per-image scores: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S or object_f1.",
 )  # fmt: skip
-def compare_command(grid_out: str, a: str, b: str, metric: str) -> None:
-    """Print A − B = x [lo, hi] with a paired p-value, on the seeds and test images both cells share."""
-    from tipcap.grid.compare import compare_cells, grid_scores
+@click.option(
+    "--margin", type=_FiniteFloatRange(min=0, min_open=True), default=None,
+    help="Also test equivalence within ±MARGIN (TOST over seeds).",
+)  # fmt: skip
+def compare_command(grid_out: str, a: str, b: str, metric: str, margin: float | None) -> None:
+    """Print A − B per seed: the per-seed differences, their t-interval over seeds and the verdict of this
+    one comparison (uncorrected), on the seeds and test images both cells share."""
+    from tipcap.grid.compare import compare_cells, describe, grid_scores
+    from tipcap.stats import decide
 
-    click.echo(compare_cells(grid_scores(grid_out), a, b, metric).describe())
+    comparison = compare_cells(grid_scores(grid_out), a, b, metric)
+    click.echo(describe(decide([comparison], margin)[0]))
 
 
 @main.command("demo")

@@ -47,6 +47,7 @@ from tipcap.config import (
     EvalPrompt,
     ExperimentConfig,
     GapConfig,
+    PositiveFloat,
     SyntheticGapConfig,
     apply_overrides,
     check_gap_kind,
@@ -95,6 +96,19 @@ class Cell:
 
 
 @dataclass
+class Family:
+    """Primary comparisons read together: each ``[A, B]`` (``CELL`` or ``CELL:PROMPT``) in ``metric``, with
+    Holm's correction within the family and, with ``margin``, an equivalence test within ``±margin``
+    (:func:`tipcap.stats.decide`)."""
+
+    __pydantic_config__ = _STRICT
+
+    comparisons: list[list[str]]
+    metric: str = "CIDEr"
+    margin: PositiveFloat | None = None
+
+
+@dataclass
 class AblationConfig:
     """A grid: decoders trained on one data set (a Karpathy file whose images lie under ``image_root``).
 
@@ -109,7 +123,9 @@ class AblationConfig:
     ``eval`` configure those stages for every cell (``eval.score_clip`` and ``eval.score_pretrained``
     name the CLIP-S scorer). ``compare`` lists pairs ``[A, B]`` of cells (``CELL`` or ``CELL:PROMPT``),
     optionally with a metric (``[A, B, rouge-l]``; CIDEr by default), whose paired difference ``A − B`` is
-    written to ``comparisons.md`` and ``comparisons.csv``.
+    written to ``comparisons.md`` and ``comparisons.csv`` as a secondary comparison (read alone, uncorrected).
+    ``families`` names the primary comparisons: name → :class:`Family`, each read with Holm's correction
+    within it (and an equivalence test where it sets a margin).
     ``synthetic_gap`` replaces every image embedding by a synthetic one with a known gap
     (:mod:`tipcap.synthgap`): each image loses one caption, and its embedding is that caption's plus a
     draw of N(μ*, Σ*); no image file is read.
@@ -138,6 +154,7 @@ class AblationConfig:
     cells: list[Cell] = field(default_factory=list)
     store_dir: str | None = None
     compare: list[list[str]] = field(default_factory=list)
+    families: dict[str, Family] = field(default_factory=dict)
     synthetic_gap: SyntheticGapConfig | None = None
     select_split: str = "val"
     select_metric: str = "CIDEr"
@@ -364,7 +381,8 @@ def _validate(config: AblationConfig, path: Path) -> None:
 
 
 def _check_comparisons(config: AblationConfig) -> None:
-    """Each ``compare`` entry names two evaluations the grid makes (``CELL`` or ``CELL:PROMPT``)."""
+    """Each ``compare`` entry and each family's comparison names two evaluations the grid makes (``CELL``
+    or ``CELL:PROMPT``), and each metric has per-image scores."""
     modes = {job.name: job.cell.eval_prompts for job in expand(config)}
     for index, pair in enumerate(config.compare):
         key = f"compare[{index}]"
@@ -374,24 +392,44 @@ def _check_comparisons(config: AblationConfig) -> None:
                 f"got {pair!r}."
             )
         if len(pair) == 3:
-            try:
-                metric_name(pair[2])
-            except TipcapError as e:
-                raise TipcapError(f"config key '{key}': {e}".replace("--metric ", "")) from None
-        for reference in pair[:2]:
-            cell, _, prompt = reference.partition(":")
-            if cell not in modes:
+            _check_metric(pair[2], key)
+        _check_pair(pair[:2], key, modes)
+    for name, family in config.families.items():
+        key = f"families.{name}"
+        _check_metric(family.metric, f"{key}.metric")
+        if not family.comparisons:
+            raise TipcapError(f"config key '{key}.comparisons': empty; list the family's [A, B] pairs.")
+        for index, pair in enumerate(family.comparisons):
+            if len(pair) != 2:
                 raise TipcapError(
-                    f"config key '{key}': {cell!r} is not a cell of this grid ({', '.join(modes)})."
+                    f"config key '{key}.comparisons[{index}]': a family's comparison is [A, B] (its metric "
+                    f"is the family's, {key}.metric), got {pair!r}."
                 )
-            if prompt and prompt not in modes[cell]:
-                raise TipcapError(
-                    f"config key '{key}': {cell} is evaluated with prompts {', '.join(modes[cell])} only."
-                )
-            if not prompt and "none" not in modes[cell] and len(modes[cell]) > 1:
-                raise TipcapError(
-                    f"config key '{key}': name the prompt mode of {cell}, e.g. {cell}:{modes[cell][0]}."
-                )
+            _check_pair(pair, f"{key}.comparisons[{index}]", modes)
+
+
+def _check_metric(metric: str, key: str) -> None:
+    try:
+        metric_name(metric)
+    except TipcapError as e:
+        raise TipcapError(f"config key '{key}': {e}".replace("--metric ", "")) from None
+
+
+def _check_pair(pair: list[str], key: str, modes: dict[str, list[str]]) -> None:
+    for reference in pair:
+        cell, _, prompt = reference.partition(":")
+        if cell not in modes:
+            raise TipcapError(
+                f"config key '{key}': {cell!r} is not a cell of this grid ({', '.join(modes)})."
+            )
+        if prompt and prompt not in modes[cell]:
+            raise TipcapError(
+                f"config key '{key}': {cell} is evaluated with prompts {', '.join(modes[cell])} only."
+            )
+        if not prompt and "none" not in modes[cell] and len(modes[cell]) > 1:
+            raise TipcapError(
+                f"config key '{key}': name the prompt mode of {cell}, e.g. {cell}:{modes[cell][0]}."
+            )
 
 
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:

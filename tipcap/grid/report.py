@@ -1,7 +1,9 @@
 """A grid's result files: ``results.csv`` (one row per cell, seed and evaluation prompt mode, with each
-row's 95% interval over the test images), ``table.md`` (mean over seeds ± the half-width of the 95% interval
-over test images and seeds, :mod:`tipcap.stats`), ``cider.png`` (CIDEr per method, coloured by setting) and,
-for grids with few-pairs cells, ``cider_vs_pairs.png`` (CIDEr against the share of paired training images).
+row's image-level 95% interval: the bootstrap over the test images of that one evaluation), ``table.md``
+(mean over seeds ± the half-width of the 95% t-interval over seeds, with the seeds' standard deviation; a
+cell evaluated once gets the image-level interval, marked; :mod:`tipcap.stats`), ``cider.png`` (CIDEr per
+method, coloured by setting) and, for grids with few-pairs cells, ``cider_vs_pairs.png`` (CIDEr against the
+share of paired training images).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIP-S", "Re
 # Claims checked against the scene, per aspect (toy world 2 only; empty elsewhere).
 CLAIM_COLUMNS = ("colour_f1", "shape_f1", "size_f1", "relation_f1")
 INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("ci_low", "ci_high"))
-"""Each row's 95% interval over the test images, for the metrics with per-image scores."""
+"""Each row's image-level 95% interval (the bootstrap over the test images of its one seed), for the metrics
+with per-image scores; the seed-level intervals are ``table.md``'s."""
 COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
            "seed", "train_data", "eval_data", *METRIC_COLUMNS, *CLAIM_COLUMNS, *INTERVAL_COLUMNS,
            "selected")  # fmt: skip
@@ -48,16 +51,31 @@ def _values(group: list[dict[str, Any]], column: str) -> list[float]:
     return [float(r[column]) for r in group if r[column] not in (None, "")]
 
 
-def _entry(values: list[float], found: Interval | None) -> str:
-    """Mean over seeds, ± the interval's half-width where there is one, else ± the std over seeds."""
+SEED_LEVEL, IMAGE_LEVEL, CORPUS = "seeds", "images", "corpus"
+_FOOTNOTES = {
+    SEED_LEVEL: "± is the half-width of the 95% t-interval over the seeds (each seed's score on the same "
+    "test images, t with seeds − 1 degrees of freedom: the test images are held fixed, so it says where "
+    "the score of other seeds would lie on these images, not on another test set), and sd the seeds' "
+    "standard deviation (tipcap.stats).",
+    IMAGE_LEVEL: "‡ marks a cell evaluated once (one seed, or a baseline without seed): ± is the half-width "
+    "of the 95% bootstrap interval over its test images only (image-level, no seed-level inference).",
+    CORPUS: "† marks a corpus metric without per-image scores, shown ± its standard deviation over seeds.",
+}
+
+
+def _entry(values: list[float], found: Interval | None) -> tuple[str, str | None]:
+    """Mean over seeds, ± the interval's half-width where there is one (with the seeds' sd, or marked ‡
+    when it is over images), else ± the std over seeds (marked †); and which footnote the entry needs."""
     if not values:
-        return "—"
+        return "—", None
     mean = statistics.mean(values)
+    if found is not None and found.over == SEED_LEVEL:
+        return f"{mean:.3f} ± {found.half_width:.3f} (sd {found.seed_sd:.3f})", SEED_LEVEL
     if found is not None:
-        return f"{mean:.3f} ± {found.half_width:.3f}"
+        return f"{mean:.3f} ± {found.half_width:.3f}‡", IMAGE_LEVEL
     if len(values) == 1:
-        return f"{mean:.3f}"
-    return f"{mean:.3f} ± {statistics.stdev(values):.3f}†"
+        return f"{mean:.3f}", None
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}†", CORPUS
 
 
 def markdown_table(
@@ -65,9 +83,10 @@ def markdown_table(
     intervals: dict[tuple[str, str], dict[str, Interval]] | None = None,
     title: str | None = None,
 ) -> str:
-    """Each method (and evaluation prompt mode): the mean over seeds ± the half-width of its 95% interval
-    over test images and seeds (``intervals``: (cell, prompt mode) → metric → interval). Corpus metrics
-    without per-image scores (BLEU-4, METEOR, SPICE) show ± the std over seeds, marked †."""
+    """Each method (and evaluation prompt mode): the mean over seeds ± the half-width of its 95% t-interval
+    over seeds, with the seeds' sd (``intervals``: (cell, prompt mode) → metric → interval); a cell evaluated
+    once gets its 95% interval over test images, marked ‡. Corpus metrics without per-image scores (BLEU-4,
+    METEOR, SPICE) show ± the std over seeds, marked †. The footnote says what ± is, for the kinds shown."""
     intervals = intervals or {}
     groups = _groups(rows)
     columns = [c for c in (*METRIC_COLUMNS, *CLAIM_COLUMNS) if any(_values(g, c) for g in groups.values())]
@@ -77,16 +96,14 @@ def markdown_table(
         "| method | prompt at test | seeds | " + " | ".join(names.get(c, c) for c in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
+    shown: set[str | None] = set()
     for key, group in groups.items():
         found = intervals.get(key, {})
-        cells = " | ".join(_entry(_values(group, c), found.get(c)) for c in columns)
-        lines.append(f"| {key[0]} | {key[1]} | {len(group)} | {cells} |")
-    lines += [
-        "",
-        "± is the half-width of the 95% bootstrap interval over the test images and the seeds "
-        "(tipcap.stats); † marks a corpus metric without per-image scores, shown ± its standard "
-        "deviation over seeds.",
-    ]
+        entries = [_entry(_values(group, c), found.get(c)) for c in columns]
+        shown.update(kind for _, kind in entries)
+        lines.append(f"| {key[0]} | {key[1]} | {len(group)} | " + " | ".join(e for e, _ in entries) + " |")
+    footnote = " ".join(_FOOTNOTES[kind] for kind in _FOOTNOTES if kind in shown)
+    lines += ["", footnote or "No entry has an interval or a spread over seeds."]
     return "\n".join(lines) + "\n"
 
 
@@ -114,8 +131,8 @@ def plot_cider(
     intervals: dict[tuple[str, str], dict[str, Interval]] | None = None,
 ) -> None:
     """A bar chart of CIDEr per method (mean over seeds), coloured by data setting, with the 95% interval
-    over test images and seeds as error bars, as in ``table.md`` (``intervals``: as for
-    :func:`markdown_table`)."""
+    as error bars, as in ``table.md``: over seeds, or over the test images of a cell evaluated once
+    (``intervals``: as for :func:`markdown_table`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,7 +153,10 @@ def plot_cider(
              color=[SETTING_COLOURS.get(s, "tab:purple") for s in settings])  # fmt: skip
     axis.set_xticks(range(len(labels)), labels, rotation=35, ha="right")
     axis.set_ylabel("CIDEr")
-    axis.set_title("CIDEr per method and data setting (mean over seeds, 95% interval over images and seeds)")
+    axis.set_title(
+        "CIDEr per method and data setting (mean over seeds, 95% t-interval over seeds;\n"
+        "a cell evaluated once: 95% interval over its test images)"
+    )
     present = list(dict.fromkeys(settings))
     axis.legend(handles=[Patch(color=SETTING_COLOURS.get(s, "tab:purple"), label=s) for s in present],
                 title="setting", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # fmt: skip

@@ -37,7 +37,7 @@ from tipcap.data.karpathy import read_karpathy, split_matches
 from tipcap.embed import clip_spec, embed_images, embed_texts
 from tipcap.errors import TipcapError
 from tipcap.gap import fit_gap_file
-from tipcap.grid.compare import GridScores, compare_cells, metric_name, write_comparisons
+from tipcap.grid.compare import GridScores, grid_decisions, metric_name, write_comparisons
 from tipcap.grid.config import (
     BASELINES,
     AblationConfig,
@@ -379,7 +379,7 @@ class Ablation:
             "object_f1": statistics.mean(f1) if f1 else None,
             **self._claims(per_image),
         }  # fmt: skip
-        # This evaluation's interval over the test images (its seed alone).
+        # This evaluation's image-level interval: the bootstrap over its test images (its seed alone).
         for metric in INTERVAL_METRICS:
             found = cell_interval({seed: scores}, metric)
             row[f"{metric}_ci_low"] = found.low if found is not None else None
@@ -568,7 +568,7 @@ class Ablation:
         current = to_dict(self.config)
         # Where the stores are kept and which comparisons are reported change no result; a changed split or
         # metric of selection chooses anew among the same candidates (the chosen one is evaluated again).
-        unrecorded = ("cells", "seeds", "store_dir", "compare", "select_split", "select_metric")
+        unrecorded = ("cells", "seeds", "store_dir", "compare", "families", "select_split", "select_metric")
         fixed = {k: v for k, v in current.items() if k not in unrecorded}
         fixed["few_pairs_draw"] = FEW_PAIRS_DRAW
         # A cell without select is recorded as before select existed.
@@ -633,8 +633,8 @@ class Ablation:
             )
         with atomic_path(self.out / "table.md") as tmp:
             tmp.write_text(markdown_table(rows, intervals, title), encoding="utf-8")
-        if self.config.compare:
-            write_comparisons([compare_cells(scores, *pair) for pair in self.config.compare], self.out)
+        if self.config.compare or self.config.families:
+            write_comparisons(grid_decisions(scores, self.config.families, self.config.compare), self.out)
         plot_cider(rows, self.out / "cider.png", intervals)
         fraction_plot = self.out / "cider_vs_pairs.png"
         if any(row["few_pairs"] for row in rows):
