@@ -99,7 +99,8 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     if report.get("noise_sq_norm_sd"):
         lines.append(
-            f"  noise norms       sd(||n||^2) {report['noise_sq_norm_sd']:.4f} (sqrt(2 tr S^2) for n = Lz)"
+            f"  noise norms       sd(||n||^2) {report['noise_sq_norm_sd']:.4f} "
+            "(||n|| = ||Lz||: sqrt(2 tr (LL^T)^2))"
         )
     for key, name in (("sigma2", "sigma^2"), ("close_noise_variance", "CLOSE's 0.12^2")):
         if report.get(key) is not None:
