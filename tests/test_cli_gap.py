@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -68,8 +69,8 @@ def test_text_only_imports_mu(stores, tmp_path):
                  "--images", stores / "images", "--out", paired)  # fmt: skip
     assert result.exit_code == 0
     out = tmp_path / "text-only.safetensors"
-    result = run("fit-gap", "--setting", "text-only", "--kind", "mean-isotropic", "--texts", stores / "texts",
-                 "--mu-from", paired, "--out", out)  # fmt: skip
+    result = run("fit-gap", "--setting", "text-only", "--kind", "mean-shift-isotropic",
+                 "--texts", stores / "texts", "--mu-from", paired, "--out", out)  # fmt: skip
     assert result.exit_code == 0, result.output
     gap, source = Gap.load(out), Gap.load(paired)
     assert (gap.mu == source.mu).all()
@@ -80,8 +81,10 @@ def test_text_only_imports_mu(stores, tmp_path):
 
 @pytest.mark.parametrize("setting", ["few-pairs", "web-pairs", "unpaired"])
 @pytest.mark.parametrize(
-    "kind", ["mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "close"]
-)
+    "kind",
+    ["mean-shift", "mean-shift-isotropic", "capdec-offset", "mean-isotropic-matched", "norm-matched",
+     "diagonal", "rotated", "close"],
+)  # fmt: skip
 def test_factor_kinds_in_each_setting(stores, tmp_path, kind, setting):
     """Each control kind fits in each setting with images; the file and the report give ||mu||, the
     noise's total variance and its effective rank."""
@@ -95,9 +98,11 @@ def test_factor_kinds_in_each_setting(stores, tmp_path, kind, setting):
     assert report["mu_norm"] == pytest.approx(float(gap.mu.norm()), rel=1e-5) and report["mu_norm"] > 0
     noise = 0.0 if kind == "mean-shift" else float(gap.covariance.double().trace())
     assert report["sigma_trace"] == pytest.approx(noise, rel=1e-4, abs=1e-9)
-    if kind == "mean-isotropic":
+    if kind in ("mean-shift-isotropic", "capdec-offset"):
         assert report["sigma_trace"] == pytest.approx(0.5 * 0.016 * 32, rel=1e-4)
-    if kind == "mean-isotropic-matched":
+    if kind in ("mean-isotropic-matched", "norm-matched", "rotated"):  # Σ's trace, times the scale
+        assert report["sigma_trace"] == pytest.approx(0.5 * report["fitted_trace"], rel=1e-4)
+    if kind in ("mean-isotropic-matched", "norm-matched"):
         assert report["sigma_trace"] == pytest.approx(0.5 * report["fitted_trace"], rel=1e-4)
         assert report["effective_rank"] == pytest.approx(32, rel=1e-4)
     expected_lines = (f"||mu||            {report['mu_norm']:.4f}", "effective rank", "participation ratio",
@@ -108,7 +113,32 @@ def test_factor_kinds_in_each_setting(stores, tmp_path, kind, setting):
         assert 0 <= report["mismatched_fraction"] <= 1 and "mismatched pairs" in result.stdout
 
 
-@pytest.mark.parametrize("kind", ["mean-isotropic-matched", "diagonal", "gaussian", "close", "mean-shift"])
+def test_fit_gap_rotated_has_the_gaussians_spectrum_in_other_directions(stores, tmp_path):
+    """`--kind rotated` against `--kind gaussian` on the same stores: the eigenvalues of the two noise
+    covariances agree (float32 factors, so to 1e-6 relative), and the leading eigenvectors do not."""
+    common = ("--setting", "few-pairs", "--texts", stores / "texts", "--images", stores / "images")
+    covariances = {}
+    for kind in ("gaussian", "rotated"):
+        out = tmp_path / f"{kind}.safetensors"
+        result = run("fit-gap", *common, "--kind", kind, "--seed", 5, "--out", out)
+        assert result.exit_code == 0, result.output
+        scale_tril = Gap.load(out).scale_tril.double()
+        covariances[kind] = scale_tril @ scale_tril.T
+    assert "rotation seed     5" in result.stdout
+    gaussian, rotated = (torch.linalg.eigh(covariances[kind]) for kind in ("gaussian", "rotated"))
+    spread = torch.linalg.vector_norm(rotated.eigenvalues - gaussian.eigenvalues)
+    assert float(spread / torch.linalg.vector_norm(gaussian.eigenvalues)) < 1e-6
+    # The top three eigenvectors of one against those of the other: a rotation that kept Σ's directions
+    # would give |cos| ≈ 1; random directions in d = 32 give about 1/sqrt(32).
+    cosines = (rotated.eigenvectors[:, -3:].T @ gaussian.eigenvectors[:, -3:]).abs()
+    assert float(cosines.max()) < 0.7, cosines
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["mean-isotropic-matched", "norm-matched", "diagonal", "rotated", "gaussian", "close", "mean-shift",
+     "mean-shift-isotropic", "capdec-offset"],
+)  # fmt: skip
 def test_text_only_refuses_kinds_without_their_inputs(stores, tmp_path, kind):
     out = tmp_path / "gap.safetensors"
     result = run(

@@ -63,6 +63,7 @@ def test_cache_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
         caches.append(Path(cache))
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "table.md").write_text("")
+        (Path(out) / "results.csv").write_text("cell,CIDEr\n")
 
     monkeypatch.setattr("tipcap.demo.run_demo", fake_demo)
     home = tmp_path / "home"
@@ -71,6 +72,43 @@ def test_cache_defaults_to_xdg_cache_home(tmp_path, monkeypatch):
         result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path / "out")], env=env)
         assert result.exit_code == 0, result.output
     assert caches == [tmp_path / "xdg" / "tipcap", *[home / ".cache" / "tipcap"] * 3]
+
+
+def test_demo_prints_the_digest_and_keeps_one_arithmetic_per_folder(tmp_path, monkeypatch):
+    """The last line gives results.csv's SHA-256 and says whether another machine should print it (not here:
+    torch was loaded before the command could pin it); a folder holding cells of one arithmetic refuses
+    cells of the other, naming --out and the flag that matches it."""
+    import hashlib
+
+    from tipcap.errors import TipcapError
+
+    def fake_world(*args, **kwargs):
+        raise TipcapError("stopped before the world")
+
+    def fake_demo(out, cache, **kwargs):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "table.md").write_text("| table |\n")
+        (Path(out) / "results.csv").write_text("cell,CIDEr\nnone,0.5\n")
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr("tipcap.demo.run_demo", fake_demo)
+        result = CliRunner().invoke(main, ["demo", "--out", str(out), "--cache", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    digest = hashlib.sha256(b"cell,CIDEr\nnone,0.5\n").hexdigest()[:16]
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"results.csv digest {digest}: CPU arithmetic not pinned (torch")
+    assert "depend on this CPU" in last
+
+    monkeypatch.setattr("tipcap.demo.demo_world", fake_world)
+    native = tmp_path / "native"
+    first = run("demo", "--out", native, "--cache", tmp_path / "c", "--unpinned")
+    assert "stopped before the world" in first.output
+    assert json.loads((native / "arithmetic.json").read_text()) == {"mode": "native"}
+    monkeypatch.setattr("tipcap.demo.arithmetic_mode", lambda: "pinned")
+    refused = run("demo", "--out", native, "--cache", tmp_path / "c")
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert f"--out {native}" in refused.output and "with --unpinned" in refused.output
 
 
 @pytest.mark.slow

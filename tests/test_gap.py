@@ -36,6 +36,7 @@ from tipcap.gap import (
     noise_covariance,
     plot_gap,
 )
+from tipcap.gap.fit import random_rotation
 from tipcap.gap.model import TRAIN_NOISE_KINDS
 from tipcap.store import Shard, build_store
 
@@ -164,11 +165,12 @@ def test_each_kind_maps_text_and_image_sides_as_documented(renorm):
     v = unit_rows(8, d, seed=17).float()
     out = normalize if renorm else (lambda x: x)
     memory = unit_rows(10, d, seed=18)
-    expected_to_text = {"none": v, "isotropic": v, "cov-noise": v, "close": v} | {
-        kind: v - mu
-        for kind in ("mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian")
-    }
-    expected_text_side = {kind: t for kind in expected_to_text} | {"cov-noise": t + mu, "close": t + mu}
+    image_side = ("cov-noise", "close", "capdec-offset")
+    text_side = ("mean-shift", "mean-shift-isotropic", "mean-isotropic-matched", "norm-matched", "diagonal",
+                 "rotated", "gaussian")  # fmt: skip
+    expected_to_text = {"none": v, "isotropic": v} | {kind: v for kind in image_side}
+    expected_to_text |= {kind: v - mu for kind in text_side}
+    expected_text_side = {kind: t for kind in expected_to_text} | {kind: t + mu for kind in image_side}
     expected_text_side["memory"] = t
     for kind in KINDS:
         gap = Gap(kind, mu, scale_tril, renorm=renorm, memory=memory if kind == "memory" else None)
@@ -676,8 +678,11 @@ def test_few_pairs_mu_from_stores_is_the_known_offset(stores):
     assert_positive_definite(fitted.covariance)
 
 
-NEEDS_COVARIANCE = ("mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise")
-ESTIMATED = ("mean-shift", "mean-isotropic", *NEEDS_COVARIANCE)
+NEEDS_COVARIANCE = (
+    "mean-isotropic-matched", "norm-matched", "diagonal", "rotated", "gaussian", "close", "cov-noise"
+)  # fmt: skip
+NEEDS_MU_FROM_IN_TEXT_ONLY = ("mean-shift", "mean-shift-isotropic", "capdec-offset")
+ESTIMATED = (*NEEDS_MU_FROM_IN_TEXT_ONLY, *NEEDS_COVARIANCE)
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -689,7 +694,7 @@ def test_fit_gap_every_setting_and_kind(stores, setting, kind):
         with pytest.raises(TipcapError, match=f"gap kind '{kind}' needs a covariance fitted on images"):
             fit_gap(config, texts, images)
         return
-    if setting == "text-only" and kind in ("mean-shift", "mean-isotropic"):
+    if setting == "text-only" and kind in NEEDS_MU_FROM_IN_TEXT_ONLY:
         with pytest.raises(TipcapError, match=r"gap\.mu_from"):
             fit_gap(config, texts, images)
         return
@@ -703,7 +708,8 @@ def test_fit_gap_every_setting_and_kind(stores, setting, kind):
         assert torch.allclose(gap.mu, fitted.mu.float(), atol=1e-6)
         assert float(gap.mu.norm()) > 0.3 and gap.info["pairs_used"] > 0
         assert gap.info["fitted_trace"] == pytest.approx(float(torch.trace(fitted.covariance)))
-        expected = noise_covariance(kind, fitted.covariance, CAPDEC_SIGMA2)
+        rotation = random_rotation(D, 0) if kind == "rotated" else None
+        expected = noise_covariance(kind, fitted.covariance, CAPDEC_SIGMA2, rotation=rotation)
     elif kind == "isotropic":
         assert torch.equal(gap.mu, torch.zeros(D))
         expected = CAPDEC_SIGMA2 * torch.eye(D, dtype=F64)
@@ -768,7 +774,9 @@ def test_text_only_gap_imports_mu_from_another_gap(stores, tmp_path):
     paired = fit_gap(GapConfig(setting="few-pairs", kind="gaussian"), texts, images)
     paired.save(tmp_path / "paired.safetensors")
     text_only = fit_gap(
-        GapConfig(setting="text-only", kind="mean-isotropic", mu_from=str(tmp_path / "paired.safetensors")),
+        GapConfig(
+            setting="text-only", kind="mean-shift-isotropic", mu_from=str(tmp_path / "paired.safetensors")
+        ),
         texts,
     )
     assert torch.equal(text_only.mu, paired.mu)
@@ -797,7 +805,7 @@ def test_fit_gap_options_and_errors(stores):
     assert not fit_gap(GapConfig(setting="few-pairs", kind="cov-noise", renorm=False), texts, images).renorm
     raw = estimate_gap("few-pairs", texts, images, shrink=False)
     assert not raw.shrinkage  # not shrunk (None, or 0)
-    for kind in ("mean-shift", "diagonal", "mean-isotropic-matched"):
+    for kind in ("mean-shift", "diagonal", "mean-isotropic-matched", "norm-matched", "rotated"):
         with pytest.raises(TipcapError, match="learnable"):
             fit_gap(GapConfig(setting="few-pairs", kind=kind, learnable=True), texts, images)
     with pytest.raises(TipcapError, match="kind"):

@@ -44,7 +44,8 @@ def defined_noise(kind: str, sigma: torch.Tensor) -> torch.Tensor:
     identity = torch.eye(len(sigma), dtype=F64)
     return {
         "isotropic": CAPDEC_SIGMA2 * identity,
-        "mean-isotropic": CAPDEC_SIGMA2 * identity,
+        "mean-shift-isotropic": CAPDEC_SIGMA2 * identity,
+        "capdec-offset": CAPDEC_SIGMA2 * identity,
         "mean-isotropic-matched": float(sigma.trace()) / len(sigma) * identity,
         "diagonal": torch.diag(sigma.diagonal()),
         "gaussian": sigma,
@@ -55,7 +56,8 @@ def defined_noise(kind: str, sigma: torch.Tensor) -> torch.Tensor:
 
 NOISE_KINDS = [
     "isotropic",
-    "mean-isotropic",
+    "mean-shift-isotropic",
+    "capdec-offset",
     "mean-isotropic-matched",
     "diagonal",
     "gaussian",
@@ -78,8 +80,9 @@ def test_noise_covariance_is_each_kinds_definition(kind):
 
 @pytest.mark.parametrize("kind", NOISE_KINDS)
 def test_sampled_training_noise_has_the_kinds_mean_and_covariance(kind):
-    """sample(t) − t over many rows: mean μ for the image-side kinds (close, cov-noise), 0 for the others,
-    and covariance the kind's definition; to_text(v) subtracts μ exactly for the text-side kinds."""
+    """sample(t) − t over many rows: mean μ for the image-side kinds (close, cov-noise, capdec-offset), 0
+    for the others, and covariance the kind's definition; to_text(v) subtracts μ exactly for the text-side
+    kinds."""
     n = 200_000
     sigma = spiked_covariance(D, seed=2)
     mu = 0.2 * torch.randn(D, generator=generator(3), dtype=F64)
@@ -87,13 +90,13 @@ def test_sampled_training_noise_has_the_kinds_mean_and_covariance(kind):
     gap = Gap(kind, mu, torch.linalg.cholesky(noise), renorm=False)
     t = torch.nn.functional.normalize(torch.randn(n, D, generator=generator(4)), dim=-1)
     drawn = (gap.sample(t, generator=generator(5)) - t).double()
-    image_side = kind in ("close", "cov-noise")
+    image_side = kind in ("close", "cov-noise", "capdec-offset")
     expected_mean = mu if image_side else torch.zeros(D, dtype=F64)
     standard_error = (noise.diagonal() / n).sqrt()
     assert bool(((drawn.mean(0) - expected_mean).abs() < 5 * standard_error).all())
     assert rel_frobenius(torch.cov(drawn.T, correction=0), noise) < 0.02
     v = torch.randn(4, D, generator=generator(6))
-    expected = v if kind in ("isotropic", "close", "cov-noise") else v - mu.float()
+    expected = v if kind in ("isotropic", "close", "cov-noise", "capdec-offset") else v - mu.float()
     assert torch.allclose(gap.to_text(v), expected, atol=1e-6)
 
 

@@ -25,8 +25,8 @@ from tipcap.errors import TipcapError
 
 # tipcap.config's GapKind, spelled out so that `tipcap --help` does not import pydantic.
 FIT_GAP_KINDS = [
-    "none", "isotropic", "mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian",
-    "close", "cov-noise", "memory",
+    "none", "isotropic", "mean-shift", "mean-shift-isotropic", "capdec-offset", "mean-isotropic-matched",
+    "norm-matched", "diagonal", "rotated", "gaussian", "close", "cov-noise", "memory",
 ]  # fmt: skip
 
 
@@ -449,7 +449,21 @@ def embed_images_command(
     default=0.016,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
-    help="isotropic / mean-isotropic / text-only noise variance.",
+    help="isotropic / mean-shift-isotropic / capdec-offset / text-only noise variance per axis.",
+)
+@click.option(
+    "--scale-to-dim",
+    is_flag=True,
+    help="Carry --sigma2 (set at CapDec's d = 640) and CLOSE's 0.12 (d = 768) to the embeddings' d at the "
+    "same expected cosine between noised and clean embeddings: sigma^2 * d0 / d.",
+)
+@click.option(
+    "--match",
+    type=click.Choice(["total", "tangential"]),
+    default="total",
+    show_default=True,
+    help="mean-isotropic-matched: match the trace of Sigma, or the noise left tangent to the captions "
+    "after renormalising (tr Sigma - E[t'Sigma t]).",
 )
 @click.option(
     "--noise-scale",
@@ -475,7 +489,9 @@ def embed_images_command(
     type=click.IntRange(min=1),
     help="memory: keep a random subset of this many captions.",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed for subsets.")
+@click.option(
+    "--seed", default=0, show_default=True, help="Seed for subsets and the rotated kind's rotation."
+)
 @click.option(
     "--device",
     default="cpu",
@@ -495,6 +511,8 @@ def fit_gap_command(
     web_estimator: str,
     drop_quantile: float,
     sigma2: float,
+    scale_to_dim: bool,
+    match: str,
     noise_scale: float,
     mu_from: str | None,
     learnable: bool,
@@ -510,6 +528,7 @@ def fit_gap_command(
 
     settings = {"kind": kind, "setting": setting, "renorm": not no_renorm, "shrinkage": not no_shrinkage,
                 "web_estimator": web_estimator, "drop_quantile": drop_quantile, "sigma2": sigma2,
+                "scale_to_dim": scale_to_dim, "match": match,
                 "noise_scale": noise_scale, "mu_from": mu_from, "learnable": learnable,
                 "tau": tau, "memory_size": memory_size, "seed": seed}  # fmt: skip
     try:

@@ -42,26 +42,42 @@ GapKind = Literal[
     "none",
     "isotropic",
     "mean-shift",
-    "mean-isotropic",
+    "mean-shift-isotropic",
+    "capdec-offset",
     "mean-isotropic-matched",
+    "norm-matched",
     "diagonal",
+    "rotated",
     "gaussian",
     "close",
     "cov-noise",
     "memory",
 ]
 Setting = Literal["few-pairs", "web-pairs", "unpaired", "text-only"]
+VarianceMatch = Literal["total", "tangential"]
 WebEstimator = Literal["mixture", "trim"]
 PromptMode = Literal["none", "pim", "hard"]
 EvalPrompt = Literal["none", "auto", "oracle", "wrong"]
 Metric = Literal["bleu", "meteor", "rouge", "cider", "spice"]
 
 GAP_KINDS: tuple[str, ...] = typing.get_args(GapKind)
-_NEEDS_COVARIANCE = {"mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise"}
-_TEXT_ONLY_EQUIVALENT = {"mean-shift": "none", "mean-isotropic": "isotropic"}
+_NEEDS_COVARIANCE = {
+    "mean-isotropic-matched", "norm-matched", "diagonal", "rotated", "gaussian", "close", "cov-noise"
+}  # fmt: skip
+_TEXT_ONLY_EQUIVALENT = {
+    "mean-shift": "none",
+    "mean-shift-isotropic": "isotropic",
+    "capdec-offset": "isotropic",
+}
+SOURCE_CONSTANT_KINDS = ("isotropic", "mean-shift-isotropic", "capdec-offset", "close")
+"""Kinds whose noise holds a constant set for another CLIP (CapDec's σ₀², CLOSE's 0.12), which
+``gap.scale_to_dim`` carries to the embedding's width."""
 SETTINGS: tuple[str, ...] = typing.get_args(Setting)
 METRICS: tuple[str, ...] = typing.get_args(Metric)
 CAPDEC_SIGMA2 = 0.016
+"""CapDec's noise variance per axis (``--noise_variance 0.016`` in its README's training command)."""
+CAPDEC_DIM = 640
+"""The width of CapDec's default CLIP, RN50x4 (``prefix_dim`` 640 in CapDec's ``train.py``; 512 for ViT)."""
 
 
 @dataclass
@@ -91,13 +107,20 @@ class GapConfig:
     # on cos(v, t)); "trim" drops the least similar share drop_quantile
     web_estimator: WebEstimator = "mixture"
     drop_quantile: Annotated[float, Field(ge=0, lt=1)] = 0.1  # web-pairs with trim: least similar share
-    sigma2: PositiveFloat = CAPDEC_SIGMA2  # isotropic, mean-isotropic and text-only noise variance
+    # isotropic, mean-shift-isotropic, capdec-offset and text-only noise variance per axis
+    sigma2: PositiveFloat = CAPDEC_SIGMA2
     noise_scale: PositiveFloat = 1.0  # multiplies the training-noise covariance of any kind (σ² sweeps)
+    # mean-isotropic-matched: match tr Σ (total), or the noise left tangent to the caption embedding
+    # after renormalisation (tangential); see tipcap.gap.fit.matched_isotropic_variance
+    match: VarianceMatch = "total"
+    # carry sigma2 (taken at CapDec's d = 640) and CLOSE's 0.12 (d = 768) to the embedding's width at the
+    # same expected cosine between a noised and a clean embedding: σ² → σ₀²·d₀/d
+    scale_to_dim: bool = False
     learnable: bool = False  # train μ and L with a KL term to this estimate (train.kl_weight)
     mu_from: str | None = None  # text-only: import μ from this gap file
     tau: PositiveFloat = 0.01  # memory: softmax temperature
     memory_size: Positive | None = None  # memory: keep a seeded subset of this many captions
-    seed: int = 0
+    seed: int = 0  # memory subsets, the web-pairs mixture's null draw, the rotated kind's rotation
 
 
 @dataclass
@@ -222,23 +245,42 @@ class ExperimentConfig:
 def check_gap_kind(kind: str, setting: str, mu_from: str | None, where: str) -> None:
     """Refuse a gap kind whose inputs the setting lacks, or one that text-only makes another kind.
 
-    Text-only has no fitted Σ, so the kinds that need one are refused there; ``mean-shift`` and
-    ``mean-isotropic`` are refused there without ``mu_from``, since with μ = 0 they are ``none`` and
-    ``isotropic``. ``where`` names the config section in the message (``gap``, ``cells[3]``).
+    Text-only has no fitted Σ, so the kinds that need one are refused there; ``mean-shift``,
+    ``mean-shift-isotropic`` and ``capdec-offset`` are refused there without ``mu_from``, since with μ = 0
+    they are ``none`` and ``isotropic``. ``where`` names the config section in the message (``gap``,
+    ``cells[3]``).
     """
     if setting != "text-only":
         return
     if kind in _NEEDS_COVARIANCE:
         raise TipcapError(
             f"{where}: gap kind {kind!r} needs a covariance fitted on images, which the text-only setting "
-            "has not (its noise would be sigma2·I: kind isotropic, or mean-isotropic with gap.mu_from); "
-            "use another setting or kind."
+            "has not (its noise would be sigma2·I: kind isotropic, or mean-shift-isotropic with "
+            "gap.mu_from); use another setting or kind."
         )
     if kind in _TEXT_ONLY_EQUIVALENT and mu_from is None:
         raise TipcapError(
             f"{where}: gap kind {kind!r} in the text-only setting has mu = 0 unless gap.mu_from "
             f"(--mu-from) imports one, which makes it kind {_TEXT_ONLY_EQUIVALENT[kind]!r}; set gap.mu_from "
             "or use that kind."
+        )
+
+
+def check_gap_config(config: GapConfig, where: str) -> None:
+    """:func:`check_gap_kind`, then refuse options that the config's kind would ignore: ``match:
+    tangential`` outside ``mean-isotropic-matched``, and ``scale_to_dim`` for a kind without a source
+    constant (:data:`SOURCE_CONSTANT_KINDS`)."""
+    check_gap_kind(config.kind, config.setting, config.mu_from, where)
+    if config.match != "total" and config.kind != "mean-isotropic-matched":
+        raise TipcapError(
+            f"{where}: gap.match {config.match} (--match) applies to kind mean-isotropic-matched only, not "
+            f"{config.kind!r}; drop it (total is the default) or use that kind."
+        )
+    if config.scale_to_dim and config.kind not in SOURCE_CONSTANT_KINDS:
+        raise TipcapError(
+            f"{where}: gap.scale_to_dim (--scale-to-dim) rescales the published noise constants of kinds "
+            f"{', '.join(SOURCE_CONSTANT_KINDS)}; kind {config.kind!r} has none and would ignore it. Drop it "
+            "or change the kind."
         )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,18 +10,27 @@ from typing import Any
 import torch
 
 from tipcap import provenance
-from tipcap.config import CAPDEC_SIGMA2, SETTINGS, GapConfig, check_gap_kind, from_dict, to_dict
+from tipcap.config import (
+    CAPDEC_DIM,
+    CAPDEC_SIGMA2,
+    SETTINGS,
+    GapConfig,
+    check_gap_config,
+    from_dict,
+    to_dict,
+)
 from tipcap.errors import TipcapError
 from tipcap.gap.estimate import (
     GapEstimate,
     Pairs,
+    Rows,
     estimate_few_pairs,
     estimate_text_only,
     estimate_unpaired,
     estimate_web_pairs,
     estimate_web_pairs_mixture,
 )
-from tipcap.gap.model import LEARNABLE_KINDS, TRAIN_NOISE_KINDS, Gap
+from tipcap.gap.model import LEARNABLE_KINDS, TRAIN_NOISE_KINDS, Gap, added_noise_covariance
 from tipcap.gap.moments import cholesky
 from tipcap.gap.report import effective_rank, gap_report, plot_gap
 from tipcap.provenance import sha256_file
@@ -30,32 +40,120 @@ CLOSE_COVARIANCE_SCALE = 3.0
 """CLOSE's ``CovNoise`` multiplies its covariance sample by 3 (a standard deviation: 9Σ in covariance)."""
 CLOSE_NOISE_STD = 0.12
 """CLOSE's default isotropic noise for single-caption captioning (``DEFAULT_NOISE["s-cap"]``)."""
+CLOSE_DIM = 768
+"""The width of CLOSE's default CLIP, ViT-L/14 (``--clip_model`` in ``close/experiments/train.py``)."""
 
 _NEEDS_ESTIMATE = {
-    "mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise"
+    "mean-shift", "mean-shift-isotropic", "capdec-offset", "mean-isotropic-matched", "norm-matched",
+    "diagonal", "rotated", "gaussian", "close", "cov-noise",
 }  # fmt: skip
+_SIGMA2_KINDS = ("isotropic", "mean-shift-isotropic", "capdec-offset")
 
 
-def noise_covariance(kind: str, covariance: torch.Tensor, sigma2: float) -> torch.Tensor:
-    """The training-noise covariance ``[d, d]`` (float64) a kind uses, given the setting's Σ ``[d, d]``.
+def scaled_to_dim(variance: float, source_dim: int, dim: int) -> float:
+    """A per-axis noise variance set at width ``source_dim``, carried to width ``dim`` at the same
+    operating point: σ² = σ₀²·d₀/d.
 
-    ``isotropic``/``mean-isotropic``: σ₀²I; ``mean-isotropic-matched``: (tr Σ / d)·I, the same total
-    variance as Σ; ``diagonal``: diag Σ; ``gaussian``/``cov-noise``: Σ; ``close``: 9Σ + 0.12²·I; the
-    other kinds: zero.
+    For unit t and n ~ N(0, σ²I), cos(t + n, t) = (1 + n·t)/‖t + n‖ ≈ 1/sqrt(1 + dσ²) (n·t ~ N(0, σ²) and
+    ‖n‖² ≈ dσ² concentrate as d grows), so keeping dσ² keeps the expected cosine between a noised and a
+    clean embedding.
+    """
+    return variance * source_dim / dim
+
+
+def random_rotation(dim: int, seed: int) -> torch.Tensor:
+    """A Haar-distributed rotation ``[dim, dim]`` (float64, determinant +1), seeded.
+
+    Q of the QR decomposition of a Gaussian matrix, with its columns' signs fixed by R's diagonal (which
+    makes Q Haar-distributed on the orthogonal group), and the first column flipped when det Q = −1.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    gaussian = torch.randn(dim, dim, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    q = q * torch.sign(torch.diagonal(r))
+    if float(torch.linalg.det(q)) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def unit_second_moment(rows: Rows, chunk: int = 65536) -> torch.Tensor:
+    """E[ttᵀ] ``[d, d]`` (float64) over rows scaled to unit length, streamed in chunks of ``chunk`` rows."""
+    total: torch.Tensor | None = None
+    count = 0
+    for block in rows.iter_chunks(chunk):
+        t = torch.nn.functional.normalize(block.to(torch.float64), dim=-1)
+        total = t.T @ t if total is None else total + t.T @ t
+        count += len(t)
+    if total is None:
+        raise TipcapError("the caption store is empty: no second moment to match the tangential noise to.")
+    return total / count
+
+
+def tangential_trace(covariance: torch.Tensor, text_moment: torch.Tensor) -> float:
+    """E_t[tr S − tᵀSt] = tr S − tr(S·E[ttᵀ]) for noise covariance S ``[d, d]`` and unit captions'
+    second moment E[ttᵀ] ``[d, d]``: the expected squared norm of the noise tangent to t, which is what
+    renormalising t + n leaves of it."""
+    covariance = covariance.to(torch.float64)
+    return float(torch.trace(covariance) - (covariance * text_moment.to(torch.float64)).sum())
+
+
+def matched_isotropic_variance(
+    covariance: torch.Tensor, match: str = "total", text_moment: torch.Tensor | None = None
+) -> float:
+    """The variance s² of ``mean-isotropic-matched``'s noise s²I, given Σ ``[d, d]``.
+
+    ``total``: s² = tr Σ / d, Σ's total variance. ``tangential``: s²·(d − 1) = tr Σ − E[tᵀΣt], the
+    Gaussian's tangential noise (:func:`tangential_trace`, which needs the captions' ``text_moment``);
+    for unit t, isotropic noise leaves s²·(d − 1) of its s²·d tangent to t.
+    """
+    dim = covariance.shape[-1]
+    if match == "total":
+        return float(torch.trace(covariance.to(torch.float64))) / dim
+    if match != "tangential" or text_moment is None:
+        raise ValueError(f"match {match!r}: total, or tangential with the captions' second moment")
+    return tangential_trace(covariance, text_moment) / (dim - 1)
+
+
+def noise_covariance(
+    kind: str,
+    covariance: torch.Tensor,
+    sigma2: float,
+    *,
+    close_variance: float = CLOSE_NOISE_STD**2,
+    matched_variance: float | None = None,
+    rotation: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The covariance ``[d, d]`` (float64) that a kind's gap file stores as LLᵀ, given the setting's Σ
+    ``[d, d]``.
+
+    ``isotropic``/``mean-shift-isotropic``/``capdec-offset``: σ₀²I (``sigma2``);
+    ``mean-isotropic-matched``: s²I with s² = ``matched_variance`` (default tr Σ / d, the same total
+    variance as Σ; :func:`matched_isotropic_variance`); ``diagonal``: diag Σ; ``rotated``: RΣRᵀ for the
+    orthogonal ``rotation`` R ``[d, d]`` (required); ``gaussian``/``cov-noise``/``norm-matched``: Σ (for
+    ``norm-matched`` the factor of its noise norms, :func:`tipcap.gap.model.added_noise_covariance`);
+    ``close``: 9Σ + ``close_variance``·I (0.12²); the other kinds: zero.
     """
     dim = covariance.shape[-1]
     identity = torch.eye(dim, dtype=torch.float64)
     covariance = covariance.to(torch.float64)
-    if kind in ("isotropic", "mean-isotropic"):
+    if kind in _SIGMA2_KINDS:
         return sigma2 * identity
     if kind == "mean-isotropic-matched":
-        return float(torch.trace(covariance)) / dim * identity
+        if matched_variance is None:
+            matched_variance = matched_isotropic_variance(covariance)
+        return matched_variance * identity
     if kind == "diagonal":
         return torch.diag(torch.diagonal(covariance))
-    if kind in ("gaussian", "cov-noise"):
+    if kind == "rotated":
+        if rotation is None:
+            raise ValueError("the rotated kind needs its rotation")
+        rotation = rotation.to(torch.float64)
+        rotated = rotation @ covariance @ rotation.T
+        return (rotated + rotated.T) / 2
+    if kind in ("gaussian", "cov-noise", "norm-matched"):
         return covariance
     if kind == "close":
-        return CLOSE_COVARIANCE_SCALE**2 * covariance + CLOSE_NOISE_STD**2 * identity
+        return CLOSE_COVARIANCE_SCALE**2 * covariance + close_variance * identity
     return torch.zeros(dim, dim, dtype=torch.float64)
 
 
@@ -150,14 +248,18 @@ def fit_gap(
 
     ``none`` and ``isotropic`` need no estimate (isotropic uses σ² = ``sigma2``); ``memory`` keeps the
     caption embeddings (a seeded random subset of ``memory_size`` rows when given) as its memory; the
-    other kinds take μ and Σ from the setting's estimator and store the noise covariance of
-    :func:`noise_covariance`, times ``noise_scale``. Kinds that need a fitted Σ are refused in text-only,
-    and so are ``mean-shift`` and ``mean-isotropic`` there without ``mu_from`` (they would be ``none``
-    and ``isotropic``).
+    other kinds take μ and Σ from the setting's estimator and store the covariance of
+    :func:`noise_covariance`, times ``noise_scale``: ``rotated`` with the rotation of :func:`random_rotation`
+    seeded by ``seed``, ``mean-isotropic-matched`` with the variance of ``match`` (``tangential`` reads the
+    second moment of the caption store). With ``scale_to_dim``, ``sigma2`` (taken at CapDec's width 640)
+    and CLOSE's 0.12² (at 768) are carried to the stores' width by :func:`scaled_to_dim`. Kinds that need a
+    fitted Σ are refused in text-only, and so are ``mean-shift``, ``mean-shift-isotropic`` and
+    ``capdec-offset`` there without ``mu_from`` (they would be ``none`` and ``isotropic``), and options
+    that the kind would ignore (:func:`tipcap.config.check_gap_config`).
     """
     config = from_dict(GapConfig, to_dict(config), "gap")  # a config built in code is checked too
     kind, setting = config.kind, config.setting
-    check_gap_kind(kind, setting, config.mu_from, "gap")
+    check_gap_config(config, "gap")
     if config.mu_from and (setting != "text-only" or kind not in _NEEDS_ESTIMATE):
         raise TipcapError(
             f"--mu-from (gap.mu_from) imports μ for --setting text-only with a kind that uses μ "
@@ -172,12 +274,19 @@ def fit_gap(
     info: dict[str, Any] = {"kind": kind, "texts": str(Path(texts.path).resolve())}
     if images is not None:
         info["images"] = str(Path(images.path).resolve())
+    sigma2, close_variance = config.sigma2, CLOSE_NOISE_STD**2
+    if config.scale_to_dim:
+        sigma2 = scaled_to_dim(config.sigma2, CAPDEC_DIM, dim)
+        close_variance = scaled_to_dim(close_variance, CLOSE_DIM, dim)
+        source = {"close": (CLOSE_NOISE_STD**2, CLOSE_DIM)}.get(kind, (config.sigma2, CAPDEC_DIM))
+        info.update({"scale_to_dim": True, "source_variance": source[0], "source_dim": source[1]})
     mu = torch.zeros(dim, dtype=torch.float64)
     fitted_covariance = torch.zeros(dim, dim, dtype=torch.float64)
     memory = None
     if kind in _NEEDS_ESTIMATE:
         mu_from = Gap.load(config.mu_from) if config.mu_from else None
-        fitted = _estimate(setting, texts, images, config, mu_from, device)
+        estimated = dataclasses.replace(config, sigma2=sigma2)  # text-only's σ₀²I at the width used
+        fitted = _estimate(setting, texts, images, estimated, mu_from, device)
         mu, fitted_covariance = fitted.mu, fitted.covariance
         info.update(fitted.info())
         if setting != "text-only":  # text-only fits no Σ: its σ₀²I is the noise, not an estimate
@@ -192,10 +301,34 @@ def fit_gap(
                 rows = torch.randperm(len(texts), generator=generator)[: config.memory_size].sort().values
             memory = texts.gather(rows)
             info.update({"memory_size": len(rows), "tau": config.tau})
-    covariance = config.noise_scale * noise_covariance(kind, fitted_covariance, config.sigma2)
-    if kind in ("isotropic", "mean-isotropic"):
-        info["sigma2"] = config.sigma2
-    eigenvalues = torch.linalg.eigvalsh(covariance)
+    matched_variance = rotation = None
+    if kind == "mean-isotropic-matched":
+        info["match"] = config.match
+        if config.match == "tangential":
+            text_moment = unit_second_moment(texts)
+            matched_variance = matched_isotropic_variance(fitted_covariance, "tangential", text_moment)
+            # The noise the decoder keeps after renormalising: the Gaussian's, and what matching the
+            # total variance would leave; this kind's equals the first.
+            gaussian = tangential_trace(fitted_covariance, text_moment)
+            total_match = float(torch.trace(fitted_covariance)) * (1 - 1 / dim)
+            info["tangential_gaussian"] = config.noise_scale * gaussian
+            info["tangential_total_match"] = config.noise_scale * total_match
+    if kind == "rotated":
+        rotation = random_rotation(dim, config.seed)
+        info["rotation_seed"] = config.seed
+    covariance = config.noise_scale * noise_covariance(
+        kind,
+        fitted_covariance,
+        sigma2,
+        close_variance=close_variance,
+        matched_variance=matched_variance,
+        rotation=rotation,
+    )
+    if kind in _SIGMA2_KINDS:
+        info["sigma2"] = sigma2
+    if kind == "close":
+        info["close_noise_variance"] = close_variance
+    eigenvalues = torch.linalg.eigvalsh(added_noise_covariance(kind, covariance))
     info.update(
         {
             "mu_norm": float(mu.norm()),

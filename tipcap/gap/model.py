@@ -1,33 +1,64 @@
 """The modality gap as a Gaussian, N(μ, LLᵀ), and the baseline and control kinds behind the same interface.
 
-How each kind moves embeddings (t: a caption's text embedding, v: an image embedding, z ~ N(0, I); μ and
-Σ are the setting's estimate, L the Cholesky factor of the *noise covariance the kind uses*, which is what
-the gap file stores):
+How each kind moves embeddings (t: a caption's text embedding, v: an image embedding, z, z₁, z₂ ~ N(0, I)
+drawn independently; μ and Σ are the setting's estimate, L the Cholesky factor that the gap file stores:
+the noise covariance the kind uses, except for ``norm-matched``, whose L is Σ's):
 
-========================  ===========  =================  =====================================
-kind                      ``sample``   ``to_text``        noise covariance LLᵀ; reference
-========================  ===========  =================  =====================================
-none                      t            v                  none; no bridging
-isotropic                 t + L·z      v                  σ₀²I (σ₀² = 0.016); CapDec's noise
-mean-shift                t            v − μ              none; CapDec's modality offset alone
-mean-isotropic            t + L·z      v − μ              σ₀²I; CapDec's offset with its noise
-mean-isotropic-matched    t + L·z      v − μ              (tr Σ / d)·I: Σ's total, no shape
-diagonal                  t + L·z      v − μ              diag Σ: no correlations
-gaussian                  t + L·z      v − μ              Σ; TIPCap, text space
-close                     t + μ + L·z  v                  9Σ + 0.12²·I; CLOSE's adapter
-cov-noise                 t + μ + L·z  v                  Σ; the Gaussian on the image side
-memory                    t            softmax(v·Tᵀ/τ)·T  none; DeCap (T: text memory)
-========================  ===========  =================  =====================================
+======================  ========================  =================  ======================================
+kind                    ``sample``                ``to_text``        noise covariance; reference
+======================  ========================  =================  ======================================
+none                    t                         v                  none; no bridging
+isotropic               t + L·z                   v                  σ₀²I (σ₀² = 0.016); CapDec's noise
+mean-shift              t                         v − μ              none; the mean gap alone
+mean-shift-isotropic    t + L·z                   v − μ              σ₀²I; CapDec's noise, μ removed at
+                                                                     inference
+capdec-offset           t + μ + L·z               v                  σ₀²I; CapDec's ``--add_modality_offset``
+mean-isotropic-matched  t + L·z                   v − μ              s²I with s² = tr Σ / d (``total``) or
+                                                                     the tangential match (``tangential``)
+norm-matched            t + ‖L·z₁‖·z₂/‖z₂‖        v − μ              (tr Σ / d)·I, with the Gaussian's
+                                                                     noise norms; L = chol Σ
+diagonal                t + L·z                   v − μ              diag Σ: no correlations
+rotated                 t + L·z                   v − μ              RΣRᵀ, R a seeded random rotation: Σ's
+                                                                     spectrum in other directions
+gaussian                t + L·z                   v − μ              Σ; TIPCap, text space
+close                   t + μ + L·z               v                  9Σ + 0.12²·I; CLOSE's adapter
+cov-noise               t + μ + L·z               v                  Σ; the Gaussian on the image side
+memory                  t                         softmax(v·Tᵀ/τ)·T  none; DeCap (T: text memory)
+======================  ========================  =================  ======================================
 
 Every noise covariance is multiplied by ``gap.noise_scale`` (default 1) when fitted. With ``renorm`` every
 output is scaled back to unit length, as CLIP embeddings are.
+
+**Controls of the Gaussian's shape.** The decoder reads normalise(t + n), and renormalisation removes the
+part of n along t: what survives is the tangential noise, of expected size tr S − tᵀSt for noise
+covariance S. ``mean-isotropic-matched`` keeps Σ's total variance but not its tangential part (tr Σ·(1 −
+1/d) against tr Σ − E[tᵀΣt]), and its noise norms are tighter (var ‖n‖² = 2 tr S², least for isotropic
+S). Three kinds separate these from the directions: ``rotated`` keeps Σ's whole spectrum (trace, norms'
+spread) and moves its directions; ``norm-matched`` draws isotropic directions with the Gaussian's noise
+norms (a scale mixture: its covariance is (tr Σ/d)·I, but ‖n‖ is distributed as ‖L·z‖); and ``gap.match:
+tangential`` sets the matched kind's s² so that s²·(d − 1) = tr Σ − E[tᵀΣt] over the caption store.
+
+``capdec-offset`` follows CapDec (github.com/DavidHuji/CapDec): ``train.py --add_modality_offset`` loads
+``offset_to_add_in_training`` = center_image − center_text (``others/modality_offset_calculator.py``: the
+means of 20,000 normalised COCO image and caption embeddings, RN50x4) and ``noise_injection`` adds it after
+the noise: x = t/‖t‖ + σ₀·z + offset, then x/‖x‖ (σ₀² = ``--noise_variance``, 0.016 in the README); at
+inference ``predictions_runner.py`` without its own flag feeds the normalised image embedding. Here the
+offset is the setting's μ. Training with the noise alone and inferring with ``predictions_runner.py
+--add_modality_offset``, which adds center_text − center_image to the normalised image embedding (and does
+not renormalise), is ``mean-shift-isotropic`` instead; that kind was called ``mean-isotropic`` before, and
+gap files saved under that name load as it.
 
 ``close`` follows allenai/close (``close/model/language_adapters.py``, class ``CovNoise``, selected by
 ``--l_adapter cov``): at training x = t + shift; x = x + 3·s, s ~ N(0, C); x = x + 0.12·z; x/‖x‖, and at
 inference the normalised image embedding as it is. ``shift`` and ``C`` are its precomputed mean and
 covariance of the image–text differences (files ``*-mean-diff.pkl`` and ``*-cov-diff.pkl``), here μ and Σ
-of the setting; 0.12 is ``train.py``'s default noise for single-caption captioning (``s-cap``). The sum of
-the two independent draws is one draw from N(0, 9Σ + 0.12²·I), which is what is stored.
+of the setting; 0.12 is ``train.py``'s default noise for single-caption captioning (``s-cap``), with its
+default CLIP ViT-L/14 (d = 768). The sum of the two independent draws is one draw from N(0, 9Σ + 0.12²·I),
+which is what is stored.
+
+CapDec's σ₀² and CLOSE's 0.12 were set for CLIPs of width 640 and 768; ``gap.scale_to_dim`` carries them
+to the embedding's width d at the same expected cosine between a noised and a clean unit embedding,
+≈ 1/sqrt(1 + dσ²) for isotropic noise: σ² → σ₀²·d₀/d (:func:`tipcap.gap.fit.scaled_to_dim`).
 """
 
 from __future__ import annotations
@@ -50,17 +81,38 @@ GAP_FORMAT = "tipcap-gap"
 GAP_VERSION = 1
 
 TRAIN_NOISE_KINDS = frozenset(
-    {"isotropic", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian", "close", "cov-noise"}
-)
-"""Kinds that add noise N(0, LLᵀ) to the training input."""
+    {"isotropic", "mean-shift-isotropic", "capdec-offset", "mean-isotropic-matched", "norm-matched",
+     "diagonal", "rotated", "gaussian", "close", "cov-noise"}
+)  # fmt: skip
+"""Kinds that add noise to the training input: N(0, LLᵀ), or ``norm-matched``'s scale mixture."""
 LEARNABLE_KINDS = frozenset({"isotropic", "gaussian", "close", "cov-noise"})
 """Noise kinds whose full factor L may be trained (the others' noise has a shape that training would lose)."""
-_TRAIN_SHIFT = {"cov-noise", "close"}
-_INFER_SHIFT = {"mean-shift", "mean-isotropic", "mean-isotropic-matched", "diagonal", "gaussian"}
+RENAMED_KINDS = {"mean-isotropic": "mean-shift-isotropic"}
+"""Former kind names, read from older gap files as the kind that computes the same."""
+_TRAIN_SHIFT = {"cov-noise", "close", "capdec-offset"}
+_INFER_SHIFT = {
+    "mean-shift", "mean-shift-isotropic", "mean-isotropic-matched", "norm-matched", "diagonal", "rotated",
+    "gaussian",
+}  # fmt: skip
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
+
+
+def added_noise_covariance(kind: str, factor_covariance: torch.Tensor) -> torch.Tensor:
+    """The covariance ``[d, d]`` of the noise a kind's ``sample`` adds, from the LLᵀ ``[d, d]`` it stores.
+
+    LLᵀ for the Gaussian noise kinds; (tr LLᵀ / d)·I for ``norm-matched`` (isotropic directions, norms of
+    ‖L·z‖); zero for the kinds without training noise (whatever factor an older file stored).
+    """
+    if kind not in TRAIN_NOISE_KINDS:
+        return torch.zeros_like(factor_covariance)
+    if kind == "norm-matched":
+        dim = factor_covariance.shape[-1]
+        identity = torch.eye(dim, dtype=factor_covariance.dtype, device=factor_covariance.device)
+        return torch.trace(factor_covariance) / dim * identity
+    return factor_covariance
 
 
 class Gap(nn.Module):
@@ -103,6 +155,9 @@ class Gap(nn.Module):
             raise ValueError(f"scale_tril must be [{dim}, {dim}], got {tuple(scale_tril.shape)}")
         if kind == "memory" and (memory is None or memory.shape[-1] != dim):
             raise TipcapError(f"a memory gap needs a text memory of width {dim}.")
+        if learnable and kind not in LEARNABLE_KINDS:
+            kinds = ", ".join(sorted(LEARNABLE_KINDS))
+            raise TipcapError(f"a learnable gap is one of kinds {kinds}, not {kind!r}.")
         self.kind = kind
         self.renorm = renorm
         self.clip = clip
@@ -143,6 +198,11 @@ class Gap(nn.Module):
         scale_tril = self.scale_tril
         return scale_tril @ scale_tril.T
 
+    @property
+    def training_noise_covariance(self) -> torch.Tensor:
+        """The covariance ``[d, d]`` of the noise ``sample`` adds (:func:`added_noise_covariance`)."""
+        return added_noise_covariance(self.kind, self.covariance)
+
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return _normalize(x) if self.renorm else x
 
@@ -151,7 +211,11 @@ class Gap(nn.Module):
         x = t.to(self.mu.dtype)
         if self.kind in TRAIN_NOISE_KINDS:
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + z @ self.scale_tril.T
+            noise = z @ self.scale_tril.T
+            if self.kind == "norm-matched":  # the Gaussian's norm ‖L·z₁‖ along a uniform direction z₂/‖z₂‖
+                direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                noise = noise.norm(dim=-1, keepdim=True) * _normalize(direction)
+            x = x + noise
         if self.kind in _TRAIN_SHIFT:
             x = x + self.mu
         return self._out(x)
@@ -280,8 +344,10 @@ class Gap(nn.Module):
     @classmethod
     def _from_saved(cls, metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> Gap:
         """Rebuild a gap from a file's metadata and tensors (KeyError/ValueError when incomplete)."""
+        kind = metadata["kind"]
+        kind = RENAMED_KINDS.get(kind, kind)  # the one place where a former kind name is read
         gap = cls(
-            metadata["kind"],
+            kind,
             tensors["prior_mu"] if "prior_mu" in tensors else tensors["mu"],
             tensors["prior_scale_tril"] if "prior_scale_tril" in tensors else tensors["scale_tril"],
             renorm=json.loads(metadata["renorm"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,12 @@ from tipcap.config import CAPDEC_SIGMA2
 from tipcap.gap.estimate import Pairs
 from tipcap.gap.model import TRAIN_NOISE_KINDS, Gap
 from tipcap.io import atomic_path
+
+_INFO_KEYS = (
+    "sigma2", "close_noise_variance", "scale_to_dim", "source_variance", "source_dim", "match",
+    "tangential_gaussian", "tangential_total_match", "rotation_seed",
+)  # fmt: skip
+"""Options of a kind's fit that the report repeats from the gap's info when the fit recorded them."""
 
 
 def effective_rank(eigenvalues: torch.Tensor) -> float:
@@ -36,15 +43,20 @@ def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dic
     """Summary figures of a gap, and how far it closes the gap on matched pairs when given.
 
     ``sigma_trace`` (the total variance), ``top_eigenvalues`` and ``effective_rank`` (the participation
-    ratio, :func:`effective_rank`) describe the training noise the kind uses (zero for kinds without
-    noise); ``fitted_trace`` and ``fitted_effective_rank`` the setting's estimate of Σ it came from.
+    ratio, :func:`effective_rank`) describe the covariance of the training noise the kind adds (zero for
+    kinds without noise); ``noise_sq_norm_sd`` the spread of its squared norms, sd ‖n‖² = sqrt(2 tr S²) for
+    n = L·z with S = LLᵀ (also ``norm-matched``'s, whose norms are ‖L·z‖); ``fitted_trace`` and
+    ``fitted_effective_rank`` the setting's estimate of Σ it came from. ``sigma2`` is the per-axis
+    variance of the kinds that take one (with ``scale_to_dim``, carried from ``source_variance`` at
+    ``source_dim``); ``tangential_gaussian`` and ``tangential_total_match`` the expected noise left
+    tangent to the captions by the Gaussian and by isotropic noise of Σ's trace (``match: tangential``).
     ``mismatched_fraction`` is the share of web pairs the mixture estimator believes mismatched.
     ``cosine_before`` is the mean cos(v, t) over matched pairs; ``cosine_after`` the mean cosine between
     the two sides as the decoder sees them (``to_text(v)`` against ``text_side(t)``).
     """
     with torch.no_grad():
-        noise = gap.covariance.double() if gap.kind in TRAIN_NOISE_KINDS else torch.zeros(gap.dim, gap.dim)
-        eigenvalues = torch.linalg.eigvalsh(noise.double()).flip(0)
+        eigenvalues = torch.linalg.eigvalsh(gap.training_noise_covariance.double()).flip(0)
+        norms_from = gap.covariance.double() if gap.kind in TRAIN_NOISE_KINDS else None
         report: dict[str, Any] = {
             "kind": gap.kind,
             "setting": gap.info.get("setting"),
@@ -53,6 +65,7 @@ def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dic
             "sigma_trace": float(eigenvalues.sum()),
             "top_eigenvalues": [float(x) for x in eigenvalues[:5]],
             "effective_rank": effective_rank(eigenvalues),
+            "noise_sq_norm_sd": 0.0 if norms_from is None else math.sqrt(2 * float((norms_from**2).sum())),
             "noise_scale": gap.info.get("noise_scale", 1.0),
             "fitted_trace": gap.info.get("fitted_trace"),
             "fitted_effective_rank": gap.info.get("fitted_effective_rank"),
@@ -61,6 +74,9 @@ def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dic
             "mismatched_fraction": gap.info.get("mismatched_fraction"),
             "shrinkage": gap.info.get("shrinkage"),
         }
+        for key in _INFO_KEYS:
+            if key in gap.info:
+                report[key] = gap.info[key]
         if pairs is not None and len(pairs) > 0:
             v, t = sample_pairs(pairs, limit)
             cosine = torch.nn.functional.cosine_similarity
@@ -81,6 +97,27 @@ def format_report(report: dict[str, Any]) -> str:
         f"  effective rank    {report['effective_rank']:.1f} of {report['dim']} "
         "(participation ratio (tr S)^2 / tr(S^2) of the noise)",
     ]
+    if report.get("noise_sq_norm_sd"):
+        lines.append(
+            f"  noise norms       sd(||n||^2) {report['noise_sq_norm_sd']:.4f} "
+            "(||n|| = ||Lz||: sqrt(2 tr (LL^T)^2))"
+        )
+    for key, name in (("sigma2", "sigma^2"), ("close_noise_variance", "CLOSE's 0.12^2")):
+        if report.get(key) is not None:
+            source = ""
+            if report.get("scale_to_dim"):
+                source = (
+                    f" (scaled to d = {report['dim']} from {report['source_variance']:g} "
+                    f"at d = {report['source_dim']}, the same expected cosine)"
+                )
+            lines.append(f"  {name:<17} {report[key]:.4g} per axis{source}")
+    if report.get("tangential_gaussian") is not None:
+        lines.append(
+            f"  tangential noise  {report['tangential_gaussian']:.4f} the Gaussian's and this kind's, "
+            f"{report['tangential_total_match']:.4f} with tr(Sigma)/d (match {report['match']})"
+        )
+    if report.get("rotation_seed") is not None:
+        lines.append(f"  rotation seed     {report['rotation_seed']} (Sigma's spectrum, random directions)")
     if report.get("fitted_trace") is not None:
         lines.append(
             f"  fitted Sigma      trace {report['fitted_trace']:.4f}, "

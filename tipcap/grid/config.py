@@ -2,8 +2,9 @@
 
 Cells:
 
-- a gap kind (``none``, ``isotropic``, ``mean-shift``, ``mean-isotropic``, ``mean-isotropic-matched``,
-  ``diagonal``, ``gaussian``, ``close``, ``cov-noise``, ``memory``; see :mod:`tipcap.gap.model`) fitted in a
+- a gap kind (``none``, ``isotropic``, ``mean-shift``, ``mean-shift-isotropic``, ``capdec-offset``,
+  ``mean-isotropic-matched``, ``norm-matched``, ``diagonal``, ``rotated``, ``gaussian``, ``close``,
+  ``cov-noise``, ``memory``; see :mod:`tipcap.gap.model`) fitted in a
   data setting: ``few-pairs`` (a seeded subset of the paired training images: a count or a percentage, or a
   list of them to sweep; each seed draws its own, with seed ``data_seed + seed``), ``web-pairs`` (a JSONL
   of web image-caption pairs), ``unpaired`` (the captions of one seeded half of the training images and the
@@ -50,7 +51,7 @@ from tipcap.config import (
     PositiveFloat,
     SyntheticGapConfig,
     apply_overrides,
-    check_gap_kind,
+    check_gap_config,
     from_dict,
     read_yaml_mapping,
     set_dotted,
@@ -487,6 +488,6 @@ def resolve(config: AblationConfig, cell: Cell, where: str = "set") -> JobConfig
             "(the table and the plots rank by CIDEr)."
         )
     if gap is not None:  # after the stages, so that a mistyped override is named first
-        check_gap_kind(gap.kind, gap.setting, gap.mu_from, f"config key '{where.removesuffix('.set')}'")
+        check_gap_config(gap, f"config key '{where.removesuffix('.set')}'")
     overrides_gap = any(dotted.startswith("gap.") for dotted in cell.set)
     return JobConfig(gap, decoder, evaluation, overrides_gap)
