@@ -42,7 +42,7 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     assert names == {f"{d}/{g}.yaml" for d in ("coco", "flickr30k") for g in ("grid", "few_pairs_sweep")} | {
         "cross_domain/coco_to_flickr30k.yaml", "cross_domain/flickr30k_to_coco.yaml",
         "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml", "toyworld_factors.yaml",
-        "toyworld2_factors.yaml", "synthetic_gap.yaml",
+        "toyworld2_factors.yaml", "toyworld2_controls.yaml", "synthetic_gap.yaml",
     }  # fmt: skip
     # The factor grids declare each setting's chain none → mean-shift → matched → diagonal → gaussian as a
     # family (Holm within it, equivalence within ±0.05 CIDEr), and compare the baselines outside it.
@@ -64,6 +64,19 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     for pair in (["mean-isotropic-few-pairs", "none"], ["supervised", "retrieval"],
                  ["gaussian-few-pairs", "mean-isotropic-few-pairs"]):  # fmt: skip
         assert pair in world2.compare
+    # The controls grid: its shape questions declared before it runs, each bridged kind's noise scale chosen
+    # on validation scenes (never the test split), and enough seeds for a seed-level sign-flip test.
+    controls = load_ablation(EXPERIMENTS / "toyworld2_controls.yaml")
+    assert list(controls.families) == ["factor-chain", "shape-controls"]
+    assert controls.families["shape-controls"].comparisons == [
+        ["gaussian", "rotated"], ["norm-matched", "matched"], ["gaussian", "norm-matched"],
+        ["matched-tangential", "matched"],
+    ]  # fmt: skip
+    kinds = {cell.name: cell.kind for cell in controls.cells}
+    assert kinds["rotated"] == "rotated" and kinds["norm-matched"] == "norm-matched"
+    selecting = {cell.name for cell in controls.cells if cell.select}
+    assert selecting == {"matched", "diagonal", "gaussian", "rotated", "norm-matched"}
+    assert controls.select_split == "val" != controls.eval_split and len(controls.seeds) >= 6
     world1 = load_ablation(EXPERIMENTS / "toyworld_factors.yaml")
     for setting in ("few-pairs", "unpaired", "web-pairs"):
         family = world1.families[f"factor-chain-{setting}"]
