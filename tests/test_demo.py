@@ -1,7 +1,11 @@
 """`tipcap demo`: the toy world and CLIP cached by the code that makes them, and the quick demo end to end."""
 
 import csv
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -78,8 +82,6 @@ def test_demo_prints_the_digest_and_keeps_one_arithmetic_per_folder(tmp_path, mo
     """The last line gives results.csv's SHA-256 and says whether another machine should print it (not here:
     torch was loaded before the command could pin it); a folder holding cells of one arithmetic refuses
     cells of the other, naming --out and the flag that matches it."""
-    import hashlib
-
     from tipcap.errors import TipcapError
 
     def fake_world(*args, **kwargs):
@@ -157,28 +159,39 @@ def test_quick_demo_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_quick_demo_of_world_2_separates_the_methods(tmp_path):
-    """The default demo (world 2, --quick) from an empty cache: each stage timed, four methods, and the
-    separations the world is built for. The margins sit under the spread measured on world seeds 0–3:
-    supervised − none +0.35 to +0.47 CIDEr, gaussian − none +0.11 to +0.48, supervised's object F1 above
-    none's by +0.02 to +0.14; CLIP R@1 0.85–0.95, matched cosine 0.35–0.37 against 0.62–0.63 between
-    images, claim accuracy 0.67–0.75."""
-    out = tmp_path / "demo"
-    result = run("demo", "--quick", "--out", out, "--cache", tmp_path / "cache", "--no-progress")
-    assert result.exit_code == 0, result.output
+    """The default demo (world 2, --quick) from an empty cache, as a user runs it: a fresh interpreter, so its
+    CPU arithmetic is pinned and its digits are every x86-64 machine's. Each stage is timed, four methods,
+    and the separations the world is built for, with margins under the spread measured on world seeds 0–5
+    (pinned; experiments/README §5.3): supervised − none +0.30 to +1.24 CIDEr, gaussian − none +0.18 to
+    +0.92, CLIP R@1 0.90–0.97, matched cosine 0.36–0.40 against 0.62 between images, claim accuracy
+    0.68–0.76."""
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    command = [sys.executable, "-m", "tipcap.cli", "demo", "--quick", "--out", str(out),
+               "--cache", str(cache), "--no-progress"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
     for stage in ("toy world: generated in", "toy CLIP: 150 steps in", "grid: finished in"):
         assert stage in result.stderr, result.stderr
+    digest = hashlib.sha256((out / "results.csv").read_bytes()).hexdigest()[:16]
+    assert (
+        result.stdout.strip()
+        .splitlines()[-1]
+        .startswith(f"results.csv digest {digest}: CPU arithmetic pinned (tipcap.portable)")
+    )
+    assert json.loads((out / "arithmetic.json").read_text()) == {"mode": "pinned"}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["cell"] for r in rows] == ["supervised", "none", "gaussian-few-pairs", "retrieval"]
     cider = {r["cell"]: float(r["CIDEr"]) for r in rows}
     f1 = {r["cell"]: float(r["object_f1"]) for r in rows}
-    assert cider["supervised"] - cider["none"] >= 0.25, cider
-    assert cider["gaussian-few-pairs"] - cider["none"] >= 0.05, cider
+    assert cider["supervised"] - cider["none"] >= 0.2, cider
+    assert cider["gaussian-few-pairs"] - cider["none"] >= 0.1, cider
     assert f1["supervised"] > f1["none"], f1
     for row in rows:
         assert 0.5 <= float(row["CIDEr"]) < 10 and 0.0 <= float(row["relation_f1"]) <= 1.0, row
     assert "| supervised | none | 1 |" in result.stdout and "colour F1" in result.stdout
-    report = json.loads(next((tmp_path / "cache").glob("toyworld2-*/clip-*/toyclip_report.json")).read_text())
-    assert report["recall_at_1"] >= 0.8 and report["claim_accuracy"] >= 0.6, report
+    report = json.loads(next(cache.glob("toyworld2-*/clip-*/toyclip_report.json")).read_text())
+    assert report["recall_at_1"] >= 0.85 and report["claim_accuracy"] >= 0.6, report
     assert report["matched_cosine"] + 0.15 < report["within_modality_cosine"], report
 
 
