@@ -46,8 +46,8 @@ class DemoScale:
 
 
 def demo_scale(quick: bool, version: int = 2) -> DemoScale:
-    """The full demo, or the reduced one (``--quick``) that finishes in under three minutes on a 2-core CPU,
-    on toy world ``version`` (1 keeps the tables of the first world reproducible)."""
+    """The full demo, or the reduced one (``--quick``: about 7 minutes on a 2-core CPU, pinned), on toy world
+    ``version`` (1 keeps the tables of the first world reproducible)."""
     from tipcap.toy.clip import TOYCLIP2_CONFIG, TOYCLIP_CONFIG, StopRule
 
     if version == 1:
