@@ -2,6 +2,7 @@
 embeddings, prompts, corrupt files, batching, and model directories that travel."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -120,7 +121,14 @@ def test_a_model_without_prompts_reports_no_prompt_words(plain_model, image_fold
     model = TIPCap.from_pretrained(plain_model, device="cpu")
     paths = sorted(image_folder.glob("img_*.jpg"))
     plain = model.caption(images=paths, num_beams=1)
-    prompted = model.caption(images=paths, prompts=["zebra"], num_beams=1)
+    # The command line's handler stops the package's logger from propagating once any command ran in this
+    # process (the fixture's did): listen on the logger itself, whatever ran before.
+    package_logger = logging.getLogger("tipcap")
+    package_logger.addHandler(caplog.handler)
+    try:
+        prompted = model.caption(images=paths, prompts=["zebra"], num_beams=1)
+    finally:
+        package_logger.removeHandler(caplog.handler)
     assert [r.prompt for r in prompted] == [[]] * 6
     assert [r.caption for r in prompted] == [r.caption for r in plain]
     assert "trained without prompts" in caplog.text
