@@ -291,8 +291,7 @@ class Ablation:
             test_store = self._images(store_name, self.eval_karpathy, split, self.eval_root)
             method = cell.kind if cell.kind in BASELINES else "model"
             texts = self._texts("train-text", self.karpathy, "train") if method == "retrieval" else None
-            resolved = self.job_config(job)
-            evaluation = from_dict(EvalConfig, {**to_dict(resolved.eval), "prompt": eval_prompt}, "eval")
+            resolved, evaluation = self._evaluation_config(job, eval_prompt)
             evaluate_split(
                 self.eval_karpathy, split, out, evaluation, method=method,
                 model=self.model(job, seed) if method == "model" else None, image_store=test_store,
@@ -307,6 +306,11 @@ class Ablation:
         write_json_atomic(out / "row.json", row)
         self.echo(f"{out.name}: CIDEr {row['CIDEr']:.3f}")
         return row
+
+    def _evaluation_config(self, job: Job, eval_prompt: str) -> tuple[JobConfig, EvalConfig]:
+        """A job's resolved stages and its evaluation config with ``eval_prompt`` as the prompt mode."""
+        resolved = self.job_config(job)
+        return resolved, from_dict(EvalConfig, {**to_dict(resolved.eval), "prompt": eval_prompt}, "eval")
 
     def _scorer_store(self, store_name: str, evaluation: EvalConfig) -> Path:
         """Where the evaluation images embedded by the CLIP-S scorer are kept (when it is not the grid's
@@ -430,9 +434,7 @@ class Ablation:
         if not (out / SCORES_FILE).is_file():
             store_name = f"{split}-images"
             store = self._images(store_name, self.karpathy, split, self.root)
-            resolved = self.job_config(job)
-            prompt = job.cell.eval_prompts[0]
-            evaluation = from_dict(EvalConfig, {**to_dict(resolved.eval), "prompt": prompt}, "eval")
+            resolved, evaluation = self._evaluation_config(job, job.cell.eval_prompts[0])
             evaluate_split(
                 self.karpathy, split, out, evaluation, model=self.model(job, seed), image_store=store,
                 images=self.root, clip=self.clip, objects=self.select_objects(),
@@ -491,7 +493,7 @@ class Ablation:
             )
         asking = [i for i in selecting if self.config.cells[i].eval_prompts[0] in ("oracle", "wrong")]
         if asking:
-            objects = scene_objects(self.karpathy)
+            objects = self.select_objects()
             missing = [image.image_id for image in images if image.image_id not in objects]
             if missing:
                 raise TipcapError(
