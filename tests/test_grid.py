@@ -544,6 +544,48 @@ def test_a_cell_chooses_its_noise_scale_on_validation_scenes(grid, tmp_path, mon
         assert model.parent.name == f"isotropic-{other}-seed{seed}"
 
 
+@pytest.mark.slow
+def test_select_seeds_train_the_candidates_and_the_other_seeds_the_choice(grid, tmp_path):
+    """With ``select_seeds``, a plan trains the candidates on those seeds only; once they are trained, the
+    next plan scores them on val and plans the chosen value alone for the other seeds."""
+    out = tmp_path / "out"
+    flags = ["--set", f"cells={json.dumps(SELECTING)}", "--set", "seeds=[0, 1]", "--set", "select_seeds=[0]",
+             "--set", "decoder.train.max_steps=4"]  # fmt: skip
+    first = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress", *flags)
+    assert first.exit_code == 0 and "wrote 2 training commands" in first.stdout, first.output
+    assert "isotropic: seeds 1 wait for the choice" in first.stderr
+    assert "trains a decoder per seed of 0 for each gap.noise_scale in 0.5, 4" in first.stderr
+    assert "; seeds 1 train the chosen value alone" in first.stderr
+    labels = ["gap.noise_scale=0.5", "gap.noise_scale=4"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [
+        f"isotropic-{label}-seed0" for label in labels
+    ]
+    for label in labels:
+        trained = out / "runs" / f"isotropic-{label}-seed0"
+        result = run("train", "--config", trained / "train.yaml", "--out", trained, "--no-progress")
+        assert result.exit_code == 0, result.output
+
+    second = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress", *flags)
+    assert second.exit_code == 0 and "wrote 1 training commands" in second.stdout, second.output
+    val = {label: np.mean(load_json(out / "eval-val" / f"isotropic-{label}-seed0-none" / "scores.json")
+                          ["scores"]["CIDEr"]) for label in labels}  # fmt: skip
+    chosen = max(labels, key=lambda label: val[label])
+    assert sorted(p.name for p in (out / "runs").iterdir() if p.name.endswith("seed1")) == [
+        f"isotropic-{chosen}-seed1"
+    ]
+
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
+    assert result.exit_code == 0, result.output
+    selection = list(csv.DictReader((out / "selection.csv").open()))
+    assert [(r["candidate"], r["seed"], r["selected"]) for r in selection] == [
+        (label, "0", chosen) for label in labels
+    ]
+    for seed in (0, 1):
+        model = Path(load_json(out / "eval" / f"isotropic-seed{seed}-none" / "metrics.json")["model"]["path"])
+        assert model.parent.name == f"isotropic-{chosen}-seed{seed}"
+    assert not list((out / "eval-val").glob("*seed1*"))
+
+
 def test_selection_takes_the_best_mean_over_seeds_and_the_first_on_a_tie():
     jobs = [Job(Cell("x"), candidate=f"gap.noise_scale={value}") for value in (1, 2, 3)]
     best_mean = Selection(Job(Cell("x")), jobs, [{0: 0.1, 1: 0.9}, {0: 0.6, 1: 0.6}, {0: 0.7, 1: 0.2}])
@@ -585,6 +627,7 @@ def test_plan_shows_the_candidates_and_the_validation_split(grid, tmp_path):
             "config key 'select_split': cells[0] would choose gap.noise_scale on the im",
         ),
         ("select_metric=bleu-4", "config key 'select_metric': 'bleu-4' has no per-image scores"),
+        ("select_seeds=[7]", "config key 'select_seeds': [7] must list distinct seeds of 'seeds' ([0])"),
     ],
 )
 def test_selection_on_the_test_split_or_on_no_images_is_refused(grid, tmp_path, override, message):

@@ -25,7 +25,8 @@ eval.beams: 3}``. :func:`resolve` gives a job's resolved stage configs.
 A trained cell may instead choose one such key's value on validation data: ``select: {gap.noise_scale:
 [0.25, 0.5, 1, 2, 4]}`` trains a decoder per candidate value and seed (:func:`candidates`), evaluates each on
 the grid's ``select_split`` (``val``) and keeps the value with the best mean ``select_metric`` (CIDEr) over
-seeds; only that one is evaluated on ``eval_split``.
+seeds; only that one is evaluated on ``eval_split``. ``select_seeds`` (a subset of ``seeds``; all of them by
+default) limits the candidates to those seeds: the other seeds train the chosen value alone.
 """
 
 from __future__ import annotations
@@ -131,7 +132,9 @@ class AblationConfig:
     (:mod:`tipcap.synthgap`): each image loses one caption, and its embedding is that caption's plus a
     draw of N(μ*, Σ*); no image file is read.
     ``select_split`` (``val``; never ``eval_split``) and ``select_metric`` (``CIDEr``, or another metric with
-    per-image scores) are where and by what the cells with ``select`` choose their candidate value.
+    per-image scores) are where and by what the cells with ``select`` choose their candidate value;
+    ``select_seeds`` (a subset of ``seeds``, all by default) are the seeds whose candidates are trained and
+    scored, so that a sweep costs candidates × select_seeds decoders, not candidates × seeds.
     """
 
     __pydantic_config__ = _STRICT
@@ -159,6 +162,12 @@ class AblationConfig:
     synthetic_gap: SyntheticGapConfig | None = None
     select_split: str = "val"
     select_metric: str = "CIDEr"
+    select_seeds: list[int] | None = None
+
+    @property
+    def selecting_seeds(self) -> list[int]:
+        """The seeds whose candidates a selecting cell trains and scores: ``select_seeds``, or all."""
+        return self.seeds if self.select_seeds is None else self.select_seeds
 
 
 @dataclass(frozen=True)
@@ -303,6 +312,13 @@ def _check_selection_keys(config: AblationConfig) -> None:
         check_split(config.select_split)
     except TipcapError as e:
         raise TipcapError(f"config key 'select_split': {e}") from None
+    if config.select_seeds is not None:
+        outside = [seed for seed in config.select_seeds if seed not in config.seeds]
+        if outside or not config.select_seeds or len(set(config.select_seeds)) < len(config.select_seeds):
+            raise TipcapError(
+                f"config key 'select_seeds': {config.select_seeds} must list distinct seeds of 'seeds' "
+                f"({config.seeds}); remove it to choose over all seeds."
+            )
 
 
 def _check_stage_key(dotted: str, where: str) -> None:

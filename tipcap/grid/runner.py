@@ -9,12 +9,14 @@ prompts, but a changed data set, CLIP, decoder or cell definition is refused rat
 With ``synthetic_gap`` every image store is cut from a synthetic world (:mod:`tipcap.synthgap`) built in
 ``out/synthetic``, whose Karpathy file (each image without its held-out caption) replaces ``karpathy``.
 
-A cell with ``select`` trains a decoder per candidate value and seed (``runs/<cell>-<key>=<value>-seed<s>``),
+A cell with ``select`` trains a decoder per candidate value and seed of ``select_seeds``
+(``runs/<cell>-<key>=<value>-seed<s>``),
 evaluates each on ``select_split`` (``eval-<split>/<cell>-<key>=<value>-seed<s>-<prompt>``), and evaluates
 only the candidate with the best mean over seeds on ``eval_split``, under the cell's own name
 (``eval/<cell>-seed<s>-<prompt>``, its row recording the value in ``selected``); ``selection.csv`` and
 ``selection.md`` give every candidate's scores. Should the choice change on a rerun (a seed added), the
-evaluations of the value chosen before are redone with the new one.
+evaluations of the value chosen before are redone with the new one. The grid's other seeds train the chosen
+value alone.
 
 ``plan`` writes each training cell's config and the commands to train them outside the runner (under
 ``torchrun``); the runner then reuses the trained models.
@@ -460,7 +462,7 @@ class Ablation:
         """Train every candidate of a selecting job for each seed and score it on ``select_split``; its
         :attr:`~tipcap.grid.selection.Selection.chosen` candidate is the one to evaluate on ``eval_split``."""
         found = candidates(job)
-        scores = [{seed: self.select_score(c, seed) for seed in self.config.seeds} for c in found]
+        scores = [{seed: self.select_score(c, seed) for seed in self.config.selecting_seeds} for c in found]
         selection = Selection(job, found, scores)
         self.echo(f"{job.name}: chose {selection.chosen.candidate} on {self.config.select_split}")
         return selection
@@ -470,10 +472,13 @@ class Ablation:
         (dotted,) = job.cell.select
         listed = ", ".join(c.candidate.partition("=")[2] for c in candidates(job))
         config = self.config
+        rest = [str(seed) for seed in config.seeds if seed not in config.selecting_seeds]
+        seeds = f"of {', '.join(map(str, config.selecting_seeds))} " if rest else ""
         return (
-            f"{job.name}: trains a decoder per seed for each {dotted} in {listed}, chooses the value with "
-            f"the best mean {metric_name(config.select_metric)} over seeds on the {config.select_split} "
+            f"{job.name}: trains a decoder per seed {seeds}for each {dotted} in {listed}, chooses the value "
+            f"with the best mean {metric_name(config.select_metric)} over seeds on the {config.select_split} "
             f"split and evaluates only it on {config.eval_split}"
+            + (f"; seeds {', '.join(rest)} train the chosen value alone" if rest else "")
         )
 
     def _check_selection(self) -> None:
@@ -570,7 +575,16 @@ class Ablation:
         current = to_dict(self.config)
         # Where the stores are kept and which comparisons are reported change no result; a changed split or
         # metric of selection chooses anew among the same candidates (the chosen one is evaluated again).
-        unrecorded = ("cells", "seeds", "store_dir", "compare", "families", "select_split", "select_metric")
+        unrecorded = (
+            "cells",
+            "seeds",
+            "store_dir",
+            "compare",
+            "families",
+            "select_split",
+            "select_metric",
+            "select_seeds",
+        )
         fixed = {k: v for k, v in current.items() if k not in unrecorded}
         fixed["few_pairs_draw"] = FEW_PAIRS_DRAW
         # A cell without select is recorded as before select existed.
@@ -651,11 +665,36 @@ class Ablation:
         metric = metric_name(config.select_metric)
         write_selection(selections, self.out, config.select_split, metric, config.eval_split)
 
+    def _planned_decoders(self, job: Job) -> list[tuple[Job, list[int]]]:
+        """The decoders a trained job needs, as (candidate, seeds): a job that selects nothing, each seed;
+        a selecting one, its candidates on ``select_seeds``, and once those are all trained, scored and
+        chosen among, the chosen one on the other seeds."""
+        config = self.config
+        if not job.cell.select:
+            return [(job, config.seeds)]
+        found = candidates(job)
+        planned = [(candidate, config.selecting_seeds) for candidate in found]
+        rest = [seed for seed in config.seeds if seed not in config.selecting_seeds]
+        trained = all(
+            (self.run_dir(candidate, seed) / "model" / "config.json").is_file()
+            for candidate in found
+            for seed in config.selecting_seeds
+        )
+        if rest and trained:
+            planned.append((self.select(job).chosen, rest))
+        elif rest:
+            self.echo(
+                f"{job.name}: seeds {', '.join(map(str, rest))} wait for the choice; plan again once the "
+                f"candidates of seeds {', '.join(map(str, config.selecting_seeds))} are trained"
+            )
+        return planned
+
     def plan(self) -> list[str]:
         """Build stores and gaps, write each untrained decoder's ``train.yaml`` and the command that trains
         it (under ``torchrun``) to ``train_commands.sh``; return the commands. A later :meth:`run` reuses
-        the models they write. A selecting cell's candidates are each trained; how the cell chooses among
-        them is echoed and written as a comment."""
+        the models they write. A selecting cell's candidates are each trained on ``select_seeds``; how the
+        cell chooses among them is echoed and written as a comment. Once they are trained, a second plan
+        scores them on ``select_split`` and plans the chosen value's decoders of the other seeds."""
         self._check_inputs()
         self._check_selection()
         self._prepare_synthetic_world()
@@ -668,8 +707,8 @@ class Ablation:
             if job.cell.select:
                 notes.append(self._describe_selection(job))
                 self.echo(notes[-1])
-            for trained in candidates(job):
-                for seed in self.config.seeds:
+            for trained, seeds in self._planned_decoders(job):
+                for seed in seeds:
                     run = self.run_dir(trained, seed)
                     if run in planned or (run / "model" / "config.json").is_file():
                         continue  # the candidates of an eval.* key share their decoders
