@@ -24,6 +24,7 @@ from tipcap.io import load_json
 from tipcap.stats import image_interval, write_image_scores
 from tipcap.toy.clip import train_toyclip
 from tipcap.toy.scoring import scene_objects
+from tipcap.toy.world import caption_objects
 
 DECODER = {
     "model": {
@@ -58,9 +59,14 @@ CELLS = [
         "kind": "gaussian",
         "setting": "few-pairs",
         "prompt": "pim",
-        "eval_prompts": ["none", "oracle", "auto", "wrong"],
+        "eval_prompts": ["none", "oracle", "auto", "wrong", "oracle-one", "oracle-missing"],
     },
 ]
+
+
+def per_image(out: Path, evaluation: str) -> list[dict]:
+    """A grid evaluation's per_image.json rows."""
+    return load_json(out / "eval" / evaluation / "per_image.json")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +119,8 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
         ("none", "none"), ("supervised", "none"), ("gaussian-few-pairs", "none"), ("prompts", "none"),
-        ("prompts", "oracle"), ("prompts", "auto"), ("prompts", "wrong"),
+        ("prompts", "oracle"), ("prompts", "auto"), ("prompts", "wrong"), ("prompts", "oracle-one"),
+        ("prompts", "oracle-missing"),
     ]  # fmt: skip
     references = karpathy_references(grid / "world" / "toyworld.json", "test")
     expected = [grid_row_cider(out, r, references) for r in rows]
@@ -143,6 +150,31 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
                 assert len(row["prompt"]) == len(truth) and not set(row["prompt"]) & set(truth)
             hallucinated = [o for o in row["objects_mentioned"] if o not in truth]
             assert row["objects_hallucinated"] == hallucinated
+    # oracle-one: one true object; oracle-missing: one the caption without prompts (the same decoder's
+    # "none" evaluation) leaves out, or none where it names them all.
+    unprompted = {r["image_id"]: r["prediction"] for r in per_image(out, "prompts-seed0-none")}
+    for row in per_image(out, "prompts-seed0-oracle-one"):
+        assert len(row["prompt"]) == 1 and row["prompt"][0] in objects[row["image_id"]]
+    for row in per_image(out, "prompts-seed0-oracle-missing"):
+        named = {f"{colour} {shape}" for colour, shape in caption_objects(unprompted[row["image_id"]])}
+        left_out = set(objects[row["image_id"]]) - named
+        assert (len(row["prompt"]), set(row["prompt"]) <= left_out) == (min(len(left_out), 1), True)
+    # Adherence: the share of a prompted image's words its caption names, as (colour, shape) pairs, averaged
+    # over the prompted images; Adherence-all, the share naming every word. With wrong prompts, the share
+    # of wrong words repeated. Unprompted evaluations have none.
+    by_mode = {r["eval_prompt"]: r for r in rows}
+    for mode in ("oracle", "wrong", "oracle-one", "oracle-missing", "auto"):
+        prompted = [r for r in per_image(out, f"prompts-seed0-{mode}") if r["prompt"]]
+        shares = []
+        for r in prompted:
+            named = {f"{colour} {shape}" for colour, shape in caption_objects(r["prediction"])}
+            shares.append(sum(word in named for word in set(r["prompt"])) / len(set(r["prompt"])))
+        if not prompted:
+            assert by_mode[mode]["Adherence"] == "", mode
+            continue
+        assert float(by_mode[mode]["Adherence"]) == pytest.approx(np.mean(shares)), mode
+        assert float(by_mode[mode]["Adherence-all"]) == pytest.approx(np.mean([s == 1 for s in shares])), mode
+    assert by_mode["none"]["Adherence"] == "" and "| Adherence | Adherence-all |" in table
     # Only the prompted decoder is handed the entity vocabulary (the others would warn that it is unused).
     for name, prompted in (("none", False), ("prompts", True)):
         saved = yaml.safe_load((out / "runs" / f"{name}-seed0" / "config.yaml").read_text())

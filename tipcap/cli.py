@@ -750,11 +750,13 @@ def score_command(
     help="Image store of the split (with --images too, the scorer CLIP reads the images from there).",
 )
 @click.option("--texts", default=None, type=click.Path(file_okay=False), help="retrieval: caption store.")
-@click.option("--prompt", type=click.Choice(["none", "auto", "oracle", "wrong"]), default="none",
-              show_default=True,
-              help="auto: CLIP zero-shot entities as prompt words; oracle: the scene's objects; wrong: "
-              "as many entities absent from the scene (oracle and wrong need a file that records its "
-              "scenes' objects, as the toy world's does).")  # fmt: skip
+@click.option("--prompt", default="none", show_default=True,
+              type=click.Choice(["none", "auto", "oracle", "oracle-one", "oracle-missing", "wrong"]),
+              help="auto: CLIP zero-shot entities as prompt words; oracle: the scene's objects; oracle-one: "
+              "one of them; oracle-missing: one that the caption without prompts leaves out; wrong: as many "
+              "entities absent from the scene (all but none and auto need a file that records its scenes' "
+              "objects, as the toy world's does). Prompted evaluations report Adherence: the share of "
+              "prompt words the caption mentions.")  # fmt: skip
 @_decoding_options
 @click.option("--metrics", "metric_names", default="bleu,meteor,rouge,cider,spice", show_default=True,
               help="Comma-separated pycocoevalcap metrics (SPICE is skipped offline).")  # fmt: skip

@@ -57,7 +57,9 @@ Setting = Literal["few-pairs", "web-pairs", "unpaired", "text-only"]
 VarianceMatch = Literal["total", "tangential"]
 WebEstimator = Literal["mixture", "trim"]
 PromptMode = Literal["none", "pim", "hard"]
-EvalPrompt = Literal["none", "auto", "oracle", "wrong"]
+EvalPrompt = Literal["none", "auto", "oracle", "oracle-one", "oracle-missing", "wrong"]
+GROUND_TRUTH_PROMPTS = ("oracle", "oracle-one", "oracle-missing", "wrong")
+"""The prompt modes drawn from each image's ground-truth objects."""
 Metric = Literal["bleu", "meteor", "rouge", "cider", "spice"]
 
 GAP_KINDS: tuple[str, ...] = typing.get_args(GapKind)
@@ -201,13 +203,14 @@ class EvalConfig:
 
     beams: Positive = 5
     max_tokens: Positive | None = None  # None: the model's max_caption_tokens
-    # auto: CLIP zero-shot entities; oracle: the scene's true entities; wrong: as many entities drawn
-    # (seeded by prompt_seed) from those absent from the scene
+    # auto: CLIP zero-shot entities; oracle: the scene's true entities; oracle-one: one of them (seeded by
+    # prompt_seed); oracle-missing: one that the caption without prompts leaves out (seeded; images whose
+    # caption names them all get none); wrong: as many entities drawn (seeded) from those absent
     prompt: EvalPrompt = "none"
     top_k: Positive = 3  # auto prompts: at most this many entities
     # auto prompts: keep entities at least this probable (ViECap's 0.2); None keeps the top_k
     threshold: Probability | None = 0.2
-    prompt_seed: int = 0  # wrong prompts: seed of the draw
+    prompt_seed: int = 0  # oracle-one, oracle-missing and wrong prompts: seed of the draw
     metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
     batch_size: Positive = 64
     # The CLIP that computes CLIP-S and RefCLIP-S, apart from the caption model's: an open_clip name or

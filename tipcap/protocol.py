@@ -16,7 +16,11 @@ COCO instance annotations given as ``instances``, or a toy world's scenes). The 
 - ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
 Prompt modes (``EvalConfig.prompt``): ``none``; ``auto``, CLIP zero-shot entities; ``oracle``, the image's
-true objects; ``wrong``, as many entities of the model's vocabulary drawn from those absent from the image.
+true objects; ``oracle-one``, one of them, drawn; ``oracle-missing``, one that the model's caption without
+prompts leaves out, drawn (the object a person would click; an image whose caption names every object gets
+no word); ``wrong``, as many entities of the model's vocabulary drawn from those absent from the image. A
+prompted evaluation also reports how the captions follow their words (:mod:`tipcap.adherence`), and
+``per_image.json`` gives each image's prompt words and those its caption mentions.
 
 Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
 store), ``template`` (the top CLIP zero-shot entities in a sentence template). A model evaluated from its
@@ -37,9 +41,10 @@ from typing import Any
 import torch
 
 from tipcap import clip_scores, provenance
+from tipcap.adherence import Mentions, adherence, scene_mentions, vocabulary_mentions
 from tipcap.card import record_evaluation
 from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
-from tipcap.config import EmbedConfig, EvalConfig, to_dict
+from tipcap.config import GROUND_TRUTH_PROMPTS, EmbedConfig, EvalConfig, to_dict
 from tipcap.data.karpathy import ImageId
 from tipcap.embed import embed_images
 from tipcap.errors import TipcapError, WeightsUnavailable
@@ -110,6 +115,47 @@ def wrong_prompts(
     return prompts
 
 
+def oracle_one_prompts(
+    objects: Mapping[ImageId, Sequence[str]], image_ids: Sequence[ImageId], seed: int
+) -> list[list[str]]:
+    """One true object per image, drawn with a seed of ``seed`` and the image's id alone (as
+    :func:`wrong_prompts`); none for an image without objects."""
+    return [
+        [random.Random(f"oracle-one:{seed}:{image_id!r}").choice(list(objects[image_id]))]
+        if objects[image_id]
+        else []
+        for image_id in image_ids
+    ]
+
+
+def missing_object_prompts(
+    objects: Mapping[ImageId, Sequence[str]],
+    image_ids: Sequence[ImageId],
+    captions: Sequence[str],
+    mentions: Mentions,
+    seed: int,
+) -> list[list[str]]:
+    """Per image, one of its true objects that its caption (``captions``, in ``image_ids`` order) does not
+    mention, drawn with a seed of ``seed`` and the image's id alone; none where the caption names them all."""
+    prompts = []
+    for image_id, caption in zip(image_ids, captions, strict=True):
+        named = mentions(caption)
+        missing = [name for name in dict.fromkeys(objects[image_id]) if name not in named]
+        draw = random.Random(f"oracle-missing:{seed}:{image_id!r}")
+        prompts.append([draw.choice(missing)] if missing else [])
+    return prompts
+
+
+def _mentions(
+    image_ids: Sequence[ImageId], objects: Mapping[ImageId, Sequence[str]], vocabulary: str | Path | None
+) -> Mentions:
+    """What counts as a caption's mention of a prompt word: the scene's (colour, shape) pairs where every
+    image records its objects (a toy world), else the entity vocabulary's forms and COCO's synonyms."""
+    if image_ids and all(image_id in objects for image_id in image_ids):
+        return scene_mentions
+    return vocabulary_mentions(EntityVocabulary.load(vocabulary), CocoObjectWords.load())
+
+
 def _resolve_clip(clip: ClipSpec | None, model: TIPCap | None, texts: EmbeddingStore | None) -> ClipSpec:
     if clip is not None:
         return clip
@@ -126,11 +172,17 @@ def _model_captions(
     image_ids: list[Any],
     config: EvalConfig,
     objects: Mapping[ImageId, Sequence[str]],
+    mentions: Mentions,
     timings: dict[str, float],
 ) -> tuple[list[str], list[list[str]] | None]:
-    """A caption model's captions ``[N]`` for image embeddings ``[N, d]``, and the prompt words used."""
+    """A caption model's captions ``[N]`` for image embeddings ``[N, d]``, and the prompt words used
+    (``None`` when no image had any)."""
     prompts = None
-    if config.prompt in ("oracle", "wrong"):
+    decoding = {
+        "num_beams": config.beams, "max_new_tokens": config.max_tokens, "batch_size": config.batch_size,
+        "top_k": config.top_k, "threshold": config.threshold, "timings": timings,
+    }  # fmt: skip
+    if config.prompt in GROUND_TRUTH_PROMPTS:
         missing = [image_id for image_id in image_ids if image_id not in objects]
         if missing:
             raise TipcapError(
@@ -140,6 +192,13 @@ def _model_captions(
             )
         if config.prompt == "oracle":
             prompts = [list(objects[image_id]) for image_id in image_ids]
+        elif config.prompt == "oracle-one":
+            prompts = oracle_one_prompts(objects, image_ids, config.prompt_seed)
+        elif config.prompt == "oracle-missing":
+            unprompted = model.caption(embeddings=embeddings, **decoding)
+            prompts = missing_object_prompts(
+                objects, image_ids, [result.caption for result in unprompted], mentions, config.prompt_seed
+            )
         elif not model.entity_names:
             raise TipcapError(
                 "eval.prompt wrong draws entities from the model's prompt vocabulary, and this model was "
@@ -148,10 +207,8 @@ def _model_captions(
         else:
             prompts = wrong_prompts(objects, image_ids, model.entity_names, config.prompt_seed)
     results = model.caption(
-        embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", num_beams=config.beams,
-        max_new_tokens=config.max_tokens, batch_size=config.batch_size, top_k=config.top_k,
-        threshold=config.threshold, timings=timings,
-    )  # fmt: skip
+        embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", **decoding
+    )
     used = [result.prompt for result in results]
     return [result.caption for result in results], used if any(used) else None
 
@@ -362,9 +419,10 @@ def evaluate_split(
     embeddings = store.gather(torch.tensor(keep)).float()
 
     prompts: list[list[str]] | None = None
+    mentions = _mentions(image_ids, objects, vocabulary)
     if method == "model":
         model.use_clip(encoder)
-        captions, prompts = _model_captions(model, embeddings, image_ids, config, objects, timings)
+        captions, prompts = _model_captions(model, embeddings, image_ids, config, objects, mentions, timings)
     else:
         start = time.perf_counter()
         if method == "retrieval":
@@ -403,6 +461,17 @@ def evaluate_split(
             )
     elif scorer.skipped is not None:
         result["skipped"].update({"CLIP-S": scorer.skipped, "RefCLIP-S": scorer.skipped})
+
+    if prompts is not None:
+        by_image = {image_id: prompts[i] for i, image_id in enumerate(image_ids)}
+        followed, per_image_followed = adherence(by_image, {i: captions[k] for k, i in enumerate(image_ids)
+                                                            if i in matched}, mentions)  # fmt: skip
+        result["metrics"].update(followed)
+        for image_id, found in per_image_followed.items():
+            per_image_extra[image_id].update({
+                "prompt_mentioned": found.mentioned, "Adherence": found.share,
+                "Adherence-all": float(found.complete),
+            })  # fmt: skip
 
     hallucination = _hallucination(matched, references, annotated, words, objects)
     if hallucination is not None:

@@ -64,7 +64,7 @@ from scipy.stats import t as student_t
 from tipcap.errors import TipcapError
 from tipcap.io import load_json, write_json_atomic
 
-INTERVAL_METRICS = ("CIDEr", "ROUGE-L", "CLIP-S", "RefCLIP-S", "object_f1")
+INTERVAL_METRICS = ("CIDEr", "ROUGE-L", "CLIP-S", "RefCLIP-S", "object_f1", "Adherence", "Adherence-all")
 """Metrics with per-image scores whose mean is the reported score."""
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE

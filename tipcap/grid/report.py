@@ -18,7 +18,7 @@ from tipcap.io import atomic_path
 from tipcap.stats import INTERVAL_METRICS, Interval
 
 METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIP-S", "RefCLIP-S", "CHAIR-i",
-                  "CHAIR-s", "object_f1")  # fmt: skip
+                  "CHAIR-s", "Adherence", "Adherence-all", "object_f1")  # fmt: skip
 # Claims checked against the scene, per aspect (toy world 2 only; empty elsewhere).
 CLAIM_COLUMNS = ("colour_f1", "shape_f1", "size_f1", "relation_f1")
 INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("ci_low", "ci_high"))

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tipcap.config import EvalConfig, ExperimentConfig, from_dict, save_config, to_dict
+from tipcap.config import GROUND_TRUTH_PROMPTS, EvalConfig, ExperimentConfig, from_dict, save_config, to_dict
 from tipcap.data import list_images
 from tipcap.data.karpathy import read_karpathy, split_matches
 from tipcap.embed import clip_spec, embed_images, embed_texts
@@ -496,7 +496,7 @@ class Ablation:
                 f"cells[{selecting[0]}] on; set select_split to a held-out split the file has (val), or "
                 "remove select from the cells."
             )
-        asking = [i for i in selecting if self.config.cells[i].eval_prompts[0] in ("oracle", "wrong")]
+        asking = [i for i in selecting if self.config.cells[i].eval_prompts[0] in GROUND_TRUTH_PROMPTS]
         if asking:
             objects = self.select_objects()
             missing = [image.image_id for image in images if image.image_id not in objects]
@@ -536,7 +536,7 @@ class Ablation:
         asking = [
             index
             for index, cell in enumerate(self.config.cells)
-            if {"oracle", "wrong"} & set(cell.eval_prompts)
+            if set(GROUND_TRUTH_PROMPTS) & set(cell.eval_prompts)
         ]
         if not asking:
             return

@@ -1,0 +1,89 @@
+"""Prompt adherence: whether a caption mentions the entities it was prompted with.
+
+For each image given prompt words, the share of its prompted entities that its caption mentions
+(``Adherence``) and whether it mentions every one of them (``Adherence-all``: 1 or 0). An evaluation's
+figure is the mean over its prompted images; images without prompt words have no score. With ``wrong``
+prompts (entities absent from the image) ``Adherence`` is the share of wrong words the caption repeats.
+
+What counts as a mention depends on what the prompt words are:
+
+- on a toy world, the exact (colour, shape) pair (``"brown diamond"``;
+  :func:`tipcap.toy.scoring.mentioned_objects`): a caption that names a brown circle and an orange
+  diamond does not mention a brown diamond;
+- elsewhere, the entity itself or any of its forms in the entity vocabulary, or a synonym of its COCO
+  category in CHAIR's synonym list (:class:`tipcap.hallucination.CocoObjectWords`): "a man" mentions
+  ``person``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tipcap.hallucination import CocoObjectWords
+from tipcap.prompts import EntityVocabulary
+from tipcap.toy.scoring import mentioned_objects
+
+ADHERENCE_METRICS = ("Adherence", "Adherence-all")
+
+Mentions = Callable[[str], set[str]]
+"""The entity names a caption mentions."""
+
+
+def scene_mentions(caption: str) -> set[str]:
+    """The toy world's (colour, shape) objects a caption names (``{"brown diamond"}``)."""
+    return set(mentioned_objects(caption))
+
+
+def vocabulary_mentions(vocabulary: EntityVocabulary, words: CocoObjectWords | None = None) -> Mentions:
+    """A caption's entities: the vocabulary's names of the forms it contains, and, with ``words``, the COCO
+    categories of the object words it contains (CHAIR's synonyms: "man" → ``person``)."""
+
+    def mentions(caption: str) -> set[str]:
+        found = set(vocabulary.extract(caption))
+        if words is not None:
+            found |= set(words.objects(caption))
+        return found
+
+    return mentions
+
+
+@dataclass(frozen=True)
+class ImageAdherence:
+    """One prompted image: the prompt words its caption mentions, their share and whether that is all."""
+
+    mentioned: list[str]
+    share: float
+    complete: bool
+
+
+def image_adherence(prompt: Sequence[str], caption: str, mentions: Mentions) -> ImageAdherence | None:
+    """How one caption follows its prompt words; ``None`` without prompt words (nothing to follow). A word
+    prompted twice counts once."""
+    words = list(dict.fromkeys(prompt))
+    if not words:
+        return None
+    found = mentions(caption)
+    mentioned = [word for word in words if word in found]
+    return ImageAdherence(mentioned, len(mentioned) / len(words), len(mentioned) == len(words))
+
+
+def adherence(
+    prompts: Mapping[Any, Sequence[str]], captions: Mapping[Any, str], mentions: Mentions
+) -> tuple[dict[str, float | None], dict[Any, ImageAdherence]]:
+    """The evaluation's ``Adherence`` and ``Adherence-all`` (means over the prompted images; ``None`` when
+    no image was prompted) and each prompted image's :class:`ImageAdherence`, over the images of
+    ``captions``."""
+    per_image = {
+        image_id: found
+        for image_id, caption in captions.items()
+        if (found := image_adherence(prompts.get(image_id, ()), caption, mentions)) is not None
+    }
+    if not per_image:
+        return dict.fromkeys(ADHERENCE_METRICS), per_image
+    count = len(per_image)
+    return {
+        "Adherence": sum(found.share for found in per_image.values()) / count,
+        "Adherence-all": sum(found.complete for found in per_image.values()) / count,
+    }, per_image
