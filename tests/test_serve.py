@@ -84,6 +84,23 @@ def test_caption_then_recaption_with_prompt_words(client, model_dirs, tmp_path):
     assert again["plain"] == first["caption"]  # the caption without prompt stays beside it
 
 
+def test_the_answer_says_which_prompt_words_the_caption_names_and_which_the_model_does_not_know(client):
+    image_id = upload(client, png((30, 30, 200)), "blue.png").json()["image_id"]
+    words = ["blue square", "giraffe", "red circle"]
+    answer = caption(client, image_id, prompt=words).json()
+    assert answer["prompt"] == words
+    # Recomputed from the caption's words: a prompt word is named when its words stand in a row there
+    # (the tiny model's captions use the vocabulary's words as written).
+    said = f" {' '.join(answer['caption'].replace('.', ' ').split())} "
+    named = [word for word in words if f" {word} " in said]
+    assert answer["mentioned"] == named and answer["missing"] == [w for w in words if w not in named]
+    # giraffe is outside the model's entity vocabulary: the page is told what the model does with it.
+    assert answer["unknown"] == ["giraffe"]
+    assert answer["note"].startswith("“giraffe” is outside this model's vocabulary: it is written into")
+    known = caption(client, image_id, prompt=["blue square"]).json()
+    assert known["unknown"] == [] and known["note"] is None
+
+
 def test_a_method_without_prompts_says_so_and_borrows_the_guesses(client):
     image_id = upload(client, png((20, 200, 20)), "green.png").json()["image_id"]
     hard = caption(client, image_id, "hard").json()

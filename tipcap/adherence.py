@@ -17,6 +17,8 @@ What counts as a mention depends on what the prompt words are:
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,7 @@ from tipcap.prompts import EntityVocabulary
 from tipcap.toy.scoring import mentioned_objects
 
 ADHERENCE_METRICS = ("Adherence", "Adherence-all")
+_TOKEN = re.compile(r"[a-z0-9]+")
 
 Mentions = Callable[[str], set[str]]
 """The entity names a caption mentions."""
@@ -47,6 +50,22 @@ def vocabulary_mentions(vocabulary: EntityVocabulary, words: CocoObjectWords | N
         return found
 
     return mentions
+
+
+@functools.cache
+def _packaged_mentions() -> Mentions:
+    return vocabulary_mentions(EntityVocabulary.load(), CocoObjectWords.load())
+
+
+def mentioned_words(words: Sequence[str], caption: str) -> list[str]:
+    """The prompt words a caption mentions, whatever world they come from (for a page that does not know
+    it): as written (the word's tokens in a row), as a toy (colour, shape) object, or as a name of the
+    packaged entity vocabulary or a COCO category (its forms and CHAIR's synonyms)."""
+    tokens = f" {' '.join(_TOKEN.findall(caption.lower()))} "
+    named = scene_mentions(caption) | _packaged_mentions()(caption)
+    return [
+        word for word in words if word in named or f" {' '.join(_TOKEN.findall(word.lower()))} " in tokens
+    ]
 
 
 @dataclass(frozen=True)

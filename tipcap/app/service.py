@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from tipcap.adherence import mentioned_words
 from tipcap.errors import TipcapError
 from tipcap.grid.runner import trained_models
 from tipcap.model import CONFIG_NAME, TIPCap
@@ -139,6 +140,22 @@ class HeldImage:
     """CLIP's entity guesses, per method whose vocabulary gave them."""
 
 
+def _unknown_note(words: list[str], prompt: str) -> str:
+    """What a prompt-trained model does with words outside its entity vocabulary, for the page."""
+    listed = ", ".join(f"“{word}”" for word in words)
+    one = len(words) == 1
+    them, they = ("it", "it") if one else ("them", "they")
+    how = (
+        f"CLIP encodes {them} as it encodes the vocabulary, and the model attends to {them}"
+        if prompt == "pim"
+        else f"{'it is' if one else 'they are'} written into its text prompt as typed"
+    )
+    return (
+        f"{listed} {'is' if one else 'are'} outside this model's vocabulary: {how}, but the model never met "
+        f"{them} in training, so {they} may steer the caption little or oddly."
+    )
+
+
 class Captioner:
     """Models, by method name, and the images uploaded to them.
 
@@ -221,10 +238,12 @@ class Captioner:
     def caption(self, image_id: str, method: str, prompt: Any = None, beams: int = 3) -> dict[str, Any]:
         """Caption a held image with one method, without prompt and with the prompt words given.
 
-        Returns ``{"image_id", "image", "method", "caption", "plain", "prompt", "guesses", "note"}``:
-        ``caption`` with the prompt words, ``plain`` without any, ``prompt`` the words the model used,
-        ``guesses`` CLIP's entity guesses ``[{"word", "probability"}]`` and ``note`` a remark for the page
-        (``None`` when there is none).
+        Returns ``{"image_id", "image", "method", "caption", "plain", "prompt", "mentioned", "missing",
+        "unknown", "guesses", "note"}``: ``caption`` with the prompt words, ``plain`` without any, ``prompt``
+        the words the model used, ``mentioned`` and ``missing`` those of them its caption names and leaves
+        out (:func:`tipcap.adherence.mentioned_words`), ``unknown`` those outside the model's entity
+        vocabulary, ``guesses`` CLIP's entity guesses ``[{"word", "probability"}]`` and ``note`` a remark
+        for the page (``None`` when there is none).
         """
         model = self.models.get(method)
         if model is None:
@@ -252,6 +271,11 @@ class Captioner:
                 result = model.caption(embeddings=embedding, prompts=words, num_beams=beams)[0]
                 caption, used = result.caption, result.prompt
             guesses = self._guesses(held, method, embedding)
+        known = set(model.entity_names)
+        unknown = [word for word in used if word not in known]
+        if unknown:
+            note = _unknown_note(unknown, model.config.prompt)
+        named = mentioned_words(used, caption)
         return {
             "image_id": image_id,
             "image": held.name,
@@ -259,6 +283,9 @@ class Captioner:
             "caption": caption,
             "plain": plain,
             "prompt": used,
+            "mentioned": [word for word in used if word in named],
+            "missing": [word for word in used if word not in named],
+            "unknown": unknown,
             "guesses": [{"word": word, "probability": round(p, 4)} for word, p in guesses],
             "note": note,
         }

@@ -118,6 +118,75 @@ function addWords(card, words) {
   run(card);
 }
 
+// The words of `caption` that are not in `plain` (a longest common subsequence of words apart), as a list
+// of [word, changed] pairs: what the prompt changed in the caption.
+function changedWords(plain, caption) {
+  const a = plain.split(/\s+/).filter(Boolean);
+  const b = caption.split(/\s+/).filter(Boolean);
+  const common = Array.from({ length: a.length + 1 }, () => new Array(b.length + 1).fill(0));
+  for (let i = a.length - 1; i >= 0; i--) {
+    for (let j = b.length - 1; j >= 0; j--) {
+      common[i][j] = a[i] === b[j] ? common[i + 1][j + 1] + 1 : Math.max(common[i + 1][j], common[i][j + 1]);
+    }
+  }
+  const marked = [];
+  let i = 0;
+  for (let j = 0; j < b.length; j++) {
+    if (i < a.length && a[i] === b[j] && common[i][j] === common[i + 1][j + 1] + 1) {
+      marked.push([b[j], false]);
+      i++;
+    } else if (i < a.length && common[i + 1][j] >= common[i][j + 1]) {
+      i++;
+      j--;
+    } else {
+      marked.push([b[j], true]);
+    }
+  }
+  return marked;
+}
+
+function captionCell(result) {
+  const cell = document.createElement("td");
+  cell.className = "caption";
+  cell.dataset.label = "with prompt";
+  cell.dataset.prompt = result.prompt.join(", ");
+  const text = document.createElement("span");
+  text.className = "text";
+  const words = result.prompt.length ? changedWords(result.plain, result.caption) : [[result.caption, false]];
+  words.forEach(([word, changed], index) => {
+    if (index) text.append(" ");
+    if (!changed) {
+      text.append(word);
+      return;
+    }
+    const mark = document.createElement("mark");
+    mark.className = "changed";
+    mark.title = "changed by the prompt";
+    mark.textContent = word;
+    text.append(mark);
+  });
+  cell.append(text);
+  const about = document.createElement("small");
+  about.className = "about";
+  if (result.prompt.length) about.append(`prompt: ${result.prompt.join(", ")}`);
+  else if (!result.note) about.append("no prompt");
+  if (result.missing && result.missing.length) {
+    const missing = document.createElement("span");
+    missing.className = "missing";
+    missing.textContent = `not in the caption: ${result.missing.join(", ")}`;
+    about.append(" · ", missing);
+  }
+  if (result.note) {
+    const note = document.createElement("span");
+    note.className = "note";
+    note.textContent = result.note;
+    if (about.childNodes.length) about.append(document.createElement("br"));
+    about.append(note);
+  }
+  cell.append(document.createElement("br"), about);
+  return cell;
+}
+
 function render(card) {
   const root = card.element;
   const prompt = $(".prompt", root);
@@ -131,6 +200,7 @@ function render(card) {
       remove.type = "button";
       remove.className = "remove";
       remove.title = `remove ${word}`;
+      remove.setAttribute("aria-label", `remove ${word}`);
       remove.textContent = "×";
       remove.addEventListener("click", () => {
         card.prompt = card.prompt.filter((w) => w !== word);
@@ -146,6 +216,7 @@ function render(card) {
       const chip = document.createElement("button");
       chip.type = "button";
       chip.className = card.prompt.includes(word) ? "chip used" : "chip";
+      chip.setAttribute("aria-pressed", String(card.prompt.includes(word)));
       chip.dataset.word = word;
       chip.textContent = `${word} ${Math.round(probability * 100)}%`;
       chip.addEventListener("click", () => addWords(card, [word]));
@@ -161,18 +232,13 @@ function render(card) {
         row.dataset.method = method;
         const name = document.createElement("td");
         name.className = "method";
+        name.dataset.label = "method";
         name.textContent = method;
         const plain = document.createElement("td");
         plain.className = "plain";
+        plain.dataset.label = "without prompt";
         plain.textContent = result.plain;
-        const captioned = document.createElement("td");
-        captioned.className = "caption";
-        captioned.textContent = result.caption;
-        captioned.dataset.prompt = result.prompt.join(", ");
-        const words = document.createElement("small");
-        words.textContent = result.note || (result.prompt.length ? `prompt: ${result.prompt.join(", ")}` : "no prompt");
-        captioned.append(document.createElement("br"), words);
-        row.append(name, plain, captioned);
+        row.append(name, plain, captionCell(result));
         return row;
       }),
   );
