@@ -23,6 +23,20 @@ pytestmark = [
 ]
 
 
+def longest_common_subsequence(a: list[str], b: list[str]) -> int:
+    """The length of a longest common subsequence of two word lists."""
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def is_subsequence(part: list[str], whole: list[str]) -> bool:
+    rest = iter(whole)
+    return all(word in rest for word in part)
+
+
 @pytest.fixture
 def browser(tmp_path, monkeypatch):
     """Headless Chromium with the flags a closed network needs, through the system chromedriver."""
@@ -73,7 +87,11 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
 
         wait.until(rounds(1))
         row = 'tr[data-method="hard"]'
-        first = card.find_element(By.CSS_SELECTOR, f"{row} td.caption").text.splitlines()[0]
+        first = (
+            card.find_element(By.CSS_SELECTOR, f"{row} td.caption")
+            .find_element(By.CSS_SELECTOR, ".text")
+            .text
+        )
         plain = card.find_element(By.CSS_SELECTOR, f"{row} td.plain").text
         assert first and first == plain
         chips = card.find_elements(By.CSS_SELECTOR, ".chip")
@@ -88,11 +106,38 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
         assert prompt == [word]
         captioned = card.find_element(By.CSS_SELECTOR, f"{row} td.caption")
         assert captioned.get_attribute("data-prompt") == word
-        assert captioned.text.splitlines()[0] != first  # a hard-prompt model reads the word
+        assert (
+            captioned.find_element(By.CSS_SELECTOR, ".text").text != first
+        )  # a hard-prompt model reads the word
         assert card.find_element(By.CSS_SELECTOR, f"{row} td.plain").text == plain
         assert "used" in card.find_element(By.CSS_SELECTOR, f'.chip[data-word="{word}"]').get_attribute(
             "class"
         )
+        # Chips say whether they are pressed, remove buttons name their word, the word box is labelled.
+        pressed = {c.get_attribute("data-word"): c.get_attribute("aria-pressed") for c in card.find_elements(
+            By.CSS_SELECTOR, ".chip")}  # fmt: skip
+        assert pressed == {w: "true" if w == word else "false" for w in pressed}
+        remove = card.find_element(By.CSS_SELECTOR, ".prompt-word .remove")
+        assert remove.get_attribute("aria-label") == f"remove {word}"
+        words_box = card.find_element(By.CSS_SELECTOR, "input.words")
+        assert browser.execute_script("return arguments[0].labels[0].textContent.trim()", words_box) == (
+            "Prompt words"
+        )
+        # The words the prompt changed are marked: the unmarked ones are, in order, a longest common
+        # subsequence of the caption without prompt's words and the caption's (recomputed here).
+        text = captioned.find_element(By.CSS_SELECTOR, ".text")
+        pieces = browser.execute_script(
+            "return [...arguments[0].childNodes].flatMap((n) => n.nodeType === 3 ? "
+            "n.textContent.split(/\\s+/).filter(Boolean).map((w) => [w, false]) : [[n.textContent, true]])",
+            text,
+        )
+        shown = [w for w, _ in pieces]
+        kept = [w for w, changed in pieces if not changed]
+        assert shown == text.text.split()
+        assert len(kept) == longest_common_subsequence(plain.split(), shown) and is_subsequence(
+            kept, plain.split()
+        )
+        assert any(changed for _, changed in pieces) == (shown != plain.split())
 
         words = card.find_element(By.CSS_SELECTOR, "input.words")
         words.send_keys("blue square", Keys.ENTER)
@@ -100,6 +145,14 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
         assert card.find_element(By.CSS_SELECTOR, f"{row} td.caption").get_attribute("data-prompt") == (
             f"{word}, blue square"
         )
+        # The prompt words the caption does not name are flagged under it.
+        captioned = card.find_element(By.CSS_SELECTOR, f"{row} td.caption")
+        said = (
+            f" {' '.join(captioned.find_element(By.CSS_SELECTOR, '.text').text.replace('.', ' ').split())} "
+        )
+        missing = [w for w in (word, "blue square") if f" {w} " not in said]
+        flagged = captioned.find_elements(By.CSS_SELECTOR, ".missing")
+        assert [f.text for f in flagged] == ([f"not in the caption: {', '.join(missing)}"] if missing else [])
         card.find_element(By.CSS_SELECTOR, "button.add").click()  # with nothing typed
         assert "Empty prompt" in card.find_element(By.CSS_SELECTOR, ".error").text
 
@@ -117,3 +170,14 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
         screenshot = tmp_path / "serve.png"
         assert browser.save_screenshot(str(screenshot))
         assert screenshot.read_bytes()[:4] == b"\x89PNG" and os.path.getsize(screenshot) > 10_000
+
+        # On a phone's width every caption, with prompt too, lies within the page.
+        browser.set_window_size(420, 900)
+        wait.until(lambda d: d.execute_script("return document.documentElement.clientWidth") <= 420)
+        width = browser.execute_script("return document.documentElement.clientWidth")
+        for cell in browser.find_elements(By.CSS_SELECTOR, ".card td.caption, .card td.plain"):
+            left, right = browser.execute_script(
+                "const r = arguments[0].getBoundingClientRect(); return [r.left, r.right]", cell
+            )
+            assert 0 <= left < right <= width, (left, right, width)
+        assert browser.save_screenshot(str(tmp_path / "serve-420.png"))
