@@ -43,6 +43,11 @@ def png(colour: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes
 
 def jpeg(colour: tuple[int, int, int]) -> bytes:
     """A small JPEG of one colour."""
+    return encoded(Image.new("RGB", (40, 30), colour), "JPEG")
+
+
+def encoded(image: Image.Image, format: str) -> bytes:
+    """``image`` saved in Pillow's ``format``."""
     buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), colour).save(buffer, format="JPEG")
+    image.save(buffer, format=format)
     return buffer.getvalue()

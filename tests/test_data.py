@@ -603,6 +603,17 @@ def test_load_image_not_an_image_raises_image_error(tmp_path):
     assert str(path) in str(info.value)
 
 
+def test_load_image_reads_only_the_listed_formats(tmp_path):
+    path = tmp_path / "disguised.png"
+    Image.new("RGB", (5, 7)).save(path, format="PPM")  # Pillow reads PPM, by its bytes, whatever the name
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert str(info.value) == f"{path}: not a PNG, JPEG, GIF, BMP, TIFF or WebP image"
+    for format in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"):
+        Image.new("RGB", (5, 7)).save(path, format=format)
+        assert load_image(path).size == (5, 7)
+
+
 def test_image_error_is_a_tipcap_error():
     assert issubclass(ImageError, TipcapError)
 

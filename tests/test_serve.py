@@ -11,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from conftest import run
-from serving import VOCABULARY, build_model, jpeg, png
+from PIL import Image
+from serving import VOCABULARY, build_model, encoded, jpeg, png
 from starlette.testclient import TestClient
 
 from tipcap.app.server import create_app, serving
@@ -114,10 +115,14 @@ def test_a_method_without_prompts_says_so_and_borrows_the_guesses(client):
     ("data", "status", "message"),
     [
         (b"this is not an image", 400, "not.png: not an image"),
+        # Formats Pillow reads but the message does not promise are not decoded.
+        (encoded(Image.new("RGB", (40, 30)), "PPM"), 400, "not.png: not an image (give a PNG, JPEG"),
+        (encoded(Image.new("RGB", (40, 30)), "TGA"), 400, "not.png: not an image (give a PNG, JPEG"),
         (jpeg((10, 20, 30))[:300], 400, "not.png: truncated or damaged image"),
         (b"", 400, "not.png: the file is empty"),
         (b"\x89PNG" + bytes(30_000), 413, "not.png: 29 KB is over the upload limit of 20 KB"),
     ],
+    ids=["text", "ppm", "tga", "truncated", "empty", "too-large"],
 )
 def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(client, data, status, message):
     answer = upload(client, data, "not.png")

@@ -29,6 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from tipcap.adherence import mentioned_words
+from tipcap.data.images import FORMAT_NAMES, IMAGE_FORMATS
 from tipcap.errors import TipcapError
 from tipcap.grid.runner import trained_models
 from tipcap.model import CONFIG_NAME, TIPCap
@@ -88,18 +89,21 @@ def load_models(paths: Sequence[str | Path], device: str | None = None) -> dict[
 
 
 def decode_image(name: str, data: bytes) -> Image.Image:
-    """Decode an uploaded image fully, in memory, to RGB; a clear :class:`RequestError` otherwise."""
+    """Decode an uploaded image fully, in memory, to RGB; a clear :class:`RequestError` otherwise.
+
+    Only the formats of :data:`~tipcap.data.images.IMAGE_FORMATS` are decoded, whatever else Pillow reads.
+    """
     if not data:
         raise RequestError(f"{name}: the file is empty.")
     try:
         with warnings.catch_warnings():
             # Pillow only warns below twice its pixel limit; such an image is refused as well.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 image.load()
                 return image.convert("RGB")
     except UnidentifiedImageError:
-        raise RequestError(f"{name}: not an image (give a PNG, JPEG, GIF, BMP, TIFF or WebP file).") from None
+        raise RequestError(f"{name}: not an image (give a {FORMAT_NAMES} file).") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise RequestError(
             f"{name}: more than {Image.MAX_IMAGE_PIXELS:,} pixels; scale it down first."

@@ -15,6 +15,11 @@ from tipcap.errors import TipcapError
 from tipcap.io import iter_jsonl, load_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+"""The Pillow formats tipcap decodes. Pillow identifies a file by its bytes, not its name, and knows many
+more formats (EPS through Ghostscript among them); an image file of another format is refused unread."""
+FORMAT_NAMES = "PNG, JPEG, GIF, BMP, TIFF or WebP"
+"""The formats of :data:`IMAGE_FORMATS`, as messages name them."""
 
 
 class ImageError(TipcapError):
@@ -124,16 +129,18 @@ def subsample(images: list[ImageRef], limit: str | None, seed: int = 0) -> list[
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode an image fully into RGB.
+    """Decode an image fully into RGB; only the formats of :data:`IMAGE_FORMATS` are read.
 
     Raises:
-        ImageError: when the file is missing, not an image, or truncated/corrupt.
+        ImageError: when the file is missing, not an image of those formats, or truncated/corrupt.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=IMAGE_FORMATS) as image:
             image.load()
             return image.convert("RGB")
     except FileNotFoundError:
         raise ImageError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not a {FORMAT_NAMES} image") from None
+    except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: unreadable or corrupt image ({e})") from None
