@@ -153,6 +153,18 @@ def test_embed_images_skips_corrupt_file_and_lists_it(tmp_path, image_folder, ti
     assert result.exit_code == 1 and "broken_000.jpg" in result.output and "Traceback" not in result.output
 
 
+def test_embed_images_skips_an_image_too_thin_for_clip(tmp_path, image_folder, tiny_clip):
+    Image.new("RGB", (1, 500)).save(image_folder / "thin.png")
+    out = tmp_path / "store"
+    result = run(*embed_images_args(image_folder, tiny_clip, out))
+    assert result.exit_code == 0 and "wrote 6 image embeddings" in result.output, result.output
+    skipped = {s["id"]: s["reason"] for s in json.loads((out / "skipped.json").read_text())}
+    assert skipped["thin.png"] == (
+        f"{image_folder / 'thin.png'}: 1×500 pixels, more than 20 times as high as it is wide; CLIP sees "
+        "only the centre square of an image, so crop it to that part first"
+    )
+
+
 def test_embed_images_from_karpathy_file(tmp_path, coco_slice, tiny_clip):
     document = json.loads(coco_slice.read_text())
     root = tmp_path / "coco"

@@ -1,6 +1,7 @@
 """The open_clip wrapper: loading, length-trimmed text encoding, truncation, offline failures."""
 
 import json
+from types import SimpleNamespace
 
 import open_clip
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 import tipcap.clip
 from tipcap.clip import ClipEncoder, ClipSpec
-from tipcap.data import read_captions
+from tipcap.data import ImageError, read_captions
 from tipcap.errors import TipcapError
 
 
@@ -71,6 +72,47 @@ def test_encode_images(encoder):
     assert features.shape == (2, encoder.dim)
     assert torch.allclose(features.norm(dim=-1), torch.ones(2), atol=1e-5)
     assert not torch.allclose(features[0], features[1])
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ((21, 1), "thin: 21×1 pixels, more than 20 times as wide as it is high; CLIP sees only the centre"),
+        ((1, 21), "thin: 1×21 pixels, more than 20 times as high as it is wide; CLIP sees only the centre"),
+        ((3000, 1), "thin: 3000×1 pixels, more than 20 times as wide"),
+        ((89_000_000, 1), "thin: 89000000×1 pixels, more than 20 times as wide"),
+        ((0, 0), "thin: 0×0 pixels, an empty image"),
+    ],
+)
+def test_thin_images_are_refused_before_any_resize(encoder, monkeypatch, size, message):
+    resized = []
+    monkeypatch.setattr(encoder.preprocess, "transform", resized.append)
+    # Only the size is read, so a stand-in will do: an 89,000,000 × 1 image is never allocated.
+    with pytest.raises(ImageError) as info:
+        encoder.preprocess(SimpleNamespace(size=size), "thin")
+    assert str(info.value).startswith(message) and resized == []
+
+
+def test_images_up_to_twenty_to_one_are_cropped_to_clips_input(encoder):
+    for size in ((20, 1), (1, 20), (640, 32), (1, 1)):
+        assert encoder.preprocess(Image.new("RGB", size, (200, 10, 10))).shape == (3, 32, 32)
+
+
+def test_a_clip_of_large_input_refuses_what_its_resize_would_make_too_large(tmp_path):
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 1024, "layers": 1, "width": 32, "patch_size": 256, "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "wide.json").write_text(json.dumps(config))
+    large = ClipEncoder.load(ClipSpec(str(tmp_path / "wide.json"), "none"), device="cpu")
+    large.preprocess.check(Image.new("L", (800, 100)), "fits")  # scaled to 8,192 × 1,024: 2**23 pixels
+    with pytest.raises(ImageError) as info:
+        large.preprocess.check(Image.new("L", (801, 100)), "long.png")
+    assert str(info.value) == (
+        "long.png: 801×100 pixels, which this CLIP's preprocessing would scale to 8,202×1,024 before "
+        "cropping, over 8,388,608 pixels; crop it closer to a square first"
+    )
 
 
 def test_local_weights_file(tmp_path, tiny_clip, encoder, captions):

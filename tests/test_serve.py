@@ -131,6 +131,35 @@ def test_bad_uploads_get_a_clear_message_and_the_server_keeps_serving(client, da
     assert caption(client, good).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("size", "shape"), [((3000, 1), "wide as it is high"), ((1, 21), "high as it is wide")]
+)
+def test_a_thin_image_is_refused_by_the_server_and_skipped_by_tipcap_caption(
+    client, model_dirs, tmp_path, size, shape
+):
+    # CLIP scales the shortest side to its input before cropping: 3,000 × 1 would grow 224-fold each way.
+    thin = encoded(Image.new("L", size), "PNG")
+    reason = (
+        f"{size[0]}×{size[1]} pixels, more than 20 times as {shape}; CLIP sees only the centre square of an "
+        "image, so crop it to that part first"
+    )
+    answer = upload(client, thin, "thin.png")
+    assert answer.status_code == 400 and answer.json()["error"] == f"thin.png: {reason}."
+    (tmp_path / "thin.png").write_bytes(thin)
+    (tmp_path / "fine.png").write_bytes(png((90, 90, 90)))
+    result = run("caption", tmp_path / "thin.png", tmp_path / "fine.png", "--model", model_dirs["hard"],
+                 "--beams", "1", "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"skipped {tmp_path / 'thin.png'}: {reason}" in result.stderr.splitlines()
+    assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [str(tmp_path / "fine.png")]
+
+
+def test_images_up_to_twenty_to_one_are_taken(client):
+    for size in ((20, 1), (1, 20)):
+        answer = upload(client, encoded(Image.new("L", size), "PNG"), "long.png")
+        assert answer.status_code == 200 and (answer.json()["width"], answer.json()["height"]) == size
+
+
 def test_an_upload_over_the_limit_is_refused_without_a_declared_length(client):
     def chunks():
         yield bytes(15_000)

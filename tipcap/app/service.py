@@ -29,7 +29,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from tipcap.adherence import mentioned_words
-from tipcap.data.images import FORMAT_NAMES, IMAGE_FORMATS
+from tipcap.data.images import FORMAT_NAMES, IMAGE_FORMATS, ImageError
 from tipcap.errors import TipcapError
 from tipcap.grid.runner import trained_models
 from tipcap.model import CONFIG_NAME, TIPCap
@@ -220,6 +220,12 @@ class Captioner:
         if len(data) > self.max_upload_bytes:
             raise RequestError(self.too_large(name, len(data)), status=413)
         image = decode_image(name, data)
+        for model in self._embedder.values():
+            try:
+                # Checked here as well as in preprocessing, so that the answer names the upload.
+                model.clip.preprocess.check(image, name)
+            except ImageError as e:
+                raise RequestError(f"{e}.") from None
         image_id = hashlib.sha256(data).hexdigest()[:32]
         with self._lock:
             held = self._images.get(image_id)
