@@ -89,7 +89,12 @@ def main() -> None:
         first = None
         for index in range(WARM_UP + args.requests):
             start = time.perf_counter()
-            held = http.post("/api/images", params={"name": "image.png"}, content=png_variant(image, index))
+            held = http.post(
+                "/api/images",
+                params={"name": "image.png"},
+                content=png_variant(image, index),
+                headers={"Content-Type": "image/png"},
+            )
             held.raise_for_status()
             first = caption(held.json()["image_id"], [])
             if index >= WARM_UP:

@@ -1,6 +1,7 @@
 """`tipcap serve` through its HTTP interface: captions and re-captions with prompt words, bad inputs,
 concurrent requests, the JSONL download, and the command line."""
 
+import hashlib
 import json
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from PIL import Image
 from serving import VOCABULARY, build_model, encoded, jpeg, png
 from starlette.testclient import TestClient
 
-from tipcap.app.server import create_app, serving
+from tipcap.app.server import Listening, create_app, serving
 from tipcap.app.service import Captioner, find_models, load_models
 from tipcap.model import TIPCap
 
@@ -35,14 +36,22 @@ def captioner(model_dirs):
     return Captioner(load_models(list(model_dirs.values()), device="cpu"), max_upload_bytes=20_000)
 
 
+LOCAL = Listening("127.0.0.1", "127.0.0.1", 8000)
+
+
+def local_client(captioner: Captioner) -> TestClient:
+    """A client of the app as ``tipcap serve`` serves it on 127.0.0.1:8000, addressed as a browser there."""
+    return TestClient(create_app(captioner, LOCAL), base_url="http://127.0.0.1:8000")
+
+
 @pytest.fixture(scope="module")
 def client(captioner):
-    with TestClient(create_app(captioner)) as client:
+    with local_client(captioner) as client:
         yield client
 
 
-def upload(client, data: bytes, name: str = "red.png") -> httpx.Response:
-    return client.post("/api/images", params={"name": name}, content=data)
+def upload(client, data: bytes, name: str = "red.png", kind: str = "image/png") -> httpx.Response:
+    return client.post("/api/images", params={"name": name}, content=data, headers={"Content-Type": kind})
 
 
 def caption(client, image_id: str, method: str = "hard", prompt=None, beams: int = 2) -> httpx.Response:
@@ -165,7 +174,9 @@ def test_an_upload_over_the_limit_is_refused_without_a_declared_length(client):
         yield bytes(15_000)
         yield bytes(15_000)
 
-    answer = client.post("/api/images", params={"name": "big.png"}, content=chunks())
+    answer = client.post(
+        "/api/images", params={"name": "big.png"}, content=chunks(), headers={"Content-Type": "image/png"}
+    )
     assert answer.status_code == 413 and "over the upload limit" in answer.json()["error"]
 
 
@@ -191,8 +202,114 @@ def test_bad_caption_requests_get_a_clear_message(client, change, status, messag
 
 
 def test_a_body_that_is_not_json_is_refused(client):
-    answer = client.post("/api/caption", content=b"{not json")
+    answer = client.post("/api/caption", content=b"{not json", headers={"Content-Type": "application/json"})
     assert answer.status_code == 400 and answer.json()["error"] == "the request body is not JSON."
+
+
+@pytest.mark.parametrize(
+    ("route", "kind", "message"),
+    [
+        # A page of another site may send these bodies across sites without asking the server first.
+        (
+            "/api/caption",
+            "text/plain",
+            "send the request body as Content-Type application/json, not text/plain",
+        ),
+        ("/api/caption", None, "send the request body as Content-Type application/json, not without a type"),
+        (
+            "/api/jsonl",
+            "application/x-www-form-urlencoded",
+            "send the request body as Content-Type application",
+        ),
+        ("/api/images", "text/plain", "sent.png: sent as text/plain; send the image's bytes as image/png, "),
+        ("/api/images", "multipart/form-data; boundary=x", "sent.png: sent as multipart/form-data; send"),
+        ("/api/images", None, "sent.png: sent as no type; send the image's bytes as image/png, image/jpeg"),
+    ],
+)
+def test_bodies_of_other_content_types_are_refused(client, route, kind, message):
+    data = png((70, 80, 90))
+    held = upload(client, data, "sent.png").json()["image_id"]
+    payload = json.dumps({"image_id": held, "method": "hard", "results": []}).encode()
+    body = data if route == "/api/images" else payload
+    headers = {} if kind is None else {"Content-Type": kind}
+    answer = client.post(route, params={"name": "sent.png"}, content=body, headers=headers)
+    assert answer.status_code == 415 and answer.json()["error"].startswith(message)
+
+
+def test_uploads_of_the_image_types_and_octet_stream_are_taken(client):
+    for kind in ("application/octet-stream", "image/png", "IMAGE/PNG", "image/jpeg; q=1"):
+        assert upload(client, png((5, 6, 7)), "typed.png", kind).status_code == 200, kind
+    # The type is not trusted: the bytes are decoded as the formats read, whatever it says.
+    assert upload(client, jpeg((5, 6, 7)), "typed.png", "image/png").status_code == 200
+    charset = {"Content-Type": "application/json; charset=utf-8"}
+    assert client.post("/api/jsonl", content=b'{"results": []}', headers=charset).status_code == 200
+
+
+@pytest.mark.parametrize("route", ["/", "/static/app.js", "/api/methods"])
+@pytest.mark.parametrize(
+    "host", ["evil.example:8000", "evil.example", "127.0.0.1:8001", "127.0.0.1.evil:8000", ""]
+)
+def test_a_host_that_does_not_name_the_server_is_refused(client, route, host):
+    # A page of another site whose name it makes resolve to this machine (DNS rebinding) sends its name.
+    answer = client.get(route, headers={"Host": host})
+    assert answer.status_code == 421
+    assert answer.json() == {
+        "error": f"Host {host!r} does not name this server; open http://127.0.0.1:8000/."
+    }
+
+
+def test_posts_with_a_foreign_host_are_refused_unread(client):
+    data = png((31, 61, 91))
+    foreign = {"Host": "evil.example:8000", "Content-Type": "image/png"}
+    assert (
+        client.post("/api/images", params={"name": "x.png"}, content=data, headers=foreign).status_code == 421
+    )
+    image_id = hashlib.sha256(data).hexdigest()[:32]  # the id the server would have kept it under
+    assert caption(client, image_id).status_code == 404
+    held = upload(client, data).json()["image_id"]
+    assert held == image_id and caption(client, image_id).status_code == 200
+    asked = client.post("/api/caption", json={"image_id": image_id, "method": "hard"}, headers=foreign)
+    assert asked.status_code == 421 and "caption" not in asked.json()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "LOCALHOST:8000", "[::1]:8000"])
+def test_the_loopback_names_of_the_server_are_taken(client, host):
+    assert client.get("/api/methods", headers={"Host": host}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "origin", ["http://evil.example", "http://127.0.0.1:8001", "https://127.0.0.1:8000", "null"]
+)
+def test_requests_from_another_origin_are_refused(client, origin):
+    image_id = upload(client, png((40, 50, 60))).json()["image_id"]
+    foreign = {"Origin": origin}
+    answers = [
+        client.post("/api/caption", json={"image_id": image_id, "method": "hard"}, headers=foreign),
+        client.post("/api/images", content=png((1, 1, 1)), headers={**foreign, "Content-Type": "image/png"}),
+        client.get("/api/methods", headers=foreign),
+    ]
+    for answer in answers:
+        assert answer.status_code == 403
+        assert answer.json() == {"error": f"Origin {origin!r}: this server answers its own page only."}
+    own = {"Origin": "http://127.0.0.1:8000"}
+    assert (
+        client.post("/api/caption", json={"image_id": image_id, "method": "hard"}, headers=own).status_code
+        == 200
+    )
+
+
+def test_which_hosts_name_a_server_on_each_kind_of_address():
+    everywhere = Listening("0.0.0.0", "0.0.0.0", 8000)
+    named = [f"{socket.gethostname()}:8000", "192.168.1.5:8000", "[fe80::1]:8000", "localhost:8000"]
+    assert all(everywhere.named_by(host) for host in named)
+    assert not any(
+        everywhere.named_by(host) for host in ["evil.example:8000", "192.168.1.5:8001", "x@1.2.3.4:8000"]
+    )
+    one = Listening("tipcap.lan", "192.168.1.5", 8000)
+    assert one.named_by("tipcap.lan:8000") and one.named_by("192.168.1.5:8000")
+    assert not any(one.named_by(host) for host in ["localhost:8000", "10.0.0.1:8000", "tipcap.lan.evil:8000"])
+    port_80 = Listening("localhost", "127.0.0.1", 80)
+    assert port_80.named_by("localhost") and port_80.named_by("127.0.0.1:80") and not port_80.named_by("evil")
 
 
 def test_concurrent_requests_are_answered_as_one_at_a_time(captioner):
@@ -240,7 +357,7 @@ def test_serving_writes_nothing(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     monkeypatch.chdir(tmp_path)
     before = {p: p.stat().st_mtime_ns for d in model_dirs.values() for p in d.rglob("*")}
-    with TestClient(create_app(Captioner(load_models([model_dirs["hard"]], device="cpu")))) as http:
+    with local_client(Captioner(load_models([model_dirs["hard"]], device="cpu"))) as http:
         image_id = upload(http, jpeg((120, 10, 10)), "photo.jpg").json()["image_id"]
         assert caption(http, image_id, prompt=["red circle"]).status_code == 200
     assert sorted(tmp_path.iterdir()) == [temporary] and not any(temporary.iterdir())

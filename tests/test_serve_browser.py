@@ -1,10 +1,18 @@
 """The page of `tipcap serve` in a real browser: headless Chromium (Debian's `chromium` and `chromium-driver`,
 which `.ci/run` installs), driven by Selenium with the system driver and no network."""
 
+import hashlib
+import http.server
+import json
 import os
 import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from serving import build_model, png
 
@@ -13,6 +21,8 @@ from tipcap.app.service import Captioner, load_models
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
+ELSEWHERE = "evil.example"
+"""Another site's name, which the browser resolves to this machine (as DNS rebinding makes it)."""
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,7 +58,8 @@ def browser(tmp_path, monkeypatch):
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1100,800", f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+                 "--window-size=1100,800", f"--user-data-dir={tmp_path / 'profile'}",
+                 f"--host-resolver-rules=MAP {ELSEWHERE} 127.0.0.1"):  # fmt: skip
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
@@ -181,3 +192,82 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
             )
             assert 0 <= left < right <= width, (left, right, width)
         assert browser.save_screenshot(str(tmp_path / "serve-420.png"))
+
+
+@contextmanager
+def another_site() -> Iterator[str]:
+    """A blank page served from another port, as another site's page; yields its address."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(b"<!doctype html><title>elsewhere</title><p>elsewhere</p>")
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{ELSEWHERE}:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_other_sites_cannot_drive_the_server_and_its_own_page_can(browser, tmp_path, tiny_clip):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    data = png((200, 30, 30))
+    (tmp_path / "red.png").write_bytes(data)
+    image_id = hashlib.sha256(data).hexdigest()[:32]  # the id the server keeps the image under
+    wait = WebDriverWait(browser, 60)
+    captioner = Captioner(load_models([build_model(tmp_path / "hard", tiny_clip, "hard", 0)], device="cpu"))
+    with serving(captioner) as url, another_site() as elsewhere, httpx.Client(base_url=url) as http:
+
+        def held() -> bool:
+            answer = http.post("/api/caption", json={"image_id": image_id, "method": "hard"})
+            assert answer.status_code in (200, 404), answer.text
+            return answer.status_code == 200
+
+        # Another site's page posts the image and a caption request as text/plain, which a browser sends
+        # across sites without asking the server first; the answers are opaque to that page.
+        browser.get(elsewhere)
+        sent = browser.execute_async_script(
+            """
+            const [url, bytes, payload, done] = arguments;
+            const post = (path, body) => fetch(url + path, {
+              method: "POST", mode: "no-cors", headers: { "Content-Type": "text/plain" }, body });
+            post("api/images?name=red.png", new Uint8Array(bytes))
+              .then(() => post("api/caption", payload))
+              .then(() => done("sent"), (error) => done(String(error)));
+            """,
+            url,
+            list(data),
+            json.dumps({"image_id": image_id, "method": "hard"}),
+        )
+        assert sent == "sent" and not held()  # the browser sent both, the server kept nothing
+
+        # The server reached under the other site's name: the page is not served.
+        port = urlsplit(url).port
+        browser.get(f"http://{ELSEWHERE}:{port}/")
+        refused = browser.execute_script("return document.querySelector('pre').textContent")
+        assert json.loads(refused) == {
+            "error": f"Host '{ELSEWHERE}:{port}' does not name this server; open {url}."
+        }
+
+        # The server's own page uploads and captions the image.
+        browser.get(url)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        picker = browser.find_element(By.ID, "files")
+        browser.execute_script("arguments[0].hidden = false", picker)
+        picker.send_keys(str(tmp_path / "red.png"))
+        card = browser.find_element(By.CSS_SELECTOR, ".card")
+        wait.until(lambda d: card.get_attribute("data-state") in ("done", "error"))
+        assert card.get_attribute("data-state") == "done", card.text
+        assert card.find_element(By.CSS_SELECTOR, 'tr[data-method="hard"] td.plain').text
+        assert held()

@@ -18,16 +18,30 @@ Routes:
 
 Errors are ``{"error": message}`` with a 4xx status; the page shows the message. Model work runs in a
 worker thread, so the server keeps answering while a caption is computed.
+
+Other sites' pages cannot drive the server from a visitor's browser:
+
+- A request whose ``Host`` does not name the server (:class:`Listening`) is answered 421: a page of
+  another site that makes its own name resolve to this machine (DNS rebinding) sends that name.
+- A request whose ``Origin`` is not the server's own is answered 403: browsers name the page that sends
+  a request across sites.
+- The JSON routes take ``Content-Type: application/json`` only, uploads ``image/png``, ``image/jpeg``,
+  ``image/gif``, ``image/bmp``, ``image/tiff``, ``image/webp`` or ``application/octet-stream`` only
+  (the page sends octet-stream: the server decodes those formats alone, whatever the type says), else 415:
+  a page of another site may send form and ``text/plain`` bodies without asking first, not these.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -35,10 +49,13 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tipcap.app.service import Captioner, RequestError
 from tipcap.errors import TipcapError
@@ -46,10 +63,122 @@ from tipcap.model import CaptionResult, caption_record
 
 STATIC = Path(str(files("tipcap.app") / "static"))
 MAX_JSON_BYTES = 1024 * 1024
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/tiff", "image/webp")
+"""The content types of an upload, besides ``application/octet-stream``: the formats decoded."""
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+_HOST = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<name>[^\s:/@\[\]]+))(?::(?P<port>[0-9]{1,5}))?")
+
+
+def _host_and_port(value: str) -> tuple[str, int | None] | None:
+    """``name:port`` (or ``[ipv6]:port``; the port may be left out) as the lower-cased name and the port;
+    ``None`` when ``value`` is not of that form."""
+    match = _HOST.fullmatch(value)
+    if match is None:
+        return None
+    port = match.group("port")
+    return (match.group("ipv6") or match.group("name")).lower(), int(port) if port else None
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Listening:
+    """Where the server listens: ``host`` as given (``--host``), the ``address`` and ``port`` bound.
+
+    A request's ``Host`` names the server when its port is the one bound (or left out, on port 80) and its
+    name is one the server is reached under: ``localhost``, ``127.0.0.1`` or ``[::1]`` on a loopback
+    address; on every address (``0.0.0.0``, ``::``) those, any IP address and this machine's name;
+    otherwise the host as given and the address bound. A name of another site is refused.
+    """
+
+    host: str
+    address: str
+    port: int
+
+    @classmethod
+    def of(cls, host: str, sock: socket.socket) -> Listening:
+        """The listening socket ``sock``, bound for ``--host host``."""
+        address, port = sock.getsockname()[:2]
+        return cls(host, address, port)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether only this machine can reach the server."""
+        return ipaddress.ip_address(self.address).is_loopback
+
+    @property
+    def everywhere(self) -> bool:
+        """Whether the server listens on every address of the machine."""
+        return ipaddress.ip_address(self.address).is_unspecified
+
+    @property
+    def url(self) -> str:
+        """The page's address."""
+        host = "127.0.0.1" if self.everywhere else self.address
+        return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
+
+    def named_by(self, host: str) -> bool:
+        """Whether a ``Host`` header value names this server."""
+        parsed = _host_and_port(host)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if port != self.port and not (port is None and self.port == 80):
+            return False
+        if self.loopback:
+            return name in LOOPBACK_NAMES or name == self.address
+        if self.everywhere:
+            return name in LOOPBACK_NAMES or _is_address(name) or name == socket.gethostname().lower()
+        return name in (self.host.lower(), self.address)
+
+
+class _SameOrigin:
+    """Refuses a request whose ``Host`` does not name the server (421) or whose ``Origin``, when sent, is
+    not the server's own (403), before any route reads it."""
+
+    def __init__(self, app: ASGIApp, listening: Listening) -> None:
+        self.app = app
+        self.listening = listening
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            host, origin = headers.get("host", ""), headers.get("origin")
+            refusal = None
+            if not self.listening.named_by(host):
+                refusal = JSONResponse(
+                    {"error": f"Host {host!r} does not name this server; open {self.listening.url}."},
+                    status_code=421,
+                )
+            elif origin is not None and origin.lower() != f"http://{host.lower()}":
+                refusal = JSONResponse(
+                    {"error": f"Origin {origin!r}: this server answers its own page only."}, status_code=403
+                )
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _media_type(request: Request) -> str:
+    """The request's ``Content-Type`` without its parameters, lower-cased; empty when none is sent."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, read up to :data:`MAX_JSON_BYTES`."""
+    media = _media_type(request)
+    if media != "application/json":
+        raise RequestError(
+            f"send the request body as Content-Type application/json, not {media or 'without a type'}.",
+            status=415,
+        )
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -64,8 +193,8 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return payload
 
 
-def create_app(captioner: Captioner) -> Starlette:
-    """The web app serving ``captioner`` and the page."""
+def create_app(captioner: Captioner, listening: Listening) -> Starlette:
+    """The web app serving ``captioner`` and the page, answering requests to ``listening`` only."""
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
@@ -75,6 +204,13 @@ def create_app(captioner: Captioner) -> Starlette:
 
     async def images(request: Request) -> Response:
         name = request.query_params.get("name") or "image"
+        media = _media_type(request)
+        if media not in (*IMAGE_TYPES, "application/octet-stream"):
+            raise RequestError(
+                f"{name}: sent as {media or 'no type'}; send the image's bytes as "
+                f"{', '.join(IMAGE_TYPES)} or application/octet-stream.",
+                status=415,
+            )
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > captioner.max_upload_bytes:
             raise RequestError(captioner.too_large(name, int(declared)), status=413)
@@ -125,7 +261,11 @@ def create_app(captioner: Captioner) -> Starlette:
         Route("/api/jsonl", jsonl, methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers={TipcapError: request_error})
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_SameOrigin, listening=listening)],
+        exception_handlers={TipcapError: request_error},
+    )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -144,27 +284,22 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _url(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-
-
 def serve(
     captioner: Captioner, host: str = "127.0.0.1", port: int = 8000, echo: Callable[[str], None] = print
 ) -> None:
     """Serve ``captioner`` until interrupted; ``echo`` receives the page's address once it listens."""
     sock = _bind(host, port)
-    echo(f"serving {', '.join(captioner.models)} at {_url(sock)} (Ctrl-C stops)")
-    uvicorn.Server(uvicorn.Config(create_app(captioner), log_level="warning")).run(sockets=[sock])
+    listening = Listening.of(host, sock)
+    echo(f"serving {', '.join(captioner.models)} at {listening.url} (Ctrl-C stops)")
+    uvicorn.Server(uvicorn.Config(create_app(captioner, listening), log_level="warning")).run(sockets=[sock])
 
 
 @contextmanager
 def serving(captioner: Captioner, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve ``captioner`` from a background thread while the block runs; yields the page's address."""
     sock = _bind(host, port)
-    server = uvicorn.Server(uvicorn.Config(create_app(captioner), log_level="warning"))
+    listening = Listening.of(host, sock)
+    server = uvicorn.Server(uvicorn.Config(create_app(captioner, listening), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:
@@ -172,7 +307,7 @@ def serving(captioner: Captioner, host: str = "127.0.0.1", port: int = 0) -> Ite
             raise RuntimeError("the server stopped while starting")
         time.sleep(0.01)
     try:
-        yield _url(sock)
+        yield listening.url
     finally:
         server.should_exit = True
         thread.join()

@@ -61,9 +61,11 @@ async function upload(card) {
         `${megabytes(settings.maxUploadBytes)}; scale the image down.`,
     );
   }
+  // Sent as bytes: the browser's type for a file comes from its name (empty or odd for some), and the
+  // server decodes the formats it reads whatever the type says.
   const held = await request(`/api/images?name=${encodeURIComponent(card.name)}`, {
     method: "POST",
-    headers: { "Content-Type": card.file.type || "application/octet-stream" },
+    headers: { "Content-Type": "application/octet-stream" },
     body: card.file,
   });
   card.imageId = held.image_id;
