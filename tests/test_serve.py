@@ -3,6 +3,7 @@ concurrent requests, the JSONL download, and the command line."""
 
 import hashlib
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -391,6 +392,40 @@ def test_serve_command_errors_are_one_line(model_dirs, tmp_path):
         port = taken.getsockname()[1]
         result = run("serve", "--model", model_dirs["plain"], "--port", port, "--device", "cpu")
     assert result.exit_code == 1 and f"--port {port}: cannot listen there" in result.output
+
+
+@pytest.mark.parametrize(
+    ("host", "address", "warning"),
+    [
+        ("0.0.0.0", "0.0.0.0", "listens on every network interface"),
+        ("localhost", "127.0.0.1", None),
+    ],
+)
+def test_serve_prints_the_address_it_listens_on_and_warns_beyond_this_machine(
+    model_dirs, host, address, warning
+):
+    command = [sys.executable, "-m", "tipcap.cli", "serve", "--model", model_dirs["plain"], "--host", host,
+               "--port", "0", "--device", "cpu"]  # fmt: skip
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        printed = server.stdout.readline()
+        found = re.fullmatch(
+            rf"serving plain at http://{re.escape(address)}:(\d+)/(.*) \(Ctrl-C stops\)\n", printed
+        )
+        assert found, printed
+        port = found.group(1)
+        assert found.group(2) == (
+            f", every address of this machine (on it: http://127.0.0.1:{port}/)" if warning else ""
+        )
+        assert httpx.get(f"http://127.0.0.1:{port}/api/methods").status_code == 200
+    finally:
+        server.terminate()
+        server.wait()
+    said = [line for line in server.stderr.read().splitlines() if line.startswith("warning: --host")]
+    assert said == ([
+        f"warning: --host {host} {warning}: any machine that can reach this one can use the server, which "
+        "asks no one who they are; pass --host 127.0.0.1 (the default) to serve this machine only."
+    ] if warning else [])  # fmt: skip
 
 
 def test_the_command_line_does_not_import_the_web_framework():

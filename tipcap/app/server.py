@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import re
 import socket
 import threading
@@ -60,6 +61,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tipcap.app.service import Captioner, RequestError
 from tipcap.errors import TipcapError
 from tipcap.model import CaptionResult, caption_record
+
+logger = logging.getLogger(__name__)
 
 STATIC = Path(str(files("tipcap.app") / "static"))
 MAX_JSON_BYTES = 1024 * 1024
@@ -119,9 +122,18 @@ class Listening:
 
     @property
     def url(self) -> str:
-        """The page's address."""
-        host = "127.0.0.1" if self.everywhere else self.address
-        return f"http://[{host}]:{self.port}/" if ":" in host else f"http://{host}:{self.port}/"
+        """The address bound, as the page's address (``http://0.0.0.0:8000/`` on every address)."""
+        return self._url(self.address)
+
+    @property
+    def local_url(self) -> str:
+        """The page's address on this machine: :attr:`url`, or a loopback one when on every address."""
+        if not self.everywhere:
+            return self.url
+        return self._url("::1" if ipaddress.ip_address(self.address).version == 6 else "127.0.0.1")
+
+    def _url(self, address: str) -> str:
+        return f"http://[{address}]:{self.port}/" if ":" in address else f"http://{address}:{self.port}/"
 
     def named_by(self, host: str) -> bool:
         """Whether a ``Host`` header value names this server."""
@@ -287,16 +299,29 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(
     captioner: Captioner, host: str = "127.0.0.1", port: int = 8000, echo: Callable[[str], None] = print
 ) -> None:
-    """Serve ``captioner`` until interrupted; ``echo`` receives the page's address once it listens."""
+    """Serve ``captioner`` until interrupted; ``echo`` receives the address bound once it listens. Listening
+    elsewhere than on a loopback address is warned about: the server has no authentication."""
     sock = _bind(host, port)
     listening = Listening.of(host, sock)
-    echo(f"serving {', '.join(captioner.models)} at {listening.url} (Ctrl-C stops)")
+    where = listening.url
+    if listening.everywhere:
+        where += f", every address of this machine (on it: {listening.local_url})"
+    echo(f"serving {', '.join(captioner.models)} at {where} (Ctrl-C stops)")
+    if not listening.loopback:
+        reach = "every network interface" if listening.everywhere else listening.address
+        logger.warning(
+            "--host %s listens on %s: any machine that can reach this one can use the server, which asks "
+            "no one who they are; pass --host 127.0.0.1 (the default) to serve this machine only.",
+            host,
+            reach,
+        )
     uvicorn.Server(uvicorn.Config(create_app(captioner, listening), log_level="warning")).run(sockets=[sock])
 
 
 @contextmanager
 def serving(captioner: Captioner, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve ``captioner`` from a background thread while the block runs; yields the page's address."""
+    """Serve ``captioner`` from a background thread while the block runs; yields the page's address on this
+    machine."""
     sock = _bind(host, port)
     listening = Listening.of(host, sock)
     server = uvicorn.Server(uvicorn.Config(create_app(captioner, listening), log_level="warning"))
@@ -307,7 +332,7 @@ def serving(captioner: Captioner, host: str = "127.0.0.1", port: int = 0) -> Ite
             raise RuntimeError("the server stopped while starting")
         time.sleep(0.01)
     try:
-        yield listening.url
+        yield listening.local_url
     finally:
         server.should_exit = True
         thread.join()
