@@ -313,6 +313,67 @@ def test_which_hosts_name_a_server_on_each_kind_of_address():
     assert port_80.named_by("localhost") and port_80.named_by("127.0.0.1:80") and not port_80.named_by("evil")
 
 
+LONE = "holds '\\ud800', a lone surrogate, which is no character; send valid Unicode text."
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "message"),
+    [
+        # JSON's \u escapes can write half of a UTF-16 pair (a lone surrogate), which UTF-8 cannot encode.
+        ("/api/caption", r'{"image_id": "\ud800", "method": "hard"}', f"image_id: {LONE}"),
+        (
+            "/api/caption",
+            r'{"image_id": "ID", "method": "hard", "prompt": ["dog", "d\ud800g"]}',
+            f"prompt[1]: {LONE}",
+        ),
+        (
+            "/api/caption",
+            r'{"image_id": "ID", "method": "hard", "\ud800": 1}',
+            "the request body: a key holds a",
+        ),
+        (
+            "/api/jsonl",
+            r'{"results": [{"image": "a.png", "caption": "\ud800.", "prompt": []}]}',
+            f"results[0].caption: {LONE}",
+        ),
+    ],
+    ids=["image_id", "prompt-word", "key", "download"],
+)
+def test_text_that_is_not_unicode_is_refused_naming_where_it_is(client, route, body, message):
+    image_id = upload(client, png((1, 99, 1))).json()["image_id"]
+    answer = client.post(
+        route, content=body.replace("ID", image_id).encode(), headers={"Content-Type": "application/json"}
+    )
+    assert answer.status_code == 400 and answer.json()["error"].startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[" * 200_000, "the request body nests lists or objects too deeply to read; send the object"),
+        ('{"a": ' * 100_000 + "1" + "}" * 100_000, "the request body nests lists or objects too deeply"),
+        ('{"beams": ' + "9" * 5_000 + "}", "the request body holds a number of more than 4,300 digits."),
+    ],
+    ids=["lists", "objects", "digits"],
+)
+def test_json_that_python_cannot_read_is_refused(client, body, message):
+    assert len(body) < 1024 * 1024  # under the body limit
+    answer = client.post("/api/caption", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 and answer.json()["error"].startswith(message)
+
+
+def test_tipcap_caption_refuses_a_prompt_word_that_is_not_text(model_dirs, tmp_path):
+    (tmp_path / "ok.png").write_bytes(png((5, 5, 5)))
+    # A shell's $'dog\xff' reaches Python as 'dog\udcff': bytes that are not UTF-8 become lone surrogates.
+    result = run("caption", tmp_path / "ok.png", "--model", model_dirs["hard"], "--prompt", "cat, dog\udcff",
+                 "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == (
+        "Error: prompt word 'dog\\udcff': holds '\\udcff', a lone surrogate, which is no character (bytes "
+        "that are not UTF-8 arrive so); type the word in UTF-8."
+    )
+
+
 def test_concurrent_requests_are_answered_as_one_at_a_time(captioner):
     requests = [
         (png(((40 * i) % 256, (90 * i) % 256, 128)), ["hard", "plain"][i % 2], [VOCABULARY[i % 5]], 1 + i % 3)

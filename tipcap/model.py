@@ -163,6 +163,21 @@ PromptWords = Sequence[str] | Sequence[Sequence[str]]
 """Prompt words: one list for every input (``["dog", "frisbee"]``), or one list per input."""
 
 
+def _check_prompt_text(prompts: PromptWords | None) -> None:
+    """Refuse a prompt word that is not valid Unicode text: one holding a lone surrogate, as bytes that are
+    not UTF-8 reach Python from the command line (``$'dog\\xff'`` arrives as ``'dog\\udcff'``)."""
+    rows = [prompts] if prompts and all(isinstance(word, str) for word in prompts) else prompts or []
+    for words in rows:
+        for word in words:
+            try:
+                word.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise TipcapError(
+                    f"prompt word {word!a}: holds {word[e.start]!a}, a lone surrogate, which is no character "
+                    "(bytes that are not UTF-8 arrive so); type the word in UTF-8."
+                ) from None
+
+
 class TIPCap(nn.Module):
     """Prefix captioner with a prompt interaction module, its gap and (loaded on first need) its CLIP.
 
@@ -552,6 +567,7 @@ class TIPCap(nn.Module):
         """
         if (images is None) == (embeddings is None):
             raise TipcapError("caption: give images or embeddings (one of them).")
+        _check_prompt_text(prompts)
         timings = {} if timings is None else timings
         if (prompts or auto_prompt) and self.config.prompt == "none":
             logger.warning("this model was trained without prompts; prompt words are ignored.")

@@ -38,6 +38,7 @@ import json
 import logging
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -183,8 +184,55 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text`` (JSON's ``\\ud800`` escapes write them; UTF-8 cannot), if any."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return None
+
+
+JsonPath = tuple[Any, str | int] | None
+"""Where a value lies in a JSON document: ``(parent's path, key or index)``; ``None`` for the document."""
+
+
+def _where(path: JsonPath) -> str:
+    """A value's place for a message: ``prompt[1]``, ``results[0].image`` (at most 200 characters)."""
+    steps = []
+    while path is not None:
+        path, step = path
+        steps.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+    return ("".join(reversed(steps)).lstrip(".") or "the request body")[:200]
+
+
+def _check_text(payload: Any) -> None:
+    """Refuse a payload holding a string, key or value, that is not valid Unicode, naming where it is.
+
+    Paths are kept as links to their parent's, not as strings, so that a deep body of long keys costs no
+    more than its size to walk."""
+    pending: list[tuple[Any, JsonPath]] = [(payload, None)]
+    while pending:
+        value, path = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _lone_surrogate(key) is not None:
+                    raise RequestError(
+                        f"{_where(path)}: a key holds a lone surrogate, which is no character; send valid "
+                        "Unicode text."
+                    )
+                pending.append((item, (path, key)))
+        elif isinstance(value, list):
+            pending += [(item, (path, index)) for index, item in enumerate(value)]
+        elif isinstance(value, str) and (surrogate := _lone_surrogate(value)) is not None:
+            raise RequestError(
+                f"{_where(path)}: holds {surrogate!a}, a lone surrogate, which is no character; send valid "
+                "Unicode text."
+            )
+
+
 async def _json_body(request: Request) -> dict[str, Any]:
-    """The request's JSON object, read up to :data:`MAX_JSON_BYTES`."""
+    """The request's JSON object, read up to :data:`MAX_JSON_BYTES`, its text valid Unicode."""
     media = _media_type(request)
     if media != "application/json":
         raise RequestError(
@@ -200,8 +248,17 @@ async def _json_body(request: Request) -> dict[str, Any]:
         payload = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise RequestError("the request body is not JSON.") from None
+    except RecursionError:
+        raise RequestError(
+            "the request body nests lists or objects too deeply to read; send the object the route takes."
+        ) from None
+    except ValueError:  # an integer of more digits than Python converts
+        raise RequestError(
+            f"the request body holds a number of more than {sys.get_int_max_str_digits():,} digits."
+        ) from None
     if not isinstance(payload, dict):
         raise RequestError("the request body must be a JSON object.")
+    _check_text(payload)
     return payload
 
 
