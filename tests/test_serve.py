@@ -413,6 +413,36 @@ def test_the_download_is_what_tipcap_caption_writes(client, model_dirs, tmp_path
     assert json.loads(several.text)["method"] == "hard"
 
 
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"image": "a.png", "caption": "a dog.", "prompt": 3}, "results[1].prompt must be a list of words"),
+        (
+            {"image": "a.png", "caption": "a dog.", "prompt": True},
+            "results[1].prompt must be a list of words",
+        ),
+        (
+            {"image": "a.png", "caption": "a dog.", "prompt": "dog"},
+            "results[1].prompt must be a list of words",
+        ),
+        ({"image": "a.png", "caption": "a dog.", "prompt": ["dog", 1]}, "results[1].prompt must be a list"),
+        ({"image": "a.png", "caption": "a dog."}, "results[1].prompt must be a list of words"),
+        ({}, "results[1].image must be text"),
+        ({"image": "a.png", "caption": None, "prompt": []}, "results[1].caption must be text"),
+        ({"image": ["a.png"], "caption": "a dog.", "prompt": []}, "results[1].image must be text"),
+        (
+            {"image": "a.png", "caption": "a dog.", "prompt": [], "method": 2},
+            "results[1].method must be text",
+        ),
+        ("a.png", "results[1] must be an object"),
+    ],
+)
+def test_a_malformed_download_row_is_refused_naming_it(client, row, message):
+    good = {"image": "b.png", "caption": "a cat.", "prompt": ["cat"]}
+    answer = client.post("/api/jsonl", json={"results": [good, row]})
+    assert answer.status_code == 400 and answer.json()["error"].startswith(f"download: {message}")
+
+
 def test_serving_writes_nothing(model_dirs, tmp_path, monkeypatch):
     temporary = tmp_path / "temp"
     temporary.mkdir()

@@ -262,6 +262,26 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return payload
 
 
+def _download_record(index: int, row: Any) -> dict[str, Any]:
+    """Row ``index`` of a download, ``{"image", "caption", "prompt"}`` and an optional ``method``, as the
+    line ``tipcap caption --out`` writes for it; a :class:`RequestError` naming the row's wrong field."""
+    where = f"download: results[{index}]"
+    if not isinstance(row, dict):
+        raise RequestError(f'{where} must be an object, {{"image", "caption", "prompt"}}.')
+    for key in ("image", "caption"):
+        if not isinstance(row.get(key), str):
+            raise RequestError(f"{where}.{key} must be text.")
+    prompt = row.get("prompt")
+    if not isinstance(prompt, list) or not all(isinstance(word, str) for word in prompt):
+        raise RequestError(f'{where}.prompt must be a list of words, e.g. ["dog"] or [].')
+    record = caption_record(CaptionResult(row["image"], row["caption"], prompt))
+    if "method" in row:
+        if not isinstance(row["method"], str):
+            raise RequestError(f"{where}.method must be text.")
+        record["method"] = row["method"]
+    return record
+
+
 def create_app(captioner: Captioner, listening: Listening) -> Starlette:
     """The web app serving ``captioner`` and the page, answering requests to ``listening`` only."""
 
@@ -302,16 +322,9 @@ def create_app(captioner: Captioner, listening: Listening) -> Starlette:
 
     async def jsonl(request: Request) -> Response:
         rows = (await _json_body(request)).get("results")
-        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        if not isinstance(rows, list):
             raise RequestError('download: give {"results": [{"image", "caption", "prompt"}, …]}.')
-        lines = []
-        for row in rows:
-            record = caption_record(
-                CaptionResult(str(row.get("image")), str(row.get("caption")), list(row.get("prompt") or []))
-            )
-            if "method" in row:
-                record["method"] = str(row["method"])
-            lines.append(json.dumps(record) + "\n")
+        lines = [json.dumps(_download_record(index, row)) + "\n" for index, row in enumerate(rows)]
         return Response(
             "".join(lines),
             media_type="application/jsonl",
