@@ -1,6 +1,7 @@
 """`tipcap serve` through its HTTP interface: captions and re-captions with prompt words, bad inputs,
 concurrent requests, the JSONL download, and the command line."""
 
+import asyncio
 import hashlib
 import json
 import re
@@ -372,6 +373,33 @@ def test_tipcap_caption_refuses_a_prompt_word_that_is_not_text(model_dirs, tmp_p
         "Error: prompt word 'dog\\udcff': holds '\\udcff', a lone surrogate, which is no character (bytes "
         "that are not UTF-8 arrive so); type the word in UTF-8."
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"), [("/api/images", "image/png"), ("/api/caption", "application/json")]
+)
+def test_a_client_that_leaves_mid_request_is_let_go_without_an_error(captioner, path, kind):
+    # The app as uvicorn calls it: part of the body, then the client's disconnection. An exception out of
+    # the app is what uvicorn logs with a traceback.
+    arriving = [
+        {"type": "http.request", "body": b'{"image_id": "', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent = []
+
+    async def receive() -> dict:
+        return arriving.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    headers = [(b"host", b"127.0.0.1:8000"), (b"content-type", kind.encode()), (b"content-length", b"5000")]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"name=x.png",
+             "root_path": "", "headers": headers, "client": ("127.0.0.1", 50000),
+             "server": ("127.0.0.1", 8000)}  # fmt: skip
+    asyncio.run(create_app(captioner, LOCAL)(scope, receive, send))
+    assert arriving == [] and [m["status"] for m in sent if m["type"] == "http.response.start"] == [400]
 
 
 def test_concurrent_requests_are_answered_as_one_at_a_time(captioner):

@@ -53,7 +53,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -335,6 +335,13 @@ def create_app(captioner: Captioner, listening: Listening) -> Starlette:
         status = error.status if isinstance(error, RequestError) else 400
         return JSONResponse({"error": str(error)}, status_code=status)
 
+    async def client_gone(request: Request, error: Exception) -> Response:
+        # A closed tab or a dropped upload is no fault of the server's: a quiet note, no traceback.
+        logger.info(
+            "%s %s: the client left before sending its whole request.", request.method, request.url.path
+        )
+        return Response(status_code=400)  # uvicorn sends nothing to a client that has left
+
     routes = [
         Route("/", page),
         Route("/api/methods", methods),
@@ -346,7 +353,7 @@ def create_app(captioner: Captioner, listening: Listening) -> Starlette:
     return Starlette(
         routes=routes,
         middleware=[Middleware(_SameOrigin, listening=listening)],
-        exception_handlers={TipcapError: request_error},
+        exception_handlers={TipcapError: request_error, ClientDisconnect: client_gone},
     )
 
 
