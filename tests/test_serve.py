@@ -547,6 +547,28 @@ def test_serve_prints_the_address_it_listens_on_and_warns_beyond_this_machine(
     ] if warning else [])  # fmt: skip
 
 
+RANGE = "is not in the range 0.01<=x<=1024."
+
+
+@pytest.mark.parametrize(
+    ("size", "said"),
+    [
+        ("nan", "'nan' is not a number."),
+        ("inf", f"inf {RANGE}"),
+        ("-inf", f"-inf {RANGE}"),
+        ("1e-9", f"1e-09 {RANGE}"),  # a server that refuses every image
+        ("0", f"0.0 {RANGE}"),
+        ("0.009", f"0.009 {RANGE}"),
+        ("1025", f"1025.0 {RANGE}"),
+    ],
+)
+def test_serve_refuses_an_upload_limit_out_of_range_in_one_line(tmp_path, size, said):
+    # The folder holds no model: a limit let through would end in that error instead.
+    result = run("serve", "--model", tmp_path, "--max-upload-mb", size)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == f"Error: Invalid value for '--max-upload-mb': {said}"
+
+
 def test_the_command_line_does_not_import_the_web_framework():
     code = "import sys, tipcap.cli; assert 'starlette' not in sys.modules and 'uvicorn' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

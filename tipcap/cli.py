@@ -1042,8 +1042,9 @@ def demo_command(
     "--max-upload-mb",
     default=10.0,
     show_default=True,
-    type=click.FloatRange(min=0, min_open=True),
-    help="Largest image accepted, in MB.",
+    # At least a small PNG's size; at most what the server should hold in memory for one upload.
+    type=_FiniteFloatRange(min=0.01, max=1024),
+    help="Largest image accepted, in MB (0.01 to 1024).",
 )
 @click.option("--device", default=None, help="Device (default: cuda when available, else cpu).")
 def serve_command(
