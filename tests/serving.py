@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tipcap.clip import ClipSpec
+from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import ModelConfig
 from tipcap.model import TIPCap
 from tipcap.training_data import word_level_tokenizer
@@ -18,7 +18,9 @@ def build_model(directory: Path, clip: Path, prompt: str, seed: int) -> Path:
     """An untrained decoder on the tiny CLIP ``clip``, saved to ``directory``.
 
     A ``hard`` model writes its prompt words into the language model's context, so that even untrained its
-    caption changes when a word is added; a ``none`` model has no prompt vocabulary.
+    caption changes when a word is added; a ``pim`` model reads its prompt words' CLIP embeddings through
+    its prompt interaction (whose gate starts open), the first ``max_prompt_words`` (8) of them; a ``none``
+    model has no prompt vocabulary.
     """
     torch.manual_seed(seed)
     tokenizer = word_level_tokenizer([f"a {entity} above a {entity} ." for entity in VOCABULARY])
@@ -27,7 +29,9 @@ def build_model(directory: Path, clip: Path, prompt: str, seed: int) -> Path:
     config = ModelConfig(clip_dim=32, language_model_config=language_model, prompt=prompt,
                          prefix_length=2, max_caption_tokens=8)  # fmt: skip
     names = VOCABULARY if prompt != "none" else []
-    model = TIPCap.build(config, tokenizer, entity_names=names, clip_spec=ClipSpec(str(clip)))
+    spec = ClipSpec(str(clip))
+    vectors = ClipEncoder.load(spec, device="cpu").encode_texts(names).embeddings if prompt == "pim" else None
+    model = TIPCap.build(config, tokenizer, entity_names=names, entity_embeddings=vectors, clip_spec=spec)
     model.save_pretrained(directory)
     return directory
 

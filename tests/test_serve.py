@@ -4,6 +4,7 @@ concurrent requests, the JSONL download, and the command line."""
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from starlette.testclient import TestClient
 
 from tipcap.app.server import Listening, create_app, serving
 from tipcap.app.service import Captioner, find_models, load_models
-from tipcap.model import TIPCap
+from tipcap.model import TIPCap, caption_record
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,17 @@ def model_dirs(tmp_path_factory, tiny_clip):
         "hard": build_model(root / "hard", tiny_clip, "hard", seed=0),
         "plain": build_model(root / "plain", tiny_clip, "none", seed=1),
     }
+
+
+@pytest.fixture(scope="module")
+def pim_dir(tmp_path_factory, tiny_clip):
+    """An untrained prompt-interaction decoder on the tiny CLIP, which reads 8 prompt words (seeded so that
+    its caption follows them)."""
+    return build_model(tmp_path_factory.mktemp("served") / "pim", tiny_clip, "pim", seed=5)
+
+
+WORDS = [*VOCABULARY, "dog", "cat", "tree", "car", "boat", "sun", "moon"]
+"""Twelve prompt words."""
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +78,10 @@ def test_the_page_and_its_methods(client):
     assert page.status_code == 200 and "tipcap" in page.text and "/static/app.js" in page.text
     assert client.get("/static/app.js").status_code == 200
     methods = client.get("/api/methods").json()
-    assert methods["methods"] == [{"name": "hard", "prompt": "hard"}, {"name": "plain", "prompt": "none"}]
+    assert methods["methods"] == [
+        {"name": "hard", "prompt": "hard", "max_prompt_words": 16},
+        {"name": "plain", "prompt": "none", "max_prompt_words": 16},
+    ]
     assert methods["default"] == "hard" and methods["max_upload_bytes"] == 20_000
 
 
@@ -111,6 +126,47 @@ def test_the_answer_says_which_prompt_words_the_caption_names_and_which_the_mode
     assert answer["note"].startswith("“giraffe” is outside this model's vocabulary: it is written into")
     known = caption(client, image_id, prompt=["blue square"]).json()
     assert known["unknown"] == [] and known["note"] is None
+
+
+def test_a_prompt_interaction_model_reports_the_prompt_words_it_read(pim_dir, tmp_path, caplog, monkeypatch):
+    path = tmp_path / "red.png"
+    path.write_bytes(png((200, 30, 30)))
+    model = TIPCap.from_pretrained(pim_dir, device="cpu")
+    assert model.config.max_prompt_words == 8
+    # Heard on the package's logger itself, once, whether or not a command ran in this process before.
+    package_logger = logging.getLogger("tipcap")
+    monkeypatch.setattr(package_logger, "propagate", False)
+    package_logger.addHandler(caplog.handler)
+    try:
+        twelve = model.caption(images=[path], prompts=WORDS, num_beams=2, workers=0)[0]
+    finally:
+        package_logger.removeHandler(caplog.handler)
+    assert twelve.prompt == WORDS[:8] and caption_record(twelve)["prompt"] == WORDS[:8]
+    read = model.caption(images=[path], prompts=twelve.prompt, num_beams=2, workers=0)[0]
+    plain = model.caption(images=[path], num_beams=2, workers=0)[0]
+    assert twelve.caption == read.caption != plain.caption  # the words it lists are the words it read
+    assert [r.getMessage() for r in caplog.records if r.name == "tipcap.model"] == [
+        "this model reads at most 8 prompt words: 1 input(s) had more, and only their first 8 were used "
+        "(each result lists the words used)."
+    ]
+    out = tmp_path / "captions.jsonl"
+    result = run("caption", path, "--model", pim_dir, "--prompt", ", ".join(WORDS), "--beams", "2",
+                 "--out", out, "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text()) == caption_record(twelve)
+
+
+def test_the_server_takes_as_many_prompt_words_as_each_method_reads(model_dirs, pim_dir):
+    captioner = Captioner(load_models([model_dirs["hard"], pim_dir], device="cpu"))
+    with local_client(captioner) as http:
+        methods = http.get("/api/methods").json()["methods"]
+        assert {m["name"]: m["max_prompt_words"] for m in methods} == {"hard": 16, "pim": 8}
+        image_id = upload(http, png((200, 30, 30))).json()["image_id"]
+        nine = caption(http, image_id, "pim", WORDS[:9])
+        assert nine.status_code == 400
+        assert nine.json()["error"] == "prompt: at most 8 words of at most 64 characters each."
+        assert caption(http, image_id, "pim", WORDS[:8]).json()["prompt"] == WORDS[:8]
+        assert caption(http, image_id, "hard", WORDS).json()["prompt"] == WORDS
 
 
 def test_a_method_without_prompts_says_so_and_borrows_the_guesses(client):

@@ -271,3 +271,66 @@ def test_other_sites_cannot_drive_the_server_and_its_own_page_can(browser, tmp_p
         assert card.get_attribute("data-state") == "done", card.text
         assert card.find_element(By.CSS_SELECTOR, 'tr[data-method="hard"] td.plain').text
         assert held()
+
+
+def test_the_page_takes_as_many_prompt_words_as_the_method_shown_reads(browser, tmp_path, tiny_clip):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    models = [
+        build_model(tmp_path / "hard", tiny_clip, "hard", 0),
+        build_model(tmp_path / "pim", tiny_clip, "pim", 5),  # reads 8 prompt words
+    ]
+    (tmp_path / "red.png").write_bytes(png((200, 30, 30)))
+    words = [
+        "red circle",
+        "blue square",
+        "green triangle",
+        "yellow star",
+        "purple ring",
+        "dog",
+        "cat",
+        "tree",
+    ]
+    wait = WebDriverWait(browser, 60)
+    with serving(Captioner(load_models(models, device="cpu"))) as url:
+        browser.get(url)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        browser.find_element(By.CSS_SELECTOR, '#method option[value="pim"]').click()
+        picker = browser.find_element(By.ID, "files")
+        browser.execute_script("arguments[0].hidden = false", picker)
+        picker.send_keys(str(tmp_path / "red.png"))
+        card = browser.find_element(By.CSS_SELECTOR, ".card")
+
+        def rounds(count):
+            return lambda d: (
+                card.get_attribute("data-state") == "done"
+                and card.get_attribute("data-requests") == str(count)
+            )
+
+        def prompt() -> list[str]:
+            return [
+                tag.get_attribute("data-word") for tag in card.find_elements(By.CSS_SELECTOR, ".prompt-word")
+            ]
+
+        wait.until(rounds(1))
+        box = card.find_element(By.CSS_SELECTOR, "input.words")
+        box.send_keys(", ".join([*words, "boat"]), Keys.ENTER)  # nine words: refused on the page
+        assert card.find_element(By.CSS_SELECTOR, ".error").text == "At most 8 prompt words for pim."
+        assert prompt() == [] and card.get_attribute("data-requests") == "1"
+
+        box.clear()
+        box.send_keys(", ".join(words), Keys.ENTER)
+        wait.until(rounds(2))
+        assert prompt() == words
+        assert card.find_element(By.CSS_SELECTOR, 'tr[data-method="pim"] td.caption').get_attribute(
+            "data-prompt"
+        ) == ", ".join(words)
+
+        # The hard-prompt method takes the server's 16 words.
+        browser.find_element(By.CSS_SELECTOR, '#method option[value="hard"]').click()
+        wait.until(rounds(3))
+        box.send_keys("boat", Keys.ENTER)
+        wait.until(rounds(4))
+        assert prompt() == [*words, "boat"]

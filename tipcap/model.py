@@ -557,8 +557,10 @@ class TIPCap(nn.Module):
         The gap carries image embeddings to the text side; the CLIP is loaded on first need. Prompt words
         are given (``prompts``) and/or found by CLIP zero-shot classification (``auto_prompt``, at most
         ``top_k`` entities with probability at least ``threshold``); a model trained without prompts
-        ignores them, says so once, and reports no prompt words. An unreadable image gets an ``error``
-        instead of a caption, and the others are captioned.
+        ignores them, says so once, and reports no prompt words; a prompt-interaction model reads the first
+        ``max_prompt_words`` of each input's (given ones first), says so once when there were more, and
+        reports those it read. An unreadable image gets an ``error`` instead of a caption, and the others
+        are captioned.
 
         Images stream through in batches of ``batch_size``: ``workers`` processes decode and preprocess
         the next batches (:func:`~tipcap.clip.image_batches`) while this one is encoded and captioned, and
@@ -596,12 +598,18 @@ class TIPCap(nn.Module):
             return f"image {position}" if isinstance(image, Image.Image) else str(image)
 
         results: list[CaptionResult | None] = [None] * count
+        cut = 0
         for positions, batch, failures in batches:
             for position, reason in failures:
                 results[position] = CaptionResult(name(position), None, error=reason)
             if not positions:
                 continue
             words = self._prompt_words(prompts, count, positions, batch, auto_prompt, top_k, threshold)
+            if words is not None and self.config.prompt == "pim":
+                # The prompt interaction reads the first max_prompt_words; the results list those it read.
+                limit = self.config.max_prompt_words
+                cut += sum(len(row) > limit for row in words)
+                words = [row[:limit] for row in words]
             start = time.perf_counter()
             captions = self.decode_text_side(
                 self.image_inputs(batch),
@@ -613,6 +621,14 @@ class TIPCap(nn.Module):
             timings["generation"] = timings.get("generation", 0.0) + time.perf_counter() - start
             for row, (position, caption) in enumerate(zip(positions, captions, strict=True)):
                 results[position] = CaptionResult(name(position), caption, words[row] if words else [])
+        if cut:
+            logger.warning(
+                "this model reads at most %d prompt words: %d input(s) had more, and only their first %d "
+                "were used (each result lists the words used).",
+                self.config.max_prompt_words,
+                cut,
+                self.config.max_prompt_words,
+            )
         return results
 
     def _prompt_words(

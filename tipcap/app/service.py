@@ -40,6 +40,8 @@ HELD_IMAGES = 256
 """How many uploaded images are kept (as embeddings) for re-captioning."""
 MAX_BEAMS = 10
 MAX_PROMPT_WORDS = 16
+"""The most prompt words a request may give a method; a prompt-interaction model takes fewer, its
+``max_prompt_words`` (:meth:`Captioner.prompt_limit`)."""
 MAX_WORD_LENGTH = 64
 GUESSES = 5
 """How many of CLIP's entity guesses are returned per image."""
@@ -112,17 +114,16 @@ def decode_image(name: str, data: bytes) -> Image.Image:
         raise RequestError(f"{name}: truncated or damaged image ({e}).") from None
 
 
-def prompt_words(words: Any) -> list[str]:
-    """Checked prompt words: a list of non-empty strings, each stripped, lower-cased, said once."""
+def prompt_words(words: Any, limit: int = MAX_PROMPT_WORDS) -> list[str]:
+    """Checked prompt words: a list of at most ``limit`` non-empty strings, each stripped, lower-cased, said
+    once."""
     if not isinstance(words, list) or not all(isinstance(word, str) for word in words):
         raise RequestError('prompt: give a list of words, e.g. ["dog", "frisbee"].')
     cleaned = [" ".join(word.split()).lower() for word in words]
     if any(not word for word in cleaned):
         raise RequestError("prompt: an empty word; type one or more words, separated by commas.")
-    if len(set(cleaned)) > MAX_PROMPT_WORDS or any(len(word) > MAX_WORD_LENGTH for word in cleaned):
-        raise RequestError(
-            f"prompt: at most {MAX_PROMPT_WORDS} words of at most {MAX_WORD_LENGTH} characters each."
-        )
+    if len(set(cleaned)) > limit or any(len(word) > MAX_WORD_LENGTH for word in cleaned):
+        raise RequestError(f"prompt: at most {limit} words of at most {MAX_WORD_LENGTH} characters each.")
     return list(dict.fromkeys(cleaned))
 
 
@@ -204,15 +205,24 @@ class Captioner:
                 models[source].entity_vocabulary()  # encoded now for hard-prompt models
 
     def describe(self) -> dict[str, Any]:
-        """The methods served (name and prompt mode), the default one and the limits, for the page."""
+        """The methods served (name, prompt mode and how many prompt words each takes), the default one and
+        the limits, for the page."""
         prompted = [name for name, model in self.models.items() if model.config.prompt != "none"]
         return {
-            "methods": [{"name": name, "prompt": model.config.prompt} for name, model in self.models.items()],
+            "methods": [
+                {"name": name, "prompt": model.config.prompt, "max_prompt_words": self.prompt_limit(name)}
+                for name, model in self.models.items()
+            ],
             "default": (prompted or list(self.models))[0],
             "max_upload_bytes": self.max_upload_bytes,
             "max_beams": MAX_BEAMS,
-            "max_prompt_words": MAX_PROMPT_WORDS,
         }
+
+    def prompt_limit(self, method: str) -> int:
+        """The most prompt words ``method`` takes: a prompt-interaction model reads its
+        ``max_prompt_words`` and no more, so more are refused rather than silently left out."""
+        config = self.models[method].config
+        return min(config.max_prompt_words, MAX_PROMPT_WORDS) if config.prompt == "pim" else MAX_PROMPT_WORDS
 
     def add_image(self, name: str, data: bytes) -> dict[str, Any]:
         """Decode and embed an uploaded image and keep it; ``{"image_id", "image", "width", "height"}``."""
@@ -258,7 +268,7 @@ class Captioner:
         model = self.models.get(method)
         if model is None:
             raise RequestError(f"method {method!r}: not served; choose one of {', '.join(self.models)}.")
-        words = prompt_words([] if prompt is None else prompt)
+        words = prompt_words([] if prompt is None else prompt, self.prompt_limit(method))
         if isinstance(beams, bool) or not isinstance(beams, int) or not 1 <= beams <= MAX_BEAMS:
             raise RequestError(f"beams: give a whole number from 1 to {MAX_BEAMS}.")
         with self._lock:

@@ -3,7 +3,7 @@
 "use strict";
 
 const ALL = "*";
-const settings = { methods: [], maxUploadBytes: 0, maxBeams: 10, maxPromptWords: 16 };
+const settings = { methods: [], maxUploadBytes: 0, maxBeams: 10 };
 const cards = [];
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -44,6 +44,13 @@ function postJson(url, payload) {
 function shownMethods() {
   const chosen = $("#method").value;
   return chosen === ALL ? settings.methods.map((m) => m.name) : [chosen];
+}
+
+// The most prompt words every shown method reads (methods trained without prompts ignore them).
+function promptLimit() {
+  const shown = settings.methods.filter((m) => shownMethods().includes(m.name));
+  const prompted = shown.filter((m) => m.prompt !== "none");
+  return Math.min(...(prompted.length ? prompted : shown).map((m) => m.max_prompt_words));
 }
 
 function beams() {
@@ -113,11 +120,17 @@ function showError(card, message) {
   line.textContent = message || "";
 }
 
+// Add words to a card's prompt and re-caption it; false, with a message, when the shown methods read fewer.
 function addWords(card, words) {
-  for (const word of words) {
-    if (!card.prompt.includes(word)) card.prompt.push(word);
+  const prompt = [...new Set([...card.prompt, ...words])];
+  const limit = promptLimit();
+  if (prompt.length > limit) {
+    showError(card, `At most ${limit} prompt words for ${shownMethods().join(", ")}.`);
+    return false;
   }
+  card.prompt = prompt;
   run(card);
+  return true;
 }
 
 // The words of `caption` that are not in `plain` (a longest common subsequence of words apart), as a list
@@ -262,12 +275,7 @@ function addFiles(files) {
         showError(card, "Empty prompt: type one or more words, separated by commas.");
         return;
       }
-      if (new Set([...card.prompt, ...words]).size > settings.maxPromptWords) {
-        showError(card, `At most ${settings.maxPromptWords} prompt words.`);
-        return;
-      }
-      input.value = "";
-      addWords(card, words);
+      if (addWords(card, words)) input.value = "";
     };
     $(".add", element).addEventListener("click", add);
     input.addEventListener("keydown", (event) => {
@@ -323,7 +331,6 @@ async function start() {
     methods: served.methods,
     maxUploadBytes: served.max_upload_bytes,
     maxBeams: served.max_beams,
-    maxPromptWords: served.max_prompt_words,
   });
   const select = $("#method");
   for (const method of served.methods) {
