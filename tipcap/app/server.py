@@ -8,13 +8,15 @@ dependency tree, its own front end and network calls that a closed machine must 
 Routes:
 
 - ``GET /`` the page; ``GET /static/…`` its script and style.
-- ``GET /api/methods`` the methods served, the default one and the limits.
-- ``POST /api/images?name=<file name>`` an image's bytes as the body (at most the upload limit) →
-  ``{"image_id", "image", "width", "height"}``.
+- ``GET /api/methods`` the methods served (each with its prompt mode and the most prompt words it takes),
+  the default one and the limits.
+- ``POST /api/images?name=<file name>`` an image's bytes as the body (at most the upload limit; PNG, JPEG,
+  GIF, BMP, TIFF or WebP, at most 20 times as long as wide) → ``{"image_id", "image", "width", "height"}``.
 - ``POST /api/caption`` ``{"image_id", "method", "prompt": [words], "beams"}`` → the caption with and without
   the prompt words and CLIP's entity guesses (:meth:`Captioner.caption`).
-- ``POST /api/jsonl`` ``{"results": [{"image", "caption", "prompt"}]}`` → those results as the JSONL file
-  ``tipcap caption --out`` writes (a ``method`` per line is kept when several are shown), as a download.
+- ``POST /api/jsonl`` ``{"results": [{"image", "caption", "prompt"}]}`` (text, text, a list of words; an
+  optional ``method``, kept when several are shown) → those results as the JSONL file
+  ``tipcap caption --out`` writes, as a download.
 
 Errors are ``{"error": message}`` with a 4xx status; the page shows the message. Model work runs in a
 worker thread, so the server keeps answering while a caption is computed.
