@@ -421,9 +421,10 @@ def embed_images_command(
 @click.option(
     "--kind",
     type=click.Choice(FIT_GAP_KINDS),
-    default="gaussian",
-    show_default=True,
-    help="How the gap is bridged: the Gaussian, a control that keeps part of it, or a baseline.",
+    default=None,
+    help="How the gap is bridged: the Gaussian, a control that keeps part of it, or a baseline.  "
+    "[default: gaussian; in text-only, which has no images to fit a covariance on, isotropic (with "
+    "--mu-from, mean-shift-isotropic)]",
 )
 @click.option(
     "--plot", type=click.Path(dir_okay=False), default=None, help="Also draw PCA and spectrum to a PNG."
@@ -504,7 +505,7 @@ def fit_gap_command(
     texts_dir: str,
     images_dir: str | None,
     out: str,
-    kind: str,
+    kind: str | None,
     plot: str | None,
     no_renorm: bool,
     no_shrinkage: bool,
@@ -522,10 +523,13 @@ def fit_gap_command(
     device: str,
 ) -> None:
     """Fit the modality gap from embedding stores, write it, and report how much it closes."""
-    from tipcap.config import GapConfig, from_dict
+    from tipcap.config import GapConfig, default_gap_kind, from_dict
     from tipcap.gap import fit_gap_file, format_report
     from tipcap.store import EmbeddingStore
 
+    if kind is None:
+        kind, why = default_gap_kind(setting, mu_from)
+        click.echo(f"--kind not given: {kind}, {why}")
     settings = {"kind": kind, "setting": setting, "renorm": not no_renorm, "shrinkage": not no_shrinkage,
                 "web_estimator": web_estimator, "drop_quantile": drop_quantile, "sigma2": sigma2,
                 "scale_to_dim": scale_to_dim, "match": match,
