@@ -541,8 +541,8 @@ def fit_gap_command(
         # Name the flag the value came from, as click does for the ranges it can check (NaN it cannot).
         flag = re.sub(r"config key 'gap\.(\w+)'", lambda m: "--" + m[1].replace("_", "-"), str(e))
         raise TipcapError(flag) from None
-    texts = EmbeddingStore.open(texts_dir)
-    images = EmbeddingStore.open(images_dir) if images_dir else None
+    texts = EmbeddingStore.open(texts_dir, "--texts", "texts")
+    images = EmbeddingStore.open(images_dir, "--images", "images") if images_dir else None
     fit = fit_gap_file(config, texts, images, out, plot=plot, device=device)
     click.echo(format_report(fit.report))
     if setting == "unpaired" and fit.pairs is not None:

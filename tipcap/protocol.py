@@ -388,12 +388,12 @@ def evaluate_split(
     model_dir = resolve_model(model) if isinstance(model, (str, Path)) else None
     if model_dir is not None:
         model = TIPCap.from_pretrained(model_dir, device=device)
-    caption_store = EmbeddingStore.open(texts) if texts is not None else None
+    caption_store = EmbeddingStore.open(texts, "--texts", "texts") if texts is not None else None
     if method == "retrieval" and caption_store is None:
         raise TipcapError("--method retrieval needs --texts (a caption store to retrieve from).")
     spec = _resolve_clip(clip, model, caption_store)
     if image_store is not None:
-        store = EmbeddingStore.open(image_store)
+        store = EmbeddingStore.open(image_store, "--image-store", "images")
         if store.clip != spec.identity():
             raise TipcapError(
                 f"--image-store {image_store} was embedded with another CLIP than {spec.describe()}."

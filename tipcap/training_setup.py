@@ -65,6 +65,11 @@ def _store_clip(texts: EmbeddingStore) -> ClipSpec:
     return spec
 
 
+def _open_store(path: str | None, key: str, content: str) -> EmbeddingStore | None:
+    """The store a config key names, or ``None`` when the key is unset."""
+    return EmbeddingStore.open(path, key, content) if path else None
+
+
 def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSetup:
     """Open the stores and gap a config names, check they fit together, and build the model on ``device``.
 
@@ -73,9 +78,13 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
     data_cfg = config.data
     if not data_cfg.train_texts:
         raise TipcapError("data.train_texts: give the caption store to train on.")
-    texts = EmbeddingStore.open(data_cfg.train_texts)
-    images = EmbeddingStore.open(data_cfg.train_images) if data_cfg.train_images else None
-    gap = Gap.load(data_cfg.gap) if data_cfg.gap else None
+    texts = EmbeddingStore.open(data_cfg.train_texts, "data.train_texts", "texts")
+    images = _open_store(data_cfg.train_images, "data.train_images", "images")
+    # Opened before training data is read, which takes minutes on a full corpus, so that a missing
+    # validation store or gap stops the run at once.
+    val_texts = _open_store(data_cfg.val_texts, "data.val_texts", "texts")
+    val_images = _open_store(data_cfg.val_images, "data.val_images", "images") if val_texts else None
+    gap = Gap.load(data_cfg.gap, "data.gap") if data_cfg.gap else None
     if gap is not None:
         gap.check_clip(texts.clip, f"data.train_texts {texts.path}")
         if images is not None:
@@ -117,9 +126,7 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
         inputs["train_images"] = images.digest
     if data_cfg.gap:
         inputs["gap"] = sha256_file(data_cfg.gap)
-    if data_cfg.val_texts:
-        val_texts = EmbeddingStore.open(data_cfg.val_texts)
-        val_images = EmbeddingStore.open(data_cfg.val_images) if data_cfg.val_images else None
+    if val_texts is not None:
         val_data = load_caption_set(val_texts, tokenizer, max_tokens, None, val_images)
         inputs["val_texts"] = val_texts.digest
         if val_images is not None:
