@@ -41,7 +41,7 @@ from tipcap.clip import ClipEncoder, ClipSpec, image_batches, resolve_device
 from tipcap.config import ModelConfig, from_dict, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.hub import resolve_model
+from tipcap.hub import load_named, resolve_model
 from tipcap.io import atomic_path, load_json, save_safetensors
 from tipcap.packing import pack
 from tipcap.prompts import (
@@ -116,7 +116,7 @@ def _language_model_from(config: ModelConfig) -> nn.Module:
                 f"it ({type(e).__name__}: {message}); check model_type and the sizes."
             ) from None
     try:
-        return AutoModelForCausalLM.from_pretrained(config.language_model)
+        return load_named(AutoModelForCausalLM.from_pretrained, config.language_model, "model.language_model")
     except OSError as e:
         raise TipcapError(
             f"language model {config.language_model!r} cannot be loaded ({str(e).splitlines()[0]}); "
@@ -124,10 +124,15 @@ def _language_model_from(config: ModelConfig) -> nn.Module:
         ) from None
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """A tokenizer by hub name or local directory, with a pad token (the end-of-text token if none)."""
+def load_tokenizer(name_or_path: str, key: str = "model.tokenizer") -> PreTrainedTokenizerBase:
+    """A tokenizer by hub name or local directory, with a pad token (the end-of-text token if none).
+
+    ``key`` is the config key that named it, for the messages.
+    """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = load_named(AutoTokenizer.from_pretrained, name_or_path, key)
+    except TipcapError:
+        raise
     # Damaged tokenizer files surface as whatever the tokenizers library raises (JSON, key and value
     # errors from Python, plain exceptions from its Rust core).
     except Exception as e:
@@ -144,6 +149,13 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def configured_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer ``model.tokenizer`` names, else the language model's own, loaded by its name."""
+    if config.tokenizer is not None:
+        return load_tokenizer(config.tokenizer, "model.tokenizer")
+    return load_tokenizer(config.language_model, "model.language_model")
 
 
 @dataclass
@@ -233,7 +245,7 @@ class TIPCap(nn.Module):
     ) -> TIPCap:
         """A new model: the language model from ``config`` (pretrained or fresh), the rest initialised."""
         if tokenizer is None:
-            tokenizer = load_tokenizer(config.tokenizer or config.language_model)
+            tokenizer = configured_tokenizer(config)
         language_model = _language_model_from(config)
         if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise TipcapError(

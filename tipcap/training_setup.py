@@ -12,7 +12,7 @@ from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import ExperimentConfig
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.model import TIPCap, load_tokenizer
+from tipcap.model import TIPCap, configured_tokenizer
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
@@ -38,7 +38,7 @@ def _tokenizer(config: ExperimentConfig, texts: EmbeddingStore):
     if model_cfg.tokenizer == "word-level":
         tokenizer = word_level_tokenizer(texts.captions())
     elif model_cfg.tokenizer is not None or model_cfg.language_model_config is None:
-        tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.language_model)
+        tokenizer = configured_tokenizer(model_cfg)
     if tokenizer is None:
         raise TipcapError(
             "model.tokenizer: a fresh language model needs a tokenizer ('word-level' or a path)."
