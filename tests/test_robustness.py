@@ -516,6 +516,24 @@ def test_a_missing_store_of_fit_gap_or_evaluate_names_the_command_that_builds_it
     assert_one_line_error(result, f"--texts {tmp_path / 'texts'}: no such folder", "`tipcap embed texts")
 
 
+def test_template_without_a_clip_names_the_flags_that_give_one(stores, tmp_path):
+    common = ("--data", COCO_SLICE, "--split", "val", "--method", "template", "--metrics", "bleu")
+    result = run("evaluate", *common, "--images", stores / "coco", "--out", tmp_path / "eval")
+    assert_one_line_error(
+        result, "--method template: no CLIP to embed the images with", "--texts", "--image-store"
+    )
+    assert "--clip" not in result.stderr  # evaluate has no such flag
+    # An image store records its CLIP, which then embeds the entities too.
+    result = run("evaluate", *common, "--image-store", stores / "images", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_clip_dim_that_is_not_the_stores_names_the_override(stores, tmp_path):
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml", "--set", "model.clip_dim=128",
+                 "--set", f"data.train_texts={stores / 'texts'}", "--out", tmp_path / "run")  # fmt: skip
+    assert_one_line_error(result, "model.clip_dim is 128 but data.train_texts", "--set model.clip_dim=32")
+
+
 def test_training_refuses_captions_that_do_not_cover_the_store(stores, tmp_path):
     texts = copy_store(stores / "texts", tmp_path / "texts")
     captions = json.loads((texts / "captions.json").read_text())

@@ -97,7 +97,11 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
             "embeddings of data.val_texts' captions, a text-only one on the captions' own."
         )
     if texts.dim != config.model.clip_dim:
-        raise TipcapError(f"model.clip_dim is {config.model.clip_dim} but {texts.path} holds d={texts.dim}.")
+        raise TipcapError(
+            f"model.clip_dim is {config.model.clip_dim} but data.train_texts {texts.path} holds "
+            f"d={texts.dim}; set model.clip_dim: {texts.dim} in the config, or pass "
+            f"--set model.clip_dim={texts.dim}."
+        )
 
     tokenizer = _tokenizer(config, texts)
     clip = _store_clip(texts)
