@@ -528,6 +528,15 @@ def test_template_without_a_clip_names_the_flags_that_give_one(stores, tmp_path)
     assert result.exit_code == 0, result.output
 
 
+def test_evaluate_warns_of_a_random_clip_once(stores, tmp_path):
+    """The CLIP is loaded to embed the images and again to caption them: one warning all the same."""
+    result = run("evaluate", "--data", COCO_SLICE, "--split", "val", "--method", "retrieval",
+                 "--texts", stores / "texts", "--images", stores / "coco", "--metrics", "bleu",
+                 "--out", tmp_path / "eval")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("has random weights") == 1, result.stderr
+
+
 def test_a_clip_dim_that_is_not_the_stores_names_the_override(stores, tmp_path):
     result = run("train", "--config", ROOT / "experiments" / "tiny.yaml", "--set", "model.clip_dim=128",
                  "--set", f"data.train_texts={stores / 'texts'}", "--out", tmp_path / "run")  # fmt: skip

@@ -30,8 +30,28 @@ FIT_GAP_KINDS = [
 ]  # fmt: skip
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once.
+
+    Stages of one command that load the same thing warn alike (``evaluate`` loads its CLIP to embed the
+    images and again to caption them); the repeat says nothing new.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
 class _Group(click.Group):
-    """The root group: sets up warnings and reports user errors as one line, without a traceback."""
+    """The root group: sets up warnings, each given once per command, and reports user errors as one line,
+    without a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -43,14 +63,23 @@ class _Group(click.Group):
             log.addHandler(handler)
             log.setLevel(logging.WARNING)
             log.propagate = False
+        once: list[logging.Handler] = []
         try:
             # Warnings go through tqdm so that they do not break a progress bar's line.
             with logging_redirect_tqdm(loggers=[log]):
+                # On the handlers in force, which see the records of tipcap's modules too (a logger's own
+                # filters do not); one filter each, since every handler sees every record.
+                once = list(log.handlers)
+                for handler in once:
+                    handler.addFilter(_Once())
                 return super().invoke(ctx)
         except TipcapError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(os_error_message(e)) from None
+        finally:
+            for handler in once:
+                handler.filters = [f for f in handler.filters if not isinstance(f, _Once)]
 
 
 _OS_ERROR_ADVICE = {

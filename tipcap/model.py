@@ -102,6 +102,15 @@ class TransformerProjector(nn.Module):
 
 def _language_model_from(config: ModelConfig) -> nn.Module:
     """The causal LM: a fresh one from ``language_model_config``, else pretrained weights by name or path."""
+    model = _load_language_model(config)
+    # transformers picks the loss from the class name, which names none for GPT-2 (GPT2LMHeadModel), and
+    # warns that it falls back to the causal-LM loss; the decoder is a causal LM, so that loss is the one.
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def _load_language_model(config: ModelConfig) -> nn.Module:
+    """The language model as ``config`` names it (see :func:`_language_model_from`)."""
     if config.language_model_config is not None:
         settings = dict(config.language_model_config)
         model_type = settings.pop("model_type", "gpt2")
