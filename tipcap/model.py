@@ -19,6 +19,7 @@ a model card (``README.md``, :mod:`tipcap.card`). ``from_pretrained`` also takes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -158,6 +159,32 @@ def load_tokenizer(name_or_path: str, key: str = "model.tokenizer") -> PreTraine
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_PADDING_WARNING = "We strongly recommend passing in an `attention_mask`"
+
+
+class _PaddingWarningFilter(logging.Filter):
+    """Drops transformers' warning that input ids may be padded while no attention mask is given.
+
+    ``generate`` drops an attention mask of all ones (a context without padding) and feeds each row's last
+    token; a row that has finished its caption is fed the pad token, which is the end-of-text token, and the
+    language model warns. Those rows' later tokens are discarded, so the warning does not apply.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_PADDING_WARNING)
+
+
+@contextlib.contextmanager
+def _padding_warning_filtered() -> Iterator[None]:
+    """:class:`_PaddingWarningFilter` on transformers' model logger, for the time of a ``generate`` call."""
+    log, warning = logging.getLogger("transformers.modeling_utils"), _PaddingWarningFilter()
+    log.addFilter(warning)
+    try:
+        yield
+    finally:
+        log.removeFilter(warning)
 
 
 def configured_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -530,15 +557,16 @@ class TIPCap(nn.Module):
         :meth:`caption` does.
         """
         context, mask = self._context(text_side, prompts, encode_texts)
-        output = self.language_model.generate(
-            inputs_embeds=context,
-            attention_mask=mask,
-            num_beams=num_beams,
-            do_sample=False,
-            max_new_tokens=max_new_tokens or self.config.max_caption_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with _padding_warning_filtered():
+            output = self.language_model.generate(
+                inputs_embeds=context,
+                attention_mask=mask,
+                num_beams=num_beams,
+                do_sample=False,
+                max_new_tokens=max_new_tokens or self.config.max_caption_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     # -- captioning -------------------------------------------------------------------------------
