@@ -1086,7 +1086,9 @@ def serve_command(
     try:
         from tipcap.app.server import serve
     except ImportError as e:
-        raise TipcapError(f"tipcap serve needs the app extra ({e}); pip install 'tipcap[app]'.") from None
+        raise TipcapError(
+            f"tipcap serve needs the app extra ({e}); pip install -e '.[app]' in tipcap's clone."
+        ) from None
     from tipcap.app.service import Captioner, load_models
 
     paths = [*models, *(["runs/demo"] if demo else [])]
