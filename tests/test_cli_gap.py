@@ -63,6 +63,22 @@ def test_fit_gap_in_each_paired_setting(stores, tmp_path, setting):
         assert gap.info["pairs_used"] == 120 and gap.info["pairs_discarded"] == 0
 
 
+DEFAULT_KINDS = [("few-pairs", "gaussian"), ("web-pairs", "gaussian"), ("unpaired", "gaussian"),
+                 ("text-only", "isotropic")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("setting", "kind"), DEFAULT_KINDS)
+def test_fit_gap_without_kind_works_in_each_setting(stores, tmp_path, setting, kind):
+    """The kind a setting gets when none is named is one it can fit, and the command says which."""
+    out = tmp_path / "gap.safetensors"
+    images = () if setting == "text-only" else ("--images", stores / "images")
+    result = run("fit-gap", "--setting", setting, "--texts", stores / "texts", *images, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"--kind not given: {kind}, ")
+    gap = Gap.load(out)
+    assert gap.kind == kind and gap.info["setting"] == setting
+
+
 def test_text_only_imports_mu(stores, tmp_path):
     paired = tmp_path / "paired.safetensors"
     result = run("fit-gap", "--setting", "few-pairs", "--texts", stores / "texts",
@@ -77,6 +93,11 @@ def test_text_only_imports_mu(stores, tmp_path):
     assert (gap.covariance.diagonal() - 0.016).abs().max() < 1e-6
     # Text-only fits no covariance, so the report does not present σ₀²I as one.
     assert gap.info["report"]["fitted_trace"] is None and "fitted Sigma" not in result.stdout
+    # Without --kind, an imported mu makes text-only's Gaussian N(mu, sigma2·I).
+    result = run("fit-gap", "--setting", "text-only", "--texts", stores / "texts", "--mu-from", paired,
+                 "--out", tmp_path / "default.safetensors")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert Gap.load(tmp_path / "default.safetensors").kind == "mean-shift-isotropic"
 
 
 @pytest.mark.parametrize("setting", ["few-pairs", "web-pairs", "unpaired"])

@@ -1,6 +1,8 @@
 """Experiment configs: every shipped file validates; mistakes name the key; values round-trip."""
 
+import itertools
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,35 @@ def test_shipped_configs_validate(path):
         assert (
             (config.data.gap is None) == (path.stem == "supervised") == (config.data.train_images is not None)
         )
+
+
+SINGLE_RUNS = [p for p in SHIPPED if p.parent.name in ("coco", "flickr30k") and p not in GRIDS]
+READ_FLAGS = ("--karpathy", "--images", "--corpus", "--texts", "--mu-from", "--config")
+
+
+@pytest.mark.parametrize("path", SINGLE_RUNS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_a_single_run_config_lists_the_commands_that_build_its_inputs(path):
+    """The commands at the top of each run's config build every store and gap it reads, each from the raw
+    data or from what an earlier one wrote, and end with the command that trains it."""
+    lines = [line.removeprefix("#").strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    commands = [shlex.split(line) for line in lines if line.startswith("tipcap ")]
+    written: list[str] = []
+    for command in commands:
+        flags = dict(itertools.pairwise(command))
+        for flag in READ_FLAGS:
+            read = flags.get(flag)
+            if read is not None and flag != "--config":
+                raw = read.startswith("data/") or re.fullmatch(r"dataset_\w+\.json", read)
+                assert raw or any(read.startswith(out) for out in written), f"{path}: {flag} {read}"
+        written.append(flags["--out"])
+    config = load_config(path)
+    reads = [config.data.train_texts, config.data.val_texts, config.data.train_images, config.data.val_images,
+             config.data.gap]  # fmt: skip
+    assert [r for r in reads if r and r not in written] == [], path
+    # A supervised decoder is validated on the image embeddings of the validation captions, which train
+    # refuses to go without.
+    assert (config.data.train_images is None) == (config.data.val_images is None), path
+    assert commands[-1][:4] == ["tipcap", "train", "--config", str(path.relative_to(EXPERIMENTS.parent))]
 
 
 def test_shipped_grids_cover_the_settings_baselines_and_sweep():

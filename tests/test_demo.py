@@ -171,7 +171,9 @@ def test_quick_demo_of_world_2_separates_the_methods(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for stage in ("toy world: generated in", "toy CLIP: 150 steps in", "grid: finished in"):
+    stages = ("toy world: generated in", "toy CLIP: 800 steps of the image tower alone and 150 contrastive "
+              "steps in", "grid: finished in")  # fmt: skip
+    for stage in stages:
         assert stage in result.stderr, result.stderr
     digest = hashlib.sha256((out / "results.csv").read_bytes()).hexdigest()[:16]
     assert (
@@ -201,8 +203,10 @@ def test_toyworld_clip_trains_the_demo_s_clip(tmp_path, monkeypatch, tiny_clip):
     from tipcap.toy.clip import StopRule
 
     config = json.loads(tiny_clip.read_text())
-    config["vision_cfg"]["image_size"] = 48
-    scale = DemoScale(40, 8, 4, 3, 8, config, "toyworld2.yaml", StopRule(every=10, held_out=8), 1.0, 2, True)
+    config["vision_cfg"].update(image_size=48, patch_size=16, pool_type="avg", final_ln_after_pool=True)
+    scale = DemoScale(
+        40, 8, 4, 3, 8, config, "toyworld2.yaml", StopRule(every=10, held_out=8), 1.0, 2, True, 2, 1.0
+    )
     scales = []
     monkeypatch.setattr(tipcap.demo, "demo_scale", lambda quick, version=1: scales.append(version) or scale)
     out = tmp_path / "world"
@@ -212,6 +216,13 @@ def test_toyworld_clip_trains_the_demo_s_clip(tmp_path, monkeypatch, tiny_clip):
     report = json.loads((out / "clip" / "toyclip_report.json").read_text())
     assert report["steps"] == 3 and 0.0 <= report["claim_accuracy"] <= 1.0
     assert "claim accuracy" in result.output
+    # Both stages are announced, each with its own progress bar; the CLIP starts from random weights, which
+    # is no mistake when it is trained.
+    assert (
+        "toy CLIP: training 2 steps of the image tower alone, then up to 3 contrastive steps" in result.output
+    )
+    assert "toy CLIP: 2 steps of the image tower alone and 3 contrastive steps in" in result.output
+    assert "random weights" not in result.output
 
 
 def test_toyworld_clip_without_a_val_split_says_so(tmp_path):

@@ -335,6 +335,13 @@ def test_carriage_return_in_a_caption_does_not_shift_later_images():
     assert result["metrics"]["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_the_java_tokenizer_prints_nothing_to_the_terminal(capfd):
+    """pycocoevalcap's tokenizer writes "PTBTokenizer tokenized ..." to the process's stderr per call."""
+    captions = {1: "a man rides a red bike", 2: "two dogs play with a ball"}
+    ev.score_captions(captions, {1: [captions[1]], 2: [captions[2]]}, ["bleu"])
+    assert "PTBTokenizer" not in capfd.readouterr().err
+
+
 def test_check_metrics_and_format_table():
     assert ev.check_metrics(["CIDEr", " bleu", "cider", ""]) == ("bleu", "cider")
     with pytest.raises(TipcapError, match="unknown metric 'blue'"):

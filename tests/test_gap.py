@@ -761,6 +761,22 @@ def test_gaussian_few_pairs_gap_closes_the_gap(stores, tmp_path):
         assert not list(path.parent.glob("*.tmp"))
 
 
+def test_gap_plot_shows_the_text_points_and_names_its_reference_level(stores, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    texts, images = stores["texts"], stores["images"]
+    gap = fit_gap(GapConfig(setting="few-pairs", kind="gaussian"), texts, images)
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to read it back
+    plot_gap(gap, join_pairs(texts, images), tmp_path / "gap.png")
+    pca, spectrum = figures[0].axes
+    points = dict(zip(pca.get_legend_handles_labels()[1], pca.collections, strict=True))
+    # The mapped images land on the text points: drawn as rings, they leave those points in sight.
+    assert len(points["mapped image (decoder input)"].get_facecolors()) == 0
+    assert len(points["text t"].get_facecolors()) > 0
+    assert spectrum.get_legend_handles_labels()[1] == ["eigenvalues of Sigma", "CapDec's per-axis σ² = 0.016"]
+
+
 def test_fit_gap_refuses_stores_of_different_clips(stores):
     for setting in ("few-pairs", "web-pairs", "unpaired"):
         with pytest.raises(TipcapError, match="different CLIPs"):

@@ -16,7 +16,7 @@ from scipy.stats import ttest_1samp
 import tipcap.grid.runner
 from tipcap.config import load_config
 from tipcap.gap import Gap
-from tipcap.grid import Cell, Job
+from tipcap.grid import Cell, Job, plot_cider_vs_pairs
 from tipcap.grid.compare import grid_decisions, grid_scores, write_comparisons
 from tipcap.grid.config import Family
 from tipcap.grid.selection import Selection
@@ -205,6 +205,22 @@ def test_cells_override_gap_and_evaluation_settings(grid, tmp_path):
     tuned_gap = Gap.load(tmp_path / "out" / "gaps" / "tuned-seed0.safetensors")
     assert not tuned_gap.renorm and tuned_gap.provenance["config"]["shrinkage"] is False
     assert not tuned_gap.info.get("shrinkage")
+
+
+def test_cider_against_pairs_is_drawn_for_two_shares_of_pairs_or_more(tmp_path):
+    """With one share, the few-pairs methods would be single points, which cider.png shows already."""
+
+    def row(cell: str, few_pairs: str, fraction: str, cider: float) -> dict:
+        method = cell.rsplit("-", 1)[0] if few_pairs else cell
+        return {"cell": cell, "method": method, "eval_prompt": "none", "few_pairs": few_pairs,
+                "paired_fraction": fraction, "setting": "few-pairs", "CIDEr": cider}  # fmt: skip
+
+    rows = [row("gaussian-few-pairs-1pct", "1%", "0.01", 0.5), row("isotropic", "", "", 0.4)]
+    path = tmp_path / "cider_vs_pairs.png"
+    path.write_bytes(b"from an earlier grid in this folder")
+    assert not plot_cider_vs_pairs(rows, path) and not path.exists()
+    rows.append(row("gaussian-few-pairs-10pct", "10%", "0.1", 0.6))
+    assert plot_cider_vs_pairs(rows, path) and path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_cell_s_nested_override_stays_its_own(grid, tmp_path):

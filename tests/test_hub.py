@@ -3,11 +3,13 @@
 import json
 import shutil
 
+import httpx2
 import huggingface_hub
 import pytest
 import torch
-from conftest import run
+from conftest import TINY_CONFIG, run
 from huggingface_hub import ModelCard
+from huggingface_hub.utils._http import default_client_factory
 
 import tipcap.hub
 from tipcap import TIPCap
@@ -22,7 +24,10 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 def test_trained_model_has_a_hub_model_card(tiny_model):
     card = ModelCard.load(tiny_model / "README.md")
-    assert card.data.library_name == "tipcap" and card.data.pipeline_tag == "image-to-text"
+    assert card.data.library_name == "tipcap"
+    # transformers.pipeline("image-to-text") cannot load it: no pipeline tag offers it, and the card says how.
+    assert card.data.pipeline_tag is None and "TIPCap.from_pretrained" in card.text
+    assert "`transformers.pipeline` and `AutoModel` cannot load it" in card.text
     assert {"gap-isotropic", "setting-text-only"} <= set(card.data.tags)
     assert card.data.get("license") is None  # not claimed: it depends on data and weights
     report = gap_report(Gap.load(tiny_model / "gap.safetensors"))
@@ -143,3 +148,43 @@ def test_push_publishes_the_folder_with_its_card(tiny_model, tmp_path, monkeypat
     assert calls["upload"]["repo_id"] == "owner/tiny" and calls["upload"]["folder_path"] == folder
     assert (folder / "README.md").is_file() and Commit.commit_url in result.output
     assert run("push", "--model", folder, "--repo", "not a name").exit_code == 1
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """The hub's host does not answer and HF_HUB_OFFLINE is unset; returns the list of URLs requested from
+    the hub for models (each answered 404 at once, where an unreachable hub would be retried for about a
+    minute). huggingface_hub's requests of its own, about no model, are answered and not listed."""
+    requests = []
+
+    def answer(request):
+        if "/api/" not in request.url.path or request.url.path.startswith("/api/models/"):
+            requests.append(str(request.url))
+        return httpx2.Response(404)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(tipcap.hub, "host_reachable", lambda host, **kw: False)
+    huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(answer)))
+    yield requests
+    huggingface_hub.set_client_factory(default_client_factory)
+
+
+def test_training_a_language_model_named_on_the_hub_fails_at_once_without_network(
+    coco_texts, tmp_path, no_network
+):
+    overrides = [f"data.train_texts={coco_texts}", "model.language_model_config=null", "model.tokenizer=null"]
+    result = run("train", "--config", TINY_CONFIG, *(x for o in overrides for x in ("--set", o)),
+                 "--out", tmp_path / "run")  # fmt: skip
+    assert no_network == []  # nothing was asked of the hub, so nothing was retried
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert (
+        result.output.strip()
+        .splitlines()[-1]
+        .startswith("Error: model.language_model 'gpt2': no such folder, and not in the Hugging Face cache")
+    )
+    assert "huggingface.co cannot be reached" in result.output and "hf download gpt2" in result.output
+    # A tokenizer named on its own goes through the same check.
+    result = run("train", "--config", TINY_CONFIG, "--set", f"data.train_texts={coco_texts}",
+                 "--set", "model.tokenizer=owner/tokenizer", "--out", tmp_path / "run")  # fmt: skip
+    assert no_network == [] and result.exit_code == 1
+    assert "Error: model.tokenizer 'owner/tokenizer': no such folder" in result.output

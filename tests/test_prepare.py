@@ -136,7 +136,13 @@ def test_user_mistakes_are_one_line(coco_tree, tmp_path):
     root, _ = coco_tree
     wrong = run("prepare", "flickr30k", "--karpathy", COCO_260, "--images", root, "--out", tmp_path / "o")
     assert wrong.exit_code == 1 and "is the 'coco' split file, not 'flickr30k'" in wrong.stderr
-    assert "Traceback" not in wrong.output
+    assert "prepare it with `tipcap prepare coco`" in wrong.stderr and "Traceback" not in wrong.output
+    toy = tmp_path / "world" / "toyworld.json"
+    toy.parent.mkdir()
+    toy.write_text(json.dumps({"dataset": "toyworld", "images": []}))
+    world = run("prepare", "coco", "--karpathy", toy, "--images", root, "--out", tmp_path / "o")
+    assert world.exit_code == 1 and len(world.stderr.strip().splitlines()) == 1
+    assert "a toy world's split file, which needs no prepare step" in world.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     nothing = run("prepare", "coco", "--karpathy", COCO_260, "--images", empty, "--out", tmp_path / "o",

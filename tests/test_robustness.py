@@ -477,6 +477,72 @@ def test_training_refuses_a_caption_store_with_a_nan_row(stores, tmp_path):
     assert_one_line_error(result, f"data.train_texts {texts}", "row 7")
 
 
+def test_a_missing_input_of_training_names_the_command_that_builds_it(stores, tmp_path, monkeypatch):
+    """A shipped config run before its stores exist: the first missing input, and how to build it."""
+    monkeypatch.chdir(tmp_path)
+    config = ROOT / "experiments" / "coco" / "few_pairs.yaml"
+    result = run("train", "--config", config, "--out", "runs/coco/few_pairs")
+    assert_one_line_error(
+        result, "data.train_texts stores/coco/train-text: no such folder",
+        "`tipcap embed texts --corpus CAPTIONS --clip MODEL --pretrained TAG --out stores/coco/train-text`",
+    )  # fmt: skip
+    Path("stores/coco/train-text").mkdir(parents=True)
+    result = run("train", "--config", config, "--out", "runs/coco/few_pairs")
+    assert_one_line_error(result, "stores/coco/train-text: not an embedding store (no meta.json)")
+    # The validation store and the gap are checked before the training data is read.
+    shutil.rmtree("stores/coco/train-text")
+    shutil.copytree(stores / "texts", "stores/coco/train-text")
+    result = run("train", "--config", config, "--out", "runs/coco/few_pairs")
+    assert_one_line_error(result, "data.val_texts stores/coco/val-text: no such folder", "tipcap embed texts")
+    shutil.copytree(stores / "texts", "stores/coco/val-text")
+    result = run("train", "--config", config, "--out", "runs/coco/few_pairs")
+    assert_one_line_error(
+        result, "data.gap gaps/coco/few-pairs.safetensors: no such gap file",
+        "`tipcap fit-gap --setting SETTING --texts STORE [--images STORE] --out "
+        "gaps/coco/few-pairs.safetensors`",
+    )  # fmt: skip
+
+
+def test_a_missing_store_of_fit_gap_or_evaluate_names_the_command_that_builds_it(stores, tmp_path):
+    missing = tmp_path / "images-1pct"
+    result = run("fit-gap", "--setting", "few-pairs", "--texts", stores / "texts", "--images", missing,
+                 "--out", tmp_path / "gap.safetensors")  # fmt: skip
+    assert_one_line_error(
+        result, f"--images {missing}: no such folder", "`tipcap embed images --images IMAGES"
+    )
+    result = run("evaluate", "--data", COCO_SLICE, "--split", "val", "--method", "retrieval",
+                 "--texts", tmp_path / "texts", "--image-store", stores / "images", "--metrics", "bleu",
+                 "--out", tmp_path / "eval")  # fmt: skip
+    assert_one_line_error(result, f"--texts {tmp_path / 'texts'}: no such folder", "`tipcap embed texts")
+
+
+def test_template_without_a_clip_names_the_flags_that_give_one(stores, tmp_path):
+    common = ("--data", COCO_SLICE, "--split", "val", "--method", "template", "--metrics", "bleu")
+    result = run("evaluate", *common, "--images", stores / "coco", "--out", tmp_path / "eval")
+    assert_one_line_error(
+        result, "--method template: no CLIP to embed the images with", "--texts", "--image-store"
+    )
+    assert "--clip" not in result.stderr  # evaluate has no such flag
+    # An image store records its CLIP, which then embeds the entities too.
+    result = run("evaluate", *common, "--image-store", stores / "images", "--out", tmp_path / "eval")
+    assert result.exit_code == 0, result.output
+
+
+def test_evaluate_warns_of_a_random_clip_once(stores, tmp_path):
+    """The CLIP is loaded to embed the images and again to caption them: one warning all the same."""
+    result = run("evaluate", "--data", COCO_SLICE, "--split", "val", "--method", "retrieval",
+                 "--texts", stores / "texts", "--images", stores / "coco", "--metrics", "bleu",
+                 "--out", tmp_path / "eval")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("has random weights") == 1, result.stderr
+
+
+def test_a_clip_dim_that_is_not_the_stores_names_the_override(stores, tmp_path):
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml", "--set", "model.clip_dim=128",
+                 "--set", f"data.train_texts={stores / 'texts'}", "--out", tmp_path / "run")  # fmt: skip
+    assert_one_line_error(result, "model.clip_dim is 128 but data.train_texts", "--set model.clip_dim=32")
+
+
 def test_training_refuses_captions_that_do_not_cover_the_store(stores, tmp_path):
     texts = copy_store(stores / "texts", tmp_path / "texts")
     captions = json.loads((texts / "captions.json").read_text())

@@ -3,10 +3,12 @@
 Every model directory gets one when it is saved (:meth:`tipcap.model.TIPCap.save_pretrained`), written from
 what the folder holds, so that a copied or published folder describes itself:
 
-- the YAML header (``huggingface_hub.ModelCardData``): ``library_name: tipcap``, ``pipeline_tag:
-  image-to-text``, tags naming the gap kind and the data setting, the training data set when it is known,
-  and the evaluation figures as a ``model-index``. No licence is claimed: it depends on the data, the
-  language model and the CLIP the decoder was trained with.
+- the YAML header (``huggingface_hub.ModelCardData``): ``library_name: tipcap``, tags naming the gap kind
+  and the data setting, the training data set when it is known, and the evaluation figures as a
+  ``model-index``. No ``pipeline_tag``: ``transformers.pipeline`` cannot load a tipcap model, and the tag
+  would offer it. No licence is claimed: it depends on the data, the language model and the CLIP the
+  decoder was trained with.
+- how to load it: ``TIPCap.from_pretrained``, with tipcap installed;
 - the model: its CLIP, language model, prefix, projector and prompt mode (``config.json``);
 - the data setting and the gap: kind, ‖μ‖, trace Σ and the effective rank of Σ (``gap.safetensors``);
 - the training run: its command, config and input hashes (``provenance.json``, written by ``train``);
@@ -36,6 +38,7 @@ from tipcap.store import META as STORE_META
 
 CARD_NAME = "README.md"
 TASK = "image-to-text"
+"""The task of the card's evaluation results (``model-index``)."""
 KNOWN_DATASETS = ("coco", "flickr30k")
 """Training data sets named in the card's header, when a caption store's corpus shows it was one of them."""
 
@@ -173,7 +176,6 @@ def write_model_card(directory: str | Path, results: Sequence[EvalResult] = ()) 
     dataset = _training_dataset(record)
     data = ModelCardData(
         library_name="tipcap",
-        pipeline_tag=TASK,
         tags=tags,
         datasets=[dataset] if dataset else None,
         model_name=name,
@@ -183,9 +185,14 @@ def write_model_card(directory: str | Path, results: Sequence[EvalResult] = ()) 
         f"# {name}\n\nA tipcap caption decoder: a language model that reads "
         "a prefix projected from a CLIP embedding. It was trained on the CLIP text embeddings of captions; "
         "at inference, its modality gap carries a CLIP image embedding to the text side.\n\n"
+        "## How to load it\n\n"
+        "With tipcap installed (`pip install -e .` in a clone of its repository), through "
+        "`TIPCap.from_pretrained`, which brings the model's gap, tokenizer and CLIP along. It is not a "
+        "`transformers` model: `transformers.pipeline` and `AutoModel` cannot load it.\n\n"
         "```python\nfrom tipcap import TIPCap\n\n"
         'model = TIPCap.from_pretrained("owner/name")  # a hub name, or the path of this folder\n'
-        'print(model.caption(images=["photo.jpg"])[0].caption)\n```'
+        'print(model.caption(images=["photo.jpg"])[0].caption)\n```\n\n'
+        "or from the command line: `tipcap caption --model owner/name photo.jpg`."
     )
     body = "\n\n".join(
         [

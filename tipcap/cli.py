@@ -30,8 +30,28 @@ FIT_GAP_KINDS = [
 ]  # fmt: skip
 
 
+class _Once(logging.Filter):
+    """Lets each distinct message through once.
+
+    Stages of one command that load the same thing warn alike (``evaluate`` loads its CLIP to embed the
+    images and again to caption them); the repeat says nothing new.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
 class _Group(click.Group):
-    """The root group: sets up warnings and reports user errors as one line, without a traceback."""
+    """The root group: sets up warnings, each given once per command, and reports user errors as one line,
+    without a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -43,14 +63,23 @@ class _Group(click.Group):
             log.addHandler(handler)
             log.setLevel(logging.WARNING)
             log.propagate = False
+        once: list[logging.Handler] = []
         try:
             # Warnings go through tqdm so that they do not break a progress bar's line.
             with logging_redirect_tqdm(loggers=[log]):
+                # On the handlers in force, which see the records of tipcap's modules too (a logger's own
+                # filters do not); one filter each, since every handler sees every record.
+                once = list(log.handlers)
+                for handler in once:
+                    handler.addFilter(_Once())
                 return super().invoke(ctx)
         except TipcapError as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:
             raise click.ClickException(os_error_message(e)) from None
+        finally:
+            for handler in once:
+                handler.filters = [f for f in handler.filters if not isinstance(f, _Once)]
 
 
 _OS_ERROR_ADVICE = {
@@ -421,9 +450,10 @@ def embed_images_command(
 @click.option(
     "--kind",
     type=click.Choice(FIT_GAP_KINDS),
-    default="gaussian",
-    show_default=True,
-    help="How the gap is bridged: the Gaussian, a control that keeps part of it, or a baseline.",
+    default=None,
+    help="How the gap is bridged: the Gaussian, a control that keeps part of it, or a baseline.  "
+    "[default: gaussian; in text-only, which has no images to fit a covariance on, isotropic (with "
+    "--mu-from, mean-shift-isotropic)]",
 )
 @click.option(
     "--plot", type=click.Path(dir_okay=False), default=None, help="Also draw PCA and spectrum to a PNG."
@@ -504,7 +534,7 @@ def fit_gap_command(
     texts_dir: str,
     images_dir: str | None,
     out: str,
-    kind: str,
+    kind: str | None,
     plot: str | None,
     no_renorm: bool,
     no_shrinkage: bool,
@@ -522,10 +552,13 @@ def fit_gap_command(
     device: str,
 ) -> None:
     """Fit the modality gap from embedding stores, write it, and report how much it closes."""
-    from tipcap.config import GapConfig, from_dict
+    from tipcap.config import GapConfig, default_gap_kind, from_dict
     from tipcap.gap import fit_gap_file, format_report
     from tipcap.store import EmbeddingStore
 
+    if kind is None:
+        kind, why = default_gap_kind(setting, mu_from)
+        click.echo(f"--kind not given: {kind}, {why}")
     settings = {"kind": kind, "setting": setting, "renorm": not no_renorm, "shrinkage": not no_shrinkage,
                 "web_estimator": web_estimator, "drop_quantile": drop_quantile, "sigma2": sigma2,
                 "scale_to_dim": scale_to_dim, "match": match,
@@ -537,8 +570,8 @@ def fit_gap_command(
         # Name the flag the value came from, as click does for the ranges it can check (NaN it cannot).
         flag = re.sub(r"config key 'gap\.(\w+)'", lambda m: "--" + m[1].replace("_", "-"), str(e))
         raise TipcapError(flag) from None
-    texts = EmbeddingStore.open(texts_dir)
-    images = EmbeddingStore.open(images_dir) if images_dir else None
+    texts = EmbeddingStore.open(texts_dir, "--texts", "texts")
+    images = EmbeddingStore.open(images_dir, "--images", "images") if images_dir else None
     fit = fit_gap_file(config, texts, images, out, plot=plot, device=device)
     click.echo(format_report(fit.report))
     if setting == "unpaired" and fit.pairs is not None:
@@ -1054,7 +1087,9 @@ def serve_command(
     try:
         from tipcap.app.server import serve
     except ImportError as e:
-        raise TipcapError(f"tipcap serve needs the app extra ({e}); pip install 'tipcap[app]'.") from None
+        raise TipcapError(
+            f"tipcap serve needs the app extra ({e}); pip install -e '.[app]' in tipcap's clone."
+        ) from None
     from tipcap.app.service import Captioner, load_models
 
     paths = [*models, *(["runs/demo"] if demo else [])]

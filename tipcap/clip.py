@@ -353,13 +353,17 @@ class ClipEncoder:
         self._prepared_tower: text_tower.CausalTextTower | None = None
 
     @classmethod
-    def load(cls, spec: ClipSpec, device: str | None = None, precision: str = "auto") -> ClipEncoder:
+    def load(
+        cls, spec: ClipSpec, device: str | None = None, precision: str = "auto", for_training: bool = False
+    ) -> ClipEncoder:
         """Build the model and load its weights.
 
         Args:
             spec: which CLIP (see :class:`ClipSpec`).
             device: ``cuda``, ``cpu``, ...; default CUDA when available.
             precision: ``fp32``, ``fp16``, ``bf16`` or ``auto`` (fp16 on CUDA, fp32 on CPU).
+            for_training: the caller trains the CLIP, so random weights (``pretrained: none``) are its
+                starting point and are not warned about.
 
         Raises:
             TipcapError: unknown model or tag, unreadable config, weights that do not fit the model,
@@ -397,7 +401,10 @@ class ClipEncoder:
         kwargs: dict[str, Any] = {}
         if spec.pretrained == "none":
             weights = None
-            logger.warning("CLIP %s has random weights (--pretrained none, seed %d).", name, spec.init_seed)
+            if not for_training:
+                logger.warning(
+                    "CLIP %s has random weights (--pretrained none, seed %d).", name, spec.init_seed
+                )
         elif spec.weights_path is not None:
             weights = str(spec.weights_path)
         else:

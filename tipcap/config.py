@@ -269,6 +269,18 @@ def check_gap_kind(kind: str, setting: str, mu_from: str | None, where: str) -> 
         )
 
 
+def default_gap_kind(setting: str, mu_from: str | None = None) -> tuple[str, str]:
+    """The gap kind of a setting when none is named, and why: the Gaussian N(μ, Σ) where images give a Σ
+    to fit; in text-only, which has none, its isotropic form σ₀²I (TIPCap's text-only setting), with μ when
+    ``mu_from`` imports one.
+    """
+    if setting != "text-only":
+        return "gaussian", f"N(mu, Sigma) fitted in the {setting} setting"
+    if mu_from is not None:
+        return "mean-shift-isotropic", "text-only's Gaussian N(mu, sigma2·I), mu from --mu-from"
+    return "isotropic", "text-only's Gaussian N(0, sigma2·I): no images to fit a covariance on"
+
+
 def check_gap_config(config: GapConfig, where: str) -> None:
     """:func:`check_gap_kind`, then refuse options that the config's kind would ignore: ``match:
     tangential`` outside ``mean-isotropic-matched``, and ``scale_to_dim`` for a kind without a source

@@ -140,7 +140,12 @@ def train_demo_clip(
 
     echo = echo or (lambda message: None)
     scale = demo_scale(quick, version)
-    echo(f"toy CLIP: training up to {scale.clip_steps} steps at batch {scale.clip_batch} into {out}")
+    # Two stages, each with its own progress bar: the image tower alone, then both towers contrastively.
+    seeing = f"{scale.seeing_steps} steps of the image tower alone, then " if scale.seeing_steps else ""
+    echo(
+        f"toy CLIP: training {seeing}up to {scale.clip_steps} contrastive steps at batch {scale.clip_batch}, "
+        f"into {out}"
+    )
     _, report = clip.train_toyclip(
         karpathy, out, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
         config=scale.clip_config, stop=scale.stop, modality_offset=scale.modality_offset,
@@ -149,7 +154,8 @@ def train_demo_clip(
     )  # fmt: skip
     claims = "" if report.claim_accuracy is None else f"; claim accuracy {report.claim_accuracy:.2f}"
     echo(
-        f"toy CLIP: {report.steps} steps in {report.seconds:.0f} s (stopped by {report.stop_reason}); "
+        f"toy CLIP: {seeing.replace(', then ', ' and ')}{report.steps} contrastive steps in "
+        f"{report.seconds:.0f} s (stopped by {report.stop_reason}); "
         f"R@1 {report.recall_at_1:.2f}, matched cosine {report.matched_cosine:.2f} against "
         f"{report.within_modality_cosine:.2f} between images{claims}"
     )

@@ -13,14 +13,18 @@ stays cheap.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import shutil
+import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import tempfile
+import types
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import tipcap.io
 from tipcap import __version__, provenance
@@ -464,19 +468,44 @@ def score_domains(
     return scores
 
 
+@contextlib.contextmanager
+def _java_stderr_into(log_file: IO[bytes]) -> Iterator[None]:
+    """Send the stderr of the Java process pycocoevalcap's PTBTokenizer starts into ``log_file``.
+
+    The tokenizer prints one "PTBTokenizer tokenized N tokens at ..." line to the terminal per call, two
+    per evaluation; its Popen call sets no stderr, so the module's ``subprocess`` is swapped for the time
+    of the call for one whose Popen sets it.
+    """
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    quiet = types.SimpleNamespace(
+        PIPE=subprocess.PIPE, Popen=functools.partial(subprocess.Popen, stderr=log_file)
+    )
+    ptb.subprocess = quiet
+    try:
+        yield
+    finally:
+        ptb.subprocess = subprocess
+
+
 def _tokenize(captions: dict[ImageId, list[str]]) -> dict[ImageId, list[str]]:
     """pycocoevalcap's PTBTokenizer on ``{id: [caption, ...]}``, checked to return every caption."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     document = {i: [{"caption": c.translate(_LINE_BREAKS)} for c in cs] for i, cs in captions.items()}
-    tokens = PTBTokenizer().tokenize(document)
-    expected = sum(len(cs) for cs in captions.values())
-    returned = sum(len(cs) for cs in tokens.values())
-    if tokens.keys() != captions.keys() or returned != expected:
-        raise TipcapError(
-            f"pycocoevalcap's PTBTokenizer returned {returned} of {expected} captions; "
-            "check that `java -version` works."
-        )
+    with tempfile.TemporaryFile() as java_log:
+        with _java_stderr_into(java_log):
+            tokens = PTBTokenizer().tokenize(document)
+        expected = sum(len(cs) for cs in captions.values())
+        returned = sum(len(cs) for cs in tokens.values())
+        if tokens.keys() != captions.keys() or returned != expected:
+            java_log.seek(0)
+            said = java_log.read().decode(errors="replace").strip().splitlines()
+            raise TipcapError(
+                f"pycocoevalcap's PTBTokenizer returned {returned} of {expected} captions"
+                + (f" (Java said: {said[-1][:200]})" if said else "")
+                + "; check that `java -version` works."
+            )
     return tokens
 
 

@@ -5,14 +5,18 @@
 folder of the local Hugging Face cache through ``snapshot_download``: what the cache holds is used as it
 is, without network; what it lacks is downloaded. A local folder of that name always wins.
 
+``load_named`` does the same for what ``transformers`` loads by name (a language model, a tokenizer).
+
 Offline (``HF_HUB_OFFLINE`` set, or the hub's host not answering a TCP connection within a few seconds),
-both fail at once with one line saying what to do, instead of retrying for minutes.
+all fail at once with one line saying what to do, instead of retrying for minutes.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 from tipcap import __version__
@@ -20,6 +24,7 @@ from tipcap.errors import TipcapError
 from tipcap.network import host_reachable
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+Loaded = TypeVar("Loaded")
 
 
 def is_hub_name(name: str) -> bool:
@@ -96,6 +101,42 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path
         raise TipcapError(f"{name}: the hub model {repo} has no revision {revision!r}.") from None
     except HfHubHTTPError as e:
         raise TipcapError(f"downloading {where} from the hub failed: {_first_line(e)}") from None
+
+
+def load_named(load: Callable[..., Loaded], name: str, key: str) -> Loaded:
+    """``load(name)`` for a ``from_pretrained`` that takes a folder or a hub name (``gpt2``, ``owner/name``).
+
+    A folder loads as it is, and a hub name from the Hugging Face cache without network. A name the cache
+    lacks is downloaded only once the hub answers: ``transformers`` would retry an unreachable hub for
+    about a minute before it failed. ``key`` names the config key in the messages
+    (``model.language_model``).
+
+    Raises:
+        TipcapError: for a name that is neither a folder nor a hub name, or one neither cached nor
+            downloadable now (at once, offline).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name).exists():
+        return load(name)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise TipcapError(f"{key} {name!r}: no such folder, nor a hub name (gpt2, owner/name).") from None
+    try:
+        return load(name, local_files_only=True)
+    except OSError:
+        pass  # not cached: download it below, when the hub can be reached
+    reason = _offline_reason()
+    if reason is not None:
+        raise TipcapError(
+            f"{key} {name!r}: no such folder, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+            f"while {reason}; download it where the hub can be reached (`hf download {name}`) and point "
+            "HF_HUB_CACHE at that cache, or give the folder of its files."
+        )
+    return load(name)
 
 
 def push_model(

@@ -19,6 +19,7 @@ a model card (``README.md``, :mod:`tipcap.card`). ``from_pretrained`` also takes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ from tipcap.clip import ClipEncoder, ClipSpec, image_batches, resolve_device
 from tipcap.config import ModelConfig, from_dict, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.hub import resolve_model
+from tipcap.hub import load_named, resolve_model
 from tipcap.io import atomic_path, load_json, save_safetensors
 from tipcap.packing import pack
 from tipcap.prompts import (
@@ -102,6 +103,15 @@ class TransformerProjector(nn.Module):
 
 def _language_model_from(config: ModelConfig) -> nn.Module:
     """The causal LM: a fresh one from ``language_model_config``, else pretrained weights by name or path."""
+    model = _load_language_model(config)
+    # transformers picks the loss from the class name, which names none for GPT-2 (GPT2LMHeadModel), and
+    # warns that it falls back to the causal-LM loss; the decoder is a causal LM, so that loss is the one.
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def _load_language_model(config: ModelConfig) -> nn.Module:
+    """The language model as ``config`` names it (see :func:`_language_model_from`)."""
     if config.language_model_config is not None:
         settings = dict(config.language_model_config)
         model_type = settings.pop("model_type", "gpt2")
@@ -116,7 +126,7 @@ def _language_model_from(config: ModelConfig) -> nn.Module:
                 f"it ({type(e).__name__}: {message}); check model_type and the sizes."
             ) from None
     try:
-        return AutoModelForCausalLM.from_pretrained(config.language_model)
+        return load_named(AutoModelForCausalLM.from_pretrained, config.language_model, "model.language_model")
     except OSError as e:
         raise TipcapError(
             f"language model {config.language_model!r} cannot be loaded ({str(e).splitlines()[0]}); "
@@ -124,10 +134,15 @@ def _language_model_from(config: ModelConfig) -> nn.Module:
         ) from None
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """A tokenizer by hub name or local directory, with a pad token (the end-of-text token if none)."""
+def load_tokenizer(name_or_path: str, key: str = "model.tokenizer") -> PreTrainedTokenizerBase:
+    """A tokenizer by hub name or local directory, with a pad token (the end-of-text token if none).
+
+    ``key`` is the config key that named it, for the messages.
+    """
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = load_named(AutoTokenizer.from_pretrained, name_or_path, key)
+    except TipcapError:
+        raise
     # Damaged tokenizer files surface as whatever the tokenizers library raises (JSON, key and value
     # errors from Python, plain exceptions from its Rust core).
     except Exception as e:
@@ -144,6 +159,39 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+_PADDING_WARNING = "We strongly recommend passing in an `attention_mask`"
+
+
+class _PaddingWarningFilter(logging.Filter):
+    """Drops transformers' warning that input ids may be padded while no attention mask is given.
+
+    ``generate`` drops an attention mask of all ones (a context without padding) and feeds each row's last
+    token; a row that has finished its caption is fed the pad token, which is the end-of-text token, and the
+    language model warns. Those rows' later tokens are discarded, so the warning does not apply.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_PADDING_WARNING)
+
+
+@contextlib.contextmanager
+def _padding_warning_filtered() -> Iterator[None]:
+    """:class:`_PaddingWarningFilter` on transformers' model logger, for the time of a ``generate`` call."""
+    log, warning = logging.getLogger("transformers.modeling_utils"), _PaddingWarningFilter()
+    log.addFilter(warning)
+    try:
+        yield
+    finally:
+        log.removeFilter(warning)
+
+
+def configured_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer ``model.tokenizer`` names, else the language model's own, loaded by its name."""
+    if config.tokenizer is not None:
+        return load_tokenizer(config.tokenizer, "model.tokenizer")
+    return load_tokenizer(config.language_model, "model.language_model")
 
 
 @dataclass
@@ -248,7 +296,7 @@ class TIPCap(nn.Module):
     ) -> TIPCap:
         """A new model: the language model from ``config`` (pretrained or fresh), the rest initialised."""
         if tokenizer is None:
-            tokenizer = load_tokenizer(config.tokenizer or config.language_model)
+            tokenizer = configured_tokenizer(config)
         language_model = _language_model_from(config)
         if language_model.get_input_embeddings().num_embeddings < len(tokenizer):
             raise TipcapError(
@@ -524,15 +572,16 @@ class TIPCap(nn.Module):
         :meth:`caption` does.
         """
         context, mask = self._context(text_side, prompts, encode_texts)
-        output = self.language_model.generate(
-            inputs_embeds=context,
-            attention_mask=mask,
-            num_beams=num_beams,
-            do_sample=False,
-            max_new_tokens=max_new_tokens or self.config.max_caption_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with _padding_warning_filtered():
+            output = self.language_model.generate(
+                inputs_embeds=context,
+                attention_mask=mask,
+                num_beams=num_beams,
+                do_sample=False,
+                max_new_tokens=max_new_tokens or self.config.max_caption_tokens,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     # -- captioning -------------------------------------------------------------------------------

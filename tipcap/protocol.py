@@ -156,14 +156,25 @@ def _mentions(
     return vocabulary_mentions(EntityVocabulary.load(vocabulary), CocoObjectWords.load())
 
 
-def _resolve_clip(clip: ClipSpec | None, model: TIPCap | None, texts: EmbeddingStore | None) -> ClipSpec:
+def _resolve_clip(
+    clip: ClipSpec | None,
+    model: TIPCap | None,
+    texts: EmbeddingStore | None,
+    images: EmbeddingStore | None,
+    method: str,
+) -> ClipSpec:
+    """The CLIP that embeds the images: the one given, else the model's, else the one that made a store."""
     if clip is not None:
         return clip
     if model is not None and model.clip_spec is not None:
         return model.clip_spec
-    if texts is not None and "clip_spec" in texts.meta:
-        return ClipSpec.from_dict(texts.meta["clip_spec"])
-    raise TipcapError("no CLIP to embed images with: pass --clip and --pretrained.")
+    for store in (texts, images):
+        if store is not None and "clip_spec" in store.meta:
+            return ClipSpec.from_dict(store.meta["clip_spec"])
+    raise TipcapError(
+        f"--method {method}: no CLIP to embed the images with; pass --texts (a caption store) or "
+        "--image-store (an image store of the split), whose CLIP is then used."
+    )
 
 
 def _model_captions(
@@ -388,12 +399,12 @@ def evaluate_split(
     model_dir = resolve_model(model) if isinstance(model, (str, Path)) else None
     if model_dir is not None:
         model = TIPCap.from_pretrained(model_dir, device=device)
-    caption_store = EmbeddingStore.open(texts) if texts is not None else None
+    caption_store = EmbeddingStore.open(texts, "--texts", "texts") if texts is not None else None
     if method == "retrieval" and caption_store is None:
         raise TipcapError("--method retrieval needs --texts (a caption store to retrieve from).")
-    spec = _resolve_clip(clip, model, caption_store)
-    if image_store is not None:
-        store = EmbeddingStore.open(image_store)
+    store = EmbeddingStore.open(image_store, "--image-store", "images") if image_store is not None else None
+    spec = _resolve_clip(clip, model, caption_store, store, method)
+    if store is not None:
         if store.clip != spec.identity():
             raise TipcapError(
                 f"--image-store {image_store} was embedded with another CLIP than {spec.describe()}."

@@ -55,6 +55,20 @@ _SHARD_METADATA = "tipcap_shard"
 log = logging.getLogger(__name__)
 
 
+_BUILD_ARGUMENTS = {
+    "texts": "--corpus CAPTIONS --clip MODEL --pretrained TAG",
+    "images": "--images IMAGES --clip MODEL --pretrained TAG",
+}
+
+
+def build_command(path: str | Path, content: str | None) -> str:
+    """The ``tipcap embed`` command that builds a store of ``content`` (``texts``, ``images``) at ``path``,
+    with placeholders for its inputs."""
+    if content not in _BUILD_ARGUMENTS:
+        return f"`tipcap embed texts` or `tipcap embed images` (--out {path})"
+    return f"`tipcap embed {content} {_BUILD_ARGUMENTS[content]} --out {path}`"
+
+
 def fingerprint(rows: Sequence[Any]) -> str:
     """SHA-256 of a JSON-serialisable sequence, row by row (what was encoded, in order)."""
     digest = hashlib.sha256()
@@ -96,8 +110,15 @@ class EmbeddingStore:
         self.shards = shards
 
     @classmethod
-    def open(cls, path: str | Path) -> EmbeddingStore:
+    def open(cls, path: str | Path, name: str | None = None, content: str | None = None) -> EmbeddingStore:
         """Open a finished store.
+
+        Args:
+            path: the store's folder.
+            name: the flag or config key that gave ``path`` (``--texts``, ``data.train_texts``), named in
+                the messages.
+            content: ``texts`` or ``images``, what the store should hold: a missing store's message gives
+                the command that builds it.
 
         Raises:
             TipcapError: when ``path`` holds no finished store, one of another format, or a damaged one (a
@@ -105,12 +126,14 @@ class EmbeddingStore:
         """
         path = Path(path)
         if not (path / META).is_file():
-            hint = (
-                " (an interrupted build: rerun the same command to finish it)"
-                if (path / BUILDING).exists()
-                else ""
-            )
-            raise TipcapError(f"{path}: not an embedding store, no {META}{hint}.")
+            where = f"{name} {path}" if name else str(path)
+            if (path / BUILDING).exists():
+                raise TipcapError(
+                    f"{where}: an interrupted build of an embedding store (no {META} yet); rerun the command "
+                    "that began it to finish it."
+                )
+            what = "no such folder" if not path.exists() else f"not an embedding store (no {META})"
+            raise TipcapError(f"{where}: {what}; build the store with {build_command(path, content)}.")
         try:
             meta = _read_json(path / META)
             if meta.get("format") != STORE_FORMAT:

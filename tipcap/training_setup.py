@@ -12,7 +12,7 @@ from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import ExperimentConfig
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.model import TIPCap, load_tokenizer
+from tipcap.model import TIPCap, configured_tokenizer
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
@@ -38,7 +38,7 @@ def _tokenizer(config: ExperimentConfig, texts: EmbeddingStore):
     if model_cfg.tokenizer == "word-level":
         tokenizer = word_level_tokenizer(texts.captions())
     elif model_cfg.tokenizer is not None or model_cfg.language_model_config is None:
-        tokenizer = load_tokenizer(model_cfg.tokenizer or model_cfg.language_model)
+        tokenizer = configured_tokenizer(model_cfg)
     if tokenizer is None:
         raise TipcapError(
             "model.tokenizer: a fresh language model needs a tokenizer ('word-level' or a path)."
@@ -65,6 +65,11 @@ def _store_clip(texts: EmbeddingStore) -> ClipSpec:
     return spec
 
 
+def _open_store(path: str | None, key: str, content: str) -> EmbeddingStore | None:
+    """The store a config key names, or ``None`` when the key is unset."""
+    return EmbeddingStore.open(path, key, content) if path else None
+
+
 def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSetup:
     """Open the stores and gap a config names, check they fit together, and build the model on ``device``.
 
@@ -73,9 +78,13 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
     data_cfg = config.data
     if not data_cfg.train_texts:
         raise TipcapError("data.train_texts: give the caption store to train on.")
-    texts = EmbeddingStore.open(data_cfg.train_texts)
-    images = EmbeddingStore.open(data_cfg.train_images) if data_cfg.train_images else None
-    gap = Gap.load(data_cfg.gap) if data_cfg.gap else None
+    texts = EmbeddingStore.open(data_cfg.train_texts, "data.train_texts", "texts")
+    images = _open_store(data_cfg.train_images, "data.train_images", "images")
+    # Opened before training data is read, which takes minutes on a full corpus, so that a missing
+    # validation store or gap stops the run at once.
+    val_texts = _open_store(data_cfg.val_texts, "data.val_texts", "texts")
+    val_images = _open_store(data_cfg.val_images, "data.val_images", "images") if val_texts else None
+    gap = Gap.load(data_cfg.gap, "data.gap") if data_cfg.gap else None
     if gap is not None:
         gap.check_clip(texts.clip, f"data.train_texts {texts.path}")
         if images is not None:
@@ -88,7 +97,11 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
             "embeddings of data.val_texts' captions, a text-only one on the captions' own."
         )
     if texts.dim != config.model.clip_dim:
-        raise TipcapError(f"model.clip_dim is {config.model.clip_dim} but {texts.path} holds d={texts.dim}.")
+        raise TipcapError(
+            f"model.clip_dim is {config.model.clip_dim} but data.train_texts {texts.path} holds "
+            f"d={texts.dim}; set model.clip_dim: {texts.dim} in the config, or pass "
+            f"--set model.clip_dim={texts.dim}."
+        )
 
     tokenizer = _tokenizer(config, texts)
     clip = _store_clip(texts)
@@ -117,9 +130,7 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
         inputs["train_images"] = images.digest
     if data_cfg.gap:
         inputs["gap"] = sha256_file(data_cfg.gap)
-    if data_cfg.val_texts:
-        val_texts = EmbeddingStore.open(data_cfg.val_texts)
-        val_images = EmbeddingStore.open(data_cfg.val_images) if data_cfg.val_images else None
+    if val_texts is not None:
         val_data = load_caption_set(val_texts, tokenizer, max_tokens, None, val_images)
         inputs["val_texts"] = val_texts.digest
         if val_images is not None:

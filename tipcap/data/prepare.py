@@ -250,8 +250,17 @@ def prepare_dataset(
     if not is_karpathy(document):
         raise TipcapError(f"--karpathy {karpathy}: not a Karpathy split file (no 'images' list).")
     named = document.get("dataset")
+    if named == "toyworld":
+        raise TipcapError(
+            f"--karpathy {karpathy} is a toy world's split file, which needs no prepare step (tipcap "
+            "toyworld writes every image it lists): pass it as it is to embed, evaluate or ablate, with its "
+            f"folder as the image root ({karpathy.parent})."
+        )
     if named is not None and named != dataset:
-        raise TipcapError(f"--karpathy {karpathy} is the {named!r} split file, not {dataset!r}.")
+        command = f"`tipcap prepare {named}`" if named in DATASETS else "the prepare command of its data set"
+        raise TipcapError(
+            f"--karpathy {karpathy} is the {named!r} split file, not {dataset!r}; prepare it with {command}."
+        )
     parsed = parse_karpathy(document, karpathy)  # validates every entry, naming the first malformed one
     raw: list[dict[str, Any]] = document["images"]
 

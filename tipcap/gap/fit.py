@@ -284,7 +284,7 @@ def fit_gap(
     fitted_covariance = torch.zeros(dim, dim, dtype=torch.float64)
     memory = None
     if kind in _NEEDS_ESTIMATE:
-        mu_from = Gap.load(config.mu_from) if config.mu_from else None
+        mu_from = Gap.load(config.mu_from, "--mu-from") if config.mu_from else None
         estimated = dataclasses.replace(config, sigma2=sigma2)  # text-only's σ₀²I at the width used
         fitted = _estimate(setting, texts, images, estimated, mu_from, device)
         mu, fitted_covariance = fitted.mu, fitted.covariance

@@ -309,8 +309,11 @@ class Gap(nn.Module):
         save_safetensors(tensors, path, metadata=metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> Gap:
+    def load(cls, path: str | Path, name: str | None = None) -> Gap:
         """Read a gap file written by :meth:`save`.
+
+        ``name`` is the flag or config key that gave ``path`` (``data.gap``, ``--mu-from``), named with the
+        command that writes a missing file.
 
         Raises:
             TipcapError: when the file is missing, not a gap file, of an unknown version, or holds NaN or
@@ -318,7 +321,11 @@ class Gap(nn.Module):
         """
         path = Path(path)
         if not path.is_file():
-            raise TipcapError(f"{path}: no such gap file.")
+            where = f"{name} {path}" if name else str(path)
+            raise TipcapError(
+                f"{where}: no such gap file; fit it with `tipcap fit-gap --setting SETTING --texts STORE "
+                f"[--images STORE] --out {path}`."
+            )
         try:
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}

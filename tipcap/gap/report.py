@@ -167,21 +167,22 @@ def plot_gap(gap: Gap, pairs: Pairs | None, path: str | Path, points: int = 1500
             _, _, basis = torch.linalg.svd(data - center, full_matrices=False)
             project = lambda x: ((x - center) @ basis[:2].T).numpy()  # noqa: E731
             ax = axes[0]
-            for values, label, color in (
-                (v, "image v", "tab:blue"),
-                (t, "text t", "tab:orange"),
-                (mapped, "mapped image (decoder input)", "tab:green"),
-            ):
+            for values, label, color in ((v, "image v", "tab:blue"), (t, "text t", "tab:orange")):
                 xy = project(values)
                 ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.4, label=label, color=color)
+            # Rings: where the mapping works they land on the text points, which filled dots would hide.
+            xy = project(mapped)
+            ax.scatter(xy[:, 0], xy[:, 1], s=14, facecolors="none", edgecolors="tab:green", linewidths=0.6,
+                       alpha=0.7, label="mapped image (decoder input)")  # fmt: skip
             ax.set_title(f"PCA of {len(v)} matched pairs ({gap.kind}, {gap.info.get('setting')})")
             ax.set_xlabel("PC 1")
             ax.set_ylabel("PC 2")
             ax.legend(markerscale=4)
         ax = axes[-1]
         ax.semilogy(range(1, len(eigenvalues) + 1), eigenvalues.numpy(), label="eigenvalues of Sigma")
+        # A reference level: the per-axis variance of CapDec's isotropic noise (the isotropic kind).
         ax.axhline(
-            CAPDEC_SIGMA2, color="tab:red", linestyle="--", label=f"isotropic sigma^2 = {CAPDEC_SIGMA2}"
+            CAPDEC_SIGMA2, color="tab:red", linestyle="--", label=f"CapDec's per-axis σ² = {CAPDEC_SIGMA2}"
         )
         ax.set_title(f"Spectrum of Sigma (trace {float(eigenvalues.sum()):.3g})")
         ax.set_xlabel("component")

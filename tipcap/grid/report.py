@@ -2,8 +2,8 @@
 row's image-level 95% interval: the bootstrap over the test images of that one evaluation), ``table.md``
 (mean over seeds ± the half-width of the 95% t-interval over seeds, with the seeds' standard deviation; a
 cell evaluated once gets the image-level interval, marked; :mod:`tipcap.stats`), ``cider.png`` (CIDEr per
-method, coloured by setting) and, for grids with few-pairs cells, ``cider_vs_pairs.png`` (CIDEr against the
-share of paired training images).
+method, coloured by setting) and, for grids with few-pairs cells at two shares of paired data or more,
+``cider_vs_pairs.png`` (CIDEr against the share of paired training images).
 """
 
 from __future__ import annotations
@@ -163,10 +163,18 @@ def plot_cider(
     _save_figure(figure, path)
 
 
-def plot_cider_vs_pairs(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_cider_vs_pairs(rows: list[dict[str, Any]], path: Path) -> bool:
     """CIDEr against the share of paired training images (log scale): a line per few-pairs method, a point
     for supervised training on all pairs, and a horizontal level (labelled with its setting) for each method
-    that uses none of the paired training images."""
+    that uses none of the paired training images.
+
+    Drawn only for a grid with at least two shares of few pairs: with one, the few-pairs methods are single
+    points, which ``cider.png`` shows already. Returns whether it drew; when it did not, a ``path`` left by
+    an earlier grid in the folder is removed.
+    """
+    if len({row["few_pairs"] for row in rows if row["few_pairs"]}) < 2:
+        path.unlink(missing_ok=True)
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,3 +216,4 @@ def plot_cider_vs_pairs(rows: list[dict[str, Any]], path: Path) -> None:
     axis.set_title("CIDEr against the amount of paired data")
     axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save_figure(figure, path)
+    return True

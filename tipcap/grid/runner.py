@@ -652,11 +652,7 @@ class Ablation:
         if self.config.compare or self.config.families:
             write_comparisons(grid_decisions(scores, self.config.families, self.config.compare), self.out)
         plot_cider(rows, self.out / "cider.png", intervals)
-        fraction_plot = self.out / "cider_vs_pairs.png"
-        if any(row["few_pairs"] for row in rows):
-            plot_cider_vs_pairs(rows, fraction_plot)
-        else:
-            fraction_plot.unlink(missing_ok=True)  # from an earlier grid in this folder
+        plot_cider_vs_pairs(rows, self.out / "cider_vs_pairs.png")
         return rows
 
     def _write_selection(self, selections: list[Selection]) -> None:

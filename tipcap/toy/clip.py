@@ -367,7 +367,9 @@ def train_toyclip(
     write_json_atomic(config_path, config or TOYCLIP_CONFIG)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    encoder = ClipEncoder.load(ClipSpec(str(config_path), "none", seed), device="cpu", precision="fp32")
+    encoder = ClipEncoder.load(
+        ClipSpec(str(config_path), "none", seed), device="cpu", precision="fp32", for_training=True
+    )
     model = encoder.model
     splits = read_karpathy(karpathy)
     scenes = scene_records(karpathy)  # world 2's scenes; empty for world 1
