@@ -47,6 +47,31 @@ def is_subsequence(part: list[str], whole: list[str]) -> bool:
     return all(word in rest for word in part)
 
 
+def open_page(browser, url: str, wait) -> None:
+    """Load the page and wait until it has read the served methods."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(url)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+
+
+def pick(browser, image: Path):
+    """Choose an image through the page's file input (unhidden, as a user's file dialog would fill it)."""
+    from selenium.webdriver.common.by import By
+
+    picker = browser.find_element(By.ID, "files")
+    browser.execute_script("arguments[0].hidden = false", picker)
+    picker.send_keys(str(image))
+    return picker
+
+
+def rounds(card, count: int):
+    """A wait condition: the card has finished its ``count``-th round of captions."""
+    return lambda d: (
+        card.get_attribute("data-state") == "done" and card.get_attribute("data-requests") == str(count)
+    )
+
+
 @pytest.fixture
 def browser(tmp_path, monkeypatch):
     """Headless Chromium with the flags a closed network needs, through the system chromedriver."""
@@ -83,20 +108,10 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
     wait = WebDriverWait(browser, 60)
 
     with serving(Captioner(load_models(models, device="cpu"))) as url:
-        browser.get(url)
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
-        picker = browser.find_element(By.ID, "files")
-        browser.execute_script("arguments[0].hidden = false", picker)
-        picker.send_keys(str(tmp_path / "red.png"))
+        open_page(browser, url, wait)
+        picker = pick(browser, tmp_path / "red.png")
         card = browser.find_element(By.CSS_SELECTOR, ".card")
-
-        def rounds(count):
-            return lambda d: (
-                card.get_attribute("data-state") == "done"
-                and card.get_attribute("data-requests") == str(count)
-            )
-
-        wait.until(rounds(1))
+        wait.until(rounds(card, 1))
         row = 'tr[data-method="hard"]'
         first = (
             card.find_element(By.CSS_SELECTOR, f"{row} td.caption")
@@ -110,7 +125,7 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
 
         word = chips[-1].get_attribute("data-word")
         chips[-1].click()
-        wait.until(rounds(2))
+        wait.until(rounds(card, 2))
         prompt = [
             tag.get_attribute("data-word") for tag in card.find_elements(By.CSS_SELECTOR, ".prompt-word")
         ]
@@ -152,7 +167,7 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
 
         words = card.find_element(By.CSS_SELECTOR, "input.words")
         words.send_keys("blue square", Keys.ENTER)
-        wait.until(rounds(3))
+        wait.until(rounds(card, 3))
         assert card.find_element(By.CSS_SELECTOR, f"{row} td.caption").get_attribute("data-prompt") == (
             f"{word}, blue square"
         )
@@ -169,7 +184,7 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
 
         # Both methods side by side; the one trained without prompts says so.
         browser.find_element(By.CSS_SELECTOR, '#method option[value="*"]').click()
-        wait.until(rounds(4))
+        wait.until(rounds(card, 4))
         methods = [r.get_attribute("data-method") for r in card.find_elements(By.CSS_SELECTOR, "tbody tr")]
         assert methods == ["hard", "plain"]
         assert "without prompts" in card.find_element(By.CSS_SELECTOR, 'tr[data-method="plain"]').text
@@ -261,11 +276,8 @@ def test_other_sites_cannot_drive_the_server_and_its_own_page_can(browser, tmp_p
         }
 
         # The server's own page uploads and captions the image.
-        browser.get(url)
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
-        picker = browser.find_element(By.ID, "files")
-        browser.execute_script("arguments[0].hidden = false", picker)
-        picker.send_keys(str(tmp_path / "red.png"))
+        open_page(browser, url, wait)
+        pick(browser, tmp_path / "red.png")
         card = browser.find_element(By.CSS_SELECTOR, ".card")
         wait.until(lambda d: card.get_attribute("data-state") in ("done", "error"))
         assert card.get_attribute("data-state") == "done", card.text
@@ -295,26 +307,17 @@ def test_the_page_takes_as_many_prompt_words_as_the_method_shown_reads(browser, 
     ]
     wait = WebDriverWait(browser, 60)
     with serving(Captioner(load_models(models, device="cpu"))) as url:
-        browser.get(url)
-        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        open_page(browser, url, wait)
         browser.find_element(By.CSS_SELECTOR, '#method option[value="pim"]').click()
-        picker = browser.find_element(By.ID, "files")
-        browser.execute_script("arguments[0].hidden = false", picker)
-        picker.send_keys(str(tmp_path / "red.png"))
+        pick(browser, tmp_path / "red.png")
         card = browser.find_element(By.CSS_SELECTOR, ".card")
-
-        def rounds(count):
-            return lambda d: (
-                card.get_attribute("data-state") == "done"
-                and card.get_attribute("data-requests") == str(count)
-            )
 
         def prompt() -> list[str]:
             return [
                 tag.get_attribute("data-word") for tag in card.find_elements(By.CSS_SELECTOR, ".prompt-word")
             ]
 
-        wait.until(rounds(1))
+        wait.until(rounds(card, 1))
         box = card.find_element(By.CSS_SELECTOR, "input.words")
         box.send_keys(", ".join([*words, "boat"]), Keys.ENTER)  # nine words: refused on the page
         assert card.find_element(By.CSS_SELECTOR, ".error").text == "At most 8 prompt words for pim."
@@ -322,7 +325,7 @@ def test_the_page_takes_as_many_prompt_words_as_the_method_shown_reads(browser, 
 
         box.clear()
         box.send_keys(", ".join(words), Keys.ENTER)
-        wait.until(rounds(2))
+        wait.until(rounds(card, 2))
         assert prompt() == words
         assert card.find_element(By.CSS_SELECTOR, 'tr[data-method="pim"] td.caption').get_attribute(
             "data-prompt"
@@ -330,7 +333,7 @@ def test_the_page_takes_as_many_prompt_words_as_the_method_shown_reads(browser, 
 
         # The hard-prompt method takes the server's 16 words.
         browser.find_element(By.CSS_SELECTOR, '#method option[value="hard"]').click()
-        wait.until(rounds(3))
+        wait.until(rounds(card, 3))
         box.send_keys("boat", Keys.ENTER)
-        wait.until(rounds(4))
+        wait.until(rounds(card, 4))
         assert prompt() == [*words, "boat"]
