@@ -53,7 +53,8 @@ def vocabulary_mentions(vocabulary: EntityVocabulary, words: CocoObjectWords | N
 
 
 @functools.cache
-def _packaged_mentions() -> Mentions:
+def packaged_mentions() -> Mentions:
+    """:func:`vocabulary_mentions` of the packaged entity vocabulary and COCO's words, read once."""
     return vocabulary_mentions(EntityVocabulary.load(), CocoObjectWords.load())
 
 
@@ -62,7 +63,7 @@ def mentioned_words(words: Sequence[str], caption: str) -> list[str]:
     it): as written (the word's tokens in a row), as a toy (colour, shape) object, or as a name of the
     packaged entity vocabulary or a COCO category (its forms and CHAIR's synonyms)."""
     tokens = f" {' '.join(_TOKEN.findall(caption.lower()))} "
-    named = scene_mentions(caption) | _packaged_mentions()(caption)
+    named = scene_mentions(caption) | packaged_mentions()(caption)
     return [
         word for word in words if word in named or f" {' '.join(_TOKEN.findall(word.lower()))} " in tokens
     ]

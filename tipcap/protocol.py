@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from tipcap import clip_scores, provenance
-from tipcap.adherence import Mentions, adherence, scene_mentions, vocabulary_mentions
+from tipcap.adherence import Mentions, adherence, packaged_mentions, scene_mentions, vocabulary_mentions
 from tipcap.card import record_evaluation
 from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
 from tipcap.config import GROUND_TRUTH_PROMPTS, EmbedConfig, EvalConfig, to_dict
@@ -153,6 +153,8 @@ def _mentions(
     image records its objects (a toy world), else the entity vocabulary's forms and COCO's synonyms."""
     if image_ids and all(image_id in objects for image_id in image_ids):
         return scene_mentions
+    if vocabulary is None:
+        return packaged_mentions()  # read once per process, not once per evaluation
     return vocabulary_mentions(EntityVocabulary.load(vocabulary), CocoObjectWords.load())
 
 
