@@ -169,6 +169,11 @@ class AblationConfig:
         """The seeds whose candidates a selecting cell trains and scores: ``select_seeds``, or all."""
         return self.seeds if self.select_seeds is None else self.select_seeds
 
+    @property
+    def chosen_only_seeds(self) -> list[int]:
+        """The seeds outside :attr:`selecting_seeds`, which train a selecting cell's chosen value alone."""
+        return [seed for seed in self.seeds if seed not in self.selecting_seeds]
+
 
 @dataclass(frozen=True)
 class Job:

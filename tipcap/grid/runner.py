@@ -472,13 +472,13 @@ class Ablation:
         (dotted,) = job.cell.select
         listed = ", ".join(c.candidate.partition("=")[2] for c in candidates(job))
         config = self.config
-        rest = [str(seed) for seed in config.seeds if seed not in config.selecting_seeds]
+        rest = ", ".join(map(str, config.chosen_only_seeds))
         seeds = f"of {', '.join(map(str, config.selecting_seeds))} " if rest else ""
         return (
             f"{job.name}: trains a decoder per seed {seeds}for each {dotted} in {listed}, chooses the value "
             f"with the best mean {metric_name(config.select_metric)} over seeds on the {config.select_split} "
             f"split and evaluates only it on {config.eval_split}"
-            + (f"; seeds {', '.join(rest)} train the chosen value alone" if rest else "")
+            + (f"; seeds {rest} train the chosen value alone" if rest else "")
         )
 
     def _check_selection(self) -> None:
@@ -670,7 +670,7 @@ class Ablation:
             return [(job, config.seeds)]
         found = candidates(job)
         planned = [(candidate, config.selecting_seeds) for candidate in found]
-        rest = [seed for seed in config.seeds if seed not in config.selecting_seeds]
+        rest = config.chosen_only_seeds
         trained = all(
             (self.run_dir(candidate, seed) / "model" / "config.json").is_file()
             for candidate in found
