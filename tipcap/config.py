@@ -193,6 +193,10 @@ class TrainConfig:
     prompt_drop_entity: Probability = 0.4
     prompt_drop_all: Probability = 0.5
     prompt_distractor: Probability = 0.1
+    # Rows with prompt words get the gap's training noise scaled by this (the standard deviation), so that
+    # their embedding says less than their words and the decoder learns to take the words' binding of
+    # colour to shape, or of attribute to object, from the prompt.
+    prompt_noise_scale: PositiveFloat = 1.0
 
 
 @dataclass

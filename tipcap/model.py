@@ -311,12 +311,18 @@ class TIPCap(nn.Module):
     # -- the gap --------------------------------------------------------------------------------
 
     def training_inputs(
-        self, embeddings: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        embeddings: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What the decoder reads at training, ``[B, d]`` → ``[B, d]``: caption embeddings with the gap's
-        noise, fresh per call (``gap.sample``), or, without a gap, the embeddings as they are."""
+        noise, fresh per call (``gap.sample``; its standard deviation times ``noise_scale`` ``[B]`` row by
+        row when given), or, without a gap, the embeddings as they are."""
         inputs = embeddings.to(self.device, torch.float32)
-        return self.gap.sample(inputs, generator=generator) if self.gap is not None else inputs
+        if self.gap is None:
+            return inputs
+        return self.gap.sample(inputs, generator=generator, row_scale=noise_scale)
 
     def image_inputs(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """What the decoder reads for CLIP image embeddings, ``[B, d]`` → ``[B, d]``: carried to the text

@@ -202,8 +202,13 @@ class Trainer:
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device=self.env.device).manual_seed(seed)
         embeddings, ids, mask = collate(self.train_data, rows)
-        conditioning = self.model.training_inputs(embeddings, generator)
         prompts = self._prompts(rows, random.Random(seed))
+        noise_scale = None
+        if prompts is not None and self.config.train.prompt_noise_scale != 1.0:
+            noise_scale = torch.tensor(
+                [self.config.train.prompt_noise_scale if words else 1.0 for words in prompts]
+            )
+        conditioning = self.model.training_inputs(embeddings, generator, noise_scale)
         pack_length = self.config.train.pack_length if self.config.train.packing else None
         with self._autocast():
             loss = self.ddp_model(conditioning, ids, mask, prompts, pack_length).loss

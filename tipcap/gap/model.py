@@ -206,8 +206,14 @@ class Gap(nn.Module):
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         return _normalize(x) if self.renorm else x
 
-    def sample(self, t: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training input from text embeddings ``[B, d]``: fresh noise per row (see the kind table)."""
+    def sample(
+        self,
+        t: torch.Tensor,
+        generator: torch.Generator | None = None,
+        row_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Training input from text embeddings ``[B, d]``: fresh noise per row (see the kind table), its
+        standard deviation multiplied row by row by ``row_scale`` ``[B]`` when given."""
         x = t.to(self.mu.dtype)
         if self.kind in TRAIN_NOISE_KINDS:
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -215,6 +221,8 @@ class Gap(nn.Module):
             if self.kind == "norm-matched":  # the Gaussian's norm ‖L·z₁‖ along a uniform direction z₂/‖z₂‖
                 direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 noise = noise.norm(dim=-1, keepdim=True) * _normalize(direction)
+            if row_scale is not None:
+                noise = noise * row_scale.to(device=x.device, dtype=x.dtype).unsqueeze(-1)
             x = x + noise
         if self.kind in _TRAIN_SHIFT:
             x = x + self.mu
