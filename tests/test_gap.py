@@ -923,3 +923,16 @@ def test_incomplete_gap_file_is_a_tipcap_error(tmp_path):
     save_file({"mu": torch.zeros(4)}, path, metadata={"format": "tipcap-gap", "version": "1"})
     with pytest.raises(TipcapError, match="damaged gap file"):
         Gap.load(path)
+
+
+@pytest.mark.parametrize("kind", sorted(TRAIN_NOISE_KINDS))
+def test_row_scale_multiplies_each_rows_noise(kind):
+    d = 16
+    gap = Gap(kind, torch.full((d,), 0.05), 0.1 * torch.eye(d), renorm=False)
+    t = unit_rows(3, d, seed=23).float()
+    plain = gap.sample(t, generator=generator(24)) - gap.text_side(t)
+    scaled = gap.sample(t, generator=generator(24), row_scale=torch.tensor([1.0, 3.0, 0.0])) - gap.text_side(t)
+    assert torch.allclose(scaled[0], plain[0], atol=1e-6)
+    assert torch.allclose(scaled[1], 3 * plain[1], atol=1e-6)
+    assert torch.allclose(scaled[2], torch.zeros(d), atol=1e-6)
+    assert float(plain[1].norm()) > 0.1  # the row had noise to scale

@@ -116,3 +116,29 @@ def test_transformer_projector_trains_saves_and_loads(coco_texts, tmp_path):
         prefix = model.prefix(embeddings)
     assert prefix.shape == (2, 4, 128)
     assert (prefix[0] - prefix[1]).abs().max() > 1e-3
+
+
+def test_prompt_noise_scale_reaches_the_rows_with_prompt_words_only(coco_texts, tmp_path, monkeypatch):
+    seen: list[tuple[list[float], list[bool]]] = []
+    original_inputs, original_forward = TIPCap.training_inputs, TIPCap.forward
+    scales: list[torch.Tensor | None] = []
+
+    def training_inputs(self, embeddings, generator=None, noise_scale=None):
+        scales.append(noise_scale)
+        return original_inputs(self, embeddings, generator, noise_scale)
+
+    def forward(self, text_side, ids, mask, prompts=None, pack_length=None):
+        scale = scales.pop()
+        seen.append((scale.tolist(), [bool(words) for words in prompts]))
+        return original_forward(self, text_side, ids, mask, prompts, pack_length)
+
+    monkeypatch.setattr(TIPCap, "training_inputs", training_inputs)
+    monkeypatch.setattr(TIPCap, "forward", forward)
+    gap = fit_gap(GapConfig(kind="isotropic", setting="text-only", sigma2=0.01), EmbeddingStore.open(coco_texts))
+    gap.save(tmp_path / "gap.safetensors")
+    run_training(coco_texts, tmp_path / "run", "model.prompt=hard", f"data.gap={tmp_path / 'gap.safetensors'}",
+                 "train.prompt_noise_scale=2.5", "train.max_steps=2", "train.batch_size=32")  # fmt: skip
+    assert len(seen) == 2
+    for row_scales, has_words in seen:
+        assert any(has_words) and not all(has_words)
+        assert row_scales == [2.5 if words else 1.0 for words in has_words]
