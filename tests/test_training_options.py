@@ -134,9 +134,10 @@ def test_prompt_noise_scale_reaches_the_rows_with_prompt_words_only(coco_texts, 
 
     monkeypatch.setattr(TIPCap, "training_inputs", training_inputs)
     monkeypatch.setattr(TIPCap, "forward", forward)
-    gap = fit_gap(GapConfig(kind="isotropic", setting="text-only", sigma2=0.01), EmbeddingStore.open(coco_texts))
-    gap.save(tmp_path / "gap.safetensors")
-    run_training(coco_texts, tmp_path / "run", "model.prompt=hard", f"data.gap={tmp_path / 'gap.safetensors'}",
+    config = GapConfig(kind="isotropic", setting="text-only", sigma2=0.01)
+    gap_file = tmp_path / "gap.safetensors"
+    fit_gap(config, EmbeddingStore.open(coco_texts)).save(gap_file)
+    run_training(coco_texts, tmp_path / "run", "model.prompt=hard", f"data.gap={gap_file}",
                  "train.prompt_noise_scale=2.5", "train.max_steps=2", "train.batch_size=32")  # fmt: skip
     assert len(seen) == 2
     for row_scales, has_words in seen:
