@@ -146,6 +146,10 @@ class ModelConfig:
     prompt: PromptMode = "none"
     pim_layers: Positive = 2
     pim_heads: Positive = 8
+    # pim: also place each prompt word, projected, after the prefix as one context vector of its own, so
+    # that the language model attends to a whole entity ("brown diamond") whose binding of attribute to
+    # object no cross-attention into the prefix has blurred.
+    pim_tokens: bool = False
     max_prompt_words: Positive = 8
     max_caption_tokens: Positive = 40
     vocabulary: str | None = None  # entity vocabulary JSON; None: the packaged COCO vocabulary

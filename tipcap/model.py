@@ -488,39 +488,57 @@ class TIPCap(nn.Module):
             for words in prompts
         ]
 
+    def _prompt_vectors(
+        self,
+        prompts: Sequence[Sequence[str]] | None,
+        prompt_embeddings: torch.Tensor | None,
+        prompt_mask: torch.Tensor | None,
+        batch: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What follows the prefix: the hard prompt's token embeddings, or (``pim_tokens``) the projected
+        prompt words, ``[B, L, W]`` with a mask ``[B, L]`` (True at real positions); None when nothing."""
+        if self.config.prompt == "pim":
+            if not self.config.pim_tokens or prompt_embeddings is None or prompt_embeddings.shape[1] == 0:
+                return None
+            assert self.prompt_interaction is not None and prompt_mask is not None
+            return self.prompt_interaction.words(prompt_embeddings), prompt_mask.to(torch.bool)
+        hard_ids = self._hard_prompt_ids(prompts, batch)
+        length = max((len(ids) for ids in hard_ids), default=0)
+        if length == 0:
+            return None
+        ids = torch.full((batch, length), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
+        for row, row_ids in enumerate(hard_ids):
+            if row_ids:
+                ids[row, : len(row_ids)] = torch.tensor(row_ids, device=self.device)
+                mask[row, : len(row_ids)] = True
+        return self.language_model.get_input_embeddings()(ids), mask
+
     def _context(
         self,
         text_side: torch.Tensor,
         prompts: Sequence[Sequence[str]] | None,
         encode_texts: Callable[[list[str]], torch.Tensor] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Everything before the caption: prefix and (hard) prompt, ``[B, C, W]``, with a mask ``[B, C]``."""
+        """Everything before the caption: the prefix and what follows it (the hard prompt, or the prompt
+        words as vectors), ``[B, C, W]``, with a mask ``[B, C]``."""
         prompt_embeddings = prompt_mask = None
         if self.config.prompt == "pim" and prompts is not None:
             prompt_embeddings, prompt_mask = self.prompt_embeddings(prompts, encode_texts)
         prefix = self.prefix(text_side, prompt_embeddings, prompt_mask)
-        batch = len(prefix)
-        hard_ids = self._hard_prompt_ids(prompts, batch)
-        length = max((len(ids) for ids in hard_ids), default=0)
-        mask = torch.ones(batch, self.config.prefix_length + length, dtype=torch.long, device=self.device)
-        if length == 0:
-            return prefix, mask
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((batch, length), pad, dtype=torch.long, device=self.device)
-        # Prefix and prompt are right-aligned together ([pad… | prefix | prompt]), so that the last context
-        # position, which predicts the caption's first token, is real in every row, an empty prompt's too.
-        k = self.config.prefix_length
-        order = torch.arange(k + length, device=self.device).repeat(batch, 1)
-        for row, row_ids in enumerate(hard_ids):
-            missing = length - len(row_ids)
-            if row_ids:
-                ids[row, missing:] = torch.tensor(row_ids, device=self.device)
-            mask[row, :missing] = 0
-            order[row, :missing] = torch.arange(k, k + missing)
-            order[row, missing : missing + k] = torch.arange(k)
-        embeds = self.language_model.get_input_embeddings()(ids)
-        context = torch.cat([prefix, embeds.to(prefix.dtype)], dim=1)
-        return context.gather(1, order.unsqueeze(-1).expand_as(context)), mask
+        batch, k = prefix.shape[0], self.config.prefix_length
+        following = self._prompt_vectors(prompts, prompt_embeddings, prompt_mask, batch)
+        if following is None:
+            return prefix, torch.ones(batch, k, dtype=torch.long, device=self.device)
+        vectors, real = following
+        # Padding first, then the prefix, then the real positions ([pad… | prefix | prompt]), so that the
+        # last context position, which predicts the caption's first token, is real in every row, an empty
+        # prompt's too: a stable sort on 0 (padding), 1 (prefix), 2 (prompt).
+        rank = torch.cat([torch.ones(batch, k, dtype=torch.long, device=self.device), 2 * real.long()], dim=1)
+        order = torch.argsort(rank, dim=1, stable=True)
+        context = torch.cat([prefix, vectors.to(prefix.dtype)], dim=1)
+        context = context.gather(1, order.unsqueeze(-1).expand_as(context))
+        return context, (rank > 0).long().gather(1, order)
 
     def forward(
         self,

@@ -397,6 +397,12 @@ class PromptInteraction(nn.Module):
         """Centre prompt words on the mean of the vocabulary's embeddings ``[V, clip_dim]``."""
         self.word_mean.copy_(vocabulary_embeddings.float().mean(0))
 
+    def words(self, prompts: torch.Tensor) -> torch.Tensor:
+        """Prompt words in the model's width: ``[B, P, clip_dim]`` CLIP embeddings → ``[B, P, width]``
+        (centred, projected, layer-normalised)."""
+        prompts = prompts.to(dtype=self.project.weight.dtype)
+        return self.word_norm(self.project(prompts - self.word_mean))
+
     def forward(
         self,
         prefix: torch.Tensor,
@@ -435,8 +441,7 @@ class PromptInteraction(nn.Module):
         # then discard their result below.
         ignore = ~prompt_mask
         ignore[:, 0] &= has_words
-        prompts = prompts.to(device=prefix.device, dtype=self.project.weight.dtype)
-        words = self.word_norm(self.project(prompts - self.word_mean))
+        words = self.words(prompts.to(prefix.device))
         refined = prefix
         for block in self.blocks:
             refined = block(refined, words, ignore)
