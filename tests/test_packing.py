@@ -25,10 +25,13 @@ def loss_and_gradients(model, batch, prompts, pack_length):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("prompt", ["none", "hard", "pim"])
+@pytest.mark.parametrize("prompt", ["none", "hard", "pim", "pim-tokens"])
 @pytest.mark.parametrize("pack_length", [48, 256])
 def test_packed_loss_and_gradients_equal_the_padded_batch(coco_texts, prompt, pack_length):
-    config = load_config(TINY, [f"data.train_texts={coco_texts}", f"model.prompt={prompt}"])
+    tokens = prompt == "pim-tokens"
+    prompt = "pim" if tokens else prompt
+    overrides = [f"data.train_texts={coco_texts}", f"model.prompt={prompt}", f"model.pim_tokens={tokens}"]
+    config = load_config(TINY, overrides)
     setup = build_training(config, torch.device("cpu"))
     model, data = setup.model.train(), setup.train_data
     # Captions of different lengths, so that the padded batch holds padding to drop.
@@ -100,3 +103,26 @@ def test_compiled_training_matches_uncompiled_and_keeps_parameter_names(coco_tex
     assert weights["true"].keys() == weights["false"].keys()
     for name, tensor in weights["false"].items():
         assert torch.allclose(weights["true"][name], tensor, atol=1e-4), name
+
+
+def test_prompt_word_vectors_follow_the_prefix_and_their_padding_changes_nothing(coco_texts):
+    """With ``pim_tokens`` each row's context is [padding | prefix | its words' vectors]: a row's logits are
+    the same alone and in a batch whose other rows hold more words (padding), a row without words reads
+    the prompt-free context, and each word's vector reaches the caption."""
+    overrides = [f"data.train_texts={coco_texts}", "model.prompt=pim", "model.pim_tokens=true"]
+    setup = build_training(load_config(TINY, overrides), torch.device("cpu"))
+    model = setup.model.eval()
+    embeddings, ids, mask = collate(setup.train_data, [0, 1, 2])
+    prompts = [["dog"], [], ["person", "surfboard", "wave"]]
+    with torch.no_grad():
+        batch = model(embeddings, ids, mask, prompts).logits
+        for row, words in enumerate(prompts):
+            alone = model(embeddings[row : row + 1], ids[row : row + 1], mask[row : row + 1], [words]).logits
+            # The batch's context is longer by its padding: compare the caption's positions.
+            length = int(mask[row].sum())
+            assert torch.allclose(batch[row, -ids.shape[1] :][:length], alone[0, -ids.shape[1] :][:length],
+                                  atol=1e-5), row  # fmt: skip
+        plain = model(embeddings, ids, mask).logits
+        assert torch.allclose(batch[1, -ids.shape[1] :], plain[1, -ids.shape[1] :], atol=1e-5)
+        other = model(embeddings[:1], ids[:1], mask[:1], [["cat"]]).logits
+    assert (other[0, -ids.shape[1] :] - batch[0, -ids.shape[1] :]).abs().max() > 1e-3
