@@ -871,3 +871,28 @@ def test_cross_domain_grid(prepared_coco, coco_tree, tiny_clip, tmp_path):
         .startswith("Decoders trained on coco, evaluated on the test split of flickr30k.")
     )
     assert len(json.loads((out / "stores" / "eval-test-images" / "ids.json").read_text())) == 12
+
+
+def test_a_cell_evaluates_another_cell_s_decoders_under_its_own_eval_settings(grid, tmp_path):
+    """``decoders`` shares the other cell's decoders: one training command for both; a cell that would
+    train otherwise, or names no trained cell, is refused by name."""
+    out = tmp_path / "out"
+    cells = [{"name": "pim", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["oracle"]},
+             {"name": "pim-guided", "kind": "isotropic", "prompt": "pim", "eval_prompts": ["oracle"],
+              "decoders": "pim", "set": {"eval.prompt_guidance": 4}}]  # fmt: skip
+    result = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress",
+                 "--set", f"cells={json.dumps(cells)}")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    commands = [
+        line for line in (out / "train_commands.sh").read_text().splitlines() if line.startswith("torch")
+    ]
+    assert len(commands) == 1 and "/runs/pim-seed0/train.yaml" in commands[0]
+    assert not (out / "runs" / "pim-guided-seed0").exists()
+    for change, message in (
+        ({"set": {"eval.prompt_guidance": 4, "train.lr": 0.1}}, "would train otherwise than pim"),
+        ({"decoders": "nothing"}, "'nothing' is not a cell that trains its own decoders; name one of pim"),
+    ):
+        refused = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--plan", "--no-progress",
+                      "--set", f"cells={json.dumps([cells[0], {**cells[1], **change}])}")  # fmt: skip
+        assert refused.exit_code == 1 and "config key 'cells[1].decoders'" in refused.output, refused.output
+        assert message in refused.output and "Traceback" not in refused.output

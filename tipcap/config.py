@@ -150,6 +150,9 @@ class ModelConfig:
     # that the language model attends to a whole entity ("brown diamond") whose binding of attribute to
     # object no cross-attention into the prefix has blurred.
     pim_tokens: bool = False
+    # Prompt guidance at decoding (tipcap/guide.py): added to the log-probability of a token that begins a
+    # prompted entity not yet mentioned or continues one begun; 0: plain decoding. Trains nothing.
+    prompt_guidance: NonNegativeFloat = 0.0
     max_prompt_words: Positive = 8
     max_caption_tokens: Positive = 40
     vocabulary: str | None = None  # entity vocabulary JSON; None: the packaged COCO vocabulary
@@ -215,6 +218,7 @@ class EvalConfig:
     # prompt_seed); oracle-missing: one that the caption without prompts leaves out (seeded; images whose
     # caption names them all get none); wrong: as many entities drawn (seeded) from those absent
     prompt: EvalPrompt = "none"
+    prompt_guidance: NonNegativeFloat | None = None  # None: the model's model.prompt_guidance
     top_k: Positive = 3  # auto prompts: at most this many entities
     # auto prompts: keep entities at least this probable (ViECap's 0.2); None keeps the top_k
     threshold: Probability | None = 0.2

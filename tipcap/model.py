@@ -34,7 +34,13 @@ from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+)
 
 from tipcap import __version__
 from tipcap.card import write_model_card
@@ -42,6 +48,7 @@ from tipcap.clip import ClipEncoder, ClipSpec, image_batches, resolve_device
 from tipcap.config import ModelConfig, from_dict, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
+from tipcap.guide import PromptGuide, entity_forms
 from tipcap.hub import load_named, resolve_model
 from tipcap.io import atomic_path, load_json, save_safetensors
 from tipcap.packing import pack
@@ -238,6 +245,8 @@ class TIPCap(nn.Module):
         entity_embeddings: ``[V, clip_dim]`` CLIP text embeddings of ``entity_names`` (``prompt: pim``).
         clip_spec: the CLIP whose embedding space the model reads, so that captioning images needs no
             other setting.
+        entity_forms: each entity's written forms by name (plurals, synonyms), for prompt guidance;
+            an entity not listed is written as its name.
     """
 
     def __init__(
@@ -249,6 +258,7 @@ class TIPCap(nn.Module):
         entity_names: Sequence[str] = (),
         entity_embeddings: torch.Tensor | None = None,
         clip_spec: ClipSpec | None = None,
+        entity_forms: dict[str, list[str]] | None = None,
     ):
         super().__init__()
         self.config = config
@@ -269,6 +279,8 @@ class TIPCap(nn.Module):
             else None
         )
         self.entity_names = list(entity_names)
+        # How each entity is written (its name among them), for prompt guidance: "brown diamonds" too.
+        self.entity_forms = {name: list((entity_forms or {}).get(name, [name])) for name in self.entity_names}
         self._entity_row = {name: row for row, name in enumerate(self.entity_names)}
         if config.prompt == "pim" and (
             entity_embeddings is None or len(entity_embeddings) != len(entity_names)
@@ -293,6 +305,7 @@ class TIPCap(nn.Module):
         entity_names: Sequence[str] = (),
         entity_embeddings: torch.Tensor | None = None,
         clip_spec: ClipSpec | None = None,
+        entity_forms: dict[str, list[str]] | None = None,
     ) -> TIPCap:
         """A new model: the language model from ``config`` (pretrained or fresh), the rest initialised."""
         if tokenizer is None:
@@ -302,7 +315,9 @@ class TIPCap(nn.Module):
             raise TipcapError(
                 f"the tokenizer has {len(tokenizer)} tokens, more than the language model's vocabulary."
             )
-        return cls(config, language_model, tokenizer, gap, entity_names, entity_embeddings, clip_spec)
+        return cls(
+            config, language_model, tokenizer, gap, entity_names, entity_embeddings, clip_spec, entity_forms
+        )
 
     @property
     def device(self) -> torch.device:
@@ -589,17 +604,26 @@ class TIPCap(nn.Module):
         num_beams: int = 1,
         max_new_tokens: int | None = None,
         encode_texts: Callable[[list[str]], torch.Tensor] | None = None,
+        prompt_guidance: float | None = None,
     ) -> list[str]:
         """Captions for a batch of *text-side* inputs ``[B, d]`` (greedy or beam search).
 
         This is the decoder alone: image embeddings must first cross the gap (:meth:`image_inputs`), which
-        :meth:`caption` does.
+        :meth:`caption` does. Prompt words are guided at decoding by ``prompt_guidance`` (``None``: the
+        model's ``prompt_guidance``; :mod:`tipcap.guide`).
         """
         context, mask = self._context(text_side, prompts, encode_texts)
+        guidance = self.config.prompt_guidance if prompt_guidance is None else prompt_guidance
+        processors = LogitsProcessorList()
+        if prompts is not None and guidance > 0 and self.config.prompt != "none":
+            unknown = self.tokenizer.unk_token_id
+            entities = [entity_forms(self.tokenizer, words, self.entity_forms, unknown) for words in prompts]
+            processors.append(PromptGuide(entities, num_beams, guidance))
         with _padding_warning_filtered():
             output = self.language_model.generate(
                 inputs_embeds=context,
                 attention_mask=mask,
+                logits_processor=processors,
                 num_beams=num_beams,
                 do_sample=False,
                 max_new_tokens=max_new_tokens or self.config.max_caption_tokens,
@@ -624,6 +648,7 @@ class TIPCap(nn.Module):
         threshold: float | None = None,
         workers: int | None = None,
         timings: dict[str, float] | None = None,
+        prompt_guidance: float | None = None,
     ) -> list[CaptionResult]:
         """Caption images (paths or PIL images) or CLIP image embeddings ``[N, d]``.
 
@@ -639,6 +664,7 @@ class TIPCap(nn.Module):
         the next batches (:func:`~tipcap.clip.image_batches`) while this one is encoded and captioned, and
         nothing but the results grows with the number of images. ``timings``, when given, gains the
         seconds spent per stage: ``decoding`` (waiting for decoded images), ``clip``, ``generation``.
+        ``prompt_guidance`` overrides the model's guidance of prompt words at decoding (:mod:`tipcap.guide`).
         """
         if (images is None) == (embeddings is None):
             raise TipcapError("caption: give images or embeddings (one of them).")
@@ -690,6 +716,7 @@ class TIPCap(nn.Module):
                 num_beams=num_beams,
                 max_new_tokens=max_new_tokens,
                 encode_texts=self._encode_texts,
+                prompt_guidance=prompt_guidance,
             )
             timings["generation"] = timings.get("generation", 0.0) + time.perf_counter() - start
             for row, (position, caption) in enumerate(zip(positions, captions, strict=True)):
@@ -772,6 +799,7 @@ class TIPCap(nn.Module):
             "tipcap_version": __version__,
             "model": model_config,
             "entity_names": self.entity_names,
+            "entity_forms": self.entity_forms,
             "clip": self.clip_spec.save_into(directory / CLIP_DIR) if self.clip_spec is not None else None,
         }
         with atomic_path(directory / CONFIG_NAME) as tmp:
@@ -823,6 +851,12 @@ class TIPCap(nn.Module):
         clip_record = document.get("clip")
         if not isinstance(entity_names, list) or not all(isinstance(n, str) for n in entity_names):
             raise TipcapError(f"{config_path}: 'entity_names' must be a list of words; retrain.")
+        entity_forms = document.get("entity_forms", {})
+        if not isinstance(entity_forms, dict) or not all(
+            isinstance(forms, list) and all(isinstance(form, str) for form in forms)
+            for forms in entity_forms.values()
+        ):
+            raise TipcapError(f"{config_path}: 'entity_forms' must map names to lists of words; retrain.")
         if clip_record is not None and not (isinstance(clip_record, dict) and "model" in clip_record):
             raise TipcapError(f"{config_path}: 'clip' must be a CLIP record with a 'model'; retrain.")
         try:
@@ -855,6 +889,7 @@ class TIPCap(nn.Module):
             entity_names,
             state.get("entity_embeddings"),
             clip,
+            entity_forms,
         )
         try:
             result = model.load_state_dict(state, strict=False)

@@ -138,6 +138,14 @@ class EntityVocabulary:
         """Every form (words joined by single spaces) mapped to its canonical name."""
         return {" ".join(key): name for key, name in self._table.items()}
 
+    def forms_by_name(self) -> dict[str, list[str]]:
+        """Each entity's forms (words joined by single spaces, its name's first), by canonical name."""
+        found: dict[str, list[str]] = {name: [" ".join(_words(name))] for name in self.names}
+        for form, name in self.forms().items():
+            if form not in found[name]:
+                found[name].append(form)
+        return found
+
     def extract(self, caption: str) -> list[str]:
         """Canonical names of the entities a caption mentions, in order of first mention, without repeats.
 

@@ -119,7 +119,10 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
         )
 
     torch.manual_seed(config.train.seed)
-    model = TIPCap.build(config.model, tokenizer, gap, entity_names, entity_embeddings, clip).to(device)
+    forms = vocabulary.forms_by_name() if vocabulary is not None else None
+    model = TIPCap.build(config.model, tokenizer, gap, entity_names, entity_embeddings, clip, forms).to(
+        device
+    )
     max_tokens = config.model.max_caption_tokens
     train_data = load_caption_set(texts, tokenizer, max_tokens, vocabulary, images)
     if config.model.standardize_input:

@@ -82,7 +82,9 @@ class Cell:
     one such key with a list of candidate values (``{gap.noise_scale: [0.5, 1, 2]}``): a decoder is trained
     per value and seed, each is evaluated on the grid's ``select_split`` with the cell's first
     ``eval_prompts`` mode, and the value with the best mean ``select_metric`` over seeds (the first listed
-    on a tie) is the one evaluated on ``eval_split`` and reported under the cell's name.
+    on a tie) is the one evaluated on ``eval_split`` and reported under the cell's name. ``decoders`` names
+    another cell whose decoders this one evaluates, under its own ``eval`` settings (the same decoder
+    decoded two ways): the two cells must train alike (kind, setting, prompt, gap, model and train).
     """
 
     __pydantic_config__ = _STRICT
@@ -95,6 +97,7 @@ class Cell:
     few_pairs: int | str | list[int | str] | None = None
     set: dict[str, Any] = field(default_factory=dict)
     select: dict[str, list[Any]] = field(default_factory=dict)
+    decoders: str | None = None
 
 
 @dataclass
@@ -203,12 +206,40 @@ class Job:
     def run_name(self) -> str:
         """The name of its decoders' run folders and of its own gap file: :attr:`candidate_name`, except that
         the candidates of an ``eval.*`` key share the cell's decoders (training does not read them)."""
+        if self.cell.decoders is not None:
+            return self.cell.decoders + self.suffix
         return self.name if self.candidate.startswith("eval.") else self.candidate_name
 
     @property
     def trained(self) -> bool:
         """Whether the cell trains a decoder (per seed)."""
         return self.cell.kind not in BASELINES
+
+
+def _check_shared_decoders(config: AblationConfig, cell: Cell, key: str) -> None:
+    """A cell that evaluates another cell's decoders must train exactly as that cell does."""
+    others = {other.name: other for other in config.cells if other is not cell}
+    other = others.get(cell.decoders or "")
+    if other is None or other.kind in BASELINES or other.decoders is not None:
+        trained = [name for name, c in others.items() if c.kind not in BASELINES and c.decoders is None]
+        raise TipcapError(
+            f"config key '{key}.decoders': {cell.decoders!r} is not a cell that trains its own decoders; "
+            f"name one of {', '.join(trained) or '(none)'}."
+        )
+    if cell.select or other.select:
+        raise TipcapError(f"config key '{key}.decoders': neither cell may select a value.")
+    mine, theirs = resolve(config, cell), resolve(config, other)
+    same = (cell.kind, cell.setting, cell.prompt, cell.few_pairs) == (
+        other.kind,
+        other.setting,
+        other.prompt,
+        other.few_pairs,
+    ) and (mine.gap, mine.decoder) == (theirs.gap, theirs.decoder)
+    if not same:
+        raise TipcapError(
+            f"config key '{key}.decoders': {cell.name} would train otherwise than {other.name} (kind, "
+            "setting, prompt, few_pairs, or a gap, model or train key differ); only eval keys may differ."
+        )
 
 
 def _check_few_pairs(value: Any, key: str) -> None:
@@ -393,6 +424,8 @@ def _validate(config: AblationConfig, path: Path) -> None:
         resolve(config, cell, f"{key}.set")
         if cell.select:
             _check_select(config, cell, key)
+        if cell.decoders is not None:
+            _check_shared_decoders(config, cell, key)
     names = [job.name for job in expand(config)]
     for name in names:
         if names.count(name) > 1:
