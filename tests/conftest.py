@@ -8,6 +8,8 @@ import gzip
 import json
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -283,3 +285,16 @@ def write_nocaps(folder: Path, missing: tuple[int, ...] = (), corrupt: tuple[int
     path = folder / "nocaps_val_4500_captions.json"
     path.write_text(json.dumps(document))
     return path
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """The default demo (world 2, ``--quick``) run once from an empty cache as a user runs it: a fresh
+    interpreter, so that its CPU arithmetic is pinned. Yields its output folder, its cache and the process
+    (its output is checked by the tests that use it)."""
+    root = tmp_path_factory.mktemp("quick-demo")
+    out, cache = root / "demo", root / "cache"
+    command = [sys.executable, "-m", "tipcap.cli", "demo", "--quick", "--out", str(out),
+               "--cache", str(cache), "--no-progress"]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return out, cache, subprocess.run(command, env=environment, capture_output=True, text=True)

@@ -337,3 +337,67 @@ def test_the_page_takes_as_many_prompt_words_as_the_method_shown_reads(browser, 
         box.send_keys("boat", Keys.ENTER)
         wait.until(rounds(card, 4))
         assert prompt() == [*words, "boat"]
+
+
+def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, quick_demo):
+    """The quick demo's page as a newcomer meets it: its prompt-trained method is the default, CLIP's
+    guesses are there to click, and clicking one that the caption left out brings it into the caption.
+    The image is the first test scene (in file order) whose caption without prompt leaves out one of its
+    objects that CLIP guesses; that choice is made through the library, the clicking through the page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tipcap.adherence import scene_mentions
+    from tipcap.app.service import find_models
+    from tipcap.model import TIPCap
+    from tipcap.toy.scoring import scene_objects
+
+    out, cache, result = quick_demo
+    assert result.returncode == 0, result.stderr
+    models = find_models(out)
+    captioner = Captioner(load_models(list(models.values()), device="cpu"))
+    default = captioner.describe()["default"]
+    assert default == "gaussian-few-pairs" and captioner.models[default].config.prompt != "none"
+
+    karpathy = next(cache.glob("toyworld2-*/toyworld.json"))
+    entries = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == "test"]
+    objects = scene_objects(karpathy)
+    model = TIPCap.from_pretrained(models[default], device="cpu")
+    chosen = None
+    for entry in entries[:50]:
+        path = karpathy.parent / entry["filepath"] / entry["filename"]
+        plain = model.caption([path], num_beams=3)[0].caption
+        embedding = model.embed_images([path])[0]
+        guesses = [word for word, _ in model.entity_guesses(embedding, top_k=5)[0]]
+        left_out = [
+            w
+            for w in guesses
+            if w in objects[Path(entry["filename"]).stem] and w not in scene_mentions(plain)
+        ]
+        if left_out:
+            chosen = (path, left_out[0])
+            break
+    assert chosen is not None, "no test scene of the first 50 has a guessed object its caption leaves out"
+    image, word = chosen
+
+    wait = WebDriverWait(browser, 120)
+    with serving(captioner) as url:
+        open_page(browser, url, wait)
+        pick(browser, image)
+        card = browser.find_element(By.CSS_SELECTOR, ".card")
+        wait.until(rounds(card, 1))
+        row = f'tr[data-method="{default}"]'
+        plain = card.find_element(By.CSS_SELECTOR, f"{row} td.plain").text
+        assert word not in scene_mentions(plain)
+        card.find_element(By.CSS_SELECTOR, f'.chip[data-word="{word}"]').click()
+        wait.until(rounds(card, 2))
+        captioned = card.find_element(By.CSS_SELECTOR, f"{row} td.caption")
+        assert captioned.get_attribute("data-prompt") == word
+        caption = captioned.find_element(By.CSS_SELECTOR, ".text").text
+        assert word in scene_mentions(caption), (plain, word, caption)
+        assert captioned.find_elements(By.CSS_SELECTOR, ".missing") == []
+        browser.set_window_size(1200, 900)
+        assert browser.save_screenshot(str(out / "page-1200.png"))
+        browser.set_window_size(420, 900)
+        wait.until(lambda d: d.execute_script("return document.documentElement.clientWidth") <= 420)
+        assert browser.save_screenshot(str(out / "page-420.png"))

@@ -9,7 +9,8 @@ prompted entity ("brown diamond", "brown diamonds"),
 
 - when the caption so far ends with the form's first ``j`` tokens, the form's next token gains ``bias``
   (after "brown", "diamond"), so that an entity begun is completed as prompted;
-- while the entity is not yet mentioned, the form's first token gains ``bias``, so that it is named at all.
+- while the entity is neither mentioned nor begun, the form's first token gains ``bias``, so that it is named
+  at all.
 
 Biases are added to the log-probabilities before beam search ranks the candidates; ``bias`` 0 is plain
 decoding. The :class:`PromptGuide` is a ``transformers`` :class:`~transformers.LogitsProcessor`.
@@ -74,13 +75,16 @@ class PromptGuide(LogitsProcessor):
         for row, generated in enumerate(input_ids.tolist()):
             guided: set[int] = set()
             for forms in self.entities[row // self.num_beams]:
-                mentioned = any(_contains(generated, form) for form in forms)
-                for form in forms:
-                    if not mentioned:
-                        guided.add(form[0])
-                    for j in range(1, min(len(form), len(generated) + 1)):
-                        if tuple(generated[-j:]) == form[:j]:
-                            guided.add(form[j])
+                going_on = {
+                    form[j]
+                    for form in forms
+                    for j in range(1, min(len(form), len(generated) + 1))
+                    if tuple(generated[-j:]) == form[:j]
+                }
+                guided |= going_on
+                # An entity begun is completed, not begun again ("brown brown").
+                if not going_on and not any(_contains(generated, form) for form in forms):
+                    guided.update(form[0] for form in forms)
             rows.extend([row] * len(guided))
             columns.extend(guided)
         if rows:
