@@ -1,7 +1,7 @@
 """Make docs/serve.png: the page of `tipcap serve --demo` in headless Chromium, with two of the demo world's
 test images captioned by every method side by side and CLIP's first guess clicked on the first image.
 
-Usage (after `tipcap demo`, whose grid has the prompt-trained method; the quick one's has not):
+Usage (after `tipcap demo` or `tipcap demo --quick`, whose grids have a prompt-trained method):
     python docs/serve_screenshot.py [--demo runs/demo] [--out docs/serve.png]
 Needs Debian's chromium and chromium-driver and the test extra (selenium).
 """
