@@ -73,7 +73,7 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     assert names == {f"{d}/{g}.yaml" for d in ("coco", "flickr30k") for g in ("grid", "few_pairs_sweep")} | {
         "cross_domain/coco_to_flickr30k.yaml", "cross_domain/flickr30k_to_coco.yaml",
         "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml", "toyworld_factors.yaml",
-        "toyworld2_factors.yaml", "toyworld2_controls.yaml", "synthetic_gap.yaml",
+        "toyworld2_factors.yaml", "toyworld2_controls.yaml", "toyworld2_prompts.yaml", "synthetic_gap.yaml",
     }  # fmt: skip
     # The factor grids declare each setting's chain none → mean-shift → matched → diagonal → gaussian as a
     # family (Holm within it, equivalence within ±0.05 CIDEr), and compare the baselines outside it.
@@ -108,6 +108,14 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
     selecting = {cell.name for cell in controls.cells if cell.select}
     assert selecting == {"matched", "diagonal", "gaussian", "rotated", "norm-matched"}
     assert controls.select_split == "val" != controls.eval_split and len(controls.seeds) >= 6
+    # The prompt grid: its questions declared, the guided cell decoding the unguided cell's decoders.
+    prompts = load_ablation(EXPERIMENTS / "toyworld2_prompts.yaml")
+    assert prompts.families["prompts"].comparisons == [
+        ["pim:oracle", "gaussian"], ["pim:none", "gaussian"], ["pim-guided:oracle", "pim:oracle"],
+    ]  # fmt: skip
+    assert prompts.families["prompts"].margin == 0.05 and len(prompts.seeds) >= 3
+    guided = {cell.name: cell for cell in prompts.cells}["pim-guided"]
+    assert guided.decoders == "pim" and guided.set["eval.prompt_guidance"] == 4
     world1 = load_ablation(EXPERIMENTS / "toyworld_factors.yaml")
     for setting in ("few-pairs", "unpaired", "web-pairs"):
         family = world1.families[f"factor-chain-{setting}"]
