@@ -3,9 +3,6 @@
 import csv
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -160,14 +157,16 @@ def test_quick_demo_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_of_world_2_separates_the_methods(quick_demo):
     """The default demo (world 2, --quick) from an empty cache, as a user runs it (pinned CPU arithmetic, so
-    its digits are every x86-64 machine's). Each stage is timed; three methods, the prompt-trained one also
+    its digits are every x86-64 machine's). Each stage is timed; four methods, the prompt-trained one also
     with CLIP's guesses and with the scene's objects as prompt words; and the separations the world is built
     for, with margins under the spread measured on world seeds 0-5 (pinned; experiments/README §5.3):
-    QUICK_SPREAD."""
+    gaussian − none +0.18 to +0.92 CIDEr, CLIP R@1 0.90-0.97, matched cosine 0.36-0.40 against 0.62 between
+    images, claim accuracy 0.68-0.76; with the scene's objects as guided prompt words, adherence 0.95 and
+    object F1 0.97 against 0.38 without (seed 0; on the full world, six seeds: experiments/README §5.5)."""
     out, cache, result = quick_demo
     assert result.returncode == 0, result.stderr
-    stages = ("toy world: generated in", "toy CLIP: 400 steps of the image tower alone and ",
-              "grid: finished in")  # fmt: skip
+    stages = ("toy world: generated in", "toy CLIP: 800 steps of the image tower alone and 150 contrastive "
+              "steps in", "grid: finished in")  # fmt: skip
     for stage in stages:
         assert stage in result.stderr, result.stderr
     digest = hashlib.sha256((out / "results.csv").read_bytes()).hexdigest()[:16]
@@ -178,23 +177,24 @@ def test_quick_demo_of_world_2_separates_the_methods(quick_demo):
     )
     assert json.loads((out / "arithmetic.json").read_text()) == {"mode": "pinned"}
     rows = list(csv.DictReader((out / "results.csv").open()))
+    prompted = "gaussian-few-pairs-prompts"
     assert [(r["cell"], r["eval_prompt"]) for r in rows] == [
-        ("none", "none"), ("gaussian-few-pairs", "none"), ("gaussian-few-pairs", "auto"),
-        ("gaussian-few-pairs", "oracle"), ("retrieval", "none"),
+        ("none", "none"), ("gaussian-few-pairs", "none"), (prompted, "none"), (prompted, "auto"),
+        (prompted, "oracle"), ("retrieval", "none"),
     ]  # fmt: skip
     scores = {(r["cell"], r["eval_prompt"]): r for r in rows}
     cider = {key: float(row["CIDEr"]) for key, row in scores.items()}
     f1 = {key: float(row["object_f1"]) for key, row in scores.items()}
-    bridged, oracle = ("gaussian-few-pairs", "none"), ("gaussian-few-pairs", "oracle")
-    assert cider[bridged] - cider[("none", "none")] >= QUICK_BRIDGE_MARGIN, cider
-    # The scene's objects as prompt words: named, bound right, and a better caption.
-    assert float(scores[oracle]["Adherence"]) >= QUICK_ADHERENCE, scores[oracle]
-    assert f1[oracle] - f1[bridged] >= QUICK_F1_MARGIN and cider[oracle] > cider[bridged], (f1, cider)
+    bridged, oracle = ("gaussian-few-pairs", "none"), (prompted, "oracle")
+    assert cider[bridged] - cider[("none", "none")] >= 0.1, cider
+    # The scene's objects as prompt words: named, bound colour to shape, and a better caption.
+    assert float(scores[oracle]["Adherence"]) >= 0.85, scores[oracle]
+    assert f1[oracle] - f1[bridged] >= 0.3 and cider[oracle] - cider[bridged] >= 0.5, (f1, cider)
     for row in rows:
         assert 0.5 <= float(row["CIDEr"]) < 10 and 0.0 <= float(row["relation_f1"]) <= 1.0, row
-    assert "| gaussian-few-pairs | oracle | 1 |" in result.stdout and "colour F1" in result.stdout
+    assert f"| {prompted} | oracle | 1 |" in result.stdout and "colour F1" in result.stdout
     report = json.loads(next(cache.glob("toyworld2-*/clip-*/toyclip_report.json")).read_text())
-    assert report["recall_at_1"] >= QUICK_RECALL and report["claim_accuracy"] >= 0.6, report
+    assert report["recall_at_1"] >= 0.85 and report["claim_accuracy"] >= 0.6, report
     assert report["matched_cosine"] + 0.15 < report["within_modality_cosine"], report
 
 

@@ -357,7 +357,7 @@ def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, q
     models = find_models(out)
     captioner = Captioner(load_models(list(models.values()), device="cpu"))
     default = captioner.describe()["default"]
-    assert default == "gaussian-few-pairs" and captioner.models[default].config.prompt != "none"
+    assert default == "gaussian-few-pairs-prompts" and captioner.models[default].config.prompt == "pim"
 
     karpathy = next(cache.glob("toyworld2-*/toyworld.json"))
     entries = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == "test"]
