@@ -355,7 +355,7 @@ def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, q
     out, cache, result = quick_demo
     assert result.returncode == 0, result.stderr
     models = find_models(out)
-    captioner = Captioner(load_models(list(models.values()), device="cpu"))
+    captioner = Captioner(load_models([out], device="cpu"))
     default = captioner.describe()["default"]
     assert default == "gaussian-few-pairs-prompts" and captioner.models[default].config.prompt == "pim"
 
