@@ -73,10 +73,15 @@ def test_a_guided_model_writes_its_prompt_words_and_keeps_its_forms(tmp_path, ti
     assert all(r.caption.startswith("yellow star") for r in greedy), [r.caption for r in greedy]
     beams = model.caption(embeddings=embeddings, prompts=["yellow star"], num_beams=3, prompt_guidance=100)
     assert all("yellow star" in r.caption for r in beams), [r.caption for r in beams]
-    # The forms travel with the model.
+    # The forms travel with the model, and its card says how it decodes prompt words.
+    card = (tmp_path / "hard" / "README.md").read_text()
+    assert "| prompt guidance | none (plain decoding) |" in card
     model.entity_forms["yellow star"] = ["yellow star", "yellow stars"]
+    model.config.prompt_guidance = 4.0
     model.save_pretrained(tmp_path / "saved")
+    assert "| prompt guidance | 4 |" in (tmp_path / "saved" / "README.md").read_text()
     again = TIPCap.from_pretrained(tmp_path / "saved")
+    assert again.config.prompt_guidance == 4.0
     assert again.entity_forms == {
         **{name: [name] for name in VOCABULARY},
         "yellow star": ["yellow star", "yellow stars"],

@@ -95,6 +95,9 @@ def _model_section(document: Mapping[str, Any]) -> str:
         ["prefix", f"{model['prefix_length']} vectors from a {model['projector']} projector"],
         ["prompts", f"{model['prompt']} ({len(document.get('entity_names') or [])} entities)"],
     ]
+    if model["prompt"] != "none":
+        guidance = model.get("prompt_guidance", 0.0)
+        rows.append(["prompt guidance", f"{guidance:g}" if guidance else "none (plain decoding)"])
     return "## Model\n\n" + _table(["part", "setting"], rows)
 
 
