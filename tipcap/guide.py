@@ -1,9 +1,10 @@
 """Prompt guidance: prompt words as soft lexical constraints on each decoding step.
 
 A decoder trained with prompt words learns from them which entities a caption names, but not which
-attribute goes with which object: on toy world 2, decoders trained with prompts (a prompt interaction module,
-its words as context vectors, or ViECap's hard prompt; 1,000 to 3,000 steps) wrote the same captions for
-"brown circle, green square" as for "brown square, green circle". Guidance binds them at decoding time, in
+attribute goes with which object: on toy world 2, decoders trained 1,000 steps with prompts (a prompt
+interaction module, its words as context vectors, or ViECap's hard prompt) wrote the same captions for
+"brown circle, green square" as for "brown square, green circle"; words as context vectors learnt the
+binding in 3,000 steps on two seeds of three (experiments/README.md §5.5). Guidance binds them at decoding, in
 the spirit of constrained beam search (Anderson et al., 2017), softly: at each step, for every form of a
 prompted entity ("brown diamond", "brown diamonds"),
 
