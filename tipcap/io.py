@@ -145,3 +145,13 @@ def write_json_atomic(path: Path, document: Any, indent: int | None = 1) -> None
     separators = (",", ":") if indent is None else None
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         json.dump(document, f, ensure_ascii=False, indent=indent, separators=separators)
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate in ``text``, if any: a code point UTF-8 cannot write, which JSON's
+    ``\\ud800`` escapes and bytes that are not UTF-8 (on the command line) put into Python strings."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return text[e.start]
+    return None

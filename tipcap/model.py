@@ -50,7 +50,7 @@ from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.guide import PromptGuide, entity_forms
 from tipcap.hub import load_named, resolve_model
-from tipcap.io import atomic_path, load_json, save_safetensors
+from tipcap.io import atomic_path, load_json, lone_surrogate, save_safetensors
 from tipcap.packing import pack
 from tipcap.prompts import (
     PROMPT_TEMPLATES,
@@ -224,13 +224,11 @@ def _check_prompt_text(prompts: PromptWords | None) -> None:
     rows = [prompts] if prompts and all(isinstance(word, str) for word in prompts) else prompts or []
     for words in rows:
         for word in words:
-            try:
-                word.encode("utf-8")
-            except UnicodeEncodeError as e:
+            if (surrogate := lone_surrogate(word)) is not None:
                 raise TipcapError(
-                    f"prompt word {word!a}: holds {word[e.start]!a}, a lone surrogate, which is no character "
+                    f"prompt word {word!a}: holds {surrogate!a}, a lone surrogate, which is no character "
                     "(bytes that are not UTF-8 arrive so); type the word in UTF-8."
-                ) from None
+                )
 
 
 class TIPCap(nn.Module):

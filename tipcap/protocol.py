@@ -194,8 +194,8 @@ def _model_captions(
     decoding = {
         "num_beams": config.beams, "max_new_tokens": config.max_tokens, "batch_size": config.batch_size,
         "top_k": config.top_k, "threshold": config.threshold, "timings": timings,
+        "prompt_guidance": config.prompt_guidance,
     }  # fmt: skip
-    guided = {"prompt_guidance": config.prompt_guidance}
     if config.prompt in GROUND_TRUTH_PROMPTS:
         missing = [image_id for image_id in image_ids if image_id not in objects]
         if missing:
@@ -221,7 +221,7 @@ def _model_captions(
         else:
             prompts = wrong_prompts(objects, image_ids, model.entity_names, config.prompt_seed)
     results = model.caption(
-        embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", **decoding, **guided
+        embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", **decoding
     )
     used = [result.prompt for result in results]
     return [result.caption for result in results], used if any(used) else None

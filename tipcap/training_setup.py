@@ -120,9 +120,8 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
 
     torch.manual_seed(config.train.seed)
     forms = vocabulary.forms_by_name() if vocabulary is not None else None
-    model = TIPCap.build(config.model, tokenizer, gap, entity_names, entity_embeddings, clip, forms).to(
-        device
-    )
+    model = TIPCap.build(config.model, tokenizer, gap, entity_names, entity_embeddings, clip, forms)
+    model = model.to(device)
     max_tokens = config.model.max_caption_tokens
     train_data = load_caption_set(texts, tokenizer, max_tokens, vocabulary, images)
     if config.model.standardize_input:

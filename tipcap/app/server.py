@@ -63,6 +63,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tipcap.app.service import Captioner, RequestError
 from tipcap.errors import TipcapError
+from tipcap.io import lone_surrogate
 from tipcap.model import CaptionResult, caption_record
 
 logger = logging.getLogger(__name__)
@@ -186,15 +187,6 @@ def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
-def _lone_surrogate(text: str) -> str | None:
-    """The first lone surrogate in ``text`` (JSON's ``\\ud800`` escapes write them; UTF-8 cannot), if any."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return text[e.start]
-    return None
-
-
 JsonPath = tuple[Any, str | int] | None
 """Where a value lies in a JSON document: ``(parent's path, key or index)``; ``None`` for the document."""
 
@@ -218,7 +210,7 @@ def _check_text(payload: Any) -> None:
         value, path = pending.pop()
         if isinstance(value, dict):
             for key, item in value.items():
-                if _lone_surrogate(key) is not None:
+                if lone_surrogate(key) is not None:
                     raise RequestError(
                         f"{_where(path)}: a key holds a lone surrogate, which is no character; send valid "
                         "Unicode text."
@@ -226,7 +218,7 @@ def _check_text(payload: Any) -> None:
                 pending.append((item, (path, key)))
         elif isinstance(value, list):
             pending += [(item, (path, index)) for index, item in enumerate(value)]
-        elif isinstance(value, str) and (surrogate := _lone_surrogate(value)) is not None:
+        elif isinstance(value, str) and (surrogate := lone_surrogate(value)) is not None:
             raise RequestError(
                 f"{_where(path)}: holds {surrogate!a}, a lone surrogate, which is no character; send valid "
                 "Unicode text."

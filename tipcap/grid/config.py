@@ -228,14 +228,12 @@ def _check_shared_decoders(config: AblationConfig, cell: Cell, key: str) -> None
         )
     if cell.select or other.select:
         raise TipcapError(f"config key '{key}.decoders': neither cell may select a value.")
-    mine, theirs = resolve(config, cell), resolve(config, other)
-    same = (cell.kind, cell.setting, cell.prompt, cell.few_pairs) == (
-        other.kind,
-        other.setting,
-        other.prompt,
-        other.few_pairs,
-    ) and (mine.gap, mine.decoder) == (theirs.gap, theirs.decoder)
-    if not same:
+
+    def training(c: Cell) -> tuple[Any, ...]:
+        resolved = resolve(config, c)
+        return c.kind, c.setting, c.prompt, c.few_pairs, resolved.gap, resolved.decoder
+
+    if training(cell) != training(other):
         raise TipcapError(
             f"config key '{key}.decoders': {cell.name} would train otherwise than {other.name} (kind, "
             "setting, prompt, few_pairs, or a gap, model or train key differ); only eval keys may differ."
