@@ -287,14 +287,46 @@ def write_nocaps(folder: Path, missing: tuple[int, ...] = (), corrupt: tuple[int
     return path
 
 
-@pytest.fixture(scope="session")
-def quick_demo(tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
-    """The default demo (world 2, ``--quick``) run once from an empty cache as a user runs it: a fresh
-    interpreter, so that its CPU arithmetic is pinned. Yields its output folder, its cache and the process
-    (its output is checked by the tests that use it)."""
+QUICK_DEMO = "quick_demo"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests that read the quick demo last, so that the demo (started beside the others by
+    :func:`_quick_demo_process`) has had the whole session to finish."""
+    items.sort(key=lambda item: QUICK_DEMO in getattr(item, "fixturenames", ()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _quick_demo_process(request, tmp_path_factory):
+    """Start the default demo (world 2, ``--quick``) at the session's first test when a selected test reads
+    it, from an empty cache as a user runs it: a fresh interpreter, so that its CPU arithmetic is pinned.
+
+    It runs at the lowest CPU priority beside the other tests: it takes the cores they leave idle and never
+    slows them, and pinned arithmetic gives the same bytes however its threads are scheduled. Yields the
+    command, its output folder, its cache, the process and the files that hold its stdout and stderr."""
+    if not any(QUICK_DEMO in getattr(item, "fixturenames", ()) for item in request.session.items):
+        yield None
+        return
     root = tmp_path_factory.mktemp("quick-demo")
     out, cache = root / "demo", root / "cache"
     command = [sys.executable, "-m", "tipcap.cli", "demo", "--quick", "--out", str(out),
                "--cache", str(cache), "--no-progress"]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return out, cache, subprocess.run(command, env=environment, capture_output=True, text=True)
+    stdout, stderr = root / "stdout.txt", root / "stderr.txt"
+    with stdout.open("w") as out_file, stderr.open("w") as err_file:
+        process = subprocess.Popen(["nice", "-n", "19", *command], env=environment, stdout=out_file,
+                                   stderr=err_file)  # fmt: skip
+    yield command, out, cache, process, stdout, stderr
+    if process.poll() is None:  # the session ended early (-x, a keyboard interrupt)
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def quick_demo(_quick_demo_process) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """The default demo's run (see :func:`_quick_demo_process`), waited for. Returns its output folder, its
+    cache and the finished process (its output is checked by the tests that use it)."""
+    command, out, cache, process, stdout, stderr = _quick_demo_process
+    process.wait()
+    result = subprocess.CompletedProcess(command, process.returncode, stdout.read_text(), stderr.read_text())
+    return out, cache, result
