@@ -3,7 +3,10 @@
 import csv
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -895,4 +898,41 @@ def test_a_cell_evaluates_another_cell_s_decoders_under_its_own_eval_settings(gr
         refused = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--plan", "--no-progress",
                       "--set", f"cells={json.dumps([cells[0], {**cells[1], **change}])}")  # fmt: skip
         assert refused.exit_code == 1 and "config key 'cells[1].decoders'" in refused.output, refused.output
+        assert message in refused.output and "Traceback" not in refused.output
+
+
+def test_a_cell_starts_its_decoders_from_another_cell_s(grid, tmp_path):
+    """``init_from``: the plan trains the base cell's decoders first and names the others as waiting; the
+    second plan trains them from the base's weights; a cell naming no earlier trained cell is refused."""
+    out = tmp_path / "out"
+    cells = [{"name": "plain", "kind": "isotropic"},
+             {"name": "tuned", "kind": "isotropic", "prompt": "pim", "init_from": "plain",
+              "eval_prompts": ["none", "oracle"], "set": {"train.max_steps": 3}}]  # fmt: skip
+    args = ["ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress",
+            "--set", f"cells={json.dumps(cells)}"]  # fmt: skip
+
+    def commands() -> list[str]:
+        lines = (out / "train_commands.sh").read_text().splitlines()
+        return [line for line in lines if line.startswith("torchrun")]
+
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    assert len(commands()) == 1 and "/runs/plain-seed0/train.yaml" in commands()[0]
+    assert "tuned seed 0 waits for plain-seed0: plan again once those are trained" in first.stderr
+    train_plain = commands()[0].replace('torchrun --nproc_per_node "${NPROC:-1}"', sys.executable)
+    subprocess.run(train_plain, shell=True, check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    second = run(*args)
+    assert second.exit_code == 0, second.output
+    assert len(commands()) == 1 and "/runs/tuned-seed0/train.yaml" in commands()[0]
+    planned = yaml.safe_load((out / "runs" / "tuned-seed0" / "train.yaml").read_text())
+    assert planned["train"]["init_from"] == str((out / "runs" / "plain-seed0" / "model").resolve())
+    for change, message in (
+        ({"init_from": "nothing"}, "'nothing' is not an earlier cell that trains its own decoders"),
+        ({"init_from": "tuned"}, "'tuned' is not an earlier cell"),
+        ({"set": {"train.init_from": "x"}}, "give init_from (a cell) instead"),
+    ):
+        refused = run("ablate", grid / "grid.yaml", "--out", tmp_path / "x", "--plan", "--no-progress",
+                      "--set", f"cells={json.dumps([cells[0], {**cells[1], **change}])}")  # fmt: skip
+        assert refused.exit_code == 1 and "config key 'cells[1]" in refused.output, refused.output
         assert message in refused.output and "Traceback" not in refused.output

@@ -1,5 +1,6 @@
 """Training: memorisation, exact save/load, resume after SIGKILL, torchrun, prompt interaction."""
 
+import hashlib
 import json
 import os
 import random
@@ -93,7 +94,7 @@ def test_incompatible_model_directory_is_refused(memorised, tmp_path):
 
 def _train_command(store: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "tipcap.cli", "train", "--config", str(TINY),
-            "--set", f"data.train_texts={store}", "--set", "train.max_steps=240",
+            "--set", f"data.train_texts={store}", "--set", "train.max_steps=160",
             "--set", "train.checkpoint_every=40", "--out", str(out), "--no-progress", *extra]  # fmt: skip
 
 
@@ -273,3 +274,45 @@ def test_ranks_weigh_their_loss_by_their_share_of_the_steps_tokens(coco_texts, t
         sum(len(data.token_ids[r]) for rows in per_rank[0][i : i + 2] for r in rows) for i in range(0, 8, 2)
     ]
     assert any(abs(o / e - 0.5) > 0.02 for o, e in zip(own, expected[:4], strict=True))
+
+
+def test_a_prompt_module_added_to_a_trained_decoder_starts_from_its_weights(
+    prompt_model, plain_model, tmp_path
+):
+    """train.init_from: the prompt-free decoder's weights carry over; with lr 0 (nothing trained) the new
+    model captions without words exactly as the decoder it started from, and its prompt words reach it."""
+    root, _, _ = prompt_model
+    result = run("train", "--config", TINY, "--set", f"data.train_texts={root / 'train'}",
+                 "--set", f"data.gap={root / 'gap.safetensors'}", "--set", "model.prompt=pim",
+                 "--set", f"train.init_from={plain_model}", "--set", "train.lr=0",
+                 "--set", "train.max_steps=2", "--set", "train.batch_size=8",
+                 "--out", tmp_path / "tuned", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    started = load_file(plain_model / "model.safetensors")
+    tuned = load_file(tmp_path / "tuned" / "model" / "model.safetensors")
+    assert started.keys() < tuned.keys()
+    assert all(torch.equal(started[name], tuned[name]) for name in started)
+    added = {name.split(".")[0] for name in tuned.keys() - started.keys()}
+    assert added == {"prompt_interaction", "entity_embeddings"}
+    record = json.loads((tmp_path / "tuned" / "provenance.json").read_text())
+    digest = hashlib.sha256((plain_model / "model.safetensors").read_bytes()).hexdigest()
+    assert record["inputs"]["init_from"] == digest
+    embeddings = EmbeddingStore.open(root / "held_out").embeddings()[:6].float()
+    before, after = TIPCap.from_pretrained(plain_model), TIPCap.from_pretrained(tmp_path / "tuned" / "model")
+    plain = [r.caption for r in before.caption(embeddings=embeddings, num_beams=2)]
+    assert [r.caption for r in after.caption(embeddings=embeddings, num_beams=2)] == plain
+    worded = after.caption(embeddings=embeddings, num_beams=2, prompts=[["dog", "grass"]] * 6)
+    assert all(r.prompt == ["dog", "grass"] for r in worded)
+
+
+def test_a_decoder_of_another_shape_cannot_be_started_from(prompt_model, plain_model, tmp_path):
+    root, _, _ = prompt_model
+    data = ["--set", f"data.train_texts={root / 'train'}", "--set", f"data.gap={root / 'gap.safetensors'}"]
+    result = run("train", "--config", TINY, *data, "--set", "model.prefix_length=3", "--set",
+                 f"train.init_from={plain_model}", "--out", tmp_path / "x", "--no-progress")  # fmt: skip
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"train.init_from {plain_model}: its " in result.stderr
+    assert "differ only in the prompt module" in result.stderr
+    missing = run("train", "--config", TINY, *data, "--set", f"train.init_from={tmp_path}",
+                  "--out", tmp_path / "y", "--no-progress")  # fmt: skip
+    assert missing.exit_code == 1 and f"train.init_from {tmp_path}: no model.safetensors" in missing.stderr

@@ -193,6 +193,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the language model (compiled on the first steps)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
+    # A trained model folder whose weights the run starts from (TIPCap.start_from): a prompt-free decoder to
+    # which the prompt module is added; None: a fresh initialisation.
+    init_from: str | None = None
     checkpoint_every: Positive = 1000
     keep_checkpoints: Positive = 2
     log_every: Positive = 50

@@ -364,6 +364,48 @@ class TIPCap(nn.Module):
         self.input_mean.copy_(mean.float())
         self.input_scale.fill_(math.sqrt(max(float(variance), 1e-12)))
 
+    @torch.no_grad()
+    def start_from(self, directory: str | Path, key: str = "train.init_from") -> list[str]:
+        """Copy a trained model's weights (``directory/model.safetensors``) into this one, to train on from
+        them: every tensor of that model must be one of this model's, of the same shape. The tensors of this
+        model that it lacks (the gap aside, which is this run's own) are the prompt module's alone (adding
+        prompt words to a trained prompt-free decoder); they keep their initialisation, and their names are
+        returned. The projector's input statistics are that model's too, since its projector was trained on
+        them.
+
+        Raises:
+            TipcapError: naming ``key``, when the folder holds no readable weights, or they do not fit.
+        """
+        weights = Path(directory) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise TipcapError(f"{key} {directory}: no {WEIGHTS_NAME}; name a trained model folder.")
+        try:
+            state = load_file(weights)
+        except SafetensorError as e:
+            raise TipcapError(f"{key} {weights}: not a readable safetensors file ({e}).") from None
+        own = self.state_dict()
+        # The prompt words' embeddings are this model's vocabulary's, computed when it was built.
+        state.pop("entity_embeddings", None)
+        foreign = [n for n, tensor in state.items() if n not in own or own[n].shape != tensor.shape]
+        # The output layer is tied to the token embeddings (saved once, as they are); the gap is this run's
+        # own (data.gap), saved apart from the weights.
+        kept = ("entity_embeddings", "gap.")
+        fresh = [
+            n for n in own if n not in state and not n.startswith(kept) and not n.endswith("lm_head.weight")
+        ]
+        unshared = [n for n in fresh if not n.startswith("prompt_interaction.")]
+        if foreign or unshared:
+            name = (foreign or unshared)[0]
+            found = f"[{', '.join(map(str, state[name].shape))}]" if name in state else "absent"
+            wanted = f"[{', '.join(map(str, own[name].shape))}]" if name in own else "absent"
+            raise TipcapError(
+                f"{key} {directory}: its {name} is {found} where this model's is {wanted}; the two "
+                "configs must agree on the language model, tokenizer, projector and prefix, and differ "
+                "only in the prompt module."
+            )
+        self.load_state_dict(state, strict=False)
+        return fresh
+
     # -- its CLIP -------------------------------------------------------------------------------
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -12,7 +13,7 @@ from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import ExperimentConfig
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.model import TIPCap, configured_tokenizer
+from tipcap.model import WEIGHTS_NAME, TIPCap, configured_tokenizer
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
@@ -126,12 +127,20 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
     train_data = load_caption_set(texts, tokenizer, max_tokens, vocabulary, images)
     if config.model.standardize_input:
         model.fit_input_statistics(train_data.embeddings)
+    if config.train.init_from:
+        fresh = model.start_from(config.train.init_from)
+        logging.getLogger(__name__).info(
+            "train.init_from %s: started from its weights; %d tensors of the prompt module are new.",
+            config.train.init_from, len(fresh),
+        )  # fmt: skip
     val_data = None
     inputs = {"train_texts": texts.digest}
     if images is not None:
         inputs["train_images"] = images.digest
     if data_cfg.gap:
         inputs["gap"] = sha256_file(data_cfg.gap)
+    if config.train.init_from:
+        inputs["init_from"] = sha256_file(Path(config.train.init_from) / WEIGHTS_NAME)
     if val_texts is not None:
         val_data = load_caption_set(val_texts, tokenizer, max_tokens, None, val_images)
         inputs["val_texts"] = val_texts.digest

@@ -85,6 +85,8 @@ class Cell:
     on a tie) is the one evaluated on ``eval_split`` and reported under the cell's name. ``decoders`` names
     another cell whose decoders this one evaluates, under its own ``eval`` settings (the same decoder
     decoded two ways): the two cells must train alike (kind, setting, prompt, gap, model and train).
+    ``init_from`` names another cell whose trained decoder of each seed this one's starts from
+    (``train.init_from``): a prompt-free decoder to which the prompt module is added.
     """
 
     __pydantic_config__ = _STRICT
@@ -98,6 +100,7 @@ class Cell:
     set: dict[str, Any] = field(default_factory=dict)
     select: dict[str, list[Any]] = field(default_factory=dict)
     decoders: str | None = None
+    init_from: str | None = None
 
 
 @dataclass
@@ -231,13 +234,34 @@ def _check_shared_decoders(config: AblationConfig, cell: Cell, key: str) -> None
 
     def training(c: Cell) -> tuple[Any, ...]:
         resolved = resolve(config, c)
-        return c.kind, c.setting, c.prompt, c.few_pairs, resolved.gap, resolved.decoder
+        return c.kind, c.setting, c.prompt, c.few_pairs, c.init_from, resolved.gap, resolved.decoder
 
     if training(cell) != training(other):
         raise TipcapError(
             f"config key '{key}.decoders': {cell.name} would train otherwise than {other.name} (kind, "
             "setting, prompt, few_pairs, or a gap, model or train key differ); only eval keys may differ."
         )
+
+
+def _check_init_from(config: AblationConfig, cell: Cell, key: str) -> None:
+    """A cell that starts from another cell's decoders starts from one trained decoder per seed and few-pairs
+    value: that cell trains its own, selects nothing, and is listed before it (it may select: each candidate
+    starts from the same decoders)."""
+    earlier = config.cells[: config.cells.index(cell)]
+    trained = [c.name for c in earlier if c.kind not in BASELINES and c.decoders is None and not c.select]
+    base = next((c for c in earlier if c.name == cell.init_from), None)
+    if base is None or base.name not in trained:
+        raise TipcapError(
+            f"config key '{key}.init_from': {cell.init_from!r} is not an earlier cell that trains its own "
+            f"decoders without selecting; name one of {', '.join(trained) or '(none)'}."
+        )
+    if cell.decoders is not None or cell.kind in BASELINES:
+        raise TipcapError(f"config key '{key}.init_from': a cell that starts from another trains its own "
+                          "decoders.")  # fmt: skip
+    if cell.few_pairs != base.few_pairs:
+        raise TipcapError(f"config key '{key}.init_from': {base.name} has other few_pairs values.")
+    if "train.init_from" in cell.set:
+        raise TipcapError(f"config key '{key}.set.train.init_from': give init_from (a cell) instead.")
 
 
 def _check_few_pairs(value: Any, key: str) -> None:
@@ -424,6 +448,8 @@ def _validate(config: AblationConfig, path: Path) -> None:
             _check_select(config, cell, key)
         if cell.decoders is not None:
             _check_shared_decoders(config, cell, key)
+        if cell.init_from is not None:
+            _check_init_from(config, cell, key)
     names = [job.name for job in expand(config)]
     for name in names:
         if names.count(name) > 1:

@@ -245,7 +245,13 @@ class Ablation:
         if self.config.vocabulary and decoder["model"].get("prompt", "none") != "none":
             decoder["model"]["vocabulary"] = str(Path(self.config.vocabulary).resolve())
         decoder["train"]["seed"] = seed
+        if cell.init_from is not None:
+            decoder["train"]["init_from"] = str((self.run_dir(self.base(job), seed) / "model").resolve())
         return from_dict(ExperimentConfig, {**decoder, "data": data})
+
+    def base(self, job: Job) -> Job:
+        """The job whose decoders a job's start from: its cell's ``init_from``, at its few-pairs value."""
+        return next(j for j in self.jobs if j.cell.name == job.cell.init_from and j.suffix == job.suffix)
 
     def run_dir(self, job: Job, seed: int) -> Path:
         """Where a job's decoder of one seed is trained (``model/`` inside when finished)."""
@@ -256,6 +262,8 @@ class Ablation:
         run = self.run_dir(job, seed)
         if (run / "model" / "config.json").is_file():
             return run / "model"
+        if job.cell.init_from is not None:
+            self.model(self.base(job), seed)
         config = self.training_config(job, seed)
         self.echo(f"{job.name} seed {seed}: training into {run}")
         return train(config, run, resume=(run / "checkpoints").is_dir(), progress=self.progress)
@@ -696,7 +704,7 @@ class Ablation:
         self._prepare_synthetic_world()
         self._check_oracle_prompts()
         self._check_grid()
-        commands, notes, planned = [], [], set()
+        commands, notes, planned, waiting = [], [], set(), []
         for job in self.jobs:
             if not job.trained:
                 continue
@@ -708,6 +716,11 @@ class Ablation:
                     run = self.run_dir(trained, seed)
                     if run in planned or (run / "model" / "config.json").is_file():
                         continue  # the candidates of an eval.* key share their decoders
+                    if trained.cell.init_from is not None:
+                        base = self.run_dir(self.base(trained), seed)
+                        if not (base / "model" / "config.json").is_file():
+                            waiting.append(f"{trained.name} seed {seed} waits for {base.name}")
+                            continue
                     planned.add(run)
                     save_config(self.training_config(trained, seed), run / "train.yaml")
                     commands.append(
@@ -715,6 +728,9 @@ class Ablation:
                         f"--config {shlex.quote(str((run / 'train.yaml').resolve()))} "
                         f"--out {shlex.quote(str(run.resolve()))} --resume --no-progress"
                     )
+        if waiting:
+            notes.append(f"{'; '.join(waiting)}: plan again once those are trained")
+            self.echo(notes[-1])
         header = (
             "#!/bin/sh\n"
             "# Trains the grid's decoders (e.g. NPROC=8 sh train_commands.sh); then rerun tipcap ablate.\n"
