@@ -666,6 +666,13 @@ def test_plan_shows_the_candidates_and_the_validation_split(grid, tmp_path):
     refused = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress", *changed)
     assert refused.exit_code == 1, refused.output
     assert "cell 'isotropic' was run there with another definition" in refused.stderr
+    # Cell keys are recorded only away from their defaults: a folder recorded when a key was written at its
+    # default (decoders: null), or before it existed, holds the same cells.
+    assert set(saved["cells"]["none"]) == {"name", "kind"}
+    saved["cells"]["none"].update({"setting": "text-only", "decoders": None, "set": {}})
+    (out / "grid.json").write_text(json.dumps(saved))
+    again = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress", *flags)
+    assert again.exit_code == 0, again.output
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ from tipcap.grid.compare import GridScores, grid_decisions, metric_name, write_c
 from tipcap.grid.config import (
     BASELINES,
     AblationConfig,
+    Cell,
     Job,
     JobConfig,
     candidates,
@@ -595,14 +596,11 @@ class Ablation:
         )
         fixed = {k: v for k, v in current.items() if k not in unrecorded}
         fixed["few_pairs_draw"] = FEW_PAIRS_DRAW
-        # A cell without select is recorded as before select existed.
-        cells = {
-            c["name"]: {k: v for k, v in c.items() if k != "eval_prompts" and (k != "select" or v)}
-            for c in current["cells"]
-        }
+        cells = {c["name"]: _recorded(c) for c in current["cells"]}
         if path.is_file():
             saved = json.loads(path.read_text(encoding="utf-8"))
-            if not any(c["setting"] == "few-pairs" for c in saved["cells"].values()):
+            saved["cells"] = {name: _recorded(c) for name, c in saved["cells"].items()}
+            if not any(c.get("setting") == "few-pairs" for c in saved["cells"].values()):
                 saved["fixed"].setdefault("few_pairs_draw", FEW_PAIRS_DRAW)  # nothing was drawn there
             changed = [k for k in fixed if saved["fixed"].get(k) != fixed[k]]
             if changed:
@@ -740,6 +738,13 @@ class Ablation:
         with atomic_path(self.out / "train_commands.sh") as tmp:
             tmp.write_text(header + "".join(c + "\n" for c in commands), encoding="utf-8")
         return commands
+
+
+def _recorded(cell: dict[str, Any]) -> dict[str, Any]:
+    """A cell as ``grid.json`` keeps it: without its ``eval_prompts`` (a rerun may add modes) and without the
+    keys at their defaults, so that a key added to cells later leaves every folder's record as it was."""
+    defaults = to_dict(Cell(name=cell["name"]))
+    return {k: v for k, v in cell.items() if k != "eval_prompts" and (k == "name" or defaults.get(k, v) != v)}
 
 
 def run_ablation(
