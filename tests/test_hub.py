@@ -17,7 +17,7 @@ from huggingface_hub.utils._http import default_client_factory
 
 import tipcap.hub
 from tipcap import TIPCap
-from tipcap.card import write_model_card
+from tipcap.card import record_evaluation, write_model_card
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.gap.report import gap_report
@@ -243,3 +243,59 @@ def test_a_hub_model_from_a_silent_hub_endpoint_fails_in_one_line(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
     result = silent_hub_command(["caption", tmp_path / "photo.png", "--model", "someone/x"], tmp_path)
     assert "someone/x" in result.stderr and "hf download someone/x" in result.stderr
+
+
+def nocaps_document(scorer_weights: str, chair_i: float) -> dict:
+    """A metrics.json document of 8 of NoCaps val's 4,500 images, with CLIP-S from a scorer of the given
+    weights, CHAIR on the 5 images the instance file annotates, and the given CHAIR-i."""
+    identity = {"model": "ViT-B-32", "pretrained": scorer_weights}
+    if scorer_weights == "none":
+        identity["init_seed"] = 0
+    return {
+        "metrics": {"CIDEr": 0.25, "CLIP-S": 0.61, "RefCLIP-S": 0.66, "CHAIR-i": chair_i, "CHAIR-s": 0.0},
+        "domains": {
+            "in-domain": {"images": 3, "metrics": {"CIDEr": 0.3, "CLIP-S": 0.6}},
+            "out-domain": {"images": 5, "metrics": {"CIDEr": 0.2, "CLIP-S": 0.62}},
+        },
+        "matching": {"predictions": 8, "reference_images": 4500, "scored_images": 8},
+        "scorer": {"clip": {"model": "ViT-B-32", "pretrained": scorer_weights, "init_seed": 0},
+                   "identity": identity},
+        "hallucination": {"evaluated_images": 8, "annotated_images": 5, "left_out_images": 3},
+    }  # fmt: skip
+
+
+def test_the_card_says_what_the_metrics_file_says(tiny_model, tmp_path):
+    """A random scorer, 8 images of 4,500, CHAIR on 5 of them, a NaN CHAIR-i and a random CLIP are all on
+    the card; the NaN is in neither the model-index nor the table."""
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    record_evaluation(folder, nocaps_document("none", float("nan")), "nocaps", "val", "random scorer")
+    record_evaluation(folder, nocaps_document("openai", 0.5), "nocaps", "val", "trained scorer")
+    card = ModelCard.load(folder / "README.md")
+    header = (folder / "README.md").read_text().split("\n---\n")[0]
+    assert "nan" not in header.lower() and "inf" not in header.lower()
+    results = {(r.metric_config, r.dataset_config, r.metric_type): r for r in card.data.eval_results}
+    assert ("random scorer", None, "chair-i") not in results
+    assert ("trained scorer", None, "chair-i") in results
+    random_clip_s = results["random scorer", None, "clip-s"]
+    assert random_clip_s.metric_name == "CLIP-S (random scorer)"
+    scorer = "ViT-B-32 (random weights, seed 0)"
+    assert random_clip_s.metric_args == {"scorer": scorer, "random_weights": True}
+    assert results["trained scorer", None, "clip-s"].metric_args["scorer"] == "ViT-B-32 (openai)"
+    assert results["trained scorer", None, "clip-s"].metric_name == "CLIP-S"
+    assert random_clip_s.dataset_args["images"] == 8 and random_clip_s.dataset_args["split_images"] == 4500
+    assert results["random scorer", "out-domain", "cider"].dataset_args == {"images": 5}
+    assert results["trained scorer", None, "chair-s"].metric_args == {"images": 5}
+    text = card.text
+    assert "| nocaps | val | all | 8 of 4,500 | random scorer |" in text
+    assert "| nocaps | val | out-domain | 5 | trained scorer |" in text
+    assert f"{scorer} |" in text and "ViT-B-32 (openai) |" in text
+    assert f"CLIP-S and RefCLIP-S by {scorer}: a CLIP with random weights" in text
+    assert "CLIP-S and RefCLIP-S by ViT-B-32 (openai)" not in text
+    assert "nocaps val (random scorer): scored on 8 of the split's 4,500 images" in text
+    assert "(trained scorer): CHAIR on the 5 of the 8 images that the instance file annotates" in text
+    assert "nocaps val (random scorer): CHAIR-i left out: no caption mentions an object" in text
+    assert "(trained scorer): CHAIR-i left out" not in text
+    assert "| nan |" not in text.lower()
+    # The tiny model's own CLIP has random weights too.
+    assert "with random weights (pretrained none, seed 0)" in text
+    assert "**Its CLIP has random weights**" in text
