@@ -6,6 +6,25 @@ missing, empty, truncated, wrong-schema, non-UTF-8, NaN/Inf, zero and negative i
 files and model folders, escaping image paths and two writers into one store. With ``--ro DIR`` (a read-only
 mount) and ``--full DIR`` (a small, full mount) it also writes onto them; without, those probes are skipped.
 
+Sections named after the findings of the trust-boundary issue (each probe's name starts with its class):
+
+- ``H1 silent hub endpoint``: HF_ENDPOINT on a local listener that accepts and never answers; push, hub
+  models for caption and evaluate, a hub language model for train, a hub-hosted CLIP tag: refused naming
+  HF_ENDPOINT and the probe's deadline (a hang at 90 s).
+- ``W1 closed hub endpoint`` / ``W1 serving hub mirror``: HF_ENDPOINT on a closed local port (refused, "cannot
+  be reached") and on a local HTTP server answering 404 (probed on its own port: the refusal is the
+  mirror's answer, not "unreachable").
+- ``W5 card``: a model evaluated on 8 of 12 images with a random-weight scorer: the card says so, no NaN.
+- ``W6 chair coverage``: instances for 1 of 12 images: success, a warning, the coverage in metrics.json.
+- ``T5 positions``, ``T7 large numbers``, ``W7 bool as number``: configs refused at validation.
+- ``W8 one run folder``: two trainings into one --out at once: one trains, the other is refused naming a lock.
+- ``W9 resume identity``: --resume over another run's checkpoints: refused, or a model of its own config.
+- ``http``: ``tipcap serve`` on the fixture model, sent cross-origin and foreign-Host requests, wrong content
+  types, lone surrogates, deep JSON, numbers as prompt words, thin images, formats outside PNG, JPEG, GIF,
+  BMP, TIFF and WebP, oversize bodies: each answered 4xx with a JSON error, never 500, the server up after.
+
+``--only`` (repeatable) runs the probes whose name contains it: ``--only H1 --only W1 --only http/``.
+
 Each probe is classed:
 
 - ``clean``: a bad input refused with a non-zero exit, no traceback, and exactly one ``Error:`` line, last
@@ -14,7 +33,13 @@ Each probe is classed:
 - ``traceback``: a Python traceback;
 - ``hang``: still running at the timeout;
 - ``silent``: exit 0 for a bad input, or an expected success whose check fails;
-- ``messy``: a non-zero exit without exactly one final ``Error:`` line (neither clean nor a traceback).
+- ``messy``: a non-zero exit without exactly one final ``Error:`` line (neither clean nor a traceback), or a
+  refusal whose line fails the probe's check (refused for another reason than the one probed).
+
+An HTTP probe is ``clean`` for a 4xx answer with a JSON ``{"error"}`` (a 200 for a valid request) while the
+server still answers; ``traceback`` for a 5xx, a traceback in the server's log or a server that died;
+``silent`` for a 2xx or 3xx to a bad request; ``messy`` for a 4xx without a JSON error; ``hang`` for no
+answer.
 
 Usage (as root for the mounts)::
 
@@ -22,7 +47,8 @@ Usage (as root for the mounts)::
     mount -t tmpfs -o size=64k tmpfs /mnt/full-probe
     python benchmarks/bad_input_probe.py --ro /mnt/ro-probe --full /mnt/full-probe --report probe.json
 
-Prints the counts per class and each non-clean probe with its last stderr line; writes a JSON report.
+Prints the counts per class, overall and per section (a probe's name up to its first ``/``), and each
+non-clean probe with its last stderr line; writes a JSON report.
 """
 
 from __future__ import annotations
@@ -65,6 +91,7 @@ class Probe:
     check: Check | None = None
     timeout: float | None = None
     runner: Callable[[Probe, dict], dict] | None = None  # a probe that runs its own processes
+    env: dict[str, str | None] | None = None  # changes to the environment (None: unset the variable)
 
 
 @dataclass
@@ -116,12 +143,13 @@ class Runner:
             "PYTHONWARNINGS": "ignore",
         }
 
-    def popen(self, args: list[str]) -> subprocess.Popen:
+    def popen(self, args: list[str], env: dict[str, str | None] | None = None) -> subprocess.Popen:
         command = ["nice", "-n", "10", sys.executable, "-m", "tipcap.cli", *args]
+        environment = {**self.env, **(env or {})}
         return subprocess.Popen(
             command,
             cwd=self.work,
-            env=self.env,
+            env={key: value for key, value in environment.items() if value is not None},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -140,8 +168,10 @@ class Runner:
             out, err = process.communicate()
             return None, out, err
 
-    def run(self, args: list[str], timeout: float | None = None) -> tuple[int | None, str, str]:
-        return self.wait(self.popen(args), timeout or self.timeout)
+    def run(
+        self, args: list[str], timeout: float | None = None, env: dict[str, str | None] | None = None
+    ) -> tuple[int | None, str, str]:
+        return self.wait(self.popen(args, env), timeout or self.timeout)
 
     def must(self, args: list[str]) -> str:
         """Run a fixture-building command that must succeed; return its stdout."""
@@ -167,7 +197,8 @@ def classify(probe: Probe, code: int | None, out: str, err: str) -> tuple[str, s
     if lines and lines[-1].startswith("Error:") and len(errors) == 1 and code > 0:
         if probe.expect == "ok":
             return "messy", "refused an input that should succeed"
-        return "clean", ""
+        problem = probe.check(code, out, err) if probe.check else None
+        return ("messy", f"refused for another reason: {problem}") if problem else ("clean", "")
     return "messy", f"exit {code}"
 
 
@@ -189,7 +220,7 @@ def execute(probe: Probe, runner: Runner, context: dict) -> Outcome:
             result.get("detail", ""),
             probe.args,
         )
-    code, out, err = runner.run(probe.args, probe.timeout)
+    code, out, err = runner.run(probe.args, probe.timeout, probe.env)
     outcome, detail = classify(probe, code, out, err)
     return Outcome(
         probe.name, outcome, code, time.monotonic() - start, last_line(out, err), detail, probe.args
@@ -469,6 +500,7 @@ class Probes:
     def __init__(self, f: dict, ro: Path | None, full: Path | None):
         self.f, self.ro, self.full = f, ro, full
         self.items: list[Probe] = []
+        self.cleanup: list[Callable[[], None]] = []  # run when the probes are done (servers to stop)
         self.base = f["w"] / "p"
         self.base.mkdir(exist_ok=True)
 
@@ -521,6 +553,12 @@ class Probes:
             self.toyworld,
             self.demo,
             self.writers,
+            self.hub_endpoints,
+            self.card_contents,
+            self.chair_coverage,
+            self.config_limits,
+            self.run_folders,
+            self.http_surface,
         ):
             part()
         return self.items
@@ -1922,6 +1960,663 @@ class Probes:
 
         return run
 
+    # -- H1, W1: the hub's endpoint --
+    def hub_endpoints(self) -> None:
+        """H1: an endpoint that accepts connections and never answers must be refused within the probe's
+        deadline, by every command that reaches the hub; W1: HF_ENDPOINT's scheme, host and port are
+        probed, so a local mirror that serves is asked (and its answer reported), a closed port refused."""
+        f = self.f
+        d = self.p("hub")
+        photo = f["pics"] / "img_0000.jpg"
+        commands = {
+            "push": ["push", "--model", f["model"], "--repo", "owner/tiny"],
+            "caption --model owner/x": ["caption", photo, "--model", "someone/x"],
+            "evaluate --model owner/x": ["evaluate", "--data", COCO_SLICE, "--split", "val", "--model",
+                                         "someone/x", "--image-store", f["images"], "--out", d / "eval"],
+            "train model.language_model owner/x": [
+                "train", "--config", TINY_YAML, "--set", f"data.train_texts={f['texts']}", "--set",
+                "model.language_model=someone/lm", "--set", "model.language_model_config=null", "--set",
+                "model.tokenizer=null", "--out", d / "train"],
+            "embed texts with a hub-hosted CLIP tag": [
+                "embed", "texts", "--corpus", COCO_SLICE, "--clip", "ViT-B-32", "--pretrained",
+                "laion2b_s34b_b79k", "--out", d / "texts", "--no-progress"],
+        }  # fmt: skip
+        # huggingface_hub reads TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE: both unset, so that the hub is probed.
+        hub = {
+            "HF_HUB_OFFLINE": None,
+            "TRANSFORMERS_OFFLINE": None,
+            "HF_HUB_CACHE": str(self.p("hub/empty-cache")),
+        }
+        silent, mirror, closed = silent_endpoint(), answering_endpoint(404), closed_endpoint()
+        for name, args in commands.items():
+            self.add(f"H1 silent hub endpoint/{name}", args, env={**hub, "HF_ENDPOINT": silent}, timeout=90,
+                     check=error_has("did not answer within", f"{silent} (HF_ENDPOINT)"))  # fmt: skip
+            self.add(f"W1 closed hub endpoint/{name}", args, env={**hub, "HF_ENDPOINT": closed}, timeout=90,
+                     check=error_has("cannot be reached", f"{closed} (HF_ENDPOINT)"))  # fmt: skip
+        # A mirror that serves: the probe passes and the mirror's answer (404 to all) is what is reported.
+        for name in ("caption --model owner/x", "evaluate --model owner/x"):
+            self.add(f"W1 serving hub mirror/{name}", commands[name], env={**hub, "HF_ENDPOINT": mirror},
+                     timeout=90, check=error_lacks("cannot be reached", "did not answer"))  # fmt: skip
+
+    # -- W5: the model card --
+    def card_contents(self) -> None:
+        """W5: a model evaluated on 8 of the 12 val images with a random-weight scorer: its card gives the
+        count, names the scorer and says it and the model's CLIP have random weights, and holds no NaN."""
+        f = self.f
+        d = self.p("card")
+        model = copy(f["model"], d / "model")
+        root = copy(f["coco"], d / "images")
+        val = [e for e in json.loads(COCO_SLICE.read_text())["images"] if e["split"] == "val"]
+        for entry in val[:4]:
+            (root / entry["filepath"] / entry["filename"]).unlink()
+        self.add(
+            "W5 card/evaluated on part of the split with a random scorer",
+            ["evaluate", "--model", model, "--data", COCO_SLICE, "--split", "val", "--images", root,
+             "--metrics", "bleu,cider", "--beams", 1, "--score-clip", f["clip"], "--score-pretrained", "none",
+             "--out", d / "eval"],
+            expect="ok",
+            check=card_check(model / "README.md", [
+                "| 8 of 12 |", "CLIP-S scorer", "clip (random weights, seed 0)", "a CLIP with random weights",
+                "scored on 8 of the split's 12 images", "**Its CLIP has random weights**"]),
+        )  # fmt: skip
+
+    # -- W6: CHAIR's coverage --
+    def chair_coverage(self) -> None:
+        """W6: an instance file annotating 1 of the 12 val images: CHAIR on that one, a warning, and the
+        coverage in metrics.json."""
+        f = self.f
+        d = self.p("chair")
+        val = [e["cocoid"] for e in json.loads(COCO_SLICE.read_text())["images"] if e["split"] == "val"]
+        instances = d / "instances.json"
+        instances.write_text(json.dumps({
+            "images": [{"id": val[0]}], "categories": [{"id": 1, "name": "person"}],
+            "annotations": [{"id": 1, "image_id": val[0], "category_id": 1}],
+        }))  # fmt: skip
+        out = d / "eval"
+        self.add(
+            "W6 chair coverage/instances for 1 of 12 images",
+            ["evaluate", "--method", "retrieval", "--texts", f["texts"], "--image-store", f["images"],
+             "--data", COCO_SLICE, "--split", "val", "--metrics", "bleu", "--instances", instances,
+             "--out", out],
+            expect="ok",
+            check=all_of(stdout_has("annotates 1 of the 12 evaluated images"),
+                         json_check(out / "metrics.json", lambda m: (m["hallucination"]["annotated_images"],
+                                    m["hallucination"]["left_out_images"], m["hallucination"]["captions"])
+                                    == (1, 11, 1), "hallucination record without the coverage")),
+        )  # fmt: skip
+
+    # -- T5, T7, W7: limits checked when the config is read --
+    def config_limits(self) -> None:
+        """T5: prefix and caption lengths beyond the language model's positions; T7: numbers too large for
+        the seed or the prefix; W7: a boolean where a number belongs. Each refused at config validation."""
+        f = self.f
+        d = self.p("limits")
+        good = ["train", "--config", TINY_YAML, "--set", f"data.train_texts={f['texts']}", "--set",
+                f"data.gap={f['gap']}", "--set", "train.max_steps=2", "--no-progress"]  # fmt: skip
+        for name, value in [
+            ("T5 positions/train prefix 120 + 30 tokens over 128 positions", "model.prefix_length=120"),
+            ("T5 positions/train max_caption_tokens 500 over 128 positions", "model.max_caption_tokens=500"),
+            ("T7 large numbers/train seed 99999999999999999999", "train.seed=99999999999999999999"),
+            ("T7 large numbers/train prefix_length 100000", "model.prefix_length=100000"),
+            ("W7 bool as number/train max_steps true", "train.max_steps=true"),
+            ("W7 bool as number/train batch_size true", "train.batch_size=true"),
+        ]:
+            self.add(name, [*good, "--set", value, "--out", d / name.split("/")[1].replace(" ", "-")])
+        self.add(
+            "T5 positions/ablate n_positions 8",
+            ["ablate", f["grid"], "--plan", "--set", "decoder.model.language_model_config.n_positions=8",
+             "--out", d / "ablate"],
+        )  # fmt: skip
+        # A model folder saved with more caption tokens than its positions hold (as an older version let
+        # train write): refused when it is loaded.
+        model = copy(f["model"], d / "model-500-tokens")
+        config = json.loads((model / "config.json").read_text())
+        config["model"]["max_caption_tokens"] = 500
+        (model / "config.json").write_text(json.dumps(config))
+        self.add(
+            "T5 positions/caption with a model of 500 caption tokens",
+            ["caption", f["pics"], "--model", model],
+        )
+
+    # -- W8, W9: run folders --
+    def run_folders(self) -> None:
+        """W8: two trainings into one --out at once; W9: a run's --resume from a folder holding another
+        run's checkpoints."""
+        d = self.p("runs")
+        for trial in range(2):
+            self.add(f"W8 one run folder/two trainings at once trial {trial}", [], expect="ok",
+                     runner=self.two_trainings(d / f"two-{trial}"))  # fmt: skip
+        b = ["model.prefix_length=4", "train.checkpoint_every=2", "train.max_steps=4"]
+        fresh_then_resume = [([], []), ([], ["--resume"])]
+        for name, a, steps in [
+            # B trains its 4 steps into A's folder, then resumes with the same config: from its own
+            # checkpoint at step 4, not from A's newer one at step 8.
+            ("fresh run then --resume over another seed's checkpoints",
+             ["model.prefix_length=4", "train.seed=1"], fresh_then_resume),
+            ("fresh run then --resume over another shape's checkpoints", ["model.prefix_length=2"],
+             fresh_then_resume),
+            # B resumes straight away in a folder of A's checkpoints: of another shape, or of another seed.
+            ("--resume over another shape's checkpoints", ["model.prefix_length=2"], [([], ["--resume"])]),
+            ("--resume over another seed's checkpoints", ["model.prefix_length=4", "train.seed=1"],
+             [([], ["--resume"])]),
+        ]:  # fmt: skip
+            folder = d / name.replace(" ", "-").replace("'", "")
+            self.add(f"W9 resume identity/{name}", [], expect="ok",
+                     runner=self.resume_over_another_run(folder, a, b, steps))  # fmt: skip
+
+    def train_args(self, out: Path, extra: list[str]) -> list[str]:
+        f = self.f
+        sets = [f"data.train_texts={f['texts']}", f"data.gap={f['gap']}", *extra]
+        return ["train", "--config", str(TINY_YAML), *[a for s in sets for a in ("--set", s)],
+                "--out", str(out), "--no-progress"]  # fmt: skip
+
+    def two_trainings(self, out: Path) -> Callable[[Probe, dict], dict]:
+        """Both at once: one trains, the other is refused in one line naming the folder's lock."""
+
+        def run(probe: Probe, context: dict) -> dict:
+            runner = context["runner"]
+            args = self.train_args(out, ["train.max_steps=40", "train.checkpoint_every=10"])
+            processes = [runner.popen(args) for _ in range(2)]
+            results = [runner.wait(p, 600) for p in processes]
+            for code, stdout, stderr in results:
+                if code is None:
+                    return {"outcome": "hang", "code": None, "last_line": last_line(stdout, stderr)}
+                if "Traceback" in stderr:
+                    return {"outcome": "traceback", "code": code, "last_line": last_line(stdout, stderr)}
+            codes = sorted(code for code, _, _ in results)
+            if codes == [0, 0]:
+                return {"outcome": "silent", "code": 0, "last_line": "",
+                        "detail": "both trained into one run folder"}  # fmt: skip
+            refused = [(code, out_, err) for code, out_, err in results if code != 0]
+            if codes[0] != 0 or len(refused) != 1:
+                return {"outcome": "messy", "code": codes[-1], "last_line": last_line(*refused[0][1:]),
+                        "detail": "neither trained"}  # fmt: skip
+            code, stdout, stderr = refused[0]
+            outcome, _ = classify(Probe("second", [], "error"), code, stdout, stderr)
+            line = last_line(stdout, stderr)
+            if outcome == "clean" and "lock" not in line.lower():
+                return {"outcome": "messy", "code": code, "last_line": line, "detail": "no lock named"}
+            return {"outcome": outcome, "code": code, "last_line": line}
+
+        return run
+
+    def resume_over_another_run(
+        self, out: Path, a: list[str], b: list[str], steps: list[tuple[list[str], list[str]]]
+    ) -> Callable[[Probe, dict], dict]:
+        """Run A (settings ``a``, checkpoints at steps 4 and 8) in ``out``, then run B's ``steps`` (settings
+        ``b`` plus each step's, and its flags) there: a clean refusal, or B's model equal to the one the
+        same steps give in an empty folder (A's checkpoints unused; training is seeded, so it repeats)."""
+
+        def run(probe: Probe, context: dict) -> dict:
+            runner = context["runner"]
+            first = self.train_args(out, [*a, "train.max_steps=8", "train.checkpoint_every=4"])
+            code, stdout, stderr = runner.run(first, timeout=600)
+            if code != 0:
+                return {"outcome": "messy", "code": code, "last_line": last_line(stdout, stderr),
+                        "detail": "run A failed"}  # fmt: skip
+            for extra, flags in steps:
+                code, stdout, stderr = runner.run([*self.train_args(out, [*b, *extra]), *flags], timeout=600)
+                if code != 0:  # a refusal (or worse) ends the probe
+                    outcome, detail = classify(Probe("b", [], "error"), code, stdout, stderr)
+                    return {"outcome": outcome, "code": code, "last_line": last_line(stdout, stderr),
+                            "detail": detail}  # fmt: skip
+            reference = out.with_name(out.name + "-reference")
+            for extra, flags in steps:
+                code, stdout, stderr = runner.run([*self.train_args(reference, [*b, *extra]), *flags], 600)
+                if code != 0 and flags:  # --resume with nothing to resume from: the fresh run
+                    code, stdout, stderr = runner.run(self.train_args(reference, [*b, *extra]), 600)
+                if code != 0:
+                    return {"outcome": "messy", "code": code, "last_line": last_line(stdout, stderr),
+                            "detail": "the reference run failed"}  # fmt: skip
+            if not same_weights(out / "model", reference / "model"):
+                return {
+                    "outcome": "silent",
+                    "code": 0,
+                    "last_line": "",
+                    "detail": "B's model differs from B's run in an empty folder: A's checkpoints used",
+                }
+            return {"outcome": "clean", "code": 0, "last_line": ""}
+
+        return run
+
+    # -- the HTTP surface of tipcap serve --
+    def http_surface(self) -> None:
+        """``tipcap serve`` on the fixture model, sent what no page of its own sends: every answer must be a
+        4xx with a JSON error (never a 500), and the server must stay up."""
+        server = Served(self.f["model"])
+        self.cleanup.append(server.stop)
+        png = image_bytes((40, 30), "PNG")
+        api = {"Content-Type": "application/json"}
+        caption = {"method": "model", "prompt": [], "beams": 1}
+
+        def add(name: str, method: str, path: str, body: bytes | Callable[[], bytes], headers: dict,
+                expect: str = "error") -> None:  # fmt: skip
+            self.add(f"http/{name}", [], expect=expect, runner=server.probe(method, path, body, headers))
+
+        add("valid upload", "POST", "/api/images?name=a.png", png, {"Content-Type": "image/png"}, "ok")
+        add("cross-origin text/plain caption", "POST", "/api/caption", json.dumps(caption).encode(),
+            {"Content-Type": "text/plain", "Origin": "http://evil.example"})  # fmt: skip
+        add(
+            "text/plain caption, no origin",
+            "POST",
+            "/api/caption",
+            json.dumps(caption).encode(),
+            {"Content-Type": "text/plain"},
+        )
+        add(
+            "cross-origin upload",
+            "POST",
+            "/api/images?name=a.png",
+            png,
+            {"Content-Type": "image/png", "Origin": "http://evil.example"},
+        )
+        add("foreign Host", "GET", "/api/methods", b"", {"Host": "evil.example"})
+        add(
+            "foreign Host on an upload",
+            "POST",
+            "/api/images?name=a.png",
+            png,
+            {"Content-Type": "image/png", "Host": "rebind.evil.example:8000"},
+        )
+        add(
+            "form body to caption",
+            "POST",
+            "/api/caption",
+            b"image_id=x&method=model",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        add(
+            "multipart upload",
+            "POST",
+            "/api/images?name=a.png",
+            b"--b\r\nContent-Disposition: form-data; name=f\r\n\r\nx\r\n--b--\r\n",
+            {"Content-Type": "multipart/form-data; boundary=b"},
+        )
+        add("upload declared text/html", "POST", "/api/images?name=a.png", png, {"Content-Type": "text/html"})
+        add("no content type", "POST", "/api/caption", json.dumps(caption).encode(), {})
+        add("json not an object", "POST", "/api/caption", b"[1, 2]", api)
+        add("json truncated", "POST", "/api/caption", b'{"image_id": ', api)
+        add("json not utf-8", "POST", "/api/caption", '{"image_id": "caf\u00e9"}'.encode("latin-1"), api)
+        add(
+            "lone surrogate in a prompt word",
+            "POST",
+            "/api/caption",
+            server.with_image({**caption, "prompt": ["dog\ud800"]}),
+            api,
+        )
+        add(
+            "lone surrogate in a jsonl caption",
+            "POST",
+            "/api/jsonl",
+            b'{"results": [{"image": "a.png", "caption": "a \\udc80 dog", "prompt": []}]}',
+            api,
+        )
+        add("deep json nesting", "POST", "/api/caption", b"[" * 100_000 + b"]" * 100_000, api)
+        add(
+            "deep json nesting in jsonl",
+            "POST",
+            "/api/jsonl",
+            b'{"results": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+            api,
+        )
+        for name, prompt in (
+            ("numbers as prompt", [1, 2]),
+            ("a number as prompt", 5),
+            ("a dict as prompt", {"a": 1}),
+            ("null prompt words", [None]),
+        ):
+            add(f"{name}", "POST", "/api/caption", server.with_image({**caption, "prompt": prompt}), api)
+        add("beams as a string", "POST", "/api/caption", server.with_image({**caption, "beams": "5"}), api)
+        add("beams 10**30", "POST", "/api/caption", server.with_image({**caption, "beams": 10**30}), api)
+        add("beams true", "POST", "/api/caption", server.with_image({**caption, "beams": True}), api)
+        add(
+            "unknown image id",
+            "POST",
+            "/api/caption",
+            server.with_image({**caption, "image_id": "nope"}),
+            api,
+        )
+        add("unknown method", "POST", "/api/caption", server.with_image({**caption, "method": "bogus"}), api)
+        add("jsonl results a number", "POST", "/api/jsonl", b'{"results": 5}', api)
+        add(
+            "jsonl caption a number",
+            "POST",
+            "/api/jsonl",
+            b'{"results": [{"image": "a", "caption": 5, "prompt": []}]}',
+            api,
+        )
+        for size in ((1, 2000), (2000, 1), (1, 21), (21, 1), (1, 1)):
+            for kind in ("PNG", "GIF"):
+                add(
+                    f"thin image {size[0]}x{size[1]} {kind}",
+                    "POST",
+                    "/api/images?name=t.png",
+                    image_bytes(size, kind),
+                    {"Content-Type": "application/octet-stream"},
+                    "ok" if size == (1, 1) else "error",  # tiny, not thin: CLIP's resize takes it
+                )
+        for kind in ("ICO", "PPM", "PCX", "TGA", "EPS", "PDF", "IM", "SGI"):
+            add(
+                f"format {kind}",
+                "POST",
+                f"/api/images?name=x.{kind.lower()}",
+                image_bytes((40, 30), kind),
+                {"Content-Type": "application/octet-stream"},
+            )
+        add(
+            "svg",
+            "POST",
+            "/api/images?name=x.svg",
+            b'<svg xmlns="http://www.w3.org/2000/svg"/>',
+            {"Content-Type": "image/svg+xml"},
+        )
+        add(
+            "truncated png",
+            "POST",
+            "/api/images?name=t.png",
+            png[: len(png) // 2],
+            {"Content-Type": "image/png"},
+        )
+        add("empty upload", "POST", "/api/images?name=e.png", b"", {"Content-Type": "image/png"})
+        add(
+            "oversize upload",
+            "POST",
+            "/api/images?name=big.png",
+            b"\x89PNG" + os.urandom(200_000),
+            {"Content-Type": "image/png"},
+        )
+        add("oversize json", "POST", "/api/caption", b'{"x": "' + b"a" * 2_000_000 + b'"}', api)
+        add(
+            "decompression bomb",
+            "POST",
+            "/api/images?name=bomb.png",
+            bomb_png(),
+            {"Content-Type": "image/png"},
+        )
+
+
+# --- stand-ins for a hub endpoint, and checks of refusals -----------------------------------------------
+
+_HELD: list = []
+"""Sockets and servers the probes' stand-ins keep open for the life of this process."""
+
+
+def silent_endpoint() -> str:
+    """A listener on 127.0.0.1 that accepts every connection and never answers (a captive portal, a silent
+    firewall); its URL."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    _HELD.append(listener)
+
+    def accept() -> None:
+        while True:
+            connection, _ = listener.accept()
+            _HELD.append(connection)  # held open, unanswered
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def answering_endpoint(status: int) -> str:
+    """An HTTP server on 127.0.0.1 answering every request with ``status`` (a hub mirror that serves, with
+    no model); its URL."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def answer(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(b"{}")
+
+        do_GET = do_HEAD = do_POST = answer
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    _HELD.append(server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def closed_endpoint() -> str:
+    """A port of 127.0.0.1 bound but not listening, so that a connection is refused; its URL."""
+    import socket
+
+    bound = socket.socket()
+    bound.bind(("127.0.0.1", 0))
+    _HELD.append(bound)
+    return f"http://127.0.0.1:{bound.getsockname()[1]}"
+
+
+def error_has(*needles: str) -> Check:
+    """A check of a refusal: its ``Error:`` line names each of ``needles``."""
+
+    def check(code: int, out: str, err: str) -> str | None:
+        line = last_line(out, err)
+        missing = [n for n in needles if n not in line]
+        return f"the error lacks {missing}" if missing else None
+
+    return check
+
+
+def error_lacks(*needles: str) -> Check:
+    """A check of a refusal: its ``Error:`` line names none of ``needles``."""
+
+    def check(code: int, out: str, err: str) -> str | None:
+        line = last_line(out, err)
+        found = [n for n in needles if n in line]
+        return f"the error says {found}" if found else None
+
+    return check
+
+
+def all_of(*checks: Check) -> Check:
+    def check(code: int, out: str, err: str) -> str | None:
+        return next((p for p in (c(code, out, err) for c in checks) if p), None)
+
+    return check
+
+
+def json_check(path: Path, test: Callable[[dict], bool], what: str) -> Check:
+    def check(code: int, out: str, err: str) -> str | None:
+        try:
+            return None if test(json.loads(path.read_text())) else f"{path}: {what}"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{path}: {what} ({e!r})"
+
+    return check
+
+
+def card_check(path: Path, needles: list[str]) -> Check:
+    """A model card whose YAML header holds no NaN and whose text says each of ``needles``."""
+
+    def check(code: int, out: str, err: str) -> str | None:
+        if not path.is_file():
+            return f"{path}: no card"
+        text = path.read_text()
+        header = text.split("\n---\n")[0].lower()
+        if ".nan" in header or ".inf" in header:
+            return f"{path}: a NaN or Inf in the model-index"
+        missing = [n for n in needles if n not in text]
+        return f"{path}: the card lacks {missing}" if missing else None
+
+    return check
+
+
+# --- the HTTP surface -------------------------------------------------------------------------------------
+
+
+def image_bytes(size: tuple[int, int], kind: str) -> bytes:
+    """An image of ``size`` saved by Pillow as ``kind``."""
+    import io
+
+    from PIL import Image
+
+    mode = "RGB" if kind not in ("GIF", "IM") else "L"
+    buffer = io.BytesIO()
+    Image.new(mode, size, 120).save(buffer, format=kind)
+    return buffer.getvalue()
+
+
+def bomb_png() -> bytes:
+    """A small PNG file of 196 megapixels (over twice Pillow's limit)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (14000, 14000)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Served:
+    """``tipcap serve`` of one model, started by its first probe and stopped when the probes end; each
+    probe sends one request, and is clean when the answer is a 4xx with a JSON error (a 2xx for a valid
+    input) and the server still answers afterwards."""
+
+    def __init__(self, model: Path, max_upload_mb: float = 0.05):
+        import threading
+
+        self.model, self.max_upload_mb = model, max_upload_mb
+        self.lock = threading.Lock()
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self.failed: str | None = None
+        self.stderr: list[str] = []
+        self.method = ""
+        self.image_id: str | None = None
+
+    def start(self, runner: Runner) -> str | None:
+        """Start the server once; why it did not start, else ``None``."""
+        import re
+        import select
+        import threading
+
+        with self.lock:
+            if self.process is not None or self.failed is not None:
+                return self.failed
+            args = ["serve", "--model", str(self.model), "--port", "0", "--device", "cpu",
+                    "--max-upload-mb", str(self.max_upload_mb)]  # fmt: skip
+            self.process = runner.popen(args)
+            ready, _, _ = select.select([self.process.stdout], [], [], 180)
+            line = self.process.stdout.readline() if ready else ""
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            # Read both pipes for the server's life, so that its logging never blocks on a full pipe.
+            threading.Thread(target=self._read, args=(self.process.stderr, self.stderr), daemon=True).start()
+            threading.Thread(target=self._read, args=(self.process.stdout, []), daemon=True).start()
+            if found is None:
+                self.failed = f"serve printed {line!r}"
+                self.stop()
+                return self.failed
+            self.port = int(found.group(1))
+            self.method = json.loads(self.request("GET", "/api/methods", b"", {})[1])["default"]
+            return None
+
+    @staticmethod
+    def _read(pipe, lines: list[str]) -> None:
+        for line in pipe:
+            lines.append(line)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+    def request(self, method: str, path: str, body: bytes, headers: dict) -> tuple[int, bytes]:
+        import http.client
+
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            connection.request(method, path, body=body, headers={"Host": f"127.0.0.1:{self.port}", **headers})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def alive(self) -> bool:
+        try:
+            return self.process.poll() is None and self.request("GET", "/api/methods", b"", {})[0] == 200
+        except OSError:
+            return False
+
+    def with_image(self, payload: dict) -> Callable[[], bytes]:
+        """A caption request for an image uploaded once (unless ``payload`` names an image) to the server's
+        default method (unless ``payload`` names another than ``model``)."""
+
+        def body() -> bytes:
+            with self.lock:
+                if self.image_id is None:
+                    upload = image_bytes((40, 30), "PNG")
+                    _, data = self.request(
+                        "POST", "/api/images?name=a.png", upload, {"Content-Type": "image/png"}
+                    )
+                    self.image_id = json.loads(data)["image_id"]
+            method = self.method if payload.get("method") == "model" else payload.get("method")
+            return json.dumps({"image_id": self.image_id, **payload, "method": method}).encode()
+
+        return body
+
+    def probe(
+        self, method: str, path: str, body: bytes | Callable[[], bytes], headers: dict
+    ) -> Callable[[Probe, dict], dict]:
+        def run(probe: Probe, context: dict) -> dict:
+            failed = self.start(context["runner"])
+            if failed is not None:
+                return {
+                    "outcome": "messy",
+                    "code": None,
+                    "last_line": failed,
+                    "detail": "serve did not start",
+                }
+            before = len(self.stderr)
+            try:
+                status, data = self.request(method, path, body() if callable(body) else body, headers)
+            except TimeoutError:
+                return {"outcome": "hang", "code": None, "last_line": f"{method} {path}: no answer"}
+            except OSError as e:
+                status, data = None, repr(e).encode()
+            crashed = any("Traceback" in line for line in self.stderr[before:])
+            answer = data.decode("utf-8", "replace")[:200]
+            line = f"HTTP {status}: {answer}"
+            if not self.alive():
+                return {"outcome": "traceback" if crashed else "messy", "code": status, "last_line": line,
+                        "detail": "the server stopped answering"}  # fmt: skip
+            if crashed or status is None or status >= 500:
+                return {"outcome": "traceback", "code": status, "last_line": line}
+            if probe.expect == "ok":
+                outcome = "clean" if status == 200 else "messy"
+                return {"outcome": outcome, "code": status, "last_line": line}
+            if status < 400:
+                return {"outcome": "silent", "code": status, "last_line": line, "detail": "accepted"}
+            try:
+                error = json.loads(data).get("error")
+            except (ValueError, AttributeError):
+                error = None
+            if not isinstance(error, str) or not error:
+                return {"outcome": "messy", "code": status, "last_line": line, "detail": "no JSON error"}
+            return {"outcome": "clean", "code": status, "last_line": line}
+
+        return run
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two model folders hold equal tensors under equal names."""
+    import torch
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
 
 def store_bytes(path: Path) -> dict[str, bytes]:
     skip = ("build.lock",)
@@ -1981,6 +2676,17 @@ def damage_checkpoints(run: Path, damage: str) -> None:
 # --- main -------------------------------------------------------------------------------------------------
 
 
+CLASSES = ("clean", "traceback", "hang", "silent", "messy")
+
+
+def section_counts(outcomes: list[Outcome]) -> dict[str, dict[str, int]]:
+    """Each section's count per class; a probe's section is its name up to the first ``/``."""
+    sections: dict[str, Counter] = {}
+    for o in outcomes:
+        sections.setdefault(o.name.split("/")[0], Counter())[o.outcome] += 1
+    return {section: {name: found.get(name, 0) for name in CLASSES} for section, found in sections.items()}
+
+
 def fill_disk(mount: Path) -> None:
     """Fill a mount to the last byte, so that any write into it fails with ENOSPC."""
     with contextlib.suppress(OSError), (mount / ".filler").open("wb") as f:
@@ -2034,18 +2740,25 @@ def main() -> None:
             outcomes.append(outcome)
             if outcome.outcome != "clean":
                 print(f"  {outcome.outcome:9s} {outcome.name}: {outcome.last_line}", flush=True)
+    for stop in builder.cleanup:
+        stop()
     outcomes.sort(key=lambda o: [p.name for p in probes].index(o.name))
     counts = Counter(o.outcome for o in outcomes)
     print(f"\n{len(outcomes)} probes in {time.monotonic() - start:.0f} s")
-    for name in ("clean", "traceback", "hang", "silent", "messy"):
+    for name in CLASSES:
         print(f"  {name:9s} {counts.get(name, 0)}")
+    sections = section_counts(outcomes)
+    print("\nper section (" + ", ".join(CLASSES) + "):")
+    for section, found in sections.items():
+        print(f"  {section:40s} " + " ".join(f"{found[name]:4d}" for name in CLASSES))
     bad = [o for o in outcomes if o.outcome != "clean"]
     if bad:
         print("\nnot clean:")
         for o in bad:
             print(f"  [{o.outcome}] {o.name}: {o.last_line}" + (f" ({o.detail})" if o.detail else ""))
     report = {
-        "counts": {n: counts.get(n, 0) for n in ("clean", "traceback", "hang", "silent", "messy")},
+        "counts": {n: counts.get(n, 0) for n in CLASSES},
+        "sections": sections,
         "total": len(outcomes),
         "mounts": {"ro": str(args.ro), "full": str(args.full)},
         "probes": [o.__dict__ for o in outcomes],

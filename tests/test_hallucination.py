@@ -1,6 +1,7 @@
 """CHAIR-i and CHAIR-s: COCO object words, counting, instance files, `evaluate --instances`, the toy world."""
 
 import json
+import shutil
 
 import pytest
 from conftest import COCO_SLICE, karpathy_references, run
@@ -176,3 +177,40 @@ def test_a_bad_instances_file_is_one_line_before_any_work(
     lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(lines) == 1 and message in lines[0] and str(path) in lines[0], result.stderr
     assert "Traceback" not in result.output and not (out / "predictions.json").exists()
+
+
+@pytest.mark.parametrize("annotated_image_readable", [True, False])
+def test_chair_scores_only_the_images_the_instance_file_annotates(
+    coco_texts, coco_images, tmp_path, annotated_image_readable
+):
+    """An instance file listing 1 of the 12 val images: the other 11 would take their truth from their
+    references alone, so CHAIR leaves them out, says so on stderr once and counts them in metrics.json;
+    when the one annotated image cannot be read, nothing is left to score and CHAIR is skipped."""
+    val_ids = list(karpathy_references(COCO_SLICE, "val"))
+    instances = instances_file(tmp_path / "instances.json", [(val_ids[0], 1)],
+                               images=[{"id": val_ids[0], "file_name": "x.jpg"}])  # fmt: skip
+    root = coco_images
+    if not annotated_image_readable:
+        root = shutil.copytree(coco_images, tmp_path / "images")
+        entry = next(e for e in json.loads(COCO_SLICE.read_text())["images"] if e["cocoid"] == val_ids[0])
+        (root / entry["filepath"] / entry["filename"]).write_bytes(b"not an image")
+    out = tmp_path / "eval"
+    result = run("evaluate", "--method", "template", "--texts", coco_texts, "--data", COCO_SLICE,
+                 "--images", root, "--split", "val", "--out", out, "--instances", instances,
+                 *FAST_METRICS)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    evaluated = 12 if annotated_image_readable else 11
+    warnings = [line for line in result.stderr.splitlines() if "annotates" in line]
+    expected = f"--instances {instances} annotates {evaluated - 11} of the {evaluated} evaluated images"
+    assert len(warnings) == 1 and expected in warnings[0], result.stderr
+    document = json.loads((out / "metrics.json").read_text())
+    record = document["hallucination"]
+    assert (record["evaluated_images"], record["annotated_images"]) == (evaluated, evaluated - 11)
+    assert record["left_out_images"] == 11 and "reference captions alone" in record["left_out"]
+    per_image = json.loads((out / "per_image.json").read_text())
+    scored = [row["image_id"] for row in per_image if "objects_mentioned" in row]
+    if annotated_image_readable:
+        assert scored == [val_ids[0]] and record["captions"] == 1 and "CHAIR-s" in document["metrics"]
+    else:
+        assert scored == [] and "captions" not in record
+        assert "CHAIR-i" not in document["metrics"] and "annotates 0" in document["skipped"]["CHAIR-i"]

@@ -1,8 +1,12 @@
 """Model cards, `tipcap push`, and `TIPCap.from_pretrained` with a hub name (offline: the hub's cache)."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
+import endpoints
 import httpx2
 import huggingface_hub
 import pytest
@@ -13,7 +17,7 @@ from huggingface_hub.utils._http import default_client_factory
 
 import tipcap.hub
 from tipcap import TIPCap
-from tipcap.card import write_model_card
+from tipcap.card import record_evaluation, write_model_card
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.gap.report import gap_report
@@ -118,9 +122,10 @@ def test_pull_and_push_offline_fail_in_one_line(tiny_model, hub_cache, tmp_path)
 
 def test_push_without_network_fails_at_once(tiny_model, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(tipcap.hub, "host_reachable", lambda host, **kw: False)
-    with pytest.raises(TipcapError, match=r"huggingface\.co cannot be reached"):
-        tipcap.hub.push_model(tiny_model, "owner/tiny")
+    with endpoints.closed() as url:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+        with pytest.raises(TipcapError, match=rf"{url} \(HF_ENDPOINT\) cannot be reached"):
+            tipcap.hub.push_model(tiny_model, "owner/tiny")
 
 
 def test_push_publishes_the_folder_with_its_card(tiny_model, tmp_path, monkeypatch):
@@ -139,10 +144,11 @@ def test_push_publishes_the_folder_with_its_card(tiny_model, tmp_path, monkeypat
     folder = shutil.copytree(tiny_model, tmp_path / "model")
     (folder / "README.md").unlink()  # a folder saved before cards existed gets one
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(tipcap.hub, "host_reachable", lambda host, **kw: True)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    result = run("push", "--model", folder, "--repo", "owner/tiny", "--private")
+    with endpoints.answering() as (url, _):  # a hub mirror that serves, where HF_ENDPOINT points
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+        result = run("push", "--model", folder, "--repo", "owner/tiny", "--private")
     assert result.exit_code == 0, result.output
     assert calls["create"] == ("owner/tiny", {"private": True, "exist_ok": True})
     assert calls["upload"]["repo_id"] == "owner/tiny" and calls["upload"]["folder_path"] == folder
@@ -152,9 +158,10 @@ def test_push_publishes_the_folder_with_its_card(tiny_model, tmp_path, monkeypat
 
 @pytest.fixture
 def no_network(monkeypatch):
-    """The hub's host does not answer and HF_HUB_OFFLINE is unset; returns the list of URLs requested from
-    the hub for models (each answered 404 at once, where an unreachable hub would be retried for about a
-    minute). huggingface_hub's requests of its own, about no model, are answered and not listed."""
+    """The hub's endpoint refuses connections and HF_HUB_OFFLINE is unset; returns the list of URLs
+    requested from the hub for models (each answered 404 at once, where an unreachable hub would be retried
+    for about a minute). huggingface_hub's requests of its own, about no model, are answered and not
+    listed."""
     requests = []
 
     def answer(request):
@@ -163,9 +170,10 @@ def no_network(monkeypatch):
         return httpx2.Response(404)
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(tipcap.hub, "host_reachable", lambda host, **kw: False)
     huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(answer)))
-    yield requests
+    with endpoints.closed() as url:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+        yield requests
     huggingface_hub.set_client_factory(default_client_factory)
 
 
@@ -182,9 +190,112 @@ def test_training_a_language_model_named_on_the_hub_fails_at_once_without_networ
         .splitlines()[-1]
         .startswith("Error: model.language_model 'gpt2': no such folder, and not in the Hugging Face cache")
     )
-    assert "huggingface.co cannot be reached" in result.output and "hf download gpt2" in result.output
+    assert "(HF_ENDPOINT) cannot be reached" in result.output and "hf download gpt2" in result.output
     # A tokenizer named on its own goes through the same check.
     result = run("train", "--config", TINY_CONFIG, "--set", f"data.train_texts={coco_texts}",
                  "--set", "model.tokenizer=owner/tokenizer", "--out", tmp_path / "run")  # fmt: skip
     assert no_network == [] and result.exit_code == 1
     assert "Error: model.tokenizer 'owner/tokenizer': no such folder" in result.output
+
+
+def test_a_hub_mirror_named_by_hf_endpoint_is_asked_where_it_serves(hub_cache, monkeypatch):
+    """The probe goes to HF_ENDPOINT's scheme, host and port (here plain HTTP on a local port), and a
+    mirror that serves is asked for the model, whose absence it reports, instead of called unreachable."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with endpoints.answering(404) as (url, asked):
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+        with pytest.raises(TipcapError) as raised:
+            TIPCap.from_pretrained("owner/other", device="cpu")
+    assert asked[0] == "HEAD /" and any("owner/other" in request for request in asked[1:]), asked
+    assert "cannot be reached" not in str(raised.value) and "owner/other" in str(raised.value)
+    with endpoints.closed() as url:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", url)
+        with pytest.raises(TipcapError, match=rf"{url} \(HF_ENDPOINT\) cannot be reached"):
+            TIPCap.from_pretrained("owner/other", device="cpu")
+
+
+def silent_hub_command(args: list, tmp_path) -> subprocess.CompletedProcess:
+    """``tipcap ARGS`` in a fresh process whose HF_ENDPOINT accepts connections and never answers, with
+    HF_HUB_OFFLINE unset and an empty hub cache; a hang fails the test after 60 s."""
+    environment = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    environment["HF_HUB_CACHE"] = str(tmp_path / "empty-cache")
+    with endpoints.silent() as url:
+        environment["HF_ENDPOINT"] = url
+        command = [sys.executable, "-m", "tipcap.cli", *(str(a) for a in args)]
+        result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0] == result.stderr.strip().splitlines()[-1], result.stderr
+    assert f"the hub endpoint {url} (HF_ENDPOINT) did not answer within 4 s" in errors[0], errors[0]
+    return result
+
+
+@pytest.mark.slow
+def test_push_to_a_silent_hub_endpoint_fails_in_one_line(tiny_model, tmp_path):
+    result = silent_hub_command(["push", "--model", tiny_model, "--repo", "owner/tiny"], tmp_path)
+    assert result.stderr.startswith("Error: cannot push")
+
+
+@pytest.mark.slow
+def test_a_hub_model_from_a_silent_hub_endpoint_fails_in_one_line(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "photo.png")
+    result = silent_hub_command(["caption", tmp_path / "photo.png", "--model", "someone/x"], tmp_path)
+    assert "someone/x" in result.stderr and "hf download someone/x" in result.stderr
+
+
+def nocaps_document(scorer_weights: str, chair_i: float) -> dict:
+    """A metrics.json document of 8 of NoCaps val's 4,500 images, with CLIP-S from a scorer of the given
+    weights, CHAIR on the 5 images the instance file annotates, and the given CHAIR-i."""
+    identity = {"model": "ViT-B-32", "pretrained": scorer_weights}
+    if scorer_weights == "none":
+        identity["init_seed"] = 0
+    return {
+        "metrics": {"CIDEr": 0.25, "CLIP-S": 0.61, "RefCLIP-S": 0.66, "CHAIR-i": chair_i, "CHAIR-s": 0.0},
+        "domains": {
+            "in-domain": {"images": 3, "metrics": {"CIDEr": 0.3, "CLIP-S": 0.6}},
+            "out-domain": {"images": 5, "metrics": {"CIDEr": 0.2, "CLIP-S": 0.62}},
+        },
+        "matching": {"predictions": 8, "reference_images": 4500, "scored_images": 8},
+        "scorer": {"clip": {"model": "ViT-B-32", "pretrained": scorer_weights, "init_seed": 0},
+                   "identity": identity},
+        "hallucination": {"evaluated_images": 8, "annotated_images": 5, "left_out_images": 3},
+    }  # fmt: skip
+
+
+def test_the_card_says_what_the_metrics_file_says(tiny_model, tmp_path):
+    """A random scorer, 8 images of 4,500, CHAIR on 5 of them, a NaN CHAIR-i and a random CLIP are all on
+    the card; the NaN is in neither the model-index nor the table."""
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    record_evaluation(folder, nocaps_document("none", float("nan")), "nocaps", "val", "random scorer")
+    record_evaluation(folder, nocaps_document("openai", 0.5), "nocaps", "val", "trained scorer")
+    card = ModelCard.load(folder / "README.md")
+    header = (folder / "README.md").read_text().split("\n---\n")[0]
+    assert "nan" not in header.lower() and "inf" not in header.lower()
+    results = {(r.metric_config, r.dataset_config, r.metric_type): r for r in card.data.eval_results}
+    assert ("random scorer", None, "chair-i") not in results
+    assert ("trained scorer", None, "chair-i") in results
+    random_clip_s = results["random scorer", None, "clip-s"]
+    assert random_clip_s.metric_name == "CLIP-S (random scorer)"
+    scorer = "ViT-B-32 (random weights, seed 0)"
+    assert random_clip_s.metric_args == {"scorer": scorer, "random_weights": True}
+    assert results["trained scorer", None, "clip-s"].metric_args["scorer"] == "ViT-B-32 (openai)"
+    assert results["trained scorer", None, "clip-s"].metric_name == "CLIP-S"
+    assert random_clip_s.dataset_args["images"] == 8 and random_clip_s.dataset_args["split_images"] == 4500
+    assert results["random scorer", "out-domain", "cider"].dataset_args == {"images": 5}
+    assert results["trained scorer", None, "chair-s"].metric_args == {"images": 5}
+    text = card.text
+    assert "| nocaps | val | all | 8 of 4,500 | random scorer |" in text
+    assert "| nocaps | val | out-domain | 5 | trained scorer |" in text
+    assert f"{scorer} |" in text and "ViT-B-32 (openai) |" in text
+    assert f"CLIP-S and RefCLIP-S by {scorer}: a CLIP with random weights" in text
+    assert "CLIP-S and RefCLIP-S by ViT-B-32 (openai)" not in text
+    assert "nocaps val (random scorer): scored on 8 of the split's 4,500 images" in text
+    assert "(trained scorer): CHAIR on the 5 of the 8 images that the instance file annotates" in text
+    assert "nocaps val (random scorer): CHAIR-i left out: no caption mentions an object" in text
+    assert "(trained scorer): CHAIR-i left out" not in text
+    assert "| nan |" not in text.lower()
+    # The tiny model's own CLIP has random weights too.
+    assert "with random weights (pretrained none, seed 0)" in text
+    assert "**Its CLIP has random weights**" in text

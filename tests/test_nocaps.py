@@ -143,7 +143,7 @@ def test_evaluate_puts_the_figures_on_the_model_card(prepared_nocaps, tiny_model
     cider = {r.dataset_config: r.metric_value for r in results if r.metric_type == "cider"}
     assert cider[None] == round(100 * document["metrics"]["CIDEr"], 2)
     assert cider["out-domain"] == round(100 * document["domains"]["out-domain"]["metrics"]["CIDEr"], 2)
-    assert "| nocaps | val | out-domain | model, prompt none, beams 1 |" in card.text
+    assert "| nocaps | val | out-domain | 2 | model, prompt none, beams 1 |" in card.text
 
     # Another decoding setting adds rows; the same setting again replaces its own.
     assert run(*args[:-2], "--beams", 2, "--out", tmp_path / "beam").exit_code == 0

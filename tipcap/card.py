@@ -9,16 +9,21 @@ what the folder holds, so that a copied or published folder describes itself:
   would offer it. No licence is claimed: it depends on the data, the language model and the CLIP the
   decoder was trained with.
 - how to load it: ``TIPCap.from_pretrained``, with tipcap installed;
-- the model: its CLIP, language model, prefix, projector and prompt mode (``config.json``);
+- the model: its CLIP, language model, prefix, projector and prompt mode (``config.json``), and a warning
+  when the CLIP has random weights;
 - the data setting and the gap: kind, ‖μ‖, trace Σ and the effective rank of Σ (``gap.safetensors``);
 - the training run: its command, config and input hashes (``provenance.json``, written by ``train``);
 - the evaluation figures (x100, as papers print them), one row per data set, split, domain and decoding
-  setting. ``tipcap evaluate`` adds or replaces its row (:func:`record_evaluation`); saving the weights
-  again writes the card afresh, without figures that belonged to the old weights.
+  setting, with the number of images scored (of the split's) and CLIP-S's scorer, then notes where they
+  say less than they seem to: a scorer with random weights, part of a split, CHAIR on the annotated images
+  only, a metric with no value (left out of the ``model-index``, which holds no NaN). ``tipcap evaluate``
+  adds or replaces its row (:func:`record_evaluation`); saving the weights again writes the card afresh,
+  without figures that belonged to the old weights.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -41,6 +46,11 @@ TASK = "image-to-text"
 """The task of the card's evaluation results (``model-index``)."""
 KNOWN_DATASETS = ("coco", "flickr30k")
 """Training data sets named in the card's header, when a caption store's corpus shows it was one of them."""
+
+SCORER_METRICS = ("CLIP-S", "RefCLIP-S")
+"""The metrics a scorer CLIP computes, named with it on the card."""
+UNDEFINED_REASONS = {"CHAIR-i": "no caption mentions an object, so there is no mention to count"}
+"""Why a metric can have no value, for the card's note on a figure left out."""
 
 _KARPATHY_NAME = re.compile(r"dataset_(\w+)\.json(\.gz)?")
 
@@ -88,8 +98,13 @@ def _model_section(document: Mapping[str, Any]) -> str:
         if key in language
     )
     kind = language.get("model_type", model["language_model"])
+    spec = ClipSpec.from_dict(clip) if clip else None
+    random_clip = spec is not None and spec.pretrained == "none"
+    described = "not recorded" if spec is None else spec.describe()
+    if random_clip:
+        described = f"{spec.model} with random weights (pretrained none, seed {spec.init_seed})"
     rows = [
-        ["CLIP", ClipSpec.from_dict(clip).describe() if clip else "not recorded"],
+        ["CLIP", described],
         ["language model", f"{kind} ({shape})" if shape else kind],
         ["tokenizer", model.get("tokenizer") or model["language_model"]],
         ["prefix", f"{model['prefix_length']} vectors from a {model['projector']} projector"],
@@ -98,7 +113,14 @@ def _model_section(document: Mapping[str, Any]) -> str:
     if model["prompt"] != "none":
         guidance = model.get("prompt_guidance", 0.0)
         rows.append(["prompt guidance", f"{guidance:g}" if guidance else "none (plain decoding)"])
-    return "## Model\n\n" + _table(["part", "setting"], rows)
+    text = "## Model\n\n" + _table(["part", "setting"], rows)
+    if random_clip:
+        text += (
+            "\n\n**Its CLIP has random weights**: it was never trained, so its embeddings of real images "
+            "and captions carry no learnt meaning, and neither do this decoder's captions of real images. "
+            "A model for tests and toy data, not for captioning photographs."
+        )
+    return text
 
 
 def _gap_section(report: Mapping[str, Any] | None) -> str:
@@ -133,28 +155,70 @@ def _training_section(record: Mapping[str, Any] | None) -> str:
     )
 
 
+def _images(args: Mapping[str, Any]) -> str:
+    """How many images a row was scored on, and of how many in the split when the file said."""
+    images, total = args.get("images"), args.get("split_images")
+    if images is None:
+        return "?"  # figures recorded before cards kept the count
+    return f"{images:,} of {total:,}" if total is not None else f"{images:,}"
+
+
 def _evaluation_section(results: Sequence[EvalResult]) -> str:
-    """One row per data set, split, domain and decoding setting; one column per metric (x100)."""
+    """One row per data set, split, domain and decoding setting with the number of images it was scored
+    on; one column per metric (x100), CLIP-S's scorer named; then notes on what the figures do not say."""
     if not results:
         return (
             "## Evaluation\n\nNot evaluated yet: `tipcap evaluate --model <this folder> ...` adds its "
             "figures here."
         )
     metrics = list(dict.fromkeys(r.metric_name or r.metric_type for r in results))
-    rows: dict[tuple[Any, ...], dict[str, float]] = {}
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for r in results:
         key = (r.dataset_name, r.dataset_split or "", r.dataset_config or "all", r.metric_config or "")
-        rows.setdefault(key, {})[r.metric_name or r.metric_type] = r.metric_value
-    table = _table(
-        ["data", "split", "domain", "setting", *metrics],
-        [
-            [*key, *(f"{values[m]:.1f}" if m in values else "" for m in metrics)]
-            for key, values in rows.items()
-        ],
-    )
-    return (
-        "## Evaluation\n\nScores x100, as papers print them (caption metrics by pycocoevalcap).\n\n" + table
-    )
+        row = rows.setdefault(key, {"values": {}, "args": r.dataset_args or {}, "metric_args": {}})
+        row["values"][r.metric_name or r.metric_type] = r.metric_value
+        row["metric_args"][r.metric_type] = r.metric_args or {}
+    scorers = {key: row["metric_args"].get("clip-s", {}).get("scorer") for key, row in rows.items()}
+    header = ["data", "split", "domain", "images", "setting", *metrics]
+    if any(scorers.values()):
+        header.append("CLIP-S scorer")
+    table_rows = []
+    for key, row in rows.items():
+        cells = [*key[:3], _images(row["args"]), key[3]]
+        cells += [f"{row['values'][m]:.1f}" if m in row["values"] else "" for m in metrics]
+        if any(scorers.values()):
+            cells.append(scorers[key] or "")
+        table_rows.append(cells)
+    notes = []
+    for scorer in dict.fromkeys(
+        row["metric_args"]["clip-s"]["scorer"]
+        for row in rows.values()
+        if row["metric_args"].get("clip-s", {}).get("random_weights")
+    ):
+        notes.append(
+            f"CLIP-S and RefCLIP-S by {scorer}: a CLIP with random weights, untrained; these figures do "
+            "not measure how well the captions fit the images."
+        )
+    for key, row in rows.items():
+        where = " ".join(part for part in key[:3] if part and part != "all") + f" ({key[3]})"
+        images, total = row["args"].get("images"), row["args"].get("split_images")
+        if images is not None and total is not None and images < total:
+            notes.append(
+                f"{where}: scored on {images:,} of the split's {total:,} images, not comparable with figures "
+                "on the whole split."
+            )
+        chair_images = row["metric_args"].get("chair-s", {}).get("images")
+        if chair_images is not None and images is not None and chair_images < images:
+            notes.append(
+                f"{where}: CHAIR on the {chair_images:,} of the {images:,} images that the instance file "
+                "annotates."
+            )
+        for name in row["args"].get("undefined", []):
+            reason = UNDEFINED_REASONS.get(name, "no value for these captions")
+            notes.append(f"{where}: {name} left out: {reason} (NaN in metrics.json).")
+    text = "## Evaluation\n\nScores x100, as papers print them (caption metrics by pycocoevalcap).\n\n"
+    text += _table(header, table_rows)
+    return text + ("\n\n" + "\n".join(f"- {note}" for note in notes) if notes else "")
 
 
 def write_model_card(directory: str | Path, results: Sequence[EvalResult] = ()) -> Path:
@@ -221,28 +285,67 @@ def card_results(directory: str | Path) -> list[EvalResult]:
     return list(ModelCard.load(path, ignore_metadata_errors=True).data.eval_results or [])
 
 
+def _scorer(document: Mapping[str, Any]) -> dict[str, Any]:
+    """How a ``metrics.json`` document's CLIP-S scorer is named on the card, and whether its weights are
+    random (``pretrained`` none: an untrained CLIP)."""
+    identity = (document.get("scorer") or {}).get("identity") or {}
+    weights = str(identity.get("pretrained", "?"))
+    random_weights = weights == "none"
+    shown = f"random weights, seed {identity.get('init_seed', 0)}" if random_weights else weights
+    return {"scorer": f"{identity.get('model', '?')} ({shown})", "random_weights": random_weights}
+
+
 def evaluation_results(
     document: Mapping[str, Any], dataset: str, split: str | None, setting: str
 ) -> list[EvalResult]:
-    """A ``metrics.json`` document's figures (x100) as hub evaluation results, per domain as well."""
-    groups = [(None, document["metrics"])]
-    groups += [(domain, scores["metrics"]) for domain, scores in document.get("domains", {}).items()]
-    return [
-        EvalResult(
-            task_type=TASK,
-            dataset_type=dataset,
-            dataset_name=dataset,
-            dataset_split=split,
-            dataset_config=domain,
-            metric_type=metric.lower(),
-            metric_name=metric,
-            metric_value=round(100 * value, 2),
-            metric_config=setting,
-        )
-        for domain, metrics in groups
-        for metric, value in metrics.items()
-        if value is not None
+    """A ``metrics.json`` document's figures (x100) as hub evaluation results, per domain as well.
+
+    Each result carries what the figure rests on: the number of images scored and the split's total
+    (``dataset_args``: ``images``, ``split_images``), the CLIP-S scorer (``metric_args``: ``scorer``,
+    ``random_weights``; a random scorer's figures are named ``CLIP-S (random scorer)``), and CHAIR's
+    annotated images. A metric without a finite value (CHAIR-i when no caption mentions an object) is
+    left out and named in ``dataset_args["undefined"]``, for the card's notes.
+    """
+    matching = document.get("matching") or {}
+    whole = {"images": matching.get("scored_images"), "split_images": matching.get("reference_images")}
+    groups = [(None, document["metrics"], whole)]
+    groups += [
+        (domain, scores["metrics"], {"images": scores.get("images")})
+        for domain, scores in document.get("domains", {}).items()
     ]
+    scorer = _scorer(document)
+    chair_images = (document.get("hallucination") or {}).get("annotated_images")
+    results = []
+    for domain, metrics, counts in groups:
+        args: dict[str, Any] = {key: value for key, value in counts.items() if value is not None}
+        undefined = [m for m, v in metrics.items() if v is not None and not math.isfinite(v)]
+        if undefined:
+            args["undefined"] = undefined
+        for metric, value in metrics.items():
+            if value is None or metric in undefined:
+                continue
+            name, metric_args = metric, None
+            if metric in SCORER_METRICS and document.get("scorer"):
+                metric_args = scorer
+                name += " (random scorer)" if scorer["random_weights"] else ""
+            elif metric in ("CHAIR-i", "CHAIR-s") and domain is None and chair_images is not None:
+                metric_args = {"images": chair_images}
+            results.append(
+                EvalResult(
+                    task_type=TASK,
+                    dataset_type=dataset,
+                    dataset_name=dataset,
+                    dataset_split=split,
+                    dataset_config=domain,
+                    dataset_args=args or None,
+                    metric_type=metric.lower(),
+                    metric_name=name,
+                    metric_value=round(100 * value, 2),
+                    metric_config=setting,
+                    metric_args=metric_args,
+                )
+            )
+    return results
 
 
 def record_evaluation(

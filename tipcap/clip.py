@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 import torch
 from PIL import Image
@@ -30,7 +30,7 @@ from tipcap import text_tower
 from tipcap.data import ImageError, load_image
 from tipcap.errors import TipcapError, WeightsUnavailable
 from tipcap.io import atomic_path, load_json
-from tipcap.network import host_reachable
+from tipcap.network import hub_unavailable, probe
 from tipcap.provenance import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -211,12 +211,14 @@ def _fetch_tag_weights(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
     from huggingface_hub import constants
 
     if tag_cfg.get("hf_hub"):
-        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        reason = hub_unavailable()
+    elif constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
     else:
-        host = urlparse(tag_cfg.get("url", "")).hostname or ""
-    offline = constants.HF_HUB_OFFLINE or not host_reachable(host)
-    if offline:
-        reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{host} cannot be reached"
+        url = tag_cfg.get("url", "")
+        problem = probe(url)
+        reason = None if problem is None else f"{urlsplit(url).netloc or url!r} {problem}"
+    if reason is not None:
         raise WeightsUnavailable(
             f"CLIP weights for {spec.model} (pretrained tag '{spec.pretrained}') are not cached on this "
             f"machine and {reason}; download the weights file elsewhere and pass it with "

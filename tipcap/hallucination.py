@@ -12,7 +12,8 @@ caption with the synonym list kept in ``resources/coco_synonyms.json`` (singular
 phrases such as "hot dog" and "teddy bear" matched whole and before their words, and the qualifier rules of
 the published metric: "baby elephant" names an elephant and no person). An image's true objects are the
 categories of its instance annotations (:func:`load_instances`, a COCO ``instances_*.json``) together with
-those its reference captions mention, as in the published metric. :func:`chair` takes any mention finder
+those its reference captions mention, as in the published metric; an evaluation scores only the images the
+instance file lists (:func:`tipcap.protocol.evaluate_split`). :func:`chair` takes any mention finder
 and truth, so the toy world scores its own objects the same way (:mod:`tipcap.toy.scoring`).
 """
 

@@ -7,8 +7,9 @@ is, without network; what it lacks is downloaded. A local folder of that name al
 
 ``load_named`` does the same for what ``transformers`` loads by name (a language model, a tokenizer).
 
-Offline (``HF_HUB_OFFLINE`` set, or the hub's host not answering a TCP connection within a few seconds),
-all fail at once with one line saying what to do, instead of retrying for minutes.
+Offline (``HF_HUB_OFFLINE`` set, or the hub's endpoint, ``HF_ENDPOINT`` when set, not answering an HTTP
+request within a few seconds), all fail at once with one line saying what to do, instead of retrying or
+waiting for minutes.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlparse
 
 from tipcap import __version__
 from tipcap.errors import TipcapError
-from tipcap.network import host_reachable
+from tipcap.network import hub_unavailable
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 Loaded = TypeVar("Loaded")
@@ -30,18 +30,6 @@ Loaded = TypeVar("Loaded")
 def is_hub_name(name: str) -> bool:
     """Whether ``name`` reads as ``owner/name`` or ``owner/name@revision``."""
     return _HUB_NAME.fullmatch(name) is not None
-
-
-def _offline_reason() -> str | None:
-    """Why the hub cannot be used now (``HF_HUB_OFFLINE``, or its host not answering), else ``None``."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    if not host_reachable(host):
-        return f"{host} cannot be reached"
-    return None
 
 
 def _first_line(error: Exception) -> str:
@@ -81,7 +69,7 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path
         pass  # not cached: download it below, when the hub can be reached
     except HFValidationError as e:
         raise TipcapError(f"{name}: no such folder, nor a valid hub name ({_first_line(e)}).") from None
-    reason = _offline_reason()
+    reason = hub_unavailable()
     if reason is not None:
         from huggingface_hub import constants
 
@@ -99,7 +87,9 @@ def resolve_model(name_or_path: str | Path, revision: str | None = None) -> Path
         ) from None
     except RevisionNotFoundError:
         raise TipcapError(f"{name}: the hub model {repo} has no revision {revision!r}.") from None
-    except HfHubHTTPError as e:
+    except (HfHubHTTPError, LocalEntryNotFoundError) as e:
+        # huggingface_hub turns a failed request it cannot classify (a mirror's bare 404, a dropped
+        # connection) into LocalEntryNotFoundError, whose first line names the request that failed.
         raise TipcapError(f"downloading {where} from the hub failed: {_first_line(e)}") from None
 
 
@@ -129,7 +119,7 @@ def load_named(load: Callable[..., Loaded], name: str, key: str) -> Loaded:
         return load(name, local_files_only=True)
     except OSError:
         pass  # not cached: download it below, when the hub can be reached
-    reason = _offline_reason()
+    reason = hub_unavailable()
     if reason is not None:
         raise TipcapError(
             f"{key} {name!r}: no such folder, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
@@ -165,7 +155,7 @@ def push_model(
         )
     if "@" in repo or not is_hub_name(repo):
         raise TipcapError(f"--repo {repo!r}: expected a hub model name, owner/name.")
-    reason = _offline_reason()
+    reason = hub_unavailable()
     if reason is not None:
         raise TipcapError(
             f"cannot push {directory} to {repo}: {reason}; push from a machine that reaches the hub "

@@ -309,14 +309,39 @@ def _hallucination(
     instances: dict[ImageId, set[str]] | None,
     words: CocoObjectWords | None,
     objects: Mapping[ImageId, Sequence[str]],
-) -> tuple[ChairResult, dict[str, Any]] | None:
+    source: str | Path | None,
+    skipped: dict[str, str],
+) -> tuple[ChairResult | None, dict[str, Any]] | None:
     """CHAIR of the scored captions against COCO instance annotations (when given) or the scenes' objects
-    (when every image has them), and how its truth was made; ``None`` when neither is known."""
+    (when every image has them), and how its truth was made; ``None`` when neither is known.
+
+    With instance annotations, CHAIR scores only the images the file lists (``source``, for the messages).
+    The published metric takes an image's truth from its instance annotations and its reference captions
+    together; from the references alone, objects the annotators left unsaid would count as hallucinated,
+    so an image the file does not list is left out, counted in the record, and warned about once. When
+    none is left, CHAIR is skipped (no result; its reason in ``skipped``).
+    """
     if instances is not None and words is not None:
-        truth = coco_truth({image_id: references[image_id] for image_id in matched}, instances, words)
+        annotated = {image_id: caption for image_id, caption in matched.items() if image_id in instances}
+        left_out = len(matched) - len(annotated)
         record = {"objects": "COCO's 80 categories", "synonyms": words.source,
-                  "truth": "instance annotations and reference captions"}  # fmt: skip
-        return chair(matched, truth, words.objects), record
+                  "truth": "instance annotations and reference captions", "evaluated_images": len(matched),
+                  "annotated_images": len(annotated), "left_out_images": left_out}  # fmt: skip
+        if left_out:
+            first = next(image_id for image_id in matched if image_id not in instances)
+            reason = (
+                f"--instances {source} annotates {len(annotated)} of the {len(matched)} evaluated images; "
+                f"CHAIR left out the other {left_out} (image {first!r} first), whose truth would come from "
+                "their reference captions alone"
+            )
+            record["left_out"] = reason
+            if not annotated:
+                skipped.update({"CHAIR-i": reason, "CHAIR-s": reason})
+                log.warning("CHAIR skipped: %s", reason)
+                return None, record
+            log.warning("%s.", reason)
+        truth = coco_truth({image_id: references[image_id] for image_id in annotated}, instances, words)
+        return chair(annotated, truth, words.objects), record
     if matched and all(image_id in objects for image_id in matched):
         return scene_chair(matched, objects), {"objects": "scene objects", "truth": "the scenes' objects"}
     return None
@@ -360,7 +385,8 @@ def evaluate_split(
         clip: the CLIP to use; default: the model's, else the caption store's.
         objects: each image's true objects (the ``oracle`` prompts and the truth of the scene CHAIR);
             default: the scenes' objects ``data`` records (the toy world's), if any.
-        instances: a COCO instance annotation file; with it, CHAIR is scored on COCO's 80 categories.
+        instances: a COCO instance annotation file; with it, CHAIR is scored on COCO's 80 categories, over
+            the evaluated images the file lists (the others are left out, counted and warned about).
         score_image_store: where the scorer CLIP's image store is kept when it is not the decoder's CLIP
             (default ``out/score-image-store``).
         vocabulary: entity vocabulary JSON of ``template`` (default: the packaged COCO vocabulary).
@@ -487,12 +513,14 @@ def evaluate_split(
                 "Adherence-all": float(found.complete),
             })  # fmt: skip
 
-    hallucination = _hallucination(matched, references, annotated, words, objects)
-    if hallucination is not None:
-        found, how = hallucination
-        result["metrics"]["CHAIR-i"] = found.chair_i if found.chair_i is not None else math.nan
-        result["metrics"]["CHAIR-s"] = found.chair_s
-        for image_id, named in found.per_image.items():
+    hallucination = _hallucination(
+        matched, references, annotated, words, objects, instances, result["skipped"]
+    )
+    chair_result, how = hallucination if hallucination is not None else (None, {})
+    if chair_result is not None:
+        result["metrics"]["CHAIR-i"] = chair_result.chair_i if chair_result.chair_i is not None else math.nan
+        result["metrics"]["CHAIR-s"] = chair_result.chair_s
+        for image_id, named in chair_result.per_image.items():
             per_image_extra[image_id].update(
                 {"objects_mentioned": named["mentioned"], "objects_hallucinated": named["hallucinated"]}
             )
@@ -517,7 +545,7 @@ def evaluate_split(
     document["clip"] = spec.to_dict()
     document["scorer"] = scorer.record()
     if hallucination is not None:
-        document["hallucination"] = {**how, **found.counts()}
+        document["hallucination"] = {**how, **(chair_result.counts() if chair_result is not None else {})}
         if instances is not None:
             document["hallucination"]["instances"] = str(Path(instances).resolve())
     if model is not None:
