@@ -25,17 +25,35 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 
 from tipcap.errors import TipcapError
 from tipcap.io import atomic_path
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-Positive = Annotated[int, Field(ge=1)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-Probability = Annotated[float, Field(ge=0, le=1)]
+
+def _not_boolean(value: Any) -> Any:
+    """Refuse ``true``/``false`` where a number is expected: pydantic's lax mode reads them as 1 and 0, so
+    ``train.max_steps: true`` would train one step."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_not_boolean", "input should be a number, not true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_boolean)]
+"""An integer config value (every one: a boolean is no integer here)."""
+Float = Annotated[float, BeforeValidator(_not_boolean)]
+"""A real config value (every one: a boolean is no number here)."""
+Positive = Annotated[Int, Field(ge=1)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+Probability = Annotated[Float, Field(ge=0, le=1)]
+Seed = Annotated[Int, Field(ge=0, lt=2**32)]
+"""A seed: below 2³², as numpy's legacy seeding takes, and so that the seeds derived from it (a training
+step's, ``(seed·1000003 + step)·131 + rank``; a synthetic block's, ``seed·1000003 + row``) stay within the
+64 bits that ``torch.manual_seed`` takes."""
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 GapKind = Literal[
@@ -90,7 +108,7 @@ class EmbedConfig:
 
     model: str = ""  # open_clip model name, or the path of an open_clip model-config JSON
     pretrained: str = "none"  # open_clip tag, local weights file, or none (random, seeded by init_seed)
-    init_seed: int = 0
+    init_seed: Seed = 0
     precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     batch_size: Positive | None = None  # None: the encoder's default for the device
 
@@ -108,7 +126,7 @@ class GapConfig:
     # web-pairs: "mixture" weights each pair by its probability of being matched (a two-component mixture
     # on cos(v, t)); "trim" drops the least similar share drop_quantile
     web_estimator: WebEstimator = "mixture"
-    drop_quantile: Annotated[float, Field(ge=0, lt=1)] = 0.1  # web-pairs with trim: least similar share
+    drop_quantile: Annotated[Float, Field(ge=0, lt=1)] = 0.1  # web-pairs with trim: least similar share
     # isotropic, mean-shift-isotropic, capdec-offset and text-only noise variance per axis
     sigma2: PositiveFloat = CAPDEC_SIGMA2
     noise_scale: PositiveFloat = 1.0  # multiplies the training-noise covariance of any kind (σ² sweeps)
@@ -122,7 +140,7 @@ class GapConfig:
     mu_from: str | None = None  # text-only: import μ from this gap file
     tau: PositiveFloat = 0.01  # memory: softmax temperature
     memory_size: Positive | None = None  # memory: keep a seeded subset of this many captions
-    seed: int = 0  # memory subsets, the web-pairs mixture's null draw, the rotated kind's rotation
+    seed: Seed = 0  # memory subsets, the web-pairs mixture's null draw, the rotated kind's rotation
 
 
 @dataclass
@@ -182,7 +200,7 @@ class TrainConfig:
     batch_size: Positive = 80
     lr: NonNegativeFloat = 2e-5  # 0 keeps the weights: a control run
     weight_decay: NonNegativeFloat = 0.01
-    warmup_steps: Annotated[int, Field(ge=0)] = 500
+    warmup_steps: Annotated[Int, Field(ge=0)] = 500
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
     accumulate: Positive = 1
@@ -192,7 +210,7 @@ class TrainConfig:
     pack_length: Positive = 256
     compile: bool = False  # torch.compile the language model (compiled on the first steps)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every: Positive = 1000
     keep_checkpoints: Positive = 2
     log_every: Positive = 50
@@ -222,7 +240,7 @@ class EvalConfig:
     top_k: Positive = 3  # auto prompts: at most this many entities
     # auto prompts: keep entities at least this probable (ViECap's 0.2); None keeps the top_k
     threshold: Probability | None = 0.2
-    prompt_seed: int = 0  # oracle-one, oracle-missing and wrong prompts: seed of the draw
+    prompt_seed: Seed = 0  # oracle-one, oracle-missing and wrong prompts: seed of the draw
     metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
     batch_size: Positive = 64
     # The CLIP that computes CLIP-S and RefCLIP-S, apart from the caption model's: an open_clip name or
@@ -242,8 +260,8 @@ class SyntheticGapConfig:
     mu_norm: NonNegativeFloat = 0.54  # ‖μ*‖ (the toy CLIP's ‖mean(v) − mean(t)‖)
     trace: PositiveFloat = 0.35  # tr Σ* (the toy CLIP's few-pairs fit)
     spikes: Positive = 8
-    spike_share: Annotated[float, Field(gt=0, le=1)] = 0.8
-    seed: int = 0
+    spike_share: Annotated[Float, Field(gt=0, le=1)] = 0.8
+    seed: Seed = 0
 
 
 @dataclass
