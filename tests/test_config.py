@@ -184,6 +184,14 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
         # Seeds end in torch.manual_seed, whose 64 bits the derived per-step seeds must fit.
         ("train.seed=99999999999999999999", "config key 'train.seed': input should be less than 4294967296"),
         ("train.seed=-1", "config key 'train.seed': input should be greater than or equal to 0"),
+        # Every length against the language model's 128 positions (tiny.yaml: prefix 4, captions 30).
+        (
+            "model.prefix_length=120",
+            "model.prefix_length 120 + model.max_caption_tokens 30 = 150 positions, more than the 128 of "
+            "model.language_model_config.n_positions; lower these keys",
+        ),
+        ("model.max_caption_tokens=500", "model.prefix_length 4 + model.max_caption_tokens 500 = 504"),
+        ("model.prefix_length=100000", "model.prefix_length 100000 + model.max_caption_tokens 30 = 100030"),
     ],
 )
 def test_mistakes_name_the_key(override, message):
@@ -232,6 +240,17 @@ def test_mistakes_name_the_key(override, message):
         ),
         ("web_pairs=null", "config key 'cells[11]': a web-pairs cell needs web_pairs"),
         ("seeds=[0, true]", "config key 'seeds[1]': input should be a number, not true or false"),
+        (
+            "decoder.model.language_model_config.n_positions=8",
+            "decoder.model.prefix_length 10 + decoder.model.max_caption_tokens 40 = 50 positions, more than "
+            "the 8 of decoder.model.language_model_config.n_positions",
+        ),
+        (
+            "cells=[{name: a, kind: none, set: {model.language_model_config: {n_positions: 60}, "
+            "model.prompt: pim, model.pim_tokens: true, model.max_prompt_words: 12}}]",
+            "cells[0].set.model.prefix_length 10 + cells[0].set.model.max_prompt_words 12 (one position each "
+            "with pim_tokens) + cells[0].set.model.max_caption_tokens 40 = 62 positions, more than the 60 of",
+        ),
     ],
 )
 def test_ablation_mistakes_name_the_key(override, message):

@@ -175,6 +175,16 @@ class ModelConfig:
     max_caption_tokens: Positive = 40
     vocabulary: str | None = None  # entity vocabulary JSON; None: the packaged COCO vocabulary
 
+    def check(self, where: str) -> None:
+        """The lengths against the positions that ``language_model_config`` gives the language model, when
+        it names them (a model's own default is checked when it is built, :class:`tipcap.model.TIPCap`)."""
+        settings = self.language_model_config or {}
+        for name in ("n_positions", "max_position_embeddings"):  # GPT-2's name, most others'
+            value = settings.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                check_positions(self, value, f"{_key(where, 'language_model_config')}.{name}", where)
+                return
+
 
 @dataclass
 class DataConfig:
@@ -274,6 +284,46 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def check(self, where: str) -> None:
+        """Rules across keys: the model's (:meth:`ModelConfig.check`)."""
+        self.model.check(_key(where, "model"))
+
+
+def _key(where: str, name: str) -> str:
+    """The dotted key of ``name`` in the section ``where`` (``""``: the top level)."""
+    return f"{where}.{name}" if where else name
+
+
+def check_positions(
+    config: ModelConfig, positions: int, limit: str, where: str = "model", hard_prompt_tokens: int = 0
+) -> None:
+    """Refuse a model whose longest sequence would not fit the ``positions`` of its language model (named
+    ``limit`` in the message), before anything is built: a position past them has no embedding.
+
+    The sequence is the ``prefix_length`` prefix vectors, then the prompt (with ``pim_tokens``, one vector
+    per prompt word, of which a model reads ``max_prompt_words``; for a hard prompt ``hard_prompt_tokens``,
+    the tokens of its longest, which only the tokenizer can count), then up to ``max_caption_tokens``.
+    ``where`` is the section whose keys the message names.
+    """
+    parts = [f"{_key(where, 'prefix_length')} {config.prefix_length}"]
+    prompt = 0
+    if config.prompt == "pim" and config.pim_tokens:
+        prompt = config.max_prompt_words
+        parts.append(f"{_key(where, 'max_prompt_words')} {prompt} (one position each with pim_tokens)")
+    elif config.prompt == "hard" and hard_prompt_tokens:
+        prompt = hard_prompt_tokens
+        parts.append(
+            f"a hard prompt of {prompt} tokens (its {_key(where, 'max_prompt_words')} "
+            f"{config.max_prompt_words} longest vocabulary words)"
+        )
+    parts.append(f"{_key(where, 'max_caption_tokens')} {config.max_caption_tokens}")
+    needed = config.prefix_length + prompt + config.max_caption_tokens
+    if needed > positions:
+        raise TipcapError(
+            f"{' + '.join(parts)} = {needed} positions, more than the {positions} of {limit}; lower these "
+            "keys or give the language model more positions."
+        )
+
 
 def check_gap_kind(kind: str, setting: str, mu_from: str | None, where: str) -> None:
     """Refuse a gap kind whose inputs the setting lacks, or one that text-only makes another kind.
@@ -346,14 +396,18 @@ _ADAPTERS: dict[type, TypeAdapter] = {}
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys, mistyped and out-of-range values."""
+    """Build dataclass ``cls`` from a dict, refusing unknown keys, mistyped and out-of-range values, then
+    what breaks a rule across keys (the dataclass's ``check``, given the section's dotted key)."""
     if not isinstance(data, dict):
         raise TipcapError(f"config key '{prefix}': expected a mapping, got {data!r}.")
     adapter = _ADAPTERS.setdefault(cls, TypeAdapter(cls))
     try:
-        return adapter.validate_python(data)
+        config = adapter.validate_python(data)
     except ValidationError as e:
         raise TipcapError(_message(e.errors()[0], prefix)) from None
+    if hasattr(config, "check"):
+        config.check(prefix)
+    return config
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], flag: str = "--set") -> dict[str, Any]:
