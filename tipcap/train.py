@@ -12,14 +12,18 @@ Run directory::
     run.json             world size, device, data sizes
     metrics.jsonl        training loss / lr / throughput every ``log_every`` steps, validation loss per epoch
     checkpoints/step-N/  model.safetensors, trainer.pt (optimizer, scheduler), state.json; last k kept
+    train.lock           held while a run writes into the folder (deleted when it ends)
     model/               the final model (TIPCap.from_pretrained), with the run's provenance.json and a
                          model card (README.md) that summarises it
+
+One run at a time writes into a folder: a second is refused while the first holds ``train.lock``.
 
 The model and its data are built by :mod:`tipcap.training_setup`; this module is the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +31,7 @@ import pickle
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +47,14 @@ from transformers import get_scheduler
 from tipcap import provenance
 from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path, save_safetensors, write_json_atomic
+from tipcap.io import atomic_path, exclusive_lock, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.prompts import sample_training_prompt
 from tipcap.training_data import collate, epoch_batches
 from tipcap.training_setup import TrainingSetup, build_training
 
 logger = logging.getLogger(__name__)
+LOCK = "train.lock"
 _CHECKPOINT_DAMAGE = (
     SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError,
 )  # fmt: skip
@@ -471,12 +477,36 @@ class Trainer:
         self._log({"step": step, "rank_checksums": [float(c) for c in gathered]})
 
 
+@contextlib.contextmanager
+def _holding(out: Path, env: Distributed) -> Iterator[None]:
+    """Hold the run folder ``out`` for this run (``train.lock``), or refuse at once when another run holds
+    it: two runs into one folder would interleave their logs and prune each other's checkpoints. Under
+    torchrun rank 0 holds it for all ranks (which share the folder)."""
+    if not env.main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+
+    def busy() -> None:
+        raise TipcapError(
+            f"{out}: another training is writing into this folder (it holds {out / LOCK}); wait for it to "
+            "end, or train into another --out."
+        )
+
+    with exclusive_lock(out / LOCK, busy):
+        yield
+
+
 def train(config: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Build the model and data a config names and train it into ``out``; return the final model directory."""
+    """Build the model and data a config names and train it into ``out``; return the final model directory.
+
+    The folder is held for the run (:func:`_holding`), from before the model is built.
+    """
     env = Distributed.setup()
     try:
-        trainer = Trainer(config, build_training(config, env.device), out, env, progress=progress)
-        return trainer.train(resume=resume)
+        with _holding(Path(out), env):
+            trainer = Trainer(config, build_training(config, env.device), out, env, progress=progress)
+            return trainer.train(resume=resume)
     finally:
         if env.world > 1:
             dist.destroy_process_group()
