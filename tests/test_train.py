@@ -217,6 +217,57 @@ def test_two_trainings_into_one_folder_one_is_refused(coco_texts, tmp_path):
     assert not (out / "model").exists()
 
 
+@pytest.fixture(scope="module")
+def older_run(tmp_path_factory, coco_texts) -> Path:
+    """A finished run of seed 1 and 6 steps, with checkpoints at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("older") / "run"
+    result = run(
+        *_train_args(coco_texts, out, "train.seed=1", "train.max_steps=6", "train.checkpoint_every=3")
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(older_run, coco_texts, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(older_run, out)
+    checkpoints = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    # Started there, seed 2 would keep the older run's steps 3 and 6 over its own step 2.
+    refused = run(
+        *_train_args(coco_texts, out, "train.seed=2", "train.max_steps=2", "train.checkpoint_every=3")
+    )
+    assert one_error_line(refused) == (
+        f"Error: {out} holds checkpoints of another run (checkpoints/step-00000003: another config or other "
+        "inputs); continue that run with its own config and --resume, or train this one into another --out "
+        f"(or delete {out / 'checkpoints'} first)."
+    )
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == checkpoints
+    # The run that wrote them may start there afresh: it redoes its own checkpoints.
+    again = run(
+        *_train_args(coco_texts, out, "train.seed=1", "train.max_steps=6", "train.checkpoint_every=3")
+    )
+    assert again.exit_code == 0, again.output
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(older_run, coco_texts, tmp_path):
+    out = tmp_path / "run"
+    args = _train_args(coco_texts, out, "train.seed=2", "train.max_steps=2", "train.checkpoint_every=3")
+    assert run(*args).exit_code == 0
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    # The older run's last checkpoint beside this run's own step 2, as a fresh run used to leave them.
+    stale = out / "checkpoints" / "step-00000006"
+    shutil.copytree(older_run / "checkpoints" / stale.name, stale)
+    line = one_error_line(run(*args, "--resume"))
+    assert line.startswith(
+        f"Error: --resume: {stale} is not this run's checkpoint (its state.json records run "
+    )
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
+    shutil.rmtree(stale)
+    resumed = run(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] == 2
+
+
 @pytest.mark.slow
 def test_rows_without_prompt_words_take_the_prompt_free_path(prompt_model):
     root, _, _ = prompt_model
