@@ -1,16 +1,34 @@
 """Experiment configs: every shipped file validates; mistakes name the key; values round-trip."""
 
+import dataclasses
 import itertools
 import re
 import shlex
+import typing
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Any, Union
 
 import pytest
 import yaml
 
-from tipcap.config import ExperimentConfig, load_config, save_config, to_dict
+from tipcap.config import (
+    DataConfig,
+    EmbedConfig,
+    EvalConfig,
+    ExperimentConfig,
+    GapConfig,
+    ModelConfig,
+    SyntheticGapConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 from tipcap.errors import TipcapError
 from tipcap.grid import expand, load_ablation
+from tipcap.grid.config import AblationConfig, Cell
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml"))
@@ -160,10 +178,24 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
         ("train.lr=.nan", "config key 'train.lr': input should be a finite number"),
         ("train.max_steps=0", "config key 'train.max_steps': input should be greater than or equal to 1"),
         ("train.lr", "expected key=value"),
+        # A boolean is no number, though pydantic's lax mode reads true as 1: one step of training.
+        ("train.max_steps=true", "config key 'train.max_steps': input should be a number, not true or false"),
+        ("train.lr=false", "config key 'train.lr': input should be a number, not true or false"),
+        # Seeds end in torch.manual_seed, whose 64 bits the derived per-step seeds must fit.
+        ("train.seed=99999999999999999999", "config key 'train.seed': input should be less than 4294967296"),
+        ("train.seed=-1", "config key 'train.seed': input should be greater than or equal to 0"),
+        # Every length against the language model's 128 positions (tiny.yaml: prefix 4, captions 30).
+        (
+            "model.prefix_length=120",
+            "model.prefix_length 120 + model.max_caption_tokens 30 = 150 positions, more than the 128 of "
+            "model.language_model_config.n_positions; lower these keys",
+        ),
+        ("model.max_caption_tokens=500", "model.prefix_length 4 + model.max_caption_tokens 500 = 504"),
+        ("model.prefix_length=100000", "model.prefix_length 100000 + model.max_caption_tokens 30 = 100030"),
     ],
 )
 def test_mistakes_name_the_key(override, message):
-    with pytest.raises(TipcapError, match=message.replace("|", r"\|").replace("(", r"\(")):
+    with pytest.raises(TipcapError, match=re.escape(message)):
         load_config(EXPERIMENTS / "tiny.yaml", [override])
 
 
@@ -207,6 +239,18 @@ def test_mistakes_name_the_key(override, message):
             "config key 'cells[0].set.gap.sigma2': input should be greater than 0",
         ),
         ("web_pairs=null", "config key 'cells[11]': a web-pairs cell needs web_pairs"),
+        ("seeds=[0, true]", "config key 'seeds[1]': input should be a number, not true or false"),
+        (
+            "decoder.model.language_model_config.n_positions=8",
+            "decoder.model.prefix_length 10 + decoder.model.max_caption_tokens 40 = 50 positions, more than "
+            "the 8 of decoder.model.language_model_config.n_positions",
+        ),
+        (
+            "cells=[{name: a, kind: none, set: {model.language_model_config: {n_positions: 60}, "
+            "model.prompt: pim, model.pim_tokens: true, model.max_prompt_words: 12}}]",
+            "cells[0].set.model.prefix_length 10 + cells[0].set.model.max_prompt_words 12 (one position each "
+            "with pim_tokens) + cells[0].set.model.max_caption_tokens 40 = 62 positions, more than the 60 of",
+        ),
     ],
 )
 def test_ablation_mistakes_name_the_key(override, message):
@@ -231,3 +275,31 @@ def test_missing_or_malformed_file(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(TipcapError, match="not valid YAML"):
         load_config(bad)
+
+
+def numeric_keys(cls: type) -> list[str]:
+    """The keys of a config dataclass whose value is a number (or may be one: ``Positive | None``)."""
+
+    def numeric(annotation: Any) -> bool:
+        if typing.get_origin(annotation) is Annotated:
+            return numeric(typing.get_args(annotation)[0])
+        if typing.get_origin(annotation) in (Union, UnionType):
+            return any(numeric(member) for member in typing.get_args(annotation))
+        return annotation in (int, float)
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return [f.name for f in dataclasses.fields(cls) if numeric(hints[f.name])]
+
+
+CONFIG_CLASSES = (EmbedConfig, GapConfig, ModelConfig, DataConfig, TrainConfig, EvalConfig,
+                  SyntheticGapConfig, AblationConfig, Cell)  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=lambda cls: cls.__name__)
+def test_no_numeric_key_takes_a_boolean(cls):
+    keys = numeric_keys(cls)
+    assert keys or cls is DataConfig
+    required = {"name": "a"} if cls is Cell else {}
+    for key in keys:
+        with pytest.raises(TipcapError, match=f"config key '{key}': input should be a number, not true"):
+            from_dict(cls, {**required, key: True})

@@ -6,6 +6,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from conftest import COCO_SLICE, run, write_images
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
+from serving import build_model
 
 from tipcap.data import ImageError, load_image
 from tipcap.data.prepare import prepare_dataset
@@ -394,9 +396,10 @@ def test_model_weights_with_nan_are_refused_on_load(tmp_path):
     tokenizer = word_level_tokenizer(["a red circle ."])
     language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32,
                       "vocab_size": len(tokenizer)}  # fmt: skip
-    model = TIPCap.build(
-        ModelConfig(clip_dim=8, language_model_config=language_model, prefix_length=2), tokenizer
+    config = ModelConfig(
+        clip_dim=8, language_model_config=language_model, prefix_length=2, max_caption_tokens=8
     )
+    model = TIPCap.build(config, tokenizer)
     model.save_pretrained(tmp_path / "model")
     TIPCap.from_pretrained(tmp_path / "model", device="cpu")  # whole weights load
     state = load_file(tmp_path / "model" / "model.safetensors")
@@ -564,7 +567,8 @@ def tiny_model(directory: Path, prefix_length: int = 2) -> Path:
     tokenizer = word_level_tokenizer(["a red circle ."])
     language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32,
                       "vocab_size": len(tokenizer)}  # fmt: skip
-    config = ModelConfig(clip_dim=8, language_model_config=language_model, prefix_length=prefix_length)
+    config = ModelConfig(clip_dim=8, language_model_config=language_model, prefix_length=prefix_length,
+                         max_caption_tokens=8)  # fmt: skip
     TIPCap.build(config, tokenizer).save_pretrained(directory)
     return directory
 
@@ -744,3 +748,100 @@ def test_ablate_checks_its_inputs_before_it_records_the_grid(tmp_path, tiny_clip
         result = run("ablate", config, "--plan", "--out", tmp_path / "out")
     assert_one_line_error(result, needle)
     assert not (tmp_path / "out" / "grid.json").exists()
+
+
+# --- 9. lengths past the language model's positions, seeds past torch's, booleans for numbers -----------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (
+            ["model.prefix_length=120"],
+            "model.prefix_length 120 + model.max_caption_tokens 30 = 150 positions, more than the 128 of "
+            "model.language_model_config.n_positions",
+        ),
+        (["model.max_caption_tokens=500"], "model.max_caption_tokens 500"),
+        (["model.prefix_length=100000"], "model.prefix_length 100000"),  # a projector of 327 TB
+        (
+            ["model.prompt=pim", "model.pim_tokens=true", "model.prefix_length=91"],
+            "model.max_prompt_words 8 (one position each with pim_tokens)",
+        ),
+        (
+            ["train.seed=99999999999999999999"],
+            "config key 'train.seed': input should be less than 4294967296",
+        ),
+        (
+            ["train.max_steps=true"],
+            "config key 'train.max_steps': input should be a number, not true or false",
+        ),
+    ],
+)
+def test_train_refuses_lengths_seeds_and_booleans_before_any_work(stores, tmp_path, overrides, needle):
+    result = run("train", "--config", ROOT / "experiments" / "tiny.yaml", "--set",
+                 f"data.train_texts={stores / 'texts'}", *(x for o in overrides for x in ("--set", o)),
+                 "--out", tmp_path / "run", "--no-progress")  # fmt: skip
+    assert_one_line_error(result, needle)
+    assert not (tmp_path / "run").exists()
+
+
+def tiny_settings(tokenizer, **extra) -> dict:
+    """A one-layer GPT-2 of width 8 for ``tokenizer``."""
+    return {
+        "model_type": "gpt2",
+        "n_layer": 1,
+        "n_head": 2,
+        "n_embd": 8,
+        "vocab_size": len(tokenizer),
+        **extra,
+    }
+
+
+def test_a_prefix_past_the_language_models_own_positions_is_refused_before_it_is_allocated():
+    from tipcap.config import ModelConfig
+    from tipcap.model import TIPCap
+    from tipcap.training_data import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(["a red circle ."])
+    # No n_positions in the settings: GPT-2's default, 1024, is known once the language model is built.
+    config = ModelConfig(clip_dim=8, language_model_config=tiny_settings(tokenizer), prefix_length=1100,
+                         max_caption_tokens=8)  # fmt: skip
+    message = "model.prefix_length 1100 + model.max_caption_tokens 8 = 1108 positions, more than the 1024"
+    with pytest.raises(TipcapError, match=re.escape(message)):
+        TIPCap.build(config, tokenizer)
+
+
+def test_a_hard_prompt_model_counts_the_longest_prompt_of_its_vocabulary():
+    from tipcap.config import ModelConfig
+    from tipcap.model import TIPCap
+    from tipcap.training_data import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer(["a red circle ."])
+    vocabulary = ["red", "small red circle one", "small red circle two", "small red circle three",
+                  "small red circle four"]  # fmt: skip
+    settings = tiny_settings(tokenizer, n_positions=32)
+
+    def build(words: int) -> TIPCap:
+        config = ModelConfig(clip_dim=8, language_model_config=settings, prompt="hard", prefix_length=2,
+                             max_caption_tokens=8, max_prompt_words=words)  # fmt: skip
+        return TIPCap.build(config, tokenizer, entity_names=vocabulary)
+
+    # "there are w w w w , w w w w , w w w w in image ." is 19 tokens: 2 + 19 + 8 positions fit in 32.
+    build(3)
+    message = "a hard prompt of 24 tokens (its model.max_prompt_words 4 longest vocabulary words)"
+    with pytest.raises(TipcapError, match=re.escape(message)):
+        build(4)
+
+
+def test_caption_refuses_a_model_whose_captions_would_run_past_its_positions(tmp_path, tiny_clip):
+    model = build_model(tmp_path / "model", tiny_clip, "none", seed=0)
+    document = json.loads((model / "config.json").read_text())
+    document["model"]["max_caption_tokens"] = 500  # as a run trained with that setting saved it
+    (model / "config.json").write_text(json.dumps(document))
+    write_images(tmp_path / "images", 1)
+    result = run("caption", tmp_path / "images", "--model", model, "--device", "cpu", "--beams", 1)
+    assert_one_line_error(
+        result,
+        f"{model / 'config.json'}: model.prefix_length 2 + model.max_caption_tokens 500 = 502 positions, "
+        "more than the 64 of model.language_model_config.n_positions",
+    )

@@ -43,6 +43,9 @@ def pim_dir(tmp_path_factory, tiny_clip):
 
 WORDS = [*VOCABULARY, "dog", "cat", "tree", "car", "boat", "sun", "moon"]
 """Twelve prompt words."""
+LONG_WORDS = [f"{' '.join('abcdefghijklmnopqrstuvwxyzabcde')} {letter}" for letter in "abcdefghijklmnop"]
+"""Sixteen prompt words of 63 characters, as many and as long as the server takes: 32 tokens each to the
+word-level tokenizer, so that a hard prompt of them takes 532 positions of the 64 the models have."""
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +252,7 @@ def test_an_upload_over_the_limit_is_refused_without_a_declared_length(client):
         ({"beams": 0}, 400, "beams: give a whole number from 1 to 10"),
         ({"beams": "3"}, 400, "beams: give a whole number"),
         ({"image_id": "0" * 32}, 404, f"image {'0' * 32}: not held by the server"),
+        ({"prompt": LONG_WORDS}, 400, f"prompt words {', '.join(LONG_WORDS)}: they take 532 positions"),
     ],
 )
 def test_bad_caption_requests_get_a_clear_message(client, change, status, message):
@@ -428,6 +432,20 @@ def test_tipcap_caption_refuses_a_prompt_word_that_is_not_text(model_dirs, tmp_p
     assert result.output.splitlines()[-1] == (
         "Error: prompt word 'dog\\udcff': holds '\\udcff', a lone surrogate, which is no character (bytes "
         "that are not UTF-8 arrive so); type the word in UTF-8."
+    )
+
+
+def test_tipcap_caption_refuses_prompt_words_past_the_language_models_positions(model_dirs, tmp_path):
+    (tmp_path / "ok.png").write_bytes(png((5, 5, 5)))
+    words = ", ".join(LONG_WORDS)
+    result = run(
+        "caption", tmp_path / "ok.png", "--model", model_dirs["hard"], "--prompt", words, "--device", "cpu"
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: prompt words {words}: they take 532 positions after the model's 2 prefix "
+        "vectors, and with a caption of up to 8 tokens that is more than its language model's 64; give fewer "
+        "or shorter prompt words."
     )
 
 

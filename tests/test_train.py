@@ -1,5 +1,6 @@
 """Training: memorisation, exact save/load, resume after SIGKILL, torchrun, prompt interaction."""
 
+import fcntl
 import hashlib
 import json
 import os
@@ -160,6 +161,112 @@ def test_non_finite_loss_stops_with_a_message(coco_texts, tmp_path):
 def test_bad_config_key_is_named(coco_texts, tmp_path):
     result = run("train", "--config", TINY, "--set", "train.lrr=1", "--out", tmp_path / "x")
     assert result.exit_code == 1 and "config key 'train.lrr' is unknown" in result.stderr
+
+
+def _train_args(store: Path, out: Path, *overrides: str) -> list:
+    """``tipcap train`` of the tiny config on ``store`` into ``out``, with ``--set`` overrides."""
+    return ["train", "--config", TINY, "--set", f"data.train_texts={store}", "--out", out, "--no-progress",
+            *(x for o in overrides for x in ("--set", o))]  # fmt: skip
+
+
+def one_error_line(result) -> str:
+    """The one line a refused command prints (exit 1, no traceback)."""
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    return lines[0]
+
+
+def test_a_folder_held_by_a_training_is_refused_and_free_again_when_its_holder_is_gone(coco_texts, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with (out / "train.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running training holds its folder
+        refused = run(*_train_args(coco_texts, out, "train.max_steps=2"))
+    assert one_error_line(refused) == (
+        f"Error: {out}: another training is writing into this folder (it holds {out / 'train.lock'}); wait "
+        "for it to end, or train into another --out."
+    )
+    assert [p.name for p in out.iterdir()] == ["train.lock"]  # refused before it wrote anything
+    # The lock file of a holder that is gone (as a killed run leaves it) holds nothing.
+    result = run(*_train_args(coco_texts, out, "train.max_steps=2"))
+    assert result.exit_code == 0, result.output
+    assert not (out / "train.lock").exists()
+
+
+@pytest.mark.slow
+def test_two_trainings_into_one_folder_one_is_refused(coco_texts, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # Far more steps than the test waits for: it is still training when the second starts.
+    first = subprocess.Popen(_train_command(coco_texts, out, "--set", "train.max_steps=1000000"), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600  # a guard against a hang, generous for a loaded machine
+        while not (out / "metrics.jsonl").is_file():
+            assert first.poll() is None, "the first training ended before the second started"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        second = run(*_train_args(coco_texts, out, "train.max_steps=2"))
+        assert first.poll() is None
+    finally:
+        first.kill()
+        first.wait()
+    assert f"another training is writing into this folder (it holds {out / 'train.lock'})" in one_error_line(
+        second
+    )
+    assert not (out / "model").exists()
+
+
+@pytest.fixture(scope="module")
+def older_run(tmp_path_factory, coco_texts) -> Path:
+    """A finished run of seed 1 and 6 steps, with checkpoints at steps 3 and 6."""
+    out = tmp_path_factory.mktemp("older") / "run"
+    result = run(
+        *_train_args(coco_texts, out, "train.seed=1", "train.max_steps=6", "train.checkpoint_every=3")
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(older_run, coco_texts, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(older_run, out)
+    checkpoints = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    # Started there, seed 2 would keep the older run's steps 3 and 6 over its own step 2.
+    refused = run(
+        *_train_args(coco_texts, out, "train.seed=2", "train.max_steps=2", "train.checkpoint_every=3")
+    )
+    assert one_error_line(refused) == (
+        f"Error: {out} holds checkpoints of another run (checkpoints/step-00000003: another config or other "
+        "inputs); continue that run with its own config and --resume, or train this one into another --out "
+        f"(or delete {out / 'checkpoints'} first)."
+    )
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == checkpoints
+    # The run that wrote them may start there afresh: it redoes its own checkpoints.
+    again = run(
+        *_train_args(coco_texts, out, "train.seed=1", "train.max_steps=6", "train.checkpoint_every=3")
+    )
+    assert again.exit_code == 0, again.output
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(older_run, coco_texts, tmp_path):
+    out = tmp_path / "run"
+    args = _train_args(coco_texts, out, "train.seed=2", "train.max_steps=2", "train.checkpoint_every=3")
+    assert run(*args).exit_code == 0
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    # The older run's last checkpoint beside this run's own step 2, as a fresh run used to leave them.
+    stale = out / "checkpoints" / "step-00000006"
+    shutil.copytree(older_run / "checkpoints" / stale.name, stale)
+    line = one_error_line(run(*args, "--resume"))
+    assert line.startswith(
+        f"Error: --resume: {stale} is not this run's checkpoint (its state.json records run "
+    )
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
+    shutil.rmtree(stale)
+    resumed = run(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "run.json").read_text())["resumed_from_step"] == 2
 
 
 @pytest.mark.slow

@@ -25,17 +25,35 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticCustomError
 
 from tipcap.errors import TipcapError
 from tipcap.io import atomic_path
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-Positive = Annotated[int, Field(ge=1)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegativeFloat = Annotated[float, Field(ge=0)]
-Probability = Annotated[float, Field(ge=0, le=1)]
+
+def _not_boolean(value: Any) -> Any:
+    """Refuse ``true``/``false`` where a number is expected: pydantic's lax mode reads them as 1 and 0, so
+    ``train.max_steps: true`` would train one step."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_not_boolean", "input should be a number, not true or false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_boolean)]
+"""An integer config value (every one: a boolean is no integer here)."""
+Float = Annotated[float, BeforeValidator(_not_boolean)]
+"""A real config value (every one: a boolean is no number here)."""
+Positive = Annotated[Int, Field(ge=1)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+Probability = Annotated[Float, Field(ge=0, le=1)]
+Seed = Annotated[Int, Field(ge=0, lt=2**32)]
+"""A seed: below 2³², as numpy's legacy seeding takes, and so that the seeds derived from it (a training
+step's, ``(seed·1000003 + step)·131 + rank``; a synthetic block's, ``seed·1000003 + row``) stay within the
+64 bits that ``torch.manual_seed`` takes."""
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 GapKind = Literal[
@@ -90,7 +108,7 @@ class EmbedConfig:
 
     model: str = ""  # open_clip model name, or the path of an open_clip model-config JSON
     pretrained: str = "none"  # open_clip tag, local weights file, or none (random, seeded by init_seed)
-    init_seed: int = 0
+    init_seed: Seed = 0
     precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
     batch_size: Positive | None = None  # None: the encoder's default for the device
 
@@ -108,7 +126,7 @@ class GapConfig:
     # web-pairs: "mixture" weights each pair by its probability of being matched (a two-component mixture
     # on cos(v, t)); "trim" drops the least similar share drop_quantile
     web_estimator: WebEstimator = "mixture"
-    drop_quantile: Annotated[float, Field(ge=0, lt=1)] = 0.1  # web-pairs with trim: least similar share
+    drop_quantile: Annotated[Float, Field(ge=0, lt=1)] = 0.1  # web-pairs with trim: least similar share
     # isotropic, mean-shift-isotropic, capdec-offset and text-only noise variance per axis
     sigma2: PositiveFloat = CAPDEC_SIGMA2
     noise_scale: PositiveFloat = 1.0  # multiplies the training-noise covariance of any kind (σ² sweeps)
@@ -122,7 +140,7 @@ class GapConfig:
     mu_from: str | None = None  # text-only: import μ from this gap file
     tau: PositiveFloat = 0.01  # memory: softmax temperature
     memory_size: Positive | None = None  # memory: keep a seeded subset of this many captions
-    seed: int = 0  # memory subsets, the web-pairs mixture's null draw, the rotated kind's rotation
+    seed: Seed = 0  # memory subsets, the web-pairs mixture's null draw, the rotated kind's rotation
 
 
 @dataclass
@@ -157,6 +175,16 @@ class ModelConfig:
     max_caption_tokens: Positive = 40
     vocabulary: str | None = None  # entity vocabulary JSON; None: the packaged COCO vocabulary
 
+    def check(self, where: str) -> None:
+        """The lengths against the positions that ``language_model_config`` gives the language model, when
+        it names them (a model's own default is checked when it is built, :class:`tipcap.model.TIPCap`)."""
+        settings = self.language_model_config or {}
+        for name in ("n_positions", "max_position_embeddings"):  # GPT-2's name, most others'
+            value = settings.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                check_positions(self, value, f"{_key(where, 'language_model_config')}.{name}", where)
+                return
+
 
 @dataclass
 class DataConfig:
@@ -182,7 +210,7 @@ class TrainConfig:
     batch_size: Positive = 80
     lr: NonNegativeFloat = 2e-5  # 0 keeps the weights: a control run
     weight_decay: NonNegativeFloat = 0.01
-    warmup_steps: Annotated[int, Field(ge=0)] = 500
+    warmup_steps: Annotated[Int, Field(ge=0)] = 500
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
     accumulate: Positive = 1
@@ -192,7 +220,7 @@ class TrainConfig:
     pack_length: Positive = 256
     compile: bool = False  # torch.compile the language model (compiled on the first steps)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     # A trained model folder whose weights the run starts from (TIPCap.start_from): a prompt-free decoder to
     # which the prompt module is added; None: a fresh initialisation.
     init_from: str | None = None
@@ -225,7 +253,7 @@ class EvalConfig:
     top_k: Positive = 3  # auto prompts: at most this many entities
     # auto prompts: keep entities at least this probable (ViECap's 0.2); None keeps the top_k
     threshold: Probability | None = 0.2
-    prompt_seed: int = 0  # oracle-one, oracle-missing and wrong prompts: seed of the draw
+    prompt_seed: Seed = 0  # oracle-one, oracle-missing and wrong prompts: seed of the draw
     metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
     batch_size: Positive = 64
     # The CLIP that computes CLIP-S and RefCLIP-S, apart from the caption model's: an open_clip name or
@@ -245,8 +273,8 @@ class SyntheticGapConfig:
     mu_norm: NonNegativeFloat = 0.54  # ‖μ*‖ (the toy CLIP's ‖mean(v) − mean(t)‖)
     trace: PositiveFloat = 0.35  # tr Σ* (the toy CLIP's few-pairs fit)
     spikes: Positive = 8
-    spike_share: Annotated[float, Field(gt=0, le=1)] = 0.8
-    seed: int = 0
+    spike_share: Annotated[Float, Field(gt=0, le=1)] = 0.8
+    seed: Seed = 0
 
 
 @dataclass
@@ -258,6 +286,46 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, where: str) -> None:
+        """Rules across keys: the model's (:meth:`ModelConfig.check`)."""
+        self.model.check(_key(where, "model"))
+
+
+def _key(where: str, name: str) -> str:
+    """The dotted key of ``name`` in the section ``where`` (``""``: the top level)."""
+    return f"{where}.{name}" if where else name
+
+
+def check_positions(
+    config: ModelConfig, positions: int, limit: str, where: str = "model", hard_prompt_tokens: int = 0
+) -> None:
+    """Refuse a model whose longest sequence would not fit the ``positions`` of its language model (named
+    ``limit`` in the message), before anything is built: a position past them has no embedding.
+
+    The sequence is the ``prefix_length`` prefix vectors, then the prompt (with ``pim_tokens``, one vector
+    per prompt word, of which a model reads ``max_prompt_words``; for a hard prompt ``hard_prompt_tokens``,
+    the tokens of its longest, which only the tokenizer can count), then up to ``max_caption_tokens``.
+    ``where`` is the section whose keys the message names.
+    """
+    parts = [f"{_key(where, 'prefix_length')} {config.prefix_length}"]
+    prompt = 0
+    if config.prompt == "pim" and config.pim_tokens:
+        prompt = config.max_prompt_words
+        parts.append(f"{_key(where, 'max_prompt_words')} {prompt} (one position each with pim_tokens)")
+    elif config.prompt == "hard" and hard_prompt_tokens:
+        prompt = hard_prompt_tokens
+        parts.append(
+            f"a hard prompt of {prompt} tokens (its {_key(where, 'max_prompt_words')} "
+            f"{config.max_prompt_words} longest vocabulary words)"
+        )
+    parts.append(f"{_key(where, 'max_caption_tokens')} {config.max_caption_tokens}")
+    needed = config.prefix_length + prompt + config.max_caption_tokens
+    if needed > positions:
+        raise TipcapError(
+            f"{' + '.join(parts)} = {needed} positions, more than the {positions} of {limit}; lower these "
+            "keys or give the language model more positions."
+        )
 
 
 def check_gap_kind(kind: str, setting: str, mu_from: str | None, where: str) -> None:
@@ -331,14 +399,18 @@ _ADAPTERS: dict[type, TypeAdapter] = {}
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys, mistyped and out-of-range values."""
+    """Build dataclass ``cls`` from a dict, refusing unknown keys, mistyped and out-of-range values, then
+    what breaks a rule across keys (the dataclass's ``check``, given the section's dotted key)."""
     if not isinstance(data, dict):
         raise TipcapError(f"config key '{prefix}': expected a mapping, got {data!r}.")
     adapter = _ADAPTERS.setdefault(cls, TypeAdapter(cls))
     try:
-        return adapter.validate_python(data)
+        config = adapter.validate_python(data)
     except ValidationError as e:
         raise TipcapError(_message(e.errors()[0], prefix)) from None
+    if hasattr(config, "check"):
+        config.check(prefix)
+    return config
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], flag: str = "--set") -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Reading JSON, JSONL and text files (optionally gzip-compressed) with errors that name the place.
+"""Reading JSON, JSONL and text files (optionally gzip-compressed) with errors that name the place; writing
+files whole (a temporary name, renamed); holding a folder against other processes (a lock file).
 
 The ground floor of the package: it imports nothing of tipcap but its errors, so that every module,
 the lightest included, can read and write files through it without import cycles.
@@ -7,6 +8,7 @@ the lightest included, can read and write files through it without import cycles
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import gzip
 import hashlib
@@ -16,7 +18,7 @@ import re
 import secrets
 import socket
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -115,6 +117,37 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock: Path, busy: Callable[[], None]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``lock`` (created if need be) for the block.
+
+    When another process holds it, ``busy`` is called: it raises to refuse, or returns to wait for the
+    holder. The lock is the kernel's and dies with its process, so a killed holder leaves at most the file,
+    which the next taker reuses. The holder deletes the file before it lets go, so that nothing is left
+    behind; a waiter that then holds the lock of the deleted file takes the current one instead.
+    """
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                busy()
+            except BaseException:
+                os.close(fd)
+                raise
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:

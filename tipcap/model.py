@@ -45,7 +45,7 @@ from transformers import (
 from tipcap import __version__
 from tipcap.card import write_model_card
 from tipcap.clip import ClipEncoder, ClipSpec, image_batches, resolve_device
-from tipcap.config import ModelConfig, from_dict, to_dict
+from tipcap.config import ModelConfig, check_positions, from_dict, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.guide import PromptGuide, entity_forms
@@ -264,6 +264,13 @@ class TIPCap(nn.Module):
         self.language_model = language_model
         self.tokenizer = tokenizer
         self.gap = gap
+        self.entity_names = list(entity_names)
+        # Before the projector, whose size grows with prefix_length: a prefix too long to fit is refused
+        # before it is allocated.
+        self.positions = getattr(language_model.config, "max_position_embeddings", None)
+        if isinstance(self.positions, int):
+            limit = "the language model" if config.language_model_config else repr(config.language_model)
+            check_positions(config, self.positions, limit, hard_prompt_tokens=self._longest_hard_prompt())
         width = language_model.get_input_embeddings().embedding_dim
         if config.projector == "mlp":
             self.projector = MLPProjector(config.clip_dim, width, config.prefix_length)
@@ -276,7 +283,6 @@ class TIPCap(nn.Module):
             if config.prompt == "pim"
             else None
         )
-        self.entity_names = list(entity_names)
         # How each entity is written (its name among them), for prompt guidance: "brown diamonds" too.
         self.entity_forms = {name: list((entity_forms or {}).get(name, [name])) for name in self.entity_names}
         self._entity_row = {name: row for row, name in enumerate(self.entity_names)}
@@ -535,6 +541,19 @@ class TIPCap(nn.Module):
             prefix = self.prompt_interaction(prefix, prompt_embeddings, prompt_mask)
         return prefix
 
+    def _longest_hard_prompt(self) -> int:
+        """The tokens of the longest hard prompt that training writes: the ``max_prompt_words`` vocabulary
+        words of the most tokens each (0 for a model without hard prompts)."""
+        if self.config.prompt != "hard":
+            return 0
+
+        def tokens(text: str) -> int:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        # Counted with the space before it, as a word is written in the prompt.
+        longest = sorted(self.entity_names, key=lambda name: tokens(" " + name), reverse=True)
+        return max(tokens(hard_prompt([])), tokens(hard_prompt(longest[: self.config.max_prompt_words])))
+
     def _hard_prompt_ids(self, prompts: Sequence[Sequence[str]] | None, batch: int) -> list[list[int]]:
         if self.config.prompt != "hard" or prompts is None:
             return [[] for _ in range(batch)]
@@ -636,6 +655,32 @@ class TIPCap(nn.Module):
             inputs_embeds=inputs, attention_mask=mask, position_ids=positions, labels=labels
         )
 
+    def _check_room(
+        self, context_mask: torch.Tensor, prompts: Sequence[Sequence[str]] | None, new_tokens: int
+    ) -> None:
+        """Refuse a batch whose context ``[B, C]`` (its real positions) and ``new_tokens`` caption tokens
+        would run past the language model's positions: a hard prompt's words are written out in full, so
+        many or long ones do, as does asking for more tokens than the model was checked for."""
+        if not isinstance(self.positions, int):
+            return
+        used = context_mask.sum(dim=1)
+        over = (used + new_tokens > self.positions).nonzero()
+        if not len(over):
+            return
+        row, prefix = int(over[0]), self.config.prefix_length
+        words = list(prompts[row]) if prompts is not None else []
+        if words and prefix + new_tokens <= self.positions:
+            raise TipcapError(
+                f"prompt words {', '.join(words)}: they take {int(used[row]) - prefix} positions after the "
+                f"model's {prefix} prefix vectors, and with a caption of up to {new_tokens} tokens that is "
+                f"more than its language model's {self.positions}; give fewer or shorter prompt words."
+            )
+        raise TipcapError(
+            f"max tokens {new_tokens}: after the model's {int(used[row])} context positions, a caption of "
+            f"that many tokens runs past its language model's {self.positions} positions; ask for at most "
+            f"{max(self.positions - int(used[row]), 0)} (max_new_tokens; eval.max_tokens)."
+        )
+
     @torch.inference_mode()
     def decode_text_side(
         self,
@@ -653,6 +698,7 @@ class TIPCap(nn.Module):
         model's ``prompt_guidance``; :mod:`tipcap.guide`).
         """
         context, mask = self._context(text_side, prompts, encode_texts)
+        self._check_room(mask, prompts, max_new_tokens or self.config.max_caption_tokens)
         guidance = self.config.prompt_guidance if prompt_guidance is None else prompt_guidance
         processors = LogitsProcessorList()
         if prompts is not None and guidance > 0 and self.config.prompt != "none":
@@ -886,7 +932,10 @@ class TIPCap(nn.Module):
                 f"{document.get('format')!r}; this tipcap {__version__} reads format {MODEL_FORMAT}. "
                 "Load it with the version that wrote it, or retrain."
             )
-        config = from_dict(ModelConfig, document["model"], "model")
+        try:
+            config = from_dict(ModelConfig, document["model"], "model")
+        except TipcapError as e:
+            raise TipcapError(f"{config_path}: {e}") from None
         entity_names = document.get("entity_names", [])
         clip_record = document.get("clip")
         if not isinstance(entity_names, list) or not all(isinstance(n, str) for n in entity_names):

@@ -24,11 +24,9 @@ rebuilds it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,7 @@ from safetensors import SafetensorError, safe_open
 
 from tipcap import __version__, provenance
 from tipcap.errors import TipcapError
-from tipcap.io import save_safetensors, write_json_atomic
+from tipcap.io import exclusive_lock, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.provenance import sha256_json
 
@@ -300,30 +298,14 @@ def open_matching(
     return store, previous
 
 
-@contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Hold the exclusive build lock of the store folder ``out``; a second writer waits here for the first.
+def _locked(out: Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the exclusive build lock of the store folder ``out``; a second writer waits here for the first
+    (:func:`~tipcap.io.exclusive_lock`: a finished store holds no lock file)."""
 
-    The holder removes the lock file before it lets go, so a finished store holds no extra file; a waiter
-    that then gets the lock of the removed file takes the current one instead.
-    """
-    lock = out / LOCK
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("%s: another tipcap is building this store; waiting for it to finish.", out)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.samestat(os.fstat(fd), os.stat(lock)):
-                break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
+    def busy() -> None:
+        log.warning("%s: another tipcap is building this store; waiting for it to finish.", out)
+
+    return exclusive_lock(out / LOCK, busy)
 
 
 def build_store(

@@ -11,15 +11,22 @@ Run directory::
     provenance.json      the run's provenance record: that config, its inputs' hashes, command, versions
     run.json             world size, device, data sizes
     metrics.jsonl        training loss / lr / throughput every ``log_every`` steps, validation loss per epoch
-    checkpoints/step-N/  model.safetensors, trainer.pt (optimizer, scheduler), state.json; last k kept
+    checkpoints/step-N/  model.safetensors, trainer.pt (optimizer, scheduler), state.json (with the run's
+                         identity); last k kept
+    train.lock           held while a run writes into the folder (deleted when it ends)
     model/               the final model (TIPCap.from_pretrained), with the run's provenance.json and a
                          model card (README.md) that summarises it
+
+A run's *identity* is the digest of its provenance key (its resolved config and its inputs' hashes): each
+checkpoint records it, and only a run of that identity resumes from it or writes beside it. One run at a
+time writes into a folder: a second is refused while the first holds ``train.lock``.
 
 The model and its data are built by :mod:`tipcap.training_setup`; this module is the loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +34,7 @@ import pickle
 import random
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +50,14 @@ from transformers import get_scheduler
 from tipcap import provenance
 from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path, save_safetensors, write_json_atomic
+from tipcap.io import atomic_path, exclusive_lock, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.prompts import sample_training_prompt
 from tipcap.training_data import collate, epoch_batches
 from tipcap.training_setup import TrainingSetup, build_training
 
 logger = logging.getLogger(__name__)
+LOCK = "train.lock"
 _CHECKPOINT_DAMAGE = (
     SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError,
 )  # fmt: skip
@@ -116,6 +125,7 @@ class Trainer:
         self.val_data = setup.val_data
         self.vocabulary = setup.vocabulary
         self.inputs = setup.inputs
+        self.identity = provenance.sha256_json(provenance.key(self.provenance()))
         cfg = config.train
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in parameters if p.ndim >= 2]
@@ -236,7 +246,8 @@ class Trainer:
             {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
             tmp / "trainer.pt",
         )
-        (tmp / "state.json").write_text(json.dumps({"step": step, "epoch": epoch, "position": position}))
+        state = {"step": step, "epoch": epoch, "position": position, "run": self.identity}
+        (tmp / "state.json").write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         kept = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())
@@ -264,9 +275,42 @@ class Trainer:
             )
         return 0, 0, 0
 
+    def _checkpoint_run(self, path: Path) -> str | None:
+        """The identity a checkpoint folder records (``None``: none, or no readable ``state.json``)."""
+        try:
+            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return state.get("run") if isinstance(state, dict) else None
+
+    def _refuse_other_runs(self) -> None:
+        """Refuse to start afresh beside another run's checkpoints: the newest k are kept whoever wrote them,
+        so the other run's later steps would outlive this run's and a ``--resume`` would load them. (This
+        run's own, from an earlier start, are redone and replaced.)"""
+        for path in sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir()):
+            if self._checkpoint_run(path) != self.identity:
+                raise TipcapError(
+                    f"{self.out} holds checkpoints of another run (checkpoints/{path.name}: another config "
+                    "or other inputs); continue that run with its own config and --resume, or train this one "
+                    f"into another --out (or delete {self.checkpoint_dir} first)."
+                )
+
     def _load_checkpoint(self, path: Path) -> tuple[int, int, int]:
-        """Load a checkpoint folder's weights, optimizer and scheduler; return its (step, epoch, position)."""
+        """Load a checkpoint folder's weights, optimizer and scheduler; return its (step, epoch, position).
+
+        A checkpoint of another run is refused before anything is loaded: its weights would finish this run
+        under this run's provenance.
+        """
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("state.json is not a JSON object")
+        if state.get("run") != self.identity:
+            recorded = f"records run {str(state['run'])[:12]}" if state.get("run") else "records no run"
+            raise TipcapError(
+                f"--resume: {path} is not this run's checkpoint (its state.json {recorded}, this config and "
+                f"its inputs make run {self.identity[:12]}); resume with the config and inputs it was "
+                f"trained with, or delete {self.checkpoint_dir} to start afresh, or use another --out."
+            )
         weights = load_file(path / "model.safetensors", device=str(self.env.device))
         broken = [n for n, t in weights.items() if t.is_floating_point() and not bool(t.isfinite().all())]
         if broken:
@@ -380,6 +424,8 @@ class Trainer:
                     f"--resume: the config differs from the one {self.out} was started with "
                     f"({self.out / 'config.yaml'}); resume with the same config and --set values."
                 )
+        if not resume:
+            self._refuse_other_runs()
         step, epoch, position = self._resume() if resume else (0, 0, 0)
         self._trim_log(step)
         self._write_run_info(step)
@@ -471,12 +517,36 @@ class Trainer:
         self._log({"step": step, "rank_checksums": [float(c) for c in gathered]})
 
 
+@contextlib.contextmanager
+def _holding(out: Path, env: Distributed) -> Iterator[None]:
+    """Hold the run folder ``out`` for this run (``train.lock``), or refuse at once when another run holds
+    it: two runs into one folder would interleave their logs and prune each other's checkpoints. Under
+    torchrun rank 0 holds it for all ranks (which share the folder)."""
+    if not env.main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+
+    def busy() -> None:
+        raise TipcapError(
+            f"{out}: another training is writing into this folder (it holds {out / LOCK}); wait for it to "
+            "end, or train into another --out."
+        )
+
+    with exclusive_lock(out / LOCK, busy):
+        yield
+
+
 def train(config: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    """Build the model and data a config names and train it into ``out``; return the final model directory."""
+    """Build the model and data a config names and train it into ``out``; return the final model directory.
+
+    The folder is held for the run (:func:`_holding`), from before the model is built.
+    """
     env = Distributed.setup()
     try:
-        trainer = Trainer(config, build_training(config, env.device), out, env, progress=progress)
-        return trainer.train(resume=resume)
+        with _holding(Path(out), env):
+            trainer = Trainer(config, build_training(config, env.device), out, env, progress=progress)
+            return trainer.train(resume=resume)
     finally:
         if env.world > 1:
             dist.destroy_process_group()

@@ -49,7 +49,9 @@ from tipcap.config import (
     EvalPrompt,
     ExperimentConfig,
     GapConfig,
+    Int,
     PositiveFloat,
+    Seed,
     SyntheticGapConfig,
     apply_overrides,
     check_gap_config,
@@ -96,7 +98,7 @@ class Cell:
     setting: str = "text-only"
     prompt: Literal["none", "pim", "hard"] = "none"
     eval_prompts: list[EvalPrompt] = field(default_factory=lambda: ["none"])
-    few_pairs: int | str | list[int | str] | None = None
+    few_pairs: Int | str | list[Int | str] | None = None
     set: dict[str, Any] = field(default_factory=dict)
     select: dict[str, list[Any]] = field(default_factory=dict)
     decoders: str | None = None
@@ -153,10 +155,10 @@ class AblationConfig:
     eval_image_root: str | None = None
     instances: str | None = None
     vocabulary: str | None = None
-    few_pairs: int | str | list[int | str] = 200
-    data_seed: int = 0
+    few_pairs: Int | str | list[Int | str] = 200
+    data_seed: Seed = 0
     eval_split: str = "test"
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[Seed] = field(default_factory=lambda: [0])
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     gap: dict[str, Any] = field(default_factory=dict)
     decoder: dict[str, Any] = field(default_factory=dict)
@@ -168,7 +170,7 @@ class AblationConfig:
     synthetic_gap: SyntheticGapConfig | None = None
     select_split: str = "val"
     select_metric: str = "CIDEr"
-    select_seeds: list[int] | None = None
+    select_seeds: list[Seed] | None = None
 
     @property
     def selecting_seeds(self) -> list[int]:
