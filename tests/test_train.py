@@ -423,3 +423,28 @@ def test_a_decoder_of_another_shape_cannot_be_started_from(prompt_model, plain_m
     missing = run("train", "--config", TINY, *data, "--set", f"train.init_from={tmp_path}",
                   "--out", tmp_path / "y", "--no-progress")  # fmt: skip
     assert missing.exit_code == 1 and f"train.init_from {tmp_path}: no model.safetensors" in missing.stderr
+
+
+def test_a_frozen_start_trains_the_prompt_module_alone(prompt_model, plain_model, tmp_path):
+    """train.freeze_init: after real training steps every weight copied from the prompt-free decoder is
+    unchanged, and the prompt module's have moved from where the same run at lr 0 leaves them;
+    freeze_init without init_from is refused by name."""
+    root, _, _ = prompt_model
+    data = ["--set", f"data.train_texts={root / 'train'}", "--set", f"data.gap={root / 'gap.safetensors'}"]
+
+    def frozen(lr: str) -> dict[str, torch.Tensor]:
+        result = run("train", "--config", TINY, *data, "--set", "model.prompt=pim",
+                     "--set", f"train.init_from={plain_model}", "--set", "train.freeze_init=true",
+                     "--set", f"train.lr={lr}", "--set", "train.max_steps=5", "--set", "train.warmup_steps=0",
+                     "--out", tmp_path / f"lr{lr}", "--no-progress")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return load_file(tmp_path / f"lr{lr}" / "model" / "model.safetensors")
+
+    started, trained, initial = load_file(plain_model / "model.safetensors"), frozen("1e-2"), frozen("0")
+    assert all(torch.equal(started[name], trained[name]) for name in started)
+    module = [name for name in trained if name.startswith("prompt_interaction.") and "word_mean" not in name]
+    assert module and all(not torch.equal(trained[name], initial[name]) for name in module)
+    refused = run(
+        "train", "--config", TINY, *data, "--set", "train.freeze_init=true", "--out", tmp_path / "x"
+    )
+    assert refused.exit_code == 1 and "train.freeze_init: trains the prompt module alone" in refused.stderr

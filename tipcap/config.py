@@ -224,6 +224,9 @@ class TrainConfig:
     # A trained model folder whose weights the run starts from (TIPCap.start_from): a prompt-free decoder to
     # which the prompt module is added; None: a fresh initialisation.
     init_from: str | None = None
+    # With init_from: keep the weights copied from it fixed and train the prompt module alone, so that rows
+    # without words decode exactly as the decoder it started from.
+    freeze_init: bool = False
     checkpoint_every: Positive = 1000
     keep_checkpoints: Positive = 2
     log_every: Positive = 50

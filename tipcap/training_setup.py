@@ -77,6 +77,11 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
     The model's random initialisation is seeded with ``train.seed``.
     """
     data_cfg = config.data
+    if config.train.freeze_init and not (config.train.init_from and config.model.prompt == "pim"):
+        raise TipcapError(
+            "train.freeze_init: trains the prompt module alone, on the decoder train.init_from names; set "
+            "both, with model.prompt: pim."
+        )
     if not data_cfg.train_texts:
         raise TipcapError("data.train_texts: give the caption store to train on.")
     texts = EmbeddingStore.open(data_cfg.train_texts, "data.train_texts", "texts")
@@ -129,6 +134,9 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
         model.fit_input_statistics(train_data.embeddings)
     if config.train.init_from:
         fresh = model.start_from(config.train.init_from)
+        if config.train.freeze_init:
+            for name, parameter in model.named_parameters():
+                parameter.requires_grad_(name.startswith("prompt_interaction."))
         logging.getLogger(__name__).info(
             "train.init_from %s: started from its weights; %d tensors of the prompt module are new.",
             config.train.init_from, len(fresh),

@@ -452,6 +452,11 @@ def _validate(config: AblationConfig, path: Path) -> None:
             _check_shared_decoders(config, cell, key)
         if cell.init_from is not None:
             _check_init_from(config, cell, key)
+        elif resolve(config, cell).decoder["train"].get("freeze_init"):
+            raise TipcapError(
+                f"config key '{key}.set.train.freeze_init': trains the prompt module alone, on the decoders "
+                "of the cell that init_from names; give init_from."
+            )
     names = [job.name for job in expand(config)]
     for name in names:
         if names.count(name) > 1:
