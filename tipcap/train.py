@@ -27,6 +27,7 @@ The model and its data are built by :mod:`tipcap.training_setup`; this module is
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -546,7 +547,13 @@ def train(config: ExperimentConfig, out: str | Path, resume: bool = False, progr
     try:
         with _holding(Path(out), env):
             trainer = Trainer(config, build_training(config, env.device), out, env, progress=progress)
-            return trainer.train(resume=resume)
+            final = trainer.train(resume=resume)
+            # The DDP wrapper holds the process group. Freed after the group is destroyed (at interpreter
+            # exit), its gloo threads outlive the group, and the process can abort as it exits
+            # ("terminate called without an active exception").
+            del trainer
+            return final
     finally:
         if env.world > 1:
+            gc.collect()  # what still refers to the wrapper in a cycle
             dist.destroy_process_group()
