@@ -54,6 +54,7 @@ non-clean probe with its last stderr line; writes a JSON report.
 from __future__ import annotations
 
 import argparse
+import atexit
 import concurrent.futures
 import contextlib
 import json
@@ -1987,7 +1988,7 @@ class Probes:
             "TRANSFORMERS_OFFLINE": None,
             "HF_HUB_CACHE": str(self.p("hub/empty-cache")),
         }
-        silent, mirror, closed = silent_endpoint(), answering_endpoint(404), closed_endpoint()
+        silent, mirror, closed = endpoints()
         for name, args in commands.items():
             self.add(f"H1 silent hub endpoint/{name}", args, env={**hub, "HF_ENDPOINT": silent}, timeout=90,
                      check=error_has("did not answer within", f"{silent} (HF_ENDPOINT)"))  # fmt: skip
@@ -2337,62 +2338,20 @@ class Probes:
 
 # --- stand-ins for a hub endpoint, and checks of refusals -----------------------------------------------
 
-_HELD: list = []
-"""Sockets and servers the probes' stand-ins keep open for the life of this process."""
+_HELD = contextlib.ExitStack()
+"""The probes' stand-ins (tests/endpoints.py), kept open for the life of this process."""
+# Closed while their threads still run: at finalisation a server's shutdown would wait on a frozen thread.
+atexit.register(_HELD.close)
 
 
-def silent_endpoint() -> str:
-    """A listener on 127.0.0.1 that accepts every connection and never answers (a captive portal, a silent
-    firewall); its URL."""
-    import socket
-    import threading
+def endpoints() -> tuple[str, str, str]:
+    """The URLs of a silent endpoint (it accepts connections and never answers: a captive portal, a silent
+    firewall), of a hub mirror that answers 404 to everything, and of a port where nothing listens."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import endpoints as stand_ins  # the tests' own, so that the probe and the tests ask the same servers
 
-    listener = socket.create_server(("127.0.0.1", 0))
-    _HELD.append(listener)
-
-    def accept() -> None:
-        while True:
-            connection, _ = listener.accept()
-            _HELD.append(connection)  # held open, unanswered
-
-    threading.Thread(target=accept, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}"
-
-
-def answering_endpoint(status: int) -> str:
-    """An HTTP server on 127.0.0.1 answering every request with ``status`` (a hub mirror that serves, with
-    no model); its URL."""
-    import http.server
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def answer(self) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(b"{}")
-
-        do_GET = do_HEAD = do_POST = answer
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    _HELD.append(server)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}"
-
-
-def closed_endpoint() -> str:
-    """A port of 127.0.0.1 bound but not listening, so that a connection is refused; its URL."""
-    import socket
-
-    bound = socket.socket()
-    bound.bind(("127.0.0.1", 0))
-    _HELD.append(bound)
-    return f"http://127.0.0.1:{bound.getsockname()[1]}"
+    mirror, _ = _HELD.enter_context(stand_ins.answering(404))
+    return _HELD.enter_context(stand_ins.silent()), mirror, _HELD.enter_context(stand_ins.closed())
 
 
 def error_has(*needles: str) -> Check:
