@@ -1326,7 +1326,7 @@ class Probes:
                     "--no-progress",
                 ],
                 expect=expect,
-                check=stdout_has("wrote"),
+                check=stdout_has("wrote") if expect == "ok" else error_has("no checkpoint", "can be loaded"),
             )
         self.ro_full("train", lambda out: [*good, "--out", out])
 
@@ -1969,19 +1969,25 @@ class Probes:
         f = self.f
         d = self.p("hub")
         photo = f["pics"] / "img_0000.jpg"
-        commands = {
-            "push": ["push", "--model", f["model"], "--repo", "owner/tiny"],
-            "caption --model owner/x": ["caption", photo, "--model", "someone/x"],
-            "evaluate --model owner/x": ["evaluate", "--data", COCO_SLICE, "--split", "val", "--model",
-                                         "someone/x", "--image-store", f["images"], "--out", d / "eval"],
-            "train model.language_model owner/x": [
-                "train", "--config", TINY_YAML, "--set", f"data.train_texts={f['texts']}", "--set",
-                "model.language_model=someone/lm", "--set", "model.language_model_config=null", "--set",
-                "model.tokenizer=null", "--out", d / "train"],
-            "embed texts with a hub-hosted CLIP tag": [
-                "embed", "texts", "--corpus", COCO_SLICE, "--clip", "ViT-B-32", "--pretrained",
-                "laion2b_s34b_b79k", "--out", d / "texts", "--no-progress"],
-        }  # fmt: skip
+
+        def commands(out: Path) -> dict[str, list]:
+            """The commands that reach the hub, each writing under ``out`` (one folder per endpoint, since
+            two probes run at once and a run folder takes one training)."""
+            return {
+                "push": ["push", "--model", f["model"], "--repo", "owner/tiny"],
+                "caption --model owner/x": ["caption", photo, "--model", "someone/x"],
+                "evaluate --model owner/x": [
+                    "evaluate", "--data", COCO_SLICE, "--split", "val", "--model", "someone/x",
+                    "--image-store", f["images"], "--out", out / "eval"],
+                "train model.language_model owner/x": [
+                    "train", "--config", TINY_YAML, "--set", f"data.train_texts={f['texts']}", "--set",
+                    "model.language_model=someone/lm", "--set", "model.language_model_config=null", "--set",
+                    "model.tokenizer=null", "--out", out / "train"],
+                "embed texts with a hub-hosted CLIP tag": [
+                    "embed", "texts", "--corpus", COCO_SLICE, "--clip", "ViT-B-32", "--pretrained",
+                    "laion2b_s34b_b79k", "--out", out / "texts", "--no-progress"],
+            }  # fmt: skip
+
         # huggingface_hub reads TRANSFORMERS_OFFLINE as HF_HUB_OFFLINE: both unset, so that the hub is probed.
         hub = {
             "HF_HUB_OFFLINE": None,
@@ -1989,15 +1995,17 @@ class Probes:
             "HF_HUB_CACHE": str(self.p("hub/empty-cache")),
         }
         silent, mirror, closed = endpoints()
-        for name, args in commands.items():
+        for name, args in commands(d / "silent").items():
             self.add(f"H1 silent hub endpoint/{name}", args, env={**hub, "HF_ENDPOINT": silent}, timeout=90,
                      check=error_has("did not answer within", f"{silent} (HF_ENDPOINT)"))  # fmt: skip
+        for name, args in commands(d / "closed").items():
             self.add(f"W1 closed hub endpoint/{name}", args, env={**hub, "HF_ENDPOINT": closed}, timeout=90,
                      check=error_has("cannot be reached", f"{closed} (HF_ENDPOINT)"))  # fmt: skip
         # A mirror that serves: the probe passes and the mirror's answer (404 to all) is what is reported.
         for name in ("caption --model owner/x", "evaluate --model owner/x"):
-            self.add(f"W1 serving hub mirror/{name}", commands[name], env={**hub, "HF_ENDPOINT": mirror},
-                     timeout=90, check=error_lacks("cannot be reached", "did not answer"))  # fmt: skip
+            self.add(f"W1 serving hub mirror/{name}", commands(d / "mirror")[name],
+                     env={**hub, "HF_ENDPOINT": mirror}, timeout=90,
+                     check=error_lacks("cannot be reached", "did not answer"))  # fmt: skip
 
     # -- W5: the model card --
     def card_contents(self) -> None:
