@@ -126,17 +126,19 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
 
     torch.manual_seed(config.train.seed)
     forms = vocabulary.forms_by_name() if vocabulary is not None else None
-    model = TIPCap.build(config.model, tokenizer, gap, entity_names, entity_embeddings, clip, forms)
-    model = model.to(device)
+    model = TIPCap.build(config.model, tokenizer, gap, entity_names, entity_embeddings, clip, forms).to(
+        device
+    )
     max_tokens = config.model.max_caption_tokens
     train_data = load_caption_set(texts, tokenizer, max_tokens, vocabulary, images)
-    if config.model.standardize_input:
+    # A started model takes the input statistics its projector was trained on (TIPCap.start_from).
+    if config.model.standardize_input and not config.train.init_from:
         model.fit_input_statistics(train_data.embeddings)
     if config.train.init_from:
         fresh = model.start_from(config.train.init_from)
         if config.train.freeze_init:
-            for name, parameter in model.named_parameters():
-                parameter.requires_grad_(name.startswith("prompt_interaction."))
+            model.requires_grad_(False)
+            model.prompt_interaction.requires_grad_(True)
         logging.getLogger(__name__).info(
             "train.init_from %s: started from its weights; %d tensors of the prompt module are new.",
             config.train.init_from, len(fresh),
