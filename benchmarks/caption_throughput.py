@@ -38,7 +38,7 @@ from stores import DEFAULT_CORPUS, ROOT, caption_store, coco_captions
 
 from tipcap.config import load_config
 from tipcap.model import TIPCap
-from tipcap.train import train
+from tipcap.training.loop import train
 
 
 def write_images(folder: Path, count: int, seed: int = 0) -> list[Path]:

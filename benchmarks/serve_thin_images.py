@@ -33,7 +33,7 @@ from PIL import Image
 from tipcap.clip import ClipSpec
 from tipcap.config import ModelConfig
 from tipcap.model import TIPCap
-from tipcap.training_data import word_level_tokenizer
+from tipcap.training.data import word_level_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIP_224 = {

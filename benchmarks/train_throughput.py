@@ -41,9 +41,9 @@ import torch
 from stores import DEFAULT_CORPUS, ROOT, caption_store, coco_captions
 
 from tipcap.config import load_config
-from tipcap.train import Distributed, Trainer
-from tipcap.training_data import collate
-from tipcap.training_setup import build_training
+from tipcap.training.data import collate
+from tipcap.training.loop import Distributed, Trainer
+from tipcap.training.setup import build_training
 
 MODES = ("fixed padding", "bucketed", "packed", "packed + compile")
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from tipcap.cli import main
 from tipcap.config import load_config
-from tipcap.train import train
+from tipcap.training.loop import train
 
 DATA = Path(__file__).parent / "data"
 TINY_CONFIG = Path(__file__).parent.parent / "experiments" / "tiny.yaml"

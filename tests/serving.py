@@ -9,7 +9,7 @@ from PIL import Image
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import ModelConfig
 from tipcap.model import TIPCap
-from tipcap.training_data import word_level_tokenizer
+from tipcap.training.data import word_level_tokenizer
 
 VOCABULARY = ["red circle", "blue square", "green triangle", "yellow star", "purple ring"]
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tipcap.adherence import adherence, image_adherence, scene_mentions, vocabulary_mentions
-from tipcap.hallucination import CocoObjectWords
+from tipcap.evaluation.adherence import adherence, image_adherence, scene_mentions, vocabulary_mentions
+from tipcap.evaluation.chair import CocoObjectWords
 from tipcap.prompts import EntityVocabulary
 
 

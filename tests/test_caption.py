@@ -188,7 +188,7 @@ def test_the_package_exports_the_model_without_importing_torch():
 
 def test_hard_prompt_models_find_auto_prompts_in_their_own_vocabulary(tiny_clip, image_folder):
     from tipcap.config import ModelConfig
-    from tipcap.training_data import word_level_tokenizer
+    from tipcap.training.data import word_level_tokenizer
 
     tokenizer = word_level_tokenizer(["a red circle above a blue square ."])
     language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,

@@ -1,4 +1,4 @@
-"""Caption metrics: ``tipcap score`` and ``tipcap.evaluate`` against pycocoevalcap's own COCOEvalCap.
+"""Caption metrics: ``tipcap score`` and ``evaluation.metrics`` against pycocoevalcap's own COCOEvalCap.
 
 Predictions are real COCO captions: for each of 100 Karpathy ``val`` images one human caption is held out as
 the "prediction" and the others are the references. METEOR starts a Java process that loads for seconds, so
@@ -20,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from tipcap import __version__
-from tipcap import evaluate as ev
 from tipcap.cli import main
 from tipcap.errors import TipcapError
+from tipcap.evaluation import metrics as ev
 
 SLICE = Path(__file__).parent / "data" / "coco_eval_slice.json"
 COCOEVALCAP_NAMES = {
@@ -114,8 +114,9 @@ def assert_matches_cocoevalcap(metrics: dict, expected, names=ALL_BUT_SPICE) -> 
 
 @pytest.fixture
 def evaluate_log(caplog, monkeypatch):
-    """Records of the ``tipcap.evaluate`` logger, whatever the CLI did to the ``tipcap`` logger before."""
-    logger = logging.getLogger("tipcap.evaluate")
+    """Records of the ``tipcap.evaluation.metrics`` logger, whatever the CLI did to the ``tipcap``
+    logger before."""
+    logger = logging.getLogger("tipcap.evaluation.metrics")
     monkeypatch.setattr(logger, "propagate", False)  # only the handler below: each record once
     logger.addHandler(caplog.handler)
     yield caplog

@@ -18,13 +18,13 @@ from scipy.stats import ttest_1samp
 
 import tipcap.grid.runner
 from tipcap.config import load_config
+from tipcap.evaluation.stats import image_interval, write_image_scores
 from tipcap.gap import Gap
 from tipcap.grid import Cell, Job, plot_cider_vs_pairs
 from tipcap.grid.compare import grid_decisions, grid_scores, write_comparisons
 from tipcap.grid.config import Family
 from tipcap.grid.selection import Selection
 from tipcap.io import load_json
-from tipcap.stats import image_interval, write_image_scores
 from tipcap.toy.clip import train_toyclip
 from tipcap.toy.scoring import scene_objects
 from tipcap.toy.world import caption_objects

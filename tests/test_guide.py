@@ -5,7 +5,7 @@ from serving import VOCABULARY, build_model
 
 from tipcap.guide import PromptGuide, entity_forms
 from tipcap.model import TIPCap
-from tipcap.training_data import word_level_tokenizer
+from tipcap.training.data import word_level_tokenizer
 
 
 def guided(entities, num_beams: int, generated: list[list[int]], vocabulary: int = 10) -> torch.Tensor:

@@ -7,8 +7,8 @@ import pytest
 from conftest import COCO_SLICE, karpathy_references, run
 
 from tipcap.config import EvalConfig
-from tipcap.hallucination import CocoObjectWords, chair
-from tipcap.protocol import evaluate_split, wrong_prompts
+from tipcap.evaluation.chair import CocoObjectWords, chair
+from tipcap.evaluation.evaluate import evaluate_split, wrong_prompts
 from tipcap.toy.scoring import scene_chair
 
 FAST_METRICS = ("--metrics", "bleu,rouge,cider")

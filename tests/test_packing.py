@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from tipcap.config import load_config
 from tipcap.errors import TipcapError
-from tipcap.train import train
-from tipcap.training_data import collate
-from tipcap.training_setup import build_training
+from tipcap.training.data import collate
+from tipcap.training.loop import train
+from tipcap.training.setup import build_training
 
 TINY = Path(__file__).parent.parent / "experiments" / "tiny.yaml"
 PROMPTS = [["dog"], [], ["dog", "frisbee"], ["person", "surfboard", "wave"], [], ["bus"]]

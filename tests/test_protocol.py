@@ -31,7 +31,7 @@ def test_evaluate_a_model_writes_the_three_files(prompt_model, coco_images, tmp_
     per_image = json.loads((out / "per_image.json").read_text())
     assert len(per_image) == 12 and all(len(row["references"]) >= 5 for row in per_image)
     assert abs(sum(row["CIDEr"] for row in per_image) / 12 - metrics["metrics"]["CIDEr"]) < 1e-9
-    # ROUGE-L too is the mean of its per-image scores (what the intervals of tipcap.stats resample).
+    # ROUGE-L too is the mean of its per-image scores (what evaluation.stats resamples).
     assert abs(sum(row["ROUGE-L"] for row in per_image) / 12 - metrics["metrics"]["ROUGE-L"]) < 1e-9
     assert "CIDEr" in result.stdout
 

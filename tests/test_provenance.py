@@ -15,8 +15,8 @@ from tipcap import provenance
 from tipcap.config import load_config
 from tipcap.model import TIPCap
 from tipcap.store import EmbeddingStore
-from tipcap.train import train
-from tipcap.training_data import collate, load_caption_set
+from tipcap.training.data import collate, load_caption_set
+from tipcap.training.loop import train
 
 RECORD_FIELDS = {"artifact", "config", "inputs", "tipcap", "versions", "command"}
 

@@ -391,7 +391,7 @@ def test_model_weights_with_nan_are_refused_on_load(tmp_path):
 
     from tipcap.config import ModelConfig
     from tipcap.model import TIPCap
-    from tipcap.training_data import word_level_tokenizer
+    from tipcap.training.data import word_level_tokenizer
 
     tokenizer = word_level_tokenizer(["a red circle ."])
     language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32,
@@ -555,14 +555,14 @@ def test_training_refuses_captions_that_do_not_cover_the_store(stores, tmp_path)
     assert_one_line_error(result, str(texts), "captions.json")
 
 
-# --- 8. damaged model folders, CLIP files and stores found by benchmarks/bad_input_probe.py ---------------
+# --- 8. damaged model folders, CLIP files and stores found by tools/bad_input_probe.py ---------------
 
 
 def tiny_model(directory: Path, prefix_length: int = 2) -> Path:
     """Save an untrained tiny caption model (no CLIP) to ``directory``."""
     from tipcap.config import ModelConfig
     from tipcap.model import TIPCap
-    from tipcap.training_data import word_level_tokenizer
+    from tipcap.training.data import word_level_tokenizer
 
     tokenizer = word_level_tokenizer(["a red circle ."])
     language_model = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 32,
@@ -800,7 +800,7 @@ def tiny_settings(tokenizer, **extra) -> dict:
 def test_a_prefix_past_the_language_models_own_positions_is_refused_before_it_is_allocated():
     from tipcap.config import ModelConfig
     from tipcap.model import TIPCap
-    from tipcap.training_data import word_level_tokenizer
+    from tipcap.training.data import word_level_tokenizer
 
     tokenizer = word_level_tokenizer(["a red circle ."])
     # No n_positions in the settings: GPT-2's default, 1024, is known once the language model is built.
@@ -814,7 +814,7 @@ def test_a_prefix_past_the_language_models_own_positions_is_refused_before_it_is
 def test_a_hard_prompt_model_counts_the_longest_prompt_of_its_vocabulary():
     from tipcap.config import ModelConfig
     from tipcap.model import TIPCap
-    from tipcap.training_data import word_level_tokenizer
+    from tipcap.training.data import word_level_tokenizer
 
     tokenizer = word_level_tokenizer(["a red circle ."])
     vocabulary = ["red", "small red circle one", "small red circle two", "small red circle three",

@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.nn.functional import normalize
 
-from tipcap import clip_scores
 from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap.evaluation import clip_scores
 
 FAST_METRICS = ("--metrics", "bleu,rouge,cider")
 
@@ -91,8 +91,9 @@ def test_scores_of_images_and_captions_equal_a_hand_computation(scorer_files, im
 
 @pytest.fixture
 def protocol_log(caplog, monkeypatch):
-    """Records of the ``tipcap.protocol`` logger, whatever the CLI did to the ``tipcap`` logger before."""
-    logger = logging.getLogger("tipcap.protocol")
+    """Records of the ``tipcap.evaluation.evaluate`` logger, whatever the CLI did to the ``tipcap``
+    logger before."""
+    logger = logging.getLogger("tipcap.evaluation.evaluate")
     monkeypatch.setattr(logger, "propagate", False)
     logger.addHandler(caplog.handler)
     yield caplog
@@ -161,7 +162,7 @@ def test_a_scorer_without_weights_offline_is_skipped_with_one_warning(
     warnings = [
         r.getMessage()
         for r in protocol_log.records
-        if r.levelno >= logging.WARNING and r.name == "tipcap.protocol"
+        if r.levelno >= logging.WARNING and r.name == "tipcap.evaluation.evaluate"
     ]
     assert len(warnings) == 1 and warnings[0].startswith("CLIP-S and RefCLIP-S skipped:"), warnings
 

@@ -347,8 +347,8 @@ def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, q
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tipcap.adherence import scene_mentions
     from tipcap.app.service import find_models
+    from tipcap.evaluation.adherence import scene_mentions
     from tipcap.model import TIPCap
     from tipcap.toy.scoring import scene_objects
 

@@ -1,5 +1,5 @@
-"""Seed-level intervals, paired comparisons and verdicts (tipcap.stats): known answers on synthetic scores,
-recomputed independently."""
+"""Seed-level intervals, paired comparisons and verdicts (tipcap.evaluation.stats): known answers on
+synthetic scores, recomputed independently."""
 
 import itertools
 import math
@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import ttest_1samp
 
 from tipcap.errors import TipcapError
-from tipcap.stats import (
+from tipcap.evaluation.stats import (
     compare,
     decide,
     holm,

@@ -15,7 +15,7 @@ def test_ruff(command):
     ruff = shutil.which("ruff")
     assert ruff is not None, "ruff is part of the test extra: pip install -e '.[test]'"
     result = subprocess.run(
-        [ruff, *command, "tipcap", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True
+        [ruff, *command, "tipcap", "tests", "benchmarks", "tools"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import TINY_CONFIG, write_images
 
 from tipcap.config import load_config
-from tipcap.train import train
+from tipcap.training.loop import train
 
 
 def tipcap(*args) -> subprocess.CompletedProcess:

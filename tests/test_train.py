@@ -22,7 +22,7 @@ from tipcap.cli import main
 from tipcap.config import load_config
 from tipcap.model import TIPCap
 from tipcap.store import EmbeddingStore
-from tipcap.train import train
+from tipcap.training.loop import train
 
 ROOT = Path(__file__).parent.parent
 TINY = ROOT / "experiments" / "tiny.yaml"
@@ -273,7 +273,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(older_run, coco_texts, tmp_p
 def test_rows_without_prompt_words_take_the_prompt_free_path(prompt_model):
     root, _, _ = prompt_model
     config = load_config(TINY, [f"data.train_texts={root / 'train'}", "model.prompt=pim"])
-    from tipcap.training_setup import build_training
+    from tipcap.training.setup import build_training
 
     model = build_training(config, torch.device("cpu")).model.eval()
     embeddings = EmbeddingStore.open(root / "train").gather(torch.arange(4)).float()
@@ -360,9 +360,9 @@ def test_validation_loss_is_logged_each_epoch(coco_texts, tmp_path):
 
 
 def test_ranks_weigh_their_loss_by_their_share_of_the_steps_tokens(coco_texts, tmp_path):
-    from tipcap.train import Distributed, Trainer
-    from tipcap.training_data import epoch_batches
-    from tipcap.training_setup import build_training
+    from tipcap.training.data import epoch_batches
+    from tipcap.training.loop import Distributed, Trainer
+    from tipcap.training.setup import build_training
 
     config = load_config(TINY, [f"data.train_texts={coco_texts}", "train.batch_size=4", "train.accumulate=2"])
     cpu = torch.device("cpu")

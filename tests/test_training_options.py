@@ -1,5 +1,5 @@
-"""Training options through `tipcap.train.train`: gradient accumulation, a frozen language model, a learnable
-gap, bf16 on the CPU and the transformer projector."""
+"""Training options through `tipcap.training.loop.train`: gradient accumulation, a frozen language model, a
+learnable gap, bf16 on the CPU and the transformer projector."""
 
 import json
 import math
@@ -14,7 +14,7 @@ from tipcap.config import GapConfig, load_config
 from tipcap.gap import fit_gap
 from tipcap.model import TIPCap, TransformerProjector
 from tipcap.store import EmbeddingStore
-from tipcap.train import train
+from tipcap.training.loop import train
 
 TINY = Path(__file__).parent.parent / "experiments" / "tiny.yaml"
 ONE_STEP = ["train.max_steps=1", "train.warmup_steps=0", "train.schedule=constant", "train.lr=1e-3",

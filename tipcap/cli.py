@@ -598,7 +598,7 @@ def train_command(
 ) -> None:
     """Train a caption decoder on a caption store (runs unchanged under torchrun)."""
     from tipcap.config import load_config
-    from tipcap.train import train
+    from tipcap.training.loop import train
 
     config = load_config(config_path, list(overrides))
     final = train(config, out, resume=resume, progress=not no_progress)
@@ -699,7 +699,7 @@ def caption_command(
 
 def _echo_scores(document: dict[str, Any]) -> None:
     """The metrics table of a ``metrics.json`` document, and its table per domain when it has domains."""
-    from tipcap.evaluate import format_domain_table, format_table
+    from tipcap.evaluation.metrics import format_domain_table, format_table
 
     click.echo(format_table(document["metrics"], document["skipped"]))
     if document.get("domains"):
@@ -745,7 +745,7 @@ def score_command(
     predictions_path: str, references_path: str, split: str | None, metric_names: str, out: str | None
 ) -> None:
     """Score predicted captions against references exactly as pycocoevalcap's COCOEvalCap does."""
-    from tipcap.evaluate import check_metrics, score_file
+    from tipcap.evaluation.metrics import check_metrics, score_file
 
     try:
         metrics = check_metrics(metric_names.split(","))
@@ -832,8 +832,8 @@ def evaluate_command(
     if model_dir is not None:
         resolve_model(model_dir)  # an unavailable hub model fails before torch is imported
     from tipcap.config import EvalConfig, from_dict
-    from tipcap.evaluate import format_report
-    from tipcap.protocol import evaluate_split
+    from tipcap.evaluation.evaluate import evaluate_split
+    from tipcap.evaluation.metrics import format_report
 
     metrics = [m.strip() for m in metric_names.split(",") if m.strip()]
     settings = {"beams": beams, "batch_size": batch_size, "prompt": prompt, "metrics": metrics,
@@ -1002,8 +1002,8 @@ def ablate_command(
 def compare_command(grid_out: str, a: str, b: str, metric: str, margin: float | None) -> None:
     """Print A − B per seed: the per-seed differences, their t-interval over seeds and the verdict of this
     one comparison (uncorrected), on the seeds and test images both cells share."""
+    from tipcap.evaluation.stats import decide
     from tipcap.grid.compare import compare_cells, describe, grid_scores
-    from tipcap.stats import decide
 
     comparison = compare_cells(grid_scores(grid_out), a, b, metric)
     click.echo(describe(decide([comparison], margin)[0]))

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from tipcap.adherence import mentioned_words
 from tipcap.data.images import FORMAT_NAMES, IMAGE_FORMATS, ImageError
 from tipcap.errors import TipcapError
+from tipcap.evaluation.adherence import mentioned_words
 from tipcap.grid.runner import trained_models
 from tipcap.model import CONFIG_NAME, TIPCap
 
@@ -261,9 +261,9 @@ class Captioner:
         Returns ``{"image_id", "image", "method", "caption", "plain", "prompt", "mentioned", "missing",
         "unknown", "guesses", "note"}``: ``caption`` with the prompt words, ``plain`` without any, ``prompt``
         the words the model used, ``mentioned`` and ``missing`` those of them its caption names and leaves
-        out (:func:`tipcap.adherence.mentioned_words`), ``unknown`` those outside the model's entity
-        vocabulary, ``guesses`` CLIP's entity guesses ``[{"word", "probability"}]`` and ``note`` a remark
-        for the page (``None`` when there is none).
+        out (:func:`tipcap.evaluation.adherence.mentioned_words`), ``unknown`` those outside the model's
+        entity vocabulary, ``guesses`` CLIP's entity guesses ``[{"word", "probability"}]`` and ``note`` a
+        remark for the page (``None`` when there is none).
         """
         model = self.models.get(method)
         if model is None:

@@ -1,4 +1,4 @@
-"""Paired comparisons between a grid's cells, read per seed, with verdicts (see :mod:`tipcap.stats`).
+"""Paired comparisons between a grid's cells, read per seed, with verdicts (:mod:`tipcap.evaluation.stats`).
 
 A cell is named ``CELL`` or ``CELL:PROMPT`` (its evaluation prompt mode; by default ``none`` when the cell
 was evaluated without prompts, else its only mode). The scores come from the grid's output folder: each
@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path
-from tipcap.stats import (
+from tipcap.evaluation.stats import (
     ALPHA,
     INTERVAL_METRICS,
     SCORES_FILE,
@@ -32,6 +31,7 @@ from tipcap.stats import (
     decide,
     read_image_scores,
 )
+from tipcap.io import atomic_path
 
 if TYPE_CHECKING:
     from tipcap.grid.config import Family

@@ -62,8 +62,8 @@ from tipcap.config import (
 )
 from tipcap.data.karpathy import check_split
 from tipcap.errors import TipcapError
+from tipcap.evaluation.stats import INTERVAL_METRICS
 from tipcap.grid.compare import metric_name
-from tipcap.stats import INTERVAL_METRICS
 
 BASELINES = ("retrieval", "template")
 """Cell kinds without a trained decoder."""
@@ -109,7 +109,7 @@ class Cell:
 class Family:
     """Primary comparisons read together: each ``[A, B]`` (``CELL`` or ``CELL:PROMPT``) in ``metric``, with
     Holm's correction within the family and, with ``margin``, an equivalence test within ``±margin``
-    (:func:`tipcap.stats.decide`)."""
+    (:func:`tipcap.evaluation.stats.decide`)."""
 
     __pydantic_config__ = _STRICT
 

@@ -1,8 +1,8 @@
 """A grid's result files: ``results.csv`` (one row per cell, seed and evaluation prompt mode, with each
 row's image-level 95% interval: the bootstrap over the test images of that one evaluation), ``table.md``
-(mean over seeds ± the half-width of the 95% t-interval over seeds, with the seeds' standard deviation; a
-cell evaluated once gets the image-level interval, marked; :mod:`tipcap.stats`), ``cider.png`` (CIDEr per
-method, coloured by setting) and, for grids with few-pairs cells at two shares of paired data or more,
+(mean over seeds ± the half-width of the 95% t-interval over seeds, with the seeds' standard deviation; a cell
+evaluated once gets the image-level interval, marked; :mod:`tipcap.evaluation.stats`), ``cider.png`` (CIDEr
+per method, coloured by setting) and, for grids with few-pairs cells at two shares of paired data or more,
 ``cider_vs_pairs.png`` (CIDEr against the share of paired training images).
 """
 
@@ -14,8 +14,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from tipcap.evaluation.stats import INTERVAL_METRICS, Interval
 from tipcap.io import atomic_path
-from tipcap.stats import INTERVAL_METRICS, Interval
 
 METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIP-S", "RefCLIP-S", "CHAIR-i",
                   "CHAIR-s", "Adherence", "Adherence-all", "object_f1")  # fmt: skip
@@ -56,7 +56,7 @@ _FOOTNOTES = {
     SEED_LEVEL: "± is the half-width of the 95% t-interval over the seeds (each seed's score on the same "
     "test images, t with seeds − 1 degrees of freedom: the test images are held fixed, so it says where "
     "the score of other seeds would lie on these images, not on another test set), and sd the seeds' "
-    "standard deviation (tipcap.stats).",
+    "standard deviation (tipcap.evaluation.stats).",
     IMAGE_LEVEL: "‡ marks a cell evaluated once (one seed, or a baseline without seed): ± is the half-width "
     "of the 95% bootstrap interval over its test images only (image-level, no seed-level inference).",
     CORPUS: "† marks a corpus metric without per-image scores, shown ± its standard deviation over seeds.",

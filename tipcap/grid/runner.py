@@ -38,6 +38,15 @@ from tipcap.data import list_images
 from tipcap.data.karpathy import read_karpathy, split_matches
 from tipcap.embed import clip_spec, embed_images, embed_texts
 from tipcap.errors import TipcapError
+from tipcap.evaluation.evaluate import evaluate_split
+from tipcap.evaluation.stats import (
+    INTERVAL_METRICS,
+    SCORES_FILE,
+    ImageScores,
+    cell_interval,
+    read_image_scores,
+    write_image_scores,
+)
 from tipcap.gap import fit_gap_file
 from tipcap.grid.compare import GridScores, grid_decisions, metric_name, write_comparisons
 from tipcap.grid.config import (
@@ -61,21 +70,12 @@ from tipcap.grid.report import (
 )
 from tipcap.grid.selection import Selection, write_selection
 from tipcap.io import atomic_path, load_json, write_json_atomic
-from tipcap.protocol import evaluate_split
 from tipcap.provenance import FILE_NAME as PROVENANCE_FILE
-from tipcap.stats import (
-    INTERVAL_METRICS,
-    SCORES_FILE,
-    ImageScores,
-    cell_interval,
-    read_image_scores,
-    write_image_scores,
-)
 from tipcap.store import EmbeddingStore
 from tipcap.synthgap import SyntheticWorld, build_synthetic_world, synthetic_image_store
 from tipcap.toy.claims import mean_claim_f1, scene_records
 from tipcap.toy.scoring import object_f1, scene_objects
-from tipcap.train import train
+from tipcap.training.loop import train
 
 FEW_PAIRS_DRAW = "data_seed + seed"
 """How a seed's few-pairs subset is drawn, recorded in ``grid.json``: folders written before drew one subset

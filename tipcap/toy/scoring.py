@@ -2,9 +2,9 @@
 
 Because the world knows every scene, a caption can be checked against it: :func:`object_f1` compares the
 (colour, shape) pairs a caption names with the scene's objects; :func:`scene_chair` is CHAIR-i and CHAIR-s
-(:mod:`tipcap.hallucination`) with the scene as the truth, exactly, where COCO has to piece it together from
-annotations and reference captions; :func:`scene_objects` reads the objects from a Karpathy file (also the
-words of the ``oracle`` evaluation prompts).
+(:mod:`tipcap.evaluation.chair`) with the scene as the truth, exactly, where COCO has to piece it together
+from annotations and reference captions; :func:`scene_objects` reads the objects from a Karpathy file (also
+the words of the ``oracle`` evaluation prompts).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tipcap.data.karpathy import ImageId, image_id_of
-from tipcap.hallucination import ChairResult, chair
+from tipcap.evaluation.chair import ChairResult, chair
 from tipcap.io import load_json
 from tipcap.toy.world import ShapeObject, caption_objects, object_mentions
 

@@ -21,7 +21,7 @@ A run's *identity* is the digest of its provenance key (its resolved config and 
 checkpoint records it, and only a run of that identity resumes from it or writes beside it. One run at a
 time writes into a folder: a second is refused while the first holds ``train.lock``.
 
-The model and its data are built by :mod:`tipcap.training_setup`; this module is the loop.
+The model and its data are built by :mod:`tipcap.training.setup`; this module is the loop.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from tipcap.errors import TipcapError
 from tipcap.io import atomic_path, exclusive_lock, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.prompts import sample_training_prompt
-from tipcap.training_data import collate, epoch_batches
-from tipcap.training_setup import TrainingSetup, build_training
+from tipcap.training.data import collate, epoch_batches
+from tipcap.training.setup import TrainingSetup, build_training
 
 logger = logging.getLogger(__name__)
 LOCK = "train.lock"
@@ -103,7 +103,7 @@ class Trainer:
 
     Args:
         config: the run's resolved config (written to ``config.yaml``; a resume must match it).
-        setup: the model and data built from it (:func:`tipcap.training_setup.build_training`).
+        setup: the model and data built from it (:func:`tipcap.training.setup.build_training`).
         out: the run directory.
         env: where this process stands under torchrun.
         progress: show a progress bar.

@@ -2,24 +2,25 @@
 
 Every method goes through the same path: the split's images are embedded once (or read from an image
 store), captioned, matched with the references and scored with pycocoevalcap, plus CLIP-S and RefCLIP-S
-by a scorer CLIP of their own (:mod:`tipcap.clip_scores`; skipped with one warning when its weights are not
-on the machine) and, where the images' objects are known, CHAIR-i and CHAIR-s (:mod:`tipcap.hallucination`:
-COCO instance annotations given as ``instances``, or a toy world's scenes). The output directory gets:
+by a scorer CLIP of their own (:mod:`tipcap.evaluation.clip_scores`; skipped with one warning when its
+weights are not on the machine) and, where the images' objects are known, CHAIR-i and CHAIR-s
+(:mod:`tipcap.evaluation.chair`: COCO instance annotations given as ``instances``, or a toy world's
+scenes). The output directory gets:
 
 - ``predictions.json``: COCO results format, ``[{"image_id", "caption"}]``;
 - ``metrics.json``: the scores (also per domain, when the references give each image's domain, as NoCaps
   does), the matching report, the method and model config, the scorer CLIP, the hallucination counts, the
   command, versions;
 - ``per_image.json``: each image's prediction, references, prompt words, CIDEr, ROUGE-L, CLIP-S, RefCLIP-S
-  (the scores whose means are the corpus scores, for intervals over images: :mod:`tipcap.stats`), the
-  objects its caption mentions and hallucinates, and its domain;
+  (the scores whose means are the corpus scores, for intervals over images:
+  :mod:`tipcap.evaluation.stats`), the objects its caption mentions and hallucinates, and its domain;
 - ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
 Prompt modes (``EvalConfig.prompt``): ``none``; ``auto``, CLIP zero-shot entities; ``oracle``, the image's
 true objects; ``oracle-one``, one of them, drawn; ``oracle-missing``, one that the model's caption without
 prompts leaves out, drawn (the object a person would click; an image whose caption names every object gets
 no word); ``wrong``, as many entities of the model's vocabulary drawn from those absent from the image. A
-prompted evaluation also reports how the captions follow their words (:mod:`tipcap.adherence`), and
+prompted evaluation also reports how the captions follow their words (:mod:`tipcap.evaluation.adherence`), and
 ``per_image.json`` gives each image's prompt words and those its caption mentions.
 
 Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
@@ -40,15 +41,23 @@ from typing import Any
 
 import torch
 
-from tipcap import clip_scores, provenance
-from tipcap.adherence import Mentions, adherence, packaged_mentions, scene_mentions, vocabulary_mentions
+from tipcap import provenance
 from tipcap.card import record_evaluation
 from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
 from tipcap.config import GROUND_TRUTH_PROMPTS, EmbedConfig, EvalConfig, to_dict
 from tipcap.data.karpathy import ImageId
 from tipcap.embed import embed_images
 from tipcap.errors import TipcapError, WeightsUnavailable
-from tipcap.evaluate import (
+from tipcap.evaluation import clip_scores
+from tipcap.evaluation.adherence import (
+    Mentions,
+    adherence,
+    packaged_mentions,
+    scene_mentions,
+    vocabulary_mentions,
+)
+from tipcap.evaluation.chair import ChairResult, CocoObjectWords, chair, coco_truth, load_instances
+from tipcap.evaluation.metrics import (
     match_predictions,
     metrics_document,
     read_references,
@@ -56,7 +65,6 @@ from tipcap.evaluate import (
     score_domains,
     write_json_atomic,
 )
-from tipcap.hallucination import ChairResult, CocoObjectWords, chair, coco_truth, load_instances
 from tipcap.hub import resolve_model
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
@@ -64,7 +72,7 @@ from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
 from tipcap.toy.scoring import scene_chair, scene_objects
 
-log = logging.getLogger("tipcap.protocol")
+log = logging.getLogger("tipcap.evaluation.evaluate")
 
 METHODS = ("model", "retrieval", "template")
 

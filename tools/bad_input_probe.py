@@ -45,7 +45,7 @@ Usage (as root for the mounts)::
 
     mount -t tmpfs -o ro,size=1m tmpfs /mnt/ro-probe
     mount -t tmpfs -o size=64k tmpfs /mnt/full-probe
-    python benchmarks/bad_input_probe.py --ro /mnt/ro-probe --full /mnt/full-probe --report probe.json
+    python tools/bad_input_probe.py --ro /mnt/ro-probe --full /mnt/full-probe --report probe.json
 
 Prints the counts per class, overall and per section (a probe's name up to its first ``/``), and each
 non-clean probe with its last stderr line; writes a JSON report.

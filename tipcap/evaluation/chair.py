@@ -13,8 +13,8 @@ phrases such as "hot dog" and "teddy bear" matched whole and before their words,
 the published metric: "baby elephant" names an elephant and no person). An image's true objects are the
 categories of its instance annotations (:func:`load_instances`, a COCO ``instances_*.json``) together with
 those its reference captions mention, as in the published metric; an evaluation scores only the images the
-instance file lists (:func:`tipcap.protocol.evaluate_split`). :func:`chair` takes any mention finder
-and truth, so the toy world scores its own objects the same way (:mod:`tipcap.toy.scoring`).
+instance file lists (:func:`tipcap.evaluation.evaluate.evaluate_split`). :func:`chair` takes any mention
+finder and truth, so the toy world scores its own objects the same way (:mod:`tipcap.toy.scoring`).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from tipcap.data.karpathy import ImageId, check_split, image_id_of, is_karpathy,
 from tipcap.errors import TipcapError
 from tipcap.io import load_json
 
-log = logging.getLogger("tipcap.evaluate")
+log = logging.getLogger("tipcap.evaluation.metrics")
 
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
 """Metric names accepted by :func:`score_captions`, in the order their columns are reported."""

@@ -1,5 +1,5 @@
 """Building what a training run needs from its config: the model (with its gap, CLIP and vocabulary) and
-its data. :func:`tipcap.train.train` hands the result to the training loop."""
+its data. :func:`tipcap.training.loop.train` hands the result to the training loop."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tipcap.model import WEIGHTS_NAME, TIPCap, configured_tokenizer
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
-from tipcap.training_data import CaptionSet, load_caption_set, word_level_tokenizer
+from tipcap.training.data import CaptionSet, load_caption_set, word_level_tokenizer
 
 
 @dataclass

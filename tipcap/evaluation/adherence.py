@@ -11,7 +11,7 @@ What counts as a mention depends on what the prompt words are:
   :func:`tipcap.toy.scoring.mentioned_objects`): a caption that names a brown circle and an orange
   diamond does not mention a brown diamond;
 - elsewhere, the entity itself or any of its forms in the entity vocabulary, or a synonym of its COCO
-  category in CHAIR's synonym list (:class:`tipcap.hallucination.CocoObjectWords`): "a man" mentions
+  category in CHAIR's synonym list (:class:`tipcap.evaluation.chair.CocoObjectWords`): "a man" mentions
   ``person``.
 """
 
@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tipcap.hallucination import CocoObjectWords
+from tipcap.evaluation.chair import CocoObjectWords
 from tipcap.prompts import EntityVocabulary
 from tipcap.toy.scoring import mentioned_objects
 
