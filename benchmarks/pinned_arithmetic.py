@@ -36,17 +36,17 @@ if mode == "pinned":
 import torch
 from tipcap.demo import demo_scale
 from tipcap.grid import run_ablation
-from tipcap.toy import clip, grammar, scenes
+from tipcap.toy import clip, world2, world2_grammar
 times = {}
 start = time.perf_counter()
-scenes.write_world(out / "world", seed=0, train=1000, val=100, test=50, progress=False)
+world2.write_world(out / "world", seed=0, train=1000, val=100, test=50, progress=False)
 times["world"] = time.perf_counter() - start
 scale = demo_scale(True, 2)
 start = time.perf_counter()
 clip.train_toyclip(out / "world" / "toyworld.json", out / "clip", steps=clip_steps,
                    batch_size=scale.clip_batch, seed=0, config=scale.clip_config,
                    modality_offset=scale.modality_offset,
-                   scale_warmup=scale.scale_warmup, negatives=grammar.perturb, seeing_steps=clip_steps,
+                   scale_warmup=scale.scale_warmup, negatives=world2_grammar.perturb, seeing_steps=clip_steps,
                    scene_supervision=scale.scene_supervision, progress=False)
 times["clip"] = time.perf_counter() - start
 grid = Path(sys.argv[5])

@@ -2,9 +2,14 @@
 
 import pytest
 
-from tipcap.evaluation.adherence import adherence, image_adherence, scene_mentions, vocabulary_mentions
+from tipcap.evaluation.adherence import adherence, image_adherence, mentioned_words, vocabulary_mentions
 from tipcap.evaluation.chair import CocoObjectWords
 from tipcap.prompts import EntityVocabulary
+from tipcap.toy.plugin import mentioned_objects
+
+
+def scene_mentions(caption: str) -> set[str]:
+    return set(mentioned_objects(caption))
 
 
 def test_a_toy_prompt_counts_only_the_exact_colour_and_shape_pair():
@@ -14,6 +19,15 @@ def test_a_toy_prompt_counts_only_the_exact_colour_and_shape_pair():
     assert (found.mentioned, found.share, found.complete) == (["orange cross"], 0.5, False)
     assert image_adherence(["orange cross", "orange cross"], caption, scene_mentions).share == 1.0
     assert image_adherence([], caption, scene_mentions) is None
+
+
+def test_a_page_finds_prompt_words_of_any_installed_world():
+    # The toy worlds plug their (colour, shape) objects in through the registry; COCO's words are built in.
+    caption = "a man beside two orange crosses and a brown circle"
+    assert mentioned_words(["orange cross", "brown diamond", "person", "red"], caption) == [
+        "orange cross",
+        "person",
+    ]
 
 
 def test_a_coco_prompt_is_followed_by_a_form_or_a_chair_synonym():

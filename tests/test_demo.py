@@ -50,8 +50,8 @@ def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch, ve
     regenerated = tipcap.demo.demo_world(tmp_path, quick=True, version=version)
     assert regenerated[0] != first[0] and made[3:] == ["world", "clip"]
     other = 3 - version
-    monkeypatch.setattr("tipcap.toy.world.write_toyworld", fake_world)
-    monkeypatch.setattr("tipcap.toy.scenes.write_world", fake_world)
+    monkeypatch.setattr("tipcap.toy.world1.write_toyworld", fake_world)
+    monkeypatch.setattr("tipcap.toy.world2.write_world", fake_world)
     assert tipcap.demo.demo_world(tmp_path, quick=True, version=other)[0] not in (first[0], regenerated[0])
 
 

@@ -26,8 +26,8 @@ from tipcap.grid.config import Family
 from tipcap.grid.selection import Selection
 from tipcap.io import load_json
 from tipcap.toy.clip import train_toyclip
-from tipcap.toy.scoring import scene_objects
-from tipcap.toy.world import caption_objects
+from tipcap.toy.plugin import scene_objects
+from tipcap.toy.world1 import caption_objects
 
 DECODER = {
     "model": {
@@ -844,6 +844,42 @@ def test_plan_for_torchrun_then_reuse_the_models(prepared_coco, coco_tree, tiny_
         redefined.exit_code == 1
         and "cell 'isotropic' was run there with another definition" in redefined.stderr
     )
+
+
+TOY_HEADER = (
+    "cell,method,kind,setting,few_pairs,paired_fraction,prompt,eval_prompt,seed,train_data,eval_data,CIDEr,"
+    "BLEU-4,METEOR,ROUGE-L,SPICE,CLIP-S,RefCLIP-S,CHAIR-i,CHAIR-s,Adherence,Adherence-all,object_f1,colour_f1,"
+    "shape_f1,size_f1,relation_f1,CIDEr_ci_low,CIDEr_ci_high,ROUGE-L_ci_low,ROUGE-L_ci_high,CLIP-S_ci_low,"
+    "CLIP-S_ci_high,RefCLIP-S_ci_low,RefCLIP-S_ci_high,object_f1_ci_low,object_f1_ci_high,Adherence_ci_low,"
+    "Adherence_ci_high,Adherence-all_ci_low,Adherence-all_ci_high,selected"
+)
+"""The header of a toy grid's results.csv, as it has been since the toy worlds' scores were columns."""
+
+
+def test_results_csv_has_the_columns_of_its_data_s_world(grid, prepared_coco, coco_tree, tiny_clip, tmp_path):
+    """A toy grid keeps its world's columns (object F1 with its interval, the claims F1); a COCO grid, whose
+    data records no scenes, has none of them."""
+    toy = tmp_path / "toy"
+    cells = [{"name": "retrieval", "kind": "retrieval"}]
+    result = run(
+        "ablate", grid / "grid.yaml", "--out", toy, "--no-progress", "--set", f"cells={json.dumps(cells)}"
+    )
+    assert result.exit_code == 0, result.output
+    header, *lines = (toy / "results.csv").read_text().splitlines()
+    assert header == TOY_HEADER and len(lines) == 1
+    (row,) = csv.DictReader((toy / "results.csv").open())
+    assert 0.0 <= float(row["object_f1"]) <= 1.0 and row["object_f1_ci_low"] and row["relation_f1"]
+    assert "object F1" in (toy / "table.md").read_text()
+
+    coco = tmp_path / "coco"
+    overrides = coco_overrides(prepared_coco, coco_tree[0], tiny_clip, ["retrieval"])
+    result = run(
+        "ablate", COCO_GRID, "--out", coco, "--no-progress", *(x for o in overrides for x in ("--set", o))
+    )
+    assert result.exit_code == 0, result.output
+    header = (coco / "results.csv").read_text().splitlines()[0].split(",")
+    assert header == [c for c in TOY_HEADER.split(",") if "f1" not in c]
+    assert "object_f1" not in load_json(coco / "eval" / "retrieval-none" / "scores.json")["scores"]
 
 
 def test_cross_domain_grid(prepared_coco, coco_tree, tiny_clip, tmp_path):

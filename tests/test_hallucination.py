@@ -8,8 +8,9 @@ from conftest import COCO_SLICE, karpathy_references, run
 
 from tipcap.config import EvalConfig
 from tipcap.evaluation.chair import CocoObjectWords, chair
-from tipcap.evaluation.evaluate import evaluate_split, wrong_prompts
-from tipcap.toy.scoring import scene_chair
+from tipcap.evaluation.evaluate import evaluate_split
+from tipcap.toy.plugin import mentioned_objects
+from tipcap.toy.prompt_sources import wrong_prompts
 
 FAST_METRICS = ("--metrics", "bleu,rouge,cider")
 
@@ -73,7 +74,7 @@ def test_the_toy_world_scores_against_its_scenes():
         "c": "a shape.",
     }
     scenes = {"a": ["red circle", "blue square"], "b": ["pink cross"], "c": ["red circle"]}
-    result = scene_chair(captions, scenes)
+    result = chair(captions, scenes, mentioned_objects)
     assert (result.mentions, result.hallucinated_mentions, result.hallucinated_captions) == (4, 2, 1)
     assert result.chair_i == pytest.approx(0.5) and result.chair_s == pytest.approx(1 / 3)
 

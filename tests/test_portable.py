@@ -18,14 +18,14 @@ from pathlib import Path
 from tipcap.portable import pin_cpu_arithmetic
 if sys.argv[2] == "pinned":
     assert pin_cpu_arithmetic() is None
-from tipcap.toy import clip, grammar, scenes
+from tipcap.toy import clip, world2, world2_grammar
 from tipcap.demo import demo_scale
 out = Path(sys.argv[1])
-scenes.write_world(out / "world", seed=0, train=96, val=16, test=4, progress=False)
+world2.write_world(out / "world", seed=0, train=96, val=16, test=4, progress=False)
 scale = demo_scale(True, 2)
 clip.train_toyclip(out / "world" / "toyworld.json", out / "clip", steps=6, batch_size=16, seed=0,
                    config=scale.clip_config, modality_offset=scale.modality_offset, scale_warmup=2,
-                   negatives=grammar.perturb, seeing_steps=6, scene_supervision=1.0, progress=False)
+                   negatives=world2_grammar.perturb, seeing_steps=6, scene_supervision=1.0, progress=False)
 print(hashlib.sha256((out / "clip" / "toyclip.safetensors").read_bytes()).hexdigest())
 """
 OTHER_PROCESSOR = {

@@ -13,7 +13,7 @@ from conftest import run, tiny_clip_config
 
 import tipcap.demo
 from tipcap.demo import DemoScale
-from tipcap.toy.world import write_toyworld
+from tipcap.toy.world1 import write_toyworld
 
 DECODER = {
     "model": {
@@ -39,7 +39,7 @@ import json, sys
 from pathlib import Path
 from tipcap.cli import main
 from tipcap.toy.clip import train_toyclip
-from tipcap.toy.world import write_toyworld
+from tipcap.toy.world1 import write_toyworld
 root, grid, out = map(Path, sys.argv[1:4])
 karpathy = write_toyworld(root / "world", seed=0, train=80, val=5, test=12)
 spec, _ = train_toyclip(karpathy, root / "clip", steps=2, batch_size=16, seed=0,

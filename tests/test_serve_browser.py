@@ -348,9 +348,8 @@ def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, q
     from selenium.webdriver.support.ui import WebDriverWait
 
     from tipcap.app.service import find_models
-    from tipcap.evaluation.adherence import scene_mentions
+    from tipcap.evaluation.registry import ground_truth
     from tipcap.model import TIPCap
-    from tipcap.toy.scoring import scene_objects
 
     out, cache, result = quick_demo
     assert result.returncode == 0, result.stderr
@@ -361,7 +360,8 @@ def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, q
 
     karpathy = next(cache.glob("toyworld2-*/toyworld.json"))
     entries = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == "test"]
-    objects = scene_objects(karpathy)
+    truth = ground_truth(karpathy)
+    objects, scene_mentions = truth.objects, truth.mentions
     model = TIPCap.from_pretrained(models[default], device="cpu")
     chosen = None
     for entry in entries[:50]:

@@ -29,10 +29,12 @@ def test_spiked_truth_has_the_asked_norm_trace_and_spectrum():
     assert torch.allclose(eigenvalues[:3], torch.full((3,), 0.1, dtype=torch.float64))
     assert torch.allclose(eigenvalues[3:], torch.full((13,), 0.1 / 13, dtype=torch.float64))
     again, _ = synthetic_truth(config, 16)
-    other, _ = synthetic_truth(SyntheticGapConfig(seed=3), 16)
+    other, _ = synthetic_truth(SyntheticGapConfig(mu_norm=0.5, trace=0.4, seed=3), 16)
     assert torch.equal(mu, again) and not torch.allclose(mu / mu.norm(), other / other.norm())
     with pytest.raises(TipcapError, match="spikes"):
-        synthetic_truth(SyntheticGapConfig(spikes=16), 16)
+        synthetic_truth(SyntheticGapConfig(mu_norm=0.5, trace=0.4, spikes=16), 16)
+    with pytest.raises(TipcapError, match=r"config key 'synthetic_gap\.trace' is missing"):
+        synthetic_truth(SyntheticGapConfig(mu_norm=0.5), 16)
 
 
 def test_truth_from_a_gap_file(tmp_path):
@@ -114,7 +116,7 @@ def test_cut_stores_hold_the_images_embed_would_list(world):
 
 
 def test_grid_refuses_what_a_synthetic_world_lacks(tmp_path):
-    base = {"karpathy": "k.json", "embed": {"model": "m"}, "synthetic_gap": {"trace": 0.2}}
+    base = {"karpathy": "k.json", "embed": {"model": "m"}, "synthetic_gap": {"mu_norm": 0.5, "trace": 0.2}}
     cases = [
         ({"cells": [{"name": "w", "kind": "gaussian", "setting": "web-pairs"}], "web_pairs": "w.jsonl"},
          "no web pairs"),
@@ -123,7 +125,9 @@ def test_grid_refuses_what_a_synthetic_world_lacks(tmp_path):
         ({"cells": [{"name": "g", "kind": "gaussian", "setting": "text-only"}]},
          r"config key 'cells\[0\]': gap kind 'gaussian' needs a covariance"),
         ({"cells": [{"name": "g", "kind": "gaussian", "setting": "few-pairs"}],
-          "synthetic_gap": {"trace": 0}}, "synthetic_gap.trace"),
+          "synthetic_gap": {"mu_norm": 0.5, "trace": 0}}, "synthetic_gap.trace"),
+        ({"cells": [{"name": "g", "kind": "gaussian", "setting": "few-pairs"}],
+          "synthetic_gap": {"trace": 0.2}}, r"config key 'synthetic_gap\.mu_norm' is missing"),
     ]  # fmt: skip
     for extra, message in cases:
         path = tmp_path / "grid.yaml"

@@ -10,8 +10,8 @@ from PIL import Image
 from torch.nn.functional import normalize
 
 from tipcap.data import list_images, load_image, read_captions
-from tipcap.toy.scoring import object_f1
-from tipcap.toy.world import GENERATOR_VERSION, caption_objects
+from tipcap.toy.plugin import object_f1
+from tipcap.toy.world1 import GENERATOR_VERSION, caption_objects
 
 
 def make_world(path, seed=0):

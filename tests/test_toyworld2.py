@@ -10,10 +10,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tipcap.data import list_images, load_image, read_captions
-from tipcap.toy.claims import ASPECTS, claim_agreement, claim_f1, mean_claim_f1
-from tipcap.toy.grammar import Claims, Group, Relation, parse
-from tipcap.toy.scenes import GENERATOR_VERSION, full_description, relation, render, scene_relations
-from tipcap.toy.world import ShapeObject
+from tipcap.toy.plugin import object_f1
+from tipcap.toy.world1 import ShapeObject
+from tipcap.toy.world2 import GENERATOR_VERSION, full_description, relation, render, scene_relations
+from tipcap.toy.world2_claims import ASPECTS, claim_agreement, claim_f1, mean_claim_f1
+from tipcap.toy.world2_grammar import Claims, Group, Relation, parse
 
 
 def make_world(path, seed=0, train=150, val=20, test=20):
@@ -89,8 +90,9 @@ def test_every_caption_of_the_grammar_states_only_what_holds(tmp_path):
         for sentence in entry["sentences"]:
             agreement = claim_agreement(sentence["raw"], entry["objects"])
             claims = parse(sentence["raw"])
-            for aspect in ("colour", "shape", "object"):
+            for aspect in ("colour", "shape"):
                 assert agreement[aspect].f1 == 1.0, (aspect, sentence["raw"])
+            assert object_f1(sentence["raw"], entry["objects"]) == 1.0, sentence["raw"]
             if any(g.size for g in claims.groups):
                 sized += 1
                 assert agreement["size"].f1 == 1.0, sentence["raw"]
@@ -130,7 +132,8 @@ def test_claims_are_checked_against_the_scene():
     assert relation(scene[0], scene[1]) == "next to" and relation(scene[1], scene[2]) == "above"
     assert relation(scene[0], scene[2]) == "above" and len(scene_relations(scene)) == 3
     right = claim_f1("a small red circle is next to a big blue star, with a green ring.", scene)
-    assert right["object"] == 1.0 and right["size"] == pytest.approx(2 * (2 / 3) / (1 + 2 / 3))
+    assert right["size"] == pytest.approx(2 * (2 / 3) / (1 + 2 / 3))
+    assert object_f1("a small red circle is next to a big blue star, with a green ring.", scene) == 1.0
     assert right["relation"] == pytest.approx(2 * (1 / 3) / (1 + 1 / 3))
     wrong = claim_agreement("a large red circle is under a blue star and a yellow cross.", scene)
     assert wrong["colour"].precision == pytest.approx(2 / 3) and wrong["colour"].recall == pytest.approx(
@@ -139,7 +142,7 @@ def test_claims_are_checked_against_the_scene():
     assert wrong["shape"].f1 == pytest.approx(2 / 3) and wrong["size"].f1 == 0.0
     assert wrong["relation"].f1 == 0.0
     means = mean_claim_f1(["a red circle.", "nothing here."], [scene, scene])
-    assert set(means) == set(ASPECTS) and means["object"] == pytest.approx(0.5 * 0.5)
+    assert set(means) == set(ASPECTS) and means["colour"] == pytest.approx(0.5 * 0.5)
 
 
 def test_render_draws_what_the_scene_says():
@@ -287,7 +290,7 @@ def test_perturb_makes_one_claim_false():
     import difflib
     import random
 
-    from tipcap.toy.grammar import perturb
+    from tipcap.toy.world2_grammar import perturb
 
     rng = random.Random(0)
     captions = [
@@ -333,7 +336,7 @@ def test_world_2_clip_reports_its_claim_accuracy(tmp_path, tiny_clip):
     """Trained with hard negatives, the report of a world-2 CLIP gives how often an image prefers its caption
     to the caption with one claim made false; a world-1 CLIP's report leaves it out."""
     from tipcap.toy.clip import train_toyclip
-    from tipcap.toy.grammar import perturb
+    from tipcap.toy.world2_grammar import perturb
 
     karpathy = make_world(tmp_path / "w", train=40, val=8, test=0)
     config = json.loads(tiny_clip.read_text())
@@ -355,7 +358,7 @@ def test_world_2_clip_reports_its_claim_accuracy(tmp_path, tiny_clip):
 def test_logit_scale_warms_up_to_100(tmp_path, tiny_clip, monkeypatch):
     """With a warm-up, the scale the loss uses rises geometrically from 1/0.07 to 100, then stays there."""
     import tipcap.toy.clip as toyclip
-    from tipcap.toy.grammar import perturb
+    from tipcap.toy.world2_grammar import perturb
 
     karpathy = make_world(tmp_path / "w", train=40, val=4, test=0)
     config = json.loads(tiny_clip.read_text())
@@ -374,7 +377,7 @@ def test_logit_scale_warms_up_to_100(tmp_path, tiny_clip, monkeypatch):
 
 
 def test_cell_labels_name_what_each_cell_holds():
-    from tipcap.toy.scenes import cell_labels
+    from tipcap.toy.world2 import cell_labels
 
     scene = [
         ShapeObject("red", "circle", "small", 0.15, 0.18),

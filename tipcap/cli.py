@@ -935,9 +935,9 @@ def toyworld_command(
 ) -> None:
     """Write a toy world of coloured shapes: images, a Karpathy split file and web pairs."""
     if world_version == "1":
-        from tipcap.toy.world import write_toyworld as write
+        from tipcap.toy.world1 import write_toyworld as write
     else:
-        from tipcap.toy.scenes import write_world as write
+        from tipcap.toy.world2 import write_world as write
     sizes = {"image_size": image_size} if image_size else {}
     karpathy = write(
         out, seed=seed, train=train_images, val=val_images, test=test_images, web_mismatch=web_mismatch,

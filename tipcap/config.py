@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticCustomError
 
 from tipcap.errors import TipcapError
+from tipcap.evaluation.registry import prompt_modes
 from tipcap.io import atomic_path
 
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -75,9 +76,21 @@ Setting = Literal["few-pairs", "web-pairs", "unpaired", "text-only"]
 VarianceMatch = Literal["total", "tangential"]
 WebEstimator = Literal["mixture", "trim"]
 PromptMode = Literal["none", "pim", "hard"]
-EvalPrompt = Literal["none", "auto", "oracle", "oracle-one", "oracle-missing", "wrong"]
-GROUND_TRUTH_PROMPTS = ("oracle", "oracle-one", "oracle-missing", "wrong")
-"""The prompt modes drawn from each image's ground-truth objects."""
+
+
+def _prompt_mode(value: str) -> str:
+    """Refuse an evaluation prompt mode that is neither built in nor an installed world's prompt source."""
+    modes = prompt_modes()
+    if value not in modes:
+        listed = ", ".join(repr(mode) for mode in modes[:-1]) + f" or {modes[-1]!r}"
+        raise PydanticCustomError("prompt_mode", "input should be {modes}", {"modes": listed})
+    return value
+
+
+EvalPrompt = Annotated[str, AfterValidator(_prompt_mode)]
+"""An evaluation prompt mode (:func:`tipcap.evaluation.registry.prompt_modes`): ``none``, ``auto``, or a
+mode drawn from ground truth that a world adds (the toy worlds' ``oracle``, ``oracle-one``,
+``oracle-missing``, ``wrong``)."""
 Metric = Literal["bleu", "meteor", "rouge", "cider", "spice"]
 
 GAP_KINDS: tuple[str, ...] = typing.get_args(GapKind)
@@ -248,15 +261,15 @@ class EvalConfig:
 
     beams: Positive = 5
     max_tokens: Positive | None = None  # None: the model's max_caption_tokens
-    # auto: CLIP zero-shot entities; oracle: the scene's true entities; oracle-one: one of them (seeded by
-    # prompt_seed); oracle-missing: one that the caption without prompts leaves out (seeded; images whose
-    # caption names them all get none); wrong: as many entities drawn (seeded) from those absent
+    # auto: CLIP zero-shot entities; a world's prompt sources draw from the data's ground truth (the toy
+    # worlds': oracle, the scene's true entities; oracle-one: one of them, seeded by prompt_seed;
+    # oracle-missing: one that the caption without prompts leaves out; wrong: as many absent ones)
     prompt: EvalPrompt = "none"
     prompt_guidance: NonNegativeFloat | None = None  # None: the model's model.prompt_guidance
     top_k: Positive = 3  # auto prompts: at most this many entities
     # auto prompts: keep entities at least this probable (ViECap's 0.2); None keeps the top_k
     threshold: Probability | None = 0.2
-    prompt_seed: Seed = 0  # oracle-one, oracle-missing and wrong prompts: seed of the draw
+    prompt_seed: Seed = 0  # prompt sources that draw (oracle-one, oracle-missing, wrong): seed of the draw
     metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
     batch_size: Positive = 64
     # The CLIP that computes CLIP-S and RefCLIP-S, apart from the caption model's: an open_clip name or
@@ -273,11 +286,22 @@ class SyntheticGapConfig:
     __pydantic_config__ = _STRICT
 
     truth: str | None = None  # a gaussian gap file whose μ and Σ are the truth; None: the spiked spectrum
-    mu_norm: NonNegativeFloat = 0.54  # ‖μ*‖ (the toy CLIP's ‖mean(v) − mean(t)‖)
-    trace: PositiveFloat = 0.35  # tr Σ* (the toy CLIP's few-pairs fit)
+    # The spiked spectrum's size, required without truth: ‖μ*‖ and tr Σ* (a CLIP's own gap, measured as
+    # ‖mean(v) − mean(t)‖ and the trace of a few-pairs fit, gives realistic values).
+    mu_norm: NonNegativeFloat | None = None
+    trace: PositiveFloat | None = None
     spikes: Positive = 8
     spike_share: Annotated[Float, Field(gt=0, le=1)] = 0.8
     seed: Seed = 0
+
+    def check(self, where: str) -> None:
+        """Without ``truth``, the spiked spectrum needs its ``mu_norm`` and ``trace``."""
+        for name in ("mu_norm", "trace"):
+            if self.truth is None and getattr(self, name) is None:
+                raise TipcapError(
+                    f"config key '{_key(where, name)}' is missing: the spiked spectrum needs mu_norm and "
+                    "trace (or give truth, a gaussian gap file)."
+                )
 
 
 @dataclass

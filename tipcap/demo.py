@@ -136,7 +136,7 @@ def train_demo_clip(
     """Train the demo's toy CLIP (as :func:`demo_scale` sizes it) on a world into ``out``; returns its
     :class:`tipcap.toy.clip.ToyClipReport`. A world that differs from the demo's only in its test split
     gets the same CLIP, since training reads the training and validation splits alone."""
-    from tipcap.toy import clip, grammar
+    from tipcap.toy import clip, world2_grammar
 
     echo = echo or (lambda message: None)
     scale = demo_scale(quick, version)
@@ -149,7 +149,7 @@ def train_demo_clip(
     _, report = clip.train_toyclip(
         karpathy, out, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
         config=scale.clip_config, stop=scale.stop, modality_offset=scale.modality_offset,
-        scale_warmup=scale.scale_warmup, negatives=grammar.perturb if scale.hard_negatives else None,
+        scale_warmup=scale.scale_warmup, negatives=world2_grammar.perturb if scale.hard_negatives else None,
         seeing_steps=scale.seeing_steps, scene_supervision=scale.scene_supervision, progress=progress,
     )  # fmt: skip
     claims = "" if report.claim_accuracy is None else f"; claim accuracy {report.claim_accuracy:.2f}"
@@ -170,7 +170,7 @@ def _world_module(version: int) -> Any:
         from tipcap.errors import TipcapError
 
         raise TipcapError(f"--version {version}: the toy worlds are {', '.join(map(str, WORLD_VERSIONS))}")
-    return importlib.import_module("tipcap.toy.world" if version == 1 else "tipcap.toy.scenes")
+    return importlib.import_module("tipcap.toy.world1" if version == 1 else "tipcap.toy.world2")
 
 
 def run_demo(

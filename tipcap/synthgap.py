@@ -55,8 +55,10 @@ def synthetic_truth(config: SyntheticGapConfig, dim: int) -> tuple[torch.Tensor,
     """μ* ``[d]`` and Σ* ``[d, d]`` (float64) of ``config`` at width ``dim``.
 
     Raises:
-        TipcapError: when the truth file is not a gaussian gap of width ``dim``, or ``spikes`` ≥ ``dim``.
+        TipcapError: when the truth file is not a gaussian gap of width ``dim``, or ``spikes`` ≥ ``dim``, or
+            (without a truth file) ``mu_norm`` or ``trace`` is not set.
     """
+    config.check("synthetic_gap")
     if config.truth is not None:
         gap = Gap.load(config.truth)
         if gap.kind != "gaussian" or gap.dim != dim:

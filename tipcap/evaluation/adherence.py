@@ -7,9 +7,9 @@ prompts (entities absent from the image) ``Adherence`` is the share of wrong wor
 
 What counts as a mention depends on what the prompt words are:
 
-- on a toy world, the exact (colour, shape) pair (``"brown diamond"``;
-  :func:`tipcap.toy.scoring.mentioned_objects`): a caption that names a brown circle and an orange
-  diamond does not mention a brown diamond;
+- on a world whose data records each image's objects (:mod:`tipcap.evaluation.registry`), the world's
+  names: on a toy world, the exact (colour, shape) pair (``"brown diamond"``): a caption that names a brown
+  circle and an orange diamond does not mention a brown diamond;
 - elsewhere, the entity itself or any of its forms in the entity vocabulary, or a synonym of its COCO
   category in CHAIR's synonym list (:class:`tipcap.evaluation.chair.CocoObjectWords`): "a man" mentions
   ``person``.
@@ -24,19 +24,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from tipcap.evaluation.chair import CocoObjectWords
+from tipcap.evaluation.registry import worlds
 from tipcap.prompts import EntityVocabulary
-from tipcap.toy.scoring import mentioned_objects
 
 ADHERENCE_METRICS = ("Adherence", "Adherence-all")
 _TOKEN = re.compile(r"[a-z0-9]+")
 
 Mentions = Callable[[str], set[str]]
 """The entity names a caption mentions."""
-
-
-def scene_mentions(caption: str) -> set[str]:
-    """The toy world's (colour, shape) objects a caption names (``{"brown diamond"}``)."""
-    return set(mentioned_objects(caption))
 
 
 def vocabulary_mentions(vocabulary: EntityVocabulary, words: CocoObjectWords | None = None) -> Mentions:
@@ -60,10 +55,11 @@ def packaged_mentions() -> Mentions:
 
 def mentioned_words(words: Sequence[str], caption: str) -> list[str]:
     """The prompt words a caption mentions, whatever world they come from (for a page that does not know
-    it): as written (the word's tokens in a row), as a toy (colour, shape) object, or as a name of the
-    packaged entity vocabulary or a COCO category (its forms and CHAIR's synonyms)."""
+    it): as written (the word's tokens in a row), as an object an installed world names (a toy (colour,
+    shape) pair), or as a name of the packaged entity vocabulary or a COCO category (its forms and CHAIR's
+    synonyms)."""
     tokens = f" {' '.join(_TOKEN.findall(caption.lower()))} "
-    named = scene_mentions(caption) | packaged_mentions()(caption)
+    named = packaged_mentions()(caption).union(*(world.mentions(caption) for world in worlds()))
     return [
         word for word in words if word in named or f" {' '.join(_TOKEN.findall(word.lower()))} " in tokens
     ]

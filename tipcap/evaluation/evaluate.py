@@ -4,8 +4,8 @@ Every method goes through the same path: the split's images are embedded once (o
 store), captioned, matched with the references and scored with pycocoevalcap, plus CLIP-S and RefCLIP-S
 by a scorer CLIP of their own (:mod:`tipcap.evaluation.clip_scores`; skipped with one warning when its
 weights are not on the machine) and, where the images' objects are known, CHAIR-i and CHAIR-s
-(:mod:`tipcap.evaluation.chair`: COCO instance annotations given as ``instances``, or a toy world's
-scenes). The output directory gets:
+(:mod:`tipcap.evaluation.chair`: COCO instance annotations given as ``instances``, or the ground truth a
+world's data file records, :mod:`tipcap.evaluation.registry`). The output directory gets:
 
 - ``predictions.json``: COCO results format, ``[{"image_id", "caption"}]``;
 - ``metrics.json``: the scores (also per domain, when the references give each image's domain, as NoCaps
@@ -16,12 +16,11 @@ scenes). The output directory gets:
   :mod:`tipcap.evaluation.stats`), the objects its caption mentions and hallucinates, and its domain;
 - ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
-Prompt modes (``EvalConfig.prompt``): ``none``; ``auto``, CLIP zero-shot entities; ``oracle``, the image's
-true objects; ``oracle-one``, one of them, drawn; ``oracle-missing``, one that the model's caption without
-prompts leaves out, drawn (the object a person would click; an image whose caption names every object gets
-no word); ``wrong``, as many entities of the model's vocabulary drawn from those absent from the image. A
-prompted evaluation also reports how the captions follow their words (:mod:`tipcap.evaluation.adherence`), and
-``per_image.json`` gives each image's prompt words and those its caption mentions.
+Prompt modes (``EvalConfig.prompt``): ``none``; ``auto``, CLIP zero-shot entities; and the prompt sources
+that installed worlds add, drawn from each image's ground-truth objects (the toy worlds' ``oracle``,
+``oracle-one``, ``oracle-missing`` and ``wrong``). A prompted evaluation also reports how the captions
+follow their words (:mod:`tipcap.evaluation.adherence`), and ``per_image.json`` gives each image's prompt
+words and those its caption mentions.
 
 Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
 store), ``template`` (the top CLIP zero-shot entities in a sentence template). A model evaluated from its
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -44,18 +42,12 @@ import torch
 from tipcap import provenance
 from tipcap.card import record_evaluation
 from tipcap.clip import ClipEncoder, ClipSpec, resolve_device
-from tipcap.config import GROUND_TRUTH_PROMPTS, EmbedConfig, EvalConfig, to_dict
+from tipcap.config import EmbedConfig, EvalConfig, to_dict
 from tipcap.data.karpathy import ImageId
 from tipcap.embed import embed_images
 from tipcap.errors import TipcapError, WeightsUnavailable
 from tipcap.evaluation import clip_scores
-from tipcap.evaluation.adherence import (
-    Mentions,
-    adherence,
-    packaged_mentions,
-    scene_mentions,
-    vocabulary_mentions,
-)
+from tipcap.evaluation.adherence import Mentions, adherence, packaged_mentions, vocabulary_mentions
 from tipcap.evaluation.chair import ChairResult, CocoObjectWords, chair, coco_truth, load_instances
 from tipcap.evaluation.metrics import (
     match_predictions,
@@ -65,12 +57,12 @@ from tipcap.evaluation.metrics import (
     score_domains,
     write_json_atomic,
 )
+from tipcap.evaluation.registry import GroundTruth, PromptRequest, ground_truth, prompt_sources
 from tipcap.hub import resolve_model
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
-from tipcap.toy.scoring import scene_chair, scene_objects
 
 log = logging.getLogger("tipcap.evaluation.evaluate")
 
@@ -101,66 +93,12 @@ def template_caption(entities: Sequence[str]) -> str:
     return "a photo of " + " and ".join(f"a {entity}" for entity in entities) + "."
 
 
-def wrong_prompts(
-    objects: Mapping[ImageId, Sequence[str]],
-    image_ids: Sequence[ImageId],
-    vocabulary: Sequence[str],
-    seed: int,
-) -> list[list[str]]:
-    """Entities absent from each image: as many as its true objects, drawn without replacement from
-    ``vocabulary`` minus those objects.
-
-    Each image's draw is seeded by ``seed`` and its id alone (a string seed, hashed the same way in every
-    process), so an image gets the same words whichever other images are evaluated with it.
-    """
-    names = list(dict.fromkeys(vocabulary))
-    prompts = []
-    for image_id in image_ids:
-        present = set(objects[image_id])
-        absent = [name for name in names if name not in present]
-        draw = random.Random(f"wrong-prompts:{seed}:{image_id!r}")
-        prompts.append(draw.sample(absent, min(len(objects[image_id]), len(absent))))
-    return prompts
-
-
-def oracle_one_prompts(
-    objects: Mapping[ImageId, Sequence[str]], image_ids: Sequence[ImageId], seed: int
-) -> list[list[str]]:
-    """One true object per image, drawn with a seed of ``seed`` and the image's id alone (as
-    :func:`wrong_prompts`); none for an image without objects."""
-    return [
-        [random.Random(f"oracle-one:{seed}:{image_id!r}").choice(list(objects[image_id]))]
-        if objects[image_id]
-        else []
-        for image_id in image_ids
-    ]
-
-
-def missing_object_prompts(
-    objects: Mapping[ImageId, Sequence[str]],
-    image_ids: Sequence[ImageId],
-    captions: Sequence[str],
-    mentions: Mentions,
-    seed: int,
-) -> list[list[str]]:
-    """Per image, one of its true objects that its caption (``captions``, in ``image_ids`` order) does not
-    mention, drawn with a seed of ``seed`` and the image's id alone; none where the caption names them all."""
-    prompts = []
-    for image_id, caption in zip(image_ids, captions, strict=True):
-        named = mentions(caption)
-        missing = [name for name in dict.fromkeys(objects[image_id]) if name not in named]
-        draw = random.Random(f"oracle-missing:{seed}:{image_id!r}")
-        prompts.append([draw.choice(missing)] if missing else [])
-    return prompts
-
-
-def _mentions(
-    image_ids: Sequence[ImageId], objects: Mapping[ImageId, Sequence[str]], vocabulary: str | Path | None
-) -> Mentions:
-    """What counts as a caption's mention of a prompt word: the scene's (colour, shape) pairs where every
-    image records its objects (a toy world), else the entity vocabulary's forms and COCO's synonyms."""
-    if image_ids and all(image_id in objects for image_id in image_ids):
-        return scene_mentions
+def _mentions(image_ids: Sequence[ImageId], truth: GroundTruth, vocabulary: str | Path | None) -> Mentions:
+    """What counts as a caption's mention of a prompt word: the world's object names where every image
+    records its objects (a toy world's (colour, shape) pairs), else the entity vocabulary's forms and COCO's
+    synonyms."""
+    if image_ids and all(image_id in truth.objects for image_id in image_ids):
+        return truth.mentions
     if vocabulary is None:
         return packaged_mentions()  # read once per process, not once per evaluation
     return vocabulary_mentions(EntityVocabulary.load(vocabulary), CocoObjectWords.load())
@@ -192,7 +130,7 @@ def _model_captions(
     embeddings: torch.Tensor,
     image_ids: list[Any],
     config: EvalConfig,
-    objects: Mapping[ImageId, Sequence[str]],
+    truth: GroundTruth,
     mentions: Mentions,
     timings: dict[str, float],
 ) -> tuple[list[str], list[list[str]] | None]:
@@ -204,30 +142,19 @@ def _model_captions(
         "top_k": config.top_k, "threshold": config.threshold, "timings": timings,
         "prompt_guidance": config.prompt_guidance,
     }  # fmt: skip
-    if config.prompt in GROUND_TRUTH_PROMPTS:
-        missing = [image_id for image_id in image_ids if image_id not in objects]
+    source = prompt_sources().get(config.prompt)
+    if source is not None:
+        missing = [image_id for image_id in image_ids if image_id not in truth.objects]
         if missing:
             raise TipcapError(
                 f"eval.prompt {config.prompt}: {len(missing)} of the {len(image_ids)} images have no "
                 f"ground-truth objects (image {missing[0]!r} first); {config.prompt} prompts need a file "
                 "that records its scenes' objects (the toy world's)."
             )
-        if config.prompt == "oracle":
-            prompts = [list(objects[image_id]) for image_id in image_ids]
-        elif config.prompt == "oracle-one":
-            prompts = oracle_one_prompts(objects, image_ids, config.prompt_seed)
-        elif config.prompt == "oracle-missing":
-            unprompted = model.caption(embeddings=embeddings, **decoding)
-            prompts = missing_object_prompts(
-                objects, image_ids, [result.caption for result in unprompted], mentions, config.prompt_seed
-            )
-        elif not model.entity_names:
-            raise TipcapError(
-                "eval.prompt wrong draws entities from the model's prompt vocabulary, and this model was "
-                "trained without prompts; evaluate it with prompt none."
-            )
-        else:
-            prompts = wrong_prompts(objects, image_ids, model.entity_names, config.prompt_seed)
+        prompts = source(PromptRequest(
+            image_ids, truth.objects, mentions, config.prompt_seed, model.entity_names or [],
+            lambda: [result.caption for result in model.caption(embeddings=embeddings, **decoding)],
+        ))  # fmt: skip
     results = model.caption(
         embeddings=embeddings, prompts=prompts, auto_prompt=config.prompt == "auto", **decoding
     )
@@ -316,7 +243,7 @@ def _hallucination(
     references: Mapping[ImageId, Sequence[str]],
     instances: dict[ImageId, set[str]] | None,
     words: CocoObjectWords | None,
-    objects: Mapping[ImageId, Sequence[str]],
+    scenes: GroundTruth,
     source: str | Path | None,
     skipped: dict[str, str],
 ) -> tuple[ChairResult | None, dict[str, Any]] | None:
@@ -350,8 +277,9 @@ def _hallucination(
             log.warning("%s.", reason)
         truth = coco_truth({image_id: references[image_id] for image_id in annotated}, instances, words)
         return chair(annotated, truth, words.objects), record
-    if matched and all(image_id in objects for image_id in matched):
-        return scene_chair(matched, objects), {"objects": "scene objects", "truth": "the scenes' objects"}
+    if matched and scenes.world is not None and all(image_id in scenes.objects for image_id in matched):
+        found = chair(matched, scenes.objects, scenes.world.mentions)
+        return found, {"objects": "scene objects", "truth": "the scenes' objects"}
     return None
 
 
@@ -367,7 +295,7 @@ def evaluate_split(
     image_store: str | Path | None = None,
     texts: str | Path | None = None,
     clip: ClipSpec | None = None,
-    objects: Mapping[ImageId, Sequence[str]] | None = None,
+    truth: GroundTruth | None = None,
     instances: str | Path | None = None,
     score_image_store: str | Path | None = None,
     vocabulary: str | Path | None = None,
@@ -391,8 +319,8 @@ def evaluate_split(
         image_store: an existing image store of the split, embedded with the decoder's CLIP.
         texts: caption store to retrieve from (``retrieval``).
         clip: the CLIP to use; default: the model's, else the caption store's.
-        objects: each image's true objects (the ``oracle`` prompts and the truth of the scene CHAIR);
-            default: the scenes' objects ``data`` records (the toy world's), if any.
+        truth: each image's true objects (the prompt sources' and the truth of the scene CHAIR); default:
+            what ``data`` records, read by the installed worlds (:func:`~.registry.ground_truth`).
         instances: a COCO instance annotation file; with it, CHAIR is scored on COCO's 80 categories, over
             the evaluated images the file lists (the others are left out, counted and warned about).
         score_image_store: where the scorer CLIP's image store is kept when it is not the decoder's CLIP
@@ -429,8 +357,8 @@ def evaluate_split(
             f"annotated there (first image id: {next(iter(references))!r}); pass the instance file of these "
             "images (instances_val2014.json for the Karpathy val and test splits)."
         )
-    if objects is None:
-        objects = scene_objects(Path(data))
+    if truth is None:
+        truth = ground_truth(Path(data))
     # A local folder's card gets the figures; a hub model's cached snapshot stays as downloaded.
     local_model = isinstance(model, (str, Path)) and Path(model).is_dir()
     model_dir = resolve_model(model) if isinstance(model, (str, Path)) else None
@@ -467,10 +395,10 @@ def evaluate_split(
     embeddings = store.gather(torch.tensor(keep)).float()
 
     prompts: list[list[str]] | None = None
-    mentions = _mentions(image_ids, objects, vocabulary)
+    mentions = _mentions(image_ids, truth, vocabulary)
     if method == "model":
         model.use_clip(encoder)
-        captions, prompts = _model_captions(model, embeddings, image_ids, config, objects, mentions, timings)
+        captions, prompts = _model_captions(model, embeddings, image_ids, config, truth, mentions, timings)
     else:
         start = time.perf_counter()
         if method == "retrieval":
@@ -521,9 +449,7 @@ def evaluate_split(
                 "Adherence-all": float(found.complete),
             })  # fmt: skip
 
-    hallucination = _hallucination(
-        matched, references, annotated, words, objects, instances, result["skipped"]
-    )
+    hallucination = _hallucination(matched, references, annotated, words, truth, instances, result["skipped"])
     chair_result, how = hallucination if hallucination is not None else (None, {})
     if chair_result is not None:
         result["metrics"]["CHAIR-i"] = chair_result.chair_i if chair_result.chair_i is not None else math.nan

@@ -44,7 +44,9 @@ Which metrics (:data:`INTERVAL_METRICS`): those whose corpus score is the mean o
 - CIDEr: pycocoevalcap's per-image scores, whose mean is the corpus CIDEr. Their IDF comes from the
   references of the whole test set and stays fixed in a resample. This is the usual approximation: a
   resampled test set would have slightly other document frequencies.
-- ROUGE-L, CLIP-S, RefCLIP-S, object F1: per-image scores, averaged.
+- ROUGE-L, CLIP-S, RefCLIP-S, Adherence, Adherence-all: per-image scores, averaged.
+- A world's scorers declare their own (the toy worlds' object F1; :mod:`tipcap.evaluation.registry`), which
+  :func:`interval_metrics` places among these.
 - BLEU and METEOR are corpus statistics (n-gram counts and alignments pooled over the images before the
   ratio is taken); the mean of their sentence scores is another number. They get no interval here, and
   neither does SPICE.
@@ -64,8 +66,10 @@ from scipy.stats import t as student_t
 from tipcap.errors import TipcapError
 from tipcap.io import load_json, write_json_atomic
 
-INTERVAL_METRICS = ("CIDEr", "ROUGE-L", "CLIP-S", "RefCLIP-S", "object_f1", "Adherence", "Adherence-all")
-"""Metrics with per-image scores whose mean is the reported score."""
+CAPTION_METRICS = ("CIDEr", "ROUGE-L", "CLIP-S", "RefCLIP-S")
+"""The caption's own metrics with per-image scores."""
+INTERVAL_METRICS = (*CAPTION_METRICS, "Adherence", "Adherence-all")
+"""Metrics with per-image scores whose mean is the reported score: the caption's, then prompt adherence."""
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
 """The level of every test: Holm's family-wise error rate, TOST's and a single comparison's."""
@@ -79,6 +83,12 @@ _BATCH_CELLS = 20_000_000  # resampled scores held at once (float64: 160 MB)
 
 # One scored evaluation: metric → image id → score.
 ImageScores = dict[str, dict[Any, float]]
+
+
+def interval_metrics(scored: Sequence[str] = ()) -> tuple[str, ...]:
+    """:data:`INTERVAL_METRICS` with a world's scorers' metrics (``scored``) after the caption's own and
+    before prompt adherence, the order of a grid's interval columns."""
+    return (*CAPTION_METRICS, *scored, *INTERVAL_METRICS[len(CAPTION_METRICS) :])
 
 
 @dataclass(frozen=True)
@@ -351,7 +361,7 @@ def compare(
     if len(images) < 2:
         raise TipcapError(
             f"{names[0]} and {names[1]}: fewer than two images with per-image {metric} scores in both "
-            f"(intervals exist for {', '.join(INTERVAL_METRICS)})."
+            f"(intervals exist for {', '.join(INTERVAL_METRICS)} and a world's scorers' metrics)."
         )
     values_a = np.array([[side(a, s)[metric][i] for i in images] for s in seeds], dtype=np.float64)
     values_b = np.array([[side(b, s)[metric][i] for i in images] for s in seeds], dtype=np.float64)

@@ -6,12 +6,12 @@ cached, and :mod:`tipcap.grid.report` writes its results, table and plots.
 
 from tipcap.grid.config import BASELINES, CELL_KINDS, AblationConfig, Cell, Job, expand, load_ablation
 from tipcap.grid.report import (
-    COLUMNS,
     METRIC_COLUMNS,
     SETTING_COLOURS,
     markdown_table,
     plot_cider,
     plot_cider_vs_pairs,
+    result_columns,
     write_csv,
 )
 from tipcap.grid.runner import Ablation, run_ablation, trained_models
@@ -19,7 +19,6 @@ from tipcap.grid.runner import Ablation, run_ablation, trained_models
 __all__ = [
     "BASELINES",
     "CELL_KINDS",
-    "COLUMNS",
     "METRIC_COLUMNS",
     "SETTING_COLOURS",
     "Ablation",
@@ -31,6 +30,7 @@ __all__ = [
     "markdown_table",
     "plot_cider",
     "plot_cider_vs_pairs",
+    "result_columns",
     "run_ablation",
     "trained_models",
     "write_csv",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tipcap.errors import TipcapError
+from tipcap.evaluation.registry import interval_metrics
 from tipcap.evaluation.stats import (
     ALPHA,
     INTERVAL_METRICS,
@@ -53,14 +54,19 @@ def metric_name(name: str) -> str:
     Raises:
         TipcapError: naming ``--metric``, for a metric without per-image scores.
     """
-    known = {m.lower().replace("_", "-"): m for m in INTERVAL_METRICS}
+    known = {m.lower().replace("_", "-"): m for m in metric_names()}
     found = known.get(name.lower().replace("_", "-"))
     if found is None:
         raise TipcapError(
             f"--metric {name!r}: paired comparisons need per-image scores; use one of "
-            f"{', '.join(INTERVAL_METRICS)} (BLEU and METEOR are corpus statistics)."
+            f"{', '.join(metric_names())} (BLEU and METEOR are corpus statistics)."
         )
     return found
+
+
+def metric_names() -> tuple[str, ...]:
+    """The metrics with per-image scores: the library's and the installed worlds' scorers'."""
+    return (*INTERVAL_METRICS, *interval_metrics())
 
 
 def grid_scores(out: str | Path) -> GridScores:

@@ -62,8 +62,7 @@ from tipcap.config import (
 )
 from tipcap.data.karpathy import check_split
 from tipcap.errors import TipcapError
-from tipcap.evaluation.stats import INTERVAL_METRICS
-from tipcap.grid.compare import metric_name
+from tipcap.grid.compare import metric_name, metric_names
 
 BASELINES = ("retrieval", "template")
 """Cell kinds without a trained decoder."""
@@ -366,7 +365,7 @@ def _check_selection_keys(config: AblationConfig) -> None:
     except TipcapError:
         raise TipcapError(
             f"config key 'select_metric': {config.select_metric!r} has no per-image scores to average over "
-            f"the validation images; use one of {', '.join(INTERVAL_METRICS)}."
+            f"the validation images; use one of {', '.join(metric_names())}."
         ) from None
     try:
         check_split(config.select_split)
@@ -397,6 +396,8 @@ def _validate(config: AblationConfig, path: Path) -> None:
     if not config.karpathy or not config.embed.model:
         raise TipcapError(f"{path}: set karpathy and embed.model (in the file or with --set).")
     _check_few_pairs(config.few_pairs, "few_pairs")
+    if config.synthetic_gap is not None:
+        config.synthetic_gap.check("synthetic_gap")
     if config.synthetic_gap is not None and config.eval_karpathy:
         raise TipcapError(
             f"{path}: a synthetic_gap grid evaluates on its own data; remove eval_karpathy or synthetic_gap."

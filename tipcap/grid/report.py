@@ -11,30 +11,37 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tipcap.evaluation.stats import INTERVAL_METRICS, Interval
+from tipcap.evaluation.registry import Scorer
+from tipcap.evaluation.stats import Interval, interval_metrics
 from tipcap.io import atomic_path
 
+CELL_COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
+                "seed", "train_data", "eval_data")  # fmt: skip
 METRIC_COLUMNS = ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L", "SPICE", "CLIP-S", "RefCLIP-S", "CHAIR-i",
-                  "CHAIR-s", "Adherence", "Adherence-all", "object_f1")  # fmt: skip
-# Claims checked against the scene, per aspect (toy world 2 only; empty elsewhere).
-CLAIM_COLUMNS = ("colour_f1", "shape_f1", "size_f1", "relation_f1")
-INTERVAL_COLUMNS = tuple(f"{m}_{end}" for m in INTERVAL_METRICS for end in ("ci_low", "ci_high"))
-"""Each row's image-level 95% interval (the bootstrap over the test images of its one seed), for the metrics
-with per-image scores; the seed-level intervals are ``table.md``'s."""
-COLUMNS = ("cell", "method", "kind", "setting", "few_pairs", "paired_fraction", "prompt", "eval_prompt",
-           "seed", "train_data", "eval_data", *METRIC_COLUMNS, *CLAIM_COLUMNS, *INTERVAL_COLUMNS,
-           "selected")  # fmt: skip
-"""``selected``: the value a cell with ``select`` chose on validation data (``gap.noise_scale=0.5``)."""
+                  "CHAIR-s", "Adherence", "Adherence-all")  # fmt: skip
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write result rows under the :data:`COLUMNS` header, atomically (a reader never sees half a file).
-    Columns a row lacks (an interval of a metric without per-image scores) stay empty."""
+def result_columns(scorers: Sequence[Scorer] = ()) -> tuple[str, ...]:
+    """The ``results.csv`` header of a grid whose evaluation data the ``scorers`` apply to
+    (:func:`tipcap.evaluation.registry.scorers_for`; none on COCO): the cell, the metrics, the scorers'
+    columns, each row's image-level 95% interval (the bootstrap over the test images of its one seed) for
+    the metrics with per-image scores (the seed-level intervals are ``table.md``'s), and ``selected``: the
+    value a cell with ``select`` chose on validation data (``gap.noise_scale=0.5``)."""
+    scored = interval_metrics([m for scorer in scorers for m in scorer.interval_metrics])
+    intervals = (f"{m}_{end}" for m in scored for end in ("ci_low", "ci_high"))
+    return (*CELL_COLUMNS, *METRIC_COLUMNS, *(c for s in scorers for c in s.columns), *intervals, "selected")
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: Sequence[str]) -> None:
+    """Write result rows under the ``columns`` header (:func:`result_columns`), atomically (a reader never
+    sees half a file). Columns a row lacks (an interval of a metric without per-image scores) stay empty;
+    keys outside them (a world's scores kept in a row cached before) are left out."""
     with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -82,15 +89,18 @@ def markdown_table(
     rows: list[dict[str, Any]],
     intervals: dict[tuple[str, str], dict[str, Interval]] | None = None,
     title: str | None = None,
+    scorers: Sequence[Scorer] = (),
 ) -> str:
     """Each method (and evaluation prompt mode): the mean over seeds ± the half-width of its 95% t-interval
     over seeds, with the seeds' sd (``intervals``: (cell, prompt mode) → metric → interval); a cell evaluated
     once gets its 95% interval over test images, marked ‡. Corpus metrics without per-image scores (BLEU-4,
-    METEOR, SPICE) show ± the std over seeds, marked †. The footnote says what ± is, for the kinds shown."""
+    METEOR, SPICE) show ± the std over seeds, marked †. The footnote says what ± is, for the kinds shown.
+    The ``scorers``' columns follow the metrics (``object_f1`` headed "object F1")."""
     intervals = intervals or {}
     groups = _groups(rows)
-    columns = [c for c in (*METRIC_COLUMNS, *CLAIM_COLUMNS) if any(_values(g, c) for g in groups.values())]
-    names = {c: c.replace("_f1", " F1") for c in ("object_f1", *CLAIM_COLUMNS)}
+    scored = (c for scorer in scorers for c in scorer.columns)
+    columns = [c for c in (*METRIC_COLUMNS, *scored) if any(_values(g, c) for g in groups.values())]
+    names = {c: c.replace("_f1", " F1") for c in columns}
     lines = [f"{title}\n"] if title else []
     lines += [
         "| method | prompt at test | seeds | " + " | ".join(names.get(c, c) for c in columns) + " |",

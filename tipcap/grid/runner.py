@@ -33,17 +33,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tipcap.config import GROUND_TRUTH_PROMPTS, EvalConfig, ExperimentConfig, from_dict, save_config, to_dict
+from tipcap.config import EvalConfig, ExperimentConfig, from_dict, save_config, to_dict
 from tipcap.data import list_images
 from tipcap.data.karpathy import read_karpathy, split_matches
 from tipcap.embed import clip_spec, embed_images, embed_texts
 from tipcap.errors import TipcapError
 from tipcap.evaluation.evaluate import evaluate_split
+from tipcap.evaluation.registry import GroundTruth, Scorer, ground_truth, prompt_sources, scorers_for
 from tipcap.evaluation.stats import (
     INTERVAL_METRICS,
     SCORES_FILE,
     ImageScores,
     cell_interval,
+    interval_metrics,
     read_image_scores,
     write_image_scores,
 )
@@ -61,11 +63,11 @@ from tipcap.grid.config import (
     resolve,
 )
 from tipcap.grid.report import (
-    CLAIM_COLUMNS,
     METRIC_COLUMNS,
     markdown_table,
     plot_cider,
     plot_cider_vs_pairs,
+    result_columns,
     write_csv,
 )
 from tipcap.grid.selection import Selection, write_selection
@@ -73,8 +75,6 @@ from tipcap.io import atomic_path, load_json, write_json_atomic
 from tipcap.provenance import FILE_NAME as PROVENANCE_FILE
 from tipcap.store import EmbeddingStore
 from tipcap.synthgap import SyntheticWorld, build_synthetic_world, synthetic_image_store
-from tipcap.toy.claims import mean_claim_f1, scene_records
-from tipcap.toy.scoring import object_f1, scene_objects
 from tipcap.training.loop import train
 
 FEW_PAIRS_DRAW = "data_seed + seed"
@@ -111,11 +111,10 @@ class Ablation:
         self.stores = Path(config.store_dir) if config.store_dir else self.out / "stores"
         self._checked: set[Path] = set()
         self._train_images: int | None = None
-        self._eval_objects: dict[Any, list[str]] | None = None
-        self._eval_scenes: dict[Any, list[dict]] | None = None
+        self._truths: dict[Path, GroundTruth] = {}
+        self._records: dict[tuple[Path, str], Any] = {}
         self._data_names: dict[Path, str] = {}
         self._world: SyntheticWorld | None = None
-        self._select_objects: dict[Any, list[str]] | None = None
 
     # -- cached steps ---------------------------------------------------------------------------
 
@@ -306,7 +305,7 @@ class Ablation:
             evaluate_split(
                 self.eval_karpathy, split, out, evaluation, method=method,
                 model=self.model(job, seed) if method == "model" else None, image_store=test_store,
-                images=self.eval_root, texts=texts, clip=self.clip, objects=self.eval_objects(),
+                images=self.eval_root, texts=texts, clip=self.clip, truth=self.truth(self.eval_karpathy),
                 instances=self.config.instances,
                 score_image_store=self._scorer_store(store_name, evaluation),
                 vocabulary=self.config.vocabulary,
@@ -336,52 +335,67 @@ class Ablation:
             self._data_names[karpathy] = str(document.get("dataset") or karpathy.name.split(".")[0])
         return self._data_names[karpathy]
 
-    def eval_objects(self) -> dict[Any, list[str]]:
-        """Ground-truth object names per evaluation image id (toy-world files only; read once)."""
-        if self._eval_objects is None:
-            self._eval_objects = scene_objects(self.eval_karpathy)
-        return self._eval_objects
+    def truth(self, karpathy: Path) -> GroundTruth:
+        """The ground-truth objects a data file records (a world's, else none; read once per file)."""
+        if karpathy not in self._truths:
+            self._truths[karpathy] = ground_truth(karpathy)
+        return self._truths[karpathy]
 
-    def _image_scores(
-        self, out: Path, per_image: list[dict[str, Any]], objects: dict[Any, list[str]] | None = None
-    ) -> ImageScores:
-        """Write an evaluation's per-image scores (``scores.json``: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S and, on
-        images that record their objects in ``objects``, by default the evaluation images', object F1) and
-        return them."""
-        objects = self.eval_objects() if objects is None else objects
-        f1 = [
-            object_f1(r["prediction"], [
-                {"colour": name.split()[0], "shape": name.split()[1]} for name in objects[r["image_id"]]
-            ]) if r["image_id"] in objects else None
-            for r in per_image
-        ]  # fmt: skip
-        columns = {m: [r.get(m) for r in per_image] for m in INTERVAL_METRICS if m != "object_f1"}
-        columns["object_f1"] = f1
+    def scorers(self, karpathy: Path) -> tuple[Scorer, ...]:
+        """The world's scorers that apply to a data file (none off a world's data)."""
+        return scorers_for(self.truth(karpathy))
+
+    def interval_metrics(self) -> tuple[str, ...]:
+        """The metrics of the evaluations with per-image scores: the library's and the scorers'."""
+        return interval_metrics([m for s in self.scorers(self.eval_karpathy) for m in s.interval_metrics])
+
+    def _scorer_records(self, karpathy: Path, scorer: Scorer) -> Any:
+        """What a data file records of each image that ``scorer`` scores (read once per file)."""
+        if (karpathy, scorer.name) not in self._records:
+            self._records[karpathy, scorer.name] = scorer.records(karpathy)
+        return self._records[karpathy, scorer.name]
+
+    def _image_scores(self, out: Path, per_image: list[dict[str, Any]], karpathy: Path) -> ImageScores:
+        """Write an evaluation's per-image scores (``scores.json``: CIDEr, ROUGE-L, CLIP-S, RefCLIP-S and the
+        per-image scores of the data file's scorers, on the images they score) and return them."""
+        columns = {m: [r.get(m) for r in per_image] for m in INTERVAL_METRICS}
+        for scorer in self.scorers(karpathy):
+            if scorer.per_image is None:
+                continue
+            records = self._scorer_records(karpathy, scorer)
+            scores = [scorer.per_image(r["prediction"], records[r["image_id"]]) if r["image_id"] in records
+                      else None for r in per_image]  # fmt: skip
+            columns.update({m: [s[m] if s else None for s in scores] for m in scorer.interval_metrics})
         columns = {m: values for m, values in columns.items() if any(v is not None for v in values)}
         write_image_scores(out / SCORES_FILE, [r["image_id"] for r in per_image], columns)
         return read_image_scores(out / SCORES_FILE)
 
-    def eval_scenes(self) -> dict[Any, list[dict]]:
-        """Each evaluation image's objects with their positions (toy world 2 files only; read once)."""
-        if self._eval_scenes is None:
-            self._eval_scenes = scene_records(self.eval_karpathy)
-        return self._eval_scenes
-
-    def _claims(self, per_image: list[dict[str, Any]]) -> dict[str, float | None]:
-        """Mean colour, shape, size and relation F1 of the predictions (None off toy world 2)."""
-        scenes = self.eval_scenes()
-        scored = [r for r in per_image if r["image_id"] in scenes]
-        if not scored:
-            return dict.fromkeys(CLAIM_COLUMNS)
-        means = mean_claim_f1([r["prediction"] for r in scored], [scenes[r["image_id"]] for r in scored])
-        return {column: means[column.removesuffix("_f1")] for column in CLAIM_COLUMNS}
+    def _scorer_columns(
+        self, per_image: list[dict[str, Any]], scores: ImageScores
+    ) -> dict[str, float | None]:
+        """The evaluation data's scorers' result columns (the mean of each per-image score over the images
+        it scores; the scorer's summary for the others), ``None`` where a scorer scores no image."""
+        row: dict[str, float | None] = {}
+        for scorer in self.scorers(self.eval_karpathy):
+            for metric in scorer.interval_metrics:
+                values = [v for v in scores.get(metric, {}).values() if v is not None]
+                row[metric] = statistics.mean(values) if values else None
+            records = self._scorer_records(self.eval_karpathy, scorer)
+            scored = [r for r in per_image if r["image_id"] in records]
+            rest = [c for c in scorer.columns if c not in scorer.interval_metrics]
+            summary = {}
+            if scored and scorer.summary is not None:
+                summary = scorer.summary(
+                    [r["prediction"] for r in scored], [records[r["image_id"]] for r in scored]
+                )
+            row.update({column: summary.get(column) for column in rest})
+        return row
 
     def _row(self, job: Job, seed: int | None, eval_prompt: str, out: Path) -> dict[str, Any]:
         cell = job.cell
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))["metrics"]
         per_image = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
-        scores = self._image_scores(out, per_image)
-        f1 = [v for v in scores.get("object_f1", {}).values() if v is not None]
+        scores = self._image_scores(out, per_image, self.eval_karpathy)
         fraction = self._paired_fraction(job, seed)
         setting = "all-pairs" if cell.kind == "supervised" and job.few_pairs is None else cell.setting
         row = {
@@ -390,12 +404,11 @@ class Ablation:
             "eval_prompt": eval_prompt, "selected": job.candidate or None, "seed": seed,
             "train_data": self.data_name(self.karpathy),
             "eval_data": self.data_name(self.eval_karpathy),
-            **{k: metrics.get(k) for k in METRIC_COLUMNS[:-1]},
-            "object_f1": statistics.mean(f1) if f1 else None,
-            **self._claims(per_image),
+            **{k: metrics.get(k) for k in METRIC_COLUMNS},
+            **self._scorer_columns(per_image, scores),
         }  # fmt: skip
         # This evaluation's image-level interval: the bootstrap over its test images (its seed alone).
-        for metric in INTERVAL_METRICS:
+        for metric in self.interval_metrics():
             found = cell_interval({seed: scores}, metric)
             row[f"{metric}_ci_low"] = found.low if found is not None else None
             row[f"{metric}_ci_high"] = found.high if found is not None else None
@@ -422,15 +435,6 @@ class Ablation:
         (out / "row.json").unlink(missing_ok=True)
         (out / "metrics.json").unlink()
 
-    def select_objects(self) -> dict[Any, list[str]]:
-        """Ground-truth object names per image of the training data set, whose ``select_split`` the
-        candidates are scored on (toy-world files only; read once)."""
-        if self.karpathy == self.eval_karpathy:
-            return self.eval_objects()
-        if self._select_objects is None:
-            self._select_objects = scene_objects(self.karpathy)
-        return self._select_objects
-
     def select_dir(self, job: Job, seed: int) -> Path:
         """Where a candidate's decoder of one seed is evaluated on ``select_split``, with its cell's first
         evaluation prompt mode."""
@@ -448,13 +452,13 @@ class Ablation:
             resolved, evaluation = self._evaluation_config(job, job.cell.eval_prompts[0])
             evaluate_split(
                 self.karpathy, split, out, evaluation, model=self.model(job, seed), image_store=store,
-                images=self.root, clip=self.clip, objects=self.select_objects(),
+                images=self.root, clip=self.clip, truth=self.truth(self.karpathy),
                 score_image_store=self._scorer_store(store_name, evaluation),
                 vocabulary=self.config.vocabulary,
                 context={"cell": job.name, "seed": seed, **self._selected(job), **resolved.record()},
             )  # fmt: skip
             per_image = json.loads((out / "per_image.json").read_text(encoding="utf-8"))
-            self._image_scores(out, per_image, self.select_objects())
+            self._image_scores(out, per_image, self.karpathy)
         metric = metric_name(self.config.select_metric)
         scored = read_image_scores(out / SCORES_FILE).get(metric, {})
         values = [value for value in scored.values() if value is not None]
@@ -505,9 +509,9 @@ class Ablation:
                 f"cells[{selecting[0]}] on; set select_split to a held-out split the file has (val), or "
                 "remove select from the cells."
             )
-        asking = [i for i in selecting if self.config.cells[i].eval_prompts[0] in GROUND_TRUTH_PROMPTS]
+        asking = [i for i in selecting if self.config.cells[i].eval_prompts[0] in prompt_sources()]
         if asking:
-            objects = self.select_objects()
+            objects = self.truth(self.karpathy).objects
             missing = [image.image_id for image in images if image.image_id not in objects]
             if missing:
                 raise TipcapError(
@@ -545,13 +549,14 @@ class Ablation:
         asking = [
             index
             for index, cell in enumerate(self.config.cells)
-            if set(GROUND_TRUTH_PROMPTS) & set(cell.eval_prompts)
+            if set(prompt_sources()) & set(cell.eval_prompts)
         ]
         if not asking:
             return
         split = self.config.eval_split
         images = read_karpathy(self.eval_karpathy, split)
-        missing = [image.image_id for image in images if image.image_id not in self.eval_objects()]
+        objects = self.truth(self.eval_karpathy).objects
+        missing = [image.image_id for image in images if image.image_id not in objects]
         if missing:
             raise TipcapError(
                 f"config key 'cells[{asking[0]}].eval_prompts': oracle and wrong prompts are drawn from "
@@ -626,6 +631,7 @@ class Ablation:
         self._check_oracle_prompts()
         self._check_grid()
         rows = []
+        columns = result_columns(self.scorers(self.eval_karpathy))
         scores: GridScores = {}
         selections: list[Selection] = []
         for job in self.jobs:
@@ -637,14 +643,14 @@ class Ablation:
             for seed in self.config.seeds if job.trained else [None]:
                 for eval_prompt in job.cell.eval_prompts:
                     rows.append(self.evaluate(evaluated, seed, eval_prompt))
-                    write_csv(rows, self.out / "results.csv")
+                    write_csv(rows, self.out / "results.csv", columns)
                     evaluation = read_image_scores(self.eval_dir(job, seed, eval_prompt) / SCORES_FILE)
                     scores.setdefault((job.name, eval_prompt), {})[seed] = evaluation
         if not selections:
             for name in ("selection.csv", "selection.md"):
                 (self.out / name).unlink(missing_ok=True)  # from an earlier grid in this folder
         intervals = {
-            key: {m: found for m in INTERVAL_METRICS if (found := cell_interval(seeds, m)) is not None}
+            key: {m: found for m in self.interval_metrics() if (found := cell_interval(seeds, m)) is not None}
             for key, seeds in scores.items()
         }
         title = None
@@ -654,7 +660,9 @@ class Ablation:
                 f"Decoders trained on {source}, evaluated on the {self.config.eval_split} split of {target}."
             )
         with atomic_path(self.out / "table.md") as tmp:
-            tmp.write_text(markdown_table(rows, intervals, title), encoding="utf-8")
+            tmp.write_text(
+                markdown_table(rows, intervals, title, self.scorers(self.eval_karpathy)), encoding="utf-8"
+            )
         if self.config.compare or self.config.families:
             write_comparisons(grid_decisions(scores, self.config.families, self.config.compare), self.out)
         plot_cider(rows, self.out / "cider.png", intervals)

@@ -24,10 +24,10 @@ from tipcap.data.karpathy import split_matches
 from tipcap.errors import TipcapError
 from tipcap.io import save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
-from tipcap.toy.claims import scene_records
-from tipcap.toy.grammar import COLOURS, SHAPES, SIZES
-from tipcap.toy.scenes import cell_labels
-from tipcap.toy.world import ShapeObject
+from tipcap.toy.world1 import ShapeObject
+from tipcap.toy.world2 import cell_labels
+from tipcap.toy.world2_claims import scene_records
+from tipcap.toy.world2_grammar import COLOURS, SHAPES, SIZES
 
 # How train_toyclip trains: bump whenever a change makes the same arguments train another CLIP, so that
 # caches keyed by it (the demo's) are not reused across the change.
@@ -182,7 +182,7 @@ class SceneHead(torch.nn.Module):
     ) -> torch.Tensor:
         """Cross-entropy per cell and attribute of patch tokens ``[B, 9, W]`` (row by row), plus the
         binary cross-entropy of the objects read from unit image and (if given) caption embeddings
-        ``[B, d]``, for the scenes' cell labels ``[B, 9, 3]`` (:func:`tipcap.toy.scenes.cell_labels`)."""
+        ``[B, d]``, for the scenes' cell labels ``[B, 9, 3]`` (:func:`tipcap.toy.world2.cell_labels`)."""
         cross_entropy = torch.nn.functional.cross_entropy
         parts = self.cells(tokens).split(self.classes, dim=-1)
         per_cell = sum(
@@ -203,7 +203,7 @@ class SceneHead(torch.nn.Module):
 
 def _cell_labels(records: dict, entries: list, karpathy: Path) -> torch.Tensor:
     """``[N, 9, 3]`` cell labels of the training entries, from the scenes a world-2 Karpathy file records
-    (:func:`tipcap.toy.claims.scene_records`)."""
+    (:func:`tipcap.toy.world2_claims.scene_records`)."""
     if not records:
         raise TipcapError(f"{karpathy}: scene supervision needs a toy world 2 file, which records its scenes")
     return torch.tensor([cell_labels([ShapeObject(**o) for o in records[e.image_id]]) for e in entries])
@@ -306,10 +306,10 @@ def measure(encoder: ClipEncoder, karpathy: Path, split: str = "val", limit: int
 
 def claim_accuracy(encoder: ClipEncoder, karpathy: Path, split: str = "val", limit: int = 500) -> float:
     """How often an image of a world-2 split is nearer its caption than that caption with one claim made
-    false (:func:`tipcap.toy.grammar.perturb`, drawn with a fixed seed): whether the CLIP reads shapes,
+    false (:func:`tipcap.toy.world2_grammar.perturb`, drawn with a fixed seed): whether the CLIP reads shapes,
     sizes and places, which image→text R@1 hides when colours alone tell the images apart. 0.5 is
     chance."""
-    from tipcap.toy.grammar import perturb
+    from tipcap.toy.world2_grammar import perturb
 
     pixels, captions, owner = _held_out(encoder, karpathy, split, limit)
     rng = random.Random(0)

@@ -3,14 +3,14 @@
 An object has a colour (8), a shape (7), a size (2) and a place on a 3 × 3 grid; objects may repeat ("two
 red circles"). Single objects stand in one relation to each other: "next to" when side by side in
 neighbouring cells of a row, else left of, right of, above or below by the larger offset. Captions come
-from :mod:`tipcap.toy.grammar`.
+from :mod:`tipcap.toy.world2_grammar`.
 
 No test scene's full description (its groups with their sizes, and every relation between its single
 objects) is among what the training captions state, nor among the training scenes' own full descriptions:
 a test (or validation) scene that collides is drawn again. So a decoder has to compose, and the nearest
 training caption matches a test scene only in part.
 
-The world is written in the same form as version 1 (:mod:`tipcap.toy.world`): an image folder, a Karpathy
+The world is written in the same form as version 1 (:mod:`tipcap.toy.world1`): an image folder, a Karpathy
 file whose entries record their ``objects`` (with positions), web pairs and an entity vocabulary.
 """
 
@@ -24,9 +24,19 @@ from PIL import Image
 
 from tipcap.errors import TipcapError
 from tipcap.progress import progress_bar
-from tipcap.toy.grammar import COLOURS, SHAPES, SIZES, Claims, Group, Relation, canonical, describe, parse
-from tipcap.toy.world import BACKGROUNDS, ShapeObject, save_scene, scene_noise, write_world_files
-from tipcap.toy.world import render as render_objects
+from tipcap.toy.world1 import BACKGROUNDS, ShapeObject, save_scene, scene_noise, write_world_files
+from tipcap.toy.world1 import render as render_objects
+from tipcap.toy.world2_grammar import (
+    COLOURS,
+    SHAPES,
+    SIZES,
+    Claims,
+    Group,
+    Relation,
+    canonical,
+    describe,
+    parse,
+)
 
 # What a seed renders and captions: bump whenever a change makes a seed produce another world, so that
 # caches keyed by it (the demo's) are not reused across the change.
@@ -137,7 +147,7 @@ def render(
     grain: float = 0.04,
     noise: np.random.Generator | None = None,
 ) -> Image.Image:
-    """Draw a scene of world 2 (:func:`tipcap.toy.world.render` with world 2's smaller objects)."""
+    """Draw a scene of world 2 (:func:`tipcap.toy.world1.render` with world 2's smaller objects)."""
     return render_objects(objects, size, background, grain, noise, radii=(0.13, 0.08))
 
 
@@ -152,7 +162,7 @@ def write_world(
     progress: bool = False,
 ) -> Path:
     """Generate world 2 into ``out``: ``images/``, ``toyworld.json`` (Karpathy), ``web_pairs.jsonl`` and
-    ``entities.json``, as :func:`tipcap.toy.world.write_toyworld` does for world 1.
+    ``entities.json``, as :func:`tipcap.toy.world1.write_toyworld` does for world 1.
 
     Training scenes are drawn first; each validation and test scene is drawn until its full description
     is neither a training scene's nor stated by a training caption. Returns the Karpathy file.

@@ -1,19 +1,19 @@
-"""Checking a caption's claims against a toy-world-2 scene: colour, shape, object, size and relation F1.
+"""Checking a caption's claims against a toy-world-2 scene: colour, shape, size and relation F1.
 
-A caption is read with the world's grammar (:func:`tipcap.toy.grammar.parse`) and each kind of claim is
+A caption is read with the world's grammar (:func:`tipcap.toy.world2_grammar.parse`) and each kind of claim is
 compared, as a set, with the same kind of fact about the scene:
 
 | aspect | a claim, a fact |
 |---|---|
 | ``colour`` | a colour named / present |
 | ``shape`` | a shape named / present |
-| ``object`` | a (colour, shape) named / present (world 1's object F1) |
 | ``size`` | a (colour, shape, size) named with its size / present |
 | ``relation`` | a canonical relation stated / holding between two single objects |
 
 Precision counts the caption's claims that hold, recall the scene's facts that the caption states; F1 is
 0 where nothing matches (also where the caption states nothing of that kind). A caption of the grammar
-states only what holds, so its precision is 1 on every aspect it speaks of.
+states only what holds, so its precision is 1 on every aspect it speaks of. Which objects a caption names
+is object F1's, for both worlds (:func:`tipcap.toy.plugin.object_f1`).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from pathlib import Path
 
 from tipcap.data.karpathy import ImageId, image_id_of
 from tipcap.io import load_json
-from tipcap.toy.grammar import parse
-from tipcap.toy.scenes import full_description
-from tipcap.toy.world import ShapeObject
+from tipcap.toy.world1 import ShapeObject
+from tipcap.toy.world2 import full_description
+from tipcap.toy.world2_grammar import parse
 
-ASPECTS = ("colour", "shape", "object", "size", "relation")
+ASPECTS = ("colour", "shape", "size", "relation")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,6 @@ def _aspects(groups: Iterable, relations: Iterable) -> dict[str, set[Hashable]]:
     return {
         "colour": {g.colour for g in groups},
         "shape": {g.shape for g in groups},
-        "object": {(g.colour, g.shape) for g in groups},
         "size": {(g.colour, g.shape, g.size) for g in groups if g.size},
         "relation": set(relations),
     }

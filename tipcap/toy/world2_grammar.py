@@ -3,7 +3,7 @@
 A caption names every group of objects of its scene ("a small red circle", "two blue stars"), sizes some of
 the time, and states up to two relations between single objects ("a red circle is to the left of a blue
 star"). :func:`describe` writes captions of a scene; :func:`parse` reads a caption's claims back out, so that
-captions (a decoder's or a retrieved one) can be checked against the scene (:mod:`tipcap.toy.claims`).
+captions (a decoder's or a retrieved one) can be checked against the scene (:mod:`tipcap.toy.world2_claims`).
 
 Relations are canonical: "right of" is stored as the swapped "left of", "below" as the swapped "above", and
 "next to" with its two objects in sorted order, so that a claim and the scene's fact compare equal.
