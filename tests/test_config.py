@@ -27,6 +27,7 @@ from tipcap.config import (
     to_dict,
 )
 from tipcap.errors import TipcapError
+from tipcap.evaluation.registry import prompt_modes
 from tipcap.grid import expand, load_ablation
 from tipcap.grid.config import AblationConfig, Cell
 
@@ -198,6 +199,17 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
 def test_mistakes_name_the_key(override, message):
     with pytest.raises(TipcapError, match=re.escape(message)):
         load_config(EXPERIMENTS / "tiny.yaml", [override])
+
+
+def test_an_evaluation_prompt_mode_is_built_in_or_a_world_s_prompt_source():
+    """none and auto are built in; the toy worlds' entry point adds the modes drawn from their scenes."""
+    assert prompt_modes() == ("none", "auto", "oracle", "oracle-one", "oracle-missing", "wrong")
+    assert from_dict(EvalConfig, {"prompt": "oracle-missing"}, "eval").prompt == "oracle-missing"
+    message = (
+        "config key 'eval.prompt': input should be 'none', 'auto', 'oracle', 'oracle-one', 'oracle-missing'"
+    )
+    with pytest.raises(TipcapError, match=re.escape(f"{message} or 'wrong' (given: 'user').")):
+        from_dict(EvalConfig, {"prompt": "user"}, "eval")
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,9 @@ that installed worlds add, drawn from each image's ground-truth objects (the toy
 follow their words (:mod:`tipcap.evaluation.adherence`), and ``per_image.json`` gives each image's prompt
 words and those its caption mentions.
 
-Methods: ``model`` (a trained caption model), ``retrieval`` (the most CLIP-similar caption of a caption
-store), ``template`` (the top CLIP zero-shot entities in a sentence template). A model evaluated from its
+Methods: ``model`` (a trained caption model), and the baselines of :mod:`tipcap.evaluation.baselines`:
+``retrieval`` (the most CLIP-similar caption of a caption store), ``template`` (the top CLIP zero-shot
+entities in a sentence template). A model evaluated from its
 folder gets the figures on its model card (:func:`tipcap.card.record_evaluation`).
 """
 
@@ -48,6 +49,7 @@ from tipcap.embed import embed_images
 from tipcap.errors import TipcapError, WeightsUnavailable
 from tipcap.evaluation import clip_scores
 from tipcap.evaluation.adherence import Mentions, adherence, packaged_mentions, vocabulary_mentions
+from tipcap.evaluation.baselines import retrieve_captions, template_captions
 from tipcap.evaluation.chair import ChairResult, CocoObjectWords, chair, coco_truth, load_instances
 from tipcap.evaluation.metrics import (
     match_predictions,
@@ -60,37 +62,13 @@ from tipcap.evaluation.metrics import (
 from tipcap.evaluation.registry import GroundTruth, PromptRequest, ground_truth, prompt_sources
 from tipcap.hub import resolve_model
 from tipcap.model import TIPCap
-from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
+from tipcap.prompts import EntityVocabulary
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
 
 log = logging.getLogger("tipcap.evaluation.evaluate")
 
 METHODS = ("model", "retrieval", "template")
-
-
-def retrieve_captions(image_embeddings: torch.Tensor, texts: EmbeddingStore, chunk: int = 65536) -> list[str]:
-    """The most CLIP-similar caption of ``texts`` for each image ``[N, d]``, reading the store in chunks."""
-    best_score = torch.full((len(image_embeddings),), -torch.inf)
-    best_row = torch.zeros(len(image_embeddings), dtype=torch.long)
-    queries = torch.nn.functional.normalize(image_embeddings.float(), dim=-1)
-    start = 0
-    for block in texts.iter_chunks(chunk):
-        scores = queries @ block.float().T
-        value, index = scores.max(dim=1)
-        better = value > best_score
-        best_score = torch.where(better, value, best_score)
-        best_row = torch.where(better, index + start, best_row)
-        start += len(block)
-    captions = texts.captions()
-    return [captions[row] for row in best_row.tolist()]
-
-
-def template_caption(entities: Sequence[str]) -> str:
-    """``["dog", "frisbee"]`` → ``"a photo of a dog and a frisbee."``."""
-    if not entities:
-        return "a photo."
-    return "a photo of " + " and ".join(f"a {entity}" for entity in entities) + "."
 
 
 def _mentions(image_ids: Sequence[ImageId], truth: GroundTruth, vocabulary: str | Path | None) -> Mentions:
@@ -160,16 +138,6 @@ def _model_captions(
     )
     used = [result.prompt for result in results]
     return [result.caption for result in results], used if any(used) else None
-
-
-def _template_captions(
-    encoder: ClipEncoder, embeddings: torch.Tensor, vocabulary: str | Path | None, config: EvalConfig
-) -> tuple[list[str], list[list[str]]]:
-    """Template captions from each image's CLIP zero-shot entities (at most two, as the template reads)."""
-    names = EntityVocabulary.load(vocabulary).names
-    entities = entity_text_embeddings(lambda xs: encoder.encode_texts(xs).embeddings, names)
-    prompts = zero_shot_entities(embeddings, entities, names, top_k=2, threshold=config.threshold)
-    return [template_caption(words) for words in prompts], prompts
 
 
 class _Scorer:
@@ -404,7 +372,7 @@ def evaluate_split(
         if method == "retrieval":
             captions = retrieve_captions(embeddings, caption_store)
         else:
-            captions, prompts = _template_captions(encoder, embeddings, vocabulary, config)
+            captions, prompts = template_captions(encoder, embeddings, vocabulary, config.threshold)
         timings["generation"] = time.perf_counter() - start
 
     predictions = [{"image_id": i, "caption": c} for i, c in zip(image_ids, captions, strict=True)]

@@ -114,7 +114,13 @@ def worlds() -> tuple[World, ...]:
     """The installed worlds, by entry point name (loaded once per process)."""
     found = []
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-        world = entry.load()
+        try:
+            world = entry.load()
+        except (ImportError, AttributeError) as e:
+            raise TipcapError(
+                f"entry point {entry.name} = {entry.value} of group {ENTRY_POINT_GROUP} does not load ({e}); "
+                "reinstall the package that declares it (pip install -e . for tipcap's own worlds)."
+            ) from None
         if not isinstance(world, World):
             raise TipcapError(
                 f"entry point {entry.name} = {entry.value} of group {ENTRY_POINT_GROUP} is not a "
