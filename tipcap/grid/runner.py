@@ -286,8 +286,9 @@ class Ablation:
         return self.out / "eval" / name
 
     def evaluate(self, job: Job, seed: int | None, eval_prompt: str) -> dict[str, Any]:
-        """Evaluate one job (cached), with object F1 beside the caption metrics and per-image scores in
-        ``scores.json``; ``seed`` is ``None`` for the baselines, which are not trained."""
+        """Evaluate one job (cached), with the columns of the data's scorers (a toy world's object F1) beside
+        the caption metrics and per-image scores in ``scores.json``; ``seed`` is ``None`` for the baselines,
+        which are not trained."""
         cell = job.cell
         out = self.eval_dir(job, seed, eval_prompt)
         if job.candidate:
