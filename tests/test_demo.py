@@ -15,7 +15,7 @@ from tipcap.cli import main
 
 
 @pytest.mark.parametrize(
-    ("version", "module", "writer"), [(1, "world", "write_toyworld"), (2, "scenes", "write_world")]
+    ("version", "module", "writer"), [(1, "world1", "write_toyworld"), (2, "world2", "write_world")]
 )
 def test_demo_cache_is_keyed_by_the_code_that_fills_it(tmp_path, monkeypatch, version, module, writer):
     """A world or CLIP made by another version of the generator or the trainer is not reused; the two

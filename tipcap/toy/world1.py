@@ -1,10 +1,11 @@
-"""The toy world: coloured shapes on a plain background, each image with five paraphrased captions.
+"""Toy world 1: coloured shapes on a plain background, each image with five paraphrased captions.
 
 Every real command runs on it unchanged: it is written as an image folder, a Karpathy split file (with
 train/val/test splits, and each image's objects in an extra ``objects`` field), a JSONL of web pairs in
 which a share of the captions belongs to another image, so all four data settings exist offline, and an
 entity vocabulary of its (colour, shape) objects for prompts. :func:`caption_objects` reads the objects a
-caption names back out of the world's language; :mod:`tipcap.toy.scoring` scores captions with it.
+caption names back out of the world's language (world 2's shapes too); :mod:`tipcap.toy.plugin` scores
+captions of either world with it.
 """
 
 from __future__ import annotations
