@@ -79,18 +79,14 @@ PromptMode = Literal["none", "pim", "hard"]
 
 
 def _prompt_mode(value: str) -> str:
-    """Refuse an evaluation prompt mode that is neither built in nor an installed world's prompt source."""
-    modes = prompt_modes()
-    if value not in modes:
-        listed = ", ".join(repr(mode) for mode in modes[:-1]) + f" or {modes[-1]!r}"
+    """An evaluation prompt mode: built in, or an installed world's prompt source (the toy worlds' oracle)."""
+    if value not in (modes := prompt_modes()):
+        listed = ", ".join(map(repr, modes[:-1])) + f" or {modes[-1]!r}"
         raise PydanticCustomError("prompt_mode", "input should be {modes}", {"modes": listed})
     return value
 
 
 EvalPrompt = Annotated[str, AfterValidator(_prompt_mode)]
-"""An evaluation prompt mode (:func:`tipcap.evaluation.registry.prompt_modes`): ``none``, ``auto``, or a
-mode drawn from ground truth that a world adds (the toy worlds' ``oracle``, ``oracle-one``,
-``oracle-missing``, ``wrong``)."""
 Metric = Literal["bleu", "meteor", "rouge", "cider", "spice"]
 
 GAP_KINDS: tuple[str, ...] = typing.get_args(GapKind)
@@ -261,9 +257,8 @@ class EvalConfig:
 
     beams: Positive = 5
     max_tokens: Positive | None = None  # None: the model's max_caption_tokens
-    # auto: CLIP zero-shot entities; a world's prompt sources draw from the data's ground truth (the toy
-    # worlds': oracle, the scene's true entities; oracle-one: one of them, seeded by prompt_seed;
-    # oracle-missing: one that the caption without prompts leaves out; wrong: as many absent ones)
+    # auto: CLIP zero-shot entities; other modes are installed worlds' prompt sources, drawn from the data's
+    # ground truth (the toy worlds': oracle, oracle-one, oracle-missing, wrong; tipcap/toy/prompt_sources.py)
     prompt: EvalPrompt = "none"
     prompt_guidance: NonNegativeFloat | None = None  # None: the model's model.prompt_guidance
     top_k: Positive = 3  # auto prompts: at most this many entities
@@ -286,22 +281,17 @@ class SyntheticGapConfig:
     __pydantic_config__ = _STRICT
 
     truth: str | None = None  # a gaussian gap file whose μ and Σ are the truth; None: the spiked spectrum
-    # The spiked spectrum's size, required without truth: ‖μ*‖ and tr Σ* (a CLIP's own gap, measured as
-    # ‖mean(v) − mean(t)‖ and the trace of a few-pairs fit, gives realistic values).
-    mu_norm: NonNegativeFloat | None = None
-    trace: PositiveFloat | None = None
+    mu_norm: NonNegativeFloat | None = None  # ‖μ*‖, required without truth (a CLIP's ‖mean(v) − mean(t)‖)
+    trace: PositiveFloat | None = None  # tr Σ*, required without truth (a CLIP's few-pairs fit's)
     spikes: Positive = 8
     spike_share: Annotated[Float, Field(gt=0, le=1)] = 0.8
     seed: Seed = 0
 
     def check(self, where: str) -> None:
         """Without ``truth``, the spiked spectrum needs its ``mu_norm`` and ``trace``."""
-        for name in ("mu_norm", "trace"):
-            if self.truth is None and getattr(self, name) is None:
-                raise TipcapError(
-                    f"config key '{_key(where, name)}' is missing: the spiked spectrum needs mu_norm and "
-                    "trace (or give truth, a gaussian gap file)."
-                )
+        if missing := [n for n in ("mu_norm", "trace") if self.truth is None and getattr(self, n) is None]:
+            raise TipcapError(f"config key '{_key(where, missing[0])}' is missing: the spiked spectrum needs "
+                              "mu_norm and trace (or give truth, a gaussian gap file).")  # fmt: skip
 
 
 @dataclass
