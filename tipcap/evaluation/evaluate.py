@@ -57,14 +57,8 @@ from tipcap.evaluation.adherence import (
     vocabulary_mentions,
 )
 from tipcap.evaluation.chair import ChairResult, CocoObjectWords, chair, coco_truth, load_instances
-from tipcap.evaluation.metrics import (
-    match_predictions,
-    metrics_document,
-    read_references,
-    score_captions,
-    score_domains,
-    write_json_atomic,
-)
+from tipcap.evaluation.metrics import metrics_document, score_captions, score_domains, write_json_atomic
+from tipcap.evaluation.references import match_predictions, read_references
 from tipcap.hub import resolve_model
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
