@@ -16,6 +16,7 @@ import yaml
 from conftest import grid_row_cider, karpathy_references, run
 from scipy.stats import ttest_1samp
 
+import tipcap.evaluation.evaluate
 import tipcap.grid.runner
 from tipcap.config import load_config
 from tipcap.evaluation.stats import image_interval, write_image_scores
@@ -367,6 +368,57 @@ def row_dir(row: dict) -> str:
     """A results.csv row's evaluation folder name."""
     seed = f"-seed{row['seed']}" if row["seed"] else ""
     return f"{row['cell']}{seed}-{row['eval_prompt']}"
+
+
+def test_object_f1_and_chair_of_a_row_match_a_hand_count(grid, tmp_path, monkeypatch):
+    """A row's object F1 and CHAIR against a count made here from the scenes and captions written for them:
+    per image F1 = 2 · right pairs / (pairs named + pairs in the scene), pairs being distinct
+    (colour, shape); CHAIR-s the share of captions naming a pair absent from the scene, CHAIR-i the share
+    of mentions (repeats included) that do."""
+    document = json.loads((grid / "world" / "toyworld.json").read_text())
+    scenes = [
+        (entry["filename"].removesuffix(".png"), [(o["colour"], o["shape"]) for o in entry["objects"]])
+        for entry in document["images"]
+        if entry["split"] == "test"
+    ]
+    everywhere = {
+        pair for entry in document["images"] for pair in ((o["colour"], o["shape"]) for o in entry["objects"])
+    }
+    absent = [sorted(everywhere - set(pairs))[0] for _, pairs in scenes]
+
+    def phrase(pair: tuple[str, str]) -> str:
+        return f"a {pair[0]} {pair[1]}"
+
+    # (caption, pairs named, right pairs named, mentions, absent mentions) per test image, in file order.
+    first, second, _, fourth = (pairs for _, pairs in scenes[:4])
+    written = [
+        (" and ".join(phrase(p) for p in dict.fromkeys(first)) + ".", len(set(first)), len(set(first)),
+         len(set(first)), 0),  # every object, each once
+        (f"{phrase(second[0])} and {phrase(absent[1])}.", 2, 1, 2, 1),  # one right, one absent
+        (f"{phrase(absent[2])} on a plain background.", 1, 0, 1, 1),  # only an absent one
+        (f"{phrase(fourth[0])} and {phrase(fourth[0])}.", 1, 1, 2, 0),  # the same pair twice
+    ]  # fmt: skip
+    written += [("an empty picture.", 0, 0, 0, 0)] * (len(scenes) - len(written))
+    captions = [caption for caption, *_ in written]
+    monkeypatch.setattr(tipcap.evaluation.evaluate, "retrieve_captions", lambda embeddings, texts: captions)
+    out = tmp_path / "out"
+    cells = [{"name": "retrieval", "kind": "retrieval"}]
+    result = run(
+        "ablate", grid / "grid.yaml", "--out", out, "--no-progress", "--set", f"cells={json.dumps(cells)}"
+    )
+    assert result.exit_code == 0, result.output
+    assert [(p["image_id"], p["prediction"]) for p in per_image(out, "retrieval-none")] == [
+        (image_id, caption) for (image_id, _), caption in zip(scenes, captions, strict=True)
+    ]
+    f1 = [
+        2 * right / (named + len(set(pairs)))
+        for (_, pairs), (_, named, right, _, _) in zip(scenes, written, strict=True)
+    ]
+    (row,) = csv.DictReader((out / "results.csv").open())
+    assert float(row["object_f1"]) == pytest.approx(sum(f1) / len(f1), abs=1e-9)
+    hallucinating = sum(1 for *_, wrong in written if wrong)
+    assert float(row["CHAIR-s"]) == pytest.approx(hallucinating / len(scenes), abs=1e-9)
+    assert float(row["CHAIR-i"]) == pytest.approx(sum(w[4] for w in written) / sum(w[3] for w in written))
 
 
 def test_comparisons_name_cells_of_the_grid(grid, tmp_path):
