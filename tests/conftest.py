@@ -15,11 +15,15 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from tipcap.cli import main
+from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import load_config
+from tipcap.data import load_image
+from tipcap.toy.grammar import perturb
 from tipcap.training.loop import train
 
 DATA = Path(__file__).parent / "data"
@@ -145,6 +149,22 @@ def grid_row_cider(out: Path, row: dict, references: dict) -> float:
         (out / "eval" / f"{row['cell']}{seed}-{row['eval_prompt']}" / "predictions.json").read_text()
     )
     return pycocoevalcap_cider(predictions, references)
+
+
+def recounted_claim_accuracy(karpathy: Path, clip: ClipSpec) -> float:
+    """A world-2 CLIP's claim accuracy counted afresh: how many validation captions its image prefers to the
+    caption with one claim made false (drawn in caption order from ``random.Random(0)``), over all of them."""
+    encoder = ClipEncoder.load(clip, device="cpu")
+    val = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == "val"]
+    pixels = [encoder.preprocess(load_image(karpathy.parent / e["filepath"] / e["filename"])) for e in val]
+    captions = [s["raw"] for e in val for s in e["sentences"]]
+    owner = [i for i, e in enumerate(val) for _ in e["sentences"]]
+    rng = random.Random(0)
+    images = encoder.encode_images(torch.stack(pixels))[owner]
+    true = encoder.encode_texts(captions).embeddings
+    false = encoder.encode_texts([perturb(caption, rng) for caption in captions]).embeddings
+    wins = sum(float(i @ t) > float(i @ f) for i, t, f in zip(images, true, false, strict=True))
+    return wins / len(captions)
 
 
 ANIMALS = ["dog", "cat", "horse", "sheep", "cow", "bird", "elephant", "zebra"]

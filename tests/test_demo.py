@@ -8,10 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
-from conftest import run
+from conftest import recounted_claim_accuracy, run
 
 import tipcap.demo
 from tipcap.cli import main
+from tipcap.clip import ClipSpec
 
 
 @pytest.mark.parametrize(
@@ -215,7 +216,10 @@ def test_toyworld_clip_trains_the_demo_s_clip(tmp_path, monkeypatch, tiny_clip):
     assert result.exit_code == 0, result.output
     assert scales == [2] and (out / "clip" / "toyclip.safetensors").is_file()
     report = json.loads((out / "clip" / "toyclip_report.json").read_text())
-    assert report["steps"] == 3 and 0.0 <= report["claim_accuracy"] <= 1.0
+    spec = ClipSpec(str(out / "clip" / "toyclip.json"), str(out / "clip" / "toyclip.safetensors"))
+    assert report["steps"] == 3 and report["claim_accuracy"] == recounted_claim_accuracy(
+        out / "toyworld.json", spec
+    )
     assert "claim accuracy" in result.output
     # Both stages are announced, each with its own progress bar; the CLIP starts from random weights, which
     # is no mistake when it is trained.
