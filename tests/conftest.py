@@ -15,11 +15,17 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
 from tipcap.cli import main
+from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import load_config
+from tipcap.data import load_image
+from tipcap.toy.world2_claims import claim_f1
+from tipcap.toy.world2_grammar import perturb
+from tipcap.toy.world1 import object_mentions
 from tipcap.training.loop import train
 
 DATA = Path(__file__).parent / "data"
@@ -113,16 +119,21 @@ def coco_texts(tmp_path_factory, tiny_clip) -> Path:
     return out
 
 
+def karpathy_image_id(entry: dict) -> int | str:
+    """A Karpathy entry's image id as the protocol keys it: ``cocoid``, else the file name's stem (a number
+    when it is one)."""
+    stem = Path(entry["filename"]).stem
+    return entry.get("cocoid", int(stem) if stem.isdigit() else stem)
+
+
 def karpathy_references(path: Path, split: str) -> dict:
     """Each image's raw reference captions in a Karpathy file's ``split``, keyed as the protocol keys them."""
     document = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
-    references = {}
-    for entry in document["images"]:
-        if entry["split"] == split:
-            stem = Path(entry["filename"]).stem
-            image_id = entry.get("cocoid", int(stem) if stem.isdigit() else stem)
-            references[image_id] = [sentence["raw"] for sentence in entry["sentences"]]
-    return references
+    return {
+        karpathy_image_id(entry): [sentence["raw"] for sentence in entry["sentences"]]
+        for entry in document["images"]
+        if entry["split"] == split
+    }
 
 
 def pycocoevalcap_cider(predictions: list[dict], references: dict) -> float:
@@ -138,13 +149,76 @@ def pycocoevalcap_cider(predictions: list[dict], references: dict) -> float:
     return float(Cider().compute_score(gts, res)[0])
 
 
+def grid_row_folder(out: Path, row: dict) -> Path:
+    """Where the evaluation behind a row of an ablation's ``results.csv`` wrote its files."""
+    seed = f"-seed{row['seed']}" if row["seed"] != "" else ""
+    return out / "eval" / f"{row['cell']}{seed}-{row['eval_prompt']}"
+
+
 def grid_row_cider(out: Path, row: dict, references: dict) -> float:
     """pycocoevalcap's CIDEr of the predictions behind a row of an ablation's ``results.csv``."""
-    seed = f"-seed{row['seed']}" if row["seed"] != "" else ""
-    predictions = json.loads(
-        (out / "eval" / f"{row['cell']}{seed}-{row['eval_prompt']}" / "predictions.json").read_text()
-    )
+    predictions = json.loads((grid_row_folder(out, row) / "predictions.json").read_text())
     return pycocoevalcap_cider(predictions, references)
+
+
+def assert_toy_row_recomputed(out: Path, row: dict, karpathy: Path) -> None:
+    """A toy-world grid row's object F1, CHAIR, CLIP-S, RefCLIP-S and claim F1s recomputed from its
+    evaluation's per_image.json and the scenes of ``karpathy``: per image, object F1 = 2 · right pairs /
+    (pairs named + pairs in the scene) over distinct (colour, shape) pairs, CHAIR from each mention of a
+    pair (repeats included) absent from the scene, each figure the mean over the images (CHAIR-i over the
+    mentions); the claim F1s (world 2 only, else empty) as the mean of each caption's."""
+    document = json.loads(karpathy.read_text())
+    scenes = {karpathy_image_id(e): e["objects"] for e in document["images"] if e["split"] == "test"}
+    per_image = json.loads((grid_row_folder(out, row) / "per_image.json").read_text())
+    assert per_image and {p["image_id"] for p in per_image} <= scenes.keys()
+    f1, hallucinating, mentions, hallucinated = [], 0, 0, 0
+    for p in per_image:
+        truth = {(o["colour"], o["shape"]) for o in scenes[p["image_id"]]}
+        named = object_mentions(p["prediction"])
+        f1.append(2 * len(set(named) & truth) / (len(set(named)) + len(truth)))
+        wrong = [pair for pair in named if pair not in truth]
+        mentions, hallucinated, hallucinating = (
+            len(named) + mentions,
+            len(wrong) + hallucinated,
+            hallucinating + bool(wrong),
+        )
+    expected = {
+        "object_f1": sum(f1) / len(f1),
+        "CHAIR-s": hallucinating / len(per_image),
+        "CHAIR-i": hallucinated / mentions if mentions else None,
+    }
+    for name in ("CLIP-S", "RefCLIP-S"):  # empty where the scorer CLIP was skipped
+        scores = [p.get(name) for p in per_image]
+        expected[name] = None if None in scores else sum(scores) / len(scores)
+    claims = (
+        [claim_f1(p["prediction"], scenes[p["image_id"]]) for p in per_image]
+        if document.get("world") == 2
+        else None
+    )
+    for aspect in ("colour", "shape", "size", "relation"):
+        expected[f"{aspect}_f1"] = sum(c[aspect] for c in claims) / len(claims) if claims else None
+    for name, value in expected.items():
+        found = None if row[name] == "" else float(row[name])
+        assert (found is None) == (value is None), (name, row)
+        # CLIP-S and RefCLIP-S are float32 means: to float32's precision.
+        tolerance = {"rel": 1e-6} if "CLIP-S" in name else {"abs": 1e-9}
+        assert value is None or found == pytest.approx(value, **tolerance), (name, value, row)
+
+
+def recounted_claim_accuracy(karpathy: Path, clip: ClipSpec) -> float:
+    """A world-2 CLIP's claim accuracy counted afresh: how many validation captions its image prefers to the
+    caption with one claim made false (drawn in caption order from ``random.Random(0)``), over all of them."""
+    encoder = ClipEncoder.load(clip, device="cpu")
+    val = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == "val"]
+    pixels = [encoder.preprocess(load_image(karpathy.parent / e["filepath"] / e["filename"])) for e in val]
+    captions = [s["raw"] for e in val for s in e["sentences"]]
+    owner = [i for i, e in enumerate(val) for _ in e["sentences"]]
+    rng = random.Random(0)
+    images = encoder.encode_images(torch.stack(pixels))[owner]
+    true = encoder.encode_texts(captions).embeddings
+    false = encoder.encode_texts([perturb(caption, rng) for caption in captions]).embeddings
+    wins = sum(float(i @ t) > float(i @ f) for i, t, f in zip(images, true, false, strict=True))
+    return wins / len(captions)
 
 
 ANIMALS = ["dog", "cat", "horse", "sheep", "cow", "bird", "elephant", "zebra"]

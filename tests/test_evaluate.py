@@ -23,6 +23,7 @@ from tipcap import __version__
 from tipcap.cli import main
 from tipcap.errors import TipcapError
 from tipcap.evaluation import metrics as ev
+from tipcap.evaluation import references as refs
 
 SLICE = Path(__file__).parent / "data" / "coco_eval_slice.json"
 COCOEVALCAP_NAMES = {
@@ -150,8 +151,8 @@ def test_score_captions_reproduces_cocoevalcap_and_skips_spice(
     data, expected, tmp_path, monkeypatch, evaluate_log
 ):
     monkeypatch.setattr(ev, "_spice_dir", lambda: tmp_path)  # an empty folder: no SPICE jar, no CoreNLP
-    references = ev.load_references(data.coco)
-    matched, report = ev.match_predictions(ev.load_predictions(data.predictions), references)
+    references = refs.load_references(data.coco)
+    matched, report = refs.match_predictions(refs.load_predictions(data.predictions), references)
     assert report["scored_images"] == 100 and list(matched) == list(references)
     before = java_children()
     result = ev.score_captions(matched, references)
@@ -211,11 +212,11 @@ def test_cli_score_reproduces_cocoevalcap_and_writes_metrics_json(
 
 
 def test_karpathy_split_and_coco_annotations_give_the_same_scores(data, expected, tmp_path):
-    coco = ev.load_references(data.coco)
-    karpathy_val = ev.load_references(data.karpathy, "val")
+    coco = refs.load_references(data.coco)
+    karpathy_val = refs.load_references(data.karpathy, "val")
     assert karpathy_val == coco and list(karpathy_val) == list(coco)  # same captions, same order
-    assert list(ev.load_references(data.karpathy, "train")) == data.restval_ids  # train includes restval
-    assert len(ev.load_references(data.karpathy)) == 110
+    assert list(refs.load_references(data.karpathy, "train")) == data.restval_ids  # train includes restval
+    assert len(refs.load_references(data.karpathy)) == 110
     result = run(
         "score", "--predictions", data.predictions, "--references", data.karpathy, "--split", "val",
         "--metrics", "cider, BLEU,rouge", "--out", tmp_path / "out",
@@ -269,13 +270,13 @@ def test_match_predictions_keeps_first_duplicate_and_lists_at_most_ten_ids():
     predictions += [{"image_id": i, "caption": f"second {i}"} for i in range(1, 13)]
     predictions += [{"image_id": 99, "caption": "x"}, {"image_id": 99, "caption": "y"}]
     predictions += [{"image_id": "empty", "caption": "z"}]
-    matched, report = ev.match_predictions(predictions, references)
+    matched, report = refs.match_predictions(predictions, references)
     assert list(matched) == list(range(1, 21)) and all(matched[i] == f"first {i}" for i in matched)
     assert report["duplicates"] == {"count": 12, "ids": list(range(1, 11))}
     assert report["unknown_images"] == {"count": 2, "ids": [99]}
     assert report["no_reference_captions"] == {"count": 1, "ids": ["empty"]}
     assert report["unpredicted"] == {"count": 10, "ids": [0, *range(21, 30)]}
-    text = ev.format_report(report)
+    text = refs.format_report(report)
     assert "12 duplicate predictions, only each image's first is scored (ids: 1, 2, 3" in text
     assert text.count(", ...)") == 1  # only the duplicates have more ids than the ten listed
     assert "1 prediction for an image without reference captions, not scored (ids: empty)" in text
@@ -286,7 +287,7 @@ def test_coco_image_without_annotations_is_kept_as_empty(tmp_path):
         tmp_path / "refs.json",
         {"images": [{"id": 1}, {"id": 2}], "annotations": [{"image_id": 1, "caption": "A cat."}]},
     )
-    assert ev.load_references(path) == {1: ["A cat."], 2: []}
+    assert refs.load_references(path) == {1: ["A cat."], 2: []}
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_few_pairs_estimate_converges_to_known_mu_and_correlated_sigma():
         fitted = estimate_few_pairs(Pairs.of_tensors(v, t))
         errors.append(rel_frobenius(fitted.covariance, sigma))
         assert fitted.setting == "few-pairs" and fitted.pairs_used == n and fitted.pairs_discarded == 0
-        assert 0 <= fitted.shrinkage <= 1
+        assert fitted.shrinkage == pytest.approx(ledoit_wolf_reference((v - t).numpy())[1], rel=1e-9)
         # ‖μ̂ − μ‖ is of the order of sqrt(tr Σ / n).
         assert float((fitted.mu - mu).norm()) < 4 * (float(torch.trace(sigma)) / n) ** 0.5
     assert errors[0] > errors[1] > errors[2], errors
@@ -402,7 +402,7 @@ def test_fewer_pairs_than_dimensions_still_give_a_positive_definite_sigma():
     v = t + gaussian_rows(50, torch.zeros(d, dtype=F64), sigma, seed=62)
     fitted = estimate_few_pairs(Pairs.of_tensors(v, t))
     assert_positive_definite(fitted.covariance)
-    assert 0 < fitted.shrinkage <= 1
+    assert fitted.shrinkage == pytest.approx(ledoit_wolf_reference((v - t).numpy())[1], rel=1e-9)
     factor = cholesky(fitted.covariance)
     assert torch.allclose(factor @ factor.T, fitted.covariance, atol=1e-12)
 
@@ -452,7 +452,9 @@ def test_web_pairs_discard_mismatched_pairs():
     assert web.pairs_used + web.pairs_discarded == n
     assert abs(web.pairs_discarded - 0.25 * n) <= 0.01 * n
     assert web.details["drop_quantile"] == 0.25
-    assert -1 <= web.details["similarity_threshold"] <= 1
+    # The quantile of cos(v, t) itself, to the resolution of the histogram that streams it (2 / 20000).
+    cosines = torch.nn.functional.cosine_similarity(noisy_v, t, dim=-1).numpy()
+    assert web.details["similarity_threshold"] == pytest.approx(np.quantile(cosines, 0.25), abs=2e-4)
 
     kept_all = estimate_web_pairs(noisy_pairs, drop_quantile=0.0)
     assert kept_all.pairs_discarded == 0 and kept_all.pairs_used == n

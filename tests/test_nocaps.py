@@ -8,7 +8,7 @@ import pytest
 from conftest import pycocoevalcap_cider, run, write_nocaps
 from huggingface_hub import ModelCard
 
-from tipcap.evaluation.metrics import read_references
+from tipcap.evaluation.references import read_references
 
 DOMAINS = ["in-domain", "near-domain", "out-domain"]
 

@@ -83,9 +83,11 @@ def test_packed_training_learns_like_bucketed_training(coco_texts, tmp_path):
         train(load_config(TINY, overrides), out, progress=False)
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[packing] = [r["train_loss"] for r in records if "train_loss" in r]
-    # The same captions and optimiser; only the batches' composition differs.
+    # The same captions and optimiser; only the batches' composition differs, which moves each logged
+    # loss (the mean over 20 steps) by under 7% (5.09 against 5.18 first, 2.38 against 2.55 last).
     assert losses["true"][0] > 3.0 and losses["true"][-1] < 0.5 * losses["true"][0]
-    assert losses["true"][-1] == pytest.approx(losses["false"][-1], rel=0.3)
+    assert len(losses["true"]) == len(losses["false"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=0.1)
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from PIL import Image
 
 from tipcap.data.prepare import prepare_dataset
 from tipcap.errors import TipcapError
-from tipcap.evaluation.metrics import load_references
+from tipcap.evaluation.references import load_references
 from tipcap.io import load_json
 
 

@@ -1,12 +1,15 @@
 """`tipcap evaluate`: a tiny model and the two non-neural baselines through one protocol."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import COCO_SLICE, karpathy_references, pycocoevalcap_cider, run
 from torch.nn.functional import normalize
 
+from tipcap.clip import ClipEncoder, ClipSpec
+from tipcap.prompts import PROMPT_TEMPLATES, default_vocabulary_path
 from tipcap.store import EmbeddingStore
 
 # Every test here reads the prompt_model fixture, a decoder trained for 800 steps.
@@ -64,10 +67,36 @@ def test_retrieval_and_template_baselines(prompt_model, coco_images, tmp_path, t
                  "--images", coco_images, "--split", "val", "--out", out, *FAST_METRICS)  # fmt: skip
     assert result.exit_code == 0, result.output
     predictions = json.loads((out / "predictions.json").read_text())
+    assert [p["caption"] for p in predictions] == template_captions(out, tiny_clip)
     assert all(p["caption"].startswith("a photo of a ") for p in predictions)
     expected = pycocoevalcap_cider(predictions, karpathy_references(COCO_SLICE, "val"))
     cider = json.loads((out / "metrics.json").read_text())["metrics"]["CIDEr"]
     assert expected > 0 and cider == pytest.approx(expected, abs=1e-9)
+
+
+def template_captions(out: Path, clip: Path) -> list[str]:
+    """The template baseline's captions recomputed from its image store: each image's (at most) two most
+    probable names of the packaged vocabulary under softmax(100 · cos), of probability 0.2 or more, each name
+    embedded as the renormalised mean of its prompt templates' unit embeddings."""
+    encoder = ClipEncoder.load(ClipSpec(str(clip), "none"), device="cpu")
+    names = [entry["name"] for entry in json.loads(default_vocabulary_path().read_text())["entities"]]
+    texts = encoder.encode_texts([t.format(name) for name in names for t in PROMPT_TEMPLATES]).embeddings
+    entities = normalize(
+        normalize(texts.float(), dim=-1).view(len(names), len(PROMPT_TEMPLATES), -1).mean(1), dim=-1
+    )
+    images = EmbeddingStore.open(out / "image-store")
+    probabilities = (100 * normalize(images.embeddings().float(), dim=-1) @ entities.T).softmax(dim=-1)
+    top = probabilities.topk(2, dim=-1)
+    words = [
+        [names[i] for p, i in zip(values.tolist(), indices.tolist(), strict=True) if p >= 0.2]
+        for values, indices in zip(top.values, top.indices, strict=True)
+    ]
+    by_id = {
+        image_id: ("a photo of " + " and ".join(f"a {w}" for w in ws) + "." if ws else "a photo.")
+        for image_id, ws in zip(images.ids, words, strict=True)
+    }
+    predicted = json.loads((out / "predictions.json").read_text())
+    return [by_id[p["image_id"]] for p in predicted]
 
 
 def test_evaluate_needs_one_image_source(prompt_model, tmp_path):

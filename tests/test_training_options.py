@@ -100,7 +100,9 @@ def test_bf16_trains_on_the_cpu(coco_texts, tmp_path):
     exact, rounded = train_losses(fp32), train_losses(bf16)
     assert len(rounded) == 3 and all(math.isfinite(loss) for loss in rounded)
     assert rounded != exact
-    assert rounded == pytest.approx(exact, rel=0.05)
+    # bf16 matmuls under fp32 weights move each loss by under 1e-4 relative here (7e-5 at most); weights
+    # kept or updated in bf16 would drift further.
+    assert rounded == pytest.approx(exact, rel=1e-3)
     assert all(tensor.dtype == torch.float32 for tensor in weights(bf16).values())
 
 

@@ -838,7 +838,7 @@ def evaluate_command(
         resolve_model(model_dir)  # an unavailable hub model fails before torch is imported
     from tipcap.config import EvalConfig, from_dict
     from tipcap.evaluation.evaluate import evaluate_split
-    from tipcap.evaluation.metrics import format_report
+    from tipcap.evaluation.references import format_report
 
     metrics = [m.strip() for m in metric_names.split(",") if m.strip()]
     settings = {"beams": beams, "batch_size": batch_size, "prompt": prompt, "metrics": metrics,

@@ -14,7 +14,7 @@ the published metric: "baby elephant" names an elephant and no person). An image
 categories of its instance annotations (:func:`load_instances`, a COCO ``instances_*.json``) together with
 those its reference captions mention, as in the published metric; an evaluation scores only the images the
 instance file lists (:func:`tipcap.evaluation.evaluate.evaluate_split`). :func:`chair` takes any mention
-finder and truth, so the toy world scores its own objects the same way (:mod:`tipcap.toy.scoring`).
+finder and truth, so the toy world scores its own objects the same way (:mod:`tipcap.toy.plugin`).
 """
 
 from __future__ import annotations
