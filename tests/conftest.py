@@ -23,9 +23,9 @@ from tipcap.cli import main
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import load_config
 from tipcap.data import load_image
+from tipcap.toy.world1 import object_mentions
 from tipcap.toy.world2_claims import claim_f1
 from tipcap.toy.world2_grammar import perturb
-from tipcap.toy.world1 import object_mentions
 from tipcap.training.loop import train
 
 DATA = Path(__file__).parent / "data"
