@@ -7,8 +7,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from tipcap.cli import fit_gap_command, main
-from tipcap.gap import KINDS, SETTINGS, Gap
+from tipcap.cli import main
+from tipcap.cli.gap import fit_gap_command
+from tipcap.gap import GAP_KINDS, SETTINGS, Gap
 
 
 def run(*args):
@@ -210,4 +211,4 @@ def test_fit_gap_refuses_a_drop_quantile_outside_its_range(stores, tmp_path):
 def test_cli_choices_match_the_library():
     options = {p.name: p for p in fit_gap_command.params}
     assert tuple(options["setting"].type.choices) == SETTINGS
-    assert tuple(options["kind"].type.choices) == KINDS
+    assert tuple(options["kind"].type.choices) == GAP_KINDS

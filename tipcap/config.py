@@ -260,7 +260,7 @@ class EvalConfig:
         "prompt_seed); oracle-missing: one the caption without prompts leaves out (seeded; none where it "
         "names them all); wrong: as many drawn (seeded) from those absent.",
     )
-    prompt_guidance: NonNegativeFloat | None = described(None, "[default: the model's model.prompt_guidance]")
+    prompt_guidance: NonNegativeFloat | None = described(None, "Prompt guidance [default: the model's].")
     top_k: Positive = described(3, "auto prompts: at most this many entities.")
     threshold: Probability | None = described(0.2, "auto prompts: least probability (ViECap's); null: top_k.")
     prompt_seed: Seed = described(0, "oracle-one, oracle-missing and wrong prompts: seed of the draw.")

@@ -63,9 +63,9 @@ from tipcap.evaluation.metrics import (
     read_references,
     score_captions,
     score_domains,
-    write_json_atomic,
 )
 from tipcap.hub import resolve_model
+from tipcap.io import write_json_atomic
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
 from tipcap.provenance import sha256_file
