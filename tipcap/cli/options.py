@@ -126,7 +126,8 @@ def _click_type(annotation: Any) -> tuple[Any, bool]:
     if annotation is int:
         return (click.IntRange(**bounds) if bounds else click.INT), False
     if annotation is float:
-        return FiniteFloatRange(**bounds), False
+        # NaN passes click's ranges; validation refuses it, naming the flag (StageOptions.build).
+        return (click.FloatRange(**bounds) if bounds else click.FLOAT), False
     if annotation is str:
         return click.STRING, False
     raise TypeError(f"no command-line option for a config field of type {annotation!r}")
@@ -223,10 +224,10 @@ class StageOptions:
             apply_overrides(data, [override])
             key = override.split("=", 1)[0].strip()
             if set(data) != {self.section} or key.split(".")[0] != self.section:
-                raise TipcapError(f"--set {override!r}: {ctx.command_path} sets '{self.section}.' keys only.")
+                raise TipcapError(f"--set {override!r}: {_command(ctx)} sets '{self.section}.' keys only.")
             if key.count(".") == 1 and key.split(".")[1] not in self.names() and self.fields:
                 raise TipcapError(
-                    f"--set {override!r}: {ctx.command_path} reads {', '.join(self.names())} of "
+                    f"--set {override!r}: {_command(ctx)} reads {', '.join(self.names())} of "
                     f"'{self.section}' only."
                 )
         for name in self.required:
@@ -256,6 +257,16 @@ class StageOptions:
                 if f"config key '{key}'" in message and self.given(ctx, name) and key not in set_keys:
                     message = message.replace(f"config key '{key}'", self.flag(name))
             raise TipcapError(message) from None
+
+
+def _command(ctx: click.Context) -> str:
+    """``tipcap embed texts``: the command's name as a user types it (click's path starts with the program's
+    name, ``python -m tipcap.cli`` for some)."""
+    names = []
+    while ctx.parent is not None:
+        names.append(ctx.info_name)
+        ctx = ctx.parent
+    return " ".join(["tipcap", *reversed(names)])
 
 
 def _default(field: dataclasses.Field) -> Any:
