@@ -171,7 +171,9 @@ class StageOptions:
             default = self.defaults.get(name, _default(field))
             click_type, flag = _click_type(hints[name])
             text = self.helps.get(name, field.metadata.get("help", ""))
-            shown: Any = self.shown.get(name, default is not None)
+            shown: Any = self.shown.get(name, default not in (None, ""))
+            if name in self.required:
+                text += "  [required: this flag, --config or --set]"
             declared = f"{self.flag(name)}/--no-{self.flag(name)[2:]}" if flag else self.flag(name)
             options.append(
                 click.option(declared, name, type=click_type, default=default, show_default=shown, help=text)
