@@ -195,3 +195,36 @@ def test_image_store_rebuilds_when_files_change(tmp_path, tiny_clip):
     assert result.stdout.startswith("wrote 5 image embeddings")
     first, copy = EmbeddingStore.open(out).embeddings()[[0, 4]]
     assert torch.equal(first, copy)
+
+
+def test_evaluate_help_lists_every_eval_config_field():
+    from dataclasses import fields
+
+    from tipcap.config import EvalConfig
+
+    result = run("evaluate", "--help")
+    assert result.exit_code == 0
+    missing = [f.name for f in fields(EvalConfig) if f"--{f.name.replace('_', '-')} " not in result.output]
+    assert not missing, missing
+    assert "--config FILE" in result.output and "--set KEY=VALUE" in result.output
+
+
+def test_embed_takes_its_clip_from_a_config_file(tmp_path, coco_slice, tiny_clip):
+    config = tmp_path / "embed.yaml"
+    config.write_text(json.dumps({"embed": {"model": str(tiny_clip), "pretrained": "none"}}))
+    args = ("embed", "texts", "--corpus", coco_slice, "--no-progress", "--config", config)
+    result = run(*args, "--out", tmp_path / "store")
+    assert result.exit_code == 0 and "wrote 120 caption embeddings" in result.output, result.output
+    assert EmbeddingStore.open(tmp_path / "store").clip["model"] == "tiny-clip"
+    result = run(*args, "--out", tmp_path / "other", "--set", "embed.init_seed=-1")
+    assert result.exit_code == 1 and "config key 'embed.init_seed'" in result.stderr, result.output
+    result = run("embed", "texts", "--corpus", coco_slice, "--out", tmp_path / "none")
+    assert (
+        result.exit_code == 1 and "--clip is required (or embed.model in --config or --set)" in result.stderr
+    )
+
+
+def test_caption_sets_decoding_keys_only():
+    result = run("caption", "x.jpg", "--model", "m", "--set", "eval.metrics=bleu")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--set 'eval.metrics=bleu': tipcap caption reads beams, max_tokens" in result.stderr, result.stderr

@@ -7,8 +7,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from tipcap.cli import fit_gap_command, main
-from tipcap.gap import KINDS, SETTINGS, Gap
+from tipcap.cli import main
+from tipcap.cli.gap import fit_gap_command
+from tipcap.gap import GAP_KINDS, SETTINGS, Gap
 
 
 def run(*args):
@@ -214,4 +215,54 @@ def test_fit_gap_refuses_a_drop_quantile_outside_its_range(stores, tmp_path):
 def test_cli_choices_match_the_library():
     options = {p.name: p for p in fit_gap_command.params}
     assert tuple(options["setting"].type.choices) == SETTINGS
-    assert tuple(options["kind"].type.choices) == KINDS
+    assert tuple(options["kind"].type.choices) == GAP_KINDS
+
+
+def test_fit_gap_reads_a_config_file_and_set_overrides_it(stores, tmp_path):
+    """Each key comes from the first of --set, a flag given, the file's gap section, the default."""
+    config = tmp_path / "gap.yaml"
+    config.write_text("gap:\n  setting: few-pairs\n  kind: diagonal\n  noise_scale: 0.5\n  seed: 3\n"
+                      "eval:\n  beams: 2\n")  # fmt: skip
+    common = ("--texts", stores / "texts", "--images", stores / "images", "--config", config)
+    out = tmp_path / "file.safetensors"
+    result = run("fit-gap", *common, "--out", out)
+    assert result.exit_code == 0, result.output
+    gap = Gap.load(out)
+    assert (gap.kind, gap.info["setting"], gap.info["report"]["noise_scale"]) == (
+        "diagonal",
+        "few-pairs",
+        0.5,
+    )
+    out = tmp_path / "set.safetensors"
+    result = run("fit-gap", *common, "--kind", "gaussian", "--noise-scale", 0.25, "--set", "gap.kind=rotated",
+                 "--out", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gap = Gap.load(out)
+    assert (gap.kind, gap.info["report"]["noise_scale"]) == ("rotated", 0.25)
+    assert "rotation seed     3" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "eval.beams=3"), "--set 'eval.beams=3': tipcap fit-gap sets 'gap.' keys only."),
+        (("--set", "kind=rotated"), "--set 'kind=rotated': tipcap fit-gap sets 'gap.' keys only."),
+        (("--setting", "few-pairs", "--set", "gap.knd=rotated"), "config key 'gap.knd' is unknown."),
+        (
+            ("--set", "gap.sigma2=-1", "--set", "gap.setting=text-only"),
+            "config key 'gap.sigma2': input should be",
+        ),
+        (
+            ("--config", "{config}"),
+            "unknown section 'gpa'; the sections are embed, gap, model, data, train, eval.",
+        ),
+        ((), "--setting is required (or gap.setting in --config or --set)."),
+    ],
+)
+def test_fit_gap_config_mistakes_are_one_line(tmp_path, args, message):
+    config = tmp_path / "gap.yaml"
+    config.write_text("gpa:\n  setting: few-pairs\n")
+    args = [str(a).format(config=config) for a in args]
+    result = run("fit-gap", "--texts", tmp_path / "texts", "--out", tmp_path / "gap.safetensors", *args)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr

@@ -24,6 +24,7 @@ from tipcap.cli import main
 from tipcap.errors import TipcapError
 from tipcap.evaluation import metrics as ev
 from tipcap.evaluation import references as refs
+from tipcap.io import write_json_atomic
 
 SLICE = Path(__file__).parent / "data" / "coco_eval_slice.json"
 COCOEVALCAP_NAMES = {
@@ -362,7 +363,7 @@ def test_metrics_path_and_atomic_write(tmp_path):
     assert ev.metrics_path("p.JSON.gz") == Path("p.metrics.json")
     assert ev.metrics_path("p.json", tmp_path) == tmp_path / "metrics.json"
     path = tmp_path / "deep" / "metrics.json"
-    ev.write_json_atomic(path, {"metrics": {"SPICE": float("nan"), "CIDEr": 1.5}})
+    write_json_atomic(path, {"metrics": {"SPICE": float("nan"), "CIDEr": 1.5}})
     assert json.loads(path.read_text()) == {"metrics": {"SPICE": None, "CIDEr": 1.5}}
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
 

@@ -16,7 +16,7 @@ from tipcap.config import GapConfig
 from tipcap.errors import TipcapError
 from tipcap.gap import (
     CAPDEC_SIGMA2,
-    KINDS,
+    GAP_KINDS,
     SETTINGS,
     Gap,
     Moments,
@@ -172,7 +172,7 @@ def test_each_kind_maps_text_and_image_sides_as_documented(renorm):
     expected_to_text |= {kind: v - mu for kind in text_side}
     expected_text_side = {kind: t for kind in expected_to_text} | {kind: t + mu for kind in image_side}
     expected_text_side["memory"] = t
-    for kind in KINDS:
+    for kind in GAP_KINDS:
         gap = Gap(kind, mu, scale_tril, renorm=renorm, memory=memory if kind == "memory" else None)
         if kind in expected_to_text:
             assert torch.allclose(gap.to_text(v), out(expected_to_text[kind]), atol=1e-6), kind
@@ -688,7 +688,7 @@ ESTIMATED = (*NEEDS_MU_FROM_IN_TEXT_ONLY, *NEEDS_COVARIANCE)
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", GAP_KINDS)
 def test_fit_gap_every_setting_and_kind(stores, setting, kind):
     texts, images = stores["texts"], stores["images"]
     config = GapConfig(setting=setting, kind=kind)

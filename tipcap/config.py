@@ -52,9 +52,8 @@ PositiveFloat = Annotated[Float, Field(gt=0)]
 NonNegativeFloat = Annotated[Float, Field(ge=0)]
 Probability = Annotated[Float, Field(ge=0, le=1)]
 Seed = Annotated[Int, Field(ge=0, lt=2**32)]
-"""A seed: below 2³², as numpy's legacy seeding takes, and so that the seeds derived from it (a training
-step's, ``(seed·1000003 + step)·131 + rank``; a synthetic block's, ``seed·1000003 + row``) stay within the
-64 bits that ``torch.manual_seed`` takes."""
+"""A seed below 2³² (numpy's legacy seeding), so that the seeds derived from it (a training step's, a
+synthetic block's) stay within the 64 bits of ``torch.manual_seed``."""
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 GapKind = Literal[
@@ -109,17 +108,22 @@ CAPDEC_DIM = 640
 """The width of CapDec's default CLIP, RN50x4 (``prefix_dim`` 640 in CapDec's ``train.py``; 512 for ViT)."""
 
 
+def described(default: Any = dataclasses.MISSING, text: str = "", **kwargs: Any) -> Any:
+    """A dataclass field with help ``text``, which the command line shows for its option."""
+    return field(default=default, metadata={"help": text}, **kwargs)
+
+
 @dataclass
 class EmbedConfig:
     """Which CLIP embeds captions and images, and how: part of every embedding store's key."""
 
     __pydantic_config__ = _STRICT
 
-    model: str = ""  # open_clip model name, or the path of an open_clip model-config JSON
-    pretrained: str = "none"  # open_clip tag, local weights file, or none (random, seeded by init_seed)
-    init_seed: Seed = 0
-    precision: Precision = "auto"  # auto: fp16 on CUDA, fp32 on CPU
-    batch_size: Positive | None = None  # None: the encoder's default for the device
+    model: str = described("", "open_clip model name (ViT-B-32) or path of an open_clip model-config JSON.")
+    pretrained: str = described("none", "open_clip tag (openai, ...), weights file, or none (random).")
+    init_seed: Seed = described(0, "Seed of random CLIP weights.")
+    precision: Precision = described("auto", "Encoder precision; auto is fp16 on CUDA and fp32 on CPU.")
+    batch_size: Positive | None = described(None, "Rows per pass [default: the encoder's for the device].")
 
 
 @dataclass
@@ -128,28 +132,29 @@ class GapConfig:
 
     __pydantic_config__ = _STRICT
 
-    kind: GapKind = "gaussian"
-    setting: Setting = "text-only"
-    shrinkage: bool = True  # Ledoit–Wolf shrinkage of the covariance
-    renorm: bool = True  # rescale mapped embeddings to unit length
-    # web-pairs: "mixture" weights each pair by its probability of being matched (a two-component mixture
-    # on cos(v, t)); "trim" drops the least similar share drop_quantile
-    web_estimator: WebEstimator = "mixture"
-    drop_quantile: Annotated[Float, Field(ge=0, lt=1)] = 0.1  # web-pairs with trim: least similar share
-    # isotropic, mean-shift-isotropic, capdec-offset and text-only noise variance per axis
-    sigma2: PositiveFloat = CAPDEC_SIGMA2
-    noise_scale: PositiveFloat = 1.0  # multiplies the training-noise covariance of any kind (σ² sweeps)
-    # mean-isotropic-matched: match tr Σ (total), or the noise left tangent to the caption embedding
-    # after renormalisation (tangential); see tipcap.gap.fit.matched_isotropic_variance
-    match: VarianceMatch = "total"
-    # carry sigma2 (taken at CapDec's d = 640) and CLOSE's 0.12 (d = 768) to the embedding's width at the
-    # same expected cosine between a noised and a clean embedding: σ² → σ₀²·d₀/d
-    scale_to_dim: bool = False
-    learnable: bool = False  # train μ and L with a KL term to this estimate (train.kl_weight)
-    mu_from: str | None = None  # text-only: import μ from this gap file
-    tau: PositiveFloat = 0.01  # memory: softmax temperature
-    memory_size: Positive | None = None  # memory: keep a seeded subset of this many captions
-    seed: Seed = 0  # memory subsets, the web-pairs mixture's null draw, the rotated kind's rotation
+    kind: GapKind = described("gaussian", "How the gap is bridged: the Gaussian, a control, or a baseline.")
+    setting: Setting = described("text-only", "Which data besides the captions estimate the gap.")
+    shrinkage: bool = described(True, "Ledoit-Wolf shrinkage of the covariance (else the sample covariance).")
+    renorm: bool = described(True, "Rescale mapped embeddings to unit length.")
+    web_estimator: WebEstimator = described(
+        "mixture",
+        "web-pairs: weight each pair by its probability of being matched (a two-component mixture "
+        "on cos(v, t)), or trim: drop the least similar share drop_quantile.",
+    )
+    drop_quantile: Annotated[Float, Field(ge=0, lt=1)] = described(0.1, "web-pairs, trim: share to discard.")
+    sigma2: PositiveFloat = described(CAPDEC_SIGMA2, "isotropic kinds, text-only: noise variance per axis.")
+    noise_scale: PositiveFloat = described(1.0, "Multiplies the training-noise covariance of any kind.")
+    match: VarianceMatch = described("total", "mean-isotropic-matched: tr Sigma, or its part tangent to t.")
+    scale_to_dim: bool = described(
+        False,
+        "Carry sigma2 (CapDec's, at d = 640) and CLOSE's 0.12 (d = 768) to the embeddings' width at the same "
+        "expected cosine between noised and clean embeddings: sigma^2 * d0 / d.",
+    )
+    learnable: bool = described(False, "Train mu and L with a KL term to this estimate (train.kl_weight).")
+    mu_from: str | None = described(None, "text-only: import mu from this gap file.")
+    tau: PositiveFloat = described(0.01, "memory: softmax temperature.")
+    memory_size: Positive | None = described(None, "memory: keep a seeded subset of this many captions.")
+    seed: Seed = described(0, "Seed of memory subsets, web-pairs' null draw and the rotated kind's rotation.")
 
 
 @dataclass
@@ -165,9 +170,8 @@ class ModelConfig:
     prefix_length: Positive = 10
     projector: Literal["mlp", "transformer"] = "mlp"
     projector_layers: Positive = 8
-    # Centre the projector's input on its training mean and scale it to unit RMS per dimension: an
-    # affine map the first layer could learn, but CLIP embeddings share most of their length (cosine
-    # ~0.5 between any two), so without it the projector reads their differences only slowly.
+    # Centre the projector's input and scale it to unit RMS per dimension: CLIP embeddings share most of
+    # their length (cosine ~0.5 between any two), so without it the projector reads their differences slowly.
     standardize_input: bool = True
     freeze_language_model: bool = False
     prompt: PromptMode = "none"
@@ -177,8 +181,8 @@ class ModelConfig:
     # that the language model attends to a whole entity ("brown diamond") whose binding of attribute to
     # object no cross-attention into the prefix has blurred.
     pim_tokens: bool = False
-    # Prompt guidance at decoding (tipcap/guide.py): added to the log-probability of a token that begins a
-    # prompted entity not yet mentioned or continues one begun; 0: plain decoding. Trains nothing.
+    # Prompt guidance at decoding (tipcap/guide.py): added to the log-probability of a token that begins or
+    # continues a prompted entity not yet mentioned; 0: plain decoding. Trains nothing.
     prompt_guidance: NonNegativeFloat = 0.0
     max_prompt_words: Positive = 8
     max_caption_tokens: Positive = 40
@@ -223,15 +227,13 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     grad_clip: NonNegativeFloat = 1.0  # 0: no clipping
     accumulate: Positive = 1
-    # Pack each batch's sequences, without padding, into rows of pack_length positions (tipcap/packing.py);
-    # false: batches of captions of similar length, each padded to its longest.
+    # Pack each batch's sequences into rows of pack_length positions (tipcap/packing.py); false: pad.
     packing: bool = False
     pack_length: Positive = 256
     compile: bool = False  # torch.compile the language model (compiled on the first steps)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: Seed = 0
-    # A trained model folder whose weights the run starts from (TIPCap.start_from): a prompt-free decoder to
-    # which the prompt module is added; None: a fresh initialisation.
+    # A trained (prompt-free) model folder whose weights the run starts from (TIPCap.start_from); None: fresh.
     init_from: str | None = None
     # With init_from: keep the weights copied from it fixed and train the prompt module alone, so that rows
     # without words decode exactly as the decoder it started from.
@@ -243,9 +245,8 @@ class TrainConfig:
     prompt_drop_entity: Probability = 0.4
     prompt_drop_all: Probability = 0.5
     prompt_distractor: Probability = 0.1
-    # Rows with prompt words get the gap's training noise scaled by this (the standard deviation), so that
-    # their embedding says less than their words and the decoder learns to take the words' binding of
-    # colour to shape, or of attribute to object, from the prompt.
+    # Rows with prompt words get the gap's training noise scaled by this (its standard deviation), so that
+    # the decoder learns to take the binding of colour to shape, or attribute to object, from the words.
     prompt_noise_scale: PositiveFloat = 1.0
 
 
@@ -255,22 +256,21 @@ class EvalConfig:
 
     __pydantic_config__ = _STRICT
 
-    beams: Positive = 5
-    max_tokens: Positive | None = None  # None: the model's max_caption_tokens
-    # auto: CLIP zero-shot entities; other modes are installed worlds' prompt sources, drawn from the data's
-    # ground truth (the toy worlds': oracle, oracle-one, oracle-missing, wrong; tipcap/toy/prompt_sources.py)
-    prompt: EvalPrompt = "none"
-    prompt_guidance: NonNegativeFloat | None = None  # None: the model's model.prompt_guidance
-    top_k: Positive = 3  # auto prompts: at most this many entities
-    # auto prompts: keep entities at least this probable (ViECap's 0.2); None keeps the top_k
-    threshold: Probability | None = 0.2
-    prompt_seed: Seed = 0  # prompt sources that draw (oracle-one, oracle-missing, wrong): seed of the draw
-    metrics: list[Metric] = field(default_factory=lambda: list(METRICS))
-    batch_size: Positive = 64
-    # The CLIP that computes CLIP-S and RefCLIP-S, apart from the caption model's: an open_clip name or
-    # model-config JSON, and a pretrained tag or weights file (as EmbedConfig's model and pretrained).
-    score_clip: str = "ViT-B-32"
-    score_pretrained: str = "openai"
+    beams: Positive = described(5, "Beam width (1: greedy).")
+    max_tokens: Positive | None = described(None, "Longest caption [default: model.max_caption_tokens].")
+    prompt: EvalPrompt = described(
+        "none",
+        "auto: CLIP zero-shot entities; the other modes are installed worlds' prompt sources, drawn from the "
+        "data's ground truth (the toy worlds': oracle, oracle-one, oracle-missing, wrong).",
+    )
+    prompt_guidance: NonNegativeFloat | None = described(None, "Prompt guidance [default: the model's].")
+    top_k: Positive = described(3, "auto prompts: at most this many entities.")
+    threshold: Probability | None = described(0.2, "auto prompts: least probability (ViECap's); null: top_k.")
+    prompt_seed: Seed = described(0, "oracle-one, oracle-missing and wrong prompts: seed of the draw.")
+    metrics: list[Metric] = described(text="Caption metrics.", default_factory=lambda: list(METRICS))
+    batch_size: Positive = described(64, "Images per generate call.")
+    score_clip: str = described("ViT-B-32", "CLIP of CLIP-S and RefCLIP-S: open_clip name or config JSON.")
+    score_pretrained: str = described("openai", "The scorer's pretrained tag or weights file.")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import glob
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -170,14 +171,36 @@ def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, st
             raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
+def _finite(value: Any) -> Any:
+    """A copy of a JSON document with NaN and infinities as ``None``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, document: Any, indent: int | None = 1) -> None:
-    """Write JSON through :func:`atomic_path` (never a half-written file).
+    """Write JSON through :func:`atomic_path` (never a half-written file), a non-finite number (a metric that
+    could not run) as null: strict JSON has no NaN, and other readers refuse it.
 
     ``indent=None`` writes compact JSON, for large documents.
     """
     separators = (",", ":") if indent is None else None
-    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
-        json.dump(document, f, ensure_ascii=False, indent=indent, separators=separators)
+
+    def dump(data: Any, tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=indent, separators=separators, allow_nan=False)
+
+    with atomic_path(path) as tmp:
+        try:
+            dump(document, tmp)
+        except ValueError:
+            # allow_nan=False met a non-finite number: written again from a copy with null in its place (a
+            # copy every time would slow the large documents, which have none).
+            dump(_finite(document), tmp)
 
 
 def lone_surrogate(text: str) -> str | None:

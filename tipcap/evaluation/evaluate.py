@@ -51,10 +51,11 @@ from tipcap.evaluation import clip_scores
 from tipcap.evaluation.adherence import Mentions, adherence, packaged_mentions, vocabulary_mentions
 from tipcap.evaluation.baselines import retrieve_captions, template_captions
 from tipcap.evaluation.chair import ChairResult, CocoObjectWords, chair, coco_truth, load_instances
-from tipcap.evaluation.metrics import metrics_document, score_captions, score_domains, write_json_atomic
+from tipcap.evaluation.metrics import metrics_document, score_captions, score_domains
 from tipcap.evaluation.references import match_predictions, read_references
 from tipcap.evaluation.registry import GroundTruth, PromptRequest, ground_truth, prompt_sources
 from tipcap.hub import resolve_model
+from tipcap.io import write_json_atomic
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary
 from tipcap.provenance import sha256_file

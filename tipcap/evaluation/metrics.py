@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-import tipcap.io
 from tipcap import __version__, provenance
 from tipcap.data.karpathy import ImageId
 from tipcap.errors import TipcapError
 from tipcap.evaluation.references import format_report, load_predictions, match_predictions, read_references
+from tipcap.io import write_json_atomic
 
 log = logging.getLogger("tipcap.evaluation.metrics")
 
@@ -347,22 +347,6 @@ def metrics_path(predictions_path: str | Path, out: str | Path | None = None) ->
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return path.with_name(f"{name}.metrics.json")
-
-
-def _finite(value: Any) -> Any:
-    """JSON-safe copy: NaN and infinities become ``None`` (strict JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: str | Path, document: Any) -> None:
-    """Write a result document atomically, non-finite numbers (a metric that could not run) as null."""
-    tipcap.io.write_json_atomic(Path(path), _finite(document))
 
 
 def metrics_document(

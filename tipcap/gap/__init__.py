@@ -4,7 +4,7 @@
 over embedding chunks; fit.py does it from embedding stores; report.py summarises and draws a gap.
 """
 
-from tipcap.config import CAPDEC_SIGMA2, SETTINGS
+from tipcap.config import CAPDEC_SIGMA2, GAP_KINDS, SETTINGS
 from tipcap.gap.estimate import (
     GapEstimate,
     Pairs,
@@ -18,13 +18,13 @@ from tipcap.gap.estimate import (
     mutual_nearest_neighbours,
 )
 from tipcap.gap.fit import GapFit, estimate_gap, fit_gap, fit_gap_file, join_pairs, noise_covariance
-from tipcap.gap.model import KINDS, Gap
+from tipcap.gap.model import Gap
 from tipcap.gap.moments import Moments, cholesky
 from tipcap.gap.report import format_report, gap_report, plot_gap
 
 __all__ = [
     "CAPDEC_SIGMA2",
-    "KINDS",
+    "GAP_KINDS",
     "SETTINGS",
     "Gap",
     "GapEstimate",

@@ -76,7 +76,6 @@ from tipcap.config import GAP_KINDS
 from tipcap.errors import TipcapError
 from tipcap.io import save_safetensors
 
-KINDS = GAP_KINDS
 GAP_FORMAT = "tipcap-gap"
 GAP_VERSION = 1
 
@@ -119,7 +118,7 @@ class Gap(nn.Module):
     """A modality-gap model: mean μ ``[d]`` and Cholesky factor L ``[d, d]`` of Σ = LLᵀ, plus its kind.
 
     Args:
-        kind: one of :data:`KINDS` (see the module table).
+        kind: one of :data:`tipcap.config.GAP_KINDS` (see the module table).
         mu: the mean gap μ = E[v − t], ``[d]``.
         scale_tril: lower-triangular L with positive diagonal, ``[d, d]``.
         renorm: rescale outputs to unit length.
@@ -148,8 +147,8 @@ class Gap(nn.Module):
         provenance: dict[str, Any] | None = None,
     ):
         super().__init__()
-        if kind not in KINDS:
-            raise TipcapError(f"gap kind {kind!r}: use one of {', '.join(KINDS)}.")
+        if kind not in GAP_KINDS:
+            raise TipcapError(f"gap kind {kind!r}: use one of {', '.join(GAP_KINDS)}.")
         dim = mu.shape[-1]
         if scale_tril.shape != (dim, dim):
             raise ValueError(f"scale_tril must be [{dim}, {dim}], got {tuple(scale_tril.shape)}")
