@@ -665,12 +665,13 @@ def caption_command(
     device: str | None,
 ) -> None:
     """Caption images (files or folders); unreadable images are reported and the others captioned."""
-    from tipcap.hub import resolve_model
+    from tipcap.hub_cache import resolve_model
 
     # A hub name that cannot be fetched fails here, in a second, before torch is imported.
     model_dir = str(resolve_model(model_dir))
     from tipcap.data import list_images
-    from tipcap.model import TIPCap, write_captions_jsonl
+    from tipcap.model import TIPCap
+    from tipcap.pipeline import write_captions_jsonl
 
     paths: list[Path] = []
     for item in inputs:
@@ -832,7 +833,7 @@ def evaluate_command(
     device: str | None,
 ) -> None:
     """Caption a split's images, score them, write predictions.json, metrics.json and per_image.json."""
-    from tipcap.hub import resolve_model
+    from tipcap.hub_cache import resolve_model
 
     if model_dir is not None:
         resolve_model(model_dir)  # an unavailable hub model fails before torch is imported
@@ -1095,13 +1096,13 @@ def serve_command(
         raise TipcapError(
             f"tipcap serve needs the app extra ({e}); pip install -e '.[app]' in tipcap's clone."
         ) from None
-    from tipcap.app.service import Captioner, load_models
+    from tipcap.app.service import CaptionService, load_models
 
     paths = [*models, *(["runs/demo"] if demo else [])]
     if not paths:
         raise TipcapError("serve: give --model DIR, or --demo to serve the models tipcap demo trained.")
-    captioner = Captioner(load_models(paths, device), max_upload_bytes=int(max_upload_mb * 2**20))
-    serve(captioner, host, port, echo=click.echo)
+    service = CaptionService(load_models(paths, device), max_upload_bytes=int(max_upload_mb * 2**20))
+    serve(service, host, port, echo=click.echo)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def push_model(
             f"cannot push {directory} to {repo}: {reason}; push from a machine that reaches the hub "
             "(without HF_HUB_OFFLINE), logged in with `hf auth login` or with --token."
         )
-    from tipcap.card import CARD_NAME, write_model_card  # torch, needed only once the hub can be used
+    # torch, needed only once the hub can be used
+    from tipcap.card import write_model_card
+    from tipcap.model_folder import CARD_NAME
 
     if not (directory / CARD_NAME).is_file():
         write_model_card(directory)

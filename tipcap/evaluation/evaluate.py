@@ -65,7 +65,7 @@ from tipcap.evaluation.metrics import (
     score_domains,
     write_json_atomic,
 )
-from tipcap.hub import resolve_model
+from tipcap.hub_cache import resolve_model
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings, zero_shot_entities
 from tipcap.provenance import sha256_file
@@ -469,7 +469,7 @@ def evaluate_split(
     prompts: list[list[str]] | None = None
     mentions = _mentions(image_ids, objects, vocabulary)
     if method == "model":
-        model.use_clip(encoder)
+        model.pipeline.use_clip(encoder)
         captions, prompts = _model_captions(model, embeddings, image_ids, config, objects, mentions, timings)
     else:
         start = time.perf_counter()
