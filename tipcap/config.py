@@ -221,8 +221,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the language model (compiled on the first steps)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: Seed = 0
-    # A trained model folder whose weights the run starts from (TIPCap.start_from): a prompt-free decoder to
-    # which the prompt module is added; None: a fresh initialisation.
+    # A trained model folder whose weights the run starts from (training.setup.start_from): a prompt-free
+    # decoder to which the prompt module is added; None: a fresh initialisation.
     init_from: str | None = None
     # With init_from: keep the weights copied from it fixed and train the prompt module alone, so that rows
     # without words decode exactly as the decoder it started from.
