@@ -28,7 +28,8 @@ def push_model(
 ) -> str:
     """Publish a model directory as the hub model ``repo`` (created when missing); return the commit's URL.
 
-    A folder written before model cards existed gets its card first.
+    A folder without a card (saved by ``TIPCap.save_pretrained`` alone, or before cards existed) gets one
+    first.
 
     Raises:
         TipcapError: for a folder that is no tipcap model, a malformed repo name, no network (at once), no
