@@ -112,7 +112,7 @@ def main() -> None:
         config = load_config(ROOT / "experiments" / "tiny.yaml", [f"data.train_texts={store}"])
         model_dir = train(config, tmp / "run", progress=False)
         model = TIPCap.from_pretrained(model_dir, device="cpu")
-        model.use_clip(model.clip)  # loaded once, outside the timings
+        model.pipeline.clip  # noqa: B018 - loaded once, outside the timings
         paths = write_images(tmp / "images", max([args.images, *rss_counts]))
         timed_paths = paths[: args.images]
         print(f"{len(timed_paths)} images (640x480 JPEG), beam {args.beams}, batches of {args.batch_size}, "
@@ -136,7 +136,7 @@ def main() -> None:
         single_s = time.perf_counter() - start
         assert [r.caption for r in streamed] == [r.caption for r in single], "captions differ"
 
-        embeddings, _, _ = model.embed_images(timed_paths, args.batch_size, args.workers)
+        embeddings, _, _ = model.pipeline.embed_images(timed_paths, args.batch_size, args.workers)
         inputs = model.image_inputs(embeddings)
         start = time.perf_counter()
         batched = []

@@ -34,7 +34,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from tipcap.app.server import serving
-from tipcap.app.service import Captioner, load_models
+from tipcap.app.service import CaptionService, load_models
 from tipcap.data.karpathy import read_karpathy
 
 WARM_UP = 3
@@ -74,11 +74,11 @@ def main() -> None:
     args = parser.parse_args()
 
     image = Image.open(args.image or demo_image(args.demo)).convert("RGB")
-    captioner = Captioner(load_models([args.demo], device="cpu"))
-    method = args.method or captioner.describe()["default"]
+    service = CaptionService(load_models([args.demo], device="cpu"))
+    method = args.method or service.describe()["default"]
     load_before = os.getloadavg()
     upload_and_caption, recaption = [], []
-    with serving(captioner) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with serving(service) as url, httpx.Client(base_url=url, timeout=60) as http:
 
         def caption(image_id: str, prompt: list[str]) -> dict:
             payload = {"image_id": image_id, "method": method, "prompt": prompt, "beams": args.beams}
@@ -107,7 +107,7 @@ def main() -> None:
                 recaption.append(time.perf_counter() - start)
     load_after = os.getloadavg()
 
-    print(f"method {method} (prompt: {captioner.models[method].config.prompt}), beams {args.beams}, "
+    print(f"method {method} (prompt: {service.models[method].config.prompt}), beams {args.beams}, "
           f"image {image.width}x{image.height}, {args.requests} requests each, CPU, "
           f"{torch.get_num_threads()} torch threads on {os.cpu_count()} cores")  # fmt: skip
     print(f"load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after")

@@ -23,7 +23,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tipcap.app.server import serving
-from tipcap.app.service import Captioner, load_models
+from tipcap.app.service import CaptionService, load_models
 from tipcap.data.karpathy import read_karpathy
 
 
@@ -38,8 +38,8 @@ def main() -> None:
 
     karpathy = Path(json.loads((args.demo / "grid.json").read_text())["fixed"]["karpathy"])
     test = read_karpathy(karpathy, "test")
-    captioner = Captioner(load_models([args.demo], device="cpu"))
-    with tempfile.TemporaryDirectory() as profile, serving(captioner) as url:
+    service = CaptionService(load_models([args.demo], device="cpu"))
+    with tempfile.TemporaryDirectory() as profile, serving(service) as url:
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
         for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",

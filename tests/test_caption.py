@@ -14,6 +14,7 @@ from conftest import run
 from tipcap.clip import ClipSpec
 from tipcap.gap import Gap
 from tipcap.model import TIPCap
+from tipcap.prompts import prompt_word_embeddings
 from tipcap.store import EmbeddingStore
 
 # The tests here read decoders trained for hundreds of steps (conftest's prompt_model and plain_model).
@@ -42,7 +43,7 @@ def test_model_captions_images_and_embeddings_as_the_command_does(prompt_model, 
     assert [(r.image, r.caption) for r in from_images] == [(c["image"], c["caption"]) for c in command]
 
     # The same images' CLIP embeddings: the model carries them across its gap itself.
-    embeddings, readable, failures = model.embed_images(paths)
+    embeddings, readable, failures = model.pipeline.embed_images(paths)
     assert readable == list(range(6)) and not failures and embeddings.shape == (6, model.config.clip_dim)
     from_embeddings = model.caption(embeddings=embeddings)
     assert [r.caption for r in from_embeddings] == [r.caption for r in from_images]
@@ -106,9 +107,9 @@ def test_auto_prompts_are_the_top_entities_of_the_models_vocabulary(prompt_model
     _, _, model_dir = prompt_model
     model = TIPCap.from_pretrained(model_dir, device="cpu")
     paths = sorted(image_folder.glob("img_*.jpg"))
-    results = model.caption(images=paths, auto_prompt=True, top_k=2, num_beams=1)
-    embeddings, _, _ = model.embed_images(paths)
-    names, table = model.entity_vocabulary()
+    results = model.caption(images=paths, auto_prompt=True, top_k=2, threshold=None, num_beams=1)
+    embeddings, _, _ = model.pipeline.embed_images(paths)
+    names, table = model.pipeline.entity_vocabulary()
     assert names == model.entity_names and table.shape == (len(names), model.config.clip_dim)
     scores = (
         torch.nn.functional.normalize(embeddings, dim=-1) @ torch.nn.functional.normalize(table, dim=-1).T
@@ -151,7 +152,10 @@ def test_unknown_prompt_words_are_encoded_with_clip(prompt_model):
     results = model.caption(embeddings=embeddings, prompts=[["unicorn"], []], num_beams=1)
     assert [r.prompt for r in results] == [["unicorn"], []] and all(r.caption for r in results)
     known = model.caption(embeddings=embeddings[:1], prompts=[["dog"]], num_beams=1)
-    assert torch.isfinite(model.prompt_embeddings([["unicorn"]], model._encode_texts)[0]).all()
+    vectors, _ = prompt_word_embeddings(
+        [["unicorn"]], model.entity_embeddings, model.entity_names, model.pipeline.encode_texts
+    )
+    assert torch.isfinite(vectors).all()
     assert known[0].prompt == ["dog"]
 
 
@@ -196,5 +200,6 @@ def test_hard_prompt_models_find_auto_prompts_in_their_own_vocabulary(tiny_clip,
     config = ModelConfig(clip_dim=32, language_model_config=language_model, prompt="hard", prefix_length=2)
     vocabulary = ["red circle", "blue square", "green triangle"]
     model = TIPCap.build(config, tokenizer, entity_names=vocabulary, clip_spec=ClipSpec(str(tiny_clip)))
-    results = model.caption(images=sorted(image_folder.glob("img_*.jpg")), auto_prompt=True, top_k=2)
+    paths = sorted(image_folder.glob("img_*.jpg"))
+    results = model.caption(images=paths, auto_prompt=True, top_k=2, threshold=None)
     assert all(len(r.prompt) == 2 and set(r.prompt) <= set(vocabulary) for r in results)

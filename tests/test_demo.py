@@ -158,12 +158,13 @@ def test_quick_demo_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_quick_demo_of_world_2_separates_the_methods(quick_demo):
     """The default demo (world 2, --quick) from an empty cache, as a user runs it (pinned CPU arithmetic, so
-    its digits are every x86-64 machine's). Each stage is timed; four methods, the prompt-trained one also
-    with CLIP's guesses and with the scene's objects as prompt words; and the separations the world is built
-    for, with margins under the spread measured on world seeds 0-5 (pinned; experiments/README §5.3):
-    gaussian − none +0.18 to +0.92 CIDEr, CLIP R@1 0.90-0.97, matched cosine 0.36-0.40 against 0.62 between
-    images, claim accuracy 0.68-0.76; with the scene's objects as guided prompt words, adherence 0.95 and
-    object F1 0.97 against 0.38 without (seed 0; on the full world, six seeds: experiments/README §5.5)."""
+    its digits are every x86-64 machine's with the same package versions). Each stage is timed; four methods,
+    the prompt-trained one (its module trained alone on the Gaussian decoder, frozen) also with CLIP's
+    guesses and with the scene's objects as prompt words; and the separations the world is built for, with
+    margins under what seed 0 gives (pinned; seeds 0-5 in experiments/README §5.3): gaussian − none +0.120
+    CIDEr, CLIP R@1 0.93, matched cosine 0.39 against 0.62 between images, claim accuracy 0.70; without words
+    the prompt-trained decoder writes the Gaussian's captions word for word; with the scene's objects as
+    guided prompt words, adherence 0.92 and object F1 0.95 against 0.34 without."""
     out, cache, result = quick_demo
     assert result.returncode == 0, result.stderr
     stages = ("toy world: generated in", "toy CLIP: 800 steps of the image tower alone and 150 contrastive "
@@ -187,7 +188,12 @@ def test_quick_demo_of_world_2_separates_the_methods(quick_demo):
     cider = {key: float(row["CIDEr"]) for key, row in scores.items()}
     f1 = {key: float(row["object_f1"]) for key, row in scores.items()}
     bridged, oracle = ("gaussian-few-pairs", "none"), (prompted, "oracle")
-    assert cider[bridged] - cider[("none", "none")] >= 0.1, cider
+    assert cider[bridged] - cider[("none", "none")] >= 0.05, cider
+    # The module trained alone on the frozen Gaussian decoder: without words, the very same captions.
+    evaluations = out / "eval"
+    assert (evaluations / f"{prompted}-seed0-none" / "predictions.json").read_bytes() == (
+        evaluations / "gaussian-few-pairs-seed0-none" / "predictions.json"
+    ).read_bytes()
     # The scene's objects as prompt words: named, bound colour to shape, and a better caption.
     assert float(scores[oracle]["Adherence"]) >= 0.85, scores[oracle]
     assert f1[oracle] - f1[bridged] >= 0.3 and cider[oracle] - cider[bridged] >= 0.5, (f1, cider)

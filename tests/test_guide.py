@@ -3,6 +3,7 @@
 import torch
 from serving import VOCABULARY, build_model
 
+from tipcap.card import write_model_card
 from tipcap.guide import PromptGuide, entity_forms
 from tipcap.model import TIPCap
 from tipcap.training.data import word_level_tokenizer
@@ -74,12 +75,11 @@ def test_a_guided_model_writes_its_prompt_words_and_keeps_its_forms(tmp_path, ti
     beams = model.caption(embeddings=embeddings, prompts=["yellow star"], num_beams=3, prompt_guidance=100)
     assert all("yellow star" in r.caption for r in beams), [r.caption for r in beams]
     # The forms travel with the model, and its card says how it decodes prompt words.
-    card = (tmp_path / "hard" / "README.md").read_text()
-    assert "| prompt guidance | none (plain decoding) |" in card
+    assert "| prompt guidance | none (plain decoding) |" in write_model_card(tmp_path / "hard").read_text()
     model.entity_forms["yellow star"] = ["yellow star", "yellow stars"]
     model.config.prompt_guidance = 4.0
     model.save_pretrained(tmp_path / "saved")
-    assert "| prompt guidance | 4 |" in (tmp_path / "saved" / "README.md").read_text()
+    assert "| prompt guidance | 4 |" in write_model_card(tmp_path / "saved").read_text()
     again = TIPCap.from_pretrained(tmp_path / "saved")
     assert again.config.prompt_guidance == 4.0
     assert again.entity_forms == {

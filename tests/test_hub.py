@@ -22,6 +22,7 @@ from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.gap.report import gap_report
 from tipcap.io import load_json
+from tipcap.training.setup import corpus_dataset
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -43,32 +44,38 @@ def test_trained_model_has_a_hub_model_card(tiny_model):
     assert "Not evaluated yet" in card.text and not card.data.eval_results
 
 
-def test_saving_again_writes_the_card_afresh(tiny_model, tmp_path):
-    model = TIPCap.from_pretrained(tiny_model, device="cpu")
+def test_saving_removes_the_card_of_the_weights_it_replaces(tiny_model, tmp_path):
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    record_evaluation(folder, nocaps_document("openai", 0.5), "nocaps", "val", "beams 5")
+    model = TIPCap.from_pretrained(folder, device="cpu")
+    model.save_pretrained(folder)
+    assert not (folder / "README.md").exists()  # its figures were the old weights'
     model.save_pretrained(tmp_path / "copy")
-    card = ModelCard.load(tmp_path / "copy" / "README.md")
-    assert "no training record" in card.text and "isotropic" in card.text
+    card = ModelCard.load(write_model_card(tmp_path / "copy"))
+    assert "no training record" in card.text and "isotropic" in card.text and not card.data.eval_results
 
 
-def test_card_names_a_known_training_data_set(tiny_model, tmp_path):
+def test_the_card_names_the_training_data_set_the_runs_provenance_records(tiny_model, tmp_path):
     folder = shutil.copytree(tiny_model, tmp_path / "model")
     record = load_json(folder / "provenance.json")
+    assert record["dataset"] is None  # the test slice's corpus names no data set
+    # The card reads the folder alone: the caption store its record names is not opened.
     store = tmp_path / "store"
     store.mkdir()
-    (store / "meta.json").write_text(json.dumps({"source": {"corpus": "/data/prepared/corpus/train.json"}}))
+    (store / "meta.json").write_text(json.dumps({"source": {"corpus": "/data/dataset_coco.json"}}))
     record["config"]["data"]["train_texts"] = str(store)
-    (folder / "provenance.json").write_text(json.dumps(record))
-    write_model_card(folder)
-    assert ModelCard.load(folder / "README.md").data.datasets is None  # no report.json names it
+    for dataset, named in ((None, None), ("coco", ["coco"]), ("flickr30k", ["flickr30k"]), ("nocaps", None)):
+        (folder / "provenance.json").write_text(json.dumps({**record, "dataset": dataset}))
+        assert ModelCard.load(write_model_card(folder)).data.datasets == named
+
+
+def test_training_records_the_data_set_its_corpus_names(tmp_path):
+    assert corpus_dataset("/data/dataset_flickr30k.json.gz") == "flickr30k"
+    assert corpus_dataset(tmp_path / "prepared" / "corpus" / "train.json") is None  # no report.json
     (tmp_path / "prepared" / "corpus").mkdir(parents=True)
     (tmp_path / "prepared" / "report.json").write_text(json.dumps({"dataset": "coco"}))
-    corpus = tmp_path / "prepared" / "corpus" / "train.json"
-    (store / "meta.json").write_text(json.dumps({"source": {"corpus": str(corpus)}}))
-    write_model_card(folder)
-    assert ModelCard.load(folder / "README.md").data.datasets == ["coco"]
-    (store / "meta.json").write_text(json.dumps({"source": {"corpus": "/data/dataset_flickr30k.json.gz"}}))
-    write_model_card(folder)
-    assert ModelCard.load(folder / "README.md").data.datasets == ["flickr30k"]
+    assert corpus_dataset(tmp_path / "prepared" / "corpus" / "train.json") == "coco"
+    assert corpus_dataset(None) is None
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 import torch
 
-from tipcap.model import TransformerProjector
+from tipcap.projectors import TransformerProjector
 
 
 def test_transformer_projector_maps_each_row_to_its_own_k_prefix_vectors():

@@ -20,8 +20,9 @@ from serving import VOCABULARY, build_model, encoded, jpeg, png
 from starlette.testclient import TestClient
 
 from tipcap.app.server import Listening, create_app, serving
-from tipcap.app.service import Captioner, find_models, load_models
-from tipcap.model import TIPCap, caption_record
+from tipcap.app.service import CaptionService, find_models, load_models
+from tipcap.model import TIPCap
+from tipcap.pipeline import caption_record
 
 
 @pytest.fixture(scope="module")
@@ -49,21 +50,21 @@ word-level tokenizer, so that a hard prompt of them takes 532 positions of the 6
 
 
 @pytest.fixture(scope="module")
-def captioner(model_dirs):
-    return Captioner(load_models(list(model_dirs.values()), device="cpu"), max_upload_bytes=20_000)
+def service(model_dirs):
+    return CaptionService(load_models(list(model_dirs.values()), device="cpu"), max_upload_bytes=20_000)
 
 
 LOCAL = Listening("127.0.0.1", "127.0.0.1", 8000)
 
 
-def local_client(captioner: Captioner) -> TestClient:
+def local_client(service: CaptionService) -> TestClient:
     """A client of the app as ``tipcap serve`` serves it on 127.0.0.1:8000, addressed as a browser there."""
-    return TestClient(create_app(captioner, LOCAL), base_url="http://127.0.0.1:8000")
+    return TestClient(create_app(service, LOCAL), base_url="http://127.0.0.1:8000")
 
 
 @pytest.fixture(scope="module")
-def client(captioner):
-    with local_client(captioner) as client:
+def client(service):
+    with local_client(service) as client:
         yield client
 
 
@@ -100,8 +101,8 @@ def test_caption_then_recaption_with_prompt_words(client, model_dirs, tmp_path):
     assert first["caption"] == first["plain"] == alone and first["prompt"] == []
 
     # CLIP's guesses: the model's vocabulary, most probable first, with the model's own probabilities.
-    embeddings, _, _ = model.embed_images([tmp_path / "red.png"])
-    expected = model.entity_guesses(embeddings, top_k=5)[0]
+    embeddings, _, _ = model.pipeline.embed_images([tmp_path / "red.png"])
+    expected = model.pipeline.entity_guesses(embeddings, top_k=5, threshold=None)[0]
     guesses = first["guesses"]
     assert [g["word"] for g in guesses] == [word for word, _ in expected]
     assert sorted(g["word"] for g in guesses) == sorted(VOCABULARY)
@@ -148,7 +149,7 @@ def test_a_prompt_interaction_model_reports_the_prompt_words_it_read(pim_dir, tm
     read = model.caption(images=[path], prompts=twelve.prompt, num_beams=2, workers=0)[0]
     plain = model.caption(images=[path], num_beams=2, workers=0)[0]
     assert twelve.caption == read.caption != plain.caption  # the words it lists are the words it read
-    assert [r.getMessage() for r in caplog.records if r.name == "tipcap.model"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "tipcap.pipeline"] == [
         "this model reads at most 8 prompt words: 1 input(s) had more, and only their first 8 were used "
         "(each result lists the words used)."
     ]
@@ -160,8 +161,8 @@ def test_a_prompt_interaction_model_reports_the_prompt_words_it_read(pim_dir, tm
 
 
 def test_the_server_takes_as_many_prompt_words_as_each_method_reads(model_dirs, pim_dir):
-    captioner = Captioner(load_models([model_dirs["hard"], pim_dir], device="cpu"))
-    with local_client(captioner) as http:
+    service = CaptionService(load_models([model_dirs["hard"], pim_dir], device="cpu"))
+    with local_client(service) as http:
         methods = http.get("/api/methods").json()["methods"]
         assert {m["name"]: m["max_prompt_words"] for m in methods} == {"hard": 16, "pim": 8}
         image_id = upload(http, png((200, 30, 30))).json()["image_id"]
@@ -452,7 +453,7 @@ def test_tipcap_caption_refuses_prompt_words_past_the_language_models_positions(
 @pytest.mark.parametrize(
     ("path", "kind"), [("/api/images", "image/png"), ("/api/caption", "application/json")]
 )
-def test_a_client_that_leaves_mid_request_is_let_go_without_an_error(captioner, path, kind):
+def test_a_client_that_leaves_mid_request_is_let_go_without_an_error(service, path, kind):
     # The app as uvicorn calls it: part of the body, then the client's disconnection. An exception out of
     # the app is what uvicorn logs with a traceback.
     arriving = [
@@ -472,11 +473,11 @@ def test_a_client_that_leaves_mid_request_is_let_go_without_an_error(captioner, 
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"name=x.png",
              "root_path": "", "headers": headers, "client": ("127.0.0.1", 50000),
              "server": ("127.0.0.1", 8000)}  # fmt: skip
-    asyncio.run(create_app(captioner, LOCAL)(scope, receive, send))
+    asyncio.run(create_app(service, LOCAL)(scope, receive, send))
     assert arriving == [] and [m["status"] for m in sent if m["type"] == "http.response.start"] == [400]
 
 
-def test_concurrent_requests_are_answered_as_one_at_a_time(captioner):
+def test_concurrent_requests_are_answered_as_one_at_a_time(service):
     requests = [
         (png(((40 * i) % 256, (90 * i) % 256, 128)), ["hard", "plain"][i % 2], [VOCABULARY[i % 5]], 1 + i % 3)
         for i in range(8)
@@ -487,7 +488,7 @@ def test_concurrent_requests_are_answered_as_one_at_a_time(captioner):
             image_id = upload(http, data, "image.png").json()["image_id"]
             return caption(http, image_id, method, prompt, beams).json()
 
-    with serving(captioner) as url:
+    with serving(service) as url:
         with ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda request: ask(url, *request), requests))
         alone = [ask(url, *request) for request in requests]
@@ -551,7 +552,7 @@ def test_serving_writes_nothing(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     monkeypatch.chdir(tmp_path)
     before = {p: p.stat().st_mtime_ns for d in model_dirs.values() for p in d.rglob("*")}
-    with local_client(Captioner(load_models([model_dirs["hard"]], device="cpu"))) as http:
+    with local_client(CaptionService(load_models([model_dirs["hard"]], device="cpu"))) as http:
         image_id = upload(http, jpeg((120, 10, 10)), "photo.jpg").json()["image_id"]
         assert caption(http, image_id, prompt=["red circle"]).status_code == 200
     assert sorted(tmp_path.iterdir()) == [temporary] and not any(temporary.iterdir())

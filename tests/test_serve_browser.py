@@ -17,7 +17,7 @@ import pytest
 from serving import build_model, png
 
 from tipcap.app.server import serving
-from tipcap.app.service import Captioner, load_models
+from tipcap.app.service import CaptionService, load_models
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -107,7 +107,7 @@ def test_upload_caption_click_a_guess_and_recaption(browser, tmp_path, tiny_clip
     (tmp_path / "notes.png").write_bytes(b"not an image at all")
     wait = WebDriverWait(browser, 60)
 
-    with serving(Captioner(load_models(models, device="cpu"))) as url:
+    with serving(CaptionService(load_models(models, device="cpu"))) as url:
         open_page(browser, url, wait)
         picker = pick(browser, tmp_path / "red.png")
         card = browser.find_element(By.CSS_SELECTOR, ".card")
@@ -241,8 +241,10 @@ def test_other_sites_cannot_drive_the_server_and_its_own_page_can(browser, tmp_p
     (tmp_path / "red.png").write_bytes(data)
     image_id = hashlib.sha256(data).hexdigest()[:32]  # the id the server keeps the image under
     wait = WebDriverWait(browser, 60)
-    captioner = Captioner(load_models([build_model(tmp_path / "hard", tiny_clip, "hard", 0)], device="cpu"))
-    with serving(captioner) as url, another_site() as elsewhere, httpx.Client(base_url=url) as http:
+    service = CaptionService(
+        load_models([build_model(tmp_path / "hard", tiny_clip, "hard", 0)], device="cpu")
+    )
+    with serving(service) as url, another_site() as elsewhere, httpx.Client(base_url=url) as http:
 
         def held() -> bool:
             answer = http.post("/api/caption", json={"image_id": image_id, "method": "hard"})
@@ -306,7 +308,7 @@ def test_the_page_takes_as_many_prompt_words_as_the_method_shown_reads(browser, 
         "tree",
     ]
     wait = WebDriverWait(browser, 60)
-    with serving(Captioner(load_models(models, device="cpu"))) as url:
+    with serving(CaptionService(load_models(models, device="cpu"))) as url:
         open_page(browser, url, wait)
         browser.find_element(By.CSS_SELECTOR, '#method option[value="pim"]').click()
         pick(browser, tmp_path / "red.png")
@@ -354,9 +356,9 @@ def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, q
     out, cache, result = quick_demo
     assert result.returncode == 0, result.stderr
     models = find_models(out)
-    captioner = Captioner(load_models([out], device="cpu"))
-    default = captioner.describe()["default"]
-    assert default == "gaussian-few-pairs-prompts" and captioner.models[default].config.prompt == "pim"
+    service = CaptionService(load_models([out], device="cpu"))
+    default = service.describe()["default"]
+    assert default == "gaussian-few-pairs-prompts" and service.models[default].config.prompt == "pim"
 
     karpathy = next(cache.glob("toyworld2-*/toyworld.json"))
     entries = [e for e in json.loads(karpathy.read_text())["images"] if e["split"] == "test"]
@@ -367,8 +369,8 @@ def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, q
     for entry in entries[:50]:
         path = karpathy.parent / entry["filepath"] / entry["filename"]
         plain = model.caption([path], num_beams=3)[0].caption
-        embedding = model.embed_images([path])[0]
-        guesses = [word for word, _ in model.entity_guesses(embedding, top_k=5)[0]]
+        embedding = model.pipeline.embed_images([path])[0]
+        guesses = [word for word, _ in model.pipeline.entity_guesses(embedding, top_k=5, threshold=None)[0]]
         left_out = [
             w
             for w in guesses
@@ -381,7 +383,7 @@ def test_clicking_a_guess_adds_its_object_to_the_quick_demo_s_caption(browser, q
     image, word = chosen
 
     wait = WebDriverWait(browser, 120)
-    with serving(captioner) as url:
+    with serving(service) as url:
         open_page(browser, url, wait)
         pick(browser, image)
         card = browser.find_element(By.CSS_SELECTOR, ".card")

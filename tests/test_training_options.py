@@ -12,7 +12,8 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 from tipcap.config import GapConfig, load_config
 from tipcap.gap import fit_gap
-from tipcap.model import TIPCap, TransformerProjector
+from tipcap.model import TIPCap
+from tipcap.projectors import TransformerProjector
 from tipcap.store import EmbeddingStore
 from tipcap.training.loop import train
 

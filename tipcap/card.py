@@ -1,10 +1,15 @@
 """Model cards: the ``README.md`` of a model directory, with the Hugging Face hub's YAML header.
 
-Every model directory gets one when it is saved (:meth:`tipcap.model.TIPCap.save_pretrained`), written from
-what the folder holds, so that a copied or published folder describes itself:
+Publishing, above the model (which never imports it): a training run writes its model's card once the model
+is saved (:mod:`tipcap.training.loop`), ``tipcap push`` writes one into a folder that has none
+(:mod:`tipcap.hub`), and ``tipcap evaluate`` adds its figures. The card is written from what the folder
+holds and nothing outside it, so that a copied or published folder describes itself, the same on any
+machine:
 
 - the YAML header (``huggingface_hub.ModelCardData``): ``library_name: tipcap``, tags naming the gap kind
-  and the data setting, the training data set when it is known, and the evaluation figures as a
+  and the data setting, the training data set when the run's provenance names a known one (recorded at
+  training from the caption store, :func:`tipcap.training.setup.corpus_dataset`), and the evaluation
+  figures as a
   ``model-index``. No ``pipeline_tag``: ``transformers.pipeline`` cannot load a tipcap model, and the tag
   would offer it. No licence is claimed: it depends on the data, the language model and the CLIP the
   decoder was trained with.
@@ -17,14 +22,13 @@ what the folder holds, so that a copied or published folder describes itself:
   setting, with the number of images scored (of the split's) and CLIP-S's scorer, then notes where they
   say less than they seem to: a scorer with random weights, part of a split, CHAIR on the annotated images
   only, a metric with no value (left out of the ``model-index``, which holds no NaN). ``tipcap evaluate``
-  adds or replaces its row (:func:`record_evaluation`); saving the weights again writes the card afresh,
-  without figures that belonged to the old weights.
+  adds or replaces its row (:func:`record_evaluation`); saving the weights again removes the card
+  (:mod:`tipcap.model_folder`), with figures that belonged to the old weights.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -38,10 +42,9 @@ from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.gap.report import gap_report
 from tipcap.io import atomic_path, load_json
+from tipcap.model_folder import CARD_NAME, CONFIG_NAME, GAP_NAME
 from tipcap.provenance import FILE_NAME as PROVENANCE_NAME
-from tipcap.store import META as STORE_META
 
-CARD_NAME = "README.md"
 TASK = "image-to-text"
 """The task of the card's evaluation results (``model-index``)."""
 KNOWN_DATASETS = ("coco", "flickr30k")
@@ -52,8 +55,6 @@ SCORER_METRICS = ("CLIP-S", "RefCLIP-S")
 UNDEFINED_REASONS = {"CHAIR-i": "no caption mentions an object, so there is no mention to count"}
 """Why a metric can have no value, for the card's note on a figure left out."""
 
-_KARPATHY_NAME = re.compile(r"dataset_(\w+)\.json(\.gz)?")
-
 
 def model_name(directory: Path) -> str:
     """The name a card gives its model: the folder's name, or its run's when the folder is ``model``."""
@@ -62,21 +63,9 @@ def model_name(directory: Path) -> str:
 
 
 def _training_dataset(record: Mapping[str, Any] | None) -> str | None:
-    """The known data set (:data:`KNOWN_DATASETS`) whose captions the run trained on, or ``None``.
-
-    The caption store's ``meta.json`` names its corpus: a Karpathy file (``dataset_coco.json``), or a
-    corpus written by ``tipcap prepare``, whose ``report.json`` beside it names the data set.
-    """
-    texts = ((record or {}).get("config") or {}).get("data", {}).get("train_texts")
-    meta = Path(texts or "") / STORE_META
-    if not texts or not meta.is_file():
-        return None
-    corpus = Path(load_json(meta).get("source", {}).get("corpus") or "")
-    match = _KARPATHY_NAME.fullmatch(corpus.name)
-    name = match.group(1) if match else None
-    report = corpus.parent.parent / "report.json"
-    if name is None and report.is_file():
-        name = load_json(report).get("dataset")
+    """The known data set (:data:`KNOWN_DATASETS`) whose captions the run trained on, as its provenance
+    records it, or ``None``."""
+    name = (record or {}).get("dataset")
     return name if name in KNOWN_DATASETS else None
 
 
@@ -229,11 +218,11 @@ def write_model_card(directory: str | Path, results: Sequence[EvalResult] = ()) 
         TipcapError: when the folder has no tipcap ``config.json``.
     """
     directory = Path(directory)
-    config_path = directory / "config.json"
+    config_path = directory / CONFIG_NAME
     if not config_path.is_file():
-        raise TipcapError(f"{directory}: not a tipcap model directory (no config.json).")
+        raise TipcapError(f"{directory}: not a tipcap model directory (no {CONFIG_NAME}).")
     document = load_json(config_path)
-    gap_path = directory / "gap.safetensors"
+    gap_path = directory / GAP_NAME
     report = gap_report(Gap.load(gap_path)) if gap_path.is_file() else None
     record = load_json(directory / PROVENANCE_NAME) if (directory / PROVENANCE_NAME).is_file() else None
     name = model_name(directory)

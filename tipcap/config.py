@@ -233,7 +233,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the language model (compiled on the first steps)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: Seed = 0
-    # A trained (prompt-free) model folder whose weights the run starts from (TIPCap.start_from); None: fresh.
+    # A trained (prompt-free) model folder whose weights the run starts from (training.setup.start_from).
     init_from: str | None = None
     # With init_from: keep the weights copied from it fixed and train the prompt module alone, so that rows
     # without words decode exactly as the decoder it started from.

@@ -17,14 +17,8 @@ from typing import Any
 import torch
 
 from tipcap import provenance
-from tipcap.clip import (
-    ENCODER_VERSION,
-    ClipEncoder,
-    ClipSpec,
-    image_batches,
-    resolve_device,
-    resolve_precision,
-)
+from tipcap.clip import ENCODER_VERSION, ClipEncoder, ClipSpec, resolve_device, resolve_precision
+from tipcap.clip_images import image_batches
 from tipcap.config import EmbedConfig
 from tipcap.data import list_images, read_captions, subsample
 from tipcap.data.captions import PeriodPolicy

@@ -341,6 +341,29 @@ def pad_prompt_embeddings(
     return embeddings, mask
 
 
+def prompt_word_embeddings(
+    prompts: Sequence[Sequence[str]],
+    entity_embeddings: torch.Tensor,
+    names: Sequence[str],
+    encode_texts: Callable[[list[str]], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pad_prompt_embeddings` for any words: ``[B, P, d]`` and a mask ``[B, P]``.
+
+    Words among ``names`` take their row of ``entity_embeddings`` ``[V, d]``; others are encoded with
+    ``encode_texts`` (a CLIP text encoder, prompt-ensembled like the vocabulary) or refused when none is
+    given.
+    """
+    known = set(names)
+    unknown = sorted({word for words in prompts for word in words if word not in known})
+    table, names = entity_embeddings.float(), list(names)
+    if unknown:
+        if encode_texts is None:
+            raise TipcapError(f"prompt words outside the entity vocabulary: {', '.join(unknown)}.")
+        vectors = entity_text_embeddings(encode_texts, unknown, PROMPT_TEMPLATES)
+        table, names = torch.cat([table, vectors.to(table)]), [*names, *unknown]
+    return pad_prompt_embeddings(prompts, table, names)
+
+
 class _CrossAttentionBlock(nn.Module):
     """Pre-norm: ``x + attn(LN(x), words, words)``, then ``x + MLP(LN(x))``; ``x`` is ``[B, K, width]``."""
 

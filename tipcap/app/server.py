@@ -1,4 +1,4 @@
-"""The HTTP interface of ``tipcap serve``: a Starlette app over a :class:`~tipcap.app.service.Captioner`,
+"""The HTTP interface of ``tipcap serve``: a Starlette app over a :class:`~tipcap.app.service.CaptionService`,
 served by uvicorn, and the page in ``static/``.
 
 Starlette, not Gradio: the page needs a few JSON routes and one static page, and Starlette gives them with
@@ -13,7 +13,7 @@ Routes:
 - ``POST /api/images?name=<file name>`` an image's bytes as the body (at most the upload limit; PNG, JPEG,
   GIF, BMP, TIFF or WebP, at most 20 times as long as wide) → ``{"image_id", "image", "width", "height"}``.
 - ``POST /api/caption`` ``{"image_id", "method", "prompt": [words], "beams"}`` → the caption with and without
-  the prompt words and CLIP's entity guesses (:meth:`Captioner.caption`).
+  the prompt words and CLIP's entity guesses (:meth:`CaptionService.caption`).
 - ``POST /api/jsonl`` ``{"results": [{"image", "caption", "prompt"}]}`` (text, text, a list of words; an
   optional ``method``, kept when several are shown) → those results as the JSONL file
   ``tipcap caption --out`` writes, as a download.
@@ -61,10 +61,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tipcap.app.service import Captioner, RequestError
+from tipcap.app.service import CaptionService, RequestError
 from tipcap.errors import TipcapError
 from tipcap.io import lone_surrogate
-from tipcap.model import CaptionResult, caption_record
+from tipcap.pipeline import CaptionResult, caption_record
 
 logger = logging.getLogger(__name__)
 
@@ -276,14 +276,14 @@ def _download_record(index: int, row: Any) -> dict[str, Any]:
     return record
 
 
-def create_app(captioner: Captioner, listening: Listening) -> Starlette:
-    """The web app serving ``captioner`` and the page, answering requests to ``listening`` only."""
+def create_app(service: CaptionService, listening: Listening) -> Starlette:
+    """The web app serving ``service`` and the page, answering requests to ``listening`` only."""
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html")
 
     async def methods(request: Request) -> Response:
-        return JSONResponse(captioner.describe())
+        return JSONResponse(service.describe())
 
     async def images(request: Request) -> Response:
         name = request.query_params.get("name") or "image"
@@ -295,14 +295,14 @@ def create_app(captioner: Captioner, listening: Listening) -> Starlette:
                 status=415,
             )
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > captioner.max_upload_bytes:
-            raise RequestError(captioner.too_large(name, int(declared)), status=413)
+        if declared.isdigit() and int(declared) > service.max_upload_bytes:
+            raise RequestError(service.too_large(name, int(declared)), status=413)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > captioner.max_upload_bytes:
-                raise RequestError(captioner.too_large(name, len(body)), status=413)
-        return JSONResponse(await run_in_threadpool(captioner.add_image, name, bytes(body)))
+            if len(body) > service.max_upload_bytes:
+                raise RequestError(service.too_large(name, len(body)), status=413)
+        return JSONResponse(await run_in_threadpool(service.add_image, name, bytes(body)))
 
     async def caption(request: Request) -> Response:
         payload = await _json_body(request)
@@ -310,7 +310,7 @@ def create_app(captioner: Captioner, listening: Listening) -> Starlette:
         if not isinstance(image_id, str) or not isinstance(method, str):
             raise RequestError("caption: give image_id and method.")
         result = await run_in_threadpool(
-            captioner.caption, image_id, method, payload.get("prompt"), payload.get("beams", 3)
+            service.caption, image_id, method, payload.get("prompt"), payload.get("beams", 3)
         )
         return JSONResponse(result)
 
@@ -368,16 +368,16 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(
-    captioner: Captioner, host: str = "127.0.0.1", port: int = 8000, echo: Callable[[str], None] = print
+    service: CaptionService, host: str = "127.0.0.1", port: int = 8000, echo: Callable[[str], None] = print
 ) -> None:
-    """Serve ``captioner`` until interrupted; ``echo`` receives the address bound once it listens. Listening
+    """Serve ``service`` until interrupted; ``echo`` receives the address bound once it listens. Listening
     elsewhere than on a loopback address is warned about: the server has no authentication."""
     sock = _bind(host, port)
     listening = Listening.of(host, sock)
     where = listening.url
     if listening.everywhere:
         where += f", every address of this machine (on it: {listening.local_url})"
-    echo(f"serving {', '.join(captioner.models)} at {where} (Ctrl-C stops)")
+    echo(f"serving {', '.join(service.models)} at {where} (Ctrl-C stops)")
     if not listening.loopback:
         reach = "every network interface" if listening.everywhere else listening.address
         logger.warning(
@@ -386,16 +386,16 @@ def serve(
             host,
             reach,
         )
-    uvicorn.Server(uvicorn.Config(create_app(captioner, listening), log_level="warning")).run(sockets=[sock])
+    uvicorn.Server(uvicorn.Config(create_app(service, listening), log_level="warning")).run(sockets=[sock])
 
 
 @contextmanager
-def serving(captioner: Captioner, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve ``captioner`` from a background thread while the block runs; yields the page's address on this
+def serving(service: CaptionService, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve ``service`` from a background thread while the block runs; yields the page's address on this
     machine."""
     sock = _bind(host, port)
     listening = Listening.of(host, sock)
-    server = uvicorn.Server(uvicorn.Config(create_app(captioner, listening), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(service, listening), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     while not server.started:

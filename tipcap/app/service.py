@@ -1,6 +1,6 @@
 """What ``tipcap serve`` serves: its models, the images sent to it, and their captions.
 
-A :class:`Captioner` loads its models once and shares one CLIP among the models that read the same CLIP
+A :class:`CaptionService` loads its models once and shares one CLIP among the models that read the same CLIP
 (the demo's methods all do). An uploaded image is decoded in memory, embedded with each CLIP once, and kept
 as its embeddings only, under the SHA-256 of its bytes, for re-captioning with other prompt words, beam
 widths or methods; the last :data:`HELD_IMAGES` are kept. Nothing is written to disk.
@@ -32,7 +32,8 @@ from tipcap.data.images import FORMAT_NAMES, IMAGE_FORMATS, ImageError
 from tipcap.errors import TipcapError
 from tipcap.evaluation.adherence import mentioned_words
 from tipcap.grid.runner import trained_models
-from tipcap.model import CONFIG_NAME, TIPCap
+from tipcap.model import TIPCap
+from tipcap.model_folder import CONFIG_NAME
 
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 """The default upload limit: 10 MiB per image."""
@@ -41,7 +42,7 @@ HELD_IMAGES = 256
 MAX_BEAMS = 10
 MAX_PROMPT_WORDS = 16
 """The most prompt words a request may give a method; a prompt-interaction model takes fewer, its
-``max_prompt_words`` (:meth:`Captioner.prompt_limit`)."""
+``max_prompt_words`` (:meth:`CaptionService.prompt_limit`)."""
 MAX_WORD_LENGTH = 64
 GUESSES = 5
 """How many of CLIP's entity guesses are returned per image."""
@@ -161,7 +162,7 @@ def _unknown_note(words: list[str], prompt: str) -> str:
     )
 
 
-class Captioner:
+class CaptionService:
     """Models, by method name, and the images uploaded to them.
 
     Args:
@@ -191,10 +192,10 @@ class Captioner:
             key = json.dumps(model.clip_spec.identity(), sort_keys=True)
             self._clip_key[name] = key
             if key in self._embedder:
-                model.use_clip(self._embedder[key].clip)  # one CLIP in memory per identity
+                model.pipeline.use_clip(self._embedder[key].pipeline.clip)  # one CLIP in memory per identity
             else:
                 self._embedder[key] = model
-                model.clip  # noqa: B018 - loaded now rather than at the first request
+                model.pipeline.clip  # noqa: B018 - loaded now rather than at the first request
         # Entity guesses come from the method's own vocabulary, else from another method on the same CLIP.
         self._vocabulary_of: dict[str, str | None] = {}
         for name in models:
@@ -202,7 +203,7 @@ class Captioner:
             source = next((s for s in sources if models[s].entity_names), None)
             self._vocabulary_of[name] = source
             if source is not None:
-                models[source].entity_vocabulary()  # encoded now for hard-prompt models
+                models[source].pipeline.entity_vocabulary()  # encoded now for hard-prompt models
 
     def describe(self) -> dict[str, Any]:
         """The methods served (name, prompt mode and how many prompt words each takes), the default one and
@@ -233,7 +234,7 @@ class Captioner:
         for model in self._embedder.values():
             try:
                 # Checked here as well as in preprocessing, so that the answer names the upload.
-                model.clip.preprocess.check(image, name)
+                model.pipeline.clip.preprocess.check(image, name)
             except ImageError as e:
                 raise RequestError(f"{e}.") from None
         image_id = hashlib.sha256(data).hexdigest()[:32]
@@ -242,7 +243,7 @@ class Captioner:
             if held is None:
                 embeddings = {}
                 for key, model in self._embedder.items():
-                    rows, _, _ = model.embed_images([image])
+                    rows, _, _ = model.pipeline.embed_images([image])
                     embeddings[key] = rows[0]
                 held = self._images[image_id] = HeldImage(name, embeddings)
                 while len(self._images) > self._held_images:
@@ -315,5 +316,6 @@ class Captioner:
         if source is None:
             return []
         if source not in held.guesses:
-            held.guesses[source] = self.models[source].entity_guesses(embedding, top_k=GUESSES)[0]
+            guesses = self.models[source].pipeline.entity_guesses(embedding, top_k=GUESSES, threshold=None)
+            held.guesses[source] = guesses[0]
         return held.guesses[source]

@@ -16,8 +16,6 @@ _DECODING = StageOptions(
     EvalConfig,
     "eval",
     fields=("beams", "max_tokens", "prompt_guidance", "top_k", "threshold", "batch_size"),
-    defaults={"threshold": None},
-    helps={"threshold": "--auto-prompt: keep entities at least this probable [default: the top_k]."},
 )
 
 
@@ -60,13 +58,14 @@ def caption_command(
     **_: Any,
 ) -> None:
     """Caption images (files or folders); unreadable images are reported and the others captioned."""
-    from tipcap.hub import resolve_model
+    from tipcap.hub_cache import resolve_model
 
     config = _DECODING.build(ctx)
     # A hub name that cannot be fetched fails here, in a second, before torch is imported.
     model_dir = str(resolve_model(model_dir))
     from tipcap.data import list_images
-    from tipcap.model import TIPCap, write_captions_jsonl
+    from tipcap.model import TIPCap
+    from tipcap.pipeline import write_captions_jsonl
 
     paths: list[Path] = []
     for item in inputs:

@@ -136,7 +136,7 @@ def evaluate_command(
     **_: Any,
 ) -> None:
     """Caption a split's images, score them, write predictions.json, metrics.json and per_image.json."""
-    from tipcap.hub import resolve_model
+    from tipcap.hub_cache import resolve_model
 
     config = _EVAL.build(ctx)
     if model_dir is not None:

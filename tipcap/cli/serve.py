@@ -40,10 +40,10 @@ def serve_command(
         raise TipcapError(
             f"tipcap serve needs the app extra ({e}); pip install -e '.[app]' in tipcap's clone."
         ) from None
-    from tipcap.app.service import Captioner, load_models
+    from tipcap.app.service import CaptionService, load_models
 
     paths = [*models, *(["runs/demo"] if demo else [])]
     if not paths:
         raise TipcapError("serve: give --model DIR, or --demo to serve the models tipcap demo trained.")
-    captioner = Captioner(load_models(paths, device), max_upload_bytes=int(max_upload_mb * 2**20))
-    serve(captioner, host, port, echo=click.echo)
+    service = CaptionService(load_models(paths, device), max_upload_bytes=int(max_upload_mb * 2**20))
+    serve(service, host, port, echo=click.echo)

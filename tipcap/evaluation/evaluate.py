@@ -54,7 +54,7 @@ from tipcap.evaluation.chair import ChairResult, CocoObjectWords, chair, coco_tr
 from tipcap.evaluation.metrics import metrics_document, score_captions, score_domains
 from tipcap.evaluation.references import match_predictions, read_references
 from tipcap.evaluation.registry import GroundTruth, PromptRequest, ground_truth, prompt_sources
-from tipcap.hub import resolve_model
+from tipcap.hub_cache import resolve_model
 from tipcap.io import write_json_atomic
 from tipcap.model import TIPCap
 from tipcap.prompts import EntityVocabulary
@@ -360,7 +360,7 @@ def evaluate_split(
     prompts: list[list[str]] | None = None
     mentions = _mentions(image_ids, truth, vocabulary)
     if method == "model":
-        model.use_clip(encoder)
+        model.pipeline.use_clip(encoder)
         captions, prompts = _model_captions(model, embeddings, image_ids, config, truth, mentions, timings)
     else:
         start = time.perf_counter()

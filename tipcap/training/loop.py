@@ -15,7 +15,7 @@ Run directory::
                          identity); last k kept
     train.lock           held while a run writes into the folder (deleted when it ends)
     model/               the final model (TIPCap.from_pretrained), with the run's provenance.json and a
-                         model card (README.md) that summarises it
+                         model card (README.md, tipcap.card) written from the folder alone
 
 A run's *identity* is the digest of its provenance key (its resolved config and its inputs' hashes): each
 checkpoint records it, and only a run of that identity resumes from it or writes beside it. One run at a
@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from tipcap import provenance
+from tipcap.card import write_model_card
 from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
 from tipcap.io import atomic_path, exclusive_lock, save_safetensors, write_json_atomic
@@ -126,6 +127,7 @@ class Trainer:
         self.val_data = setup.val_data
         self.vocabulary = setup.vocabulary
         self.inputs = setup.inputs
+        self.dataset = setup.dataset
         self.identity = provenance.sha256_json(provenance.key(self.provenance()))
         cfg = config.train
         parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -351,8 +353,10 @@ class Trainer:
             tmp.write_text("".join(kept), encoding="utf-8")
 
     def provenance(self) -> dict[str, Any]:
-        """The run's provenance record: its resolved config and the content hashes of its inputs."""
-        return provenance.record("training-run", to_dict(self.config), self.inputs)
+        """The run's provenance record: its resolved config and the content hashes of its inputs, and beside
+        them (outside its key) the data set of its captions when known, for the model card."""
+        record = provenance.record("training-run", to_dict(self.config), self.inputs)
+        return {**record, "dataset": self.dataset}
 
     def _write_run_info(self, resumed_from: int) -> None:
         if not self.env.main:
@@ -502,6 +506,7 @@ class Trainer:
         final = self.out / "model"
         if self.env.main:
             self.model.save_pretrained(final, provenance=self.provenance())
+            write_model_card(final)
         self._log_rank_agreement(step)
         self.env.barrier()
         return final

@@ -1,19 +1,27 @@
-"""Building what a training run needs from its config: the model (with its gap, CLIP and vocabulary) and
-its data. :func:`tipcap.training.loop.train` hands the result to the training loop."""
+"""Building what a training run needs from its config: the model (with its gap, CLIP and vocabulary), its
+projector's input statistics or the trained weights it starts from, and its data.
+:func:`tipcap.training.loop.train` hands the result to the training loop."""
 
 from __future__ import annotations
 
 import logging
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from tipcap.clip import ClipEncoder, ClipSpec
 from tipcap.config import ExperimentConfig
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.model import WEIGHTS_NAME, TIPCap, configured_tokenizer
+from tipcap.io import load_json
+from tipcap.language_model import configured_tokenizer
+from tipcap.model import TIPCap
+from tipcap.model_folder import WEIGHTS_NAME
 from tipcap.prompts import EntityVocabulary, entity_text_embeddings
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
@@ -22,14 +30,35 @@ from tipcap.training.data import CaptionSet, load_caption_set, word_level_tokeni
 
 @dataclass
 class TrainingSetup:
-    """A built model, its training and validation data, its prompt vocabulary, and the content hashes of
-    the inputs they were made from (for the run's provenance record)."""
+    """A built model, its training and validation data, its prompt vocabulary, the content hashes of the
+    inputs they were made from, and the data set its captions come from when it is known (for the run's
+    provenance record)."""
 
     model: TIPCap
     train_data: CaptionSet
     val_data: CaptionSet | None
     vocabulary: EntityVocabulary | None
     inputs: dict[str, str]
+    dataset: str | None
+
+
+_KARPATHY_NAME = re.compile(r"dataset_(\w+)\.json(\.gz)?")
+
+
+def corpus_dataset(corpus: str | Path | None) -> str | None:
+    """The data set a caption store's corpus names (``coco`` for ``dataset_coco.json``, or the data set of a
+    corpus written by ``tipcap prepare``, named by the ``report.json`` beside its folder), or ``None``.
+
+    Read at training and recorded in the run's provenance, so that the model card need not read the store.
+    """
+    if not corpus:
+        return None
+    corpus = Path(corpus)
+    match = _KARPATHY_NAME.fullmatch(corpus.name)
+    if match:
+        return match.group(1)
+    report = corpus.parent.parent / "report.json"
+    return load_json(report).get("dataset") if report.is_file() else None
 
 
 def _tokenizer(config: ExperimentConfig, texts: EmbeddingStore):
@@ -126,16 +155,17 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
 
     torch.manual_seed(config.train.seed)
     forms = vocabulary.forms_by_name() if vocabulary is not None else None
-    model = TIPCap.build(config.model, tokenizer, gap, entity_names, entity_embeddings, clip, forms).to(
-        device
-    )
+    model = TIPCap.build(
+        config.model, tokenizer, gap=gap, entity_names=entity_names, entity_embeddings=entity_embeddings,
+        clip_spec=clip, entity_forms=forms,
+    ).to(device)  # fmt: skip
     max_tokens = config.model.max_caption_tokens
     train_data = load_caption_set(texts, tokenizer, max_tokens, vocabulary, images)
-    # A started model takes the input statistics its projector was trained on (TIPCap.start_from).
+    # A started model takes the input statistics its projector was trained on (start_from).
     if config.model.standardize_input and not config.train.init_from:
-        model.fit_input_statistics(train_data.embeddings)
+        fit_input_statistics(model, train_data.embeddings)
     if config.train.init_from:
-        fresh = model.start_from(config.train.init_from)
+        fresh = start_from(model, config.train.init_from)
         if config.train.freeze_init:
             model.requires_grad_(False)
             model.prompt_interaction.requires_grad_(True)
@@ -156,4 +186,70 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
         inputs["val_texts"] = val_texts.digest
         if val_images is not None:
             inputs["val_images"] = val_images.digest
-    return TrainingSetup(model, train_data, val_data, vocabulary, inputs)
+    dataset = corpus_dataset(texts.meta.get("source", {}).get("corpus"))
+    return TrainingSetup(model, train_data, val_data, vocabulary, inputs, dataset)
+
+
+@torch.no_grad()
+def fit_input_statistics(model: TIPCap, embeddings: torch.Tensor, chunk: int = 65536) -> None:
+    """Set the model's projector input standardisation (``input_mean``, ``input_scale``) from the training
+    embeddings ``[N, d]``, in chunks.
+
+    Each chunk is taken to what the decoder reads without noise (the gap's ``text_side``). The mean
+    ``[d]`` is subtracted and the result divided by the root mean square per dimension: one scalar, so
+    the geometry of the embeddings, and of any gap noise, is kept.
+    """
+    dim, device = model.config.clip_dim, model.device
+    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    squares = torch.zeros((), dtype=torch.float64, device=device)
+    for block in embeddings.split(chunk):
+        block = block.to(device, torch.float32)
+        block = (model.gap.text_side(block) if model.gap is not None else block).double()
+        total += block.sum(0)
+        squares += (block**2).sum()
+    count = len(embeddings)
+    mean = total / count
+    variance = (squares / count - (mean**2).sum()) / dim
+    model.input_mean.copy_(mean.float())
+    model.input_scale.fill_(math.sqrt(max(float(variance), 1e-12)))
+
+
+@torch.no_grad()
+def start_from(model: TIPCap, directory: str | Path, key: str = "train.init_from") -> list[str]:
+    """Copy a trained model's weights (``directory/model.safetensors``) into ``model``, to train on from
+    them: every tensor of that model must be one of this model's, of the same shape. The tensors of this
+    model that it lacks (the gap aside, which is this run's own) are the prompt module's alone (adding
+    prompt words to a trained prompt-free decoder); they keep their initialisation, and their names are
+    returned. The projector's input statistics are that model's too, since its projector was trained on
+    them.
+
+    Raises:
+        TipcapError: naming ``key``, when the folder holds no readable weights, or they do not fit.
+    """
+    weights = Path(directory) / WEIGHTS_NAME
+    if not weights.is_file():
+        raise TipcapError(f"{key} {directory}: no {WEIGHTS_NAME}; name a trained model folder.")
+    try:
+        state = load_file(weights)
+    except SafetensorError as e:
+        raise TipcapError(f"{key} {weights}: not a readable safetensors file ({e}).") from None
+    own = model.state_dict()
+    # The prompt words' embeddings are this model's vocabulary's, computed when it was built.
+    state.pop("entity_embeddings", None)
+    foreign = [n for n, tensor in state.items() if n not in own or own[n].shape != tensor.shape]
+    # The output layer is tied to the token embeddings (saved once, as they are); the gap is this run's
+    # own (data.gap), saved apart from the weights.
+    kept = ("entity_embeddings", "gap.")
+    fresh = [n for n in own if n not in state and not n.startswith(kept) and not n.endswith("lm_head.weight")]
+    unshared = [n for n in fresh if not n.startswith("prompt_interaction.")]
+    if foreign or unshared:
+        name = (foreign or unshared)[0]
+        found = f"[{', '.join(map(str, state[name].shape))}]" if name in state else "absent"
+        wanted = f"[{', '.join(map(str, own[name].shape))}]" if name in own else "absent"
+        raise TipcapError(
+            f"{key} {directory}: its {name} is {found} where this model's is {wanted}; the two "
+            "configs must agree on the language model, tokenizer, projector and prefix, and differ "
+            "only in the prompt module."
+        )
+    model.load_state_dict(state, strict=False)
+    return fresh

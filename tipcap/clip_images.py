@@ -1,0 +1,132 @@
+"""CLIP's image input: the shape check before preprocessing, and images decoded in batches by workers.
+
+:class:`ImagePreprocess` wraps a CLIP's image transform (:attr:`tipcap.clip.ClipEncoder.preprocess`) and
+refuses an image whose resize would balloon. :func:`image_batches` decodes and preprocesses images
+(paths or PIL images) in ``DataLoader`` worker processes, in order, while earlier batches are encoded: what
+``embed images`` and captioning (:mod:`tipcap.pipeline`) read images through.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from tipcap.data import ImageError, load_image
+
+MAX_ASPECT_RATIO = 20
+"""The most times longer one side of an image may be than the other. CLIP sees only the centre square of
+an image (a twentieth of one at this bound), and preprocessing scales the shortest side to CLIP's input
+first, so a thinner image would grow to many times its pixels (see :class:`ImagePreprocess`)."""
+MAX_RESIZED_PIXELS = 2**23
+"""The most pixels an image may have once scaled for CLIP, before the crop: about 25 MB in RGB. Images
+within :data:`MAX_ASPECT_RATIO` stay below it for CLIPs of up to 640-pixel inputs (a 224-pixel CLIP
+scales them to at most 224 × 4,480); this bounds the resize for CLIPs of larger inputs."""
+
+
+class ImagePreprocess:
+    """A CLIP's image transform (open_clip's), behind a check of the image's shape.
+
+    open_clip scales an image's shortest side to CLIP's input size, then crops the centre, so a thin image
+    grows before it is cropped: an 83-byte PNG of 3,000 × 1 pixels to 672,000 × 224 (450 MB) for a
+    224-pixel CLIP, one of 89,000,000 × 1 past what the resize can count. :meth:`check` refuses such an
+    image before any resize; calling the object checks, then transforms.
+
+    Args:
+        transform: open_clip's evaluation transform, PIL image to ``[3, H, W]``.
+        input_size: CLIP's input, ``(height, width)`` in pixels.
+    """
+
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor], input_size: tuple[int, int]):
+        self.transform = transform
+        self.input_size = input_size
+
+    def check(self, image: Image.Image, name: str) -> None:
+        """Refuse an image more than :data:`MAX_ASPECT_RATIO` times as long as wide (or wide as high), or
+        one whose resize would exceed :data:`MAX_RESIZED_PIXELS`.
+
+        Raises:
+            ImageError: naming ``name`` and saying what to do.
+        """
+        width, height = image.size
+        short, long = sorted(image.size)
+        if short == 0:
+            raise ImageError(f"{name}: {width}×{height} pixels, an empty image")
+        if long > MAX_ASPECT_RATIO * short:
+            longer, shorter = ("wide", "high") if width > height else ("high", "wide")
+            raise ImageError(
+                f"{name}: {width}×{height} pixels, more than {MAX_ASPECT_RATIO} times as {longer} as it is "
+                f"{shorter}; CLIP sees only the centre square of an image, so crop it to that part first"
+            )
+        # The shortest side is scaled to the input's longest side, as torchvision's Resize rounds (open_clip's
+        # 'shortest' resize, the largest of its modes).
+        side = max(self.input_size)
+        resized = (width * side // short, height * side // short)
+        if resized[0] * resized[1] > MAX_RESIZED_PIXELS:
+            raise ImageError(
+                f"{name}: {width}×{height} pixels, which this CLIP's preprocessing would scale to "
+                f"{resized[0]:,}×{resized[1]:,} before cropping, over {MAX_RESIZED_PIXELS:,} pixels; crop "
+                "it closer to a square first"
+            )
+
+    def __call__(self, image: Image.Image, name: str = "image") -> torch.Tensor:
+        """``image`` as CLIP's input ``[3, H, W]``, once :meth:`check` has passed it."""
+        self.check(image, name)
+        return self.transform(image)
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images (paths or PIL images) decoded and preprocessed for a CLIP, one per index; an image that
+    cannot be read, or whose shape CLIP's preprocessing refuses, gives its reason instead of pixels (a PIL
+    image is named ``image <index>`` there). Through a ``DataLoader`` with workers, decoding runs beside
+    the encoding and captioning of earlier batches."""
+
+    def __init__(self, images: Sequence[Any], preprocess: ImagePreprocess):
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        image = self.images[index]
+        try:
+            if isinstance(image, Image.Image):
+                return index, self.preprocess(image.convert("RGB"), f"image {index}"), None
+            return index, self.preprocess(load_image(Path(image)), str(image)), None
+        except ImageError as e:
+            return index, None, str(e)
+
+
+def collate_images(
+    items: list[tuple[int, torch.Tensor | None, str | None]],
+) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """A batch of :class:`ImageFiles` items: the readable indices, their pixels ``[b, 3, H, W]`` (``None``
+    when none is readable), and (index, reason) for the others."""
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, x, reason in items if x is None]
+    pixels = torch.stack([x for _, x in good]) if good else None
+    return [i for i, _ in good], pixels, bad
+
+
+def image_batches(
+    images: Sequence[Any],
+    preprocess: ImagePreprocess,
+    batch_size: int,
+    workers: int | None = None,
+) -> torch.utils.data.DataLoader:
+    """Batches of :func:`collate_images` in order, decoded by ``workers`` processes (default: one per
+    core, at most 8; 0 decodes in this process). At most two batches per worker wait decoded, so memory
+    does not grow with the number of images."""
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    return torch.utils.data.DataLoader(
+        ImageFiles(images, preprocess),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_images,
+        prefetch_factor=2 if workers else None,
+    )
