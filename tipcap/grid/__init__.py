@@ -5,6 +5,7 @@ cached, and :mod:`tipcap.grid.report` writes its results, table and plots.
 """
 
 from tipcap.grid.config import BASELINES, CELL_KINDS, AblationConfig, Cell, Job, expand, load_ablation
+from tipcap.grid.models import trained_models
 from tipcap.grid.report import (
     COLUMNS,
     METRIC_COLUMNS,
@@ -14,7 +15,7 @@ from tipcap.grid.report import (
     plot_cider_vs_pairs,
     write_csv,
 )
-from tipcap.grid.runner import Ablation, run_ablation, trained_models
+from tipcap.grid.runner import Ablation, run_ablation
 
 __all__ = [
     "BASELINES",
