@@ -57,7 +57,6 @@ from tipcap.grid.config import (
     JobConfig,
     candidates,
     expand,
-    load_ablation,
     resolve,
 )
 from tipcap.grid.report import (
@@ -69,6 +68,7 @@ from tipcap.grid.report import (
     write_csv,
 )
 from tipcap.grid.selection import Selection, write_selection
+from tipcap.grid.validate import load_ablation
 from tipcap.io import atomic_path, load_json, write_json_atomic
 from tipcap.provenance import FILE_NAME as PROVENANCE_FILE
 from tipcap.store import EmbeddingStore
@@ -756,4 +756,3 @@ def run_ablation(
 ) -> list[dict[str, Any]]:
     """Load an ablation config and run it into ``out``."""
     return Ablation(load_ablation(config_path, overrides), out, progress=progress, echo=echo).run()
-
