@@ -50,7 +50,7 @@ from tipcap.prompts import sample_training_prompt
 from tipcap.training.checkpoints import holding, refuse_other_runs, resume_newest, save_checkpoint
 from tipcap.training.data import collate, epoch_batches
 from tipcap.training.distributed import Distributed
-from tipcap.training.setup import TrainingSetup, build_training
+from tipcap.training.setup import TrainingSetup, build_training, run_record
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -234,7 +234,7 @@ class Trainer:
 
     def provenance(self) -> dict[str, Any]:
         """The run's provenance record: its resolved config and the content hashes of its inputs."""
-        return provenance.record("training-run", to_dict(self.config), self.inputs)
+        return run_record(self.config, self.inputs)
 
     def _write_run_info(self, resumed_from: int) -> None:
         if not self.env.main:
