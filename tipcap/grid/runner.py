@@ -95,10 +95,9 @@ class Ablation(GridPlan):
             self._train_images = len(list_images(self.karpathy, self.root, "train"))
         return len(EmbeddingStore.open(self.steps.run(store))) / self._train_images
 
-    def evaluate(self, job: Job, seed: int | None, eval_prompt: str) -> dict[str, Any]:
-        """Evaluate one job (its steps built as needed), with object F1 beside the caption metrics and
-        per-image scores in ``scores.json``; return its row of ``results.csv``."""
-        out = self.steps.run(self.evaluation(job, seed, eval_prompt))
+    def row(self, job: Job, seed: int | None, eval_prompt: str, out: Path) -> dict[str, Any]:
+        """The row of ``results.csv`` of one evaluation of a job in ``out``, with object F1 beside the caption
+        metrics and per-image scores in ``scores.json``: read from ``row.json``, else made and written."""
         if (out / "row.json").is_file() and (out / SCORES_FILE).is_file():
             self.echo(f"{out.name}: reused")
             return json.loads((out / "row.json").read_text(encoding="utf-8"))
@@ -207,7 +206,8 @@ class Ablation(GridPlan):
                 evaluated = selections[-1].chosen
             for seed in self.config.seeds if job.trained else [None]:
                 for eval_prompt in job.cell.eval_prompts:
-                    rows.append(self.evaluate(evaluated, seed, eval_prompt))
+                    out = self.steps.run(self.evaluation(evaluated, seed, eval_prompt))
+                    rows.append(self.row(evaluated, seed, eval_prompt, out))
                     write_csv(rows, self.out / "results.csv")
                     evaluation = read_image_scores(self.eval_dir(job, seed, eval_prompt) / SCORES_FILE)
                     scores.setdefault((job.name, eval_prompt), {})[seed] = evaluation
