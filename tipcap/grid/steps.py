@@ -31,7 +31,7 @@ class Step:
     """One artifact of a grid.
 
     Args:
-        kind: ``store``, ``gap``, ``training``, ``evaluation`` or ``selection``.
+        kind: ``store``, ``gap``, ``training`` or ``evaluation``.
         name: the artifact's name within its kind (a folder or file name).
         output: where it is written.
         key: the provenance key it would be built with (called once its inputs are built).
