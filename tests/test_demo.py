@@ -152,7 +152,7 @@ def test_quick_demo_end_to_end(tmp_path):
     )
     assert again.exit_code == 0 and again.stdout == result.stdout
     assert "toy world: reused" in again.stderr and "toy CLIP: reused" in again.stderr
-    assert "training into" in result.stderr and "training into" not in again.stderr
+    assert ": building (not built yet)" in result.stderr and "building" not in again.stderr
 
 
 @pytest.mark.slow

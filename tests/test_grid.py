@@ -18,6 +18,7 @@ from conftest import assert_toy_row_recomputed, grid_row_cider, karpathy_referen
 from scipy.stats import ttest_1samp
 
 import tipcap.evaluation.evaluate
+import tipcap.grid.planning
 import tipcap.grid.runner
 from tipcap.config import load_config
 from tipcap.evaluation.stats import image_interval, write_image_scores
@@ -96,7 +97,7 @@ def grid(tmp_path_factory, tiny_clip):
 def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     out = grid / "ablation"
     calls = {"train": 0, "evaluate": 0}
-    real_train, real_evaluate = tipcap.grid.runner.train, tipcap.grid.runner.evaluate_split
+    real_train, real_evaluate = tipcap.grid.planning.train, tipcap.grid.planning.evaluate_split
 
     def counting_train(*args, **kwargs):
         calls["train"] += 1
@@ -108,8 +109,8 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(tipcap.grid.runner, "train", counting_train)
-    monkeypatch.setattr(tipcap.grid.runner, "evaluate_split", dying_evaluate)
+    monkeypatch.setattr(tipcap.grid.planning, "train", counting_train)
+    monkeypatch.setattr(tipcap.grid.planning, "evaluate_split", dying_evaluate)
     result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress")
     assert (
         result.exit_code != 0 and calls["train"] == 3
@@ -117,7 +118,7 @@ def test_grid_is_resumed_cell_by_cell(grid, monkeypatch):
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 2
 
     calls.update(train=0, evaluate=0)
-    monkeypatch.setattr(tipcap.grid.runner, "evaluate_split", real_evaluate)
+    monkeypatch.setattr(tipcap.grid.planning, "evaluate_split", real_evaluate)
     result = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress")
     assert result.exit_code == 0, result.output
     assert calls["train"] == 1  # only the prompt cell was still untrained
@@ -254,6 +255,49 @@ def test_each_seed_draws_its_own_few_pairs(grid, tmp_path):
     for seed in (0, 1):
         config = load_config(out / "runs" / f"gaussian-few-pairs-seed{seed}" / "train.yaml")
         assert Path(config.data.gap).name == f"gaussian-few-pairs-seed{seed}.safetensors"
+
+
+def test_a_rerun_reuses_every_step_and_a_changed_gap_rebuilds_its_cell_alone(grid, tmp_path, monkeypatch):
+    """Each step is reused while its provenance key is unchanged: a second run builds nothing; a cell's
+    changed gap setting rebuilds that cell's gap, then its training and evaluation (their inputs changed),
+    each with its reason, and nothing of the other cell."""
+    out = tmp_path / "out"
+    cells = [{"name": "plain", "kind": "isotropic"},
+             {"name": "noisy", "kind": "isotropic", "set": {"gap.noise_scale": 0.5}}]  # fmt: skip
+    flags = ["--set", f"cells={json.dumps(cells)}", "--set", "decoder.train.max_steps=4"]
+    first = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
+    assert first.exit_code == 0, first.output
+    assert "gap noisy: building (not built yet)" in first.stderr
+    assert "training plain-seed0: building (not built yet)" in first.stderr
+    results = (out / "results.csv").read_bytes()
+
+    calls = []
+    for name in ("train", "evaluate_split"):
+        real = getattr(tipcap.grid.planning, name)
+        monkeypatch.setattr(
+            tipcap.grid.planning,
+            name,
+            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k),
+        )
+    again = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
+    assert again.exit_code == 0, again.output
+    assert calls == [] and "building" not in again.stderr, again.stderr
+    assert (out / "results.csv").read_bytes() == results
+
+    changed = [flag.replace('"gap.noise_scale": 0.5', '"gap.noise_scale": 2') for flag in flags]
+    rebuilt = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *changed)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    lines = [line for line in rebuilt.stderr.splitlines() if "building" in line]
+    assert lines[:2] == [
+        "gap noisy: rebuilding (its config changed: gap.noise_scale)",
+        "training noisy-seed0: rebuilding (its inputs changed: gap)",
+    ], rebuilt.stderr
+    assert len(lines) == 3 and lines[2].startswith(
+        "evaluation noisy-seed0-none: rebuilding (its config changed: "
+    )
+    assert "context.gap.noise_scale" in lines[2] and "its inputs changed: model" in lines[2]
+    assert calls == ["train", "evaluate_split"]
+    assert Gap.load(out / "gaps" / "noisy.safetensors").info["noise_scale"] == 2
 
 
 def test_a_folder_whose_seeds_shared_one_few_pairs_draw_is_refused(grid, tmp_path):
@@ -621,9 +665,9 @@ def test_a_cell_chooses_its_noise_scale_on_validation_scenes(grid, tmp_path, mon
 
     # A rerun trains and evaluates nothing.
     trained, evaluated = [], []
-    real_evaluate = tipcap.grid.runner.evaluate_split
-    monkeypatch.setattr(tipcap.grid.runner, "train", lambda *a, **k: trained.append(a))
-    monkeypatch.setattr(tipcap.grid.runner, "evaluate_split", lambda *a, **k: evaluated.append(a))
+    real_evaluate = tipcap.grid.planning.evaluate_split
+    monkeypatch.setattr(tipcap.grid.planning, "train", lambda *a, **k: trained.append(a))
+    monkeypatch.setattr(tipcap.grid.planning, "evaluate_split", lambda *a, **k: evaluated.append(a))
     again = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
     assert again.exit_code == 0, again.output
     assert trained == evaluated == [] and list(csv.DictReader((out / "results.csv").open())) == rows
@@ -637,7 +681,9 @@ def test_a_cell_chooses_its_noise_scale_on_validation_scenes(grid, tmp_path, mon
         scores["scores"]["CIDEr"] = [1.0] * len(scores["image_ids"])
         path.write_text(json.dumps(scores))
     monkeypatch.setattr(
-        tipcap.grid.runner, "evaluate_split", lambda *a, **k: evaluated.append(a[2]) or real_evaluate(*a, **k)
+        tipcap.grid.planning,
+        "evaluate_split",
+        lambda *a, **k: evaluated.append(a[2]) or real_evaluate(*a, **k),
     )
     switched = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
     assert switched.exit_code == 0, switched.output
@@ -715,14 +761,17 @@ def test_plan_shows_the_candidates_and_the_validation_split(grid, tmp_path):
     for label in ("gap.noise_scale=0.5", "gap.noise_scale=4"):
         config = load_config(out / "runs" / f"isotropic-{label}-seed0" / "train.yaml")
         assert Path(config.data.gap).name == f"isotropic-{label}.safetensors"
-    # A cell without select is recorded as before select existed; a changed candidate list is refused.
+    # A cell without select is recorded as before select existed; a changed candidate list plans the new
+    # candidate (its steps have keys of their own).
     saved = load_json(out / "grid.json")
     assert "select" not in saved["cells"]["none"] and "select_split" not in saved["fixed"]
     assert saved["cells"]["isotropic"]["select"] == {"gap.noise_scale": [0.5, 4]}
     changed = [f.replace("[0.5, 4]", "[0.5, 2]") for f in flags]
-    refused = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress", *changed)
-    assert refused.exit_code == 1, refused.output
-    assert "cell 'isotropic' was run there with another definition" in refused.stderr
+    replanned = run("ablate", grid / "grid.yaml", "--out", out, "--plan", "--no-progress", *changed)
+    assert replanned.exit_code == 0, replanned.output
+    assert "gap isotropic-gap.noise_scale=2: building (not built yet)" in replanned.stderr
+    assert (out / "runs" / "isotropic-gap.noise_scale=2-seed0" / "train.yaml").is_file()
+    assert load_json(out / "grid.json")["cells"]["isotropic"]["select"] == {"gap.noise_scale": [0.5, 2]}
     # Cell keys are recorded only away from their defaults: a folder recorded when a key was written at its
     # default (decoders: null), or before it existed, holds the same cells.
     assert set(saved["cells"]["none"]) == {"name", "kind"}
@@ -882,25 +931,24 @@ def test_plan_for_torchrun_then_reuse_the_models(prepared_coco, coco_tree, tiny_
     trained = run("train", "--config", config_path, "--out", config_path.parent, "--no-progress")
     assert trained.exit_code == 0, trained.output
     calls = []
-    real_train = tipcap.grid.runner.train
+    real_train = tipcap.grid.planning.train
     monkeypatch.setattr(
-        tipcap.grid.runner, "train", lambda *a, **k: calls.append(a[1]) or real_train(*a, **k)
+        tipcap.grid.planning, "train", lambda *a, **k: calls.append(a[1]) or real_train(*a, **k)
     )
     result = run("ablate", COCO_GRID, "--out", out, "--no-progress", *flags)
     assert result.exit_code == 0, result.output
     assert [path.name for path in calls] == ["isotropic-seed0"]  # the planned model was reused
     assert "gaussian-few-pairs-seed0-none: CIDEr" in result.stderr
 
-    # The folder remembers its grid: a changed decoder or cell would mix results, and is refused.
+    # The folder remembers its grid: a changed grid-wide decoder would mix results, and is refused; a
+    # changed cell rebuilds its own steps.
     changed = run("ablate", COCO_GRID, "--out", out, *flags, "--set", "decoder.train.lr=0.1")
     assert changed.exit_code == 1 and "holds results of a grid with other decoder" in changed.stderr
     redefined = [f.replace('"kind": "isotropic"', '"kind": "none"') for f in flags]
     assert redefined != flags
-    redefined = run("ablate", COCO_GRID, "--out", out, *redefined)
-    assert (
-        redefined.exit_code == 1
-        and "cell 'isotropic' was run there with another definition" in redefined.stderr
-    )
+    redefined = run("ablate", COCO_GRID, "--out", out, "--no-progress", *redefined)
+    assert redefined.exit_code == 0, redefined.output
+    assert "training isotropic-seed0: rebuilding (" in redefined.stderr
 
 
 TOY_HEADER = (

@@ -14,7 +14,7 @@ from tipcap.data.images import subsample
 from tipcap.data.karpathy import read_karpathy
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
-from tipcap.grid.config import load_ablation
+from tipcap.grid.validate import load_ablation
 from tipcap.store import EmbeddingStore
 from tipcap.synthgap import build_synthetic_world, synthetic_image_store, synthetic_truth
 

@@ -361,7 +361,8 @@ def test_validation_loss_is_logged_each_epoch(coco_texts, tmp_path):
 
 def test_ranks_weigh_their_loss_by_their_share_of_the_steps_tokens(coco_texts, tmp_path):
     from tipcap.training.data import epoch_batches
-    from tipcap.training.loop import Distributed, Trainer
+    from tipcap.training.distributed import Distributed
+    from tipcap.training.loop import Trainer
     from tipcap.training.setup import build_training
 
     config = load_config(TINY, [f"data.train_texts={coco_texts}", "train.batch_size=4", "train.accumulate=2"])

@@ -20,8 +20,8 @@ from tipcap import provenance
 from tipcap.clip import ENCODER_VERSION, ClipEncoder, ClipSpec, resolve_device, resolve_precision
 from tipcap.clip_images import image_batches
 from tipcap.config import EmbedConfig
-from tipcap.data import list_images, read_captions, subsample
-from tipcap.data.captions import PeriodPolicy
+from tipcap.data import ImageRef, list_images, read_captions, subsample
+from tipcap.data.captions import CaptionCorpus, PeriodPolicy
 from tipcap.errors import TipcapError
 from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint, open_matching
 
@@ -78,6 +78,63 @@ def _record(artifact: str, config: EmbedConfig, device: str | None, rows: list[l
     return provenance.record(artifact, settings, {"rows": fingerprint(rows)}, command=[])
 
 
+def _caption_rows(
+    corpus: str | Path, split: str | None, period: PeriodPolicy, strict: bool
+) -> tuple[CaptionCorpus, list[list[Any]]]:
+    """A corpus's captions and the rows a text store encodes: ``[image id, caption]``."""
+    captions = read_captions(corpus, split=split, period=period, strict=strict)
+    return captions, [[c.image_id, c.text] for c in captions.captions]
+
+
+def _image_rows(
+    source: str | Path,
+    image_root: str | Path | None,
+    allow_outside: bool,
+    split: str | None,
+    limit: str | None,
+    seed: int,
+) -> tuple[list[ImageRef], list[list[Any]]]:
+    """The images an image store encodes and its rows: ``[image id, path, size]``."""
+    listed = list_images(source, image_root=image_root, split=split, allow_outside=allow_outside)
+    images = subsample(listed, limit, seed)
+    # Path and size identify the files without reading them; a changed file set rebuilds the store.
+    rows = [
+        [ref.image_id, str(ref.path.resolve()), ref.path.stat().st_size if ref.path.is_file() else -1]
+        for ref in images
+    ]
+    return images, rows
+
+
+def text_store_key(
+    corpus: str | Path,
+    config: EmbedConfig,
+    *,
+    split: str | None = None,
+    period: PeriodPolicy = "add",
+    strict: bool = False,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The provenance key of the store :func:`embed_texts` makes with these arguments (nothing encoded)."""
+    _, rows = _caption_rows(corpus, split, period, strict)
+    return provenance.key(_record("text-store", config, device, rows))
+
+
+def image_store_key(
+    source: str | Path,
+    config: EmbedConfig,
+    *,
+    image_root: str | Path | None = None,
+    allow_outside: bool = False,
+    split: str | None = None,
+    limit: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """The provenance key of the store :func:`embed_images` makes with these arguments (nothing encoded)."""
+    _, rows = _image_rows(source, image_root, allow_outside, split, limit, seed)
+    return provenance.key(_record("image-store", config, device, rows))
+
+
 def _reuse_or_rebuild(out: str | Path, record: dict[str, Any]) -> EmbeddingStore | None:
     """The finished store in ``out`` when its key is ``record``'s; else ``None``, saying why it rebuilds."""
     existing, previous = open_matching(out, provenance.key(record))
@@ -111,8 +168,7 @@ def embed_texts(
     Each row's id is the id of the image its caption describes; ``captions.json`` keeps the text.
     """
     start = time.perf_counter()
-    captions = read_captions(corpus, split=split, period=period, strict=strict)
-    rows = [[c.image_id, c.text] for c in captions.captions]
+    captions, rows = _caption_rows(corpus, split, period, strict)
     record = _record("text-store", config, device, rows)
     existing = _reuse_or_rebuild(out, record)
     if existing is not None:
@@ -172,13 +228,7 @@ def embed_images(
     outside ``image_root`` are refused unless ``allow_outside``.
     """
     start = time.perf_counter()
-    listed = list_images(source, image_root=image_root, split=split, allow_outside=allow_outside)
-    images = subsample(listed, limit, seed)
-    # Path and size identify the files without reading them; a changed file set rebuilds the store.
-    rows = [
-        [ref.image_id, str(ref.path.resolve()), ref.path.stat().st_size if ref.path.is_file() else -1]
-        for ref in images
-    ]
+    images, rows = _image_rows(source, image_root, allow_outside, split, limit, seed)
     record = _record("image-store", config, device, rows)
     existing = _reuse_or_rebuild(out, record)
     if existing is not None:

@@ -142,6 +142,32 @@ def build_synthetic_world(
     return SyntheticWorld(out / "karpathy.json", images, mu, covariance)
 
 
+def _cut(
+    whole: EmbeddingStore, source: str | Path, split: str | None, limit: str | None, seed: int
+) -> tuple[list[int], dict[str, Any]]:
+    """The rows of the world's image store that ``source`` lists, and the provenance record of their store."""
+    row_of = {image_id: row for row, image_id in enumerate(whole.ids)}
+    listed = subsample(list_images(source, split=split, allow_outside=True), limit, seed)
+    rows = [row_of[ref.image_id] for ref in listed if ref.image_id in row_of]
+    if not rows:
+        raise TipcapError(f"{source}: none of its images (split {split}) has a synthetic embedding.")
+    settings = {"clip": whole.clip, "cut_from": whole.digest}
+    ids = [whole.ids[row] for row in rows]
+    return rows, provenance.record("image-store", settings, {"rows": fingerprint(ids)}, command=[])
+
+
+def synthetic_store_key(
+    world: SyntheticWorld,
+    source: str | Path,
+    *,
+    split: str | None = None,
+    limit: str | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The provenance key of the store :func:`synthetic_image_store` cuts with these arguments."""
+    return provenance.key(_cut(EmbeddingStore.open(world.images), source, split, limit, seed)[1])
+
+
 def synthetic_image_store(
     world: SyntheticWorld,
     source: str | Path,
@@ -159,14 +185,8 @@ def synthetic_image_store(
         TipcapError: when none of the listed images has a synthetic embedding.
     """
     whole = EmbeddingStore.open(world.images)
-    row_of = {image_id: row for row, image_id in enumerate(whole.ids)}
-    listed = subsample(list_images(source, split=split, allow_outside=True), limit, seed)
-    rows = [row_of[ref.image_id] for ref in listed if ref.image_id in row_of]
-    if not rows:
-        raise TipcapError(f"{source}: none of its images (split {split}) has a synthetic embedding.")
+    rows, record = _cut(whole, source, split, limit, seed)
     ids = [whole.ids[row] for row in rows]
-    settings = {"clip": whole.clip, "cut_from": whole.digest}
-    record = provenance.record("image-store", settings, {"rows": fingerprint(ids)}, command=[])
     existing, _ = open_matching(out, provenance.key(record))
     if existing is not None:
         return existing

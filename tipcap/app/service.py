@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from tipcap.data.images import FORMAT_NAMES, IMAGE_FORMATS, ImageError
 from tipcap.errors import TipcapError
 from tipcap.evaluation.adherence import mentioned_words
-from tipcap.grid.runner import trained_models
+from tipcap.grid.models import trained_models
 from tipcap.model import TIPCap
 from tipcap.model_folder import CONFIG_NAME
 

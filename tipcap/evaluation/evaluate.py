@@ -246,6 +246,36 @@ def _hallucination(
     return None
 
 
+def evaluation_record(
+    config: EvalConfig,
+    method: str,
+    split: str | None,
+    clip: ClipSpec,
+    data: str | Path,
+    image_store: EmbeddingStore,
+    model_dir: str | Path | None,
+    texts: EmbeddingStore | None,
+    instances: str | Path | None,
+    context: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The provenance record of an evaluation by :func:`evaluate_split`: its settings (with the CLIP that
+    embeds the images and the scorer's) and the content hashes of its references, image store, model,
+    caption store and instance file."""
+    inputs = {"references": sha256_file(Path(data)), "images": image_store.digest}
+    if model_dir is not None:
+        inputs["model"] = sha256_file(Path(model_dir) / "model.safetensors")
+    if texts is not None:
+        inputs["texts"] = texts.digest
+    if instances is not None:
+        inputs["instances"] = sha256_file(Path(instances))
+    scorer = ClipSpec(config.score_clip, config.score_pretrained)
+    settings = {"eval": to_dict(config), "method": method, "split": split, "clip": clip.identity(),
+                "score_clip": scorer.identity()}  # fmt: skip
+    if context is not None:
+        settings["context"] = context
+    return provenance.record("evaluation", settings, inputs)
+
+
 def evaluate_split(
     data: str | Path,
     split: str | None,
@@ -463,18 +493,10 @@ def evaluate_split(
         for i, (image_id, caption) in enumerate(zip(image_ids, captions, strict=True))
     ]
     write_json_atomic(out / "per_image.json", per_image)
-    inputs = {"references": sha256_file(Path(data)), "images": store.digest}
-    if model_dir is not None:
-        inputs["model"] = sha256_file(Path(model_dir) / "model.safetensors")
-    if caption_store is not None:
-        inputs["texts"] = caption_store.digest
-    if instances is not None:
-        inputs["instances"] = sha256_file(Path(instances))
-    settings = {"eval": to_dict(config), "method": method, "split": split, "clip": spec.identity(),
-                "score_clip": scorer.identity}  # fmt: skip
-    if context is not None:
-        settings["context"] = context
-    provenance.write(out, provenance.record("evaluation", settings, inputs))
+    record = evaluation_record(
+        config, method, split, spec, data, store, model_dir, caption_store, instances, context
+    )
+    provenance.write(out, record)
     # Last: a grid takes an evaluation folder with metrics.json as finished.
     write_json_atomic(out / "metrics.json", document)
     if local_model and method == "model":

@@ -366,6 +366,17 @@ class GapFit:
     pairs: Pairs | None
 
 
+def gap_record(config: GapConfig, texts: EmbeddingStore, images: EmbeddingStore | None) -> dict[str, Any]:
+    """The provenance record of the gap :func:`fit_gap_file` fits from these stores (its key: the gap
+    config and the stores' digests)."""
+    inputs = {"texts": texts.digest}
+    if images is not None:
+        inputs["images"] = images.digest
+    if config.mu_from:
+        inputs["mu_from"] = sha256_file(Path(config.mu_from))
+    return provenance.record("gap", to_dict(config), inputs)
+
+
 def fit_gap_file(
     config: GapConfig,
     texts: EmbeddingStore,
@@ -385,12 +396,7 @@ def fit_gap_file(
     pairs = pairs if pairs is not None and len(pairs) > 0 else None
     report = gap_report(gap, pairs)
     gap.info["report"] = report
-    inputs = {"texts": texts.digest}
-    if images is not None:
-        inputs["images"] = images.digest
-    if config.mu_from:
-        inputs["mu_from"] = sha256_file(Path(config.mu_from))
-    gap.provenance = provenance.record("gap", to_dict(config), inputs)
+    gap.provenance = gap_record(config, texts, images)
     gap.save(out)
     if plot is not None:
         plot_gap(gap, pairs, plot)

@@ -1,10 +1,12 @@
 """Ablations: a grid of data settings × gap kinds × prompt modes × seeds (× few-pairs shares), one protocol.
 
-:mod:`tipcap.grid.config` reads and checks a grid, :mod:`tipcap.grid.runner` runs it with every step
-cached, and :mod:`tipcap.grid.report` writes its results, table and plots.
+:mod:`tipcap.grid.config` describes a grid and :mod:`tipcap.grid.validate` reads and checks it;
+:mod:`tipcap.grid.runner` plans its steps (:mod:`tipcap.grid.steps`) and runs them, reusing each one whose
+provenance key is unchanged, and :mod:`tipcap.grid.report` writes its results, table and plots.
 """
 
-from tipcap.grid.config import BASELINES, CELL_KINDS, AblationConfig, Cell, Job, expand, load_ablation
+from tipcap.grid.config import BASELINES, CELL_KINDS, AblationConfig, Cell, Job, expand
+from tipcap.grid.models import trained_models
 from tipcap.grid.report import (
     METRIC_COLUMNS,
     SETTING_COLOURS,
@@ -14,7 +16,8 @@ from tipcap.grid.report import (
     result_columns,
     write_csv,
 )
-from tipcap.grid.runner import Ablation, run_ablation, trained_models
+from tipcap.grid.runner import Ablation, run_ablation
+from tipcap.grid.validate import load_ablation
 
 __all__ = [
     "BASELINES",

@@ -21,30 +21,23 @@ A run's *identity* is the digest of its provenance key (its resolved config and 
 checkpoint records it, and only a run of that identity resumes from it or writes beside it. One run at a
 time writes into a folder: a second is refused while the first holds ``train.lock``.
 
-The model and its data are built by :mod:`tipcap.training.setup`; this module is the loop.
+The model and its data are built by :mod:`tipcap.training.setup`, checkpoints are written and read by
+:mod:`tipcap.training.checkpoints`, and :mod:`tipcap.training.distributed` says where a process stands under
+torchrun; this module is the loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
-import logging
-import os
-import pickle
 import random
-import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import yaml
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
@@ -52,51 +45,17 @@ from tipcap import provenance
 from tipcap.card import write_model_card
 from tipcap.config import ExperimentConfig, save_config, to_dict
 from tipcap.errors import TipcapError
-from tipcap.io import atomic_path, exclusive_lock, save_safetensors, write_json_atomic
+from tipcap.io import atomic_path, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.prompts import sample_training_prompt
+from tipcap.training.checkpoints import holding, refuse_other_runs, resume_newest, save_checkpoint
 from tipcap.training.data import collate, epoch_batches
-from tipcap.training.setup import TrainingSetup, build_training
-
-logger = logging.getLogger(__name__)
-LOCK = "train.lock"
-_CHECKPOINT_DAMAGE = (
-    SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError,
-)  # fmt: skip
-"""What a checkpoint damaged on disk raises while it is read (safetensors, torch.load, JSON, missing keys)."""
+from tipcap.training.distributed import Distributed
+from tipcap.training.setup import TrainingSetup, build_training, run_record
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 131 + rank
-
-
-@dataclass
-class Distributed:
-    """Where this process stands under torchrun (rank 0 of 1 without it)."""
-
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def setup(cls) -> Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        cuda = torch.cuda.is_available()
-        if world == 1:
-            return cls(0, 1, torch.device("cuda" if cuda else "cpu"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-        return cls(dist.get_rank(), world, torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
 
 
 class Trainer:
@@ -236,93 +195,16 @@ class Trainer:
         return self.out / "checkpoints"
 
     def _save_checkpoint(self, step: int, epoch: int, position: int) -> None:
-        """Write ``checkpoints/step-N`` atomically (a temporary directory, then renamed); keep the last k."""
-        if not self.env.main:
-            return
-        final = self.checkpoint_dir / f"step-{step:08d}"
-        tmp = self.checkpoint_dir / f".step-{step:08d}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-        save_safetensors(state, tmp / "model.safetensors")
-        torch.save(
-            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-            tmp / "trainer.pt",
-        )
-        state = {"step": step, "epoch": epoch, "position": position, "run": self.identity}
-        (tmp / "state.json").write_text(json.dumps(state))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        kept = sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir())
-        for old in kept[: -self.config.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.env.main:
+            save_checkpoint(
+                self.checkpoint_dir, (step, epoch, position), self.identity, self.model, self.optimizer,
+                self.scheduler, self.config.train.keep_checkpoints,
+            )  # fmt: skip
 
     def _resume(self) -> tuple[int, int, int]:
-        """Load the newest complete checkpoint; return (step, epoch, position) to continue from."""
-        candidates = sorted((p for p in self.checkpoint_dir.glob("step-*") if p.is_dir()), reverse=True)
-        damaged = []
-        for path in candidates:
-            if all((path / name).is_file() for name in ("model.safetensors", "trainer.pt", "state.json")):
-                try:
-                    return self._load_checkpoint(path)
-                # Checkpoints are renamed into place whole, so these are damaged on disk since; an earlier
-                # checkpoint is loaded over whatever part of this one was.
-                except _CHECKPOINT_DAMAGE as e:
-                    reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                    logger.warning("checkpoint %s cannot be loaded (%s); trying an earlier one", path, reason)
-                    damaged.append(path.name)
-        if damaged:
-            raise TipcapError(
-                f"--resume: no checkpoint in {self.checkpoint_dir} can be loaded ({', '.join(damaged)} are "
-                "damaged); delete them to start afresh, or use another --out."
-            )
-        return 0, 0, 0
-
-    def _checkpoint_run(self, path: Path) -> str | None:
-        """The identity a checkpoint folder records (``None``: none, or no readable ``state.json``)."""
-        try:
-            state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return state.get("run") if isinstance(state, dict) else None
-
-    def _refuse_other_runs(self) -> None:
-        """Refuse to start afresh beside another run's checkpoints: the newest k are kept whoever wrote them,
-        so the other run's later steps would outlive this run's and a ``--resume`` would load them. (This
-        run's own, from an earlier start, are redone and replaced.)"""
-        for path in sorted(p for p in self.checkpoint_dir.glob("step-*") if p.is_dir()):
-            if self._checkpoint_run(path) != self.identity:
-                raise TipcapError(
-                    f"{self.out} holds checkpoints of another run (checkpoints/{path.name}: another config "
-                    "or other inputs); continue that run with its own config and --resume, or train this one "
-                    f"into another --out (or delete {self.checkpoint_dir} first)."
-                )
-
-    def _load_checkpoint(self, path: Path) -> tuple[int, int, int]:
-        """Load a checkpoint folder's weights, optimizer and scheduler; return its (step, epoch, position).
-
-        A checkpoint of another run is refused before anything is loaded: its weights would finish this run
-        under this run's provenance.
-        """
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if not isinstance(state, dict):
-            raise ValueError("state.json is not a JSON object")
-        if state.get("run") != self.identity:
-            recorded = f"records run {str(state['run'])[:12]}" if state.get("run") else "records no run"
-            raise TipcapError(
-                f"--resume: {path} is not this run's checkpoint (its state.json {recorded}, this config and "
-                f"its inputs make run {self.identity[:12]}); resume with the config and inputs it was "
-                f"trained with, or delete {self.checkpoint_dir} to start afresh, or use another --out."
-            )
-        weights = load_file(path / "model.safetensors", device=str(self.env.device))
-        broken = [n for n, t in weights.items() if t.is_floating_point() and not bool(t.isfinite().all())]
-        if broken:
-            raise ValueError(f"{len(broken)} tensors hold NaN or infinite values ({broken[0]} first)")
-        self.model.load_state_dict(weights)
-        trainer = torch.load(path / "trainer.pt", map_location=self.env.device, weights_only=True)
-        self.optimizer.load_state_dict(trainer["optimizer"])
-        self.scheduler.load_state_dict(trainer["scheduler"])
-        return state["step"], state["epoch"], state["position"]
+        return resume_newest(
+            self.checkpoint_dir, self.identity, self.model, self.optimizer, self.scheduler, self.env.device
+        )
 
     # -- logging ------------------------------------------------------------------------------
 
@@ -355,8 +237,7 @@ class Trainer:
     def provenance(self) -> dict[str, Any]:
         """The run's provenance record: its resolved config and the content hashes of its inputs, and beside
         them (outside its key) the data set of its captions when known, for the model card."""
-        record = provenance.record("training-run", to_dict(self.config), self.inputs)
-        return {**record, "dataset": self.dataset}
+        return {**run_record(self.config, self.inputs), "dataset": self.dataset}
 
     def _write_run_info(self, resumed_from: int) -> None:
         if not self.env.main:
@@ -430,7 +311,7 @@ class Trainer:
                     f"({self.out / 'config.yaml'}); resume with the same config and --set values."
                 )
         if not resume:
-            self._refuse_other_runs()
+            refuse_other_runs(self.out, self.checkpoint_dir, self.identity)
         step, epoch, position = self._resume() if resume else (0, 0, 0)
         self._trim_log(step)
         self._write_run_info(step)
@@ -515,42 +396,18 @@ class Trainer:
         """Under torchrun, record each rank's parameter checksum: they must be equal."""
         if self.env.world == 1:
             return
-        checksum = torch.tensor(
-            [float(sum(p.detach().double().sum() for p in self.model.parameters()))], device=self.env.device
-        )
-        gathered = [torch.zeros_like(checksum) for _ in range(self.env.world)]
-        dist.all_gather(gathered, checksum)
-        self._log({"step": step, "rank_checksums": [float(c) for c in gathered]})
-
-
-@contextlib.contextmanager
-def _holding(out: Path, env: Distributed) -> Iterator[None]:
-    """Hold the run folder ``out`` for this run (``train.lock``), or refuse at once when another run holds
-    it: two runs into one folder would interleave their logs and prune each other's checkpoints. Under
-    torchrun rank 0 holds it for all ranks (which share the folder)."""
-    if not env.main:
-        yield
-        return
-    out.mkdir(parents=True, exist_ok=True)
-
-    def busy() -> None:
-        raise TipcapError(
-            f"{out}: another training is writing into this folder (it holds {out / LOCK}); wait for it to "
-            "end, or train into another --out."
-        )
-
-    with exclusive_lock(out / LOCK, busy):
-        yield
+        self._log({"step": step, "rank_checksums": self.env.rank_checksums(self.model)})
 
 
 def train(config: ExperimentConfig, out: str | Path, resume: bool = False, progress: bool = True) -> Path:
     """Build the model and data a config names and train it into ``out``; return the final model directory.
 
-    The folder is held for the run (:func:`_holding`), from before the model is built.
+    The folder is held for the run (:func:`~tipcap.training.checkpoints.holding`), from before the model is
+    built.
     """
     env = Distributed.setup()
     try:
-        with _holding(Path(out), env):
+        with holding(Path(out), env.main):
             trainer = Trainer(config, build_training(config, env.device), out, env, progress=progress)
             final = trainer.train(resume=resume)
             # The DDP wrapper holds the process group. Freed after the group is destroyed (at interpreter

@@ -4,18 +4,21 @@ projector's input statistics or the trained weights it starts from, and its data
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from tipcap import provenance
 from tipcap.clip import ClipEncoder, ClipSpec
-from tipcap.config import ExperimentConfig
+from tipcap.config import ExperimentConfig, to_dict
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.io import load_json
@@ -174,20 +177,33 @@ def build_training(config: ExperimentConfig, device: torch.device) -> TrainingSe
             config.train.init_from, len(fresh),
         )  # fmt: skip
     val_data = None
+    if val_texts is not None:
+        val_data = load_caption_set(val_texts, tokenizer, max_tokens, None, val_images)
+    inputs = _inputs(config, texts, images, val_texts, val_images)
+    dataset = corpus_dataset(texts.meta.get("source", {}).get("corpus"))
+    return TrainingSetup(model, train_data, val_data, vocabulary, inputs, dataset)
+
+
+def _inputs(
+    config: ExperimentConfig,
+    texts: EmbeddingStore,
+    images: EmbeddingStore | None,
+    val_texts: EmbeddingStore | None,
+    val_images: EmbeddingStore | None,
+) -> dict[str, str]:
+    """The content hashes of a run's inputs, for its provenance record."""
     inputs = {"train_texts": texts.digest}
     if images is not None:
         inputs["train_images"] = images.digest
-    if data_cfg.gap:
-        inputs["gap"] = sha256_file(data_cfg.gap)
+    if config.data.gap:
+        inputs["gap"] = sha256_file(config.data.gap)
     if config.train.init_from:
         inputs["init_from"] = sha256_file(Path(config.train.init_from) / WEIGHTS_NAME)
     if val_texts is not None:
-        val_data = load_caption_set(val_texts, tokenizer, max_tokens, None, val_images)
         inputs["val_texts"] = val_texts.digest
         if val_images is not None:
             inputs["val_images"] = val_images.digest
-    dataset = corpus_dataset(texts.meta.get("source", {}).get("corpus"))
-    return TrainingSetup(model, train_data, val_data, vocabulary, inputs, dataset)
+    return inputs
 
 
 @torch.no_grad()
@@ -253,3 +269,27 @@ def start_from(model: TIPCap, directory: str | Path, key: str = "train.init_from
         )
     model.load_state_dict(state, strict=False)
     return fresh
+
+
+def run_record(config: ExperimentConfig, inputs: dict[str, str]) -> dict[str, Any]:
+    """A training run's provenance record: its resolved config and the content hashes of its inputs."""
+    return provenance.record("training-run", to_dict(config), inputs)
+
+
+def run_key(config: ExperimentConfig) -> dict[str, Any]:
+    """The provenance key a run of ``config`` records, worked out without building its model: a fresh
+    language model's config gains its tokenizer's vocabulary size and token ids, as it does in training."""
+    config = copy.deepcopy(config)
+    data_cfg = config.data
+    texts = EmbeddingStore.open(data_cfg.train_texts, "data.train_texts", "texts")
+    if config.model.language_model_config is not None:
+        _tokenizer(config, texts)
+    val_texts = _open_store(data_cfg.val_texts, "data.val_texts", "texts")
+    inputs = _inputs(
+        config,
+        texts,
+        _open_store(data_cfg.train_images, "data.train_images", "images"),
+        val_texts,
+        _open_store(data_cfg.val_images, "data.val_images", "images") if val_texts else None,
+    )
+    return provenance.key(run_record(config, inputs))
