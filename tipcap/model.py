@@ -253,7 +253,7 @@ class TIPCap(nn.Module):
         """The model's captioning pipeline (:class:`tipcap.pipeline.CaptionPipeline`: its CLIP, loaded on
         first need, images, prompt words), made on first use and kept."""
         if self._pipeline is None:
-            from tipcap.pipeline import CaptionPipeline  # the pipeline module imports this one
+            from tipcap.pipeline import CaptionPipeline  # here: the pipeline names the model in its types
 
             self._pipeline = CaptionPipeline(self)
         return self._pipeline

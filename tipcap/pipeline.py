@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -31,8 +31,10 @@ from tipcap.clip_images import image_batches
 from tipcap.config import EvalConfig
 from tipcap.errors import TipcapError
 from tipcap.io import atomic_path, lone_surrogate
-from tipcap.model import TIPCap
 from tipcap.prompts import entity_text_embeddings, zero_shot_scores
+
+if TYPE_CHECKING:  # the model imports this module to make its pipeline
+    from tipcap.model import TIPCap
 
 logger = logging.getLogger(__name__)
 

@@ -8,24 +8,19 @@ weights are not on the machine) and, where the images' objects are known, CHAIR-
 world's data file records, :mod:`tipcap.evaluation.registry`). The output directory gets:
 
 - ``predictions.json``: COCO results format, ``[{"image_id", "caption"}]``;
-- ``metrics.json``: the scores (also per domain, when the references give each image's domain, as NoCaps
-  does), the matching report, the method and model config, the scorer CLIP, the hallucination counts, the
-  command, versions;
+- ``metrics.json``: the scores (also per domain, as NoCaps gives them), the matching report, the method and
+  model config, the scorer CLIP, the hallucination counts, the command, versions;
 - ``per_image.json``: each image's prediction, references, prompt words, CIDEr, ROUGE-L, CLIP-S, RefCLIP-S
-  (the scores whose means are the corpus scores, for intervals over images:
-  :mod:`tipcap.evaluation.stats`), the objects its caption mentions and hallucinates, and its domain;
+  (for intervals over images), the objects its caption mentions and hallucinates, and its domain;
 - ``provenance.json``: the evaluation config, the content hashes of its inputs, command and versions.
 
 Prompt modes (``EvalConfig.prompt``): ``none``; ``auto``, CLIP zero-shot entities; and the prompt sources
 that installed worlds add, drawn from each image's ground-truth objects (the toy worlds' ``oracle``,
 ``oracle-one``, ``oracle-missing`` and ``wrong``). A prompted evaluation also reports how the captions
-follow their words (:mod:`tipcap.evaluation.adherence`), and ``per_image.json`` gives each image's prompt
-words and those its caption mentions.
+follow their words (:mod:`tipcap.evaluation.adherence`), image by image in ``per_image.json``.
 
-Methods: ``model`` (a trained caption model), and the baselines of :mod:`tipcap.evaluation.baselines`:
-``retrieval`` (the most CLIP-similar caption of a caption store), ``template`` (the top CLIP zero-shot
-entities in a sentence template). A model evaluated from its
-folder gets the figures on its model card (:func:`tipcap.card.record_evaluation`).
+Methods: ``model`` (a trained caption model; evaluated from its folder, its card gets the figures:
+:func:`tipcap.card.record_evaluation`), and the baselines of :mod:`tipcap.evaluation.baselines`.
 """
 
 from __future__ import annotations
