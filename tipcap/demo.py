@@ -46,7 +46,7 @@ class DemoScale:
 
 
 def demo_scale(quick: bool, version: int = 2) -> DemoScale:
-    """The full demo, or the reduced one (``--quick``: about 7 minutes on a 2-core CPU, pinned), on toy world
+    """The full demo, or the reduced one (``--quick``: about 3 minutes on a 2-core CPU, pinned), on toy world
     ``version`` (1 keeps the tables of the first world reproducible)."""
     from tipcap.toy.clip import TOYCLIP2_CONFIG, TOYCLIP_CONFIG, StopRule
 
