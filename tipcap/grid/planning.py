@@ -75,6 +75,10 @@ class GridPlan:
         self._planned: dict[str, Step] = {}
         self._truths: dict[Path, GroundTruth] = {}
         self._world: SyntheticWorld | None = None
+        # Read once by the runner: the training images, each scorer's records, each data file's name.
+        self._train_images: int | None = None
+        self._records: dict[tuple[Path, str], Any] = {}
+        self._data_names: dict[Path, str] = {}
 
     # -- the steps ------------------------------------------------------------------------------
 

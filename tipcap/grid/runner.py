@@ -47,7 +47,7 @@ from tipcap.evaluation.stats import (
     write_image_scores,
 )
 from tipcap.grid.compare import GridScores, grid_decisions, metric_name, write_comparisons
-from tipcap.grid.config import AblationConfig, Job, candidates
+from tipcap.grid.config import Job, candidates
 from tipcap.grid.planning import GridPlan
 from tipcap.grid.report import (
     METRIC_COLUMNS,
@@ -70,18 +70,6 @@ class Ablation(GridPlan):
 
     ``echo`` receives one line per step built (with the reason) and per evaluation reused or scored.
     """
-
-    def __init__(
-        self,
-        config: AblationConfig,
-        out: str | Path,
-        progress: bool = True,
-        echo: Callable[[str], None] | None = None,
-    ):
-        super().__init__(config, out, progress, echo)
-        self._train_images: int | None = None
-        self._records: dict[tuple[Path, str], Any] = {}
-        self._data_names: dict[Path, str] = {}
 
     def _paired_fraction(self, job: Job, seed: int | None) -> float | None:
         """The share of the training images whose pairs the job used (``None``: no paired data)."""

@@ -16,6 +16,7 @@ import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -75,7 +76,7 @@ def resume_newest(
     for path in candidates:
         if all((path / name).is_file() for name in FILES):
             try:
-                return _load_checkpoint(path, run, model, optimizer, scheduler, device)
+                return _load_checkpoint(path, run, _Trained(model, optimizer, scheduler, device))
             # Checkpoints are renamed into place whole, so these are damaged on disk since; an earlier
             # checkpoint is loaded over whatever part of this one was.
             except _CHECKPOINT_DAMAGE as e:
@@ -112,15 +113,18 @@ def refuse_other_runs(out: Path, folder: Path, run: str) -> None:
             )
 
 
-def _load_checkpoint(
-    path: Path,
-    run: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    device: torch.device,
-) -> tuple[int, int, int]:
-    """Load a checkpoint folder's weights, optimizer and scheduler; return its (step, epoch, position).
+class _Trained(NamedTuple):
+    """What a checkpoint is loaded into."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+
+
+def _load_checkpoint(path: Path, run: str, into: _Trained) -> tuple[int, int, int]:
+    """Load a checkpoint folder's weights, optimizer and scheduler ``into`` a run; return its (step, epoch,
+    position).
 
     A checkpoint of another run is refused before anything is loaded: its weights would finish this run
     under this run's provenance.
@@ -135,14 +139,14 @@ def _load_checkpoint(
             f"its inputs make run {run[:12]}); resume with the config and inputs it was "
             f"trained with, or delete {path.parent} to start afresh, or use another --out."
         )
-    weights = load_file(path / "model.safetensors", device=str(device))
+    weights = load_file(path / "model.safetensors", device=str(into.device))
     broken = [n for n, t in weights.items() if t.is_floating_point() and not bool(t.isfinite().all())]
     if broken:
         raise ValueError(f"{len(broken)} tensors hold NaN or infinite values ({broken[0]} first)")
-    model.load_state_dict(weights)
-    trainer = torch.load(path / "trainer.pt", map_location=device, weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
-    scheduler.load_state_dict(trainer["scheduler"])
+    into.model.load_state_dict(weights)
+    trainer = torch.load(path / "trainer.pt", map_location=into.device, weights_only=True)
+    into.optimizer.load_state_dict(trainer["optimizer"])
+    into.scheduler.load_state_dict(trainer["scheduler"])
     return state["step"], state["epoch"], state["position"]
 
 
