@@ -151,3 +151,10 @@ def test_no_file_is_over_the_line_limit():
     lengths = {p.relative_to(ROOT).as_posix(): p.read_bytes().count(b"\n") for p in files}
     too_long = {path: n for path, n in sorted(lengths.items()) if n > MAX_LINES}
     assert not too_long, f"over {MAX_LINES} lines: {too_long}"
+
+
+def test_the_model_class_reads_in_one_sitting():
+    """`TIPCap` is the module alone (captioning, folders and publishing live beside it): under 250 lines."""
+    tree = ast.parse((ROOT / "tipcap" / "model.py").read_text(encoding="utf-8"))
+    (model,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "TIPCap"]
+    assert model.end_lineno - model.lineno + 1 < 250
