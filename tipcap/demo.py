@@ -61,7 +61,7 @@ def demo_scale(quick: bool, version: int = 2) -> DemoScale:
         )  # fmt: skip
     return DemoScale(
         2_000, 100, 200, 150, 32, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
-        StopRule(every=50, recall_at_1=0.95, held_out=100), 1.25, 50, True, 800, 1.0,
+        StopRule(every=50, recall_at_1=0.95, held_out=100), 1.25, 50, True, 500, 1.0,
     )  # fmt: skip
 
 
