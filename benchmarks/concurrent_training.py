@@ -1,4 +1,4 @@
-"""Sharing a machine: one tiny training alone against two at once.
+"""Sharing a machine: one tiny training alone against two at once, under several thread settings.
 
 Trains ``experiments/tiny.yaml`` (``--steps`` steps, on real COCO captions with random embeddings) through
 the ``tipcap train`` command, first alone and then two at once, and prints the wall time of each and their
@@ -6,16 +6,20 @@ ratio. Fair sharing of the cores gives 2x; more means the processes get in each 
 spinning while they wait, or more threads than cores). The machine's load average is printed beside each
 figure, since other work on the machine changes them.
 
-``--env KEY=VALUE`` runs the commands with that environment variable (e.g. ``OMP_WAIT_POLICY=ACTIVE``, or
-``TIPCAP_THREADS=2``), to compare thread settings.
+Each ``--candidate NAME:KEY=VALUE[,KEY=VALUE...]`` is a thread setting, the environment the commands run
+with (``NAME:`` alone: the command line's own default). Repeats are interleaved: each repeat runs every
+candidate once, alone and then in a pair, so that a slow spell of the machine falls on all of them alike.
+The table at the end gives every run and each candidate's median.
 
-Usage: python benchmarks/concurrent_training.py [--steps 1500] [--repeats 1] [--env KEY=VALUE ...]
+Usage: python benchmarks/concurrent_training.py [--steps 1000] [--repeats 3] [--candidate default:]
+    [--candidate active:OMP_WAIT_POLICY=ACTIVE] [--candidate spin30k:GOMP_SPINCOUNT=30000] ...
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,33 +51,50 @@ def load() -> str:
     return "load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def candidate(spec: str) -> tuple[str, dict[str, str]]:
+    """``NAME:KEY=VALUE[,KEY=VALUE...]`` as its name and environment."""
+    name, _, assignments = spec.partition(":")
+    return name, dict(item.split("=", 1) for item in assignments.split(",") if item)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
     parser.add_argument("--captions", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--candidate", action="append", type=candidate, metavar="NAME:KEY=VALUE,...")
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.update(item.split("=", 1) for item in args.env)
+    candidates = args.candidate or [candidate("default:")]
+    base = {**os.environ, "PYTHONPATH": str(ROOT)}
 
     captions = coco_captions(args.corpus, args.captions)
-    print(f"{os.cpu_count()} CPUs; tiny.yaml, {args.steps} steps; extra environment: {args.env or 'none'}")
+    print(f"{os.cpu_count()} CPUs; tiny.yaml, {args.steps} steps; {args.repeats} interleaved repeats")
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in candidates}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         store = caption_store(tmp, captions, 32)
         for repeat in range(args.repeats):
-            before = load()
-            alone = timed([command(store, tmp / f"alone{repeat}", args.steps)], env)
-            print(f"one alone    : {alone:7.1f} s  ({before} before)")
-            before = load()
-            pair = [command(store, tmp / f"pair{repeat}-{i}", args.steps) for i in range(2)]
-            both = timed(pair, env)
-            print(f"two at once  : {both:7.1f} s  ({before} before)")
-            print(f"ratio        : {both / alone:7.2f}x  (fair sharing: 2x)")
+            for name, extra in candidates:
+                env = {**base, **extra}
+                before = load()
+                alone = timed([command(store, tmp / f"{name}-alone{repeat}", args.steps)], env)
+                pair = [command(store, tmp / f"{name}-pair{repeat}-{i}", args.steps) for i in range(2)]
+                both = timed(pair, env)
+                times[name].append((alone, both))
+                print(f"{name:>12} repeat {repeat}: alone {alone:6.1f} s, two at once {both:6.1f} s "
+                      f"({both / alone:.2f}x; {before} before)")  # fmt: skip
+    print("\n| setting | environment | alone (s) | two at once (s) | median alone | median two | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for name, extra in candidates:
+        alone = [a for a, _ in times[name]]
+        both = [b for _, b in times[name]]
+        env = ", ".join(f"{k}={v}" for k, v in extra.items()) or "the command line's default"
+        runs = f"{', '.join(f'{a:.1f}' for a in alone)} | {', '.join(f'{b:.1f}' for b in both)}"
+        lone, two = statistics.median(alone), statistics.median(both)
+        print(f"| {name} | {env} | {runs} | {lone:.1f} | {two:.1f} | {two / lone:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ scale = demo_scale(True, 2)
 start = time.perf_counter()
 clip.train_toyclip(out / "world" / "toyworld.json", out / "clip", steps=clip_steps,
                    batch_size=scale.clip_batch, seed=0, config=scale.clip_config,
-                   modality_offset=scale.modality_offset,
+                   gap=scale.gap,
                    scale_warmup=scale.scale_warmup, negatives=world2_grammar.perturb, seeing_steps=clip_steps,
                    scene_supervision=scale.scene_supervision, progress=False)
 times["clip"] = time.perf_counter() - start

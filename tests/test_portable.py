@@ -24,7 +24,7 @@ out = Path(sys.argv[1])
 world2.write_world(out / "world", seed=0, train=96, val=16, test=4, progress=False)
 scale = demo_scale(True, 2)
 clip.train_toyclip(out / "world" / "toyworld.json", out / "clip", steps=6, batch_size=16, seed=0,
-                   config=scale.clip_config, modality_offset=scale.modality_offset, scale_warmup=2,
+                   config=scale.clip_config, gap=scale.gap, scale_warmup=2,
                    negatives=world2_grammar.perturb, seeing_steps=6, scene_supervision=1.0, progress=False)
 print(hashlib.sha256((out / "clip" / "toyclip.safetensors").read_bytes()).hexdigest())
 """

@@ -2,6 +2,7 @@
 scenes, and the stop rule that keeps the toy CLIP's geometry like a real CLIP's."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tipcap.data import list_images, load_image, read_captions
+from tipcap.toy.gap_shapes import GapShape
 from tipcap.toy.plugin import object_f1
 from tipcap.toy.world1 import ShapeObject
 from tipcap.toy.world2 import GENERATOR_VERSION, full_description, relation, render, scene_relations
@@ -258,7 +260,7 @@ def test_built_modality_gap_fixes_the_geometry(tmp_path, tiny_clip):
     config = json.loads(tiny_clip.read_text())
     config["vision_cfg"]["image_size"] = 48
     spec, report = train_toyclip(karpathy, tmp_path / "clip", steps=3, batch_size=8, config=config,
-                                 modality_offset=1.0, progress=False)  # fmt: skip
+                                 gap=GapShape(1.0), progress=False)  # fmt: skip
     weights = load_file(spec.pretrained)
     assert torch.equal(weights["visual.ln_post.bias"], torch.ones(32))
     assert torch.equal(weights["ln_final.weight"], torch.ones(32))
@@ -282,6 +284,56 @@ def test_built_modality_gap_fixes_the_geometry(tmp_path, tiny_clip):
     measured = figures(images, texts, owner)
     assert measured["matched_cosine"] < 0.5 <= measured["within_modality_cosine"]
     assert report.matched_cosine == pytest.approx(measured["matched_cosine"], abs=1e-4)
+
+
+def test_gap_shape_puts_the_mean_on_privileged_axes_and_decays_the_image_scale(tmp_path, tiny_clip):
+    """GapShape(axes=4): each tower's modality direction (the all-ones LayerNorm bias through the projection)
+    lies on its own two coordinates, the projection stays orthogonal, and the images' and captions' means
+    differ mostly there; anisotropy sets the image LayerNorm's scale to exp(-a j / W) of mean square 1."""
+    from tipcap.clip import ClipEncoder
+    from tipcap.toy.clip import train_toyclip
+
+    karpathy = make_world(tmp_path / "w", train=40, val=8, test=0)
+    config = json.loads(tiny_clip.read_text())
+    config["vision_cfg"]["image_size"] = 48
+    shape = GapShape(1.0, axes=4, anisotropy=2.0)
+    spec, report = train_toyclip(karpathy, tmp_path / "clip", steps=3, batch_size=8, config=config,
+                                 gap=shape, progress=False)  # fmt: skip
+    assert report.gap == {"offset": 1.0, "axes": 4, "anisotropy": 2.0}
+    weights = load_file(spec.pretrained)
+    for name in ("visual.proj", "text_projection"):
+        assert torch.allclose(weights[name].T @ weights[name], torch.eye(32), atol=1e-5)
+    image_direction = torch.ones(32) @ weights["visual.proj"] / 32**0.5
+    text_direction = torch.ones(32) @ weights["text_projection"] / 32**0.5
+    assert torch.allclose(image_direction, torch.tensor([2**-0.5] * 2 + [0.0] * 30), atol=1e-5)
+    assert torch.allclose(text_direction, torch.tensor([0.0] * 2 + [2**-0.5] * 2 + [0.0] * 28), atol=1e-5)
+    decay = [math.exp(-2.0 * j / 32) for j in range(32)]
+    rms = math.sqrt(sum(x * x for x in decay) / 32)
+    assert torch.allclose(weights["visual.ln_post.weight"], torch.tensor([x / rms for x in decay]), atol=1e-6)
+    assert torch.equal(weights["ln_final.weight"], torch.ones(32))
+
+    encoder = ClipEncoder.load(spec, device="cpu")
+    entries = scenes(karpathy, "val")
+    images = encoder.encode_images(
+        torch.stack([encoder.preprocess(load_image(karpathy.parent / e["filepath"] / e["filename"]))
+                     for e in entries])
+    )  # fmt: skip
+    texts = encoder.encode_texts([s["raw"] for e in entries for s in e["sentences"]]).embeddings
+    mean_gap = images.mean(0) - texts.mean(0)
+    assert float(mean_gap[:4].square().sum() / mean_gap.square().sum()) > 0.5
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--gap-axes", "4"], "add --clip"),
+        (["--clip", "--gap-axes", "3"], "gap axes 3: give 0 (random axes)"),
+    ],
+)
+def test_toyworld_refuses_a_gap_shape_it_cannot_build(tmp_path, options, message):
+    result = run("toyworld", "--out", tmp_path / "w", "--train", 4, "--val", 2, "--test", 0, *options)
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
 
 
 def test_perturb_makes_one_claim_false():
@@ -408,10 +460,10 @@ def test_seeing_stage_trains_the_image_tower_alone(tmp_path, tiny_clip, monkeypa
 
     monkeypatch.setattr(toyclip, "_teach_to_see", recording)
     untrained, _ = toyclip.train_toyclip(karpathy, tmp_path / "a", steps=1, batch_size=8, config=config,
-                                         modality_offset=1.0, progress=False)  # fmt: skip
+                                         gap=GapShape(1.0), progress=False)  # fmt: skip
     assert "moved" not in seen
     taught, _ = toyclip.train_toyclip(karpathy, tmp_path / "b", steps=1, batch_size=8, config=config,
-                                      modality_offset=1.0, seeing_steps=3, progress=False)  # fmt: skip
+                                      gap=GapShape(1.0), seeing_steps=3, progress=False)  # fmt: skip
     assert "conv1.weight" in seen["moved"] and "ln_post.bias" not in seen["moved"]
     first, second = load_file(untrained.pretrained), load_file(taught.pretrained)
     assert not torch.equal(first["visual.conv1.weight"], second["visual.conv1.weight"])

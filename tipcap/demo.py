@@ -38,7 +38,7 @@ class DemoScale:
     clip_config: dict[str, Any]
     grid: str
     stop: Any = None  # a tipcap.toy.clip.StopRule, or None to train all clip_steps
-    modality_offset: float | None = None  # built into the CLIP's towers (tipcap.toy.clip.build_modality_gap)
+    gap: Any = None  # a tipcap.toy.gap_shapes.GapShape built into the CLIP's towers, or None (world 1)
     scale_warmup: int = 0  # steps over which the CLIP's logit scale rises to 100
     hard_negatives: bool = False  # train the CLIP against captions with one claim made false (world 2)
     seeing_steps: int = 0  # image tower alone on the scene read-out, before contrastive training (world 2)
@@ -49,6 +49,7 @@ def demo_scale(quick: bool, version: int = 2) -> DemoScale:
     """The full demo, or the reduced one (``--quick``: about 3 minutes on a 2-core CPU, pinned), on toy world
     ``version`` (1 keeps the tables of the first world reproducible)."""
     from tipcap.toy.clip import TOYCLIP2_CONFIG, TOYCLIP_CONFIG, StopRule
+    from tipcap.toy.gap_shapes import GapShape
 
     if version == 1:
         if not quick:
@@ -57,11 +58,11 @@ def demo_scale(quick: bool, version: int = 2) -> DemoScale:
     if not quick:
         return DemoScale(
             20_000, 500, 500, 600, 32, TOYCLIP2_CONFIG, "toyworld2.yaml",
-            StopRule(every=100, recall_at_1=0.99, held_out=200), 1.25, 200, True, 2_000, 1.0,
+            StopRule(every=100, recall_at_1=0.99, held_out=200), GapShape(1.25), 200, True, 2_000, 1.0,
         )  # fmt: skip
     return DemoScale(
         2_000, 100, 200, 150, 32, TOYCLIP2_CONFIG, "toyworld2_quick.yaml",
-        StopRule(every=50, recall_at_1=0.95, held_out=100), 1.25, 50, True, 500, 1.0,
+        StopRule(every=50, recall_at_1=0.95, held_out=100), GapShape(1.25), 50, True, 500, 1.0,
     )  # fmt: skip
 
 
@@ -108,7 +109,7 @@ def demo_world(
         echo(f"toy world: generated in {time.perf_counter() - start:.0f} s")
     stop = [asdict(scale.stop)] if scale.stop else []
     # World 1's key stays what it was (it does not build the gap).
-    built = [scale.modality_offset, scale.scale_warmup, scale.hard_negatives] if scale.modality_offset else []
+    built = [scale.gap.offset, scale.scale_warmup, scale.hard_negatives] if scale.gap else []
     built += [scale.seeing_steps, scale.scene_supervision] if scale.seeing_steps else []
     # A CLIP trained with the machine's own kernels differs from a pinned one (tipcap.portable).
     arithmetic = [] if arithmetic_mode() == "native" else [arithmetic_mode()]
@@ -132,10 +133,12 @@ def train_demo_clip(
     version: int = 2,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    gap: Any = None,
 ) -> Any:
     """Train the demo's toy CLIP (as :func:`demo_scale` sizes it) on a world into ``out``; returns its
     :class:`tipcap.toy.clip.ToyClipReport`. A world that differs from the demo's only in its test split
-    gets the same CLIP, since training reads the training and validation splits alone."""
+    gets the same CLIP, since training reads the training and validation splits alone. ``gap`` (a
+    :class:`tipcap.toy.gap_shapes.GapShape`, world 2) builds another gap into the towers than the demo's."""
     from tipcap.toy import clip, world2_grammar
 
     echo = echo or (lambda message: None)
@@ -148,7 +151,7 @@ def train_demo_clip(
     )
     _, report = clip.train_toyclip(
         karpathy, out, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
-        config=scale.clip_config, stop=scale.stop, modality_offset=scale.modality_offset,
+        config=scale.clip_config, stop=scale.stop, gap=gap or scale.gap,
         scale_warmup=scale.scale_warmup, negatives=world2_grammar.perturb if scale.hard_negatives else None,
         seeing_steps=scale.seeing_steps, scene_supervision=scale.scene_supervision, progress=progress,
     )  # fmt: skip

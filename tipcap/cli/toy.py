@@ -62,6 +62,24 @@ from tipcap.demo import default_cache_dir
     help="Also train the full demo's toy CLIP on the world, into OUT/clip (the demo's own CLIP where the "
     "world differs from the demo's only in --test).",
 )
+@click.option(
+    "--gap-offset",
+    type=FiniteFloatRange(0, None),
+    help="With --clip (world 2): the modality offset c built into the CLIP's towers, which sets the gap "
+    "mean's share.  [default: 1.25]",
+)
+@click.option(
+    "--gap-axes",
+    type=click.IntRange(min=0),
+    help="With --clip (world 2): an even number of coordinates that carry the gap's mean (privileged axes); "
+    "0, random axes.  [default: 0]",
+)
+@click.option(
+    "--gap-anisotropy",
+    type=FiniteFloatRange(0, None),
+    help="With --clip (world 2): decay of the image tower's scale over its channels, which lowers the "
+    "residual gap's effective rank; 0, even.  [default: 0]",
+)
 def toyworld_command(
     out: str,
     seed: int,
@@ -72,8 +90,18 @@ def toyworld_command(
     world_version: str,
     web_mismatch: float,
     train_clip: bool,
+    gap_offset: float | None,
+    gap_axes: int | None,
+    gap_anisotropy: float | None,
 ) -> None:
     """Write a toy world of coloured shapes: images, a Karpathy split file and web pairs."""
+    knobs = {"offset": gap_offset, "axes": gap_axes, "anisotropy": gap_anisotropy}
+    knobs = {name: value for name, value in knobs.items() if value is not None}
+    if knobs and not (train_clip and world_version == "2"):
+        raise click.UsageError("--gap-offset, --gap-axes, --gap-anisotropy shape world 2's CLIP: add --clip.")
+    from tipcap.toy.gap_shapes import GapShape
+
+    gap = GapShape(**knobs) if knobs else None  # checked before the world is written
     if world_version == "1":
         from tipcap.toy.world1 import write_toyworld as write
     else:
@@ -90,7 +118,9 @@ def toyworld_command(
     if train_clip:
         from tipcap.demo import train_demo_clip
 
-        train_demo_clip(karpathy, Path(out) / "clip", seed=seed, version=int(world_version), echo=click.echo)
+        train_demo_clip(
+            karpathy, Path(out) / "clip", seed=seed, version=int(world_version), echo=click.echo, gap=gap
+        )
 
 
 @click.command("demo")

@@ -24,6 +24,7 @@ from tipcap.data.karpathy import split_matches
 from tipcap.errors import TipcapError
 from tipcap.io import save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
+from tipcap.toy.gap_shapes import GapShape, build_modality_gap
 from tipcap.toy.world1 import ShapeObject
 from tipcap.toy.world2 import cell_labels
 from tipcap.toy.world2_claims import scene_records
@@ -86,49 +87,6 @@ class StopRule:
         return None
 
 
-def build_modality_gap(model: torch.nn.Module, offset: float, seed: int = 0) -> None:
-    """Fix the last layers of both towers of an open_clip ``CLIP`` (and take them out of training) so that
-    its embeddings have a real CLIP's geometry whatever training does.
-
-    Each tower ends in a LayerNorm and a projection. The LayerNorm's output is ``n + b`` with ``n`` of mean
-    0 and norm √W over its W channels; with its scale held at 1 and its bias at ``offset · 1`` (the all-ones
-    direction, which ``n`` is always orthogonal to) and an orthogonal projection ``Q``, an embedding is
-    ``(g + offset · u) / √(1 + offset²)``: a content part ``g`` (unit, trained) and a fixed modality direction
-    ``u`` orthogonal to it. The text tower's ``u`` is orthogonal to the image tower's. So for unit contents:
-
-    - between two images (or two captions): ``(g·g' + offset²) / (1 + offset²)``, at least 0.5 at offset 1
-      for contents that are not opposed;
-    - an image and its caption: ``(g·h + cross terms) / (1 + offset²)``, at most about 0.5 at offset 1;
-
-    and contrastive training, which sees only ``g·h``, works at logit scale ``100 / (1 + offset²)``.
-    The width of each tower must equal the embedding size, so that the projection is square.
-    """
-    visual = model.visual
-    width = visual.ln_post.weight.numel()
-    if visual.proj.shape != (width, width) or model.text_projection.shape != (width, width):
-        raise TipcapError(f"a built modality gap needs towers as wide as the embedding ({width})")
-    generator = torch.Generator().manual_seed(seed)
-    image_projection, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64))
-    # A reflection that swaps the all-ones direction e with a unit w orthogonal to it, so that the text
-    # tower's modality direction (e·reflection·Q = w·Q) is orthogonal to the image tower's (e·Q).
-    e = torch.full((width,), width**-0.5, dtype=torch.float64)
-    w = torch.randn(width, generator=generator, dtype=torch.float64)
-    w = w - (w @ e) * e
-    w = w / w.norm()
-    reflector = (e - w) / (e - w).norm()
-    reflection = torch.eye(width, dtype=torch.float64) - 2 * torch.outer(reflector, reflector)
-    for norm, projection, matrix in (
-        (visual.ln_post, visual.proj, image_projection),
-        (model.ln_final, model.text_projection, reflection @ image_projection),
-    ):
-        with torch.no_grad():
-            norm.weight.fill_(1.0)
-            norm.bias.fill_(offset)
-            projection.copy_(matrix.to(projection.dtype))
-        for parameter in (norm.weight, norm.bias, projection):
-            parameter.requires_grad_(False)
-
-
 @dataclass
 class ToyClipReport:
     """How the trained CLIP sees the world's validation split."""
@@ -146,6 +104,9 @@ class ToyClipReport:
     # World 2: share of (image, caption) pairs where the image is nearer its caption than the caption with
     # one claim (a shape, size or relation) made false; 0.5 is chance. None for world 1.
     claim_accuracy: float | None = None
+    # The gap built into the towers (tipcap.toy.gap_shapes.GapShape as a dict), or None when training alone
+    # made it.
+    gap: dict[str, Any] | None = None
 
 
 def _loss_with_negatives(images: torch.Tensor, texts: torch.Tensor, scale: float) -> torch.Tensor:
@@ -328,7 +289,7 @@ def train_toyclip(
     seed: int = 0,
     config: dict[str, Any] | None = None,
     stop: StopRule | None = None,
-    modality_offset: float | None = None,
+    gap: GapShape | None = None,
     scale_warmup: int = 0,
     negatives: Callable[[str, random.Random], str] | None = None,
     scene_supervision: float = 0.0,
@@ -342,12 +303,12 @@ def train_toyclip(
     far sooner than large ones for the same compute, and the escape is abrupt: on the 2,000-image world,
     300 steps of 64 stay collapsed (R@1 0.02) while 400 reach image→text R@1 0.38.
 
-    With ``stop``, training ends early by that rule, read on the world's validation split. With
-    ``modality_offset``, both towers' last layers are fixed by :func:`build_modality_gap`, so that the
-    modality gap has a real CLIP's geometry by construction. With ``scale_warmup``, the logit scale rises
-    from open_clip's initial 1/0.07 to 100 (geometrically) over that many steps: at 100 from the start,
-    random embeddings give logits so spread that training first collapses every embedding onto one,
-    and a short run may never leave it.
+    With ``stop``, training ends early by that rule, read on the world's validation split. With ``gap``,
+    both towers' last layers are fixed by :func:`tipcap.toy.gap_shapes.build_modality_gap`, so that the
+    modality gap has a real CLIP's geometry, in the shape ``gap`` sets, by construction. With
+    ``scale_warmup``, the logit scale rises from open_clip's initial 1/0.07 to 100 (geometrically) over
+    that many steps: at 100 from the start, random embeddings give logits so spread that training first
+    collapses every embedding onto one, and a short run may never leave it.
 
     World 2 only, with one patch per cell (:class:`SceneHead`): ``seeing_steps`` first train the image
     tower alone to read each cell's colour, shape and size and the scene's objects; ``scene_supervision``
@@ -379,8 +340,8 @@ def train_toyclip(
     pixels = _pixels(encoder, [karpathy.parent / e.relative_path for e in entries])
     model.logit_scale.data.fill_(math.log(100.0))
     model.logit_scale.requires_grad_(False)
-    if modality_offset is not None:
-        build_modality_gap(model, modality_offset, seed)
+    if gap is not None:
+        build_modality_gap(model, gap, seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     head = labels = None
     if seeing_steps or scene_supervision:
@@ -442,6 +403,7 @@ def train_toyclip(
     report = ToyClipReport(
         done, seconds, **measure(trained, karpathy), stop_reason=stop_reason,
         claim_accuracy=claim_accuracy(trained, karpathy) if scenes else None,
+        gap=asdict(gap) if gap is not None else None,
     )  # fmt: skip
     write_json_atomic(out / "toyclip_report.json", asdict(report))
     return spec, report
