@@ -122,9 +122,7 @@ def plot_atlas(atlas: dict[str, Any], path: str | Path) -> None:
             ax.scatter([x], [q[2]], color="white", edgecolors=color, zorder=3, s=18)
     ax.plot([], [], color="tab:green", linewidth=7, label="training: cos(t + noise, t)")
     ax.plot([], [], color="tab:purple", linewidth=7, label="inference: cos(mapped v, t)")
-    ax.set_xticks(
-        range(len(kinds)), [kind.replace("mean-isotropic-", "matched\n") for kind in kinds], fontsize=8
-    )
+    ax.set_xticks(range(len(kinds)), [kind.replace("mean-isotropic-", "") for kind in kinds], fontsize=8)
     ax.set_ylabel("cosine to the clean caption (5-25-50-75-95%)")
     prediction = atlas["prediction"]
     ax.set_title(
