@@ -256,6 +256,7 @@ def _interval(value: float, draws: list[float] | np.ndarray, confidence: float) 
 
 
 def _shell(cosines: torch.Tensor) -> dict[str, Any]:
+    """The mean and the :data:`QUANTILES` of cosines ``[n]``."""
     return {
         "mean": float(cosines.double().mean()),
         "quantiles": torch.quantile(cosines.double(), torch.tensor(QUANTILES, dtype=torch.float64)).tolist(),
@@ -285,13 +286,14 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
     scalar = ("mu_norm", "trace", "mean_share", "effective_rank")
     draws: dict[str, list] = {key: [] for key in (*scalar, "mean_top", "variance_top", "caption_share")}
     kind_draws = {kind: ([], []) for kind in KINDS}
-    first = dict.fromkeys(KINDS, 0)
+    top_counts = dict.fromkeys(KINDS, 0)
     generator = torch.Generator().manual_seed(config.seed + 2)
     for _ in range(config.resamples):
+        # How often each group is drawn, the training and the held-out half each resampled on its own.
         repeats = torch.cat(
             [
                 torch.bincount(torch.randint(0, half, (half,), generator=generator), minlength=half)
-                for _ in "ab"
+                for _ in range(2)
             ]
         )
         figures = _figures(Moments.combined(everything, repeats))
@@ -307,7 +309,7 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
         for kind, (log_likelihood, scale) in resampled.items():
             kind_draws[kind][0].append(log_likelihood)
             kind_draws[kind][1].append(scale)
-        first[max(KINDS, key=lambda k: resampled[k][0])] += 1
+        top_counts[max(KINDS, key=lambda k: resampled[k][0])] += 1
 
     conf = config.confidence
     sampled = _sampled(pairs, point, rotation, config)
@@ -317,7 +319,7 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
         kinds[kind] = {
             "held_out_log_likelihood": _interval(log_likelihood, kind_draws[kind][0], conf),
             "held_out_noise_scale": _interval(scale, kind_draws[kind][1], conf),
-            "best_in_resamples": first[kind] / config.resamples,
+            "best_in_resamples": top_counts[kind] / config.resamples,
             **sampled["kinds"][kind],
         }
     ranking = sorted(KINDS, key=lambda k: -held_out[k][0])
