@@ -110,6 +110,8 @@ def test_held_out_likelihoods_match_the_closed_form(anisotropic):
             assert kinds[kind]["held_out_log_likelihood"]["value"] is None  # a point mass: −∞
             continue
         measured = kinds[kind]["held_out_log_likelihood"]["value"]
+        interval = kinds[kind]["held_out_log_likelihood"]
+        assert interval["low"] < measured < interval["high"], kind
         assert measured == pytest.approx(kind_truth(kind, MU, covariance), abs=0.02), kind
     score = {k: kinds[k]["held_out_log_likelihood"]["value"] for k in KINDS if k != "mean-shift"}
     assert (

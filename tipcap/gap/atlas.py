@@ -10,9 +10,11 @@ second the held-out half.
 **Bootstrap.** Intervals come from resampling the groups' sufficient statistics with replacement, each
 half on its own (a stratified cluster bootstrap, ``resamples`` times, seeded): every figure that is a
 function of the moments (‖μ‖, tr Σ, the mean's share, the effective rank, axis concentration, the share
-shared by an image's captions, the held-out likelihoods) is recomputed on each resample. Figures that need
-each pair (cosines, kurtosis, the cosine shells) are measured on a seeded sample of at most ``sample``
-pairs and bootstrapped over its rows. Intervals are percentile intervals at ``confidence``.
+shared by an image's captions) is recomputed on each resample. The held-out likelihoods keep the fit on
+the whole training half and resample the held-out groups: refitting on a resample, whose duplicated groups
+hold fewer distinct pairs, would overfit and bias every score down. Figures that need each pair (cosines,
+kurtosis, the cosine shells) are measured on a seeded sample of at most ``sample`` pairs and bootstrapped
+over its rows. Intervals are percentile intervals at ``confidence``.
 
 **Held-out likelihood.** Each kind is a model of δ: a decoder trained on t + n, n ~ N(0, C), and fed
 x = v − m at inference sees x − t = δ − m where it learnt n, so the kind explains δ as N(m, C), with m = μ
@@ -227,20 +229,44 @@ def kind_model(
     return mean, noise_covariance(kind, covariance, sigma2, rotation=rotation)
 
 
-def _held_out(
-    train: Moments, test: Moments, sigma2: float, rotation: torch.Tensor
-) -> dict[str, tuple[float, float]]:
-    """Per kind, the held-out log-likelihood per pair and dimension and the held-out maximum-likelihood
-    scale of its covariance; (−∞, NaN) for ``mean-shift``'s point mass."""
+def _held_out_by_group(
+    train: Moments, held_out: list[Moments], sigma2: float, rotation: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per kind, fitted on the training half, each held-out group's log-likelihood and its sum of squared
+    Mahalanobis distances ``[groups, 2]`` (float64); (−∞, NaN) for ``mean-shift``'s point mass.
+
+    Both are sums over pairs, so any resample of the held-out groups scores as a weighted sum of these rows.
+    """
     mu, covariance = train.mean, train.covariance(shrink=True).matrix
     result = {}
     for kind in KINDS:
+        rows = torch.full((len(held_out), 2), math.nan, dtype=torch.float64)
         if kind == "mean-shift":
-            result[kind] = (-math.inf, math.nan)
-            continue
-        mean, noise = kind_model(kind, mu, covariance, sigma2, rotation)
-        log_likelihood, scale = gaussian_log_likelihood(test.weight, test.total, test.outer, mean, noise)
-        result[kind] = (log_likelihood / (test.weight * len(mu)), scale)
+            rows[:, 0] = -math.inf
+        else:
+            mean, noise = kind_model(kind, mu, covariance, sigma2, rotation)
+            for g, group in enumerate(held_out):
+                log_likelihood, scale = gaussian_log_likelihood(
+                    group.weight, group.total, group.outer, mean, noise
+                )
+                rows[g] = torch.tensor([log_likelihood, scale * group.weight * len(mu)], dtype=torch.float64)
+        result[kind] = rows
+    return result
+
+
+def _held_out(
+    by_group: dict[str, torch.Tensor], counts: torch.Tensor, repeats: torch.Tensor, dim: int
+) -> dict[str, tuple[float, float]]:
+    """Per kind, the log-likelihood per pair and dimension of the held-out groups counted ``repeats``
+    times, and the maximum-likelihood scale of the kind's covariance on them (the mean squared Mahalanobis
+    distance per dimension); ``counts`` ``[groups]`` are the groups' pairs."""
+    weights = repeats.double()
+    pairs = float(weights @ counts) * dim
+    result = {}
+    for kind, rows in by_group.items():
+        used = weights > 0  # a group left out of the resample adds nothing, even −∞
+        totals = (weights[used, None] * rows[used]).sum(0)
+        result[kind] = (float(totals[0]) / pairs, float(totals[1]) / pairs)
     return result
 
 
@@ -279,8 +305,9 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
     dim = len(point["mu"])
     rotation = random_rotation(dim, config.seed)
     train = Moments.combined(everything[:half], ones[:half])
-    test = Moments.combined(everything[half:], ones[half:])
-    held_out = _held_out(train, test, config.sigma2, rotation)
+    by_group = _held_out_by_group(train, everything[half:], config.sigma2, rotation)
+    counts = torch.tensor([m.weight for m in everything[half:]], dtype=torch.float64)
+    held_out = _held_out(by_group, counts, ones[half:], dim)
     caption_share = _caption_share(groups, ones)
 
     scalar = ("mu_norm", "trace", "mean_share", "effective_rank")
@@ -300,12 +327,7 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
         for key in (*scalar, "mean_top", "variance_top"):
             draws[key].append(figures[key])
         draws["caption_share"].append(_caption_share(groups, repeats))
-        resampled = _held_out(
-            Moments.combined(everything[:half], repeats[:half]),
-            Moments.combined(everything[half:], repeats[half:]),
-            config.sigma2,
-            rotation,
-        )
+        resampled = _held_out(by_group, counts, repeats[half:], dim)
         for kind, (log_likelihood, scale) in resampled.items():
             kind_draws[kind][0].append(log_likelihood)
             kind_draws[kind][1].append(scale)
@@ -342,7 +364,7 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
             "images": sum(g.images for g in groups),
             "groups": count,
             "training": train.count,
-            "held_out": test.count,
+            "held_out": int(counts.sum()),
             "sample": sampled["size"],
         },
         "dim": dim,
