@@ -278,3 +278,11 @@ def test_atlas_user_mistakes_give_one_line(stores, tmp_path, images, extra, mess
     assert len(lines) == 1 and lines[0].startswith("Error: ")
     assert message.format(root=root) in lines[0]
     assert not (tmp_path / "atlas.json").exists()
+
+
+def test_random_direction_reference_of_the_mean_concentration():
+    """For d = 2 the larger squared coordinate of a uniform direction holds E max(cos²θ, sin²θ) = ½ + 1/π."""
+    from tipcap.gap.shape import random_direction_concentration
+
+    assert random_direction_concentration(2, [0.5])[0] == pytest.approx(0.5 + 1 / math.pi, abs=0.015)
+    assert random_direction_concentration(50, [1.0]) == [pytest.approx(1.0)]

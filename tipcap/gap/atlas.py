@@ -48,6 +48,7 @@ from tipcap.gap.shape import (
     gaussian_log_likelihood,
     mean_share,
     pair_cosines,
+    random_direction_concentration,
     sample_rows,
     spectrum,
 )
@@ -375,6 +376,7 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
         },
         "concentration": {
             "fractions": FRACTIONS,
+            "mean_random_direction": random_direction_concentration(dim, FRACTIONS),
             **{
                 name: [
                     _interval(point[key][i], [d[i] for d in draws[key]], conf) for i in range(len(FRACTIONS))

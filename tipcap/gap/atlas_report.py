@@ -43,6 +43,9 @@ def format_atlas(atlas: dict[str, Any]) -> str:
         f"  cos captions        {_figure(atlas['cosines']['between_captions'])}",
         f"  top {percent} axes: mean "
         + ", ".join(f"{x['value']:.2f}" for x in atlas["concentration"]["mean"])
+        + " (random direction "
+        + ", ".join(f"{x:.2f}" for x in atlas["concentration"]["mean_random_direction"])
+        + ")"
         + "; variance "
         + ", ".join(f"{x['value']:.2f}" for x in atlas["concentration"]["variance"]),
         "  excess kurtosis     "
@@ -102,7 +105,13 @@ def plot_atlas(atlas: dict[str, Any], path: str | Path) -> None:
         ]
         label = "share of ||mu||^2" if name == "mean" else "share of diag Sigma"
         ax.bar([p + offset for p in positions], values, 0.4, yerr=errors, color=color, label=label)
-    ax.scatter(positions, fractions, marker="_", s=400, color="black", label="equal axes")
+    reference = atlas["concentration"]["mean_random_direction"]
+    ax.scatter(
+        [p - 0.2 for p in positions], reference, marker="_", s=300, color="navy", label="mu on random axes"
+    )
+    ax.scatter(
+        [p + 0.2 for p in positions], fractions, marker="_", s=300, color="black", label="equal variances"
+    )
     ax.set_xticks(list(positions), [f"top {round(100 * f)}%" for f in fractions])
     ax.set_ylim(0, 1)
     ax.set_title("Axis concentration")
