@@ -19,7 +19,8 @@ from tipcap.gap import (
     fit_cosine_mixture,
     noise_covariance,
 )
-from tipcap.gap.report import effective_rank, gap_report
+from tipcap.gap.report import gap_report
+from tipcap.gap.shape import effective_rank
 
 F64 = torch.float64
 D = 12

@@ -136,7 +136,7 @@ def _register() -> None:
         prepare.prepare_group, embed.embed_group, gap.fit_gap_command, train.train_command,
         caption.caption_command, evaluate.score_command, evaluate.evaluate_command, hub.push_command,
         toy.toyworld_command, toy.demo_command, grid.ablate_command, grid.compare_command,
-        serve.serve_command,
+        serve.serve_command, gap.gap_atlas_command,
     ):  # fmt: skip
         main.add_command(command)
 

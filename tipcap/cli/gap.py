@@ -1,5 +1,6 @@
 """``tipcap fit-gap``: fit the modality gap from embedding stores; its options are
-:class:`~tipcap.config.GapConfig`'s fields."""
+:class:`~tipcap.config.GapConfig`'s fields. ``tipcap gap-atlas``: measure the gap's shape and predict the
+bridge it favours, without training (:mod:`tipcap.gap.atlas`)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,42 @@ def fit_gap_command(
     if config.setting == "unpaired" and fit.pairs is not None:
         click.echo("  (cosines on the stores' true pairs, which the unpaired fit did not use)")
     click.echo(f"wrote {out}" + (f" and {plot}" if plot else ""))
+
+
+@click.command("gap-atlas")
+@click.option("--texts", "texts_dir", required=True, type=click.Path(file_okay=False), help="Caption store.")
+@click.option(
+    "--images", "images_dir", required=True, type=click.Path(file_okay=False),
+    help="Image store, paired with --texts by image id.",
+)  # fmt: skip
+@click.option(
+    "--pairs",
+    type=int,
+    default=None,
+    help="Draw this many of the stores' pairs (seeded by --seed); default all.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seeds the draw, the split and the bootstrap."
+)
+@click.option("--resamples", type=int, default=200, show_default=True, help="Bootstrap resamples.")
+@click.option(
+    "--out", default="gap-atlas", show_default=True, type=click.Path(file_okay=False),
+    help="Folder for atlas.json and atlas.png.",
+)  # fmt: skip
+def gap_atlas_command(
+    texts_dir: str, images_dir: str, pairs: int | None, seed: int, resamples: int, out: str
+) -> None:
+    """Measure the modality gap of paired stores without training: its shape, how well each bridge's noise
+    explains held-out pairs, and the bridge and noise scale that shape favours."""
+    from tipcap.gap.atlas import AtlasConfig, store_atlas
+    from tipcap.gap.atlas_report import format_atlas, write_atlas
+    from tipcap.store import EmbeddingStore
+
+    config = AtlasConfig(pairs=pairs, seed=seed, resamples=resamples)
+    config.check()
+    texts = EmbeddingStore.open(texts_dir, "--texts", "texts")
+    images = EmbeddingStore.open(images_dir, "--images", "images")
+    atlas = store_atlas(texts, images, config)
+    document, picture = write_atlas(atlas, out)
+    click.echo(format_atlas(atlas))
+    click.echo(f"wrote {document} and {picture}")

@@ -1,7 +1,8 @@
 """The modality gap: a Gaussian N(μ, Σ) estimated in four data settings, and the baseline kinds.
 
 ``Gap`` (model.py) maps embeddings across the gap; estimate.py fits μ and Σ per setting by streaming
-over embedding chunks; fit.py does it from embedding stores; report.py summarises and draws a gap.
+over embedding chunks; fit.py does it from embedding stores; report.py summarises and draws a gap;
+shape.py holds the figures of a gap's shape that report.py and atlas.py (``tipcap gap-atlas``) share.
 """
 
 from tipcap.config import CAPDEC_SIGMA2, GAP_KINDS, SETTINGS

@@ -32,7 +32,8 @@ from tipcap.gap.estimate import (
 )
 from tipcap.gap.model import LEARNABLE_KINDS, TRAIN_NOISE_KINDS, Gap, added_noise_covariance
 from tipcap.gap.moments import cholesky
-from tipcap.gap.report import effective_rank, gap_report, plot_gap
+from tipcap.gap.report import gap_report, plot_gap
+from tipcap.gap.shape import effective_rank
 from tipcap.provenance import sha256_file
 from tipcap.store import EmbeddingStore
 
@@ -170,7 +171,7 @@ def join_pairs(texts: EmbeddingStore, images: EmbeddingStore) -> Pairs:
     )
 
 
-def _check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
+def check_stores(texts: EmbeddingStore, images: EmbeddingStore | None) -> None:
     """Refuse stores of the wrong kind, of different CLIPs, or holding NaN or infinite values."""
     if texts.kind != "texts":
         raise TipcapError(f"--texts {texts.path}: is not a caption store (made by 'tipcap embed texts').")
@@ -202,7 +203,7 @@ def estimate_gap(
     """Estimate μ and Σ in ``setting`` from a caption store and (except text-only) an image store."""
     if setting not in SETTINGS:
         raise TipcapError(f"--setting {setting!r}: use one of {', '.join(SETTINGS)}.")
-    _check_stores(texts, images)
+    check_stores(texts, images)
     config = GapConfig(
         setting=setting, shrinkage=shrink, web_estimator=web_estimator, drop_quantile=drop_quantile,
         sigma2=sigma2,
@@ -269,7 +270,7 @@ def fit_gap(
     if config.learnable and kind not in LEARNABLE_KINDS:
         kinds = ", ".join(sorted(LEARNABLE_KINDS))
         raise TipcapError(f"--learnable (gap.learnable) applies to kinds {kinds}, not {kind!r}.")
-    _check_stores(texts, images)
+    check_stores(texts, images)
     dim = texts.dim
     info: dict[str, Any] = {"kind": kind, "texts": str(Path(texts.path).resolve())}
     if images is not None:

@@ -8,6 +8,7 @@ belief that a row is clean): every sum is then weighted and the total weight W t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,23 @@ class Moments:
         self.quartic += float((weighted_sq * sq).sum())
         self.sq_norm_weighted += weighted_sq @ x
         return self
+
+    @classmethod
+    def combined(cls, parts: Sequence[Moments], repeats: Sequence[int] | torch.Tensor) -> Moments:
+        """The moments of the union of ``parts`` (of equal width), part i counted ``repeats[i]`` times:
+        a bootstrap resample of parts in O(d²) memory."""
+        out = cls(parts[0].dim)
+        for part, times in zip(parts, [int(r) for r in repeats], strict=True):
+            if times == 0:
+                continue
+            out.count += times * part.count
+            out.weight += times * part.weight
+            out.total += times * part.total
+            out.outer += times * part.outer
+            out.sq_norms += times * part.sq_norms
+            out.quartic += times * part.quartic
+            out.sq_norm_weighted += times * part.sq_norm_weighted
+        return out
 
     @property
     def mean(self) -> torch.Tensor:

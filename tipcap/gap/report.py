@@ -1,4 +1,7 @@
-"""What a fitted gap looks like: summary figures and a picture (PCA of the embeddings, spectrum of Σ)."""
+"""What a fitted gap looks like: summary figures and a picture (PCA of the embeddings, spectrum of Σ).
+
+The figures come from :mod:`tipcap.gap.shape`, which ``tipcap gap-atlas`` measures with too.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import torch
 from tipcap.config import CAPDEC_SIGMA2
 from tipcap.gap.estimate import Pairs
 from tipcap.gap.model import TRAIN_NOISE_KINDS, Gap
+from tipcap.gap.shape import effective_rank, pair_cosines, sample_pairs, spectrum
 from tipcap.io import atomic_path
 
 _INFO_KEYS = (
@@ -18,25 +22,6 @@ _INFO_KEYS = (
     "tangential_gaussian", "tangential_total_match", "rotation_seed",
 )  # fmt: skip
 """Options of a kind's fit that the report repeats from the gap's info when the fit recorded them."""
-
-
-def effective_rank(eigenvalues: torch.Tensor) -> float:
-    """The participation ratio (Σλ)²/Σλ² = (tr Σ)²/tr(Σ²) of a covariance's eigenvalues ``[d]``.
-
-    d for an isotropic Σ, k for k equal eigenvalues and the rest zero, 0 for no noise.
-    """
-    positive = eigenvalues.double().clamp(min=0)
-    square = float((positive * positive).sum())
-    return float(positive.sum()) ** 2 / square if square > 0 else 0.0
-
-
-def sample_pairs(pairs: Pairs, limit: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A seeded random subset of at most ``limit`` pairs, as float32 ``(v, t)`` ``[n, d]``."""
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randperm(len(pairs), generator=generator)[:limit].sort().values
-    v = pairs.images.gather(pairs.image_index[rows]).float()
-    t = pairs.texts.gather(pairs.text_index[rows]).float()
-    return v, t
 
 
 def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dict[str, Any]:
@@ -55,7 +40,7 @@ def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dic
     the two sides as the decoder sees them (``to_text(v)`` against ``text_side(t)``).
     """
     with torch.no_grad():
-        eigenvalues = torch.linalg.eigvalsh(gap.training_noise_covariance.double()).flip(0)
+        eigenvalues = spectrum(gap.training_noise_covariance)
         norms_from = gap.covariance.double() if gap.kind in TRAIN_NOISE_KINDS else None
         report: dict[str, Any] = {
             "kind": gap.kind,
@@ -79,10 +64,9 @@ def gap_report(gap: Gap, pairs: Pairs | None = None, limit: int = 20_000) -> dic
                 report[key] = gap.info[key]
         if pairs is not None and len(pairs) > 0:
             v, t = sample_pairs(pairs, limit)
-            cosine = torch.nn.functional.cosine_similarity
             report["matched_pairs"] = len(v)
-            report["cosine_before"] = float(cosine(v, t).mean())
-            report["cosine_after"] = float(cosine(gap.to_text(v), gap.text_side(t)).mean())
+            report["cosine_before"] = float(pair_cosines(v, t).mean())
+            report["cosine_after"] = float(pair_cosines(gap.to_text(v), gap.text_side(t)).mean())
     return report
 
 
@@ -153,7 +137,7 @@ def plot_gap(gap: Gap, pairs: Pairs | None, path: str | Path, points: int = 1500
 
     path = Path(path)
     with torch.no_grad():
-        eigenvalues = torch.linalg.eigvalsh(gap.covariance.double()).flip(0).clamp(min=1e-12)
+        eigenvalues = spectrum(gap.covariance).clamp(min=1e-12)
         figure, axes = plt.subplots(
             1, 2 if pairs is not None else 1, figsize=(12 if pairs is not None else 6, 5)
         )
