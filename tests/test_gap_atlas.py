@@ -95,6 +95,15 @@ def test_moment_figures_match_the_known_gaussian(anisotropic):
     assert atlas["gap"]["spectrum"] == pytest.approx(eigenvalues.tolist(), rel=0.06)
     for name in ("mu_norm", "trace", "effective_rank"):
         assert gap[name]["low"] < gap[name]["value"] < gap[name]["high"]
+    # The jackknife half-widths track the sampling errors: tr Σ̂'s sqrt(2 tr Σ² / n), ‖μ̂‖'s
+    # sqrt(μᵀΣμ / ‖μ‖² / n), each times the normal quantile.
+    errors = {
+        "trace": math.sqrt(2 * float((covariance**2).sum()) / N),
+        "mu_norm": math.sqrt(float(MU @ covariance @ MU) / float(MU @ MU) / N),
+    }
+    for name, error in errors.items():
+        half_width = (gap[name]["high"] - gap[name]["low"]) / 2
+        assert 0.5 < half_width / (1.96 * error) < 2, name
     assert atlas["pairs"] == {
         "available": N, "drawn": N, "images": N, "groups": 40, "training": N // 2, "held_out": N // 2,
         "sample": N,

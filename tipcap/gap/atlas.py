@@ -7,14 +7,12 @@ Ledoit–Wolf sums) are accumulated chunk by chunk, in float64: memory is O(grou
 of pairs (40 · 768² · 8 bytes ≈ 190 MB at d = 768). The first half of the groups is the training half, the
 second the held-out half.
 
-**Bootstrap.** Intervals come from resampling the groups' sufficient statistics with replacement, each
-half on its own (a stratified cluster bootstrap, ``resamples`` times, seeded): every figure that is a
-function of the moments (‖μ‖, tr Σ, the mean's share, the effective rank, axis concentration, the share
-shared by an image's captions) is recomputed on each resample. The held-out likelihoods keep the fit on
-the whole training half and resample the held-out groups: refitting on a resample, whose duplicated groups
-hold fewer distinct pairs, would overfit and bias every score down. Figures that need each pair (cosines,
-kurtosis, the cosine shells) are measured on a seeded sample of at most ``sample`` pairs and bootstrapped
-over its rows. Intervals are percentile intervals at ``confidence``.
+**Intervals.** The figures that are functions of the moments (‖μ‖, tr Σ, the mean's share, the effective
+rank, axis concentration, the share shared by an image's captions) get delete-one-group jackknife
+t-intervals. The held-out likelihoods keep the fit on the whole training half and bootstrap the held-out
+groups (``resamples`` times, seeded). Figures that need each pair (cosines, kurtosis, the cosine shells)
+are measured on a seeded sample of at most ``sample`` pairs and bootstrapped over its rows (percentile
+intervals at ``confidence``).
 
 **Held-out likelihood.** Each kind is a model of δ: a decoder trained on t + n, n ~ N(0, C), and fed
 x = v − m at inference sees x − t = δ − m where it learnt n, so the kind explains δ as N(m, C), with m = μ
@@ -282,6 +280,17 @@ def _interval(value: float, draws: list[float] | np.ndarray, confidence: float) 
     return {"value": value, "low": float(low), "high": float(high)}
 
 
+def _jackknife(value: float, left_out: list[float], confidence: float) -> dict[str, float | None]:
+    """A point value and its jackknife t-interval from the values ``left_out`` with each group left out."""
+    draws = np.asarray(left_out, dtype=np.float64)
+    if not math.isfinite(value) or not np.isfinite(draws).all():
+        return {"value": value if math.isfinite(value) else None, "low": None, "high": None}
+    groups = len(draws)
+    error = math.sqrt((groups - 1) / groups * float(((draws - draws.mean()) ** 2).sum()))
+    half = float(scipy.stats.t.ppf((1 + confidence) / 2, groups - 1)) * error
+    return {"value": value, "low": value - half, "high": value + half}
+
+
 def _shell(cosines: torch.Tensor) -> dict[str, Any]:
     """The mean and the :data:`QUANTILES` of cosines ``[n]``."""
     return {
@@ -312,23 +321,21 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
     caption_share = _caption_share(groups, ones)
 
     scalar = ("mu_norm", "trace", "mean_share", "effective_rank")
+    # Jackknifed: a bootstrap resample repeats groups, which the shrunk covariance counts as distinct pairs.
     draws: dict[str, list] = {key: [] for key in (*scalar, "mean_top", "variance_top", "caption_share")}
+    for left_out in range(count):
+        kept = ones - (torch.arange(count) == left_out).long()
+        figures = _figures(Moments.combined(everything, kept))
+        for key in (*scalar, "mean_top", "variance_top"):
+            draws[key].append(figures[key])
+        draws["caption_share"].append(_caption_share(groups, kept))
     kind_draws = {kind: ([], []) for kind in KINDS}
     top_counts = dict.fromkeys(KINDS, 0)
     generator = torch.Generator().manual_seed(config.seed + 2)
-    for _ in range(config.resamples):
-        # How often each group is drawn, the training and the held-out half each resampled on its own.
-        repeats = torch.cat(
-            [
-                torch.bincount(torch.randint(0, half, (half,), generator=generator), minlength=half)
-                for _ in range(2)
-            ]
-        )
-        figures = _figures(Moments.combined(everything, repeats))
-        for key in (*scalar, "mean_top", "variance_top"):
-            draws[key].append(figures[key])
-        draws["caption_share"].append(_caption_share(groups, repeats))
-        resampled = _held_out(by_group, counts, repeats[half:], dim)
+    held = count - half
+    for _ in range(config.resamples):  # how often each held-out group is drawn
+        repeats = torch.bincount(torch.randint(0, held, (held,), generator=generator), minlength=held)
+        resampled = _held_out(by_group, counts, repeats, dim)
         for kind, (log_likelihood, scale) in resampled.items():
             kind_draws[kind][0].append(log_likelihood)
             kind_draws[kind][1].append(scale)
@@ -370,16 +377,16 @@ def gap_atlas(pairs: Pairs, config: AtlasConfig) -> dict[str, Any]:
         },
         "dim": dim,
         "gap": {
-            **{key: _interval(point[key], draws[key], conf) for key in scalar},
+            **{key: _jackknife(point[key], draws[key], conf) for key in scalar},
             "spectrum": point["eigenvalues"].tolist(),
-            "caption_share": _interval(caption_share, draws["caption_share"], conf),
+            "caption_share": _jackknife(caption_share, draws["caption_share"], conf),
         },
         "concentration": {
             "fractions": FRACTIONS,
             "mean_random_direction": random_direction_concentration(dim, FRACTIONS),
             **{
                 name: [
-                    _interval(point[key][i], [d[i] for d in draws[key]], conf) for i in range(len(FRACTIONS))
+                    _jackknife(point[key][i], [d[i] for d in draws[key]], conf) for i in range(len(FRACTIONS))
                 ]
                 for name, key in (("mean", "mean_top"), ("variance", "variance_top"))
             },

@@ -30,8 +30,8 @@ def format_atlas(atlas: dict[str, Any]) -> str:
     percent = ", ".join(f"{round(100 * f)}%" for f in atlas["concentration"]["fractions"])
     lines = [
         f"gap atlas: {pairs['drawn']:,} pairs of {pairs['available']:,} ({pairs['images']:,} images), d = "
-        f"{atlas['dim']}; {level}% intervals from {settings['resamples']} bootstrap resamples of "
-        f"{pairs['groups']} image groups",
+        f"{atlas['dim']}; {level}% intervals: moments jackknifed over {pairs['groups']} image groups, "
+        f"scores from {settings['resamples']} bootstrap resamples",
         f"  ||mu||              {_figure(gap['mu_norm'])}",
         f"  tr Sigma            {_figure(gap['trace'])}",
         f"  mean's share        {_figure(gap['mean_share'])}  (||mu||^2 / E||delta||^2)",
