@@ -161,13 +161,13 @@ def test_quick_demo_of_world_2_separates_the_methods(quick_demo):
     its digits are every x86-64 machine's with the same package versions). Each stage is timed; four methods,
     the prompt-trained one (its module trained alone on the Gaussian decoder, frozen) also with CLIP's
     guesses and with the scene's objects as prompt words; and the separations the world is built for, with
-    margins under what seed 0 gives (pinned; seeds 0-5 in experiments/README §5.3): gaussian − none +0.120
-    CIDEr, CLIP R@1 0.93, matched cosine 0.39 against 0.62 between images, claim accuracy 0.70; without words
+    margins under what seed 0 gives (pinned; seeds 0-5 in experiments/README §5.3): gaussian − none +0.646
+    CIDEr, CLIP R@1 0.94, matched cosine 0.38 against 0.62 between images, claim accuracy 0.72; without words
     the prompt-trained decoder writes the Gaussian's captions word for word; with the scene's objects as
-    guided prompt words, adherence 0.92 and object F1 0.95 against 0.34 without."""
+    guided prompt words, adherence 0.92 and object F1 0.95 against 0.29 without."""
     out, cache, result = quick_demo
     assert result.returncode == 0, result.stderr
-    stages = ("toy world: generated in", "toy CLIP: 800 steps of the image tower alone and 150 contrastive "
+    stages = ("toy world: generated in", "toy CLIP: 500 steps of the image tower alone and 150 contrastive "
               "steps in", "grid: finished in")  # fmt: skip
     for stage in stages:
         assert stage in result.stderr, result.stderr
@@ -188,7 +188,7 @@ def test_quick_demo_of_world_2_separates_the_methods(quick_demo):
     cider = {key: float(row["CIDEr"]) for key, row in scores.items()}
     f1 = {key: float(row["object_f1"]) for key, row in scores.items()}
     bridged, oracle = ("gaussian-few-pairs", "none"), (prompted, "oracle")
-    assert cider[bridged] - cider[("none", "none")] >= 0.05, cider
+    assert cider[bridged] - cider[("none", "none")] >= 0.3, cider
     # The module trained alone on the frozen Gaussian decoder: without words, the very same captions.
     evaluations = out / "eval"
     assert (evaluations / f"{prompted}-seed0-none" / "predictions.json").read_bytes() == (
