@@ -119,8 +119,10 @@ def load_recipe(path: Path) -> Recipe:
     """
     data = read_yaml_mapping(path, f"{path}: no such recipe.", "a mapping of recipe fields")
     recipe = from_dict(Recipe, data, str(path))
-    for key, metrics in (("published.metrics", recipe.published.metrics), ("tolerance.metrics",
-                         recipe.tolerance.metrics)):  # fmt: skip
+    for key, metrics in (
+        ("published.metrics", recipe.published.metrics),
+        ("tolerance.metrics", recipe.tolerance.metrics),
+    ):
         for name in metrics:
             _check_metric(name, f"{path}: {key}")
     untolerated = [m for m in recipe.published.metrics if m not in recipe.tolerance.metrics]
@@ -128,7 +130,9 @@ def load_recipe(path: Path) -> Recipe:
         raise TipcapError(f"{path}: tolerance.metrics gives no tolerance for {', '.join(untolerated)}.")
     cells = [cell.get("name") for cell in recipe.grid.get("cells", []) if isinstance(cell, dict)]
     if recipe.cell not in cells:
-        raise TipcapError(f"{path}: cell {recipe.cell!r} is not one of its grid's cells ({', '.join(cells)}).")
+        raise TipcapError(
+            f"{path}: cell {recipe.cell!r} is not one of its grid's cells ({', '.join(cells)})."
+        )
     if recipe.name != path.stem:
         raise TipcapError(f"{path}: name {recipe.name!r} differs from the file's name; rename one.")
     if recipe.data.evaluated_on == "nocaps" and recipe.grid.get("eval_split", "test") != "val":
@@ -144,8 +148,10 @@ def recipe_paths(folder: Path = RECIPES_DIR) -> list[Path]:
             ``experiments/``).
     """
     if not folder.is_dir():
-        raise TipcapError(f"--recipes {folder}: no such folder; pass the experiments/reproduce folder of a "
-                          "clone of the repository.")  # fmt: skip
+        raise TipcapError(
+            f"--recipes {folder}: no such folder; pass the experiments/reproduce folder of a "
+            "clone of the repository."
+        )
     return sorted(folder.glob("*.yaml"))
 
 
@@ -164,8 +170,10 @@ def find_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
 
 def listing(recipes: list[Recipe]) -> str:
     """A Markdown table of the recipes: data, the published numbers (×100) and their source."""
-    lines = ["| recipe | paper | trained on → evaluated on | published (×100) | tolerance | source |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| recipe | paper | trained on → evaluated on | published (×100) | tolerance | source |",
+        "|---|---|---|---|---|---|",
+    ]
     for recipe in recipes:
         published = ", ".join(f"{m} {v:g}" for m, v in recipe.published.metrics.items()) or "— (not read)"
         tolerance = ", ".join(f"{m} ±{recipe.tolerance.metrics[m]:g}" for m in recipe.compared) or "—"
@@ -186,4 +194,3 @@ def metric_value(metric: str, overall: dict[str, Any], domains: dict[str, dict[s
     source = domains.get(domain, {}) if domain else overall
     value = source.get(name)
     return None if value is None else float(value) * SCALE
-
