@@ -223,3 +223,14 @@ def test_smoke_runs_every_stage_on_a_sample(three_splits, tmp_path):
     assert (out / "smoke" / "reproduce.md").read_text().startswith("**Smoke run**")
     evaluated = load_json(out / "smoke" / "grid" / "eval" / "capdec-seed0-none" / "predictions.json")
     assert len(evaluated) == 8
+
+
+def test_a_recipe_without_a_tolerance_for_a_published_metric_is_refused(tmp_path):
+    recipe = yaml.safe_load((RECIPES / "capdec-coco.yaml").read_text())
+    del recipe["tolerance"]["metrics"]["CIDEr"]
+    (tmp_path / "capdec-coco.yaml").write_text(yaml.safe_dump(recipe))
+    result = run("reproduce", "--list", "--recipes", tmp_path)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: {tmp_path / 'capdec-coco.yaml'}: tolerance.metrics gives no tolerance for CIDEr."
+    )

@@ -59,7 +59,7 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        # A small slack: a difference printed as exactly the tolerance counts as within it.
+        # Floating-point slack: a difference equal to the tolerance is within it.
         return self.difference is not None and abs(self.difference) <= self.tolerance + 1e-9
 
 
@@ -81,9 +81,10 @@ def report_markdown(
     """``reproduce.md``: the verdict table (with each metric's per-seed values), the recipe's statement of
     architecture and deviations, and the run's provenance (``record``)."""
     passed = sum(v.passed for v in verdicts)
-    overall = "PASS" if verdicts and passed == len(verdicts) else "FAIL"
+    overall = "PASS" if passed == len(verdicts) else "FAIL"
+    verdict = f"{overall} ({passed} of {len(verdicts)} metrics within tolerance)"
     lines = [
-        f"# Reproduction of {recipe.name}: {overall} ({passed} of {len(verdicts)} metrics within tolerance)",
+        f"# Reproduction of {recipe.name}: {verdict if verdicts else 'no published number to compare with'}",
         "",
         f"{recipe.paper}, {recipe.venue}; {recipe.table}.",
         f"Published numbers: {recipe.published.source}.",
