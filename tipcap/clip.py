@@ -191,6 +191,19 @@ def _cached_tag_weights(tag_cfg: dict[str, Any]) -> str | None:
     return None
 
 
+def local_weights(spec: ClipSpec) -> str | None:
+    """The weights file of ``spec`` on this machine without downloading: its own file, or its tag's cached
+    copy; ``None`` for random weights (``none``), an unknown tag, or weights that only a download gives."""
+    if spec.weights_path is not None:
+        return str(spec.weights_path)
+    if spec.pretrained == "none":
+        return None
+    import open_clip
+
+    tag_cfg = open_clip.get_pretrained_cfg(spec.model, spec.pretrained)
+    return _cached_tag_weights(tag_cfg) if tag_cfg else None
+
+
 def _fetch_tag_weights(spec: ClipSpec, tag_cfg: dict[str, Any]) -> str:
     """Path of a tag's weights: from the cache, or downloaded when the source host answers.
 

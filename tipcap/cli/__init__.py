@@ -130,13 +130,13 @@ def main(context: click.Context, threads: int | None) -> None:
 
 def _register() -> None:
     """Add each module's commands to the root group."""
-    from tipcap.cli import caption, embed, evaluate, gap, grid, hub, prepare, serve, toy, train
+    from tipcap.cli import caption, embed, evaluate, gap, grid, hub, prepare, reproduce, serve, toy, train
 
     for command in (
         prepare.prepare_group, embed.embed_group, gap.fit_gap_command, train.train_command,
         caption.caption_command, evaluate.score_command, evaluate.evaluate_command, hub.push_command,
         toy.toyworld_command, toy.demo_command, grid.ablate_command, grid.compare_command,
-        serve.serve_command, gap.gap_atlas_command,
+        serve.serve_command, gap.gap_atlas_command, reproduce.reproduce_command,
     ):  # fmt: skip
         main.add_command(command)
 
