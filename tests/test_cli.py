@@ -35,18 +35,23 @@ def test_version_and_help():
     assert "--image-root" in result.output and "--limit" in result.output and "--strict" in result.output
 
 
-def test_threads_option_sets_torchs_threads_and_passive_waiting():
+def test_threads_option_sets_torchs_threads_and_a_bounded_spin():
     # In a fresh interpreter: a thread count set and reset in this one changes how later encodings round.
     code = (
         "import os, torch; from click.testing import CliRunner; from tipcap.cli import main; "
         "assert CliRunner().invoke(main, ['--threads', '1', 'train', '--help']).exit_code == 0; "
-        "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], os.environ['OMP_WAIT_POLICY'])"
+        "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'], os.environ.get('GOMP_SPINCOUNT'), "
+        "os.environ.get('OMP_WAIT_POLICY'))"
     )
-    unset = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "TIPCAP_THREADS")
+    unset = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "TIPCAP_THREADS")
     env = {k: v for k, v in os.environ.items() if k not in unset}
     found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     # Read by OpenMP when torch loads in a fresh process: the command sets them before loading it.
-    assert found.stdout.split() == ["1", "1", "PASSIVE"]
+    assert found.stdout.split() == ["1", "1", "3000", "None"]
+    # A wait policy the user set is theirs: no spin count is added to it.
+    env["OMP_WAIT_POLICY"] = "PASSIVE"
+    found = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert found.stdout.split() == ["1", "1", "None", "PASSIVE"]
     result = run("--threads", "0", "train", "--help")
     assert result.exit_code != 0 and "--threads" in result.output
 
