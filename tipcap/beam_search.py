@@ -1,0 +1,292 @@
+"""Batched beam search and greedy decoding over ``inputs_embeds``, with a key-value cache allocated once.
+
+``transformers``' ``generate`` keeps the key-value cache in a ``DynamicCache``: every step concatenates the
+new keys and values onto the whole cache (a copy of it), and beam search then reorders the whole cache by
+``index_select`` (another copy). In batched beam search those copies took most of the time. Here the cache
+(:class:`BeamCache`) is one buffer per layer, ``[B·beams, heads, context + max_new_tokens, head_dim]``,
+allocated at the first step; a step writes its keys and values into the next slot in place, and reordering
+beams moves the generated slots only, in place: every beam of an input shares its context, so the context
+slots never move. The context runs through the language model once per input, not once per beam.
+
+The search is ``generate``'s, step for step, with its defaults (``transformers`` 5): beams scored by the sum
+of their tokens' log-probabilities (after the logits processors), ``2 · num_beams`` candidates kept per step
+so that ``num_beams`` stay unfinished, a finished hypothesis scored by its sum divided by its length (end of
+text included; ``length_penalty`` 1.0), the ``num_beams`` best finished ones kept per input, an input done
+once its best unfinished beam, divided by the current length, cannot beat its worst finished one
+(``early_stopping=False``), and every beam finished at ``max_new_tokens``. ``num_beams`` 1 is
+``generate``'s greedy decoding: the processors see the raw logits, finished rows are fed the pad token.
+
+Ties: candidates of equal score are ranked by ``torch.topk``, as in ``generate``, over tensors of the same
+shape and values, so they are ranked alike. The two paths can differ only where the language model's
+outputs differ in their last bits between a batch of ``B`` inputs and one of ``B·beams`` rows (the
+context's forward pass) or between a contiguous cache and views into a larger buffer (the attention over
+it); where that turns the order of two candidates, their scores were equal to float32 rounding, and either
+caption is a correct result of the search.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import nn
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache, DynamicLayer
+
+from tipcap.language_model import padding_warning_filtered
+
+Search = Literal["tipcap", "transformers"]
+"""Which search decodes: this module's (``tipcap``), or ``transformers``' ``generate``, its reference."""
+SEARCHES: tuple[str, ...] = ("tipcap", "transformers")
+NEGATIVE = -1.0e9
+"""The score ``generate`` adds to rule a beam out (finished, or beyond the first beam at the start)."""
+
+
+class BeamCacheLayer(DynamicLayer):
+    """One layer's keys and values in buffers allocated once: ``[rows, heads, capacity, head_dim]``.
+
+    :meth:`update` writes the new positions into the next slots and returns views of the filled ones, so
+    the attention reads ``[rows, heads, length, head_dim]`` as from a ``DynamicLayer``, without a copy. A
+    batch of fewer rows than ``rows`` (the context, once per input) is written into each of its
+    ``rows // batch`` consecutive rows (the beams of that input).
+
+    Args:
+        capacity: the most positions the layer holds (context and generated tokens).
+        rows: the rows of the buffers (inputs × beams).
+    """
+
+    def __init__(self, capacity: int, rows: int):
+        super().__init__()
+        self.capacity = capacity
+        self.rows = rows
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        heads = key_states.shape[1]
+        self.keys = key_states.new_empty(self.rows, heads, self.capacity, key_states.shape[-1])
+        self.values = value_states.new_empty(self.rows, heads, self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``[b, heads, n, head_dim]`` keys and values into the next ``n`` slots; return the filled
+        slots ``[b, heads, length, head_dim]`` (for ``b`` inputs, each input's first beam)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        batch = key_states.shape[0]
+        for buffer, states in ((self.keys, key_states), (self.values, value_states)):
+            slots = buffer[:, :, start:end].unflatten(0, (batch, self.rows // batch))
+            slots.copy_(states.unsqueeze(1))
+        self.length = end
+        step = self.rows // batch
+        return self.keys[::step, :, :end], self.values[::step, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_slots(self, rows: torch.Tensor, start: int) -> None:
+        """Row ``i`` of the slots from ``start`` on becomes row ``rows[i]``'s, in place."""
+        for buffer in (self.keys, self.values):
+            slots = buffer[:, :, start : self.length]
+            slots.copy_(slots.index_select(0, rows))
+
+
+class BeamCache(Cache):
+    """A key-value cache of :class:`BeamCacheLayer` s, made for one batch.
+
+    Args:
+        capacity: positions per row (context and the most generated tokens).
+        rows: inputs × beams.
+    """
+
+    def __init__(self, capacity: int, rows: int):
+        # One layer per language-model layer, made as the model first writes into it.
+        super().__init__(layer_class_to_replicate=partial(BeamCacheLayer, capacity, rows))
+
+    def reorder_slots(self, rows: torch.Tensor, start: int) -> None:
+        """Reorder every layer's slots from ``start`` on (:meth:`BeamCacheLayer.reorder_slots`)."""
+        for layer in self.layers:
+            layer.reorder_slots(rows, start)
+
+
+def decode(
+    language_model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    context: torch.Tensor,
+    mask: torch.Tensor,
+    num_beams: int,
+    max_new_tokens: int,
+    logits_processor: LogitsProcessorList,
+    search: Search = "tipcap",
+) -> torch.Tensor:
+    """Caption tokens ``[B, T]`` for a left-padded context ``[B, C, W]`` (mask ``[B, C]``) by ``search``:
+    :func:`search_tokens`, or ``generate`` with the same settings (pad tokens after the end of text)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if search == "tipcap":
+        return search_tokens(
+            language_model, context, mask, num_beams, max_new_tokens, eos, pad, logits_processor
+        )
+    with padding_warning_filtered():
+        return language_model.generate(
+            inputs_embeds=context,
+            attention_mask=mask,
+            logits_processor=logits_processor,
+            num_beams=num_beams,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+
+
+def _step_logits(output) -> torch.Tensor:
+    """The last position's logits ``[rows, vocab]`` in float32, copied (as ``generate`` takes them)."""
+    return output.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+
+
+@torch.inference_mode()
+def search_tokens(
+    language_model: nn.Module,
+    context: torch.Tensor,
+    mask: torch.Tensor,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    logits_processor: LogitsProcessorList,
+) -> torch.Tensor:
+    """The best caption's tokens ``[B, T]`` (``T ≤ max_new_tokens``; the end-of-text token included, pad
+    tokens after it) for a left-padded context ``[B, C, W]`` with its mask ``[B, C]``: beam search over
+    ``num_beams`` beams, or greedy decoding for 1 (see the module)."""
+    batch, length = mask.shape
+    rows = batch * num_beams
+    cache = BeamCache(length + max_new_tokens, rows)
+    # generate drops a mask of all ones (no padding), which takes the attention's unmasked path.
+    full = bool((mask == 1).all())
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    output = language_model(
+        inputs_embeds=context,
+        attention_mask=None if full else mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = _step_logits(output).repeat_interleave(num_beams, dim=0)
+    del output
+    row_mask = mask.repeat_interleave(num_beams, dim=0)
+    last_position = positions[:, -1:].repeat_interleave(num_beams, dim=0)
+
+    def forward(tokens: torch.Tensor, step: int) -> torch.Tensor:
+        grown = None if full else torch.cat([row_mask, row_mask.new_ones(rows, step)], dim=1)
+        output = language_model(
+            input_ids=tokens[:, None],
+            attention_mask=grown,
+            position_ids=last_position + step,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return _step_logits(output)
+
+    if num_beams == 1:
+        return _greedy(logits, forward, max_new_tokens, eos_token_id, pad_token_id, logits_processor)
+    return _beams(
+        logits, forward, cache, length, batch, num_beams, max_new_tokens, eos_token_id, pad_token_id,
+        logits_processor,
+    )  # fmt: skip
+
+
+def _greedy(
+    logits: torch.Tensor,
+    forward: Callable[[torch.Tensor, int], torch.Tensor],
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    logits_processor: LogitsProcessorList,
+) -> torch.Tensor:
+    """``generate``'s greedy decoding from the context's logits ``[B, V]``: tokens ``[B, T]``."""
+    tokens = torch.empty(len(logits), 0, dtype=torch.long, device=logits.device)
+    unfinished = torch.ones(len(logits), dtype=torch.bool, device=logits.device)
+    while True:
+        chosen = logits_processor(tokens, logits).argmax(dim=-1)
+        chosen = torch.where(unfinished, chosen, pad_token_id)
+        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+        unfinished &= chosen != eos_token_id
+        if not unfinished.any() or tokens.shape[1] >= max_new_tokens:
+            return tokens
+        logits = forward(chosen, tokens.shape[1])
+
+
+def _beams(
+    logits: torch.Tensor,
+    forward: Callable[[torch.Tensor, int], torch.Tensor],
+    cache: BeamCache,
+    context_length: int,
+    batch: int,
+    num_beams: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    logits_processor: LogitsProcessorList,
+) -> torch.Tensor:
+    """``generate``'s beam search from the context's logits ``[B·beams, V]``: the best finished
+    hypothesis's tokens ``[B, T]``."""
+    device = logits.device
+    keep = 2 * num_beams
+    vocabulary = logits.shape[-1]
+    running = torch.full((batch, num_beams, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    finished = running.clone()
+    running_scores = torch.zeros(batch, num_beams, device=device)
+    # Only the first beam is live at the start: the others would repeat its candidates.
+    running_scores[:, 1:] = NEGATIVE
+    finished_scores = torch.full((batch, num_beams), NEGATIVE, device=device)
+    is_finished = torch.zeros(batch, num_beams, dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
+    # Only the best num_beams candidates of a step may enter the finished hypotheses.
+    top = torch.arange(keep, device=device) < num_beams
+    offsets = torch.arange(batch, device=device)[:, None] * num_beams
+    step = 0
+    while True:
+        log_probs = nn.functional.log_softmax(logits, dim=-1)
+        log_probs = logits_processor(running[:, :, :step].flatten(0, 1), log_probs)
+        scores = (log_probs.view(batch, num_beams, -1) + running_scores[:, :, None]).view(batch, -1)
+        candidate_scores, candidates = torch.topk(scores, k=keep)
+        parents = candidates // vocabulary
+        tokens = candidates % vocabulary
+        sequences = running.gather(1, parents[:, :, None].expand(-1, -1, max_new_tokens))
+        sequences[:, :, step] = tokens
+        ends = (tokens == eos_token_id) | (step + 1 >= max_new_tokens)
+
+        live_scores = candidate_scores + ends.float() * NEGATIVE
+        chosen = torch.topk(live_scores, k=num_beams)[1]
+        running = sequences.gather(1, chosen[:, :, None].expand(-1, -1, max_new_tokens))
+        running_scores = live_scores.gather(1, chosen)
+        beam_rows = (parents.gather(1, chosen) + offsets).flatten()
+
+        just_finished = ends & top[None, :]
+        normalised = candidate_scores / ((step + 1) ** 1.0)
+        normalised = normalised + (~improvable).float() * NEGATIVE
+        normalised = normalised + (~just_finished) * NEGATIVE
+        merged_scores = torch.cat([finished_scores, normalised], dim=1)
+        best = torch.topk(merged_scores, k=num_beams)[1]
+        finished = torch.cat([finished, sequences], dim=1).gather(
+            1, best[:, :, None].expand(-1, -1, max_new_tokens)
+        )
+        finished_scores = merged_scores.gather(1, best)
+        is_finished = torch.cat([is_finished, just_finished], dim=1).gather(1, best)
+
+        cache.reorder_slots(beam_rows, context_length)
+        step += 1
+        best_running = running_scores[:, :1] / (step**1.0)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], NEGATIVE)
+        improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
+        if not improvable.any() or ends.all():
+            break
+        logits = forward(running[:, :, step - 1].flatten(), step)
+    return finished[:, 0, :step]
