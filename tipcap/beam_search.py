@@ -28,18 +28,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Literal
 
 import torch
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
+from tipcap.config import Search
 from tipcap.language_model import padding_warning_filtered
 
-Search = Literal["tipcap", "transformers"]
-"""Which search decodes: this module's (``tipcap``), or ``transformers``' ``generate``, its reference."""
-SEARCHES: tuple[str, ...] = ("tipcap", "transformers")
 NEGATIVE = -1.0e9
 """The score ``generate`` adds to rule a beam out (finished, or beyond the first beam at the start)."""
 

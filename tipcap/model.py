@@ -27,9 +27,9 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
-from tipcap.beam_search import Search, decode
+from tipcap.beam_search import decode
 from tipcap.clip import ClipSpec
-from tipcap.config import ModelConfig, check_positions
+from tipcap.config import ModelConfig, Search, check_positions
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.guide import PromptGuide, entity_forms

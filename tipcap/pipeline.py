@@ -28,7 +28,7 @@ from PIL import Image
 
 from tipcap.clip import ClipEncoder
 from tipcap.clip_images import image_batches
-from tipcap.config import EvalConfig
+from tipcap.config import EvalConfig, Search
 from tipcap.errors import TipcapError
 from tipcap.io import atomic_path, lone_surrogate
 from tipcap.prompts import entity_text_embeddings, zero_shot_scores
@@ -214,6 +214,7 @@ class CaptionPipeline:
         workers: int | None = None,
         timings: dict[str, float] | None = None,
         prompt_guidance: float | None = None,
+        search: Search = "tipcap",
     ) -> list[CaptionResult]:
         """Caption images (paths or PIL images) or CLIP image embeddings ``[N, d]``.
 
@@ -231,7 +232,8 @@ class CaptionPipeline:
         captioned, and nothing but the results grows with the number of images. ``timings``, when given,
         gains the seconds spent per stage: ``decoding`` (waiting for decoded images), ``clip``,
         ``generation``. ``prompt_guidance`` overrides the model's guidance of prompt words at decoding
-        (:mod:`tipcap.guide`).
+        (:mod:`tipcap.guide`). ``search`` picks the search: tipcap's (:mod:`tipcap.beam_search`), or
+        ``transformers``' ``generate``, its reference.
         """
         model = self.model
         if (images is None) == (embeddings is None):
@@ -275,6 +277,7 @@ class CaptionPipeline:
                 max_new_tokens=max_new_tokens,
                 encode_texts=self.encode_texts,
                 prompt_guidance=prompt_guidance,
+                search=search,
             )
             timings["generation"] = timings.get("generation", 0.0) + time.perf_counter() - start
             for row, (position, caption) in enumerate(zip(positions, captions, strict=True)):
