@@ -80,7 +80,7 @@ def test_tied_candidates_are_ranked_alike():
     assert any("circle" in caption or "square" in caption for caption in ours)
 
 
-def test_beam_cache_reorders_generated_slots_in_place_as_a_dynamic_cache_reorders_all():
+def test_beam_cache_reorders_and_drops_rows_in_place_as_a_dynamic_cache_does_by_copies():
     generator = torch.Generator().manual_seed(0)
     batch, beams, heads, dim = 2, 3, 2, 4
     context = torch.randn(batch, heads, 5, dim, generator=generator)
@@ -101,6 +101,13 @@ def test_beam_cache_reorders_generated_slots_in_place_as_a_dynamic_cache_reorder
         filled = ours.get_seq_length()
         assert torch.equal(ours.keys[:, :, :filled], reference.keys)
         assert torch.equal(ours.values[:, :, :filled], reference.values)
+    # Inputs leave the batch: their rows go, the others move to the front of the same buffers.
+    kept = torch.tensor([0, 1, 2])
+    ours.keep_rows(kept)
+    reference.batch_select_indices(kept)
+    new = torch.randn(3, heads, 1, dim, generator=generator)
+    keys, values = ours.update(new, new)
+    assert torch.equal(keys, reference.update(new, new)[0]) and keys.shape[0] == 3
     assert (ours.keys.data_ptr(), ours.values.data_ptr()) == buffers
 
 

@@ -6,7 +6,10 @@ new keys and values onto the whole cache (a copy of it), and beam search then re
 (:class:`BeamCache`) is one buffer per layer, ``[B·beams, heads, context + max_new_tokens, head_dim]``,
 allocated at the first step; a step writes its keys and values into the next slot in place, and reordering
 beams moves the generated slots only, in place: every beam of an input shares its context, so the context
-slots never move. The context runs through the language model once per input, not once per beam.
+slots never move. The context runs through the language model once per input, not once per beam. An input
+whose result can no longer change (a greedy row past its end of text; a beam search whose finished
+hypotheses no running beam can beat) stops costing steps: once a quarter of the rows searched are such,
+they leave the batch, and the cache moves the others' rows to the front of its buffers, in place.
 
 The search is ``generate``'s, step for step, with its defaults (``transformers`` 5): beams scored by the sum
 of their tokens' log-probabilities (after the logits processors), ``2 · num_beams`` candidates kept per step
@@ -18,15 +21,15 @@ once its best unfinished beam, divided by the current length, cannot beat its wo
 
 Ties: candidates of equal score are ranked by ``torch.topk``, as in ``generate``, over tensors of the same
 shape and values, so they are ranked alike. The two paths can differ only where the language model's
-outputs differ in their last bits between a batch of ``B`` inputs and one of ``B·beams`` rows (the
-context's forward pass) or between a contiguous cache and views into a larger buffer (the attention over
-it); where that turns the order of two candidates, their scores were equal to float32 rounding, and either
-caption is a correct result of the search.
+outputs for a row differ in their last bits with the batch around it (``B`` inputs for the context rather
+than ``B·beams`` rows, fewer rows once some have left) or between a contiguous cache and views into a
+larger buffer (the attention over it); where that turns the order of two candidates, their scores were
+equal to float32 rounding, and either caption is a correct result of the search. On the CPU, none of these
+changed a bit in the tests (``tests/test_beam_search.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -46,8 +49,9 @@ class BeamCacheLayer(DynamicLayer):
 
     :meth:`update` writes the new positions into the next slots and returns views of the filled ones, so
     the attention reads ``[rows, heads, length, head_dim]`` as from a ``DynamicLayer``, without a copy. A
-    batch of fewer rows than ``rows`` (the context, once per input) is written into each of its
-    ``rows // batch`` consecutive rows (the beams of that input).
+    batch of fewer rows than the live ones (the context, once per input) is written into each of its
+    ``rows // batch`` consecutive rows (the beams of that input). :meth:`keep_rows` moves the rows still
+    searched to the front; the buffers' rows past them are left unused.
 
     Args:
         capacity: the most positions the layer holds (context and generated tokens).
@@ -75,13 +79,12 @@ class BeamCacheLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self.length, self.length + key_states.shape[-2]
-        batch = key_states.shape[0]
+        group = self.rows // key_states.shape[0]
         for buffer, states in ((self.keys, key_states), (self.values, value_states)):
-            slots = buffer[:, :, start:end].unflatten(0, (batch, self.rows // batch))
+            slots = buffer[: self.rows, :, start:end].unflatten(0, (-1, group))
             slots.copy_(states.unsqueeze(1))
         self.length = end
-        step = self.rows // batch
-        return self.keys[::step, :, :end], self.values[::step, :, :end]
+        return self.keys[: self.rows : group, :, :end], self.values[: self.rows : group, :, :end]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -89,8 +92,15 @@ class BeamCacheLayer(DynamicLayer):
     def reorder_slots(self, rows: torch.Tensor, start: int) -> None:
         """Row ``i`` of the slots from ``start`` on becomes row ``rows[i]``'s, in place."""
         for buffer in (self.keys, self.values):
-            slots = buffer[:, :, start : self.length]
+            slots = buffer[: self.rows, :, start : self.length]
             slots.copy_(slots.index_select(0, rows))
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (ascending), moved in place to the front of the buffers."""
+        for buffer in (self.keys, self.values):
+            filled = buffer[:, :, : self.length]
+            filled[: len(rows)].copy_(filled.index_select(0, rows))
+        self.rows = len(rows)
 
 
 class BeamCache(Cache):
@@ -109,6 +119,11 @@ class BeamCache(Cache):
         """Reorder every layer's slots from ``start`` on (:meth:`BeamCacheLayer.reorder_slots`)."""
         for layer in self.layers:
             layer.reorder_slots(rows, start)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` in every layer (:meth:`BeamCacheLayer.keep_rows`)."""
+        for layer in self.layers:
+            layer.keep_rows(rows)
 
 
 def decode(
@@ -141,9 +156,69 @@ def decode(
         )
 
 
+class _Rows:
+    """The language model over the rows still searched (inputs × beams), with their cache, attention
+    mask ``[rows, C]`` (``None``: no padding) and last context position ``[rows, 1]``; the context has gone
+    through it already."""
+
+    def __init__(
+        self,
+        language_model: nn.Module,
+        cache: BeamCache,
+        mask: torch.Tensor | None,
+        last_position: torch.Tensor,
+    ):
+        self.language_model = language_model
+        self.cache = cache
+        self.mask = mask
+        self.last_position = last_position
+
+    def logits(self, tokens: torch.Tensor, step: int) -> torch.Tensor:
+        """The next token's logits ``[rows, V]`` in float32 after the rows' ``step``-th tokens ``[rows]``."""
+        mask = None
+        if self.mask is not None:
+            mask = torch.cat([self.mask, self.mask.new_ones(len(self.mask), step)], dim=1)
+        output = self.language_model(
+            input_ids=tokens[:, None],
+            attention_mask=mask,
+            position_ids=self.last_position + step,
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return _step_logits(output)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Search only ``rows`` (ascending) from now on."""
+        self.cache.keep_rows(rows)
+        self.mask = self.mask[rows] if self.mask is not None else None
+        self.last_position = self.last_position[rows]
+
+
 def _step_logits(output) -> torch.Tensor:
     """The last position's logits ``[rows, vocab]`` in float32, copied (as ``generate`` takes them)."""
     return output.logits[:, -1, :].to(copy=True, dtype=torch.float32)
+
+
+def _processed(
+    logits_processor: LogitsProcessorList,
+    sequences: torch.Tensor,
+    scores: torch.Tensor,
+    rows: torch.Tensor,
+    total: int,
+) -> torch.Tensor:
+    """``logits_processor`` applied to the ``scores`` ``[r, V]`` of ``rows`` ``[r]`` of the ``total`` the
+    batch began with, whose tokens so far are ``sequences`` ``[r, t]``: a processor reads a row's index
+    (:class:`tipcap.guide.PromptGuide` its input), so it sees every row, the others as zeros."""
+    if not logits_processor:
+        return scores
+    if len(rows) == total:
+        return logits_processor(sequences, scores)
+    all_sequences = sequences.new_zeros(total, sequences.shape[1])
+    all_sequences[rows] = sequences
+    all_scores = scores.new_zeros(total, scores.shape[1])
+    all_scores[rows] = scores
+    return logits_processor(all_sequences, all_scores)[rows]
 
 
 @torch.inference_mode()
@@ -161,8 +236,7 @@ def search_tokens(
     tokens after it) for a left-padded context ``[B, C, W]`` with its mask ``[B, C]``: beam search over
     ``num_beams`` beams, or greedy decoding for 1 (see the module)."""
     batch, length = mask.shape
-    rows = batch * num_beams
-    cache = BeamCache(length + max_new_tokens, rows)
+    cache = BeamCache(length + max_new_tokens, batch * num_beams)
     # generate drops a mask of all ones (no padding), which takes the attention's unmasked path.
     full = bool((mask == 1).all())
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
@@ -176,68 +250,74 @@ def search_tokens(
     )
     logits = _step_logits(output).repeat_interleave(num_beams, dim=0)
     del output
-    row_mask = mask.repeat_interleave(num_beams, dim=0)
-    last_position = positions[:, -1:].repeat_interleave(num_beams, dim=0)
-
-    def forward(tokens: torch.Tensor, step: int) -> torch.Tensor:
-        grown = None if full else torch.cat([row_mask, row_mask.new_ones(rows, step)], dim=1)
-        output = language_model(
-            input_ids=tokens[:, None],
-            attention_mask=grown,
-            position_ids=last_position + step,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        return _step_logits(output)
-
+    rows = _Rows(
+        language_model,
+        cache,
+        None if full else mask.repeat_interleave(num_beams, dim=0),
+        positions[:, -1:].repeat_interleave(num_beams, dim=0),
+    )
+    tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=context.device)
     if num_beams == 1:
-        return _greedy(logits, forward, max_new_tokens, eos_token_id, pad_token_id, logits_processor)
-    return _beams(
-        logits, forward, cache, length, batch, num_beams, max_new_tokens, eos_token_id, pad_token_id,
-        logits_processor,
-    )  # fmt: skip
+        steps = _greedy(logits, rows, tokens, eos_token_id, pad_token_id, logits_processor)
+    else:
+        steps = _beams(logits, rows, length, num_beams, tokens, eos_token_id, logits_processor)
+    return tokens[:, :steps]
 
 
 def _greedy(
     logits: torch.Tensor,
-    forward: Callable[[torch.Tensor, int], torch.Tensor],
-    max_new_tokens: int,
+    rows: _Rows,
+    tokens: torch.Tensor,
     eos_token_id: int,
     pad_token_id: int,
     logits_processor: LogitsProcessorList,
-) -> torch.Tensor:
-    """``generate``'s greedy decoding from the context's logits ``[B, V]``: tokens ``[B, T]``."""
-    tokens = torch.empty(len(logits), 0, dtype=torch.long, device=logits.device)
-    unfinished = torch.ones(len(logits), dtype=torch.bool, device=logits.device)
-    while True:
-        chosen = logits_processor(tokens, logits).argmax(dim=-1)
+) -> int:
+    """``generate``'s greedy decoding from the context's logits ``[B, V]``: writes each input's tokens
+    into ``tokens`` ``[B, max_new_tokens]`` (pad tokens after the end of text); returns the steps run.
+
+    A finished row has only pad tokens to come, so it leaves the batch once a quarter of the rows have
+    finished (see :func:`_beams`)."""
+    batch, max_new_tokens = tokens.shape
+    live = torch.arange(batch, device=tokens.device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=tokens.device)
+    for step in range(max_new_tokens):
+        chosen = _processed(logits_processor, tokens[live, :step], logits, live, batch).argmax(dim=-1)
         chosen = torch.where(unfinished, chosen, pad_token_id)
-        tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+        tokens[live, step] = chosen
         unfinished &= chosen != eos_token_id
-        if not unfinished.any() or tokens.shape[1] >= max_new_tokens:
-            return tokens
-        logits = forward(chosen, tokens.shape[1])
+        if not unfinished.any() or step + 1 >= max_new_tokens:
+            return step + 1
+        if 4 * int((~unfinished).sum()) >= len(live):
+            kept = unfinished.nonzero()[:, 0]
+            live, chosen, unfinished = live[kept], chosen[kept], unfinished[kept]
+            rows.keep(kept)
+        logits = rows.logits(chosen, step + 1)
+    return max_new_tokens
 
 
 def _beams(
     logits: torch.Tensor,
-    forward: Callable[[torch.Tensor, int], torch.Tensor],
-    cache: BeamCache,
+    rows: _Rows,
     context_length: int,
-    batch: int,
     num_beams: int,
-    max_new_tokens: int,
+    tokens: torch.Tensor,
     eos_token_id: int,
-    pad_token_id: int,
     logits_processor: LogitsProcessorList,
-) -> torch.Tensor:
-    """``generate``'s beam search from the context's logits ``[B·beams, V]``: the best finished
-    hypothesis's tokens ``[B, T]``."""
+) -> int:
+    """``generate``'s beam search from the context's logits ``[B·beams, V]``: writes each input's best
+    finished hypothesis into ``tokens`` ``[B, max_new_tokens]``; returns the steps run.
+
+    An input is done when no running beam can beat its worst finished hypothesis: its hypotheses are
+    final, and ``generate`` runs its beams on to the batch's end for nothing. Here, once a quarter of the
+    inputs searched are done, their rows leave the batch (the cache keeps the others' in place), so that
+    a batch's long captions do not cost its short ones' steps (ties: see the module)."""
     device = logits.device
+    batch, max_new_tokens = tokens.shape
     keep = 2 * num_beams
     vocabulary = logits.shape[-1]
-    running = torch.full((batch, num_beams, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    live = torch.arange(batch, device=device)
+    beam_offsets = torch.arange(num_beams, device=device)
+    running = tokens.unsqueeze(1).repeat(1, num_beams, 1)
     finished = running.clone()
     running_scores = torch.zeros(batch, num_beams, device=device)
     # Only the first beam is live at the start: the others would repeat its candidates.
@@ -247,23 +327,26 @@ def _beams(
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     # Only the best num_beams candidates of a step may enter the finished hypotheses.
     top = torch.arange(keep, device=device) < num_beams
-    offsets = torch.arange(batch, device=device)[:, None] * num_beams
     step = 0
     while True:
+        searched = len(live)
+        all_rows = (live[:, None] * num_beams + beam_offsets).flatten()
         log_probs = nn.functional.log_softmax(logits, dim=-1)
-        log_probs = logits_processor(running[:, :, :step].flatten(0, 1), log_probs)
-        scores = (log_probs.view(batch, num_beams, -1) + running_scores[:, :, None]).view(batch, -1)
+        log_probs = _processed(
+            logits_processor, running[:, :, :step].flatten(0, 1), log_probs, all_rows, batch * num_beams
+        )
+        scores = (log_probs.view(searched, num_beams, -1) + running_scores[:, :, None]).view(searched, -1)
         candidate_scores, candidates = torch.topk(scores, k=keep)
         parents = candidates // vocabulary
-        tokens = candidates % vocabulary
         sequences = running.gather(1, parents[:, :, None].expand(-1, -1, max_new_tokens))
-        sequences[:, :, step] = tokens
-        ends = (tokens == eos_token_id) | (step + 1 >= max_new_tokens)
+        sequences[:, :, step] = candidates % vocabulary
+        ends = (sequences[:, :, step] == eos_token_id) | (step + 1 >= max_new_tokens)
 
         live_scores = candidate_scores + ends.float() * NEGATIVE
         chosen = torch.topk(live_scores, k=num_beams)[1]
         running = sequences.gather(1, chosen[:, :, None].expand(-1, -1, max_new_tokens))
         running_scores = live_scores.gather(1, chosen)
+        offsets = torch.arange(searched, device=device)[:, None] * num_beams
         beam_rows = (parents.gather(1, chosen) + offsets).flatten()
 
         just_finished = ends & top[None, :]
@@ -278,12 +361,21 @@ def _beams(
         finished_scores = merged_scores.gather(1, best)
         is_finished = torch.cat([is_finished, just_finished], dim=1).gather(1, best)
 
-        cache.reorder_slots(beam_rows, context_length)
+        rows.cache.reorder_slots(beam_rows, context_length)
         step += 1
         best_running = running_scores[:, :1] / (step**1.0)
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], NEGATIVE)
         improvable = improvable & (best_running > worst_finished).any(dim=-1, keepdim=True)
         if not improvable.any() or ends.all():
-            break
-        logits = forward(running[:, :, step - 1].flatten(), step)
-    return finished[:, 0, :step]
+            tokens[live] = finished[:, 0]
+            return step
+        done = ~improvable[:, 0]
+        if 4 * int(done.sum()) >= searched:
+            tokens[live[done]] = finished[done, 0]
+            kept = (~done).nonzero()[:, 0]
+            live = live[kept]
+            running, running_scores = running[kept], running_scores[kept]
+            finished, finished_scores = finished[kept], finished_scores[kept]
+            is_finished, improvable = is_finished[kept], improvable[kept]
+            rows.keep((kept[:, None] * num_beams + beam_offsets).flatten())
+        logits = rows.logits(running[:, :, step - 1].flatten(), step)
