@@ -84,7 +84,7 @@ def test_beam_cache_reorders_and_drops_rows_in_place_as_a_dynamic_cache_does_by_
     generator = torch.Generator().manual_seed(0)
     batch, beams, heads, dim = 2, 3, 2, 4
     context = torch.randn(batch, heads, 5, dim, generator=generator)
-    ours, reference = BeamCacheLayer(capacity=8, rows=batch * beams), DynamicLayer()
+    ours, reference = BeamCacheLayer(capacity=9, rows=batch * beams), DynamicLayer()
     keys, values = ours.update(context, -context)
     assert torch.equal(keys, context) and torch.equal(values, -context)
     reference.update(context.repeat_interleave(beams, dim=0), -context.repeat_interleave(beams, dim=0))
