@@ -139,11 +139,12 @@ def decode(
     """Caption tokens ``[B, T]`` for a left-padded context ``[B, C, W]`` (mask ``[B, C]``) by ``search``:
     :func:`search_tokens`, or ``generate`` with the same settings (pad tokens after the end of text)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if search == "tipcap":
-        return search_tokens(
-            language_model, context, mask, num_beams, max_new_tokens, eos, pad, logits_processor
-        )
+    # Both feed a greedy row that has finished the pad token without a mask (see padding_warning_filtered).
     with padding_warning_filtered():
+        if search == "tipcap":
+            return search_tokens(
+                language_model, context, mask, num_beams, max_new_tokens, eos, pad, logits_processor
+            )
         return language_model.generate(
             inputs_embeds=context,
             attention_mask=mask,
