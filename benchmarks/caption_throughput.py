@@ -1,20 +1,29 @@
-"""Captioning throughput: images from disk, one at a time against streamed batches.
+"""Captioning throughput: images from disk, one at a time against streamed batches, and the ceiling.
 
-A tiny decoder is trained for a few hundred steps on real COCO captions embedded with a tiny random CLIP,
-so that it writes caption-like text of realistic length. Images are JPEG files of COCO's size (640×480).
-Three ways to caption them, all through ``TIPCap.caption`` with the same model and beam search:
+A tiny decoder is trained for a few hundred steps on real COCO captions embedded with a tiny random CLIP
+(``--image-size`` pixels, 224 as ViT-B/32's, in 16 patches), so that it writes caption-like text of
+realistic length. Images are JPEG files of COCO's size (640×480). Ways to caption them, all through
+``TIPCap.caption`` with the same model:
 
-- **one at a time**: ``caption(images=[path])`` per image, decoded in this process;
-- **streamed**: ``caption(images=paths)``: a DataLoader's workers decode and preprocess the next batches
-  while this one is encoded by CLIP and captioned;
-- **generation only** (what an earlier version of this benchmark timed): beam search from CLIP embeddings
-  already computed, one at a time against batches.
+- **one at a time**, as earlier versions captioned: ``caption(images=[path])`` per image, decoded in this
+  process, with ``transformers``' ``generate`` (``search="transformers"``);
+- **streamed**: ``caption(images=paths)`` with the defaults (tipcap's beam search): a DataLoader's workers
+  decode and preprocess the next batches while this one is encoded by CLIP and captioned;
+- **streamed, JPEG draft** (``--jpeg-draft``): the same with ``jpeg_draft=True`` (JPEGs decoded at a
+  reduced DCT scale), with the cosine of its CLIP embeddings to the reference preprocessing's;
+- **beam search alone**, from CLIP embeddings already computed: one at a time (``generate``) against
+  batches, tipcap's search against ``generate``'s, ``--runs`` times interleaved.
 
 The captions must be identical. Where the time goes is printed per stage (``decoding`` is the time spent
-waiting for decoded images), with the machine's load average. Peak memory (RSS of the process and, apart,
-of its decoding workers) is measured in fresh processes that stream ``--rss`` images each.
+waiting for decoded images), with the machine's load average, and the **ceiling** that the stage timings
+set: decoding and preprocessing one image (measured one at a time, on one core) for every image, spread
+over the available cores, plus CLIP and beam search per batch (measured alone); the streamed path cannot
+take less than that work divided by the cores, nor less than CLIP and beam search in a row. The streamed
+path's share of the ceiling is printed. Peak memory (RSS of the process and, apart, of its decoding
+workers) is measured in fresh processes that stream ``--rss`` images each.
 
-Usage: python benchmarks/caption_throughput.py [--images 128] [--batch-size 64] [--beams 5] [--rss 500,2000]
+Usage: python benchmarks/caption_throughput.py [--images 128] [--batch-size 64] [--beams 5] [--runs 3]
+    [--image-size 224] [--jpeg-draft] [--rss 500,2000]
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import torch
 from PIL import Image
 from stores import DEFAULT_CORPUS, ROOT, caption_store, coco_captions
 
+from tipcap.clip_images import image_batches
 from tipcap.config import load_config
 from tipcap.model import TIPCap
 from tipcap.training.loop import train
@@ -82,6 +92,50 @@ def rss_child(args: argparse.Namespace) -> None:
     print(json.dumps({"self": self_kib / 1024, "workers": workers_kib / 1024}))
 
 
+def ceiling_seconds(decode_per_image: float, count: int, clip_s: float, beam_s: float, cores: int) -> float:
+    """The least time streamed captioning of ``count`` images can take: their decoding (one core's
+    seconds per image) with CLIP and beam search, spread over ``cores``; and no less than CLIP and beam
+    search in a row, which run one batch at a time in the captioning process."""
+    return max((decode_per_image * count + clip_s + beam_s) / cores, clip_s + beam_s)
+
+
+def decode_seconds(model: TIPCap, paths: list[Path], batch_size: int, jpeg_draft: bool) -> float:
+    """Seconds to decode and preprocess ``paths`` in this process (one core's work)."""
+    start = time.perf_counter()
+    for _ in image_batches(paths, model.pipeline.clip.preprocess, batch_size, 0, jpeg_draft):
+        pass
+    return time.perf_counter() - start
+
+
+def clip_seconds(model: TIPCap, paths: list[Path], batch_size: int) -> float:
+    """Seconds CLIP takes to encode ``paths``' pixels, decoded beforehand, in batches of ``batch_size``."""
+    clip = model.pipeline.clip
+    pixels = [batch[1] for batch in image_batches(paths, clip.preprocess, batch_size, 0)]
+    start = time.perf_counter()
+    for batch in pixels:
+        clip.encode_images(batch)
+    return time.perf_counter() - start
+
+
+def beam_search_runs(
+    model: TIPCap, inputs: torch.Tensor, args: argparse.Namespace
+) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+    """Batched beam search from text-side inputs ``[N, d]`` by each search, ``--runs`` times interleaved:
+    the seconds of every run and the captions, per search."""
+    seconds: dict[str, list[float]] = {"tipcap": [], "transformers": []}
+    captions: dict[str, list[str]] = {}
+    for _ in range(args.runs):
+        for search in seconds:
+            start = time.perf_counter()
+            captions[search] = [
+                caption
+                for block in inputs.split(args.batch_size)
+                for caption in model.decode_text_side(block, num_beams=args.beams, search=search)
+            ]
+            seconds[search].append(time.perf_counter() - start)
+    return seconds, captions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -90,6 +144,11 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--beams", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=3, help="Interleaved runs of beam search alone.")
+    parser.add_argument("--image-size", type=int, default=224, help="The tiny CLIP's input, in pixels.")
+    parser.add_argument(
+        "--jpeg-draft", action="store_true", help="Also stream with JPEGs decoded at a reduced DCT scale."
+    )
     parser.add_argument(
         "--workers", type=int, default=None, help="Decoding workers (default: the library's)."
     )
@@ -106,17 +165,20 @@ def main() -> None:
         return
 
     rss_counts = [int(n) for n in args.rss.split(",") if n.strip()]
+    cores = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        store = caption_store(tmp / "train", coco_captions(args.corpus, args.train_captions), 32)
+        captions = coco_captions(args.corpus, args.train_captions)
+        store = caption_store(tmp / "train", captions, 32, args.image_size)
         config = load_config(ROOT / "experiments" / "tiny.yaml", [f"data.train_texts={store}"])
         model_dir = train(config, tmp / "run", progress=False)
         model = TIPCap.from_pretrained(model_dir, device="cpu")
         model.pipeline.clip  # noqa: B018 - loaded once, outside the timings
         paths = write_images(tmp / "images", max([args.images, *rss_counts]))
         timed_paths = paths[: args.images]
-        print(f"{len(timed_paths)} images (640x480 JPEG), beam {args.beams}, batches of {args.batch_size}, "
-              f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        count = len(timed_paths)
+        print(f"{count} images (640x480 JPEG), CLIP input {args.image_size} px, beam {args.beams}, "
+              f"batches of {args.batch_size}, {torch.get_num_threads()} threads, {cores} CPUs available, "
               f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 
         model.caption(images=timed_paths[: args.batch_size], num_beams=args.beams, workers=args.workers)
@@ -130,7 +192,9 @@ def main() -> None:
         single_timings: dict[str, float] = {}
         start = time.perf_counter()
         single = [
-            model.caption(images=[path], num_beams=args.beams, workers=0, timings=single_timings)[0]
+            model.caption(
+                images=[path], num_beams=args.beams, workers=0, timings=single_timings, search="transformers"
+            )[0]
             for path in timed_paths
         ]
         single_s = time.perf_counter() - start
@@ -138,17 +202,16 @@ def main() -> None:
 
         embeddings, _, _ = model.pipeline.embed_images(timed_paths, args.batch_size, args.workers)
         inputs = model.image_inputs(embeddings)
+        search_s, searched = beam_search_runs(model, inputs, args)
         start = time.perf_counter()
-        batched = []
-        for block in inputs.split(args.batch_size):
-            batched += model.decode_text_side(block, num_beams=args.beams)
-        generation_batched_s = time.perf_counter() - start
-        start = time.perf_counter()
-        one_by_one = [model.decode_text_side(row[None], num_beams=args.beams)[0] for row in inputs]
+        one_by_one = [
+            model.decode_text_side(row[None], num_beams=args.beams, search="transformers")[0]
+            for row in inputs
+        ]
         generation_single_s = time.perf_counter() - start
-        assert batched == one_by_one == [r.caption for r in streamed], "captions differ"
+        same = sum(a == b for a, b in zip(searched["tipcap"], searched["transformers"], strict=True))
+        assert searched["tipcap"] == one_by_one == [r.caption for r in streamed], f"{same}/{count} identical"
 
-        count = len(timed_paths)
         # A batch decodes until its longest caption ends; one image at a time, until its own does.
         tokens = [len(model.tokenizer(r.caption)["input_ids"]) + 1 for r in streamed]
         longest = [max(tokens[i : i + args.batch_size]) for i in range(0, count, args.batch_size)]
@@ -160,13 +223,64 @@ def main() -> None:
         print(f"streamed          : {count / streamed_s:8.1f} images/s ({streamed_s:.2f} s: "
               f"{stages(timings, streamed_s)})")  # fmt: skip
         print(f"ratio             : {single_s / streamed_s:8.1f}x")
-        print(f"generation only   : {count / generation_single_s:8.1f} against "
-              f"{count / generation_batched_s:.1f} images/s, "
-              f"{generation_single_s / generation_batched_s:.1f}x")  # fmt: skip
+        ours, theirs = min(search_s["tipcap"]), min(search_s["transformers"])
+        print(f"beam search alone : one at a time (generate) {count / generation_single_s:.1f} images/s; "
+              f"batched, generate {count / theirs:.1f}, tipcap {count / ours:.1f} images/s (best of "
+              f"{args.runs}: generate {', '.join(f'{t:.3f}' for t in search_s['transformers'])} s, tipcap "
+              f"{', '.join(f'{t:.3f}' for t in search_s['tipcap'])} s), tipcap {theirs / ours:.2f}x "
+              f"generate, {generation_single_s / ours:.1f}x one at a time; captions identical "
+              f"{same}/{count}")  # fmt: skip
+
+        decode_per_image = single_timings["decoding"] / count
+        clip_s = clip_seconds(model, timed_paths, args.batch_size)
+        batches = -(-count // args.batch_size)
+        ceiling_s = ceiling_seconds(decode_per_image, count, clip_s, ours, cores)
+        print(f"ceiling           : {count / ceiling_s:8.1f} images/s ({ceiling_s:.2f} s = "
+              f"max(({decode_per_image * 1000:.2f} ms decoding and preprocessing per image x {count} + CLIP "
+              f"{clip_s / batches:.3f} s x {batches} batches + beam search {ours / batches:.3f} s x "
+              f"{batches}) "
+              f"/ {cores} cores, CLIP + beam search), {single_s / ceiling_s:.1f}x one at a time; streamed "
+              f"reaches {ceiling_s / streamed_s:.0%} of it")  # fmt: skip
+        if args.jpeg_draft:
+            jpeg_draft(model, timed_paths, embeddings, streamed, single_s, clip_s + ours, cores, args)
         for n in rss_counts:
             own, workers = peak_rss(model_dir, tmp / "images", n, args)
             print(f"peak RSS, {n:5d} images streamed: {own:7.0f} MiB (largest worker {workers:.0f} MiB)")
         print(f"example: {streamed[0].caption!r}")
+
+
+def jpeg_draft(
+    model: TIPCap,
+    paths: list[Path],
+    reference: torch.Tensor,
+    streamed: list,
+    single_s: float,
+    batched_s: float,
+    cores: int,
+    args: argparse.Namespace,
+) -> None:
+    """Stream ``paths`` with JPEGs decoded at a reduced DCT scale: images/s, its ceiling (from its own
+    decoding cost, and ``batched_s`` of CLIP and beam search), and the cosine of its CLIP embeddings to
+    the ``reference`` ones ``[N, d]``."""
+    count = len(paths)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    drafted = model.caption(
+        images=paths, num_beams=args.beams, batch_size=args.batch_size, workers=args.workers,
+        timings=timings, jpeg_draft=True,
+    )  # fmt: skip
+    streamed_s = time.perf_counter() - start
+    embeddings, _, _ = model.pipeline.embed_images(paths, args.batch_size, args.workers, jpeg_draft=True)
+    cosines = torch.nn.functional.cosine_similarity(embeddings, reference)
+    same = sum(a.caption == b.caption for a, b in zip(drafted, streamed, strict=True))
+    decode_per_image = decode_seconds(model, paths, args.batch_size, jpeg_draft=True) / count
+    ceiling_s = max((decode_per_image * count + batched_s) / cores, batched_s)
+    print(f"JPEG draft        : {count / streamed_s:8.1f} images/s ({streamed_s:.2f} s: "
+          f"{stages(timings, streamed_s)}), {single_s / streamed_s:.1f}x one at a time; decoding and "
+          f"preprocessing {decode_per_image * 1000:.2f} ms per image; ceiling {count / ceiling_s:.1f} "
+          f"images/s ({single_s / ceiling_s:.1f}x), reached {ceiling_s / streamed_s:.0%}; cosine to the "
+          f"reference embeddings min {cosines.min():.5f}, mean {cosines.mean():.5f}; captions as the "
+          f"reference's {same}/{count}")  # fmt: skip
 
 
 if __name__ == "__main__":

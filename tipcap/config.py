@@ -57,24 +57,15 @@ synthetic block's) stay within the 64 bits of ``torch.manual_seed``."""
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
 GapKind = Literal[
-    "none",
-    "isotropic",
-    "mean-shift",
-    "mean-shift-isotropic",
-    "capdec-offset",
-    "mean-isotropic-matched",
-    "norm-matched",
-    "diagonal",
-    "rotated",
-    "gaussian",
-    "close",
-    "cov-noise",
-    "memory",
-]
+    "none", "isotropic", "mean-shift", "mean-shift-isotropic", "capdec-offset", "mean-isotropic-matched",
+    "norm-matched", "diagonal", "rotated", "gaussian", "close", "cov-noise", "memory",
+]  # fmt: skip
 Setting = Literal["few-pairs", "web-pairs", "unpaired", "text-only"]
 VarianceMatch = Literal["total", "tangential"]
 WebEstimator = Literal["mixture", "trim"]
 PromptMode = Literal["none", "pim", "hard"]
+Search = Literal["tipcap", "transformers"]
+"""Which search decodes captions: :mod:`tipcap.beam_search`'s, or ``transformers``' ``generate``."""
 
 
 def _prompt_mode(value: str) -> str:
@@ -268,7 +259,8 @@ class EvalConfig:
     threshold: Probability | None = described(0.2, "auto prompts: least probability (ViECap's); null: top_k.")
     prompt_seed: Seed = described(0, "oracle-one, oracle-missing and wrong prompts: seed of the draw.")
     metrics: list[Metric] = described(text="Caption metrics.", default_factory=lambda: list(METRICS))
-    batch_size: Positive = described(64, "Images per generate call.")
+    batch_size: Positive = described(64, "Images per beam search.")
+    search: Search = described("tipcap", "Beam search: tipcap's, or transformers' generate (the reference).")
     score_clip: str = described("ViT-B-32", "CLIP of CLIP-S and RefCLIP-S: open_clip name or config JSON.")
     score_pretrained: str = described("openai", "The scorer's pretrained tag or weights file.")
 

@@ -27,12 +27,13 @@ import torch
 from torch import nn
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
+from tipcap.beam_search import decode
 from tipcap.clip import ClipSpec
-from tipcap.config import ModelConfig, check_positions
+from tipcap.config import ModelConfig, Search, check_positions
 from tipcap.errors import TipcapError
 from tipcap.gap import Gap
 from tipcap.guide import PromptGuide, entity_forms
-from tipcap.language_model import configured_tokenizer, language_model_for, padding_warning_filtered
+from tipcap.language_model import configured_tokenizer, language_model_for
 from tipcap.model_folder import load_model_folder, write_model_folder
 from tipcap.packing import pack
 from tipcap.projectors import build_projector
@@ -223,29 +224,23 @@ class TIPCap(nn.Module):
         max_new_tokens: int | None = None,
         encode_texts: Callable[[list[str]], torch.Tensor] | None = None,
         prompt_guidance: float | None = None,
+        search: Search = "tipcap",
     ) -> list[str]:
         """Captions for a batch of *text-side* inputs ``[B, d]`` (greedy or beam search).
 
         This is the decoder alone: image embeddings must first cross the gap (:meth:`image_inputs`), which
         :meth:`caption` does. Prompt words outside the vocabulary are encoded with ``encode_texts`` (a CLIP
         text encoder), and guided at decoding by ``prompt_guidance`` (``None``: the model's
-        ``prompt_guidance``; :mod:`tipcap.guide`).
+        ``prompt_guidance``; :mod:`tipcap.guide`). ``search``: :mod:`tipcap.beam_search`'s, or ``generate``.
         """
         context, mask = self._context(text_side, prompts, encode_texts)
         new_tokens = max_new_tokens or self.config.max_caption_tokens
         _check_room(self.positions, self.config.prefix_length, mask, prompts, new_tokens)
         guidance = self.config.prompt_guidance if prompt_guidance is None else prompt_guidance
-        with padding_warning_filtered():
-            output = self.language_model.generate(
-                inputs_embeds=context,
-                attention_mask=mask,
-                logits_processor=_prompt_guide(self, prompts, num_beams, guidance),
-                num_beams=num_beams,
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+        guide = _prompt_guide(self, prompts, num_beams, guidance)
+        output = decode(
+            self.language_model, self.tokenizer, context, mask, num_beams, new_tokens, guide, search
+        )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     @property

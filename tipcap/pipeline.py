@@ -28,7 +28,7 @@ from PIL import Image
 
 from tipcap.clip import ClipEncoder
 from tipcap.clip_images import image_batches
-from tipcap.config import EvalConfig
+from tipcap.config import EvalConfig, Search
 from tipcap.errors import TipcapError
 from tipcap.io import atomic_path, lone_surrogate
 from tipcap.prompts import entity_text_embeddings, zero_shot_scores
@@ -122,13 +122,18 @@ class CaptionPipeline:
         return self.clip.encode_texts(texts).embeddings
 
     def embed_images(
-        self, images: Sequence[str | Path | Image.Image], batch_size: int = 64, workers: int | None = None
+        self,
+        images: Sequence[str | Path | Image.Image],
+        batch_size: int = 64,
+        workers: int | None = None,
+        jpeg_draft: bool = False,
     ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
         """CLIP embeddings ``[M, d]`` of the readable images, their positions, and (position, reason) for
         the others. Images are decoded ``batch_size`` at a time by ``workers`` processes
-        (:func:`~tipcap.clip_images.image_batches`), so memory does not grow with their number."""
+        (:func:`~tipcap.clip_images.image_batches`; ``jpeg_draft``: JPEGs at a reduced DCT scale, see
+        :class:`~tipcap.clip_images.ImageFiles`), so memory does not grow with their number."""
         blocks, readable, failures = [], [], []
-        for positions, embeddings, bad in self._image_stream(images, batch_size, workers, {}):
+        for positions, embeddings, bad in self._image_stream(images, batch_size, workers, {}, jpeg_draft):
             blocks.append(embeddings)
             readable += positions
             failures += bad
@@ -141,11 +146,12 @@ class CaptionPipeline:
         batch_size: int,
         workers: int | None,
         timings: dict[str, float],
+        jpeg_draft: bool = False,
     ) -> Iterator[ImageBatch]:
         """The images' batches (:data:`ImageBatch`). Adds the seconds spent waiting for decoded images and
         encoding them to ``timings``."""
         clip = self.clip
-        loader = iter(image_batches(images, clip.preprocess, batch_size, workers))
+        loader = iter(image_batches(images, clip.preprocess, batch_size, workers, jpeg_draft))
         while True:
             start = time.perf_counter()
             batch = next(loader, None)
@@ -214,6 +220,8 @@ class CaptionPipeline:
         workers: int | None = None,
         timings: dict[str, float] | None = None,
         prompt_guidance: float | None = None,
+        search: Search = "tipcap",
+        jpeg_draft: bool = False,
     ) -> list[CaptionResult]:
         """Caption images (paths or PIL images) or CLIP image embeddings ``[N, d]``.
 
@@ -231,7 +239,10 @@ class CaptionPipeline:
         captioned, and nothing but the results grows with the number of images. ``timings``, when given,
         gains the seconds spent per stage: ``decoding`` (waiting for decoded images), ``clip``,
         ``generation``. ``prompt_guidance`` overrides the model's guidance of prompt words at decoding
-        (:mod:`tipcap.guide`).
+        (:mod:`tipcap.guide`). ``search`` picks the search: tipcap's (:mod:`tipcap.beam_search`), or
+        ``transformers``' ``generate``, its reference. ``jpeg_draft`` decodes JPEG files at a reduced DCT
+        scale, faster, with pixels close to the reference preprocessing's (off by default;
+        :class:`~tipcap.clip_images.ImageFiles`).
         """
         model = self.model
         if (images is None) == (embeddings is None):
@@ -243,7 +254,7 @@ class CaptionPipeline:
             prompts, auto_prompt = None, False
         if images is not None:
             count = len(images)
-            batches = self._image_stream(images, batch_size, workers, timings)
+            batches = self._image_stream(images, batch_size, workers, timings, jpeg_draft)
         else:
             count = len(embeddings)
             batches = self._embedding_batches(embeddings, batch_size)
@@ -275,6 +286,7 @@ class CaptionPipeline:
                 max_new_tokens=max_new_tokens,
                 encode_texts=self.encode_texts,
                 prompt_guidance=prompt_guidance,
+                search=search,
             )
             timings["generation"] = timings.get("generation", 0.0) + time.perf_counter() - start
             for row, (position, caption) in enumerate(zip(positions, captions, strict=True)):

@@ -15,7 +15,7 @@ from tipcap.errors import TipcapError
 _DECODING = StageOptions(
     EvalConfig,
     "eval",
-    fields=("beams", "max_tokens", "prompt_guidance", "top_k", "threshold", "batch_size"),
+    fields=("beams", "max_tokens", "prompt_guidance", "top_k", "threshold", "batch_size", "search"),
 )
 
 
@@ -80,6 +80,7 @@ def caption_command(
         paths, prompts=_split_words(words), auto_prompt=auto_prompt, num_beams=config.beams,
         max_new_tokens=config.max_tokens, batch_size=config.batch_size, top_k=config.top_k,
         threshold=config.threshold, prompt_guidance=config.prompt_guidance, timings=timings,
+        search=config.search,
     )  # fmt: skip
     click.echo(format_timings(timings), err=True)
     for result in results:

@@ -108,7 +108,7 @@ def _model_captions(
     decoding = {
         "num_beams": config.beams, "max_new_tokens": config.max_tokens, "batch_size": config.batch_size,
         "top_k": config.top_k, "threshold": config.threshold, "timings": timings,
-        "prompt_guidance": config.prompt_guidance,
+        "prompt_guidance": config.prompt_guidance, "search": config.search,
     }  # fmt: skip
     source = prompt_sources().get(config.prompt)
     if source is not None:
