@@ -30,15 +30,21 @@ from tipcap.errors import TipcapError
 from tipcap.evaluation.registry import prompt_modes
 from tipcap.grid import expand, load_ablation
 from tipcap.grid.config import AblationConfig, Cell
+from tipcap.grid.recipes import load_recipe
 
 EXPERIMENTS = Path(__file__).parent.parent / "experiments"
 SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml"))
 GRIDS = [p for p in SHIPPED if "cells" in yaml.safe_load(p.read_text())]
+RECIPES = [p for p in SHIPPED if p.parent.name == "reproduce"]
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_shipped_configs_validate(path):
-    """Ablation grids (files with cells) through load_ablation, experiment configs through load_config."""
+    """Ablation grids (files with cells) through load_ablation, reproduction recipes through load_recipe,
+    experiment configs through load_config."""
+    if path in RECIPES:
+        assert load_recipe(path).name == path.stem
+        return
     if path in GRIDS:
         ablation = load_ablation(path)
         assert ablation.cells and all(job.name for job in expand(ablation))
