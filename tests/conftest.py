@@ -33,6 +33,10 @@ TINY_CONFIG = Path(__file__).parent.parent / "experiments" / "tiny.yaml"
 COCO_SLICE = DATA / "coco_karpathy_slice.json"
 
 
+TINY_GPT2 = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 64, "n_positions": 64}
+"""A one-layer GPT-2 for decoders that tests train in seconds."""
+
+
 def tiny_clip_config(text_width: int = 32, text_layers: int = 2, embed_dim: int = 32) -> dict:
     """An open_clip model config small enough to build in a fraction of a second."""
     return {

@@ -211,12 +211,12 @@ def test_toyworld_clip_trains_the_demo_s_clip(tmp_path, monkeypatch, tiny_clip):
     """`tipcap toyworld --clip` trains the CLIP the demo would (its scale, here a tiny one) into OUT/clip."""
     from tipcap.demo import DemoScale
     from tipcap.toy.clip import StopRule
+    from tipcap.toy.gap_shapes import GapShape
 
     config = json.loads(tiny_clip.read_text())
     config["vision_cfg"].update(image_size=48, patch_size=16, pool_type="avg", final_ln_after_pool=True)
-    scale = DemoScale(
-        40, 8, 4, 3, 8, config, "toyworld2.yaml", StopRule(every=10, held_out=8), 1.0, 2, True, 2, 1.0
-    )
+    stop = StopRule(every=10, held_out=8)
+    scale = DemoScale(40, 8, 4, 3, 8, config, "toyworld2.yaml", stop, GapShape(1.0), 2, True, 2, 1.0)
     scales = []
     monkeypatch.setattr(tipcap.demo, "demo_scale", lambda quick, version=1: scales.append(version) or scale)
     out = tmp_path / "world"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import assert_toy_row_recomputed, grid_row_cider, karpathy_references, run
+from conftest import TINY_GPT2, assert_toy_row_recomputed, grid_row_cider, karpathy_references, run
 from scipy.stats import ttest_1samp
 
 import tipcap.evaluation.evaluate
@@ -35,13 +35,7 @@ from tipcap.toy.world1 import caption_objects
 DECODER = {
     "model": {
         "clip_dim": 32,
-        "language_model_config": {
-            "model_type": "gpt2",
-            "n_layer": 1,
-            "n_head": 2,
-            "n_embd": 64,
-            "n_positions": 64,
-        },
+        "language_model_config": dict(TINY_GPT2),
         "tokenizer": "word-level",
         "prefix_length": 2,
         "pim_heads": 2,

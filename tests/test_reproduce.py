@@ -7,7 +7,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import yaml
-from conftest import COCO_260, run, tiny_clip_config, write_coco_tree
+from conftest import COCO_260, TINY_GPT2, run, tiny_clip_config, write_coco_tree
 
 from tipcap.io import load_json, write_json_atomic
 
@@ -15,13 +15,7 @@ RECIPES = Path(__file__).parent.parent / "experiments" / "reproduce"
 TINY_DECODER = {
     "model": {
         "clip_dim": 32,
-        "language_model_config": {
-            "model_type": "gpt2",
-            "n_layer": 1,
-            "n_head": 2,
-            "n_embd": 64,
-            "n_positions": 64,
-        },
+        "language_model_config": dict(TINY_GPT2),
         "tokenizer": "word-level",
         "prefix_length": 2,
         "projector": "mlp",

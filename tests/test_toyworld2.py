@@ -250,6 +250,20 @@ def test_world_2_captions_fit_the_demo_decoders(tmp_path):
         )
 
 
+def val_embeddings(spec, karpathy):
+    """The val split's scenes, their image embeddings ``[N, d]`` and their captions' ``[M, d]`` by a CLIP."""
+    from tipcap.clip import ClipEncoder
+
+    encoder = ClipEncoder.load(spec, device="cpu")
+    entries = scenes(karpathy, "val")
+    images = encoder.encode_images(
+        torch.stack([encoder.preprocess(load_image(karpathy.parent / e["filepath"] / e["filename"]))
+                     for e in entries])
+    )  # fmt: skip
+    texts = encoder.encode_texts([s["raw"] for e in entries for s in e["sentences"]]).embeddings
+    return entries, images, texts
+
+
 def test_built_modality_gap_fixes_the_geometry(tmp_path, tiny_clip):
     """With the towers' last layers built, every image embedding has the same component along the image
     tower's modality direction, every caption along the text tower's, the two directions are orthogonal,
@@ -268,16 +282,7 @@ def test_built_modality_gap_fixes_the_geometry(tmp_path, tiny_clip):
     text_direction = torch.ones(32) @ weights["text_projection"] / 32**0.5
     assert abs(float(image_direction @ text_direction)) < 1e-5
 
-    from tipcap.clip import ClipEncoder
-
-    encoder = ClipEncoder.load(spec, device="cpu")
-    entries = scenes(karpathy, "val")
-    images = encoder.encode_images(
-        torch.stack([encoder.preprocess(load_image(karpathy.parent / e["filepath"] / e["filename"]))
-                     for e in entries])
-    )  # fmt: skip
-    captions = [s["raw"] for e in entries for s in e["sentences"]]
-    texts = encoder.encode_texts(captions).embeddings
+    entries, images, texts = val_embeddings(spec, karpathy)
     assert torch.allclose(images @ image_direction, torch.full((len(images),), 2**-0.5), atol=1e-4)
     assert torch.allclose(texts @ text_direction, torch.full((len(texts),), 2**-0.5), atol=1e-4)
     owner = torch.tensor([i for i, e in enumerate(entries) for _ in e["sentences"]])
@@ -290,7 +295,6 @@ def test_gap_shape_puts_the_mean_on_privileged_axes_and_decays_the_image_scale(t
     """GapShape(axes=4): each tower's modality direction (the all-ones LayerNorm bias through the projection)
     lies on its own two coordinates, the projection stays orthogonal, and the images' and captions' means
     differ mostly there; anisotropy sets the image LayerNorm's scale to exp(-a j / W) of mean square 1."""
-    from tipcap.clip import ClipEncoder
     from tipcap.toy.clip import train_toyclip
 
     karpathy = make_world(tmp_path / "w", train=40, val=8, test=0)
@@ -312,13 +316,7 @@ def test_gap_shape_puts_the_mean_on_privileged_axes_and_decays_the_image_scale(t
     assert torch.allclose(weights["visual.ln_post.weight"], torch.tensor([x / rms for x in decay]), atol=1e-6)
     assert torch.equal(weights["ln_final.weight"], torch.ones(32))
 
-    encoder = ClipEncoder.load(spec, device="cpu")
-    entries = scenes(karpathy, "val")
-    images = encoder.encode_images(
-        torch.stack([encoder.preprocess(load_image(karpathy.parent / e["filepath"] / e["filename"]))
-                     for e in entries])
-    )  # fmt: skip
-    texts = encoder.encode_texts([s["raw"] for e in entries for s in e["sentences"]]).embeddings
+    _, images, texts = val_embeddings(spec, karpathy)
     mean_gap = images.mean(0) - texts.mean(0)
     assert float(mean_gap[:4].square().sum() / mean_gap.square().sum()) > 0.5
 
