@@ -4,30 +4,23 @@ on tiny random models, with and without prompts and guidance, for beams 1, 3 and
 import pytest
 import torch
 from click.testing import CliRunner
-from serving import build_model
+from serving import VOCABULARY, build_model, tiny_decoder
 from transformers.cache_utils import DynamicLayer
 
 from tipcap.beam_search import BeamCacheLayer
 from tipcap.cli import main
-from tipcap.config import EvalConfig, ModelConfig
+from tipcap.config import EvalConfig
 from tipcap.model import TIPCap
-from tipcap.training.data import word_level_tokenizer
-
-VOCABULARY = ["red circle", "blue square", "green triangle", "yellow star", "purple ring"]
 
 
 def random_model(prompt: str, seed: int, weight_std: float | None = None) -> TIPCap:
     """An untrained decoder; ``weight_std`` redraws the language model's matrices wider, so that its
     captions end at varied steps rather than mostly at the first or the last."""
-    torch.manual_seed(seed)
-    tokenizer = word_level_tokenizer([f"a {entity} above a {entity} ." for entity in VOCABULARY])
-    language_model = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64,
-                      "vocab_size": len(tokenizer), "bos_token_id": 0, "eos_token_id": 0}  # fmt: skip
-    config = ModelConfig(clip_dim=32, language_model_config=language_model, prompt=prompt,
-                         prefix_length=3, max_caption_tokens=10)  # fmt: skip
-    names = VOCABULARY if prompt != "none" else []
-    vectors = torch.nn.functional.normalize(torch.randn(len(names), 32), dim=-1) if prompt == "pim" else None
-    model = TIPCap.build(config, tokenizer, entity_names=names, entity_embeddings=vectors).eval()
+
+    def embed_names(names: list[str]) -> torch.Tensor:
+        return torch.nn.functional.normalize(torch.randn(len(names), 32), dim=-1)
+
+    model = tiny_decoder(prompt, seed, embed_names, layers=2, prefix_length=3, max_caption_tokens=10).eval()
     if weight_std is not None:
         with torch.no_grad():
             for weight in model.language_model.parameters():

@@ -50,11 +50,6 @@ class GapShape:
         if not math.isfinite(self.anisotropy) or self.anisotropy < 0:
             raise TipcapError(f"gap anisotropy {self.anisotropy}: give a finite number ≥ 0")
 
-    @property
-    def is_plain(self) -> bool:
-        """Whether only the offset is set (toy world 2's shape), which keeps the demo's cache keys."""
-        return self.axes == 0 and self.anisotropy == 0.0
-
 
 def build_modality_gap(model: torch.nn.Module, shape: GapShape, seed: int = 0) -> None:
     """Fix the last layers of both towers of an open_clip ``CLIP`` (and take them out of training) so that
