@@ -168,6 +168,31 @@ def test_stop_rule_verdicts():
     assert (
         rule.verdict({"matched_cosine": 0.5, "within_modality_cosine": 0.5, "recall_at_1": 0.9}) == "geometry"
     )
+    # A calibrated CLIP stops once its matched cosine reaches the target, before the recall it would reach.
+    calibrated = StopRule(recall_at_1=0.8, matched_cosine=0.3)
+    figures = {"matched_cosine": 0.29, "within_modality_cosine": 0.5, "recall_at_1": 0.5}
+    assert calibrated.verdict(figures) is None
+    assert calibrated.verdict({**figures, "matched_cosine": 0.3}) == "matched"
+    assert calibrated.verdict({**figures, "matched_cosine": 0.3, "recall_at_1": 0.9}) == "matched"
+    assert calibrated.verdict({**figures, "matched_cosine": 0.5}) == "geometry"
+
+
+def test_toyworld_gap_profile_sets_the_shape_and_the_stop(tmp_path, monkeypatch):
+    """--gap-profile vit-b-32 trains the CLIP with the profile's offset and stops it at the profile's matched
+    cosine, checked every few steps; a knob given beside it changes that knob alone."""
+    import tipcap.demo
+    from tipcap.toy.gap_shapes import PROFILES, GapShape
+
+    calls = []
+    monkeypatch.setattr(tipcap.demo, "train_demo_clip", lambda *args, **kwargs: calls.append(kwargs))
+    result = run("toyworld", "--out", tmp_path / "w", "--train", 4, "--val", 2, "--test", 0, "--clip",
+                 "--gap-profile", "vit-b-32", "--gap-axes", "4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    profile = PROFILES["vit-b-32"]
+    assert calls[0]["gap"] == GapShape(offset=profile.shape.offset, axes=4, anisotropy=profile.shape.anisotropy)
+    stop = calls[0]["stop"]
+    assert (stop.matched_cosine, stop.every) == (profile.matched_cosine, profile.check_every)
+    assert stop.recall_at_1 == tipcap.demo.demo_scale(quick=False).stop.recall_at_1
 
 
 @pytest.mark.slow
@@ -325,6 +350,7 @@ def test_gap_shape_puts_the_mean_on_privileged_axes_and_decays_the_image_scale(t
     ("options", "message"),
     [
         (["--gap-axes", "4"], "add --clip"),
+        (["--gap-profile", "vit-b-32"], "add --clip"),
         (["--clip", "--gap-axes", "3"], "gap axes 3: give 0 (random axes)"),
     ],
 )

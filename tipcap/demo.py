@@ -107,7 +107,8 @@ def demo_world(
         write = maker.write_toyworld if version == 1 else maker.write_world
         write(world, seed=seed, train=scale.train, val=scale.val, test=scale.test, progress=progress)
         echo(f"toy world: generated in {time.perf_counter() - start:.0f} s")
-    stop = [asdict(scale.stop)] if scale.stop else []
+    # A stop rule's unset fields stay out of the key, so that caches made before they existed stay valid.
+    stop = [{k: v for k, v in asdict(scale.stop).items() if v is not None}] if scale.stop else []
     # World 1's key stays what it was (it does not build the gap).
     built = [scale.gap.offset, scale.scale_warmup, scale.hard_negatives] if scale.gap else []
     built += [scale.seeing_steps, scale.scene_supervision] if scale.seeing_steps else []
@@ -134,11 +135,13 @@ def train_demo_clip(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     gap: Any = None,
+    stop: Any = None,
 ) -> Any:
     """Train the demo's toy CLIP (as :func:`demo_scale` sizes it) on a world into ``out``; returns its
     :class:`tipcap.toy.clip.ToyClipReport`. A world that differs from the demo's only in its test split
     gets the same CLIP, since training reads the training and validation splits alone. ``gap`` (a
-    :class:`tipcap.toy.gap_shapes.GapShape`, world 2) builds another gap into the towers than the demo's."""
+    :class:`tipcap.toy.gap_shapes.GapShape`, world 2) builds another gap into the towers than the demo's,
+    and ``stop`` (a :class:`tipcap.toy.clip.StopRule`) ends its training by another rule."""
     from tipcap.toy import clip, world2_grammar
 
     echo = echo or (lambda message: None)
@@ -151,7 +154,7 @@ def train_demo_clip(
     )
     _, report = clip.train_toyclip(
         karpathy, out, steps=scale.clip_steps, batch_size=scale.clip_batch, seed=seed,
-        config=scale.clip_config, stop=scale.stop, gap=gap or scale.gap,
+        config=scale.clip_config, stop=stop or scale.stop, gap=gap or scale.gap,
         scale_warmup=scale.scale_warmup, negatives=world2_grammar.perturb if scale.hard_negatives else None,
         seeing_steps=scale.seeing_steps, scene_supervision=scale.scene_supervision, progress=progress,
     )  # fmt: skip

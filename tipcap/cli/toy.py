@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from tipcap.cli.options import FiniteFloatRange
-from tipcap.demo import default_cache_dir
+from tipcap.demo import default_cache_dir, demo_scale
 
 
 @click.command("toyworld")
@@ -80,6 +80,13 @@ from tipcap.demo import default_cache_dir
     help="With --clip (world 2): decay of the image tower's scale over its channels, which lowers the "
     "residual gap's effective rank; 0, even.  [default: 0]",
 )
+@click.option(
+    "--gap-profile",
+    type=click.Choice(["vit-b-32"]),
+    help="With --clip (world 2): a gap calibrated to a real CLIP's published figures (its offset, and the "
+    "matched cosine at which the CLIP's training stops; experiments/README.md §5.6); --gap-offset, "
+    "--gap-axes and --gap-anisotropy change its shape.",
+)
 def toyworld_command(
     out: str,
     seed: int,
@@ -93,15 +100,28 @@ def toyworld_command(
     gap_offset: float | None,
     gap_axes: int | None,
     gap_anisotropy: float | None,
+    gap_profile: str | None,
 ) -> None:
     """Write a toy world of coloured shapes: images, a Karpathy split file and web pairs."""
+    import dataclasses
+
     knobs = {"offset": gap_offset, "axes": gap_axes, "anisotropy": gap_anisotropy}
     knobs = {name: value for name, value in knobs.items() if value is not None}
-    if knobs and not (train_clip and world_version == "2"):
-        raise click.UsageError("--gap-offset, --gap-axes, --gap-anisotropy shape world 2's CLIP: add --clip.")
-    from tipcap.toy.gap_shapes import GapShape
+    if (knobs or gap_profile) and not (train_clip and world_version == "2"):
+        raise click.UsageError(
+            "--gap-profile, --gap-offset, --gap-axes, --gap-anisotropy shape world 2's CLIP: add --clip."
+        )
+    from tipcap.toy.gap_shapes import PROFILES, GapShape
 
-    gap = GapShape(**knobs) if knobs else None  # checked before the world is written
+    profile = PROFILES[gap_profile] if gap_profile else None
+    gap = None  # the demo's, unless a profile or a knob sets another (checked before the world is written)
+    if profile or knobs:
+        gap = dataclasses.replace(profile.shape if profile else GapShape(), **knobs)
+    stop = None
+    if profile:
+        stop = dataclasses.replace(
+            demo_scale(quick=False).stop, every=profile.check_every, matched_cosine=profile.matched_cosine
+        )
     if world_version == "1":
         from tipcap.toy.world1 import write_toyworld as write
     else:
@@ -119,8 +139,9 @@ def toyworld_command(
         from tipcap.demo import train_demo_clip
 
         train_demo_clip(
-            karpathy, Path(out) / "clip", seed=seed, version=int(world_version), echo=click.echo, gap=gap
-        )
+            karpathy, Path(out) / "clip", seed=seed, version=int(world_version), echo=click.echo,
+            gap=gap, stop=stop,
+        )  # fmt: skip
 
 
 @click.command("demo")

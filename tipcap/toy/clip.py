@@ -72,16 +72,25 @@ class StopRule:
     check where the held-out image→text R@1 reaches ``recall_at_1`` (reason ``recall``), or where the
     matched cosine has reached the cross-image cosine, in which case the weights of the previous check are
     kept (reason ``geometry``). Otherwise it runs its steps (reason ``steps``).
+
+    With ``matched_cosine`` (a CLIP calibrated to a real one's, :data:`tipcap.toy.gap_shapes.PROFILES`),
+    training also stops at the first check where the held-out matched cosine has reached it, keeping these
+    weights (reason ``matched``): the matched cosine rises with how well the towers agree on contents,
+    which a built offset alone does not set.
     """
 
     every: int = 50
     recall_at_1: float = 0.9
     held_out: int = 200  # validation images (with all their captions) the rule reads
+    matched_cosine: float | None = None
 
     def verdict(self, held_out: dict[str, float]) -> str | None:
-        """Why to stop, given a check's :func:`figures`: ``geometry`` or ``recall``; None to go on."""
+        """Why to stop, given a check's :func:`figures`: ``geometry``, ``matched`` or ``recall``; None to go
+        on."""
         if held_out["matched_cosine"] >= held_out["within_modality_cosine"]:
             return "geometry"
+        if self.matched_cosine is not None and held_out["matched_cosine"] >= self.matched_cosine:
+            return "matched"
         if held_out["recall_at_1"] >= self.recall_at_1:
             return "recall"
         return None
@@ -100,13 +109,15 @@ class ToyClipReport:
     text_cosine: float  # mean cos between captions of different images
     trace_sigma: float  # tr Σ, Σ the covariance of δ = v − t over matched pairs
     effective_rank: float  # (tr Σ)² / tr(Σ²): how many directions the gap's spread fills
-    stop_reason: str = "steps"  # why training ended: steps, recall or geometry (see StopRule)
+    stop_reason: str = "steps"  # why training ended: steps, recall, geometry or matched (see StopRule)
     # World 2: share of (image, caption) pairs where the image is nearer its caption than the caption with
     # one claim (a shape, size or relation) made false; 0.5 is chance. None for world 1.
     claim_accuracy: float | None = None
     # The gap built into the towers (tipcap.toy.gap_shapes.GapShape as a dict), or None when training alone
     # made it.
     gap: dict[str, Any] | None = None
+    # The StopRule training ran under (as a dict), or None when it ran all its steps unchecked.
+    stop: dict[str, Any] | None = None
 
 
 def _loss_with_negatives(images: torch.Tensor, texts: torch.Tensor, scale: float) -> torch.Tensor:
@@ -403,7 +414,7 @@ def train_toyclip(
     report = ToyClipReport(
         done, seconds, **measure(trained, karpathy), stop_reason=stop_reason,
         claim_accuracy=claim_accuracy(trained, karpathy) if scenes else None,
-        gap=asdict(gap) if gap is not None else None,
+        gap=asdict(gap) if gap is not None else None, stop=asdict(stop) if stop is not None else None,
     )  # fmt: skip
     write_json_atomic(out / "toyclip_report.json", asdict(report))
     return spec, report

@@ -51,6 +51,28 @@ class GapShape:
             raise TipcapError(f"gap anisotropy {self.anisotropy}: give a finite number ≥ 0")
 
 
+@dataclass(frozen=True)
+class GapProfile:
+    """A gap calibrated to a real CLIP's published figures: the shape built into the towers, and the held-out
+    matched cosine at which contrastive training stops (:class:`tipcap.toy.clip.StopRule`), checked every
+    ``check_every`` steps, since the toy's matched cosine rises with how well its towers agree on contents
+    and passes a real CLIP's within a few dozen steps."""
+
+    shape: GapShape
+    matched_cosine: float
+    check_every: int
+
+
+# Each figure's source is in experiments/README.md §5.6 (the calibrated profile).
+PROFILES: dict[str, GapProfile] = {
+    # OpenAI CLIP ViT-B/32 on MS-COCO: ‖μ‖ 0.82 and a matched cosine of about 0.30, so the mean holds about
+    # 0.82² / (2 − 2 · 0.30) = 48% of E‖δ‖². With contents nearly orthogonal between images, an offset of
+    # c = 0.75 gives ‖μ‖² ≈ 2c² / (1 + c²) = 0.72. Two coordinates carry the mean, as two of 512 carry 69% of
+    # ‖μ‖² in ViT-B/16's (no figure for ViT-B/32 was found).
+    "vit-b-32": GapProfile(GapShape(offset=0.75, axes=2), matched_cosine=0.30, check_every=5),
+}
+
+
 def build_modality_gap(model: torch.nn.Module, shape: GapShape, seed: int = 0) -> None:
     """Fix the last layers of both towers of an open_clip ``CLIP`` (and take them out of training) so that
     its embeddings have the gap ``shape`` whatever training does (see the module).
