@@ -180,6 +180,8 @@ def test_stop_rule_verdicts():
 def test_toyworld_gap_profile_sets_the_shape_and_the_stop(tmp_path, monkeypatch):
     """--gap-profile vit-b-32 trains the CLIP with the profile's offset and stops it at the profile's matched
     cosine, checked every few steps; a knob given beside it changes that knob alone."""
+    import dataclasses
+
     import tipcap.demo
     from tipcap.toy.gap_shapes import PROFILES, GapShape
 
@@ -189,10 +191,18 @@ def test_toyworld_gap_profile_sets_the_shape_and_the_stop(tmp_path, monkeypatch)
                  "--gap-profile", "vit-b-32", "--gap-axes", "4")  # fmt: skip
     assert result.exit_code == 0, result.output
     profile = PROFILES["vit-b-32"]
-    assert calls[0]["gap"] == GapShape(offset=profile.shape.offset, axes=4, anisotropy=profile.shape.anisotropy)
+    assert calls[0]["gap"] == dataclasses.replace(profile.shape, axes=4)
     stop = calls[0]["stop"]
     assert (stop.matched_cosine, stop.every) == (profile.matched_cosine, profile.check_every)
     assert stop.recall_at_1 == tipcap.demo.demo_scale(quick=False).stop.recall_at_1
+    # --clip-check-every checks the demo's rule more often, or the profile's.
+    run("toyworld", "--out", tmp_path / "w", "--train", 4, "--val", 2, "--test", 0, "--clip",
+        "--clip-check-every", "5", "--gap-anisotropy", "4")  # fmt: skip
+    assert calls[1]["stop"] == dataclasses.replace(tipcap.demo.demo_scale(quick=False).stop, every=5)
+    assert calls[1]["gap"] == GapShape(anisotropy=4.0)
+    run("toyworld", "--out", tmp_path / "w", "--train", 4, "--val", 2, "--test", 0, "--clip",
+        "--clip-check-every", "3", "--gap-profile", "vit-b-32")  # fmt: skip
+    assert (calls[2]["stop"].every, calls[2]["stop"].matched_cosine) == (3, profile.matched_cosine)
 
 
 @pytest.mark.slow
@@ -351,6 +361,8 @@ def test_gap_shape_puts_the_mean_on_privileged_axes_and_decays_the_image_scale(t
     [
         (["--gap-axes", "4"], "add --clip"),
         (["--gap-profile", "vit-b-32"], "add --clip"),
+        (["--clip-check-every", "5"], "add --clip"),
+        (["--version", "1", "--clip", "--clip-check-every", "5"], "add --clip"),
         (["--clip", "--gap-axes", "3"], "gap axes 3: give 0 (random axes)"),
     ],
 )

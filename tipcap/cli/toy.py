@@ -87,6 +87,13 @@ from tipcap.demo import default_cache_dir, demo_scale
     "matched cosine at which the CLIP's training stops; experiments/README.md §5.6); --gap-offset, "
     "--gap-axes and --gap-anisotropy change its shape.",
 )
+@click.option(
+    "--clip-check-every",
+    type=click.IntRange(min=1),
+    help="With --clip (world 2): steps between the checks of the CLIP's stop rule on the validation "
+    "split; finer checks keep more contrastive steps where the matched cosine passes the cosine between "
+    "images early (small offsets, anisotropic residuals).  [default: 100, or the profile's]",
+)
 def toyworld_command(
     out: str,
     seed: int,
@@ -101,6 +108,7 @@ def toyworld_command(
     gap_axes: int | None,
     gap_anisotropy: float | None,
     gap_profile: str | None,
+    clip_check_every: int | None,
 ) -> None:
     """Write a toy world of coloured shapes: images, a Karpathy split file and web pairs."""
     import dataclasses
@@ -117,11 +125,15 @@ def toyworld_command(
     gap = None  # the demo's, unless a profile or a knob sets another (checked before the world is written)
     if profile or knobs:
         gap = dataclasses.replace(profile.shape if profile else GapShape(), **knobs)
-    stop = None
+    if clip_check_every and not (train_clip and world_version == "2"):
+        raise click.UsageError("--clip-check-every sets how world 2's CLIP stops training: add --clip.")
+    stop = None  # the demo's stop rule, unless a profile or --clip-check-every changes it
     if profile:
         stop = dataclasses.replace(
             demo_scale(quick=False).stop, every=profile.check_every, matched_cosine=profile.matched_cosine
         )
+    if clip_check_every:
+        stop = dataclasses.replace(stop or demo_scale(quick=False).stop, every=clip_check_every)
     if world_version == "1":
         from tipcap.toy.world1 import write_toyworld as write
     else:

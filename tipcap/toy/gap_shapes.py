@@ -69,7 +69,7 @@ PROFILES: dict[str, GapProfile] = {
     # 0.82² / (2 − 2 · 0.30) = 48% of E‖δ‖². With contents nearly orthogonal between images, an offset of
     # c = 0.75 gives ‖μ‖² ≈ 2c² / (1 + c²) = 0.72. Two coordinates carry the mean, as two of 512 carry 69% of
     # ‖μ‖² in ViT-B/16's (no figure for ViT-B/32 was found).
-    "vit-b-32": GapProfile(GapShape(offset=0.75, axes=2), matched_cosine=0.30, check_every=5),
+    "vit-b-32": GapProfile(GapShape(offset=0.75, axes=2), matched_cosine=0.30, check_every=1),
 }
 
 
