@@ -122,6 +122,11 @@ def test_shard_stores_pair_row_for_row_in_web_pairs(web, tiny_clip, tmp_path):
     paired = texts.embeddings()[[texts.ids.index(i) for i in images.ids]]
     delta = images.embeddings().double() - paired.double()
     assert torch.allclose(gap.mu.double(), delta.mean(0), atol=1e-6)
+    for setting in ("few-pairs", "unpaired"):
+        result = run("fit-gap", "--setting", setting, "--texts", tmp_path / "texts", "--images",
+                     tmp_path / "images", "--out", tmp_path / f"{setting}.safetensors")  # fmt: skip
+        assert result.exit_code == 0, result.output
+    assert torch.allclose(Gap.load(tmp_path / "few-pairs.safetensors").mu.double(), delta.mean(0), atol=1e-6)
 
 
 def test_strict_stops_at_the_bad_shard_and_a_missing_shard_is_listed(web, tiny_clip, tmp_path):

@@ -63,11 +63,18 @@ def read_shard(path: Path, take: Callable[[dict[str, Any]], T]) -> list[T]:
         errors.append(exn)
         return False
 
-    with path.open("rb") as stream:
-        members = tar_file_expander([{"url": str(path), "stream": stream}], handler=stop)
-        taken = [take(sample) for sample in group_by_keys(members, handler=stop)]
+    try:
+        with path.open("rb") as stream:
+            members = tar_file_expander([{"url": str(path), "stream": stream}], handler=stop)
+            taken = [take(sample) for sample in group_by_keys(members, handler=stop)]
+    except OSError as e:  # opening or reading the file itself (webdataset's handler sees the tar's errors)
+        errors.append(e)
     if errors:
-        reason = str(errors[0].args[0]).partition(" @ ")[0] if errors[0].args else type(errors[0]).__name__
+        first = errors[0]
+        if isinstance(first, OSError) and first.strerror:
+            reason = first.strerror
+        else:  # webdataset appends " @ <stream>" to the message
+            reason = str(first.args[0]).partition(" @ ")[0] if first.args else type(first).__name__
         raise ShardError(f"{path}: truncated or unreadable shard ({reason})")
     return taken
 
