@@ -188,6 +188,7 @@ def test_two_processes_build_the_one_process_image_store(web, tiny_clip, tmp_pat
                          text=True, timeout=120)  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("wrote 11 image embeddings") == 1
+    assert two.stderr.count(f"{web['truncated']}: truncated or unreadable shard") == 1
     assert len(EmbeddingStore.open(tmp_path / "two").shards) == 4
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
 

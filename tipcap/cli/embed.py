@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -10,6 +11,9 @@ from tipcap.cli.options import StageOptions, device_option, stacked
 from tipcap.config import EmbedConfig
 from tipcap.data.captions import PERIOD_POLICIES
 from tipcap.data.karpathy import SPLITS
+
+if TYPE_CHECKING:
+    from tipcap.ranks import Ranks
 
 
 @click.group("embed")
@@ -55,6 +59,12 @@ def _writing(opts: dict[str, Any]) -> dict[str, Any]:
             "progress": not opts["no_progress"]}  # fmt: skip
 
 
+def _quiet_unless_main(ranks: Ranks) -> None:
+    """Under torchrun, leave the warnings (a bad shard, a rebuild) to rank 0, so that each is one line."""
+    if not ranks.main:
+        logging.getLogger("tipcap").setLevel(logging.ERROR)
+
+
 _SPLIT_OPTION = click.option(
     "--split", type=click.Choice(SPLITS), default=None, help="Karpathy split (train includes restval)."
 )
@@ -94,6 +104,7 @@ def embed_texts_command(
 
     config = _TEXTS.build(ctx)
     with torchrun_ranks() as ranks:
+        _quiet_unless_main(ranks)
         report = embed_texts(corpus, config, opts["out"], split=split, period=period, caption_key=caption_key,
                              ranks=ranks, **_writing(opts))  # fmt: skip
     if ranks.main:
@@ -150,6 +161,7 @@ def embed_images_command(
 
     config = _IMAGES.build(ctx)
     with torchrun_ranks() as ranks:
+        _quiet_unless_main(ranks)
         report = embed_images(
             source, config, opts["out"], image_root=image_root, allow_outside=allow_outside, split=split,
             limit=limit, seed=config.init_seed, workers=workers, ranks=ranks, **_writing(opts),
