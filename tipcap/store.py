@@ -7,7 +7,7 @@ A store is a directory::
     ids.json                       one image id per row (a caption store: the captioned image's id)
     captions.json                  caption stores only: the normalised caption of each row
     embeddings.safetensors         [N, d] float16, or shards embeddings-00000-of-00004.safetensors, ...
-    skipped.json                   image stores only, when some images could not be read
+    skipped.json                   when some inputs could not be read (images; webdataset shards)
     provenance.json                the store's provenance record (:mod:`tipcap.provenance`)
 
 A store is identified by its *key*, the key of its provenance record: the store kind, the CLIP's identity,
