@@ -217,3 +217,22 @@ def test_two_processes_resume_after_sigkill_redoing_only_unfinished_shards(coco_
     assert {name: after[name] for name in finished} == finished
     assert len(after) == len(EmbeddingStore.open(out).shards) > len(finished)
     assert _files(out) == _files(tmp_path / "one")
+
+
+def test_samples_without_an_image_or_a_caption_are_listed(tiny_clip, tmp_path):
+    shard = tmp_path / "odd.tar"
+    with webdataset.TarWriter(str(shard)) as writer:
+        writer.write(sample(0))
+        writer.write({"__key__": "text-only", "txt": "a caption alone", "json": {"url": "u"}})
+        writer.write({"__key__": "image-only", "png": image_bytes(3)})
+    embed("images", shard, tmp_path / "images", tiny_clip)
+    embed("texts", shard, tmp_path / "texts", tiny_clip, "--caption-key", "caption")
+    assert EmbeddingStore.open(tmp_path / "images").ids == ["s0000", "image-only"]
+    assert EmbeddingStore.open(tmp_path / "texts").ids == ["s0000"]
+    images = json.loads((tmp_path / "images" / "skipped.json").read_text())
+    texts = json.loads((tmp_path / "texts" / "skipped.json").read_text())
+    assert images == [{"id": "text-only", "path": str(shard), "reason": "no jpg/jpeg/png/webp member"}]
+    assert texts == [
+        {"id": "text-only", "path": str(shard), "reason": ".json member has no string 'caption'"},
+        {"id": "image-only", "path": str(shard), "reason": "no .json member"},
+    ]
