@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from tipcap.data import ImageError, load_image
+from tipcap.data.images import ImageBytes
 
 MAX_ASPECT_RATIO = 20
 """The most times longer one side of an image may be than the other. CLIP sees only the centre square of
@@ -80,10 +81,10 @@ class ImagePreprocess:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images (paths or PIL images) decoded and preprocessed for a CLIP, one per index; an image that
-    cannot be read, or whose shape CLIP's preprocessing refuses, gives its reason instead of pixels (a PIL
-    image is named ``image <index>`` there). Through a ``DataLoader`` with workers, decoding runs beside
-    the encoding and captioning of earlier batches.
+    """Images (paths, :class:`~tipcap.data.images.ImageBytes` or PIL images) decoded and preprocessed for a
+    CLIP, one per index; an image that cannot be read, or whose shape CLIP's preprocessing refuses, gives
+    its reason instead of pixels (a PIL image is named ``image <index>`` there). Through a ``DataLoader``
+    with workers, decoding runs beside the encoding and captioning of earlier batches.
 
     ``jpeg_draft``: decode JPEG files at a reduced DCT scale that keeps their shortest side at least CLIP's
     input (:func:`tipcap.data.load_image`'s ``draft``): faster, with pixels close to, not equal to, the
@@ -103,6 +104,8 @@ class ImageFiles(torch.utils.data.Dataset):
         try:
             if isinstance(image, Image.Image):
                 return index, self.preprocess(image.convert("RGB"), f"image {index}"), None
+            if isinstance(image, ImageBytes):
+                return index, self.preprocess(load_image(image, self.draft), image.name), None
             return index, self.preprocess(load_image(Path(image), self.draft), str(image)), None
         except ImageError as e:
             return index, None, str(e)

@@ -22,7 +22,16 @@ from tipcap.clip_images import image_batches
 from tipcap.config import EmbedConfig
 from tipcap.data import ImageRef, list_images, read_captions, subsample
 from tipcap.data.captions import CaptionCorpus, PeriodPolicy
+from tipcap.data.images import ImageBytes
+from tipcap.data.shards import (
+    ShardListing,
+    is_shard_source,
+    list_shard_images,
+    read_shard_captions,
+    shard_images,
+)
 from tipcap.errors import TipcapError
+from tipcap.ranks import ONE_PROCESS, Ranks
 from tipcap.store import EmbeddingStore, Shard, build_store, fingerprint, open_matching
 
 logger = logging.getLogger(__name__)
@@ -79,11 +88,19 @@ def _record(artifact: str, config: EmbedConfig, device: str | None, rows: list[l
 
 
 def _caption_rows(
-    corpus: str | Path, split: str | None, period: PeriodPolicy, strict: bool
-) -> tuple[CaptionCorpus, list[list[Any]]]:
-    """A corpus's captions and the rows a text store encodes: ``[image id, caption]``."""
-    captions = read_captions(corpus, split=split, period=period, strict=strict)
-    return captions, [[c.image_id, c.text] for c in captions.captions]
+    corpus: str | Path, split: str | None, period: PeriodPolicy, strict: bool, caption_key: str | None
+) -> tuple[CaptionCorpus, list[list[Any]], list[dict[str, Any]]]:
+    """A corpus's captions, the rows a text store encodes (``[image id, caption]``) and what was skipped
+    before encoding (unreadable webdataset shards, samples without a caption)."""
+    if is_shard_source(corpus):
+        if split is not None:
+            raise TipcapError(f"--split applies to Karpathy split files only; {corpus} names shards.")
+        captions, skipped = read_shard_captions(corpus, caption_key, period, strict)
+    else:
+        if caption_key is not None:
+            raise TipcapError(f"--caption-key applies to webdataset shards (.tar) only, not to {corpus}.")
+        captions, skipped = read_captions(corpus, split=split, period=period, strict=strict), []
+    return captions, [[c.image_id, c.text] for c in captions.captions], skipped
 
 
 def _image_rows(
@@ -93,8 +110,18 @@ def _image_rows(
     split: str | None,
     limit: str | None,
     seed: int,
-) -> tuple[list[ImageRef], list[list[Any]]]:
-    """The images an image store encodes and its rows: ``[image id, path, size]``."""
+    strict: bool = False,
+) -> tuple[list[ImageRef] | ShardListing, list[list[Any]], list[dict[str, Any]]]:
+    """The images an image store encodes, its rows (``[image id, path, size]``; for webdataset shards
+    ``[key, shard, shard's size]``) and what was skipped before encoding (unreadable shards)."""
+    if is_shard_source(source):
+        for flag, value in (("--split", split), ("--limit", limit), ("--image-root", image_root)):
+            if value is not None:
+                raise TipcapError(f"{flag} applies to image folders and files, not to the shards {source}.")
+        listing = list_shard_images(source, strict)
+        sizes = [shard.stat().st_size for shard in listing.shards]
+        names = [str(shard.resolve()) for shard in listing.shards]
+        return listing, [[key, names[shard], sizes[shard]] for key, shard, _ in listing.rows], listing.skipped
     listed = list_images(source, image_root=image_root, split=split, allow_outside=allow_outside)
     images = subsample(listed, limit, seed)
     # Path and size identify the files without reading them; a changed file set rebuilds the store.
@@ -102,7 +129,7 @@ def _image_rows(
         [ref.image_id, str(ref.path.resolve()), ref.path.stat().st_size if ref.path.is_file() else -1]
         for ref in images
     ]
-    return images, rows
+    return images, rows, []
 
 
 def text_store_key(
@@ -113,9 +140,10 @@ def text_store_key(
     period: PeriodPolicy = "add",
     strict: bool = False,
     device: str | None = None,
+    caption_key: str | None = None,
 ) -> dict[str, Any]:
     """The provenance key of the store :func:`embed_texts` makes with these arguments (nothing encoded)."""
-    _, rows = _caption_rows(corpus, split, period, strict)
+    _, rows, _ = _caption_rows(corpus, split, period, strict, caption_key)
     return provenance.key(_record("text-store", config, device, rows))
 
 
@@ -131,19 +159,29 @@ def image_store_key(
     device: str | None = None,
 ) -> dict[str, Any]:
     """The provenance key of the store :func:`embed_images` makes with these arguments (nothing encoded)."""
-    _, rows = _image_rows(source, image_root, allow_outside, split, limit, seed)
+    _, rows, _ = _image_rows(source, image_root, allow_outside, split, limit, seed)
     return provenance.key(_record("image-store", config, device, rows))
 
 
-def _reuse_or_rebuild(out: str | Path, record: dict[str, Any]) -> EmbeddingStore | None:
-    """The finished store in ``out`` when its key is ``record``'s; else ``None``, saying why it rebuilds."""
-    existing, previous = open_matching(out, provenance.key(record))
+def _reuse_or_rebuild(out: str | Path, record: dict[str, Any], ranks: Ranks) -> EmbeddingStore | None:
+    """The finished store in ``out`` when its key is ``record``'s; else ``None``, saying why it rebuilds.
+    Rank 0 decides for every rank."""
+    existing, previous = open_matching(out, provenance.key(record)) if ranks.main else (None, None)
     if existing is None and previous is not None:
         changed = [k for k in record["config"] if previous.get("config", {}).get(k) != record["config"][k]]
         if previous.get("inputs") != record["inputs"]:
             changed.append("inputs")
         logger.warning("%s was built with other %s; rebuilding it.", out, ", ".join(changed) or "settings")
-    return existing
+    if ranks.agree(existing is not None):
+        return existing if existing is not None else EmbeddingStore.open(out)
+    return None
+
+
+def _rank_device(device: str | None, ranks: Ranks) -> str | None:
+    """``device``; by default, under torchrun with GPUs, the GPU of this rank's local rank."""
+    if device is None and ranks.world > 1 and torch.cuda.is_available():
+        return f"cuda:{ranks.local_rank}"
+    return device
 
 
 def clip_spec(config: EmbedConfig) -> ClipSpec:
@@ -162,15 +200,21 @@ def embed_texts(
     shard_size: int = 100_000,
     device: str | None = None,
     progress: bool = True,
+    caption_key: str | None = None,
+    ranks: Ranks = ONE_PROCESS,
 ) -> EmbedReport:
-    """Embed the captions of a corpus file into a store at ``out`` (reused when already built alike).
+    """Embed the captions of a corpus file, or of webdataset shards, into a store at ``out`` (reused when
+    already built alike).
 
-    Each row's id is the id of the image its caption describes; ``captions.json`` keeps the text.
+    Each row's id is the id of the image its caption describes (a shard sample's key); ``captions.json``
+    keeps the text. Shards' captions are their ``.txt`` members, or the ``caption_key`` of their
+    ``.json`` members. Under torchrun every rank calls this with its ``ranks``.
     """
     start = time.perf_counter()
-    captions, rows = _caption_rows(corpus, split, period, strict)
+    device = _rank_device(device, ranks)
+    captions, rows, skipped = _caption_rows(corpus, split, period, strict, caption_key)
     record = _record("text-store", config, device, rows)
-    existing = _reuse_or_rebuild(out, record)
+    existing = _reuse_or_rebuild(out, record, ranks)
     if existing is not None:
         return EmbedReport(existing, True, time.perf_counter() - start, captions.empty_skipped)
     clip = clip_spec(config)
@@ -190,6 +234,7 @@ def embed_texts(
             "split": split,
             "period": period,
             "empty_skipped": captions.empty_skipped,
+            **({"caption_key": caption_key} if caption_key is not None else {}),
         },
     }
     store = build_store(
@@ -201,6 +246,8 @@ def embed_texts(
         extra_files={"captions.json": [text for _, text in rows]},
         info=info,
         progress=progress,
+        skipped=skipped,
+        ranks=ranks,
     )
     return EmbedReport(store, False, time.perf_counter() - start, captions.empty_skipped)
 
@@ -220,17 +267,21 @@ def embed_images(
     shard_size: int = 50_000,
     device: str | None = None,
     progress: bool = True,
+    ranks: Ranks = ONE_PROCESS,
 ) -> EmbedReport:
-    """Embed the images named by ``source`` (folder, Karpathy file, caption map or JSONL) into ``out``.
+    """Embed the images named by ``source`` (folder, Karpathy file, caption map, JSONL, or webdataset
+    shards: a ``.tar`` or a brace pattern of them) into ``out``.
 
-    Unreadable or corrupt images are skipped and listed in ``skipped.json`` (or, with ``strict``, stop
-    the run). ``limit`` keeps a seeded random subset (``"500"`` or ``"1%"``). Image paths that lead
-    outside ``image_root`` are refused unless ``allow_outside``.
+    Unreadable or corrupt images, and unreadable shards, are skipped and listed in ``skipped.json`` (or,
+    with ``strict``, stop the run). ``limit`` keeps a seeded random subset (``"500"`` or ``"1%"``). Image
+    paths that lead outside ``image_root`` are refused unless ``allow_outside``. Under torchrun every rank
+    calls this with its ``ranks``; a store shard's image bytes are held in memory while it is encoded.
     """
     start = time.perf_counter()
-    images, rows = _image_rows(source, image_root, allow_outside, split, limit, seed)
+    device = _rank_device(device, ranks)
+    images, rows, dropped = _image_rows(source, image_root, allow_outside, split, limit, seed, strict)
     record = _record("image-store", config, device, rows)
-    existing = _reuse_or_rebuild(out, record)
+    existing = _reuse_or_rebuild(out, record, ranks)
     if existing is not None:
         return EmbedReport(existing, True, time.perf_counter() - start)
     clip = clip_spec(config)
@@ -239,8 +290,12 @@ def embed_images(
     timings = {"decoding": 0.0, "clip": 0.0}
 
     def encode(indices: range, advance: Callable[[int], object]) -> Shard:
-        subset = [images[i] for i in indices]
-        loader = iter(image_batches([ref.path for ref in subset], encoder.preprocess, batch_size, workers))
+        inputs: list[Path] | list[ImageBytes]
+        if isinstance(images, ShardListing):
+            inputs, names = list(shard_images(images, indices)), [images.rows[i][0] for i in indices]
+        else:
+            inputs, names = [images[i].path for i in indices], [images[i].image_id for i in indices]
+        loader = iter(image_batches(inputs, encoder.preprocess, batch_size, workers))
         chunks, ids, skipped = [], [], []
         while True:
             begin = time.perf_counter()
@@ -252,14 +307,14 @@ def embed_images(
             for position, reason in failures:
                 if strict:
                     raise TipcapError(f"{reason} (drop --strict to skip unreadable images).")
-                skipped.append(
-                    {"id": subset[position].image_id, "path": str(subset[position].path), "reason": reason}
-                )
+                where = inputs[position]
+                path = where.name if isinstance(where, ImageBytes) else str(where)
+                skipped.append({"id": names[position], "path": path, "reason": reason})
             if pixels is not None:
                 begin = time.perf_counter()
                 chunks.append(encoder.encode_images(pixels))
                 timings["clip"] += time.perf_counter() - begin
-                ids.extend(subset[p].image_id for p in positions)
+                ids.extend(names[p] for p in positions)
             advance(len(positions) + len(failures))
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, encoder.dim)
         return Shard(embeddings, ids, skipped)
@@ -268,5 +323,6 @@ def embed_images(
         "clip_spec": clip.to_dict(),
         "source": {"images": str(Path(source).resolve()), "split": split, "limit": limit, "seed": seed},
     }
-    store = build_store(out, record, len(rows), encode, shard_size=shard_size, info=info, progress=progress)
+    store = build_store(out, record, len(rows), encode, shard_size=shard_size, info=info, progress=progress,
+                        skipped=dropped, ranks=ranks)  # fmt: skip
     return EmbedReport(store, False, time.perf_counter() - start, timings=timings)

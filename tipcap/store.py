@@ -7,7 +7,7 @@ A store is a directory::
     ids.json                       one image id per row (a caption store: the captioned image's id)
     captions.json                  caption stores only: the normalised caption of each row
     embeddings.safetensors         [N, d] float16, or shards embeddings-00000-of-00004.safetensors, ...
-    skipped.json                   image stores only, when some images could not be read
+    skipped.json                   when some inputs could not be read (images; webdataset shards)
     provenance.json                the store's provenance record (:mod:`tipcap.provenance`)
 
 A store is identified by its *key*, the key of its provenance record: the store kind, the CLIP's identity,
@@ -18,7 +18,8 @@ same inputs give the same bytes, so stores can be compared by checksum. Shards a
 name and renamed, so a shard file that exists is complete; a build that is interrupted resumes from the
 first missing shard (``building.json`` records the key it was started with). One build at a time holds the
 folder's ``build.lock``: a second writer waits, then reuses the store if it has the key it wanted, or
-rebuilds it.
+rebuilds it. Under torchrun, rank r of N encodes the shards i with i % N == r and rank 0 (which holds the
+lock) writes the index once every rank is done, so the store has the bytes one process would write.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from tipcap.errors import TipcapError
 from tipcap.io import exclusive_lock, save_safetensors, write_json_atomic
 from tipcap.progress import progress_bar
 from tipcap.provenance import sha256_json
+from tipcap.ranks import ONE_PROCESS, Ranks
 
 STORE_FORMAT = 3
 META = "meta.json"
@@ -317,6 +319,8 @@ def build_store(
     extra_files: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
     progress: bool = True,
+    skipped: Sequence[dict[str, Any]] = (),
+    ranks: Ranks = ONE_PROCESS,
 ) -> EmbeddingStore:
     """Build the store in ``out``, resuming an interrupted build of the same key and plan.
 
@@ -334,6 +338,9 @@ def build_store(
         extra_files: JSON documents written beside the embeddings when the build finishes.
         info: informational entries for ``meta.json`` (not part of the key).
         progress: show a progress bar over rows.
+        skipped: inputs dropped before encoding (e.g. unreadable webdataset shards), listed first in
+            ``skipped.json``.
+        ranks: the processes building this store together; every rank calls this function.
 
     Returns:
         The finished store.
@@ -346,12 +353,12 @@ def build_store(
         raise TipcapError(f"--out {out}: exists and is not a directory.")
     out.mkdir(parents=True, exist_ok=True)
     key = provenance.key(record)
-    with _locked(out):
-        existing, _ = open_matching(out, key)
-        if existing is not None:
-            return existing
+    with _locked(out) if ranks.main else contextlib.nullcontext():
+        existing = open_matching(out, key)[0] if ranks.main else None
+        if ranks.agree(existing is not None):
+            return existing if existing is not None else EmbeddingStore.open(out)
         files = {**(extra_files or {}), provenance.FILE_NAME: record}
-        return _build(out, key, num_rows, encode, shard_size, files, info or {}, progress)
+        return _build(out, key, num_rows, encode, shard_size, files, info or {}, progress, skipped, ranks)
 
 
 def _build(
@@ -363,32 +370,43 @@ def _build(
     extra_files: dict[str, Any],
     info: dict[str, Any],
     progress: bool,
+    dropped: Sequence[dict[str, Any]],
+    ranks: Ranks,
 ) -> EmbeddingStore:
-    """:func:`build_store`, under the folder's lock."""
+    """:func:`build_store`, under the folder's lock (held by rank 0)."""
     num_shards = max(1, -(-num_rows // shard_size))
     plan = {"format": STORE_FORMAT, "key": key, "num_rows": num_rows, "shard_size": shard_size}
     building = out / BUILDING
-    try:
-        resuming = _read_json(building) == plan
-    except (OSError, ValueError):  # none, or damaged: start afresh
-        resuming = False
-    _clear(out, temporary_only=resuming)
-    if not resuming:
-        write_json_atomic(building, plan)
+    resuming = False
+    if ranks.main:
+        try:
+            resuming = _read_json(building) == plan
+        except (OSError, ValueError):  # none, or damaged: start afresh
+            resuming = False
+        _clear(out, temporary_only=resuming)
+        if not resuming:
+            write_json_atomic(building, plan)
+    # The other ranks start once rank 0 has cleared what an earlier build left.
+    resuming = ranks.agree(resuming)
     digest = sha256_json(plan)
 
-    bar = progress_bar(total=num_rows, unit="row", disable=not progress, desc=f"embedding {key['artifact']}")
-    for index in range(num_shards):
-        rows = range(index * shard_size, min(num_rows, (index + 1) * shard_size))
+    shard_rows = [range(i * shard_size, min(num_rows, (i + 1) * shard_size)) for i in range(num_shards)]
+    bar = progress_bar(total=sum(len(shard_rows[i]) for i in range(ranks.rank, num_shards, ranks.world)),
+                       unit="row", disable=not progress, desc=f"embedding {key['artifact']}")  # fmt: skip
+    for index in range(ranks.rank, num_shards, ranks.world):
         path = out / shard_name(index, num_shards)
         if resuming and _shard_digest(path) == digest:
-            bar.update(len(rows))
+            bar.update(len(shard_rows[index]))
         else:
-            _write_shard(path, encode(rows, bar.update), digest)
+            _write_shard(path, encode(shard_rows[index], bar.update), digest)
     bar.close()
+    ranks.barrier()
+    if not ranks.main:
+        ranks.barrier()  # while rank 0 writes the index
+        return EmbeddingStore.open(out)
 
     ids: list[Any] = []
-    skipped: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = list(dropped)
     counts: dict[str, int] = {}
     dim = None
     shards = [shard_name(i, num_shards) for i in range(num_shards)]
@@ -426,6 +444,7 @@ def _build(
     }
     write_json_atomic(out / META, meta)
     building.unlink()
+    ranks.barrier()
     return EmbeddingStore.open(out)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -10,6 +11,9 @@ from tipcap.cli.options import StageOptions, device_option, stacked
 from tipcap.config import EmbedConfig
 from tipcap.data.captions import PERIOD_POLICIES
 from tipcap.data.karpathy import SPLITS
+
+if TYPE_CHECKING:
+    from tipcap.ranks import Ranks
 
 
 @click.group("embed")
@@ -55,6 +59,12 @@ def _writing(opts: dict[str, Any]) -> dict[str, Any]:
             "progress": not opts["no_progress"]}  # fmt: skip
 
 
+def _quiet_unless_main(ranks: Ranks) -> None:
+    """Under torchrun, leave the warnings (a bad shard, a rebuild) to rank 0, so that each is one line."""
+    if not ranks.main:
+        logging.getLogger("tipcap").setLevel(logging.ERROR)
+
+
 _SPLIT_OPTION = click.option(
     "--split", type=click.Choice(SPLITS), default=None, help="Karpathy split (train includes restval)."
 )
@@ -65,7 +75,8 @@ _SPLIT_OPTION = click.option(
     "--corpus",
     required=True,
     type=click.Path(dir_okay=False),
-    help="Karpathy JSON, {image: [captions]} JSON, JSONL pairs or text file (.gz accepted).",
+    help="Karpathy JSON, {image: [captions]} JSON, JSONL pairs or text file (.gz accepted), or webdataset "
+    "shards: a .tar or a brace pattern ('cc3m/{00000..00331}.tar').",
 )
 @_SPLIT_OPTION
 @click.option(
@@ -75,16 +86,29 @@ _SPLIT_OPTION = click.option(
     show_default=True,
     help="Trailing period: add one to every caption, strip them, or keep captions as written.",
 )
+@click.option(
+    "--caption-key",
+    default=None,
+    help="Webdataset shards: read each caption from this key of the sample's .json [default: its .txt].",
+)
 @_TEXTS.options
 @_store_options(100_000)
 @click.pass_context
-def embed_texts_command(ctx: click.Context, corpus: str, split: str | None, period: str, **opts: Any) -> None:
-    """Embed the captions of a corpus; each row keeps its caption's image id."""
+def embed_texts_command(
+    ctx: click.Context, corpus: str, split: str | None, period: str, caption_key: str | None, **opts: Any
+) -> None:
+    """Embed the captions of a corpus; each row keeps its caption's image id (under torchrun, the ranks
+    share the store's shards)."""
     from tipcap.embed import embed_texts
+    from tipcap.ranks import torchrun_ranks
 
     config = _TEXTS.build(ctx)
-    report = embed_texts(corpus, config, opts["out"], split=split, period=period, **_writing(opts))
-    click.echo(report.summary())
+    with torchrun_ranks() as ranks:
+        _quiet_unless_main(ranks)
+        report = embed_texts(corpus, config, opts["out"], split=split, period=period, caption_key=caption_key,
+                             ranks=ranks, **_writing(opts))  # fmt: skip
+    if ranks.main:
+        click.echo(report.summary())
 
 
 @embed_group.command("images")
@@ -93,7 +117,8 @@ def embed_texts_command(ctx: click.Context, corpus: str, split: str | None, peri
     "source",
     required=True,
     type=click.Path(),
-    help="Image folder, Karpathy JSON, {image: [captions]} JSON or JSONL pairs.",
+    help="Image folder, Karpathy JSON, {image: [captions]} JSON, JSONL pairs, or webdataset shards: a .tar "
+    "or a brace pattern ('cc3m/{00000..00331}.tar').",
 )
 @click.option(
     "--image-root",
@@ -129,12 +154,17 @@ def embed_images_command(
     workers: int | None,
     **opts: Any,
 ) -> None:
-    """Embed images; each row keeps its image id (unreadable images are listed in skipped.json)."""
+    """Embed images; each row keeps its image id (unreadable images are listed in skipped.json). Under
+    torchrun, the ranks share the store's shards."""
     from tipcap.embed import embed_images
+    from tipcap.ranks import torchrun_ranks
 
     config = _IMAGES.build(ctx)
-    report = embed_images(
-        source, config, opts["out"], image_root=image_root, allow_outside=allow_outside, split=split,
-        limit=limit, seed=config.init_seed, workers=workers, **_writing(opts),
-    )  # fmt: skip
-    click.echo(report.summary())
+    with torchrun_ranks() as ranks:
+        _quiet_unless_main(ranks)
+        report = embed_images(
+            source, config, opts["out"], image_root=image_root, allow_outside=allow_outside, split=split,
+            limit=limit, seed=config.init_seed, workers=workers, ranks=ranks, **_writing(opts),
+        )  # fmt: skip
+    if ranks.main:
+        click.echo(report.summary())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from dataclasses import dataclass
@@ -32,6 +33,14 @@ class ImageRef:
 
     image_id: ImageId
     path: Path
+
+
+@dataclass(frozen=True)
+class ImageBytes:
+    """An image file's bytes held in memory (a webdataset shard's member), and the name messages give it."""
+
+    name: str
+    data: bytes
 
 
 def outside(root: Path, name: str) -> bool:
@@ -128,8 +137,8 @@ def subsample(images: list[ImageRef], limit: str | None, seed: int = 0) -> list[
     return [images[i] for i in keep]
 
 
-def load_image(path: Path, draft: int | None = None) -> Image.Image:
-    """Decode an image fully into RGB; only the formats of :data:`IMAGE_FORMATS` are read.
+def load_image(path: Path | ImageBytes, draft: int | None = None) -> Image.Image:
+    """Decode an image file (or its bytes) fully into RGB; only the formats of :data:`IMAGE_FORMATS` are read.
 
     ``draft``: decode a JPEG at the smallest of its reduced DCT scales (1/2, 1/4, 1/8) that keeps both
     sides at least ``draft`` pixels (Pillow's ``Image.draft``), which skips most of the full-size decode;
@@ -138,15 +147,16 @@ def load_image(path: Path, draft: int | None = None) -> Image.Image:
     Raises:
         ImageError: when the file is missing, not an image of those formats, or truncated/corrupt.
     """
+    name, source = (path.name, io.BytesIO(path.data)) if isinstance(path, ImageBytes) else (path, path)
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as image:
+        with Image.open(source, formats=IMAGE_FORMATS) as image:
             if draft is not None:
                 image.draft("RGB", (draft, draft))
             image.load()
             return image.convert("RGB")
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such file") from None
+        raise ImageError(f"{name}: no such file") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not a {FORMAT_NAMES} image") from None
+        raise ImageError(f"{name}: not a {FORMAT_NAMES} image") from None
     except (Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{path}: unreadable or corrupt image ({e})") from None
+        raise ImageError(f"{name}: unreadable or corrupt image ({e})") from None
