@@ -100,7 +100,8 @@ def test_shipped_grids_cover_the_settings_baselines_and_sweep():
         "cross_domain/coco_to_nocaps.yaml", "toyworld_full.yaml", "toyworld_factors.yaml",
         "toyworld2_factors.yaml", "toyworld2_controls.yaml", "toyworld2_prompts.yaml",
         "toyworld2_prompts_guided.yaml", "toyworld2_prompts_tuned.yaml", "toyworld2_prompts_frozen.yaml",
-        "synthetic_gap.yaml", "synthetic_gap_isotropic.yaml",
+        "synthetic_gap.yaml", "synthetic_gap_isotropic.yaml", "synthetic_gap_null.yaml",
+        "synthetic_gap_dose.yaml", "synthetic_gap_twin.yaml", "gap_prediction.yaml",
     }  # fmt: skip
     # The factor grids declare each setting's chain none → mean-shift → matched → diagonal → gaussian as a
     # family (Holm within it, equivalence within ±0.05 CIDEr), and compare the baselines outside it.
