@@ -92,6 +92,25 @@ def test_image_embeddings_are_the_held_out_caption_plus_the_known_gap(world):
     assert bool((cosine(v - mu.float(), t) > cosine(v, t)).all())  # subtracting μ* brings v to its caption
 
 
+def test_heavy_tails_scale_each_draw_by_a_chi_square_of_the_same_generator(world, tmp_path):
+    """tail_df: each row's draw is the Gaussian one times √((ν − 2)/χ²_ν), with χ²_ν from ν more normals of
+    the same generator, so the covariance stays Σ* and the tails grow (excess kurtosis 6/(ν − 4))."""
+    embed, config = world["embed"], world["config"]
+    heavy = SyntheticGapConfig(**{**config.__dict__, "tail_df": 5})
+    built = build_synthetic_world(COCO_SLICE, embed, heavy, tmp_path / "heavy", progress=False)
+    texts = EmbeddingStore.open(built.karpathy.parent / "held-out-text")
+    t = texts.embeddings().double()
+    mu, sigma = synthetic_truth(heavy, texts.dim)
+    generator = torch.Generator().manual_seed(heavy.seed * 1_000_003)  # one block: every row
+    z = torch.randn(len(t), texts.dim, generator=generator, dtype=torch.float64)
+    chi2 = torch.randn(len(t), 5, generator=generator, dtype=torch.float64).square().sum(-1, keepdim=True)
+    draws = (z * (3 / chi2).sqrt()) @ torch.linalg.cholesky(sigma).T
+    expected = torch.nn.functional.normalize(t + mu + draws)
+    assert torch.allclose(EmbeddingStore.open(built.images).embeddings().double(), expected, atol=1e-3)
+    gaussian = EmbeddingStore.open(world["built"].images).embeddings()
+    assert not torch.allclose(EmbeddingStore.open(built.images).embeddings(), gaussian, atol=1e-3)
+
+
 def test_the_world_is_reproducible_and_seeded(world, tmp_path):
     built, embed, config = world["built"], world["embed"], world["config"]
     again = build_synthetic_world(COCO_SLICE, embed, config, tmp_path / "again", progress=False)
@@ -128,6 +147,8 @@ def test_grid_refuses_what_a_synthetic_world_lacks(tmp_path):
           "synthetic_gap": {"mu_norm": 0.5, "trace": 0}}, "synthetic_gap.trace"),
         ({"cells": [{"name": "g", "kind": "gaussian", "setting": "few-pairs"}],
           "synthetic_gap": {"trace": 0.2}}, r"config key 'synthetic_gap\.mu_norm' is missing"),
+        ({"cells": [{"name": "g", "kind": "gaussian", "setting": "few-pairs"}],
+          "synthetic_gap": {"mu_norm": 0.5, "trace": 0.2, "tail_df": 2}}, "synthetic_gap.tail_df"),
     ]  # fmt: skip
     for extra, message in cases:
         path = tmp_path / "grid.yaml"

@@ -277,6 +277,7 @@ class SyntheticGapConfig:
     trace: PositiveFloat | None = None  # tr Σ*, required without truth (a CLIP's few-pairs fit's)
     spikes: Positive = 8
     spike_share: Annotated[Float, Field(gt=0, le=1)] = 0.8
+    tail_df: Annotated[Int, Field(ge=3)] | None = None  # heavy tails: δ a multivariate t of this many df
     seed: Seed = 0
 
     def check(self, where: str) -> None:

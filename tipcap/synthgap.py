@@ -10,7 +10,9 @@ variance or diagonal) can be measured against the truth.
 
 Σ* is a spiked spectrum (``spikes`` random orthonormal directions holding ``spike_share`` of the trace,
 the rest spread evenly) with ‖μ*‖ = ``mu_norm`` along a random direction, or μ and Σ of a fitted
-``gaussian`` gap file (``truth``), e.g. the toy CLIP's few-pairs fit.
+``gaussian`` gap file (``truth``), e.g. the toy CLIP's few-pairs fit. With ``tail_df`` = ν, δ is a
+multivariate t instead, μ* + L·z·√((ν − 2)/χ²_ν), of the same mean and covariance: a gap with heavy tails
+(excess kurtosis 6/(ν − 4) along every direction for ν > 4), which no Gaussian kind models exactly.
 
 :func:`build_synthetic_world` writes, into one folder: ``karpathy.json`` (the file without the held-out
 captions), ``held_out.json`` (only them), ``held-out-text`` (their caption store) and ``images`` (the
@@ -133,6 +135,9 @@ def build_synthetic_world(
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rows.start)
             t = texts.gather(torch.arange(rows.start, rows.stop)).double()
             z = torch.randn(len(rows), texts.dim, generator=generator, dtype=torch.float64)
+            if config.tail_df is not None:  # a χ²_ν draw per row, from ν normals of the same generator
+                chi2 = torch.randn(len(rows), config.tail_df, generator=generator, dtype=torch.float64)
+                z = z * ((config.tail_df - 2) / chi2.square().sum(-1, keepdim=True)).sqrt()
             v = torch.nn.functional.normalize(t + mu + z @ scale_tril.T, dim=-1)
             advance(len(rows))
             return Shard(v.float(), [texts.ids[i] for i in rows])
