@@ -115,9 +115,10 @@ def toyworld_command(
 
     knobs = {"offset": gap_offset, "axes": gap_axes, "anisotropy": gap_anisotropy}
     knobs = {name: value for name, value in knobs.items() if value is not None}
-    if (knobs or gap_profile) and not (train_clip and world_version == "2"):
+    if (knobs or gap_profile or clip_check_every) and not (train_clip and world_version == "2"):
         raise click.UsageError(
-            "--gap-profile, --gap-offset, --gap-axes, --gap-anisotropy shape world 2's CLIP: add --clip."
+            "--gap-profile, --gap-offset, --gap-axes, --gap-anisotropy and --clip-check-every shape world "
+            "2's CLIP: add --clip."
         )
     from tipcap.toy.gap_shapes import PROFILES, GapShape
 
@@ -125,8 +126,6 @@ def toyworld_command(
     gap = None  # the demo's, unless a profile or a knob sets another (checked before the world is written)
     if profile or knobs:
         gap = dataclasses.replace(profile.shape if profile else GapShape(), **knobs)
-    if clip_check_every and not (train_clip and world_version == "2"):
-        raise click.UsageError("--clip-check-every sets how world 2's CLIP stops training: add --clip.")
     stop = None  # the demo's stop rule, unless a profile or --clip-check-every changes it
     if profile:
         stop = dataclasses.replace(

@@ -84,20 +84,16 @@ class ShardListing:
     """What a set of shards holds.
 
     Attributes:
-        pattern: the source as given.
         shards: the readable shards, in pattern order.
         rows: per kept sample ``(key, index into shards, member)``: the image's suffix (images) or the
             normalised caption (captions).
         skipped: the shards that could not be read and the samples without an image or caption, as
             ``{"id", "path", "reason"}`` (``id`` is ``None`` for a shard).
-        empty_captions: samples whose caption has no words.
     """
 
-    pattern: str
     shards: list[Path]
     rows: list[tuple[str, int, str]]
     skipped: list[dict[str, Any]]
-    empty_captions: int = 0
 
 
 def _list(
@@ -106,7 +102,7 @@ def _list(
     """Read every shard of ``pattern``; ``take`` gives a sample's key, member (``None``: skip) and the
     reason it is skipped."""
     paths = expand_shards(pattern)
-    listing = ShardListing(str(pattern), [], [], [])
+    listing = ShardListing([], [], [])
     for path in paths:
         try:
             samples = read_shard(path, take)
