@@ -1,5 +1,6 @@
-"""Decoding JPEGs at a reduced DCT scale (jpeg_draft): off by default, where pixels are open_clip's own
-preprocessing's byte for byte; on, CLIP's input of the right shape, close to the reference."""
+"""Decoding images for CLIP: in pieces on worker processes, the batches of one process; JPEGs at a reduced
+DCT scale (jpeg_draft): off by default, where pixels are open_clip's own preprocessing's byte for byte; on,
+CLIP's input of the right shape, close to the reference."""
 
 from pathlib import Path
 
@@ -60,3 +61,18 @@ def test_jpeg_draft_leaves_other_formats_alone(tmp_path, tiny_clip):
     png = tmp_path / "image.png"
     Image.open(jpeg).save(png)
     assert torch.equal(pixels([png], encoder, jpeg_draft=True), pixels([png], encoder))
+
+
+def test_workers_decode_batches_in_pieces_that_make_the_batches_of_one_process(tmp_path, tiny_clip):
+    encoder = ClipEncoder.load(ClipSpec(str(tiny_clip)), device="cpu")
+    paths = photo_like(tmp_path / "images", 11)
+    (tmp_path / "images" / "3.jpg").write_bytes(b"not a jpeg")
+    paths.append(tmp_path / "images" / "missing.jpg")
+    # 12 images in batches of 5: two workers cut each batch into four pieces (sizes 2, 2, 1 ...).
+    whole = list(image_batches(paths, encoder.preprocess, batch_size=5, workers=0))
+    pieces = list(image_batches(paths, encoder.preprocess, batch_size=5, workers=2))
+    assert [(p, f) for p, _, f in pieces] == [(p, f) for p, _, f in whole]
+    assert [p for p, _, _ in whole] == [[0, 1, 2, 4], [5, 6, 7, 8, 9], [10]]
+    assert [[i for i, _ in f] for _, _, f in whole] == [[3], [], [11]]
+    for (_, a, _), (_, b, _) in zip(pieces, whole, strict=True):
+        assert torch.equal(a, b)

@@ -9,7 +9,7 @@ refuses an image whose resize would balloon. :func:`image_batches` decodes and p
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +111,37 @@ class ImageFiles(torch.utils.data.Dataset):
             return index, None, str(e)
 
 
+DecodedImages = tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]
+"""A batch of images: the readable ones' positions, their pixels ``[b, 3, H, W]`` (``None`` when none is
+readable), and (position, reason) for the others."""
+
+
 def collate_images(
     items: list[tuple[int, torch.Tensor | None, str | None]],
-) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
-    """A batch of :class:`ImageFiles` items: the readable indices, their pixels ``[b, 3, H, W]`` (``None``
-    when none is readable), and (index, reason) for the others."""
+) -> DecodedImages:
+    """:class:`ImageFiles` items as one :data:`DecodedImages`."""
     good = [(i, x) for i, x, _ in items if x is not None]
     bad = [(i, reason) for i, x, reason in items if x is None]
     pixels = torch.stack([x for _, x in good]) if good else None
     return [i for i, _ in good], pixels, bad
+
+
+class _Pieces(torch.utils.data.Sampler[list[int]]):
+    """Each batch of ``batch_size`` consecutive images cut into ``pieces`` parts of near-equal size."""
+
+    def __init__(self, count: int, batch_size: int, pieces: int):
+        self.count, self.batch_size, self.pieces = count, batch_size, pieces
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for start in range(0, self.count, self.batch_size):
+            batch = range(start, min(start + self.batch_size, self.count))
+            size = -(-len(batch) // self.pieces)
+            for offset in range(0, len(batch), size):
+                yield list(batch[offset : offset + size])
+
+    def __len__(self) -> int:
+        sizes = [min(self.batch_size, self.count - start) for start in range(0, self.count, self.batch_size)]
+        return sum(-(-n // -(-n // self.pieces)) for n in sizes)
 
 
 def image_batches(
@@ -128,15 +150,34 @@ def image_batches(
     batch_size: int,
     workers: int | None = None,
     jpeg_draft: bool = False,
-) -> torch.utils.data.DataLoader:
-    """Batches of :func:`collate_images` in order, decoded by ``workers`` processes (default: one per
-    core, at most 8; 0 decodes in this process). At most two batches per worker wait decoded, so memory
-    does not grow with the number of images. ``jpeg_draft``: see :class:`ImageFiles`."""
+) -> Iterator[DecodedImages]:
+    """Batches (:data:`DecodedImages`) of ``batch_size`` consecutive images, in order, decoded by ``workers``
+    processes (default: one per core, at most 8; 0 decodes in this process). ``jpeg_draft``: see
+    :class:`ImageFiles`.
+
+    The workers decode each batch in pieces, two per worker, which are put together here: every worker
+    works on the first batch, so it is ready as soon as possible, and the last batch's decoding is not left
+    to one worker while the others idle. At most four pieces per worker (two batches' worth) wait decoded,
+    so memory does not grow with the number of images."""
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    return torch.utils.data.DataLoader(
+    pieces = 2 * workers if workers else 1
+    loader = torch.utils.data.DataLoader(
         ImageFiles(images, preprocess, jpeg_draft),
-        batch_size=batch_size,
+        batch_sampler=_Pieces(len(images), batch_size, pieces),
         num_workers=workers,
         collate_fn=collate_images,
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=4 if workers else None,
     )
+    positions: list[int] = []
+    blocks: list[torch.Tensor] = []
+    failures: list[tuple[int, str]] = []
+    done = 0
+    for piece_positions, piece_pixels, piece_failures in loader:
+        positions += piece_positions
+        failures += piece_failures
+        if piece_pixels is not None:
+            blocks.append(piece_pixels)
+        done += len(piece_positions) + len(piece_failures)
+        if done % batch_size == 0 or done == len(images):
+            yield positions, torch.cat(blocks) if blocks else None, failures
+            positions, blocks, failures = [], [], []

@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from tipcap import __version__
+from tipcap.cli.threads import choose_wait_policy
 from tipcap.errors import TipcapError
 
 
@@ -93,29 +94,14 @@ def os_error_message(error: OSError) -> str:
     return f"{where}: {what}; {advice}."
 
 
-SPIN_COUNT = "3000"
-"""Spins of an idle OpenMP thread before it sleeps (libgomp's ``GOMP_SPINCOUNT``, :func:`_set_threads`)."""
-
-
 def _set_threads(threads: int | None, command: str | None) -> None:
-    """Threads for torch's CPU operations, and how long idle ones spin before they sleep.
-
-    Idle OpenMP threads spin :data:`SPIN_COUNT` times (tens of microseconds), then sleep, unless the
-    environment sets ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``. With 400 steps of ``experiments/tiny.yaml``
-    on 2 cores (``benchmarks/concurrent_training.py``, README § Benchmarks), a run alone took 1.24x one whose
-    threads spin (``ACTIVE``: 14.5 s against 11.7 s) and 0.82x one whose threads sleep at once (``PASSIVE``:
-    15.8 s against 19.2 s), and two at once took 1.37x one alone: spinning threads of one process take the
-    cores another needs (2.6x at 300,000 spins, and one pair over 7 minutes). The demo runs its stages one
-    after another in one process and keeps OpenMP's default, 300,000 spins. Both settings are read when
-    torch loads, which the commands do after this.
-    """
-    if command != "demo" and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
-    if threads is None:
-        return
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+    """Threads for torch's CPU operations, and how idle ones wait (:mod:`tipcap.cli.threads`): both are
+    read when torch loads, which the commands do after this."""
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(threads)
+    choose_wait_policy(command)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
