@@ -7,7 +7,7 @@ realistic length. Images are JPEG files of COCO's size (640×480). Ways to capti
 
 - **one at a time**, as earlier versions captioned: ``caption(images=[path])`` per image, decoded in this
   process, with ``transformers``' ``generate`` (``search="transformers"``);
-- **streamed**: ``caption(images=paths)`` with the defaults (tipcap's beam search): a DataLoader's workers
+- **streamed**: ``caption(images=paths)`` with the defaults (tipcap's beam search): decoding threads
   decode and preprocess the next batches while this one is encoded by CLIP and captioned;
 - **streamed, JPEG draft** (``--jpeg-draft``): the same with ``jpeg_draft=True`` (JPEGs decoded at a
   reduced DCT scale), with the cosine of its CLIP embeddings to the reference preprocessing's;
@@ -16,11 +16,14 @@ realistic length. Images are JPEG files of COCO's size (640×480). Ways to capti
 
 The captions must be identical. Where the time goes is printed per stage (``decoding`` is the time spent
 waiting for decoded images), with the machine's load average, and the **ceiling** that the stage timings
-set: decoding and preprocessing one image (measured one at a time, on one core) for every image, spread
-over the available cores, plus CLIP and beam search per batch (measured alone); the streamed path cannot
-take less than that work divided by the cores, nor less than CLIP and beam search in a row. The streamed
-path's share of the ceiling is printed. Peak memory (RSS of the process and, apart, of its decoding
-workers) is measured in fresh processes that stream ``--rss`` images each.
+set. Each stage's work is measured alone on one core (one thread): decoding and preprocessing every image,
+CLIP and beam search on every batch. The streamed path cannot take less than that work spread over the
+available cores; nor less than CLIP and beam search in a row (measured with all threads), which run one
+batch at a time; and the last batch's CLIP and beam search start only once every image is decoded and
+the earlier batches are captioned, so it takes at least the rest of the work spread over the cores plus
+the last batch's CLIP and beam search with all threads. The ceiling is the largest of the three, and the
+streamed path's share of it is printed. Peak memory (RSS) is measured in fresh processes that stream
+``--rss`` images each.
 
 Usage: python benchmarks/caption_throughput.py [--images 128] [--batch-size 64] [--beams 5] [--runs 3]
     [--image-size 224] [--jpeg-draft] [--rss 500,2000]
@@ -36,6 +39,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -73,30 +78,63 @@ def stages(timings: dict[str, float], total: float) -> str:
     return ", ".join(parts) + f", other {total - sum(timings.values()):.2f} s"
 
 
-def peak_rss(model: Path, folder: Path, count: int, args: argparse.Namespace) -> tuple[float, float]:
-    """Peak RSS (MiB) of a fresh process streaming ``count`` images, and of its largest worker."""
+def peak_rss(model: Path, folder: Path, count: int, args: argparse.Namespace) -> float:
+    """Peak RSS (MiB) of a fresh process streaming ``count`` images."""
     command = [sys.executable, __file__, "--rss-child", str(count), "--model", str(model),
                "--image-dir", str(folder), "--batch-size", str(args.batch_size),
                "--beams", str(args.beams)]  # fmt: skip
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    figures = json.loads(output.strip().splitlines()[-1])
-    return figures["self"], figures["workers"]
+    return json.loads(output.strip().splitlines()[-1])["self"]
 
 
 def rss_child(args: argparse.Namespace) -> None:
     model = TIPCap.from_pretrained(args.model, device="cpu")
     paths = sorted(Path(args.image_dir).glob("*.jpg"))[: args.rss_child]
     model.caption(images=paths, num_beams=args.beams, batch_size=args.batch_size)
-    self_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(json.dumps({"self": self_kib / 1024, "workers": workers_kib / 1024}))
+    print(json.dumps({"self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def ceiling_seconds(decode_per_image: float, count: int, clip_s: float, beam_s: float, cores: int) -> float:
-    """The least time streamed captioning of ``count`` images can take: their decoding (one core's
-    seconds per image) with CLIP and beam search, spread over ``cores``; and no less than CLIP and beam
-    search in a row, which run one batch at a time in the captioning process."""
-    return max((decode_per_image * count + clip_s + beam_s) / cores, clip_s + beam_s)
+@dataclass
+class Work:
+    """The stages' seconds for all the images, each measured alone on one core (``decode``, ``clip``,
+    ``beam``), and CLIP and beam search's seconds with all threads (``clip_beam``), over ``batches``."""
+
+    decode: float
+    clip: float
+    beam: float
+    clip_beam: float
+    batches: int
+    cores: int
+
+    def ceiling_seconds(self) -> float:
+        """The least time streamed captioning can take (see the module)."""
+        total = self.decode + self.clip + self.beam
+        last = (self.clip + self.beam) / self.batches
+        return max(
+            total / self.cores, self.clip_beam, (total - last) / self.cores + self.clip_beam / self.batches
+        )
+
+
+def ceiling(work: Work, count: int, single_s: float, streamed_s: float) -> str:
+    """The ceiling, how it is made, and the streamed path's share of it."""
+    ceiling_s = work.ceiling_seconds()
+    return (
+        f"{count / ceiling_s:8.1f} images/s ({ceiling_s:.2f} s; on one core, decoding and preprocessing "
+        f"{work.decode / count * 1000:.2f} ms per image, CLIP {work.clip:.3f} s and beam search "
+        f"{work.beam:.3f} s for all; CLIP and beam search with all threads {work.clip_beam:.3f} s; "
+        f"{work.batches} batches, {work.cores} cores), {single_s / ceiling_s:.1f}x one at a time; streamed "
+        f"reaches {ceiling_s / streamed_s:.0%} of it"
+    )
+
+
+def one_core(seconds: Callable[[], float]) -> float:
+    """``seconds()`` run with torch on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return seconds()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def decode_seconds(model: TIPCap, paths: list[Path], batch_size: int, jpeg_draft: bool) -> float:
@@ -118,11 +156,14 @@ def clip_seconds(model: TIPCap, paths: list[Path], batch_size: int) -> float:
 
 
 def beam_search_runs(
-    model: TIPCap, inputs: torch.Tensor, args: argparse.Namespace
+    model: TIPCap,
+    inputs: torch.Tensor,
+    args: argparse.Namespace,
+    searches: tuple[str, ...] = ("tipcap", "transformers"),
 ) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
-    """Batched beam search from text-side inputs ``[N, d]`` by each search, ``--runs`` times interleaved:
-    the seconds of every run and the captions, per search."""
-    seconds: dict[str, list[float]] = {"tipcap": [], "transformers": []}
+    """Batched beam search from text-side inputs ``[N, d]`` by each of ``searches``, ``--runs`` times
+    interleaved: the seconds of every run and the captions, per search."""
+    seconds: dict[str, list[float]] = {search: [] for search in searches}
     captions: dict[str, list[str]] = {}
     for _ in range(args.runs):
         for search in seconds:
@@ -231,21 +272,23 @@ def main() -> None:
               f"generate, {generation_single_s / ours:.1f}x one at a time; captions identical "
               f"{same}/{count}")  # fmt: skip
 
-        decode_per_image = single_timings["decoding"] / count
-        clip_s = clip_seconds(model, timed_paths, args.batch_size)
         batches = -(-count // args.batch_size)
-        ceiling_s = ceiling_seconds(decode_per_image, count, clip_s, ours, cores)
-        print(f"ceiling           : {count / ceiling_s:8.1f} images/s ({ceiling_s:.2f} s = "
-              f"max(({decode_per_image * 1000:.2f} ms decoding and preprocessing per image x {count} + CLIP "
-              f"{clip_s / batches:.3f} s x {batches} batches + beam search {ours / batches:.3f} s x "
-              f"{batches}) "
-              f"/ {cores} cores, CLIP + beam search), {single_s / ceiling_s:.1f}x one at a time; streamed "
-              f"reaches {ceiling_s / streamed_s:.0%} of it")  # fmt: skip
+        clip_s = clip_seconds(model, timed_paths, args.batch_size)
+        work = Work(
+            decode=one_core(lambda: decode_seconds(model, timed_paths, args.batch_size, jpeg_draft=False)),
+            clip=one_core(lambda: clip_seconds(model, timed_paths, args.batch_size)),
+            beam=one_core(lambda: min(beam_search_runs(model, inputs, args, ("tipcap",))[0]["tipcap"])),
+            clip_beam=clip_s + ours,
+            batches=batches,
+            cores=cores,
+        )
+        print(f"ceiling           : {ceiling(work, count, single_s, streamed_s)}")
         if args.jpeg_draft:
-            jpeg_draft(model, timed_paths, embeddings, streamed, single_s, clip_s + ours, cores, args)
+            jpeg_draft(model, timed_paths, embeddings, streamed, single_s, work, args)
         for n in rss_counts:
-            own, workers = peak_rss(model_dir, tmp / "images", n, args)
-            print(f"peak RSS, {n:5d} images streamed: {own:7.0f} MiB (largest worker {workers:.0f} MiB)")
+            print(
+                f"peak RSS, {n:5d} images streamed: {peak_rss(model_dir, tmp / 'images', n, args):7.0f} MiB"
+            )
         print(f"example: {streamed[0].caption!r}")
 
 
@@ -255,13 +298,11 @@ def jpeg_draft(
     reference: torch.Tensor,
     streamed: list,
     single_s: float,
-    batched_s: float,
-    cores: int,
+    work: Work,
     args: argparse.Namespace,
 ) -> None:
-    """Stream ``paths`` with JPEGs decoded at a reduced DCT scale: images/s, its ceiling (from its own
-    decoding cost, and ``batched_s`` of CLIP and beam search), and the cosine of its CLIP embeddings to
-    the ``reference`` ones ``[N, d]``."""
+    """Stream ``paths`` with JPEGs decoded at a reduced DCT scale: images/s, its ceiling (``work`` with its
+    own decoding), and the cosine of its CLIP embeddings to the ``reference`` ones ``[N, d]``."""
     count = len(paths)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -273,14 +314,14 @@ def jpeg_draft(
     embeddings, _, _ = model.pipeline.embed_images(paths, args.batch_size, args.workers, jpeg_draft=True)
     cosines = torch.nn.functional.cosine_similarity(embeddings, reference)
     same = sum(a.caption == b.caption for a, b in zip(drafted, streamed, strict=True))
-    decode_per_image = decode_seconds(model, paths, args.batch_size, jpeg_draft=True) / count
-    ceiling_s = max((decode_per_image * count + batched_s) / cores, batched_s)
+    work = replace(
+        work, decode=one_core(lambda: decode_seconds(model, paths, args.batch_size, jpeg_draft=True))
+    )
     print(f"JPEG draft        : {count / streamed_s:8.1f} images/s ({streamed_s:.2f} s: "
-          f"{stages(timings, streamed_s)}), {single_s / streamed_s:.1f}x one at a time; decoding and "
-          f"preprocessing {decode_per_image * 1000:.2f} ms per image; ceiling {count / ceiling_s:.1f} "
-          f"images/s ({single_s / ceiling_s:.1f}x), reached {ceiling_s / streamed_s:.0%}; cosine to the "
+          f"{stages(timings, streamed_s)}), {single_s / streamed_s:.1f}x one at a time; cosine to the "
           f"reference embeddings min {cosines.min():.5f}, mean {cosines.mean():.5f}; captions as the "
           f"reference's {same}/{count}")  # fmt: skip
+    print(f"ceiling with draft: {ceiling(work, count, single_s, streamed_s)}")
 
 
 if __name__ == "__main__":

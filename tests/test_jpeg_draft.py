@@ -1,7 +1,8 @@
-"""Decoding images for CLIP: in pieces on worker processes, the batches of one process; JPEGs at a reduced
+"""Decoding images for CLIP: on threads, the batches of the calling thread; JPEGs at a reduced
 DCT scale (jpeg_draft): off by default, where pixels are open_clip's own preprocessing's byte for byte; on,
 CLIP's input of the right shape, close to the reference."""
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +64,22 @@ def test_jpeg_draft_leaves_other_formats_alone(tmp_path, tiny_clip):
     assert torch.equal(pixels([png], encoder, jpeg_draft=True), pixels([png], encoder))
 
 
-def test_workers_decode_batches_in_pieces_that_make_the_batches_of_one_process(tmp_path, tiny_clip):
+def test_decoding_threads_give_the_batches_of_the_calling_thread_and_stop_with_the_caller(
+    tmp_path, tiny_clip
+):
     encoder = ClipEncoder.load(ClipSpec(str(tiny_clip)), device="cpu")
     paths = photo_like(tmp_path / "images", 11)
     (tmp_path / "images" / "3.jpg").write_bytes(b"not a jpeg")
     paths.append(tmp_path / "images" / "missing.jpg")
-    # 12 images in batches of 5: two workers cut each batch into four pieces (sizes 2, 2, 1 ...).
     whole = list(image_batches(paths, encoder.preprocess, batch_size=5, workers=0))
-    pieces = list(image_batches(paths, encoder.preprocess, batch_size=5, workers=2))
-    assert [(p, f) for p, _, f in pieces] == [(p, f) for p, _, f in whole]
+    threaded = list(image_batches(paths, encoder.preprocess, batch_size=5, workers=3))
+    assert [(p, f) for p, _, f in threaded] == [(p, f) for p, _, f in whole]
     assert [p for p, _, _ in whole] == [[0, 1, 2, 4], [5, 6, 7, 8, 9], [10]]
     assert [[i for i, _ in f] for _, _, f in whole] == [[3], [], [11]]
-    for (_, a, _), (_, b, _) in zip(pieces, whole, strict=True):
+    for (_, a, _), (_, b, _) in zip(threaded, whole, strict=True):
         assert torch.equal(a, b)
+    # A caller that stops after the first batch stops the decoding threads with it.
+    batches = image_batches(paths, encoder.preprocess, batch_size=2, workers=2)
+    next(batches)
+    batches.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("tipcap-decode")]

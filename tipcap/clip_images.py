@@ -9,7 +9,9 @@ refuses an image whose resize would balloon. :func:`image_batches` decodes and p
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,24 +128,6 @@ def collate_images(
     return [i for i, _ in good], pixels, bad
 
 
-class _Pieces(torch.utils.data.Sampler[list[int]]):
-    """Each batch of ``batch_size`` consecutive images cut into ``pieces`` parts of near-equal size."""
-
-    def __init__(self, count: int, batch_size: int, pieces: int):
-        self.count, self.batch_size, self.pieces = count, batch_size, pieces
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for start in range(0, self.count, self.batch_size):
-            batch = range(start, min(start + self.batch_size, self.count))
-            size = -(-len(batch) // self.pieces)
-            for offset in range(0, len(batch), size):
-                yield list(batch[offset : offset + size])
-
-    def __len__(self) -> int:
-        sizes = [min(self.batch_size, self.count - start) for start in range(0, self.count, self.batch_size)]
-        return sum(-(-n // -(-n // self.pieces)) for n in sizes)
-
-
 def image_batches(
     images: Sequence[Any],
     preprocess: ImagePreprocess,
@@ -151,33 +135,32 @@ def image_batches(
     workers: int | None = None,
     jpeg_draft: bool = False,
 ) -> Iterator[DecodedImages]:
-    """Batches (:data:`DecodedImages`) of ``batch_size`` consecutive images, in order, decoded by ``workers``
-    processes (default: one per core, at most 8; 0 decodes in this process). ``jpeg_draft``: see
-    :class:`ImageFiles`.
+    """Batches (:data:`DecodedImages`) of ``batch_size`` consecutive images, in order, decoded by
+    ``workers`` threads (default: one per core, at most 8; 0 decodes in the calling thread) while the
+    caller works on earlier batches. ``jpeg_draft``: see :class:`ImageFiles`.
 
-    The workers decode each batch in pieces, two per worker, which are put together here: every worker
-    works on the first batch, so it is ready as soon as possible, and the last batch's decoding is not left
-    to one worker while the others idle. At most four pieces per worker (two batches' worth) wait decoded,
-    so memory does not grow with the number of images."""
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    pieces = 2 * workers if workers else 1
-    loader = torch.utils.data.DataLoader(
-        ImageFiles(images, preprocess, jpeg_draft),
-        batch_sampler=_Pieces(len(images), batch_size, pieces),
-        num_workers=workers,
-        collate_fn=collate_images,
-        prefetch_factor=4 if workers else None,
-    )
-    positions: list[int] = []
-    blocks: list[torch.Tensor] = []
-    failures: list[tuple[int, str]] = []
-    done = 0
-    for piece_positions, piece_pixels, piece_failures in loader:
-        positions += piece_positions
-        failures += piece_failures
-        if piece_pixels is not None:
-            blocks.append(piece_pixels)
-        done += len(piece_positions) + len(piece_failures)
-        if done % batch_size == 0 or done == len(images):
-            yield positions, torch.cat(blocks) if blocks else None, failures
-            positions, blocks, failures = [], [], []
+    Pillow and torch release the interpreter's lock while they decode, resize and convert, so threads
+    decode in parallel, without starting processes or copying pixels between them (on 2 cores, 128 COCO-
+    sized JPEGs in 0.39 s with two threads, against 0.51–0.57 s with two ``DataLoader`` processes). Images
+    are taken in order by whichever thread is free, so every thread works on the first batch, and the last
+    batch's decoding is not left to one. At most two batches ahead are decoded, so memory does not grow
+    with the number of images. An image that crashes its decoder takes the process with it, as with 0."""
+    files = ImageFiles(images, preprocess, jpeg_draft)
+    starts = range(0, len(files), batch_size)
+    if not workers and workers is not None:
+        for start in starts:
+            yield collate_images([files[i] for i in range(start, min(start + batch_size, len(files)))])
+        return
+    pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), thread_name_prefix="tipcap-decode")
+    try:
+        ahead: deque[list[Future]] = deque()
+        for start in starts:
+            ahead.append(
+                [pool.submit(files.__getitem__, i) for i in range(start, min(start + batch_size, len(files)))]
+            )
+            if len(ahead) > 2:
+                yield collate_images([future.result() for future in ahead.popleft()])
+        while ahead:
+            yield collate_images([future.result() for future in ahead.popleft()])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
