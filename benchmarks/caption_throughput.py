@@ -8,11 +8,14 @@ realistic length. Images are JPEG files of COCO's size (640×480). Ways to capti
 - **one at a time**, as earlier versions captioned: ``caption(images=[path])`` per image, decoded in this
   process, with ``transformers``' ``generate`` (``search="transformers"``);
 - **streamed**: ``caption(images=paths)`` with the defaults (tipcap's beam search): decoding threads
-  decode and preprocess the next batches while this one is encoded by CLIP and captioned;
+  decode and preprocess the next batches while this one is encoded by CLIP and captioned (the fastest of
+  ``--runs``);
 - **streamed, JPEG draft** (``--jpeg-draft``): the same with ``jpeg_draft=True`` (JPEGs decoded at a
   reduced DCT scale), with the cosine of its CLIP embeddings to the reference preprocessing's;
 - **beam search alone**, from CLIP embeddings already computed: one at a time (``generate``) against
-  batches, tipcap's search against ``generate``'s, ``--runs`` times interleaved.
+  batches, tipcap's search against ``generate``'s, ``--runs`` times interleaved; and the share of
+  ``generate``'s time spent in the language model's forward passes, which bounds what any search that
+  runs the same passes can gain over it.
 
 The captions must be identical. Where the time goes is printed per stage (``decoding`` is the time spent
 waiting for decoded images), with the machine's load average, and the **ceiling** that the stage timings
@@ -177,6 +180,49 @@ def beam_search_runs(
     return seconds, captions
 
 
+def stream(
+    model: TIPCap, paths: list[Path], args: argparse.Namespace, jpeg_draft: bool
+) -> tuple[list, float, dict[str, float]]:
+    """Streamed captioning of ``paths``, ``--runs`` times: the results, and the fastest run's seconds
+    and stage timings."""
+    runs = []
+    for _ in range(args.runs):
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        results = model.caption(
+            images=paths, num_beams=args.beams, batch_size=args.batch_size, workers=args.workers,
+            timings=timings, jpeg_draft=jpeg_draft,
+        )  # fmt: skip
+        runs.append((time.perf_counter() - start, timings))
+    seconds, timings = min(runs, key=lambda run: run[0])
+    return results, seconds, timings
+
+
+def language_model_share(model: TIPCap, inputs: torch.Tensor, args: argparse.Namespace) -> float:
+    """The share of ``generate``'s batched beam search (the best of ``--runs``) spent in the language
+    model's forward passes, timed by hooks around them."""
+    spent = [0.0]
+    started: list[float] = []
+    language_model = model.language_model
+    before = language_model.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+    after = language_model.register_forward_hook(
+        lambda *_: spent.__setitem__(0, spent[0] + time.perf_counter() - started.pop())
+    )
+    shares = []
+    try:
+        for _ in range(args.runs):
+            spent[0] = 0.0
+            start = time.perf_counter()
+            for block in inputs.split(args.batch_size):
+                model.decode_text_side(block, num_beams=args.beams, search="transformers")
+            shares.append((time.perf_counter() - start, spent[0]))
+    finally:
+        before.remove()
+        after.remove()
+    total, forward = min(shares)
+    return forward / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -185,7 +231,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--beams", type=int, default=5)
-    parser.add_argument("--runs", type=int, default=3, help="Interleaved runs of beam search alone.")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="Runs of streaming and of beam search alone (the fastest counts)."
+    )
     parser.add_argument("--image-size", type=int, default=224, help="The tiny CLIP's input, in pixels.")
     parser.add_argument(
         "--jpeg-draft", action="store_true", help="Also stream with JPEGs decoded at a reduced DCT scale."
@@ -223,13 +271,7 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 
         model.caption(images=timed_paths[: args.batch_size], num_beams=args.beams, workers=args.workers)
-        timings: dict[str, float] = {}
-        start = time.perf_counter()
-        streamed = model.caption(
-            images=timed_paths, num_beams=args.beams, batch_size=args.batch_size, workers=args.workers,
-            timings=timings,
-        )  # fmt: skip
-        streamed_s = time.perf_counter() - start
+        streamed, streamed_s, timings = stream(model, timed_paths, args, jpeg_draft=False)
         single_timings: dict[str, float] = {}
         start = time.perf_counter()
         single = [
@@ -244,6 +286,7 @@ def main() -> None:
         embeddings, _, _ = model.pipeline.embed_images(timed_paths, args.batch_size, args.workers)
         inputs = model.image_inputs(embeddings)
         search_s, searched = beam_search_runs(model, inputs, args)
+        forward_share = language_model_share(model, inputs, args)
         start = time.perf_counter()
         one_by_one = [
             model.decode_text_side(row[None], num_beams=args.beams, search="transformers")[0]
@@ -271,6 +314,10 @@ def main() -> None:
               f"{', '.join(f'{t:.3f}' for t in search_s['tipcap'])} s), tipcap {theirs / ours:.2f}x "
               f"generate, {generation_single_s / ours:.1f}x one at a time; captions identical "
               f"{same}/{count}")  # fmt: skip
+        print(
+            f"language model    : {forward_share:.0%} of generate's time is the language model's forward "
+            f"passes, so a search that runs the same passes is at most {1 / forward_share:.2f}x generate"
+        )
 
         batches = -(-count // args.batch_size)
         clip_s = clip_seconds(model, timed_paths, args.batch_size)
@@ -304,13 +351,7 @@ def jpeg_draft(
     """Stream ``paths`` with JPEGs decoded at a reduced DCT scale: images/s, its ceiling (``work`` with its
     own decoding), and the cosine of its CLIP embeddings to the ``reference`` ones ``[N, d]``."""
     count = len(paths)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    drafted = model.caption(
-        images=paths, num_beams=args.beams, batch_size=args.batch_size, workers=args.workers,
-        timings=timings, jpeg_draft=True,
-    )  # fmt: skip
-    streamed_s = time.perf_counter() - start
+    drafted, streamed_s, timings = stream(model, paths, args, jpeg_draft=True)
     embeddings, _, _ = model.pipeline.embed_images(paths, args.batch_size, args.workers, jpeg_draft=True)
     cosines = torch.nn.functional.cosine_similarity(embeddings, reference)
     same = sum(a.caption == b.caption for a, b in zip(drafted, streamed, strict=True))

@@ -1,8 +1,8 @@
-"""CLIP's image input: the shape check before preprocessing, and images decoded in batches by workers.
+"""CLIP's image input: the shape check before preprocessing, and images decoded in batches by threads.
 
 :class:`ImagePreprocess` wraps a CLIP's image transform (:attr:`tipcap.clip.ClipEncoder.preprocess`) and
 refuses an image whose resize would balloon. :func:`image_batches` decodes and preprocesses images
-(paths or PIL images) in ``DataLoader`` worker processes, in order, while earlier batches are encoded: what
+(paths or PIL images) on threads, in order, while earlier batches are encoded: what
 ``embed images`` and captioning (:mod:`tipcap.pipeline`) read images through.
 """
 
@@ -82,11 +82,11 @@ class ImagePreprocess:
         return self.transform(image)
 
 
-class ImageFiles(torch.utils.data.Dataset):
+class ImageFiles:
     """Images (paths, :class:`~tipcap.data.images.ImageBytes` or PIL images) decoded and preprocessed for a
     CLIP, one per index; an image that cannot be read, or whose shape CLIP's preprocessing refuses, gives
-    its reason instead of pixels (a PIL image is named ``image <index>`` there). Through a ``DataLoader``
-    with workers, decoding runs beside the encoding and captioning of earlier batches.
+    its reason instead of pixels (a PIL image is named ``image <index>`` there). Through
+    :func:`image_batches`' threads, decoding runs beside the encoding and captioning of earlier batches.
 
     ``jpeg_draft``: decode JPEG files at a reduced DCT scale that keeps their shortest side at least CLIP's
     input (:func:`tipcap.data.load_image`'s ``draft``): faster, with pixels close to, not equal to, the

@@ -4,7 +4,7 @@ errors, timings, and the JSONL of ``tipcap caption --out``.
 :class:`CaptionPipeline` holds a :class:`~tipcap.model.TIPCap` and what captioning needs beside the decoder:
 the CLIP whose embedding space the model reads (loaded on first need from ``model.clip_spec``, or handed
 over with :meth:`~CaptionPipeline.use_clip`), the CLIP text embeddings of the model's prompt vocabulary for
-zero-shot prompt words, and the streaming of images through ``DataLoader`` workers
+zero-shot prompt words, and the streaming of images through decoding threads
 (:func:`tipcap.clip_images.image_batches`). ``model.caption(...)`` is this pipeline's :meth:`caption`,
 through ``model.pipeline``, which each model makes once.
 
@@ -129,7 +129,7 @@ class CaptionPipeline:
         jpeg_draft: bool = False,
     ) -> tuple[torch.Tensor, list[int], list[tuple[int, str]]]:
         """CLIP embeddings ``[M, d]`` of the readable images, their positions, and (position, reason) for
-        the others. Images are decoded ``batch_size`` at a time by ``workers`` processes
+        the others. Images are decoded ``batch_size`` at a time by ``workers`` threads
         (:func:`~tipcap.clip_images.image_batches`; ``jpeg_draft``: JPEGs at a reduced DCT scale, see
         :class:`~tipcap.clip_images.ImageFiles`), so memory does not grow with their number."""
         blocks, readable, failures = [], [], []
@@ -234,7 +234,7 @@ class CaptionPipeline:
         there were more, and reports those it read. An unreadable image gets an ``error`` instead of a
         caption, and the others are captioned.
 
-        Images stream through in batches of ``batch_size``: ``workers`` processes decode and preprocess
+        Images stream through in batches of ``batch_size``: ``workers`` threads decode and preprocess
         the next batches (:func:`~tipcap.clip_images.image_batches`) while this one is encoded and
         captioned, and nothing but the results grows with the number of images. ``timings``, when given,
         gains the seconds spent per stage: ``decoding`` (waiting for decoded images), ``clip``,

@@ -139,7 +139,7 @@ def embed_texts_command(
     "--workers",
     default=None,
     type=click.IntRange(min=0),
-    help="Image decoding processes; 0 decodes in the main process (default: CPU count, at most 8).",
+    help="Image decoding threads; 0 decodes in the calling thread (default: CPU count, at most 8).",
 )
 @_IMAGES.options
 @_store_options(50_000)
