@@ -145,19 +145,19 @@ def image_batches(
     are taken in order by whichever thread is free, so every thread works on the first batch, and the last
     batch's decoding is not left to one. At most two batches ahead are decoded, so memory does not grow
     with the number of images. An image that crashes its decoder takes the process with it, as with 0."""
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
     files = ImageFiles(images, preprocess, jpeg_draft)
-    starts = range(0, len(files), batch_size)
-    if not workers and workers is not None:
-        for start in starts:
-            yield collate_images([files[i] for i in range(start, min(start + batch_size, len(files)))])
+    count = len(files)
+    batches = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    if workers == 0:
+        for batch in batches:
+            yield collate_images([files[i] for i in batch])
         return
-    pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1), thread_name_prefix="tipcap-decode")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tipcap-decode")
     try:
         ahead: deque[list[Future]] = deque()
-        for start in starts:
-            ahead.append(
-                [pool.submit(files.__getitem__, i) for i in range(start, min(start + batch_size, len(files)))]
-            )
+        for batch in batches:
+            ahead.append([pool.submit(files.__getitem__, i) for i in batch])
             if len(ahead) > 2:
                 yield collate_images([future.result() for future in ahead.popleft()])
         while ahead:
