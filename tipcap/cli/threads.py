@@ -54,7 +54,8 @@ def claim_spin_token() -> bool:
     if _token is not None:
         return True
     try:
-        descriptor = os.open(token_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        descriptor = os.open(token_path(), flags, 0o600)
     except OSError:
         return True
     try:
