@@ -96,10 +96,14 @@ def test_the_server_the_users_settings_and_one_thread_are_left_as_they_are(fresh
 
 @pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="reads Linux's /proc/loadavg")
 def test_a_process_that_keeps_a_core_busy_counts_as_another_runnable_task():
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    burner = subprocess.Popen(
+        [sys.executable, "-c", "print('spinning', flush=True)\nwhile True: pass"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        # Once it runs, it is runnable at every reading.
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        # Once it has said so, it is in its loop: runnable at every reading, running or waiting for a core.
+        assert burner.stdout.readline().strip() == "spinning"
         assert other_runnable_tasks(samples=20, interval=0.002) >= 1
     finally:
         burner.kill()
