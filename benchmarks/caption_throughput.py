@@ -19,8 +19,8 @@ realistic length. Images are JPEG files of COCO's size (640×480). Ways to capti
 
 The captions must be identical. Where the time goes is printed per stage (``decoding`` is the time spent
 waiting for decoded images), with the machine's load average, and the **ceiling** that the stage timings
-set. Each stage's work is measured alone on one core (one thread): decoding and preprocessing every image,
-CLIP and beam search on every batch. The streamed path cannot take less than that work spread over the
+set. Each stage's work is measured alone on one core (one thread; the fastest of ``--runs``): decoding
+and preprocessing every image, CLIP and beam search on every batch. The streamed path cannot take less than that work spread over the
 available cores; nor less than CLIP and beam search in a row (measured with all threads), which run one
 batch at a time; and the last batch's CLIP and beam search start only once every image is decoded and
 the earlier batches are captioned, so it takes at least the rest of the work spread over the cores plus
@@ -130,12 +130,12 @@ def ceiling(work: Work, count: int, single_s: float, streamed_s: float) -> str:
     )
 
 
-def one_core(seconds: Callable[[], float]) -> float:
-    """``seconds()`` run with torch on one thread."""
+def one_core(seconds: Callable[[], float], runs: int = 1) -> float:
+    """The fewest of ``runs`` calls of ``seconds()``, run with torch on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return seconds()
+        return min(seconds() for _ in range(runs))
     finally:
         torch.set_num_threads(threads)
 
@@ -322,8 +322,8 @@ def main() -> None:
         batches = -(-count // args.batch_size)
         clip_s = clip_seconds(model, timed_paths, args.batch_size)
         work = Work(
-            decode=one_core(lambda: decode_seconds(model, timed_paths, args.batch_size, jpeg_draft=False)),
-            clip=one_core(lambda: clip_seconds(model, timed_paths, args.batch_size)),
+            decode=one_core(lambda: decode_seconds(model, timed_paths, args.batch_size, False), args.runs),
+            clip=one_core(lambda: clip_seconds(model, timed_paths, args.batch_size), args.runs),
             beam=one_core(lambda: min(beam_search_runs(model, inputs, args, ("tipcap",))[0]["tipcap"])),
             clip_beam=clip_s + ours,
             batches=batches,
@@ -356,7 +356,7 @@ def jpeg_draft(
     cosines = torch.nn.functional.cosine_similarity(embeddings, reference)
     same = sum(a.caption == b.caption for a, b in zip(drafted, streamed, strict=True))
     work = replace(
-        work, decode=one_core(lambda: decode_seconds(model, paths, args.batch_size, jpeg_draft=True))
+        work, decode=one_core(lambda: decode_seconds(model, paths, args.batch_size, True), args.runs)
     )
     print(f"JPEG draft        : {count / streamed_s:8.1f} images/s ({streamed_s:.2f} s: "
           f"{stages(timings, streamed_s)}), {single_s / streamed_s:.1f}x one at a time; cosine to the "
