@@ -19,14 +19,14 @@ realistic length. Images are JPEG files of COCO's size (640×480). Ways to capti
 
 The captions must be identical. Where the time goes is printed per stage (``decoding`` is the time spent
 waiting for decoded images), with the machine's load average, and the **ceiling** that the stage timings
-set. Each stage's work is measured alone on one core (one thread; the fastest of ``--runs``): decoding
-and preprocessing every image, CLIP and beam search on every batch. The streamed path cannot take less than that work spread over the
-available cores; nor less than CLIP and beam search in a row (measured with all threads), which run one
-batch at a time; and the last batch's CLIP and beam search start only once every image is decoded and
-the earlier batches are captioned, so it takes at least the rest of the work spread over the cores plus
-the last batch's CLIP and beam search with all threads. The ceiling is the largest of the three, and the
-streamed path's share of it is printed. Peak memory (RSS) is measured in fresh processes that stream
-``--rss`` images each.
+set. Each stage's work is measured alone on one core (one thread; the fastest of ``--runs``): decoding and
+preprocessing every image, CLIP and beam search on every batch. The streamed path cannot take less than that
+work spread over the available cores; nor less than CLIP and beam search in a row (measured with all
+threads), which run one batch at a time; and the last batch's CLIP and beam search start only once every
+image is decoded and the earlier batches are captioned, so it takes at least the rest of the work spread
+over the cores plus the last batch's CLIP and beam search with all threads. The ceiling is the largest of
+the three, and the streamed path's share of it is printed. Peak memory (RSS) is measured in fresh processes
+that stream ``--rss`` images each.
 
 Usage: python benchmarks/caption_throughput.py [--images 128] [--batch-size 64] [--beams 5] [--runs 3]
     [--image-size 224] [--jpeg-draft] [--rss 500,2000]
