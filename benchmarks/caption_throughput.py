@@ -163,20 +163,33 @@ def beam_search_runs(
     inputs: torch.Tensor,
     args: argparse.Namespace,
     searches: tuple[str, ...] = ("tipcap", "transformers"),
-) -> tuple[dict[str, list[float]], dict[str, list[str]]]:
+) -> tuple[dict[str, list[tuple[float, float]]], dict[str, list[str]]]:
     """Batched beam search from text-side inputs ``[N, d]`` by each of ``searches``, ``--runs`` times
-    interleaved: the seconds of every run and the captions, per search."""
-    seconds: dict[str, list[float]] = {search: [] for search in searches}
+    interleaved: per search, the seconds of every run with the seconds of its language model's forward
+    passes (timed by hooks around them), and the captions."""
+    forward = [0.0]
+    started: list[float] = []
+    language_model = model.language_model
+    before = language_model.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
+    after = language_model.register_forward_hook(
+        lambda *_: forward.__setitem__(0, forward[0] + time.perf_counter() - started.pop())
+    )
+    seconds: dict[str, list[tuple[float, float]]] = {search: [] for search in searches}
     captions: dict[str, list[str]] = {}
-    for _ in range(args.runs):
-        for search in seconds:
-            start = time.perf_counter()
-            captions[search] = [
-                caption
-                for block in inputs.split(args.batch_size)
-                for caption in model.decode_text_side(block, num_beams=args.beams, search=search)
-            ]
-            seconds[search].append(time.perf_counter() - start)
+    try:
+        for _ in range(args.runs):
+            for search in seconds:
+                forward[0] = 0.0
+                start = time.perf_counter()
+                captions[search] = [
+                    caption
+                    for block in inputs.split(args.batch_size)
+                    for caption in model.decode_text_side(block, num_beams=args.beams, search=search)
+                ]
+                seconds[search].append((time.perf_counter() - start, forward[0]))
+    finally:
+        before.remove()
+        after.remove()
     return seconds, captions
 
 
@@ -196,31 +209,6 @@ def stream(
         runs.append((time.perf_counter() - start, timings))
     seconds, timings = min(runs, key=lambda run: run[0])
     return results, seconds, timings
-
-
-def language_model_share(model: TIPCap, inputs: torch.Tensor, args: argparse.Namespace) -> float:
-    """The share of ``generate``'s batched beam search (the best of ``--runs``) spent in the language
-    model's forward passes, timed by hooks around them."""
-    spent = [0.0]
-    started: list[float] = []
-    language_model = model.language_model
-    before = language_model.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
-    after = language_model.register_forward_hook(
-        lambda *_: spent.__setitem__(0, spent[0] + time.perf_counter() - started.pop())
-    )
-    shares = []
-    try:
-        for _ in range(args.runs):
-            spent[0] = 0.0
-            start = time.perf_counter()
-            for block in inputs.split(args.batch_size):
-                model.decode_text_side(block, num_beams=args.beams, search="transformers")
-            shares.append((time.perf_counter() - start, spent[0]))
-    finally:
-        before.remove()
-        after.remove()
-    total, forward = min(shares)
-    return forward / total
 
 
 def main() -> None:
@@ -286,7 +274,6 @@ def main() -> None:
         embeddings, _, _ = model.pipeline.embed_images(timed_paths, args.batch_size, args.workers)
         inputs = model.image_inputs(embeddings)
         search_s, searched = beam_search_runs(model, inputs, args)
-        forward_share = language_model_share(model, inputs, args)
         start = time.perf_counter()
         one_by_one = [
             model.decode_text_side(row[None], num_beams=args.beams, search="transformers")[0]
@@ -307,11 +294,13 @@ def main() -> None:
         print(f"streamed          : {count / streamed_s:8.1f} images/s ({streamed_s:.2f} s: "
               f"{stages(timings, streamed_s)})")  # fmt: skip
         print(f"ratio             : {single_s / streamed_s:8.1f}x")
-        ours, theirs = min(search_s["tipcap"]), min(search_s["transformers"])
+        ours = min(search_s["tipcap"])[0]
+        theirs, forward = min(search_s["transformers"])
+        forward_share = forward / theirs
         print(f"beam search alone : one at a time (generate) {count / generation_single_s:.1f} images/s; "
               f"batched, generate {count / theirs:.1f}, tipcap {count / ours:.1f} images/s (best of "
-              f"{args.runs}: generate {', '.join(f'{t:.3f}' for t in search_s['transformers'])} s, tipcap "
-              f"{', '.join(f'{t:.3f}' for t in search_s['tipcap'])} s), tipcap {theirs / ours:.2f}x "
+              f"{args.runs}: generate {', '.join(f'{t:.3f}' for t, _ in search_s['transformers'])} s, tipcap "
+              f"{', '.join(f'{t:.3f}' for t, _ in search_s['tipcap'])} s), tipcap {theirs / ours:.2f}x "
               f"generate, {generation_single_s / ours:.1f}x one at a time; captions identical "
               f"{same}/{count}")  # fmt: skip
         print(
@@ -324,7 +313,7 @@ def main() -> None:
         work = Work(
             decode=one_core(lambda: decode_seconds(model, timed_paths, args.batch_size, False), args.runs),
             clip=one_core(lambda: clip_seconds(model, timed_paths, args.batch_size), args.runs),
-            beam=one_core(lambda: min(beam_search_runs(model, inputs, args, ("tipcap",))[0]["tipcap"])),
+            beam=one_core(lambda: min(beam_search_runs(model, inputs, args, ("tipcap",))[0]["tipcap"])[0]),
             clip_beam=clip_s + ours,
             batches=batches,
             cores=cores,

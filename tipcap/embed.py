@@ -295,7 +295,7 @@ def embed_images(
             inputs, names = list(shard_images(images, indices)), [images.rows[i][0] for i in indices]
         else:
             inputs, names = [images[i].path for i in indices], [images[i].image_id for i in indices]
-        loader = iter(image_batches(inputs, encoder.preprocess, batch_size, workers))
+        loader = image_batches(inputs, encoder.preprocess, batch_size, workers)
         chunks, ids, skipped = [], [], []
         while True:
             begin = time.perf_counter()

@@ -151,7 +151,7 @@ class CaptionPipeline:
         """The images' batches (:data:`ImageBatch`). Adds the seconds spent waiting for decoded images and
         encoding them to ``timings``."""
         clip = self.clip
-        loader = iter(image_batches(images, clip.preprocess, batch_size, workers, jpeg_draft))
+        loader = image_batches(images, clip.preprocess, batch_size, workers, jpeg_draft)
         while True:
             start = time.perf_counter()
             batch = next(loader, None)
