@@ -78,6 +78,13 @@ def test_decoding_threads_give_the_batches_of_the_calling_thread_and_stop_with_t
     assert [[i for i, _ in f] for _, _, f in whole] == [[3], [], [11]]
     for (_, a, _), (_, b, _) in zip(threaded, whole, strict=True):
         assert torch.equal(a, b)
+    # The batches hold open_clip's transform of each readable image, in order.
+    readable = [paths[i] for batch, _, _ in whole for i in batch]
+    reference = torch.stack([encoder.preprocess.transform(Image.open(p).convert("RGB")) for p in readable])
+    assert torch.equal(torch.cat([b for _, b, _ in threaded]), reference)
+    # A batch of unreadable images only has no pixels.
+    lone = list(image_batches(paths[3:4], encoder.preprocess, batch_size=1, workers=2))
+    assert lone[0][:2] == ([], None) and lone[0][2][0][0] == 0
     # A caller that stops after the first batch stops the decoding threads with it.
     batches = image_batches(paths, encoder.preprocess, batch_size=2, workers=2)
     next(batches)

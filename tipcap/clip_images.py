@@ -101,16 +101,20 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+    def decode_into(self, index: int, pixels: torch.Tensor) -> str | None:
+        """Decode and preprocess image ``index`` into ``pixels`` ``[3, H, W]`` (a batch's row, so the
+        batch needs no copy of its images); the reason it cannot be read, or ``None``."""
         image = self.images[index]
         try:
             if isinstance(image, Image.Image):
-                return index, self.preprocess(image.convert("RGB"), f"image {index}"), None
-            if isinstance(image, ImageBytes):
-                return index, self.preprocess(load_image(image, self.draft), image.name), None
-            return index, self.preprocess(load_image(Path(image), self.draft), str(image)), None
+                pixels.copy_(self.preprocess(image.convert("RGB"), f"image {index}"))
+            elif isinstance(image, ImageBytes):
+                pixels.copy_(self.preprocess(load_image(image, self.draft), image.name))
+            else:
+                pixels.copy_(self.preprocess(load_image(Path(image), self.draft), str(image)))
         except ImageError as e:
-            return index, None, str(e)
+            return str(e)
+        return None
 
 
 DecodedImages = tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]
@@ -118,14 +122,14 @@ DecodedImages = tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]
 readable), and (position, reason) for the others."""
 
 
-def collate_images(
-    items: list[tuple[int, torch.Tensor | None, str | None]],
-) -> DecodedImages:
-    """:class:`ImageFiles` items as one :data:`DecodedImages`."""
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, reason) for i, x, reason in items if x is None]
-    pixels = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], pixels, bad
+def collated(positions: range, pixels: torch.Tensor, reasons: list[str | None]) -> DecodedImages:
+    """The batch of images at ``positions``, decoded into ``pixels`` ``[n, 3, H, W]`` with their
+    :meth:`ImageFiles.decode_into` results ``reasons``, as one :data:`DecodedImages`."""
+    good = [row for row, reason in enumerate(reasons) if reason is None]
+    bad = [(positions[row], reason) for row, reason in enumerate(reasons) if reason is not None]
+    if bad:
+        pixels = pixels[good] if good else None
+    return [positions[row] for row in good], pixels, bad
 
 
 def image_batches(
@@ -149,18 +153,29 @@ def image_batches(
     files = ImageFiles(images, preprocess, jpeg_draft)
     count = len(files)
     batches = [range(start, min(start + batch_size, count)) for start in range(0, count, batch_size)]
+    shape = (3, *preprocess.input_size)
     if workers == 0:
         for batch in batches:
-            yield collate_images([files[i] for i in batch])
+            pixels = torch.empty(len(batch), *shape)
+            reasons = [files.decode_into(i, row) for i, row in zip(batch, pixels, strict=True)]
+            yield collated(batch, pixels, reasons)
         return
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tipcap-decode")
     try:
-        ahead: deque[list[Future]] = deque()
+        ahead: deque[tuple[range, torch.Tensor, list[Future]]] = deque()
+
+        def next_batch() -> DecodedImages:
+            batch, pixels, futures = ahead.popleft()
+            return collated(batch, pixels, [future.result() for future in futures])
+
         for batch in batches:
-            ahead.append([pool.submit(files.__getitem__, i) for i in batch])
+            # Each thread writes its image into the batch's row: no stacking on this thread.
+            pixels = torch.empty(len(batch), *shape)
+            futures = [pool.submit(files.decode_into, i, row) for i, row in zip(batch, pixels, strict=True)]
+            ahead.append((batch, pixels, futures))
             if len(ahead) > 2:
-                yield collate_images([future.result() for future in ahead.popleft()])
+                yield next_batch()
         while ahead:
-            yield collate_images([future.result() for future in ahead.popleft()])
+            yield next_batch()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
