@@ -226,6 +226,22 @@ def test_embed_takes_its_clip_from_a_config_file(tmp_path, coco_slice, tiny_clip
     )
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seeds_outside_what_the_stages_take_are_refused_by_their_flag(tmp_path, seed):
+    # 2**32 would reach torch.manual_seed only after the world is drawn; -1 numpy's seeding.
+    commands = [
+        ("toyworld", "--out", tmp_path / "world"),
+        ("demo", "--quick", "--out", tmp_path / "demo", "--cache", tmp_path / "cache"),
+        ("gap-atlas", "--texts", tmp_path / "t", "--images", tmp_path / "i", "--out", tmp_path / "atlas"),
+    ]
+    for command in commands:
+        result = run(*command, "--seed", seed)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '--seed': {seed} is not in the range 0<=x<=4294967295" in result.output
+        assert "Traceback" not in result.output
+    assert not list(tmp_path.iterdir())
+
+
 def test_caption_sets_decoding_keys_only():
     result = run("caption", "x.jpg", "--model", "m", "--set", "eval.metrics=bleu")
     assert result.exit_code == 1 and "Traceback" not in result.output

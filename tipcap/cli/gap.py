@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from tipcap.cli.options import StageOptions, device_option
+from tipcap.cli.options import SEED, StageOptions, device_option
 from tipcap.config import GapConfig
 
 _GAP = StageOptions(
@@ -83,7 +83,7 @@ def fit_gap_command(
     help="Draw this many of the stores' pairs (seeded by --seed); default all.",
 )
 @click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seeds the draw, the split and the bootstrap."
+    "--seed", type=SEED, default=0, show_default=True, help="Seeds the draw, the split and the bootstrap."
 )
 @click.option("--resamples", type=int, default=200, show_default=True, help="Bootstrap resamples.")
 @click.option(

@@ -28,6 +28,11 @@ SECTIONS = ("embed", "gap", "model", "data", "train", "eval")
 _GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 
 
+SEED = click.IntRange(0, 2**32 - 1)
+"""A ``--seed`` option's type: :data:`tipcap.config.Seed`'s range, so that a seed the stages would refuse
+deep inside (numpy's and torch's seeding) is refused by its flag."""
+
+
 class FiniteFloatRange(click.FloatRange):
     """click's FloatRange, which lets NaN through (every comparison with NaN is false), refusing it."""
 

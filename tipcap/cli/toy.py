@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from tipcap.cli.options import FiniteFloatRange
+from tipcap.cli.options import SEED, FiniteFloatRange
 from tipcap.demo import default_cache_dir, demo_scale
 
 
 @click.command("toyworld")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the world to.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the world.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Seed of the world.")
 @click.option(
     "--train",
     "train_images",
@@ -157,7 +157,9 @@ def toyworld_command(
 
 @click.command("demo")
 @click.option("--quick", is_flag=True, help="A reduced world and grid (a few minutes on a laptop CPU).")
-@click.option("--seed", default=0, show_default=True, help="Seed of the world, its CLIP and the decoders.")
+@click.option(
+    "--seed", default=0, show_default=True, type=SEED, help="Seed of the world, its CLIP and the decoders."
+)
 @click.option(
     "--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False), help="Output folder."
 )
