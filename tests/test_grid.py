@@ -294,6 +294,43 @@ def test_a_rerun_reuses_every_step_and_a_changed_gap_rebuilds_its_cell_alone(gri
     assert Gap.load(out / "gaps" / "noisy.safetensors").info["noise_scale"] == 2
 
 
+@pytest.mark.slow
+def test_a_grid_folder_moved_elsewhere_is_reused(grid, tmp_path, monkeypatch):
+    """A training's config names its inputs (stores, gap, the decoder it starts from) by absolute path,
+    but its recorded digests say what they hold: a grid folder moved (another disk, another machine)
+    rebuilds nothing, and a changed input is still found."""
+    cells = [{"name": "plain", "kind": "isotropic"},
+             {"name": "tuned", "kind": "isotropic", "init_from": "plain"}]  # fmt: skip
+    flags = ["--set", f"cells={json.dumps(cells)}", "--set", "decoder.train.max_steps=4", "--no-progress"]
+    first = run("ablate", grid / "grid.yaml", "--out", tmp_path / "here", *flags)
+    assert first.exit_code == 0, first.output
+    results = (tmp_path / "here" / "results.csv").read_bytes()
+    shutil.move(tmp_path / "here", tmp_path / "there")
+
+    calls = []
+    for name in ("train", "evaluate_split"):
+        real = getattr(tipcap.grid.planning, name)
+        monkeypatch.setattr(
+            tipcap.grid.planning,
+            name,
+            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k),
+        )
+    moved = run("ablate", grid / "grid.yaml", "--out", tmp_path / "there", *flags)
+    assert moved.exit_code == 0, moved.output
+    assert calls == [] and "building" not in moved.stderr, moved.stderr
+    assert (tmp_path / "there" / "results.csv").read_bytes() == results
+
+    cells[0]["set"] = {"gap.noise_scale": 0.5}
+    flags[1] = f"cells={json.dumps(cells)}"
+    changed = run("ablate", grid / "grid.yaml", "--out", tmp_path / "there", *flags)
+    assert changed.exit_code == 0, changed.output
+    lines = [line for line in changed.stderr.splitlines() if line.startswith("training")]
+    assert lines == [
+        "training plain-seed0: rebuilding (its inputs changed: gap)",
+        "training tuned-seed0: rebuilding (its inputs changed: init_from)",
+    ], changed.stderr
+
+
 def test_a_folder_whose_seeds_shared_one_few_pairs_draw_is_refused(grid, tmp_path):
     """A grid folder written when every seed drew the same few pairs holds models that are not per-seed."""
     out = tmp_path / "out"

@@ -35,7 +35,7 @@ from tipcap.gap import fit_gap_file
 from tipcap.gap.fit import gap_record
 from tipcap.grid.config import BASELINES, AblationConfig, Job, JobConfig, expand, resolve
 from tipcap.grid.preflight import check_inputs, check_oracle_prompts, check_selection, record_grid
-from tipcap.grid.steps import Key, Step, Steps, folder_key, gap_key, store_key
+from tipcap.grid.steps import Key, Step, Steps, by_content, folder_key, gap_key, store_key
 from tipcap.io import load_json, write_json_atomic
 from tipcap.store import EmbeddingStore
 from tipcap.synthgap import SyntheticWorld, build_synthetic_world, synthetic_image_store, synthetic_store_key
@@ -258,16 +258,21 @@ class GridPlan:
             inputs.append(self.gap(job, seed))
         wanted: list[Key] = []
 
+        # Compared by content (by_content), so that a grid folder moved elsewhere is reused; a run started
+        # elsewhere is still cleared (_clear_other_run), since its checkpoints record the old paths.
         def key() -> Key:
             wanted[:] = [run_key(self.training_config(job, seed))]
-            return wanted[0]
+            return by_content(wanted[0])
 
         def build() -> None:
             self._clear_other_run(run, wanted[0])
             config = self.training_config(job, seed)
             train(config, run, resume=(run / "checkpoints").is_dir(), progress=self.progress)
 
-        recorded = lambda: folder_key(run / "model", "config.json")  # noqa: E731
+        def recorded() -> Key | None:
+            found = folder_key(run / "model", "config.json")
+            return by_content(found) if found is not None else None
+
         return self._step(Step("training", run.name, run / "model", key, recorded, build, inputs))
 
     @staticmethod

@@ -121,6 +121,24 @@ def _canonical(key: Key) -> Key:
     return json.loads(json.dumps(key))
 
 
+def by_content(key: Key) -> Key:
+    """``key`` with each config value that gives the path of an input whose digest it records (a config
+    key named as the input, in any section: ``data.gap`` for the input ``gap``) replaced by a mark.
+
+    A training's config names its stores, gap and starting decoder by absolute path, and they live in the
+    grid's folder: moved to another disk or machine, the folder keeps what they hold (the digests) but not
+    where. Compared by content, its trainings are reused there."""
+    key = _canonical(key)
+    config, inputs = key.get("config"), key.get("inputs")
+    if isinstance(config, dict) and isinstance(inputs, dict):
+        for section in config.values():
+            if isinstance(section, dict):
+                for name in inputs.keys() & section.keys():
+                    if isinstance(section[name], str):
+                        section[name] = "(the input's digest)"
+    return key
+
+
 # -- recorded keys --------------------------------------------------------------------------------------
 
 
