@@ -5,7 +5,9 @@ uses the first ids; K = 10 prefix positions from d = 512 embeddings) captions ``
 of real COCO captions (a tiny random CLIP of width 512) with beam search, in batches: ``generate``
 (``search="transformers"``) against tipcap's search, ``--runs`` times interleaved. It prints each run's
 seconds, captions/s, the speed-up of the best runs and how many captions agree token for token, with
-the captions' mean length. The decoder has random weights, then ``--train-steps`` training steps on the
+the captions' mean length, then the share of ``generate``'s time spent in the language model's forward
+passes (one more run, timed by synchronising hooks), which bounds what any search running the same passes
+can gain over it. The decoder has random weights, then ``--train-steps`` training steps on the
 captions (on a GPU a few hundred, so that it ends its captions; with none, every caption runs to
 ``--max-tokens``, the search's worst case). It measures the search alone: no image is decoded or encoded.
 
@@ -57,6 +59,34 @@ def decoder(store: Path, folder: Path, steps: int, device: torch.device) -> TIPC
     if steps == 0:
         return build_training(config, device).model.eval()
     return TIPCap.from_pretrained(train(config, folder, progress=False), device=device).eval()
+
+
+class ForwardClock:
+    """Seconds spent in a module's forward passes while the clock is held (``with``), the device
+    synchronised at each pass's start and end so that a GPU's queued work is counted where it runs."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        self.module, self.device = module, device
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def _started(self, *_: object) -> None:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+
+    def _ended(self, *_: object) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+    def __enter__(self) -> ForwardClock:
+        self.seconds = 0.0
+        self._hooks = [self.module.register_forward_pre_hook(self._started),
+                       self.module.register_forward_hook(self._ended)]  # fmt: skip
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for hook in self._hooks:
+            hook.remove()
 
 
 @torch.inference_mode()
@@ -127,6 +157,12 @@ def main() -> None:
                 times[search].append(seconds)
                 rate = len(inputs) / seconds
                 print(f"  run {run + 1} {search:12s}: {seconds:8.2f} s ({rate:8.1f} captions/s)")
+        # A last run of generate with its forward passes timed apart (the synchronising hooks slow it).
+        with ForwardClock(model.language_model, device) as clock:
+            seconds, _ = search_all(
+                model, inputs, args.batch_size, args.beams, args.max_tokens, "transformers"
+            )
+        share = clock.seconds / seconds
     same = sum(a == b for a, b in zip(captions["transformers"], captions["tipcap"], strict=True))
     length = sum(len(c) for c in captions["tipcap"]) / len(inputs)
     best = {search: min(values) for search, values in times.items()}
@@ -135,6 +171,8 @@ def main() -> None:
           f"(best of {args.runs}): tipcap {best['transformers'] / best['tipcap']:.2f}x generate; captions "
           f"identical {same}/{len(inputs)} (tokens), {length:.1f} tokens on average, end of text "
           "included")  # fmt: skip
+    print(f"{share:.0%} of generate's time is the language model's forward passes (one more run, timed "
+          f"apart), so a search that runs the same passes is at most {1 / share:.2f}x generate")  # fmt: skip
 
 
 if __name__ == "__main__":
