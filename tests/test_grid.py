@@ -69,6 +69,19 @@ def per_image(out: Path, evaluation: str) -> list[dict]:
     return load_json(out / "eval" / evaluation / "per_image.json")
 
 
+def record_builds(monkeypatch) -> list[str]:
+    """The names of the grid's training and evaluation calls from now on, in order (each still runs)."""
+    calls: list[str] = []
+    for name in ("train", "evaluate_split"):
+        real = getattr(tipcap.grid.planning, name)
+        monkeypatch.setattr(
+            tipcap.grid.planning,
+            name,
+            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k),
+        )
+    return calls
+
+
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, tiny_clip):
     root = tmp_path_factory.mktemp("grid")
@@ -265,14 +278,7 @@ def test_a_rerun_reuses_every_step_and_a_changed_gap_rebuilds_its_cell_alone(gri
     assert "training plain-seed0: building (not built yet)" in first.stderr
     results = (out / "results.csv").read_bytes()
 
-    calls = []
-    for name in ("train", "evaluate_split"):
-        real = getattr(tipcap.grid.planning, name)
-        monkeypatch.setattr(
-            tipcap.grid.planning,
-            name,
-            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k),
-        )
+    calls = record_builds(monkeypatch)
     again = run("ablate", grid / "grid.yaml", "--out", out, "--no-progress", *flags)
     assert again.exit_code == 0, again.output
     assert calls == [] and "building" not in again.stderr, again.stderr
@@ -307,14 +313,7 @@ def test_a_grid_folder_moved_elsewhere_is_reused(grid, tmp_path, monkeypatch):
     results = (tmp_path / "here" / "results.csv").read_bytes()
     shutil.move(tmp_path / "here", tmp_path / "there")
 
-    calls = []
-    for name in ("train", "evaluate_split"):
-        real = getattr(tipcap.grid.planning, name)
-        monkeypatch.setattr(
-            tipcap.grid.planning,
-            name,
-            lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k),
-        )
+    calls = record_builds(monkeypatch)
     moved = run("ablate", grid / "grid.yaml", "--out", tmp_path / "there", *flags)
     assert moved.exit_code == 0, moved.output
     assert calls == [] and "building" not in moved.stderr, moved.stderr
