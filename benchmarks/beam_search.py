@@ -96,7 +96,7 @@ def search_all(
     """Seconds to search captions for ``inputs`` ``[N, d]`` in batches with ``search``, and each caption's
     tokens up to its end of text. Tokens, not text: an untrained decoder's ids mostly lie past the word-level
     tokenizer's words, which decode to nothing. The path is ``decode_text_side``'s without prompts."""
-    device = next(model.parameters()).device
+    device = model.device
     eos = model.tokenizer.eos_token_id
     found: list[list[int]] = []
     synchronize(device)

@@ -50,6 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import torch
+from beam_search import ForwardClock
 from PIL import Image
 from stores import DEFAULT_CORPUS, ROOT, caption_store, coco_captions
 
@@ -167,29 +168,18 @@ def beam_search_runs(
     """Batched beam search from text-side inputs ``[N, d]`` by each of ``searches``, ``--runs`` times
     interleaved: per search, the seconds of every run with the seconds of its language model's forward
     passes (timed by hooks around them), and the captions."""
-    forward = [0.0]
-    started: list[float] = []
-    language_model = model.language_model
-    before = language_model.register_forward_pre_hook(lambda *_: started.append(time.perf_counter()))
-    after = language_model.register_forward_hook(
-        lambda *_: forward.__setitem__(0, forward[0] + time.perf_counter() - started.pop())
-    )
     seconds: dict[str, list[tuple[float, float]]] = {search: [] for search in searches}
     captions: dict[str, list[str]] = {}
-    try:
-        for _ in range(args.runs):
-            for search in seconds:
-                forward[0] = 0.0
+    for _ in range(args.runs):
+        for search in seconds:
+            with ForwardClock(model.language_model, model.device) as forward:
                 start = time.perf_counter()
                 captions[search] = [
                     caption
                     for block in inputs.split(args.batch_size)
                     for caption in model.decode_text_side(block, num_beams=args.beams, search=search)
                 ]
-                seconds[search].append((time.perf_counter() - start, forward[0]))
-    finally:
-        before.remove()
-        after.remove()
+                seconds[search].append((time.perf_counter() - start, forward.seconds))
     return seconds, captions
 
 
